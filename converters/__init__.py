@@ -1,0 +1,1 @@
+"""Dataset packers: one module per source dataset, one writer per packed format."""

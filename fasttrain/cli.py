@@ -1,0 +1,51 @@
+"""The `fasttrain` command: convert | pretrain | finetune | evaluate | plot | bench | demo.
+
+Each sub-command lives with the stage it drives and parses its own arguments; this file only
+dispatches, importing the stage lazily so `fasttrain convert` never imports the trainer.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "convert": ("fasttrain.converters.cli", "main", "pack a dataset (nih, chexpert, dicom, synthetic) into raw/ffcv/dali"),
+    "pretrain": ("fasttrain.train.commands", "pretrain_main", "MAE pre-training, with distillation when a teacher is given"),
+    "finetune": ("fasttrain.train.commands", "finetune_main", "fine-tune a pre-trained encoder for multi-label classification"),
+    "evaluate": ("fasttrain.train.commands", "evaluate_main", "per-label AUC and mAUC with bootstrap CIs"),
+    "plot": ("fasttrain.train.commands", "plot_main", "loss curves and AUC figures of one or more runs"),
+    "bench": ("fasttrain.bench", "main", "throughput benchmarks against the reference path"),
+    "demo": ("fasttrain.train.demo", "main", "the whole pipeline on synthetic phantoms (make demo)"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: fasttrain <command> [args]", "", "commands:"]
+    lines += [f"  {name:<9} {desc}" for name, (_, _, desc) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd in ("-V", "--version"):
+        from fasttrain import __version__
+        print(__version__)
+        return 0
+    if cmd not in COMMANDS:
+        print(f"fasttrain: unknown command '{cmd}'\n\n{usage()}", file=sys.stderr)
+        return 2
+    module, func, _ = COMMANDS[cmd]
+    try:
+        fn = getattr(importlib.import_module(module), func)
+    except (ImportError, AttributeError) as e:
+        print(f"fasttrain {cmd}: not available in this build ({e})", file=sys.stderr)
+        return 2
+    return int(fn(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

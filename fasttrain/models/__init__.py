@@ -1,0 +1,1 @@
+"""Models: ViT encoder, MAE, distillation wrapper, classifier, checkpoint I/O."""

@@ -1,0 +1,1 @@
+"""Training: the compiled step, pre-training, fine-tuning, optimiser, DDP, checkpoints."""

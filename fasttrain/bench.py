@@ -1,0 +1,93 @@
+"""`fasttrain bench`: throughput against a named baseline measured in the same run.
+
+Each stage keeps its own benchmark beside its code (fasttrain/data/bench.py for loaders,
+kernels/bench.py for the Triton ops, fasttrain/train/bench.py for the step and end to end);
+this file dispatches and holds the shared timing and reporting helpers. Benchmarks never run
+in the test suite as timings: tests only check that they run and print well-formed JSON.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import statistics
+import sys
+import time
+from typing import Callable
+
+SUBCOMMANDS = {
+    "loader": ("fasttrain.data.bench", "main"),
+    "kernels": ("fasttrain.kernels.bench", "main"),
+    "step": ("fasttrain.train.bench", "step_main"),
+    "e2e": ("fasttrain.train.bench", "e2e_main"),
+    "all": ("fasttrain.train.bench", "all_main"),
+}
+
+
+def interleaved_windows(fns: dict[str, Callable[[], int]], windows: int = 5, warmup: int = 1,
+                        sync: Callable[[], None] | None = None) -> dict[str, list[float]]:
+    """Time each fn over `windows` rounds, alternating between fns so that machine noise hits
+    them alike. Each fn runs one window and returns how many items it processed.
+    Returns {name: [items/s per window]} (warm-up windows dropped)."""
+    rates: dict[str, list[float]] = {k: [] for k in fns}
+    for w in range(warmup + windows):
+        for name, fn in fns.items():
+            if sync:
+                sync()
+            t0 = time.perf_counter()
+            n = fn()
+            if sync:
+                sync()
+            dt = time.perf_counter() - t0
+            if w >= warmup:
+                rates[name].append(n / dt)
+    return rates
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def record(bench: str, mode: str, **fields) -> dict:
+    """One JSON-able measurement with the provenance of the run that made it."""
+    from fasttrain.provenance import provenance
+    return {"bench": bench, "mode": mode, **fields, "provenance": provenance(fields.get("device"))}
+
+
+def print_records(records: list[dict], as_json: bool, columns: list[str]) -> None:
+    """JSON lines (one object per measurement) or a plain table of `columns`."""
+    if as_json:
+        for r in records:
+            print(json.dumps(r))
+        return
+    rows = [[_fmt(r.get(c)) for c in columns] for r in records]
+    widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.3g}" if abs(v) < 100 else f"{v:,.0f}"
+    return str(v)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: fasttrain bench {" + "|".join(SUBCOMMANDS) + "} [args]  (each takes --help)")
+        return 0
+    sub, rest = argv[0], argv[1:]
+    if sub not in SUBCOMMANDS:
+        print(f"fasttrain bench: unknown benchmark '{sub}'; choose one of {', '.join(SUBCOMMANDS)}",
+              file=sys.stderr)
+        return 2
+    module, func = SUBCOMMANDS[sub]
+    try:
+        fn = getattr(importlib.import_module(module), func)
+    except (ImportError, AttributeError) as e:
+        print(f"fasttrain bench {sub}: not available in this build ({e})", file=sys.stderr)
+        return 2
+    return int(fn(rest) or 0)

@@ -30,6 +30,15 @@ class ModelConfig:
     norm_pix_loss: bool = True  # MAE's default for pre-training (per-patch normalised targets)
     drop_path: float = 0.0  # 0 for pre-training; the fine-tuning recipes set 0.2
     num_classes: int = 0  # 0 = no head (pre-training); fine-tuning sets 14 (NIH) or 5 (CheXpert)
+    # Architecture overrides (None = the registry's value): only the demo and tests shrink models.
+    patch_size: Optional[int] = None  # the demo uses 8 px patches on 64 px phantoms
+    embed_dim: Optional[int] = None  # encoder width
+    depth: Optional[int] = None  # encoder blocks
+    num_heads: Optional[int] = None  # encoder heads
+    decoder_embed_dim: Optional[int] = None  # MAE decoder width
+    decoder_depth: Optional[int] = None  # MAE decoder blocks
+    decoder_num_heads: Optional[int] = None  # MAE decoder heads
+    init: Optional[str] = None  # checkpoint to start from (fine-tuning: the distilled student, ours or timm export)
 
 
 @dataclass
@@ -40,6 +49,11 @@ class DistillConfig:
     teacher_blocks: list[int] = field(default_factory=lambda: [8])  # same depth in the teacher
     alpha: float = 1.0  # L = L_MAE + alpha * L_dist; the paper uses 1
     proj: str = "linear"  # projection head: "linear" (paper) or "mlp" (2-layer)
+    # Teacher architecture overrides (None = the registry's value). A teacher pre-trained by
+    # `fasttrain pretrain` carries its own architecture in its checkpoint and needs none of these.
+    teacher_embed_dim: Optional[int] = None  # teacher encoder width
+    teacher_depth: Optional[int] = None  # teacher encoder blocks
+    teacher_num_heads: Optional[int] = None  # teacher encoder heads
 
 
 @dataclass
@@ -58,6 +72,7 @@ class DataConfig:
     test_split: str = "test"
     os_cache: bool = True  # ffcv: read through the OS page cache (dataset fits in RAM at 256 px)
     prefetch: int = 2  # batches prefetched by the raw loader's background thread
+    reference_images: Optional[str] = None  # reference loader: folder of <id>.png packed images; None = source files
 
 
 @dataclass
@@ -81,6 +96,8 @@ class EngineConfig:
     compile: bool = True  # torch.compile the step (costs 90-180 s cold on 2 CPU cores for ViT-T+ViT-B)
     amp: str = "bf16"  # bf16 | fp16 | fp32 autocast dtype (fused mode)
     channels_last: bool = True  # NHWC input: faster conv patch embedding on GPUs and on oneDNN
+    teacher_mode: str = "auto"  # auto (fused: truncated at the aligned block; reference: full, as the seed) | truncated | full
+    kernels: str = "auto"  # fasttrain.kernels backend: auto (Triton on CUDA) | torch | triton
 
 
 @dataclass
@@ -93,6 +110,9 @@ class RunConfig:
     max_steps: Optional[int] = None  # stop early (demo, tests); None = full epochs
     deterministic: bool = False  # bit-exact resume on CPU (slower kernels)
     tensorboard: bool = True
+    progress: bool = True  # tqdm bar on rank 0 (step, img/s, both losses, lr, ETA)
+    eval_every: int = 1  # fine-tuning: validation mAUC every N epochs (best.pt follows it)
+    bootstrap: int = 1000  # evaluation: bootstrap resamples of the test images for the 95% CI
 
 
 @dataclass

@@ -1,0 +1,153 @@
+"""DALI loader: a DALI pipeline over the webdataset shards (1-channel JPEG + labels + position).
+
+CUDA device: `fn.decoders.image(device="mixed")` (nvJPEG) and DALI's own GPU random-resized-crop
+(area/aspect/10 attempts, as torchvision) / flip, or resize-shorter + center crop for evaluation;
+then the shared normalise (and gray -> C expansion) in torch.
+CPU (no CUDA): `device_id=None` pipeline that decodes on the CPU threads, then the same batched
+BatchAugment as the raw and FFCV loaders (one op per batch, not DALI's per-sample CPU operators).
+
+Order and sharding: `fn.readers.webdataset(shard_id, num_shards, pad_last_batch, name="Reader")`,
+the iterator reads the epoch size from the reader (`reader_name`). DALI's shuffle is a buffer
+shuffle seeded by the pipeline seed, so we build one pipeline per epoch with
+seed = mix(seed, epoch): the order is fixed by (seed, epoch). When training with drop_last the ranks
+rotate over the shards (shard_id = (rank + epoch) % world_size, stick_to_shard): disjoint and
+covering every epoch, a different contiguous slice each epoch; every rank runs the same number of
+batches (that of the smallest shard). Evaluation reads shard `rank`, in order, keeping every sample
+(the reader pads the last batch; the iterator's PARTIAL policy trims the padding).
+Mid-epoch resume: DALI readers cannot seek, so the first start_step batches are run and dropped
+(they cost their decode time; batch start_step onwards is identical to the uninterrupted epoch).
+"""
+from __future__ import annotations
+
+import gc
+
+import torch
+
+from .loaders import INSTALL_HINT, BaseLoader, LoaderError
+from .sampler import batch_generator, mix_seed
+
+
+def _import_dali():
+    try:
+        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+    except ImportError as e:
+        raise LoaderError(f"the dali loader needs NVIDIA DALI, which failed to import ({e}); install it with "
+                          f"{INSTALL_HINT['dali']}") from e
+    return fn, pipeline_def, types, DALIGenericIterator, LastBatchPolicy
+
+
+def shard_sizes(n: int, world_size: int) -> list[int]:
+    """DALI's reader shards: shard k holds samples [floor(n k / W), floor(n (k + 1) / W))."""
+    return [n * (k + 1) // world_size - n * k // world_size for k in range(world_size)]
+
+
+class DALILoader(BaseLoader):
+    name = "dali"
+
+    def __init__(self, packed, *, gpu: bool | None = None, **kw):
+        super().__init__(packed, **kw)
+        self._dali = _import_dali()
+        self.gpu = (self.device.type == "cuda") if gpu is None else bool(gpu)
+        if self.gpu and self.device.type != "cuda":
+            raise LoaderError("the DALI GPU pipeline needs a CUDA device")
+        self.name = "dali-gpu" if self.gpu else "dali-cpu"
+        self.sizes = shard_sizes(len(packed), self.world_size)
+        self.rotate = self.train and self.drop_last and self.world_size > 1
+        self.augment = self.make_augment()  # CPU pipeline: crops; GPU pipeline: only normalise
+        self._pipe = self._iter = None
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return min(self.sizes) // self.batch_size
+        return -(-self.sizes[self.rank] // self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self) * self.batch_size if self.drop_last else self.sizes[self.rank]
+
+    def _shard_id(self) -> int:
+        return (self.rank + self.epoch) % self.world_size if self.rotate else self.rank
+
+    def _build(self):
+        """One pipeline + iterator for the current epoch."""
+        fn, pipeline_def, types, DALIGenericIterator, LastBatchPolicy = self._dali
+        self.close()
+        p, cfg, s = self.packed, self.cfg, self.img_size
+        seed = mix_seed(self.seed, self.epoch, 0xDA1) & 0x7FFFFFFF
+        train, gpu = self.train, self.gpu
+        from .gpu_augment import eval_resize_size
+        resize = eval_resize_size(self.image_size, s, cfg.eval_resize)
+
+        @pipeline_def
+        def pipe():
+            jpg, lbl, idx = fn.readers.webdataset(
+                paths=p.shards, index_paths=p.index_files, ext=["jpg", "lbl", "idx"],
+                dtypes=[types.UINT8, types.FLOAT, types.INT64], shard_id=self._shard_id(),
+                num_shards=self.world_size, stick_to_shard=True, random_shuffle=train,
+                initial_fill=min(4096, max(self.sizes)), pad_last_batch=True, name="Reader", seed=seed)
+            if not gpu:
+                img = fn.decoders.image(jpg, device="cpu", output_type=types.GRAY)  # [H, W, 1] uint8
+                return img, lbl, idx
+            img = fn.decoders.image(jpg, device="mixed", output_type=types.GRAY)  # [H, W, 1] on GPU
+            if train:
+                img = fn.random_resized_crop(img, size=[s, s], random_area=list(cfg.crop_scale),
+                                             random_aspect_ratio=list(cfg.crop_ratio), num_attempts=10,
+                                             interp_type=types.INTERP_LINEAR, antialias=True)
+                mirror = fn.random.coin_flip(probability=float(cfg.hflip))
+            else:
+                img = fn.resize(img, resize_shorter=float(resize), interp_type=types.INTERP_LINEAR,
+                                antialias=True)
+                mirror = 0
+            # [s, s, 1] float in [0, 1]; center crop for eval (no-op after the random crop)
+            img = fn.crop_mirror_normalize(img, crop=[s, s], mirror=mirror, mean=[0.0], std=[255.0],
+                                           dtype=types.FLOAT, output_layout="HWC")
+            return img, lbl, idx
+
+        device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
+            if self.gpu else None
+        self._pipe = pipe(batch_size=self.batch_size, num_threads=max(1, int(cfg.num_workers)),
+                          device_id=device_id, seed=seed, prefetch_queue_depth=max(1, int(cfg.prefetch)))
+        self._pipe.build()
+        policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
+        self._iter = DALIGenericIterator(self._pipe, ["images", "labels", "index"], reader_name="Reader",
+                                         last_batch_policy=policy, auto_reset=False)
+
+    def close(self) -> None:
+        self._iter = self._pipe = None
+        gc.collect()  # DALI pipelines hold threads and buffers until collected
+
+    def _batches(self):
+        """(step, images uint8 [b, H, W, 1] or float [b, s, s, 1], labels [b, L], index [b])."""
+        self._build()
+        n = len(self)
+        for step, out in enumerate(self._iter):
+            if step >= n:
+                break
+            if step < self.start_step:  # DALI cannot seek: run and drop
+                continue
+            d = out[0]
+            yield step, d["images"], d["labels"], d["index"].view(-1)
+        self.close()
+
+    def feed(self):
+        for _, x, y, _ in self._batches():
+            yield x, y
+
+    def iter_with_index(self):
+        for step, x, y, i in self._batches():
+            yield self._finish(step, x), y.clone(), i.clone()
+
+    def _finish(self, step: int, x: torch.Tensor) -> torch.Tensor:
+        if self.gpu:  # DALI already cropped, flipped and scaled to [0, 1]: [b, s, s, 1]
+            return self.augment.normalise(x[..., 0].to(self.augment.cdtype))
+        return self.augment(x, generator=batch_generator(self.seed, self.epoch, self.rank, step))
+
+    def __iter__(self):
+        for step, x, y, _ in self._batches():
+            # the iterator hands out fresh tensors per batch; labels to the target device
+            yield self._finish(step, x), y.to(self.device, non_blocking=True)
+
+    def describe(self) -> str:
+        return (f"{self.name} {len(self.packed.shards)} webdataset shard(s) under {self.packed.root}/dali "
+                f"({'nvJPEG mixed decode + DALI GPU crop' if self.gpu else 'CPU decode + BatchAugment'})")

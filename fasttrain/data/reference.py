@@ -1,0 +1,174 @@
+"""The reference loader: the seed's per-sample path, kept as the benchmark baseline and as the
+oracle for the augmentation semantics.
+
+Per sample, in torch DataLoader workers: PIL `Image.open`, `.convert('RGB')`, then torchvision
+    train: RandomResizedCrop(img_size, scale, ratio, BILINEAR) -> RandomHorizontalFlip(hflip)
+    eval:  Resize(R) -> CenterCrop(img_size)      (R = gpu_augment.eval_resize_size, as the fast loaders)
+    -> ToTensor -> Normalize(mean, std)            (3 channels; 1-channel models keep channel 0,
+                                                    normalised with the 1-channel stats)
+Images come from one of two places, and `describe()` says which:
+  - a folder of PNGs of the packed images (`data.reference_images`, written by `export_png`): the
+    same pixels the packed loaders read, so outputs are comparable image for image;
+  - the source files listed by the packed ids (manifest "source"; per-split `files` list when the
+    converter wrote one, else `<source>/<id>` or a file-name lookup under the source folder): the
+    seed's exact inputs (e.g. 1024-px NIH PNGs).
+Determinism: each sample's augmentation draws come from torch's RNG seeded with
+(seed, epoch, rank, position in the split), so they do not depend on the worker count or on where
+the epoch was resumed.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .gpu_augment import eval_resize_size, norm_stats
+from .loaders import BaseLoader, LoaderError
+from .sampler import EpochSampler, mix_seed
+
+
+def png_name(sample_id: str) -> str:
+    """File name of a packed image in a PNG folder: the id, '/' -> '__', '.png' appended if needed."""
+    name = sample_id.replace("/", "__")
+    return name if name.lower().endswith(".png") else name + ".png"
+
+
+def export_png(packed, out_dir) -> Path:
+    """Write every image of a packed split as an 8-bit gray PNG named png_name(id) (atomic per file)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, sid in enumerate(packed.ids):
+        dst = out / png_name(sid)
+        tmp = dst.with_name("." + dst.name + ".tmp")
+        Image.fromarray(packed.image(i)).save(tmp, format="PNG", compress_level=1)
+        os.replace(tmp, dst)
+    return out
+
+
+def resolve_source_files(packed) -> list[str]:
+    """Each id's source image file, from the manifest (see the module docstring)."""
+    src = Path(packed.manifest.get("source") or "")
+    meta = packed.manifest["splits"][packed.split]
+    if meta.get("files"):
+        rel = (packed.root / meta["files"]).read_text().splitlines()
+        return [str(src / r) for r in rel]
+    if not src.is_dir():
+        raise LoaderError(f"{packed.root}: the reference loader reads the source images, but the manifest's "
+                          f"source folder {src} does not exist here; set data.reference_images to a PNG folder "
+                          f"(fasttrain.data.reference.export_png writes one)")
+    direct = [src / sid for sid in packed.ids]
+    if all(p.is_file() for p in direct):
+        return [str(p) for p in direct]
+    by_name: dict[str, Path] = {}
+    for p in src.rglob("*"):
+        if p.is_file():
+            by_name.setdefault(p.name, p)
+    files, missing = [], []
+    for sid in packed.ids:
+        p = by_name.get(Path(sid).name)
+        (files if p is not None else missing).append(str(p) if p is not None else sid)
+    if missing:
+        raise LoaderError(f"{packed.root}: {len(missing)} source image(s) of split '{packed.split}' not found "
+                          f"under {src}, e.g. {missing[:3]}")
+    return files
+
+
+class _FirstChannels:
+    """Keep the first c channels ([3, h, w] -> [c, h, w]); the gray image is replicated by convert('RGB')."""
+
+    def __init__(self, c: int):
+        self.c = c
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x[: self.c]
+
+
+class ReferenceDataset(torch.utils.data.Dataset):
+    def __init__(self, files: list[str], labels: np.ndarray, transform, seed: int, epoch: int, rank: int):
+        self.files, self.labels, self.transform = files, labels, transform
+        self.seed, self.epoch, self.rank = seed, epoch, rank
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        with Image.open(self.files[i]) as im:
+            img = im.convert("RGB")  # the seed's path: gray replicated to 3 channels
+        # per-sample draws from (seed, epoch, rank, i); fork_rng leaves the caller's RNG alone
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mix_seed(self.seed, self.epoch, self.rank, i, 0x4EF))
+            x = self.transform(img)  # [C, h, w] float32
+        return x, torch.tensor(self.labels[i]), i  # [C, h, w], [L], position
+
+
+class ReferenceLoader(BaseLoader):
+    name = "reference"
+
+    def __init__(self, packed, **kw):
+        super().__init__(packed, **kw)
+        import torchvision.transforms as T
+        cfg = self.cfg
+        if cfg.reference_images:
+            folder = Path(cfg.reference_images)
+            self.files = [str(folder / png_name(sid)) for sid in packed.ids]
+            missing = [f for f in self.files if not os.path.isfile(f)]
+            if missing:
+                raise LoaderError(f"data.reference_images={folder}: {len(missing)} of {len(self.files)} PNGs missing, "
+                                  f"e.g. {missing[0]} (write them with fasttrain.data.reference.export_png)")
+            self.source = f"PNG folder of the packed images {folder}"
+        else:
+            self.files = resolve_source_files(packed)
+            self.source = f"source files under {packed.manifest.get('source')}"
+        self.labels = np.array(packed.labels, dtype=np.float32)  # [N, L] writable copy
+        mean, std = norm_stats(cfg.norm, self.in_chans)
+        mean3, std3 = (mean * 3, std * 3) if self.in_chans == 1 else (mean, std)
+        bil = T.InterpolationMode.BILINEAR
+        if self.train:
+            geo = [T.RandomResizedCrop(self.img_size, scale=tuple(cfg.crop_scale), ratio=tuple(cfg.crop_ratio),
+                                       interpolation=bil),
+                   T.RandomHorizontalFlip(cfg.hflip)]
+        else:
+            r = eval_resize_size(self.image_size, self.img_size, cfg.eval_resize)
+            geo = [T.Resize(r, interpolation=bil), T.CenterCrop(self.img_size)]
+        self.transform = T.Compose(geo + [T.ToTensor(), T.Normalize(mean3, std3), _FirstChannels(self.in_chans)])
+        self.sampler = EpochSampler(len(packed), self.batch_size, shuffle=self.train, seed=self.seed,
+                                    rank=self.rank, world_size=self.world_size, drop_last=self.drop_last)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    @property
+    def num_samples(self) -> int:
+        return self.sampler.shard_size - (self.sampler.shard_size % self.batch_size if self.drop_last else 0)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        super().set_epoch(epoch, start_step)
+        self.sampler.set_epoch(epoch, start_step)
+
+    def _dataloader(self):
+        ds = ReferenceDataset(self.files, self.labels, self.transform, self.seed, self.epoch, self.rank)
+        batches = [idx.tolist() for _, idx in self.sampler.batches()]
+        workers = max(0, int(self.cfg.num_workers))
+        return torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=workers,
+                                           pin_memory=self.pin, persistent_workers=False,
+                                           prefetch_factor=max(1, int(self.cfg.prefetch)) if workers else None)
+
+    def iter_with_index(self):
+        for x, y, i in self._dataloader():
+            yield x, y, i
+
+    def feed(self):
+        """For the reference the host side *is* the whole pipeline (per-sample CPU transforms)."""
+        for x, y, _ in self._dataloader():
+            yield x, y
+
+    def __iter__(self):
+        for x, y, _ in self._dataloader():
+            x = x.to(self.device, self.dtype, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            yield x, y.to(self.device, non_blocking=True)
+
+    def describe(self) -> str:
+        return f"reference (PIL + torchvision per sample) reading {self.source}"

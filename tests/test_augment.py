@@ -1,0 +1,149 @@
+"""BatchAugment (batched crop/flip/resize/normalise) against torchvision's PIL path.
+
+Tolerance: PIL resamples uint8 images in fixed point and rounds to uint8 after each of its two
+passes, we keep floats: outputs agree within 1 grey level (1/255 before normalisation) in fp32.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+from fasttrain.data.gpu_augment import (IMAGENET_MEAN, IMAGENET_STD, BatchAugment, CropParams, eval_resize_size,
+                                        norm_stats, sample_crop_params)
+
+GREY = 1.0 / 255
+
+
+def _images(n, h, w, seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = 60 + 120 * np.sin(xx / 5.0) * np.cos(yy / 7.0)  # structure, so misplaced pixels show
+    return np.clip(base[None] + rng.normal(0, 30, (n, h, w)), 0, 255).astype(np.uint8)  # [n, h, w]
+
+
+def _unnormalise(x, norm, c):
+    mean, std = norm_stats(norm, c)
+    return x * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("h,w,size,norm,c", [(64, 64, 56, "nih", 1), (40, 52, 32, "imagenet", 3),
+                                            (37, 29, 48, "imagenet", 1)])
+def test_train_crop_equals_torchvision_resized_crop_and_flip(h, w, size, norm, c):
+    imgs = _images(12, h, w, seed=h)
+    aug = BatchAugment((h, w), size, c, train=True, norm=norm, scale=(0.08, 1.0))
+    p = aug.sample(len(imgs), torch.Generator().manual_seed(3))
+    p.flip[:2] = torch.tensor([True, False])  # both cases present
+    out = aug(torch.from_numpy(imgs), params=p)  # [n, c, size, size]
+    assert out.shape == (12, c, size, size) and out.dtype == torch.float32
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    got = _unnormalise(out, norm, c)
+    for b in range(len(imgs)):
+        im = Image.fromarray(imgs[b]).convert("RGB")
+        ref = TF.resized_crop(im, int(p.top[b]), int(p.left[b]), int(p.height[b]), int(p.width[b]), [size, size],
+                              T.InterpolationMode.BILINEAR)
+        if p.flip[b]:
+            ref = TF.hflip(ref)
+        ref = TF.to_tensor(ref)[:c]  # [c, size, size] in [0, 1]
+        assert (got[b] - ref).abs().max().item() <= GREY + 1e-5, b
+
+
+def test_bf16_output_close_to_fp32():
+    imgs = torch.from_numpy(_images(8, 64, 64))
+    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    a32 = BatchAugment((64, 64), 48, 3, train=True)
+    a16 = BatchAugment((64, 64), 48, 3, train=True, dtype=torch.bfloat16)
+    o32, o16 = a32(imgs, generator=g()), a16(imgs, generator=g())
+    assert o16.dtype == torch.bfloat16 and o16.is_contiguous(memory_format=torch.channels_last)
+    d = (_unnormalise(o16.float(), "imagenet", 3) - _unnormalise(o32, "imagenet", 3)).abs()
+    assert d.mean().item() < 0.5 * GREY and d.max().item() < 4 * GREY
+
+
+@pytest.mark.parametrize("h,w,size,resize,c,norm", [
+    (64, 64, 56, 256, 3, "imagenet"),  # 64-px demo pack: resize clamps to 64, center crop 56
+    (64, 64, 64, 256, 1, "imagenet"),  # whole image
+    (64, 64, 40, 48, 1, "nih"),  # real downscale 64 -> 48, crop 40
+    (50, 70, 32, 40, 3, "imagenet"),  # non-square: shorter side -> 40
+    (32, 32, 32, 256, 1, "nih"),
+])
+def test_eval_transform_equals_torchvision_resize_center_crop(h, w, size, resize, c, norm):
+    imgs = _images(6, h, w, seed=size)
+    aug = BatchAugment((h, w), size, c, train=False, norm=norm, eval_resize=resize)
+    r = eval_resize_size((h, w), size, resize)
+    assert r == max(size, min(resize, h, w))
+    out = aug(torch.from_numpy(imgs))
+    assert out.shape == (6, c, size, size) and out.is_contiguous(memory_format=torch.channels_last)
+    mean, std = norm_stats(norm, c)
+    tf = T.Compose([T.Resize(r, interpolation=T.InterpolationMode.BILINEAR), T.CenterCrop(size), T.ToTensor(),
+                    T.Normalize(mean * (3 // c), std * (3 // c))])
+    for b in range(len(imgs)):
+        ref = tf(Image.fromarray(imgs[b]).convert("RGB"))[:c]
+        d = ((out[b] - ref).abs() * torch.tensor(std).view(-1, 1, 1)).max().item()
+        assert d <= GREY + 1e-5, (b, d)
+    assert torch.equal(out, aug(torch.from_numpy(imgs)))  # no randomness
+
+
+def test_crop_params_follow_torchvision_distribution():
+    n, h, w, scale, ratio = 6000, 256, 256, (0.2, 1.0), (3 / 4, 4 / 3)
+    p = sample_crop_params(n, h, w, scale, ratio, 0.5, torch.Generator().manual_seed(0))
+    assert ((p.top >= 0) & (p.left >= 0) & (p.top + p.height <= h) & (p.left + p.width <= w)).all()
+    area = (p.height * p.width).double() / (h * w)
+    logr = torch.log(p.width.double() / p.height.double())
+    # rounding of w, h to integers widens the range by < 1 px per side
+    assert area.min() >= scale[0] * 0.98 and area.max() <= 1.0
+    assert logr.min() >= math.log(ratio[0]) - 0.02 and logr.max() <= math.log(ratio[1]) + 0.02
+    torch.manual_seed(0)
+    tv = torch.tensor([T.RandomResizedCrop.get_params(torch.empty(1, h, w), list(scale), list(ratio))
+                       for _ in range(n)], dtype=torch.float64)  # [n, 4] top, left, h, w
+    tv_area, tv_logr = tv[:, 2] * tv[:, 3] / (h * w), torch.log(tv[:, 3] / tv[:, 2])
+    for ours, theirs in ((area, tv_area), (logr, tv_logr)):
+        se = math.sqrt(ours.var() / n + theirs.var() / n)
+        assert abs(ours.mean() - theirs.mean()) < 5 * se
+        assert abs(ours.std() - theirs.std()) < 0.1 * theirs.std()
+    # the crop position is uniform over the free range: mean relative offset 1/2
+    free = (h - p.height).double()
+    rel = (p.top.double() / free)[free > 20]
+    assert abs(rel.mean().item() - 0.5) < 0.03
+    # flips: binomial(n, 0.5) within 5 sigma
+    assert abs(p.flip.double().mean().item() - 0.5) < 5 * math.sqrt(0.25 / n)
+    p0 = sample_crop_params(2000, h, w, scale, ratio, 0.0, torch.Generator().manual_seed(1))
+    assert not p0.flip.any()
+
+
+def test_crop_fallback_when_no_attempt_fits():
+    # aspect range far outside a very wide image: every attempt fails -> central crop, clamped ratio
+    p = sample_crop_params(50, 10, 200, (0.9, 1.0), (0.9, 1.1), 0.5, torch.Generator().manual_seed(0))
+    assert (p.height == 10).all() and (p.width == 11).all()  # round(10 * 1.1)
+    assert (p.top == 0).all() and (p.left == (200 - 11) // 2).all()
+
+
+def test_same_generator_same_output_and_flip_mirrors():
+    imgs = torch.from_numpy(_images(5, 48, 48))
+    aug = BatchAugment((48, 48), 32, 1, train=True, norm="nih")
+    a = aug(imgs, generator=torch.Generator().manual_seed(7))
+    b = aug(imgs, generator=torch.Generator().manual_seed(7))
+    c = aug(imgs, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    p = aug.sample(5, torch.Generator().manual_seed(9))
+    q = CropParams(p.top, p.left, p.height, p.width, ~p.flip)
+    assert torch.allclose(aug(imgs, params=p), aug(imgs, params=q).flip(-1), atol=1e-5)
+
+
+def test_norm_stats():
+    assert norm_stats("imagenet", 3) == (IMAGENET_MEAN, IMAGENET_STD)
+    m, s = norm_stats("imagenet", 1)
+    assert m[0] == pytest.approx(0.449) and s[0] == pytest.approx(0.226)
+    assert norm_stats("nih", 3) == ((0.5056,) * 3, (0.252,) * 3)
+    with pytest.raises(ValueError, match="data.norm"):
+        norm_stats("cifar", 1)
+    with pytest.raises(ValueError, match="in_chans"):
+        norm_stats("nih", 2)
+
+
+def test_wrong_batch_shape_is_a_clear_error():
+    aug = BatchAugment((32, 32), 24, 1, train=False)
+    with pytest.raises(ValueError, match="packed image size"):
+        aug(torch.zeros(2, 30, 32, dtype=torch.uint8))

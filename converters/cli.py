@@ -1,0 +1,104 @@
+"""`fasttrain convert {nih,chexpert,dicom,synthetic} ...`: argument parsing only; the work is in
+nih.py / chexpert.py / dicom.py / synthetic.py."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import FORMATS, ConvertError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--src", required=True, help="source dataset folder")
+    p.add_argument("--out", required=True, help="packed output folder (must not exist)")
+    p.add_argument("--format", nargs="+", default=["raw"], choices=FORMATS, dest="formats",
+                   help="packed formats to write, several in one pass (default: raw)")
+    p.add_argument("--size", type=int, default=256, help="square output size (default 256, as the paper)")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="carve a patient-disjoint 'val' split of this fraction from train")
+    p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+                   help="bad items: stop with an error (default) or skip them and list them in the manifest")
+    p.add_argument("--workers", type=int, default=None, help="decode processes (default: all cores)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the val split")
+    p.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality of the DALI shards")
+    p.add_argument("--shard-size", type=int, default=4096, help="samples per DALI shard")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _policies(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--uncertain", choices=("paper", "ones", "zeros", "ignore"), default="paper",
+                   help="uncertain (-1) labels: paper = U-Ones for Atelectasis/Edema, U-Zeros otherwise")
+    p.add_argument("--labels", choices=("competition", "all"), default="competition",
+                   help="competition = the 5 CheXpert competition labels; all = every observation column")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fasttrain convert", description="pack a chest X-ray dataset into raw / ffcv / dali")
+    sub = ap.add_subparsers(dest="source", required=True)
+    p = sub.add_parser("nih", help="NIH ChestX-ray14 (Data_Entry CSV, images[_NNN]/, split lists)")
+    _common(p)
+    p.add_argument("--split-dir", default=None,
+                   help="read Xiao et al.'s train_official.txt / val_official.txt / test_official.txt from here")
+    p = sub.add_parser("chexpert", help="CheXpert v1.0 (train.csv -> train, valid.csv -> test)")
+    _common(p)
+    _policies(p)
+    p.add_argument("--views", choices=("frontal", "all"), default="frontal")
+    p = sub.add_parser("dicom", help="DICOM files + a CheXpert-convention labels CSV (MIMIC-CXR style)")
+    _common(p)
+    _policies(p)
+    p.add_argument("--labels-csv", "--csv", required=True, dest="labels_csv",
+                   help="labels CSV: a path/file/dicom_id column, CheXpert label columns, optional split")
+    p = sub.add_parser("synthetic", help="write SYNTHETIC phantoms in the NIH source layout")
+    p.add_argument("--out", required=True, help="source folder to write (must not exist)")
+    p.add_argument("--n", type=int, required=True, help="number of images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--test-fraction", type=float, default=0.2, help="fraction of patients in test_list.txt")
+    p.add_argument("--workers", type=int, default=1, help="drawing processes (default 1)")
+    p.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    progress = not args.no_progress
+    try:
+        if args.source == "synthetic":
+            from .synthetic import generate_phantoms
+            out = generate_phantoms(args.out, args.n, seed=args.seed, size=args.size,
+                                    test_fraction=args.test_fraction, workers=args.workers, progress=progress)
+            print(f"SYNTHETIC NIH-layout source written: {out}\n"
+                  f"next: fasttrain convert nih --src {out} --out PACKED --format raw ffcv")
+            return 0
+        common = dict(formats=args.formats, size=args.size, val_fraction=args.val_fraction, on_error=args.on_error,
+                      workers=args.workers, seed=args.seed, jpeg_quality=args.jpeg_quality,
+                      shard_size=args.shard_size, progress=progress)
+        if args.source == "nih":
+            from .nih import convert_nih
+            out = convert_nih(args.src, args.out, split_dir=args.split_dir, **common)
+        elif args.source == "chexpert":
+            from .chexpert import convert_chexpert
+            out = convert_chexpert(args.src, args.out, uncertain=args.uncertain, labels=args.labels,
+                                   views=args.views, **common)
+        else:
+            from .dicom import convert_dicom
+            out = convert_dicom(args.src, args.labels_csv, args.out, uncertain=args.uncertain, labels=args.labels,
+                                **common)
+    except ConvertError as e:
+        print(f"fasttrain convert: error: {e}", file=sys.stderr)
+        return 1
+    _summary(out)
+    return 0
+
+
+def _summary(out) -> None:
+    import json
+    m = json.loads((out / "manifest.json").read_text())
+    conv = m["conversion"]
+    tag = " (SYNTHETIC)" if m.get("synthetic") else ""
+    print(f"packed {m['dataset']}{tag} -> {out}")
+    for s, meta in m["splits"].items():
+        print(f"  {s:<6} {meta['count']:>8} images")
+    print(f"  formats {', '.join(m['formats'])}; {m['image_size'][0]} px; skipped {len(m['skipped'])}; "
+          f"{conv['images']} images in {conv['seconds']:.1f} s ({conv['images_per_s']:.0f} img/s, "
+          f"{conv['workers']} workers)")

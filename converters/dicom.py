@@ -1,0 +1,209 @@
+"""DICOM (MIMIC-CXR style) -> packed dataset.
+
+Inputs: a folder of DICOM files (MIMIC-CXR: `files/pNN/pNNNNNNNN/sNNNNNNNN/<dicom_id>.dcm`) and a
+labels CSV in CheXpert convention: one column naming the image (`path` / `Path` / `file` relative to
+the folder, or `dicom_id`), CheXpert observation columns (1.0, 0.0, -1.0, blank; same policies as
+the CheXpert converter), an optional `split` column (`train`, `validate` / `val`, `test`; without
+it every row goes to `train`) and optional `subject_id` (patient, for `val_fraction`).
+
+Pixels: Modality LUT (Rescale Slope / Intercept, or the Modality LUT Sequence), then the VOI LUT
+Sequence, else the first Window Center / Width (LINEAR, LINEAR_EXACT or SIGMOID per VOI LUT
+Function), else the image's own min..max; MONOCHROME1 is inverted so bone is bright; any bit
+depth 8-16. Compressed transfer syntaxes decode through pydicom's plugins (pylibjpeg, openjpeg,
+gdcm, pillow); when none is installed the error names the file, the syntax and what to install.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .chexpert import CHEXPERT_ALL, COMPETITION, map_labels, uncertain_value
+from .common import ConvertError, Item, PackOptions, Problems, pack, patient_disjoint_split, read_csv, to_uint8_resized
+
+FILE_COLUMNS = ("path", "Path", "file", "filename", "dicom_id")
+SPLIT_VALUES = {"train": "train", "validate": "val", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+class DicomPluginError(RuntimeError):
+    """Compressed pixel data and no installed pydicom plugin that decodes it."""
+
+
+def _window(x: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """VOI window to [0, 1], per DICOM PS3.3 C.11.2.1.2 (the output range is ours: 0..1)."""
+    function = (function or "LINEAR").upper()
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+    if function == "LINEAR_EXACT":
+        if width <= 0:
+            raise ValueError(f"Window Width {width} must be > 0")
+        return np.clip((x - center) / width + 0.5, 0.0, 1.0)
+    if width < 1:
+        raise ValueError(f"Window Width {width} must be >= 1 for LINEAR")
+    if width == 1:
+        return (x > center - 0.5).astype(np.float32)
+    return np.clip((x - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+
+
+def _first(v) -> float:
+    try:
+        return float(v[0])
+    except TypeError:
+        return float(v)
+
+
+def pixels_to_unit(ds) -> np.ndarray:
+    """A dataset's pixels as float32 [H, W] in [0, 1], bright = dense (bone)."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    if int(getattr(ds, "NumberOfFrames", 1) or 1) != 1:
+        raise ValueError(f"multi-frame image ({ds.NumberOfFrames} frames); expected one radiograph")
+    arr = ds.pixel_array
+    if int(getattr(ds, "SamplesPerPixel", 1)) == 3:  # colour: ITU-R 601 luma, then treat as grey
+        arr = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        lo, hi = float(arr.min()), float(arr.max())
+        return (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+    if arr.ndim != 2:
+        raise ValueError(f"pixel array of shape {arr.shape}; expected [rows, columns]")
+    x = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)  # rescale slope / intercept
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
+        lut = ds.VOILUTSequence[0]
+        bits = int(lut.LUTDescriptor[2])
+        x = np.asarray(apply_voi_lut(x, ds, index=0, prefer_lut=True), dtype=np.float32) / float(2 ** bits - 1)
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        x = _window(x, _first(ds.WindowCenter), _first(ds.WindowWidth), str(getattr(ds, "VOILUTFunction", "LINEAR")))
+    else:  # no VOI: the image's own range
+        lo, hi = float(x.min()), float(x.max())
+        x = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+    x = np.clip(x, 0.0, 1.0).astype(np.float32)
+    if str(ds.PhotometricInterpretation).strip() == "MONOCHROME1":
+        x = 1.0 - x  # MONOCHROME1: high values are dark
+    elif str(ds.PhotometricInterpretation).strip() != "MONOCHROME2":
+        raise ValueError(f"PhotometricInterpretation {ds.PhotometricInterpretation!r}; expected MONOCHROME1/2")
+    return x
+
+
+def _pixel_error(path: str, ds, err: Exception) -> Exception:
+    """pydicom's message on a missing plugin does not name the file; ours does, and says what to install."""
+    tsuid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if tsuid is not None and tsuid.is_compressed:
+        hint = ""
+        try:
+            from pydicom.pixels import get_decoder
+            dec = get_decoder(tsuid)
+            if not dec.is_available:
+                hint = "; install one of: " + "; ".join(dec.missing_dependencies)
+        except Exception:  # an unknown syntax: pydicom has no decoder at all
+            hint = "; pydicom has no decoder for it"
+        return DicomPluginError(f"{path}: pixel data compressed as {tsuid.name} ({tsuid}) cannot be decoded{hint} "
+                                f"(e.g. pip install pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg) [{err}]")
+    return err
+
+
+def read_dicom_unit(path: str) -> np.ndarray:
+    import pydicom
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as e:
+        raise ValueError(f"not a readable DICOM file: {e}") from e
+    if "PixelData" not in ds:
+        raise ValueError("no PixelData element")
+    try:
+        return pixels_to_unit(ds)
+    except Exception as e:
+        raise _pixel_error(path, ds, e) from e
+
+
+def decode_dicom(path: str, size: int) -> np.ndarray:
+    """DICOM file -> uint8 [size, size] (VOI-mapped, MONOCHROME1 inverted, area-resized)."""
+    return to_uint8_resized(read_dicom_unit(path), size, full_scale=1.0)
+
+
+def build_items(src: Path, labels_csv: Path, labels: str, uncertain: str, problems: Problems):
+    header, rows = read_csv(labels_csv, [])
+    file_col = next((c for c in FILE_COLUMNS if c in header), None)
+    if file_col is None:
+        raise ConvertError(f"{labels_csv}: no column naming the image; expected one of {list(FILE_COLUMNS)}")
+    if labels == "competition":
+        names = list(COMPETITION)
+        missing = [n for n in names if n not in header]
+        if missing:
+            raise ConvertError(f"{labels_csv}: missing label column(s) {missing} (use --labels all for the "
+                               f"CheXpert columns it has)")
+    elif labels == "all":
+        names = [n for n in CHEXPERT_ALL if n in header]
+        if not names:
+            raise ConvertError(f"{labels_csv}: none of the CheXpert label columns {CHEXPERT_ALL}")
+    else:
+        raise ConvertError(f"--labels must be 'competition' or 'all', got {labels!r}")
+    uncertain_value("Edema", uncertain)
+    by_stem: dict[str, list[Path]] = {}
+    if file_col == "dicom_id":
+        for dirpath, _, files in os.walk(src):
+            for f in files:
+                if f.lower().endswith(".dcm"):
+                    by_stem.setdefault(f[:-4], []).append(Path(dirpath) / f)
+    has_split = "split" in header
+    splits: dict[str, list[Item]] = {}
+    for lineno, r in rows:
+        where = f"{labels_csv.name} row {lineno}"
+        ident = r[file_col]
+        if not ident:
+            problems.report("", str(labels_csv), f"{where}: empty {file_col!r}")
+            continue
+        if file_col == "dicom_id":
+            found = by_stem.get(ident, [])
+            if len(found) != 1:
+                problems.report(ident, ident, f"{where}: dicom_id {ident!r} matches "
+                                              f"{'no' if not found else len(found)} .dcm file(s) under {src}")
+                continue
+            path = found[0]
+        else:
+            path = src / ident
+            if not path.is_file():
+                problems.report(ident, str(path), f"{where}: DICOM file {path} not found")
+                continue
+        split = "train"
+        if has_split:
+            split = SPLIT_VALUES.get(r["split"].strip().lower())
+            if split is None:
+                problems.report(ident, str(path), f"{where}: split {r['split']!r}; expected one of {sorted(SPLIT_VALUES)}")
+                continue
+        try:
+            y = map_labels(r, names, uncertain, where)
+        except ConvertError as e:
+            problems.report(ident, str(path), str(e))
+            continue
+        group = r.get("subject_id") or ident
+        splits.setdefault(split, []).append(Item(id=ident, path=str(path), labels=y, where=f"{where} ({ident})",
+                                                 group=group))
+    order = [s for s in ("train", "val", "test") if s in splits]
+    return {s: splits[s] for s in order}, names, file_col
+
+
+def convert_dicom(src, labels_csv, out, formats: Sequence[str] = ("raw",), size: int = 256,
+                  uncertain: str = "paper", labels: str = "competition", val_fraction: float = 0.0,
+                  on_error: str = "fail", workers: Optional[int] = None, seed: int = 0, jpeg_quality: int = 95,
+                  shard_size: int = 4096, progress: bool = True) -> Path:
+    """Pack a folder of DICOMs labelled by `labels_csv` into `out`; return `out`."""
+    src, labels_csv = Path(src), Path(labels_csv)
+    if not src.is_dir():
+        raise ConvertError(f"{src}: source folder not found")
+    opts = PackOptions(formats=tuple(formats), size=size, workers=workers, on_error=on_error,
+                       jpeg_quality=jpeg_quality, shard_size=shard_size, progress=progress)
+    opts.check()
+    problems = Problems(on_error)
+    splits, names, file_col = build_items(src, labels_csv, labels, uncertain, problems)
+    if not splits:
+        raise ConvertError(f"{labels_csv}: no usable rows")
+    if val_fraction:
+        if "val" in splits:
+            raise ConvertError(f"{labels_csv}: has a 'val'/'validate' split already; drop --val-fraction")
+        splits["train"], splits["val"] = patient_disjoint_split(splits["train"], val_fraction, seed)
+    extra = {"dicom": {"labels_csv": str(labels_csv.absolute()), "id_column": file_col, "uncertain": uncertain,
+                       "labels": labels, "val_fraction": val_fraction, "split_seed": seed},
+             "preprocessing": {"dicom": "Modality LUT, then VOI LUT Sequence, else first window (VOI LUT "
+                                        "Function), else min..max; MONOCHROME1 inverted; 0..1 -> 0..255"}}
+    return pack(dataset="dicom", source=src, out=Path(out), splits=splits, label_names=names,
+                decode=decode_dicom, opts=opts, problems=problems, source_files=[labels_csv], extra=extra)

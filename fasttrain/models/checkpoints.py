@@ -160,7 +160,7 @@ def _grid(n_tokens: int, key: str, what: str) -> int:
 
 def convert_pos_embed(value: torch.Tensor, target: torch.Tensor, key: str, what: str) -> tuple[torch.Tensor, str]:
     """[1, 1+L_old, D] -> [1, 1+L_new, D]. A sin-cos table is recomputed for the new grid (it is a
-    function of the grid); a learned one is resampled bicubic (timm's resample_abs_pos_embed)."""
+    function of the grid); a learned one is resampled bicubic (timm's resample_abs_pos_embed, as MAE's fine-tuning does)."""
     from timm.layers import resample_abs_pos_embed
 
     d = value.shape[-1]
@@ -170,8 +170,9 @@ def convert_pos_embed(value: torch.Tensor, target: torch.Tensor, key: str, what:
     if table_old is not None and torch.allclose(value.float(), table_old, atol=1e-4):
         new = sincos_pos_embed_2d(d, g_new).to(value.dtype)
         return new, f"{key}: sin-cos table recomputed for a {g_new}x{g_new} grid (checkpoint: {g_old}x{g_old})"
+    # antialias off: the same resampling as MAE's (and Xiao et al.'s) interpolate_pos_embed
     new = resample_abs_pos_embed(value.float(), [g_new, g_new], [g_old, g_old], num_prefix_tokens=1,
-                                 interpolation="bicubic").to(value.dtype)
+                                 interpolation="bicubic", antialias=False).to(value.dtype)
     return new, f"{key}: learned table resampled bicubic {g_old}x{g_old} -> {g_new}x{g_new}"
 
 

@@ -1,0 +1,290 @@
+"""Checkpoints: Xiao-layout teachers load strictly, wrong sizes fail naming keys, conversions, export."""
+import argparse
+import logging
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from fasttrain.models import ETMAE, create_model
+from fasttrain.models.checkpoints import (CheckpointError, export_timm, load_encoder, load_into, load_mae,
+                                          load_teacher, read_checkpoint, read_state_dict)
+from fasttrain.models.vit import sincos_pos_embed_2d
+
+
+def xiao_layout(D, depth, Dd, ddepth, L=196, p=16, c=3):
+    """Key -> shape of Xiao et al.'s / MAE's pre-training checkpoints, written from the format."""
+    s = {"cls_token": (1, 1, D), "pos_embed": (1, 1 + L, D), "patch_embed.proj.weight": (D, c, p, p),
+         "patch_embed.proj.bias": (D,), "norm.weight": (D,), "norm.bias": (D,),
+         "mask_token": (1, 1, Dd), "decoder_pos_embed": (1, 1 + L, Dd), "decoder_embed.weight": (Dd, D),
+         "decoder_embed.bias": (Dd,), "decoder_norm.weight": (Dd,), "decoder_norm.bias": (Dd,),
+         "decoder_pred.weight": (p * p * c, Dd), "decoder_pred.bias": (p * p * c,)}
+    for prefix, d, n in (("blocks", D, depth), ("decoder_blocks", Dd, ddepth)):
+        for i in range(n):
+            b = f"{prefix}.{i}."
+            s.update({b + "norm1.weight": (d,), b + "norm1.bias": (d,), b + "attn.qkv.weight": (3 * d, d),
+                      b + "attn.qkv.bias": (3 * d,), b + "attn.proj.weight": (d, d), b + "attn.proj.bias": (d,),
+                      b + "norm2.weight": (d,), b + "norm2.bias": (d,), b + "mlp.fc1.weight": (4 * d, d),
+                      b + "mlp.fc1.bias": (4 * d,), b + "mlp.fc2.weight": (d, 4 * d), b + "mlp.fc2.bias": (d,)})
+    return s
+
+
+def synth_state(layout, seed, grid=14):
+    g = torch.Generator().manual_seed(seed)
+    sd = {k: torch.randn(*shape, generator=g) * 0.02 for k, shape in layout.items()}
+    sd["pos_embed"] = sincos_pos_embed_2d(layout["pos_embed"][-1], grid)  # fixed sin-cos, as MAE saves it
+    sd["decoder_pos_embed"] = sincos_pos_embed_2d(layout["decoder_pos_embed"][-1], grid)
+    return sd
+
+
+def save_mae_style(path, sd, model_name, prefix=""):
+    """What MAE's misc.save_model writes: weights plus optimizer, epoch, scaler and the argparse args."""
+    torch.save({"model": {prefix + k: v for k, v in sd.items()},
+                "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.95), "params": [0]}]},
+                "epoch": 99, "scaler": {"scale": 65536.0, "growth_tracker": 3},
+                "args": argparse.Namespace(model=model_name, mask_ratio=0.75, norm_pix_loss=True)}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def xiao_s(tmp_path_factory):
+    sd = synth_state(xiao_layout(384, 12, 512, 2), seed=1)
+    path = save_mae_style(tmp_path_factory.mktemp("ck") / "vit-s_CXR_0.3M_mae.pth", sd, "mae_vit_small_patch16",
+                          prefix="module.")
+    return path, sd
+
+
+@pytest.fixture(scope="module")
+def xiao_b(tmp_path_factory):
+    sd = synth_state(xiao_layout(768, 12, 512, 8), seed=2)
+    path = save_mae_style(tmp_path_factory.mktemp("ck") / "vit-b_CXR_0.5M_mae.pth", sd, "mae_vit_base_patch16")
+    return path, sd
+
+
+def assert_loaded(model, sd, keys=None):
+    msd = model.state_dict()
+    for k in keys if keys is not None else sd:
+        assert torch.equal(msd[k], sd[k]), k
+
+
+# ----------------------------------------------------------------------------- Xiao-layout teachers
+
+def test_xiao_s_loads_strictly_into_mae_small_and_as_teacher(xiao_s):
+    path, sd = xiao_s
+    m = load_mae("mae_vit_small_patch16", path)  # `module.` prefixes stripped, args Namespace allowed
+    assert m.load_report.ok and len(m.load_report.loaded) == len(sd) == len(m.state_dict())
+    assert_loaded(m, sd)
+    t = load_teacher("mae_vit_small_patch16", path, img_size=224, in_chans=3)
+    assert not t.training and not any(p.requires_grad for p in t.parameters())
+    enc_keys = [k for k in sd if not k.startswith(("decoder_", "mask_token"))]
+    assert_loaded(t, sd, enc_keys)
+    assert sorted(t.load_report.ignored) == sorted(k for k in sd if k.startswith(("decoder_", "mask_token")))
+    assert not t.load_report.missing and not t.load_report.unexpected
+
+
+def test_xiao_b_loads_strictly_into_mae_base_and_as_teacher(xiao_b, caplog):
+    path, sd = xiao_b
+    m = load_mae("mae_vit_base_patch16", path)
+    assert m.load_report.ok and len(m.load_report.loaded) == len(sd)
+    assert_loaded(m, sd)
+    del m
+    with caplog.at_level(logging.WARNING):
+        t = load_teacher("mae_vit_base_patch16", path, img_size=224, in_chans=3)
+    assert "decoder keys ignored" in caplog.text
+    assert_loaded(t, sd, [k for k in sd if k.startswith("blocks.11.")] + ["cls_token", "patch_embed.proj.weight"])
+
+
+def test_b_checkpoint_into_s_fails_naming_keys(xiao_b):
+    path, _ = xiao_b
+    with pytest.raises(CheckpointError) as e:
+        load_mae("mae_vit_small_patch16", path)
+    msg = str(e.value)
+    assert str(path) in msg
+    assert "blocks.0.attn.qkv.weight: checkpoint [2304, 768] vs model [1152, 384]" in msg
+    assert "unexpected keys" in msg and "decoder_blocks.7.mlp.fc2.bias" in msg  # decoder 8 blocks vs 2
+    assert "embed_dim 768" in msg and "embed_dim 384" in msg
+    # as a teacher too, before any training
+    with pytest.raises(CheckpointError, match="blocks.11.mlp.fc1.weight: checkpoint"):
+        load_teacher("mae_vit_small_patch16", path, img_size=224, in_chans=3)
+
+
+def test_missing_and_unexpected_keys_are_all_listed(tmp_path):
+    m = create_model("mae_vit_tiny_patch16", img_size=32, patch_size=8, depth=3, in_chans=1)
+    sd = m.state_dict()
+    del sd["blocks.1.norm1.weight"], sd["norm.bias"]
+    sd["blocks.3.norm1.weight"] = torch.zeros(192)
+    path = tmp_path / "bad.pt"
+    torch.save({"state_dict": sd}, path)
+    with pytest.raises(CheckpointError) as e:
+        load_into(create_model("mae_vit_tiny_patch16", img_size=32, patch_size=8, depth=3, in_chans=1), path)
+    msg = str(e.value)
+    assert "bad.pt" in msg and "missing keys (2): " in msg and "blocks.1.norm1.weight" in msg and "norm.bias" in msg
+    assert "unexpected keys (1): blocks.3.norm1.weight" in msg
+    # non-strict: loads the rest and reports
+    m2 = create_model("mae_vit_tiny_patch16", img_size=32, patch_size=8, depth=3, in_chans=1)
+    rep = load_into(m2, path, strict=False)
+    assert not rep.ok and set(rep.missing) == {"blocks.1.norm1.weight", "norm.bias"}
+    assert rep.unexpected == ["blocks.3.norm1.weight"]
+    assert torch.equal(m2.blocks[0].attn.qkv.weight, sd["blocks.0.attn.qkv.weight"])
+
+
+# ----------------------------------------------------------------------------- reading
+
+class Opaque:
+    pass
+
+
+def test_read_formats_and_prefixes(tmp_path):
+    t = {"a.weight": torch.ones(2), "b": torch.zeros(1)}
+    assert read_state_dict(t).keys() == t.keys()
+    assert read_state_dict({"model": {"module._orig_mod.a.weight": torch.ones(2)}}).keys() == {"a.weight"}
+    assert read_state_dict({"state_dict": {"_orig_mod.module.b": torch.ones(2)}}).keys() == {"b"}
+    save_file(t, str(tmp_path / "w.safetensors"))
+    assert torch.equal(read_state_dict(tmp_path / "w.safetensors")["a.weight"], torch.ones(2))
+    state, meta = read_checkpoint({"model": t, "args": argparse.Namespace(model="mae_vit_small_patch16")})
+    assert meta["args_model"] == "mae_vit_small_patch16"
+    with pytest.raises(CheckpointError, match="not found: .*nope.pth"):
+        read_state_dict(tmp_path / "nope.pth")
+    with pytest.raises(CheckpointError, match="top-level keys"):
+        read_state_dict({"epoch": 3, "weights": [1, 2]})
+    torch.save({"model": t, "extra": Opaque()}, tmp_path / "pickled.pth")
+    with pytest.raises(CheckpointError, match="pickled.pth.*allow_pickle=True"):
+        read_state_dict(tmp_path / "pickled.pth")
+    assert read_state_dict(tmp_path / "pickled.pth", allow_pickle=True).keys() == t.keys()
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pth"):
+        read_state_dict(tmp_path / "junk.pth")
+
+
+# ----------------------------------------------------------------------------- conversions
+
+def tiny(name="mae_vit_tiny_patch16", **kw):
+    args = dict(img_size=32, patch_size=8, depth=2, in_chans=1)
+    if name.startswith("mae_"):
+        args["decoder_depth"] = 1
+    args.update(kw)
+    return create_model(name, **args)
+
+
+@pytest.mark.parametrize("c_from,c_to", [(3, 1), (1, 3)])
+def test_in_chans_conversion(c_from, c_to, caplog):
+    torch.manual_seed(0)
+    src = tiny(in_chans=c_from).eval()
+    dst = tiny(in_chans=c_to).eval()
+    with caplog.at_level(logging.WARNING):
+        rep = load_into(dst, src.state_dict(), what="rgb-or-gray")
+    assert f"{c_from} -> {c_to} input channels" in caplog.text and rep.ok
+    w = src.patch_embed.proj.weight
+    expect = w.sum(1, keepdim=True) if c_to == 1 else w.repeat(1, 3, 1, 1) / 3
+    torch.testing.assert_close(dst.patch_embed.proj.weight, expect)
+    gray = torch.randn(2, 1, 32, 32)
+    x_src = gray.expand(-1, c_from, -1, -1)
+    x_dst = gray.expand(-1, c_to, -1, -1)
+    # a gray image gives the same features in both models
+    torch.testing.assert_close(dst.forward_features(x_dst), src.forward_features(x_src), atol=1e-5, rtol=1e-5)
+    # and the decoder predicts the same gray pixels (RGB averaged / gray repeated)
+    noise = torch.rand(2, 16)
+    p_src = src(x_src, noise=noise)[1].reshape(2, 16, 64, c_from)
+    p_dst = dst(x_dst, noise=noise)[1].reshape(2, 16, 64, c_to)
+    torch.testing.assert_close(p_dst.mean(-1), p_src.mean(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_pos_embed_sincos_recomputed_for_new_grid():
+    src = tiny(img_size=32)
+    dst = tiny(img_size=64)  # 4x4 -> 8x8 grid
+    rep = load_into(dst, src.state_dict())
+    assert rep.ok and any("sin-cos table recomputed" in n for n in rep.notes)
+    assert torch.equal(dst.pos_embed, sincos_pos_embed_2d(192, 8))
+    assert torch.equal(dst.decoder_pos_embed, sincos_pos_embed_2d(512, 8))
+    assert torch.equal(dst.blocks[1].mlp.fc1.weight, src.blocks[1].mlp.fc1.weight)
+
+
+def test_learned_pos_embed_resampled_bicubic():
+    torch.manual_seed(1)
+    src = tiny("vit_tiny_patch16", img_size=32, num_classes=3)
+    with torch.no_grad():
+        src.pos_embed.normal_()  # learned (not a sin-cos table)
+    dst = tiny("vit_tiny_patch16", img_size=64, num_classes=3)
+    rep = load_into(dst, src.state_dict())
+    assert rep.ok and any("resampled bicubic 4x4 -> 8x8" in n for n in rep.notes)
+    grid = src.pos_embed[:, 1:].reshape(1, 4, 4, 192).permute(0, 3, 1, 2)
+    up = F.interpolate(grid, size=(8, 8), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(1, 64, 192)
+    torch.testing.assert_close(dst.pos_embed[:, 1:], up, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dst.pos_embed[:, :1], src.pos_embed[:, :1])  # cls slot kept
+
+
+# ----------------------------------------------------------------------------- our checkpoints, classifier
+
+def test_student_read_from_our_etmae_checkpoint(tmp_path):
+    torch.manual_seed(2)
+    e = ETMAE(tiny(), tiny("mae_vit_small_patch16", embed_dim=96, num_heads=4), [1], [1])
+    path = tmp_path / "last.pt"
+    torch.save({"model": {"module." + k: v for k, v in e.state_dict().items()}, "step": 10}, path)
+    # the whole ETMAE back, strictly
+    e2 = ETMAE(tiny(), tiny("mae_vit_small_patch16", embed_dim=96, num_heads=4), [1], [1])
+    assert load_into(e2, path).ok
+    assert torch.equal(e2.proj[0].weight, e.proj[0].weight)
+    # the student as an MAE, as a teacher, and as a classifier's encoder
+    m = load_mae("mae_vit_tiny_patch16", path, img_size=32, patch_size=8, depth=2, decoder_depth=1, in_chans=1)
+    assert_loaded(m, e.student.state_dict())
+    t = load_teacher("mae_vit_tiny_patch16", path, img_size=32, in_chans=1, patch_size=8, depth=2, decoder_depth=1)
+    assert torch.equal(t.blocks[1].attn.qkv.weight, e.student.blocks[1].attn.qkv.weight)
+    c = tiny("vit_tiny_patch16", num_classes=5)
+    rep = c.load_pretrained(path)
+    assert "norm.weight" in rep.ignored and "decoder_pred.weight" in rep.ignored
+    assert sorted(rep.left_at_init) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+    assert torch.equal(c.pos_embed, e.student.pos_embed) and torch.equal(c.blocks[0].mlp.fc2.bias,
+                                                                         e.student.blocks[0].mlp.fc2.bias)
+
+
+def test_classifier_from_xiao_s(xiao_s):
+    path, sd = xiao_s
+    c = create_model("vit_small_patch16", num_classes=14, in_chans=1)
+    rep = load_encoder(c, path)
+    assert any("3 -> 1 input channels" in n for n in rep.notes)
+    assert_loaded(c, sd, [k for k in sd if k.startswith("blocks.")] + ["cls_token", "pos_embed"])
+    assert c.head.weight.std() < 1e-4  # head keeps its fresh init
+
+
+def test_teacher_from_timm_state_dict_uses_its_learned_pos_embed():
+    torch.manual_seed(3)
+    tm = timm.create_model("vit_tiny_patch16_224", num_classes=7, img_size=32, patch_size=8, depth=2)
+    t = load_teacher("mae_vit_tiny_patch16", tm.state_dict(), img_size=32, in_chans=3, patch_size=8, depth=2)
+    assert "head.weight" in t.load_report.ignored
+    assert torch.equal(t.pos_embed, tm.pos_embed)  # a learned table is the teacher's own, not sin-cos
+    tm.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(t.forward_features(x), tm.forward_features(x), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- export
+
+@pytest.mark.parametrize("in_chans", [1, 3])
+def test_export_timm_round_trip(tmp_path, in_chans):
+    torch.manual_seed(4)
+    student = create_model("mae_vit_tiny_patch16", in_chans=in_chans).eval()
+    with torch.no_grad():  # make every tensor distinctive, so a swapped key would show
+        for n, p in student.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.02)
+    src = student
+    if in_chans == 1:  # exporting through an ETMAE exports its student
+        src = ETMAE(student, create_model("mae_vit_tiny_patch16", in_chans=1, depth=2), [1], [1])
+    path = export_timm(src, tmp_path / "student.safetensors")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        keys = set(f.keys())
+    assert meta["timm_model"] == "vit_tiny_patch16_224"
+    assert not any(k.startswith(("decoder", "mask_token")) for k in keys)
+    tm = timm.create_model("vit_tiny_patch16_224", num_classes=0, in_chans=in_chans, pretrained=False)
+    from safetensors.torch import load_file
+    tm.load_state_dict(load_file(str(path)), strict=True)
+    tm.eval()
+    x = torch.randn(2, in_chans, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(tm.forward_features(x), student.forward_features(x), atol=1e-5, rtol=1e-4)
+    assert not list(tmp_path.glob("*.tmp"))  # atomic write left nothing behind

@@ -1,0 +1,164 @@
+"""Fine-tuning for multi-label classification and evaluation of a fine-tuned checkpoint.
+
+    fasttrain finetune --config configs/finetune_nih.yaml --out RUN --init STUDENT_CKPT
+    fasttrain evaluate --ckpt RUN/checkpoints/best.pt --data PACKED --split test
+
+Fine-tuning follows MAE / Xiao et al.: AdamW with layer-wise lr decay, warm-up + cosine, drop
+path, BCE with NaN (ignored) labels masked; validation mAUC every `run.eval_every` epochs and
+checkpoints/best.pt keeps the best of it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fasttrain.config import ConfigError, config_from_dict
+from fasttrain.train import loop
+from fasttrain.train.builders import build_classifier, init_classifier
+from fasttrain.train.checkpoint import load_checkpoint
+from fasttrain.train.dist import DistInfo, cleanup
+from fasttrain.train.evaluate import bootstrap_auc, format_table, plot_roc, predict
+from fasttrain.train.optim import param_groups_weight_decay
+
+log = logging.getLogger("fasttrain.train")
+
+
+def check_config(cfg) -> None:
+    if cfg.run.out is None:
+        raise ConfigError("no run directory: pass --out RUN")
+    if cfg.data.path is None:
+        raise ConfigError("no dataset: set data.path (a packed dataset folder) or --data.path=DIR")
+
+
+def _check_split(path: str, split: str, key: str) -> None:
+    from fasttrain.data.packed import read_manifest
+    splits = read_manifest(path).get("splits", {})
+    if split not in splits:
+        raise ConfigError(f"config key '{key}': split '{split}' is not in {path} (it has: {', '.join(splits)}); "
+                          "convert with --val-fraction to get a validation split, or set --data.val_split=null")
+
+
+def gather_predictions(scores: np.ndarray, labels: np.ndarray, info: DistInfo) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate every rank's (scores, labels) shard (DDP validation)."""
+    if not info.enabled:
+        return scores, labels
+    import torch.distributed as dist
+    parts = [None] * info.world_size
+    dist.all_gather_object(parts, (scores, labels))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def val_metrics(model, loader, info: DistInfo, amp_dtype) -> dict:
+    """Per-label AUC and mAUC on the validation loader (no bootstrap: it runs every epoch)."""
+    from fasttrain.metrics import mean_of_defined, per_label_auc
+    scores, labels = predict(model, loader, info.device, amp_dtype)
+    scores, labels = gather_predictions(scores, labels, info)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # undefined labels: reported as None below
+        aucs = per_label_auc(labels, scores, loader.label_names)
+    return {"mauc": mean_of_defined(aucs), "auc": aucs}
+
+
+def _amp_dtype(cfg, device: torch.device):
+    if cfg.engine.mode == "reference":
+        return torch.float16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg.engine.amp]
+
+
+def run_finetune(cfg, resume: bool = False) -> dict:
+    check_config(cfg)
+    if cfg.data.val_split is not None:
+        _check_split(cfg.data.path, cfg.data.val_split, "data.val_split")
+    _check_split(cfg.data.path, cfg.data.train_split, "data.train_split")
+    info = loop.setup(cfg)
+    try:
+        from fasttrain.data import build_loader
+        common = dict(img_size=cfg.model.img_size, in_chans=cfg.model.in_chans, rank=info.rank,
+                      world_size=info.world_size, device=info.device, dtype=torch.float32, seed=cfg.run.seed)
+        loader = build_loader(cfg.data, cfg.data.train_split, train=True, **common)
+        model = build_classifier(cfg, num_labels=len(loader.label_names))  # label-count check first
+        if cfg.model.init is not None:
+            init_classifier(model, cfg.model.init)
+        else:
+            log.warning("fine-tuning from random init (no --init student checkpoint)")
+        model.to(info.device)
+        if cfg.optim.layer_decay is not None:
+            from fasttrain.models import param_groups_layer_decay
+            groups = param_groups_layer_decay(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
+        else:
+            groups = param_groups_weight_decay(model, cfg.optim.weight_decay)
+        validate = None
+        if cfg.data.val_split is not None:
+            val_loader = build_loader(cfg.data, cfg.data.val_split, train=False, **common)
+            amp = _amp_dtype(cfg, info.device)
+            validate = lambda m: val_metrics(m, val_loader, info, amp)  # noqa: E731
+        trainer = loop.Trainer(cfg, "finetune", model, loader, info, groups=groups, resume=resume, validate=validate,
+                               extra_state={"label_names": list(loader.label_names)})
+        return trainer.fit()
+    finally:
+        cleanup(info)
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+def load_classifier(path: str | Path):
+    """A fine-tuned checkpoint (ours) -> (model in eval mode, its Config, its label names)."""
+    ck = load_checkpoint(path)
+    if ck.get("kind") != "finetune":
+        raise ValueError(f"{path}: not a fine-tuned classifier checkpoint (kind={ck.get('kind')!r}); "
+                         "evaluate takes RUN/checkpoints/best.pt or last.pt of a `fasttrain finetune` run")
+    cfg = config_from_dict(ck["config"])
+    model = build_classifier(cfg)
+    model.load_state_dict(ck["model"], strict=True)
+    return model.eval(), cfg, ck.get("label_names")
+
+
+def evaluate_checkpoint(ckpt: str | Path, data: str | Path, split: str = "test", out: str | Path | None = None, *,
+                        n_boot: int = 1000, seed: int = 0, batch_size: int | None = None,
+                        device: str = "auto", title: str | None = None) -> dict:
+    """Per-label AUC + mAUC with bootstrap 95% CIs on `split` of the packed dataset `data`;
+    writes OUT/results_<split>.json and OUT/roc_<split>.png (OUT defaults to the run's eval/)."""
+    from fasttrain.data import build_loader
+    from fasttrain.data.packed import read_manifest
+    from fasttrain.train.dist import resolve_device
+    model, cfg, trained_labels = load_classifier(ckpt)
+    _check_split(str(data), split, "--split")
+    manifest = read_manifest(str(data))
+    dev = resolve_device(device)
+    cfg.data.path = str(data)
+    loader = build_loader(cfg.data, split, train=False, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans,
+                          device=dev, dtype=torch.float32, seed=seed, batch_size=batch_size)
+    names = list(loader.label_names)
+    if len(names) != model.num_classes:
+        raise ValueError(f"{data} has {len(names)} labels but the classifier in {ckpt} has {model.num_classes} outputs")
+    if trained_labels is not None and list(trained_labels) != names:
+        raise ValueError(f"label names of {data} ({names}) differ from those the model was trained on "
+                         f"({list(trained_labels)})")
+    model.to(dev)
+    t0 = time.perf_counter()
+    scores, labels = predict(model, loader, dev, _amp_dtype(cfg, dev))
+    ips = len(scores) / (time.perf_counter() - t0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = bootstrap_auc(labels, scores, names, n_boot=n_boot, seed=seed)
+    synthetic = bool(manifest.get("synthetic", False))
+    result.update(checkpoint=str(ckpt), data=str(data), split=split, n_images=int(len(scores)),
+                  synthetic=synthetic, images_per_s=ips, dataset=manifest.get("dataset"))
+    out = Path(out) if out is not None else Path(ckpt).resolve().parent.parent / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    from fasttrain.train.runlog import _write_json_atomic
+    _write_json_atomic(out / f"results_{split}.json", result)
+    tag = "SYNTHETIC phantoms - " if synthetic else ""
+    plot_roc(labels, scores, names, out / f"roc_{split}.png",
+             title=title or f"{tag}ROC, {manifest.get('dataset', '')} {split} (mAUC {result['mauc'] or float('nan'):.3f})")
+    np.save(out / f"scores_{split}.npy", scores.astype(np.float32))
+    result["paths"] = {"results": str(out / f"results_{split}.json"), "roc": str(out / f"roc_{split}.png")}
+    return result
+
+
+__all__ = ["run_finetune", "evaluate_checkpoint", "load_classifier", "format_table", "val_metrics"]

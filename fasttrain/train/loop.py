@@ -1,0 +1,309 @@
+"""The training loop shared by pre-training and fine-tuning.
+
+Epochs of micro-batches from a loader through a TrainStep; every `log_every` optimiser steps
+the loss terms are read back (the only host sync), checked for NaN/Inf, averaged across ranks,
+logged (metrics.jsonl, TensorBoard, tqdm); every `ckpt_every` steps and at the end the state is
+written atomically to checkpoints/last.pt. Resume restores model, optimiser, step counters,
+grad scaler, every RNG and the loader position (epoch, batch within the epoch), so a run killed
+at any point and resumed ends where the uninterrupted run ends (bit-identical on CPU with
+run.deterministic=true).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from fasttrain.train import checkpoint as ckpt_io
+from fasttrain.train.dist import DistInfo, all_reduce_mean, barrier, init_distributed
+from fasttrain.train.engine import make_step, unwrap
+from fasttrain.train.optim import Schedule, absolute_lr, build_optimizer
+from fasttrain.train.runlog import RunLog, setup_logging
+
+log = logging.getLogger("fasttrain.train")
+
+LOSS_NAMES = {"pretrain": ("loss", "loss_mae", "loss_dist"), "finetune": ("loss",)}
+
+
+class TrainingDiverged(RuntimeError):
+    """A NaN/Inf loss: names the step and the last good checkpoint."""
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed)  # same init on every rank (DDP broadcasts too, but resume relies on it)
+
+
+def setup(cfg) -> DistInfo:
+    """Process group, logging, seeds, determinism, kernel backend: before any model is built."""
+    info = init_distributed(cfg.run.device)
+    setup_logging(info.is_main)
+    if cfg.run.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    from fasttrain import kernels
+    kernels.set_backend(cfg.engine.kernels)
+    seed_everything(cfg.run.seed, info.rank)
+    return info
+
+
+def oom_message(exc: BaseException, batch: int, step: int) -> str:
+    return (f"out of memory at step {step} with {batch} images per device ({type(exc).__name__}); "
+            "lower --data.batch_size (keep the effective batch with --optim.accum_steps), keep "
+            "--engine.amp=bf16, or use a smaller --model.img_size / model")
+
+
+def _is_oom(e: BaseException) -> bool:
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    msg = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in msg or "DefaultCPUAllocator" in msg)
+
+
+class Trainer:
+    def __init__(self, cfg, kind: str, model: nn.Module, loader, info: DistInfo, *, groups: list[dict],
+                 resume: bool = False, validate: Optional[Callable[[nn.Module], dict]] = None,
+                 extra_state: Optional[dict] = None):
+        self.cfg, self.kind, self.info = cfg, kind, info
+        self.model, self.loader, self.validate = model, loader, validate
+        self.extra_state = extra_state or {}
+        o, d = cfg.optim, cfg.data
+        self.accum = o.accum_steps
+        self.batches_per_epoch = len(loader)
+        self.steps_per_epoch = self.batches_per_epoch // self.accum
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"the training split gives {self.batches_per_epoch} batches of {d.batch_size} per rank, "
+                             f"fewer than optim.accum_steps={self.accum}: lower data.batch_size or accum_steps")
+        self.total_steps = o.epochs * self.steps_per_epoch
+        if cfg.run.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.run.max_steps)
+        schedule_steps = o.epochs * self.steps_per_epoch  # the lr curve ignores max_steps (an early stop)
+        self.eff_batch = d.batch_size * self.accum * info.world_size
+        lr = absolute_lr(o, self.eff_batch)
+        reference = cfg.engine.mode == "reference"
+        self.optimizer = build_optimizer(groups, lr, o, reference=reference, device=info.device)
+        self.schedule = Schedule(self.optimizer, base_lr=lr, min_lr=o.min_lr,
+                                 warmup_steps=round(o.warmup_epochs * self.steps_per_epoch),
+                                 total_steps=schedule_steps)
+        self.ddp = None
+        if info.enabled:
+            # The frozen teacher stays outside DDP: no gradient buckets, no broadcast of its weights.
+            ignore = [n for n, _ in list(model.named_parameters()) + list(model.named_buffers())
+                      if n.startswith("teacher.")]
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
+            self.ddp = nn.parallel.DistributedDataParallel(
+                model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+                broadcast_buffers=False)
+        self.step = make_step(cfg, model, self.optimizer, kind=kind, schedule=self.schedule, rank=info.rank,
+                              ddp=self.ddp, device=info.device)
+        self.run = RunLog(cfg.run.out, enabled=info.is_main, cfg=cfg, device=str(info.device),
+                          tensorboard=cfg.run.tensorboard, resume=resume)
+        self.last_path = Path(cfg.run.out) / "checkpoints" / "last.pt"
+        self.best_path = Path(cfg.run.out) / "checkpoints" / "best.pt"
+        self.epoch, self.epoch_step = 0, 0
+        self.best: Optional[float] = None
+        self.last_good: Optional[tuple[str, int]] = None
+        self._buf: list[torch.Tensor] = []
+        self._buf_start = 0  # micro_step of the first buffered entry
+        self._t_window = time.perf_counter()
+        self._images_window = 0
+        self._t_start: Optional[float] = None
+        self._images_timed = 0
+        self.history: list[dict] = []
+        self.bar = None
+        log.info("%s: %d steps (%d epochs x %d steps, accum %d), effective batch %d (%d/device x %d x %d), "
+                 "lr %.3g (blr %.3g), engine %s%s, device %s", kind, self.total_steps, o.epochs, self.steps_per_epoch,
+                 self.accum, self.eff_batch, d.batch_size, self.accum, info.world_size, lr, o.blr,
+                 cfg.engine.mode, " (compiled)" if self.step.compiled else "", info.device)
+        if resume:
+            self._resume()
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        rngs = [ckpt_io.capture_rng()]
+        if self.info.enabled:
+            import torch.distributed as dist
+            rngs = [None] * self.info.world_size
+            dist.all_gather_object(rngs, ckpt_io.capture_rng())
+        return {"kind": self.kind, "model": unwrap(self.model).state_dict(),
+                "optimizer": self.optimizer.state_dict(), "step": self.step.state_dict(),
+                "epoch": self.epoch, "epoch_step": self.epoch_step, "rng": rngs, "best": self.best,
+                "config": self.cfg.to_dict(), **self.extra_state}
+
+    def save(self, path: Path) -> None:
+        state = self.state()  # every rank (RNG gather is collective)
+        if self.info.is_main:
+            ckpt_io.save_atomic(state, path)
+            self.last_good = (str(path), self.step.opt_step)
+        barrier(self.info)
+
+    def _resume(self) -> None:
+        if not self.last_path.is_file():
+            log.warning("--resume: no %s yet; starting from scratch", self.last_path)
+            return
+        ck = ckpt_io.load_checkpoint(self.last_path)
+        if ck.get("kind") != self.kind:
+            raise ValueError(f"{self.last_path}: a {ck.get('kind')} checkpoint, cannot resume a {self.kind} run")
+        unwrap(self.model).load_state_dict(ck["model"], strict=True)
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.step.load_state_dict(ck["step"])
+        self.epoch, self.epoch_step, self.best = ck["epoch"], ck["epoch_step"], ck.get("best")
+        rngs = ck["rng"]
+        ckpt_io.restore_rng(rngs[self.info.rank] if self.info.rank < len(rngs) else rngs[0])
+        self.last_good = (str(self.last_path), self.step.opt_step)
+        self.run.truncate_after(self.step.opt_step)
+        log.info("resumed from %s: step %d, epoch %d, batch %d of the epoch", self.last_path,
+                 self.step.opt_step, self.epoch, self.epoch_step)
+
+    # -- logging -----------------------------------------------------------------------------
+
+    def flush(self) -> Optional[dict]:
+        """Read the buffered loss terms back (host sync), check them, log their mean."""
+        if not self._buf:
+            return None
+        vals = torch.stack(self._buf).float()  # [n, T]
+        vals = all_reduce_mean(vals, self.info).cpu()
+        start, n = self._buf_start, len(self._buf)
+        self._buf = []
+        bad = ~torch.isfinite(vals).all(dim=1)
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            micro = start + i
+            names = LOSS_NAMES[self.kind]
+            terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(names, vals[i].tolist()))
+            good = (f"{self.last_good[0]} (step {self.last_good[1]})" if self.last_good
+                    else "none (no checkpoint written yet)")
+            raise TrainingDiverged(f"non-finite loss at step {micro // self.accum} (micro-batch {micro}, epoch "
+                                   f"{self.epoch}): {terms}; stopped. Last good checkpoint: {good}. "
+                                   "Lower the lr (--optim.blr) or enable clipping (--optim.clip_grad=1.0)")
+        now = time.perf_counter()
+        dt = max(now - self._t_window, 1e-9)
+        ips = self._images_window / dt
+        self._t_window, self._images_window = now, 0
+        mean = vals.mean(dim=0).tolist()
+        rec = {"phase": "train", "step": self.step.opt_step, "epoch": self.epoch,
+               **dict(zip(LOSS_NAMES[self.kind], mean)), "lr": self.step.last_lr, "images_per_s": ips}
+        self.run.metrics(rec)
+        self.history.append(rec)
+        self._bar_postfix(rec)
+        return rec
+
+    def _bar_postfix(self, rec: dict) -> None:
+        if self.bar is None:
+            return
+        post = {"step": rec["step"], "img/s": f"{rec['images_per_s']:.0f}"}
+        if self.kind == "pretrain":
+            post.update(L_mae=f"{rec['loss_mae']:.4f}", L_dist=f"{rec['loss_dist']:.4f}")
+        else:
+            post.update(bce=f"{rec['loss']:.4f}")
+        post["lr"] = f"{rec['lr']:.2e}"
+        self.bar.set_postfix(post, refresh=False)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        from tqdm import tqdm
+        cfg = self.cfg
+        total_micro = self.total_steps * self.accum
+        show = self.info.is_main and cfg.run.progress
+        self.bar = tqdm(total=total_micro, initial=self.step.micro_step, disable=not show, unit="batch",
+                        dynamic_ncols=True, mininterval=1.0, desc=self.kind) if show else None
+        log_micro = max(1, cfg.run.log_every) * self.accum
+        batch = cfg.data.batch_size
+        self.model.train()
+        t_run = time.perf_counter()
+        try:
+            while self.step.opt_step < self.total_steps and self.epoch < cfg.optim.epochs:
+                self._run_epoch(batch, log_micro)
+                if self.step.opt_step >= self.total_steps or self.epoch_step >= self.steps_per_epoch * self.accum:
+                    self._end_epoch()
+            self.flush()
+            self.save(self.last_path)
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+            self.run.close()
+        wall = time.perf_counter() - t_run
+        ips = (self._images_timed / (time.perf_counter() - self._t_start)) if self._t_start and self._images_timed else None
+        summary = {"kind": self.kind, "steps": self.step.opt_step, "epochs": self.epoch, "wall_s": wall,
+                   "images_per_s": ips, "last": str(self.last_path), "best": str(self.best_path) if self.best is not None else None,
+                   "best_val_mauc": self.best, "final": self.history[-1] if self.history else None}
+        if self.info.is_main:
+            self.run.write_json("summary.json", summary)
+        return summary
+
+    def _run_epoch(self, batch: int, log_micro: int) -> None:
+        n_micro = self.steps_per_epoch * self.accum
+        if self.epoch_step >= n_micro:
+            return
+        self.loader.set_epoch(self.epoch, start_step=self.epoch_step)
+        it = iter(self.loader)
+        while self.epoch_step < n_micro and self.step.opt_step < self.total_steps:
+            try:
+                images, labels = next(it)
+            except StopIteration:
+                raise RuntimeError(f"the loader ended after {self.epoch_step} of {n_micro} batches in epoch "
+                                   f"{self.epoch}: len(loader) disagrees with what it yields") from None
+            if not self._buf:
+                self._buf_start = self.step.micro_step
+            try:
+                terms = self.step(images, labels) if self.kind == "finetune" else self.step(images)
+            except Exception as e:
+                if _is_oom(e):
+                    raise RuntimeError(oom_message(e, batch, self.step.opt_step)) from e
+                raise
+            self._buf.append(terms)
+            self.epoch_step += 1
+            if self._t_start is None:  # first step: compile / warm-up, excluded from the throughput
+                if self.info.device.type == "cuda":
+                    torch.cuda.synchronize()
+                self._t_start = self._t_window = time.perf_counter()
+            else:
+                self._images_timed += batch * self.info.world_size
+                self._images_window += batch * self.info.world_size
+            if self.bar is not None:
+                self.bar.update(1)
+            boundary = self.step.micro_step % self.accum == 0
+            if boundary and self.step.micro_step % log_micro == 0:
+                self.flush()
+            if boundary and self.cfg.run.ckpt_every > 0 and self.step.opt_step % self.cfg.run.ckpt_every == 0 \
+                    and self.step.opt_step < self.total_steps:
+                self.flush()  # never checkpoint weights that a NaN already reached
+                self.save(self.last_path)
+
+    def _end_epoch(self) -> None:
+        """After the last batch of an epoch (or the last step): validation, best.pt, next epoch."""
+        self.flush()
+        last = self.step.opt_step >= self.total_steps
+        if self.validate is not None and ((self.epoch + 1) % max(1, self.cfg.run.eval_every) == 0 or last):
+            res = self.validate(self.model)
+            self.model.train()
+            rec = {"phase": "val", "step": self.step.opt_step, "epoch": self.epoch, **res}
+            self.run.metrics(rec)
+            self.history.append(rec)
+            m = res.get("mauc")
+            log.info("epoch %d: val mAUC %s", self.epoch, f"{m:.4f}" if m is not None else "undefined")
+            if m is not None and (self.best is None or m > self.best):
+                self.best = m
+                self.save_best(res)
+        if not last:
+            self.epoch += 1
+            self.epoch_step = 0
+
+    def save_best(self, res: dict) -> None:
+        state = self.state()
+        if self.info.is_main:
+            state["metrics"] = res
+            ckpt_io.save_atomic(state, self.best_path)
+        barrier(self.info)

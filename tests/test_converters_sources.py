@@ -1,0 +1,178 @@
+"""CheXpert and DICOM converters on fixtures in the published layouts: label policies exactly,
+Path resolution, frontal filter, DICOM pixel pipeline against the DICOM formulas, bad input."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fasttrain.converters.chexpert import COMPETITION, convert_chexpert, map_labels
+from fasttrain.converters.common import ConvertError
+from fasttrain.converters.dicom import convert_dicom
+from fasttrain.data import open_packed
+
+from fixtures_datasets import (CHEXPERT_COLUMNS, block_mean, chexpert_path, write_chexpert, write_dicom)
+
+N = math.nan
+
+
+def cx(src, out, **kw):
+    kw.setdefault("workers", 0)
+    kw.setdefault("progress", False)
+    kw.setdefault("size", 16)
+    return convert_chexpert(src, out, **kw)
+
+
+# competition label order: Atelectasis, Cardiomegaly, Consolidation, Edema, Pleural Effusion
+EXPECTED_TRAIN = {  # frontal rows of CHEXPERT_TRAIN, per policy
+    "paper": [[1, 0, 0, 1, 0], [0, 0, 0, 1, 0], [0, 0, 0, 0, 0], [0, 1, 0, 0, 1]],
+    "ones": [[1, 1, 0, 1, 0], [0, 0, 1, 1, 1], [0, 0, 0, 0, 0], [0, 1, 0, 0, 1]],
+    "zeros": [[0, 0, 0, 1, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0], [0, 1, 0, 0, 1]],
+    "ignore": [[N, N, 0, 1, 0], [0, 0, N, N, N], [0, 0, 0, 0, 0], [0, 1, 0, 0, 1]],
+}
+
+
+@pytest.mark.parametrize("policy", ["paper", "ones", "zeros", "ignore"])
+def test_chexpert_policies(tmp_path, policy):
+    write_chexpert(tmp_path)
+    out = cx(tmp_path, tmp_path / "out", uncertain=policy)  # src = the parent of CheXpert-v1.0-small
+    ps = open_packed(out, "train")
+    assert ps.label_names == COMPETITION
+    np.testing.assert_array_equal(ps.labels, np.array(EXPECTED_TRAIN[policy], np.float32))
+    assert ps.ids == [chexpert_path("CheXpert-v1.0-small", "train", p, s, v, True)
+                      for p, s, v in ((1, 1, 1), (2, 1, 1), (2, 2, 1), (3, 1, 1))]
+    test = open_packed(out, "test")  # valid.csv, frontal only
+    np.testing.assert_array_equal(test.labels, [[1, 0, 0, 0, 1], [0, 1, 1, 0, 0]])
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["chexpert"]["uncertain"] == policy and set(m["source_sha256"]) == {"train.csv", "valid.csv"}
+    if policy == "ignore":
+        assert m["splits"]["train"]["ignored_labels"] == 5
+
+
+def test_chexpert_all_labels_all_views_and_pixels(tmp_path):
+    w = write_chexpert(tmp_path, h=48, w=32)
+    # src = the release folder itself; all 14 labels; lateral views kept
+    out = cx(tmp_path / "CheXpert-v1.0-small", tmp_path / "out", labels="all", views="all", formats=("raw", "dali"))
+    ps = open_packed(out, "train")
+    assert ps.label_names == CHEXPERT_COLUMNS[5:] and len(ps) == 5
+    row0 = dict(zip(ps.label_names, ps.labels[0]))
+    # paper policy beyond the competition labels: U-Zeros except Atelectasis / Edema
+    assert row0["Atelectasis"] == 1 and row0["Cardiomegaly"] == 0 and row0["Edema"] == 1
+    assert row0["No Finding"] == 0  # blank -> 0
+    assert dict(zip(ps.label_names, ps.labels[4]))["Lung Opacity"] == 0
+    assert dict(zip(ps.label_names, ps.labels[4]))["Support Devices"] == 1
+    assert ps.ids[1].endswith("view2_lateral.jpg")
+    for i, ident in enumerate(ps.ids):  # non-square 48x32 JPEG -> 16x16: block means of 3x2
+        ref = block_mean(np.asarray(Image.open(w.files[ident]).convert("L"), np.float64), 16)
+        assert np.abs(ps.image(i).astype(float) - ref).max() <= 1.0
+        dali = open_packed(out, "train", "dali").image(i).astype(float)
+        assert np.abs(dali - ps.image(i)).mean() < 2.0
+
+
+def test_chexpert_full_release_prefix(tmp_path):
+    write_chexpert(tmp_path, release="CheXpert-v1.0")
+    out = cx(tmp_path, tmp_path / "out")
+    assert open_packed(out, "train").ids[0].startswith("CheXpert-v1.0/train/patient00001/")
+
+
+def test_map_labels_rejects_bad_values():
+    row = {c: "" for c in COMPETITION}
+    row["Edema"] = "2.0"
+    with pytest.raises(ConvertError, match=r"train.csv row 7: column 'Edema' has '2.0'"):
+        map_labels(row, COMPETITION, "paper", "train.csv row 7")
+
+
+@pytest.mark.parametrize("case,match", [
+    ("missing_image", r"train.csv row 4: image .*patient00002/study1/view1_frontal.jpg not found"),
+    ("bad_value", r"valid.csv row 3: column 'Cardiomegaly' has 'yes'"),
+    ("missing_column", r"valid.csv: missing column\(s\) \['Edema'\]"),
+    ("no_csv", r"no train.csv / valid.csv"),
+])
+def test_chexpert_bad_input(tmp_path, case, match):
+    w = write_chexpert(tmp_path)
+    base = tmp_path / "CheXpert-v1.0-small"
+    if case == "missing_image":
+        w.files[chexpert_path("CheXpert-v1.0-small", "train", 2, 1, 1, True)].unlink()
+    elif case == "bad_value":
+        text = (base / "valid.csv").read_text().splitlines()
+        cells = text[2].split(",")
+        cells[CHEXPERT_COLUMNS.index("Cardiomegaly")] = "yes"
+        text[2] = ",".join(cells)
+        (base / "valid.csv").write_text("\n".join(text) + "\n")
+    elif case == "missing_column":
+        (base / "valid.csv").write_text((base / "valid.csv").read_text().replace(",Edema,", ",Oedema,", 1))
+    elif case == "no_csv":
+        (base / "train.csv").unlink()
+        (base / "valid.csv").unlink()
+    with pytest.raises(ConvertError, match=match):
+        cx(tmp_path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- DICOM
+
+def dc(src, out, **kw):
+    kw.setdefault("workers", 0)
+    kw.setdefault("progress", False)
+    kw.setdefault("size", 16)
+    return convert_dicom(src, src / "labels.csv", out, **kw)
+
+
+@pytest.mark.parametrize("id_column", ["dicom_id", "path"])
+def test_dicom_pixels_labels_splits(tmp_path, id_column):
+    w = write_dicom(tmp_path / "mimic", id_column=id_column)
+    out = dc(tmp_path / "mimic", tmp_path / "out", formats=("raw", "ffcv"))
+    m = json.loads((out / "manifest.json").read_text())
+    assert list(m["splits"]) == ["train", "val", "test"]
+    train, test, val = open_packed(out, "train"), open_packed(out, "test"), open_packed(out, "val")
+    assert len(train) == 2 and len(test) == 1 and len(val) == 1
+    # paper policy: Edema -1 -> 1 (U-Ones), Cardiomegaly -1 -> 0, Atelectasis -1 -> 1
+    np.testing.assert_array_equal(train.labels, [[1, 0, 0, 1, 0], [0, 0, 0, 0, 1]])
+    np.testing.assert_array_equal(test.labels, [[1, 0, 1, 0, 0]])
+    for ps in (train, test, val):
+        ffcv = open_packed(out, ps.split, "ffcv")
+        for i, ident in enumerate(ps.ids):
+            ref = block_mean(w.pixels[ident], 16)  # DICOM formulas, computed by the fixture
+            assert np.abs(ps.image(i).astype(float) - ref).max() <= 1.0, ident
+            np.testing.assert_array_equal(ffcv.image(i), ps.image(i))
+    # the MONOCHROME1 file matched its reference only because it was inverted
+    m1 = test.image(0).astype(float)
+    assert np.abs(m1 - (255 - block_mean(w.pixels[test.ids[0]], 16))).max() > 50
+
+
+def test_dicom_bad_input(tmp_path):
+    import pydicom
+    w = write_dicom(tmp_path / "mimic")
+    # a compressed syntax without an installed decoder: the error names the file and the plugin
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEGLSLossless
+    assert not get_decoder(JPEGLSLossless).is_available  # the premise of this check
+    path = w.files["d0000002-12bit-window"]
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = JPEGLSLossless
+    from pydicom.encaps import encapsulate
+    ds.PixelData = encapsulate([b"\xff\xd8\xff\xf7" + b"\x00" * 64])
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(ConvertError, match=r"labels.csv row 3 \(d0000002-12bit-window\): .*d0000002-12bit-window.dcm: "
+                                           r".*JPEG-LS Lossless.*cannot be decoded; install one of: .*"):
+        dc(tmp_path / "mimic", tmp_path / "out")
+    # --on-error skip lists it
+    out = dc(tmp_path / "mimic", tmp_path / "out", on_error="skip")
+    m = json.loads((out / "manifest.json").read_text())
+    assert [s["id"] for s in m["skipped"]] == ["d0000002-12bit-window"]
+    assert open_packed(out, "train").ids == ["d0000001-8bit-m2"]
+    # not a DICOM at all
+    w.files["d0000001-8bit-m2"].write_bytes(b"garbage" * 30)
+    with pytest.raises(ConvertError, match=r"row 2 \(d0000001-8bit-m2\): .*not a readable DICOM file"):
+        dc(tmp_path / "mimic", tmp_path / "out2")
+    # unknown dicom_id, bad split value
+    csv = tmp_path / "mimic" / "labels.csv"
+    csv.write_text(csv.read_text().replace("d0000004-12bit-plain", "d9999999").replace(",validate,", ",holdout,"))
+    with pytest.raises(ConvertError, match=r"labels.csv row 5: dicom_id 'd9999999' matches no .dcm file"):
+        dc(tmp_path / "mimic", tmp_path / "out3")
+    csv.write_text(csv.read_text().replace("d9999999", "d0000004-12bit-plain"))
+    with pytest.raises(ConvertError, match=r"labels.csv row 5: split 'holdout'"):
+        dc(tmp_path / "mimic", tmp_path / "out3")

@@ -1,0 +1,450 @@
+"""Triton kernels against their pure-torch references: outputs and every gradient.
+
+On CPU these run the real kernels under the Triton interpreter (conftest sets TRITON_INTERPRET=1
+before anything imports triton). The interpreter is slow, so shapes are small (L ~ 16-50) except
+one D=768 case per op. Every kernel launch happens under `poison_outputs()`: buffers start as NaN,
+so an element a kernel forgot to write fails the comparison. Inputs are fresh random tensors each
+run; the seed is printed in the failure message.
+
+Tolerances: fp32 results equal the reference up to reduction order. bf16 gets one bf16 ulp
+(rtol 1.6e-2): besides reduction order, the interpreter rounds fp32 -> bf16 by truncation where
+torch (and Triton on a GPU) rounds to nearest even.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import types
+
+import pytest
+import torch
+
+import fasttrain.kernels as K
+# the package exports functions named like their modules: fetch the modules themselves
+l1_mod = importlib.import_module("fasttrain.kernels.l1_align")
+mg_mod = importlib.import_module("fasttrain.kernels.masked_gather")
+from fasttrain.kernels.l1_align import l1_align, l1_align_reference
+from fasttrain.kernels.masked_gather import (masked_gather, masked_gather_reference,
+                                             unshuffle_with_mask_token,
+                                             unshuffle_with_mask_token_reference)
+
+pytestmark = pytest.mark.skipif(not K.HAS_TRITON, reason="triton is not installed")
+
+# rtol per element; atol relative to the largest reference element (gradients of a mean are tiny)
+TOL = {torch.float32: dict(rtol=1e-5, atol_rel=1e-6), torch.bfloat16: dict(rtol=1.6e-2, atol_rel=1e-3)}
+
+
+@pytest.fixture
+def gen():
+    """A freshly seeded generator per test; the seed goes into failure messages."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    return torch.Generator().manual_seed(seed)  # gen.initial_seed() recovers it
+
+
+@pytest.fixture
+def triton_backend():
+    with K.use_backend("triton"):
+        yield
+
+
+def _close(actual, expected, dtype, what, gen):
+    tol = TOL[dtype]
+    atol = tol["atol_rel"] * float(expected.detach().abs().max().float()) if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=tol["rtol"], atol=atol,
+                               msg=lambda m: f"{what} (seed {gen.initial_seed()}): {m}")
+
+
+def _masking(N, L, K_, gen, device="cpu"):
+    """MAE's random masking indices: ids_keep [N, K], ids_restore [N, L]."""
+    noise = torch.rand(N, L, generator=gen)
+    ids_shuffle = noise.argsort(dim=1)  # [N, L]
+    ids_restore = ids_shuffle.argsort(dim=1)  # [N, L]
+    return ids_shuffle[:, :K_].contiguous().to(device), ids_restore.to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# masked_gather
+# ----------------------------------------------------------------------------------------------
+
+GATHER_CASES = [
+    # N, L, K, D, x dtype, pos dtype (None: no pos-embed)
+    (3, 16, 1, 192, torch.float32, torch.float32),  # K = 1
+    (2, 16, 16, 384, torch.bfloat16, torch.float32),  # K = L, bf16 tokens + fp32 pos (autocast)
+    (5, 49, 12, 100, torch.float32, None),  # odd N, D not a multiple of 64
+    (3, 17, 4, 192, torch.bfloat16, torch.bfloat16),
+    (1, 50, 13, 768, torch.bfloat16, None),  # the one wide case
+]
+
+
+@pytest.mark.parametrize("N,L,K_,D,dtype,pos_dtype", GATHER_CASES)
+def test_masked_gather_matches_reference(N, L, K_, D, dtype, pos_dtype, gen, triton_backend):
+    x = torch.randn(N, L, D, generator=gen).to(dtype).requires_grad_(True)
+    pos = None
+    if pos_dtype is not None:
+        pos = torch.randn(1, L, D, generator=gen).to(pos_dtype).requires_grad_(True)
+    ids_keep, _ = _masking(N, L, K_, gen)
+    inputs = (x,) if pos is None else (x, pos)
+    with K.poison_outputs():
+        out = masked_gather(x, ids_keep, pos)
+        assert out.grad_fn is not None and "MaskedGatherFn" in type(out.grad_fn).__name__
+        grad = torch.randn(out.shape, generator=gen).to(out.dtype)
+        grads = torch.autograd.grad(out, inputs, grad)
+    ref = masked_gather_reference(x, ids_keep, pos)
+    ref_grads = torch.autograd.grad(ref, inputs, grad)
+    assert out.dtype == ref.dtype and out.shape == ref.shape == (N, K_, D)
+    _close(out, ref, dtype, "out", gen)
+    _close(grads[0], ref_grads[0], dtype, "grad x", gen)
+    if pos is not None:
+        assert grads[1].dtype == pos.dtype
+        _close(grads[1], ref_grads[1], dtype, "grad pos_embed", gen)
+
+
+def test_masked_gather_grad_to_one_input_only(gen, triton_backend):
+    """Only pos_embed requires grad (x frozen), then only x: each backward alone."""
+    N, L, K_, D = 3, 20, 5, 64
+    ids_keep, _ = _masking(N, L, K_, gen)
+    for x_grad in (False, True):
+        x = torch.randn(N, L, D, generator=gen).requires_grad_(x_grad)
+        pos = torch.randn(1, L, D, generator=gen).requires_grad_(not x_grad)
+        leaf = x if x_grad else pos
+        with K.poison_outputs():
+            (g,) = torch.autograd.grad(masked_gather(x, ids_keep, pos).square().sum(), leaf)
+        (r,) = torch.autograd.grad(masked_gather_reference(x, ids_keep, pos).square().sum(), leaf)
+        _close(g, r, torch.float32, f"grad {'x' if x_grad else 'pos'}", gen)
+
+
+# ----------------------------------------------------------------------------------------------
+# unshuffle_with_mask_token
+# ----------------------------------------------------------------------------------------------
+
+UNSHUFFLE_CASES = [
+    # N, L, K, D, x_vis dtype, mask-token dtype, mask-token shape is [1, 1, D]
+    (3, 16, 1, 192, torch.float32, torch.float32, True),  # K = 1 (all but one masked)
+    (2, 16, 16, 384, torch.float32, torch.float32, False),  # K = L (no mask token used)
+    (5, 49, 12, 100, torch.bfloat16, torch.float32, True),  # odd N, bf16 decoder, fp32 param
+    (3, 17, 4, 192, torch.bfloat16, torch.bfloat16, False),
+    (1, 50, 13, 768, torch.float32, torch.float32, True),
+]
+
+
+@pytest.mark.parametrize("N,L,K_,D,dtype,tok_dtype,tok_3d", UNSHUFFLE_CASES)
+def test_unshuffle_matches_reference(N, L, K_, D, dtype, tok_dtype, tok_3d, gen, triton_backend):
+    x_vis = torch.randn(N, K_, D, generator=gen).to(dtype).requires_grad_(True)
+    tok = torch.randn((1, 1, D) if tok_3d else (D,), generator=gen).to(tok_dtype).requires_grad_(True)
+    _, ids_restore = _masking(N, L, K_, gen)
+    with K.poison_outputs():
+        out = unshuffle_with_mask_token(x_vis, tok, ids_restore)
+        assert "UnshuffleWithMaskTokenFn" in type(out.grad_fn).__name__
+        grad = torch.randn(out.shape, generator=gen).to(out.dtype)
+        g_x, g_tok = torch.autograd.grad(out, (x_vis, tok), grad)
+    ref = unshuffle_with_mask_token_reference(x_vis, tok, ids_restore)
+    r_x, r_tok = torch.autograd.grad(ref, (x_vis, tok), grad)
+    assert out.dtype == ref.dtype and out.shape == ref.shape == (N, L, D)
+    assert g_tok.shape == tok.shape and g_tok.dtype == tok.dtype
+    _close(out, ref, dtype, "out", gen)
+    _close(g_x, r_x, dtype, "grad x_vis", gen)
+    _close(g_tok, r_tok, dtype, "grad mask_token", gen)
+
+
+def test_unshuffle_grad_to_mask_token_only(gen, triton_backend):
+    N, L, K_, D = 2, 24, 6, 64
+    x_vis = torch.randn(N, K_, D, generator=gen)
+    tok = torch.randn(1, 1, D, generator=gen, requires_grad=True)
+    _, ids_restore = _masking(N, L, K_, gen)
+    with K.poison_outputs():
+        (g,) = torch.autograd.grad(unshuffle_with_mask_token(x_vis, tok, ids_restore).sum(), tok)
+    # each of the N*(L-K) masked positions contributes 1 to every channel
+    torch.testing.assert_close(g, torch.full_like(tok, N * (L - K_)))
+
+
+# ----------------------------------------------------------------------------------------------
+# l1_align
+# ----------------------------------------------------------------------------------------------
+
+L1_CASES = [
+    # N, T, D, student dtype, teacher dtype
+    (3, 17, 192, torch.float32, torch.float32),
+    (1, 1, 100, torch.float32, torch.float32),  # a single token
+    (5, 13, 384, torch.bfloat16, torch.bfloat16),  # odd N, bf16: fp32 accumulation inside
+    (2, 50, 768, torch.bfloat16, torch.float32),  # the wide case, mixed dtypes
+]
+
+
+def _tie_free_rows(s, t, eps):
+    """Token rows where no element of s_hat - t_hat is within 1e-6 of 0 (fp32 rounding is ~1e-9):
+    abs' derivative jumps there, so rounding could flip its sign between implementations."""
+    s32, t32 = s.detach().float(), t.float()
+    sn = s32 / s32.norm(dim=-1, keepdim=True).clamp_min(eps)
+    tn = t32 / t32.norm(dim=-1, keepdim=True).clamp_min(eps)
+    diff = (sn - tn).abs()
+    return (diff > 1e-6).all(dim=-1) | (diff == 0).all(dim=-1)  # [N, T]; exact ties are exact
+
+
+@pytest.mark.parametrize("N,T,D,dtype,t_dtype", L1_CASES)
+def test_l1_align_matches_reference(N, T, D, dtype, t_dtype, gen, triton_backend):
+    s = torch.randn(N, T, D, generator=gen)
+    t = torch.randn(N, T, D, generator=gen).to(t_dtype)
+    if N * T >= 3:
+        s[0, 0] = 0.0  # zero token: the eps clamp (||s|| < eps) branch with s = 0
+        s[-1, -1] *= 1e-9  # tiny token: clamp branch with s != 0
+        t[0, -1] = 0.0  # zero teacher token
+    s = s.to(dtype)
+    if N * T >= 3:
+        t[0, 1] = s[0, 1].to(t.dtype)  # s_hat == t_hat exactly: abs' subgradient must be 0
+    s.requires_grad_(True)
+    with K.poison_outputs():
+        loss = l1_align(s, t)
+        assert "L1AlignFn" in type(loss.grad_fn).__name__
+        (g,) = torch.autograd.grad(loss * 3.0, s)  # a non-unit upstream grad
+    ref = l1_align_reference(s, t)
+    (r,) = torch.autograd.grad(ref * 3.0, s)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-7)  # fp32 accumulation for any dtype
+    assert g.dtype == s.dtype
+    rows = _tie_free_rows(s, t, l1_mod.EPS)
+    assert rows.float().mean() > 0.8
+    # per-row scale: clamped rows' grads (g / eps) dwarf the others (g / ||s||); compare each
+    # row multiplied by its max(||s||, eps), i.e. sign(.) / numel minus the Jacobian term
+    norm = s.detach().float().norm(dim=-1, keepdim=True).clamp_min(l1_mod.EPS)  # [N, T, 1]
+    _close((g.float() * norm)[rows], (r.float() * norm)[rows], dtype, "grad s", gen)
+
+
+def test_l1_align_no_grad_to_teacher(gen, triton_backend):
+    s = torch.randn(2, 5, 64, generator=gen, requires_grad=True)
+    t = torch.randn(2, 5, 64, generator=gen, requires_grad=True)
+    loss = l1_align(s, t)
+    loss.backward()
+    assert s.grad is not None and t.grad is None
+
+
+def test_l1_align_custom_eps(gen, triton_backend):
+    """A large eps puts every token in the clamp branch: grad = sign(.) / (eps * numel)."""
+    s = torch.randn(2, 3, 64, generator=gen, requires_grad=True)
+    t = torch.randn(2, 3, 64, generator=gen)
+    with K.poison_outputs():
+        loss = l1_align(s, t, eps=1e3)
+        (g,) = torch.autograd.grad(loss, s)
+    ref = l1_align_reference(s, t, eps=1e3)
+    (r,) = torch.autograd.grad(ref, s)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(g, r)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile: the custom ops stay in the graph (fullgraph=True fails on any graph break)
+# ----------------------------------------------------------------------------------------------
+
+def test_compiled_ops_trace_without_graph_breaks(gen, triton_backend):
+    """Dynamo + AOTAutograd trace forward and backward of all three ops as one graph (the
+    `aot_eager` backend runs that graph, so the interpreted kernels run inside it)."""
+    N, L, K_, D = 2, 16, 4, 64
+    x = torch.randn(N, L, D, generator=gen, requires_grad=True)
+    pos = torch.randn(1, L, D, generator=gen, requires_grad=True)
+    tok = torch.randn(1, 1, D, generator=gen, requires_grad=True)
+    t = torch.randn(N, L, D, generator=gen)
+    ids_keep, ids_restore = _masking(N, L, K_, gen)
+
+    def step(x, pos, tok):
+        vis = masked_gather(x, ids_keep, pos)  # [N, K, D]
+        full = unshuffle_with_mask_token(vis * 2.0, tok, ids_restore)  # [N, L, D]
+        return l1_align(full, t)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    loss = compiled(x, pos, tok)
+    grads = torch.autograd.grad(loss, (x, pos, tok))
+    with K.use_backend("torch"):
+        ref = step(x, pos, tok)
+        ref_grads = torch.autograd.grad(ref, (x, pos, tok))
+    torch.testing.assert_close(loss, ref)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+    torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------------------------
+# Dispatch
+# ----------------------------------------------------------------------------------------------
+
+def test_default_backend_is_auto_and_cpu_runs_reference(gen):
+    assert K.DEFAULT_BACKEND == "auto" and K.get_backend() == "auto"
+    x = torch.randn(2, 8, 16, generator=gen, requires_grad=True)
+    ids_keep, ids_restore = _masking(2, 8, 3, gen)
+    assert "GatherBackward" in type(masked_gather(x, ids_keep).grad_fn).__name__
+    vis = torch.randn(2, 3, 16, generator=gen, requires_grad=True)
+    tok = torch.zeros(16, requires_grad=True)
+    assert "GatherBackward" in type(unshuffle_with_mask_token(vis, tok, ids_restore).grad_fn).__name__
+    assert "MeanBackward" in type(l1_align(x, x.detach()).grad_fn).__name__
+
+
+def test_forced_backends(gen):
+    x = torch.randn(2, 8, 16, generator=gen, requires_grad=True)
+    ids_keep, _ = _masking(2, 8, 3, gen)
+    with K.use_backend("torch"):
+        assert "GatherBackward" in type(masked_gather(x, ids_keep).grad_fn).__name__
+    with K.use_backend("triton"):
+        assert "MaskedGatherFn" in type(masked_gather(x, ids_keep).grad_fn).__name__
+        assert "L1AlignFn" in type(l1_align(x, x.detach()).grad_fn).__name__
+    assert K.get_backend() == "auto"
+    with pytest.raises(ValueError, match="unknown kernel backend 'cuda'"):
+        K.set_backend("cuda")
+
+
+def test_use_triton_rule(monkeypatch):
+    cuda = types.SimpleNamespace(is_cuda=True)
+    cpu = types.SimpleNamespace(is_cuda=False, device="cpu")
+    kernel = mg_mod._gather_fwd_kernel
+    assert K.use_triton("op", kernel, cuda, cuda)  # auto + CUDA -> Triton
+    assert not K.use_triton("op", kernel, cuda, cpu)  # auto + any CPU tensor -> reference
+    with K.use_backend("torch"):
+        assert not K.use_triton("op", kernel, cuda)
+    # forced on CPU without the interpreter: a clear error instead of a crash inside Triton
+    monkeypatch.setattr(K, "_interpreting", lambda kernel: False)
+    with K.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        K.use_triton("masked_gather", kernel, cpu)
+    # triton missing: auto falls back to the reference, forced triton says what to install
+    monkeypatch.setattr(K, "HAS_TRITON", False)
+    assert not K.use_triton("op", kernel, cuda)
+    with K.use_backend("triton"), pytest.raises(RuntimeError, match="triton is not installed"):
+        K.use_triton("l1_align", kernel, cuda)
+
+
+def _bad(fn, exc, match):
+    with K.use_backend("triton"), pytest.raises(exc, match=match):
+        fn()
+
+
+def test_masked_gather_errors():
+    x = torch.randn(2, 8, 16)
+    ids = torch.tensor([[0, 3], [7, 1]])
+    _bad(lambda: masked_gather(x[0], ids), ValueError, r"x must be \[N, L, D\]")
+    _bad(lambda: masked_gather(x.long(), ids), TypeError, "x must be float32, bfloat16 or float16")
+    _bad(lambda: masked_gather(x, ids.int()), TypeError, "ids_keep must be int64")
+    _bad(lambda: masked_gather(x, ids[:1]), ValueError, r"ids_keep must be \[N=2")
+    _bad(lambda: masked_gather(x, torch.zeros(2, 9, dtype=torch.long)), ValueError, "keeps K=9")
+    _bad(lambda: masked_gather(x, ids, torch.randn(1, 7, 16)), ValueError, r"pos_embed must be \[1, L=8, D=16\]")
+    _bad(lambda: masked_gather(x, torch.tensor([[0, 8], [1, 2]])), ValueError, r"values must lie in \[0, 8\)")
+    _bad(lambda: masked_gather(x, torch.tensor([[1, 1], [1, 2]])), ValueError, "distinct")
+    _bad(lambda: masked_gather(x, ids.to("meta")), ValueError, "one device")
+    # the launchers themselves refuse non-contiguous inputs (the entry point copies first)
+    with pytest.raises(ValueError, match="x must be contiguous"):
+        mg_mod.masked_gather_fwd_launch(x.transpose(0, 1).contiguous().transpose(0, 1), ids, None)
+
+
+def test_unshuffle_errors(gen):
+    vis = torch.randn(2, 3, 16)
+    _, ids_restore = _masking(2, 8, 3, gen)
+    _bad(lambda: unshuffle_with_mask_token(vis, torch.zeros(15), ids_restore), ValueError,
+         "mask_token must hold D=16 values")
+    _bad(lambda: unshuffle_with_mask_token(vis, torch.zeros(16), ids_restore[:, :2]), ValueError,
+         "fewer than the K=3 visible")
+    _bad(lambda: unshuffle_with_mask_token(vis, torch.zeros(16), ids_restore.clone().fill_(0)),
+         ValueError, "permutation")
+    _bad(lambda: unshuffle_with_mask_token(vis, torch.zeros(16, dtype=torch.int32), ids_restore),
+         TypeError, "mask_token must be float32")
+
+
+def test_l1_align_errors():
+    s = torch.randn(2, 3, 16)
+    _bad(lambda: l1_align(s, s[:, :2]), ValueError, "t must have the shape of s")
+    _bad(lambda: l1_align(s[0], s[0]), ValueError, r"s must be \[N, T, D\]")
+    _bad(lambda: l1_align(s.double(), s), TypeError, "s must be float32, bfloat16 or float16")
+    _bad(lambda: l1_align(s, s, eps=0.0), ValueError, "eps must be > 0")
+    _bad(lambda: l1_align(s, s.to("meta")), ValueError, "one device")
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark smoke (timings are never asserted)
+# ----------------------------------------------------------------------------------------------
+
+def test_bench_kernels_json_smoke(capsys):
+    from fasttrain.kernels import bench
+    rc = bench.main(["--json", "--shapes", "small", "--no-compile", "--reps", "2"])
+    assert rc == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+    records = [json.loads(ln) for ln in lines]
+    assert records and all(r["bench"] == "kernels" for r in records)
+    ops = {r["op"] for r in records}
+    assert ops == {"masked_gather", "unshuffle_with_mask_token", "l1_align"}
+    for r in records:
+        assert r["ms"] > 0 and r["gb_per_s"] > 0 and r["pass"] in ("fwd", "fwd+bwd")
+        assert r["impl"] in ("eager", "compiled", "triton") and r["copy_gb_per_s"] > 0
+        assert "provenance" in r
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA: the compiled kernels at the paper's shapes (scripts/gpu_check.sh runs these)
+# ----------------------------------------------------------------------------------------------
+
+PAPER = dict(N=256, L=196, K=49)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("D", [192, 384, 768])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_kernels_match_reference_paper_shapes(D, dtype, gen):
+    N, L, K_ = PAPER["N"], PAPER["L"], PAPER["K"]
+    dev = "cuda"
+    ids_keep, ids_restore = _masking(N, L, K_, gen, device=dev)
+    x = torch.randn(N, L, D, generator=gen).to(dev, dtype).requires_grad_(True)
+    pos = torch.randn(1, L, D, generator=gen).to(dev).requires_grad_(True)
+    tok = torch.randn(1, 1, D, generator=gen).to(dev).requires_grad_(True)
+    t = torch.randn(N, K_ + 1, D, generator=gen).to(dev, dtype)
+    s = torch.randn(N, K_ + 1, D, generator=gen).to(dev, dtype).requires_grad_(True)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
+    with K.use_backend("auto"), K.poison_outputs():  # auto on CUDA -> Triton
+        out = masked_gather(x, ids_keep, pos)
+        assert "MaskedGatherFn" in type(out.grad_fn).__name__
+        g = torch.randn_like(out)
+        got = (out, *torch.autograd.grad(out, (x, pos), g))
+    ref = masked_gather_reference(x, ids_keep, pos)
+    exp = (ref, *torch.autograd.grad(ref, (x, pos), g))
+    for a, b in zip(got, exp):
+        torch.testing.assert_close(a, b, **tol)
+
+    vis = torch.randn(N, K_, D, generator=gen).to(dev, dtype).requires_grad_(True)
+    with K.poison_outputs():
+        out = unshuffle_with_mask_token(vis, tok, ids_restore)
+        g = torch.randn_like(out)
+        got = (out, *torch.autograd.grad(out, (vis, tok), g))
+    ref = unshuffle_with_mask_token_reference(vis, tok, ids_restore)
+    exp = (ref, *torch.autograd.grad(ref, (vis, tok), g))
+    for a, b in zip(got, exp):
+        torch.testing.assert_close(a, b, **tol)
+
+    with K.poison_outputs():
+        loss = l1_align(s, t)
+        (gs,) = torch.autograd.grad(loss, s)
+    ref = l1_align_reference(s, t)
+    (rs,) = torch.autograd.grad(ref, s)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-7)
+    rows = _tie_free_rows(s, t, l1_mod.EPS)
+    torch.testing.assert_close(gs[rows], rs[rows], **tol)
+
+
+@pytest.mark.cuda
+def test_cuda_inductor_compiles_kernels(gen):
+    """The trainer compiles its step with Inductor: the custom ops must run inside it."""
+    N, L, K_, D = 8, 196, 49, 192
+    dev = "cuda"
+    ids_keep, ids_restore = _masking(N, L, K_, gen, device=dev)
+    x = torch.randn(N, L, D, device=dev, requires_grad=True)
+    pos = torch.randn(1, L, D, device=dev, requires_grad=True)
+    tok = torch.randn(1, 1, D, device=dev, requires_grad=True)
+    t = torch.randn(N, L, D, device=dev)
+
+    def step(x, pos, tok):
+        vis = masked_gather(x, ids_keep, pos)
+        return l1_align(unshuffle_with_mask_token(vis.sin(), tok, ids_restore), t)
+
+    torch._dynamo.reset()
+    loss = torch.compile(step, fullgraph=True)(x, pos, tok)
+    grads = torch.autograd.grad(loss, (x, pos, tok))
+    with K.use_backend("torch"):
+        ref = step(x, pos, tok)
+        ref_grads = torch.autograd.grad(ref, (x, pos, tok))
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    torch._dynamo.reset()

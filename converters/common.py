@@ -383,6 +383,10 @@ def pack(*, dataset: str, source: Path, out: Path, splits: dict[str, list[Item]]
                 np.zeros((0, len(label_names)), np.float32)
             np.save(tmp / "splits" / f"{name}.labels.npy", labels)
             (tmp / "splits" / f"{name}.ids.txt").write_text("".join(it.id + "\n" for it in kept))
+            # each id's source file relative to `source`: the PIL reference loader reads these
+            src_abs = os.path.abspath(source)
+            (tmp / "splits" / f"{name}.files.txt").write_text(
+                "".join(os.path.relpath(os.path.abspath(it.path), src_abs) + "\n" for it in kept))
             with np.errstate(invalid="ignore"):
                 prevalence = {ln: (None if np.all(np.isnan(labels[:, j])) else round(float(np.nanmean(labels[:, j])), 6))
                               for j, ln in enumerate(label_names)}
@@ -390,6 +394,7 @@ def pack(*, dataset: str, source: Path, out: Path, splits: dict[str, list[Item]]
                 "count": len(kept),
                 "ids": f"splits/{name}.ids.txt",
                 "labels": f"splits/{name}.labels.npy",
+                "files": f"splits/{name}.files.txt",
                 "prevalence": prevalence,
                 "ignored_labels": int(np.isnan(labels).sum()),
             }

@@ -36,6 +36,8 @@ def check_against_reference(out: Path, written, splits=("train", "test")):
         assert raw.ids == written.ids[split]
         np.testing.assert_array_equal(raw.labels, written.labels[split])
         assert raw.label_names == NIH_LABELS and raw.image_size == (SIZE, SIZE)
+        files = (out / raw.manifest["splits"][split]["files"]).read_text().splitlines()
+        assert [written.root / f for f in files] == [written.files[i] for i in raw.ids]
         for i, ident in enumerate(raw.ids):
             ref = block_mean(written.pixels[ident], SIZE)
             got = raw.image(i)

@@ -9,6 +9,9 @@ Order (FFCV's own traversal orders, seeded by `Loader(seed=...)` and the epoch n
     DistributedSampler (seed, set_epoch), which needs torch.distributed initialised and pads the
     last round with repeated samples when N is not a multiple of world_size (as PyTorch does);
   eval: SEQUENTIAL (distributed=True shards it the same way).
+FFCV 1.0.2's QUASI_RANDOM is not a function of (seed, epoch) alone: it shuffles its page table in
+place, so each call continues from the previous one's state. We keep a pristine copy of the table
+and restore it before each epoch's draw, which makes the order depend on (seed, epoch) only.
 Epoch and mid-epoch resume: FFCV draws the order from `loader.next_epoch`; we set it, take
 `next_traversal_order()` and start FFCV's EpochIterator at batch start_step ourselves, so skipped
 batches are never read (FFCV's Loader.__iter__ has no skip; we replicate its four lines).
@@ -79,6 +82,11 @@ class FFCVLoader(BaseLoader):
             order = O.RANDOM
             self._fallback = str(e)
         self.order = order
+        self._pristine_pages = None
+        if order is O.QUASI_RANDOM:
+            t = self.loader.traversal_order
+            t.prepare_data_structures()  # the Loader's first draw already shuffled the table in place
+            self._pristine_pages = t.page_to_samples_array.copy()
         self.augment = self.make_augment()
 
     def __len__(self) -> int:
@@ -94,6 +102,8 @@ class FFCVLoader(BaseLoader):
         f, L = self._ffcv, self.loader
         f["Compiler"].set_num_threads(L.num_workers)
         L.next_epoch = self.epoch
+        if self._pristine_pages is not None:
+            np.copyto(L.traversal_order.page_to_samples_array, self._pristine_pages)
         order = L.next_traversal_order()
         selected = order[self.start_step * self.batch_size: len(self) * self.batch_size]
         L.next_epoch = self.epoch + 1

@@ -158,17 +158,19 @@ class ReferenceLoader(BaseLoader):
 
     def iter_with_index(self):
         for x, y, i in self._dataloader():
-            yield x, y, i
+            yield self._to_device(x), y, i
 
     def feed(self):
         """For the reference the host side *is* the whole pipeline (per-sample CPU transforms)."""
         for x, y, _ in self._dataloader():
             yield x, y
 
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device, self.dtype, non_blocking=True).contiguous(memory_format=torch.channels_last)
+
     def __iter__(self):
         for x, y, _ in self._dataloader():
-            x = x.to(self.device, self.dtype, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            yield x, y.to(self.device, non_blocking=True)
+            yield self._to_device(x), y.to(self.device, non_blocking=True)
 
     def describe(self) -> str:
         return f"reference (PIL + torchvision per sample) reading {self.source}"

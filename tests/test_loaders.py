@@ -1,0 +1,283 @@
+"""Loaders end to end on tiny packed datasets written by the real converters.
+
+Two fixtures: "coded" (flat images whose grey value is the image's row in the source CSV, so every
+crop of it still says which image it is: label alignment under random order) and "phantoms"
+(textured SYNTHETIC phantoms: pixel equality across loaders with the eval transform).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fasttrain.config import DataConfig
+from fasttrain.data import build_loader, open_packed
+from fasttrain.data.gpu_augment import norm_stats
+from fasttrain.data.loaders import LoaderError, Prefetcher
+from fasttrain.data.reference import export_png
+
+KINDS = ("raw", "ffcv", "dali", "reference")
+# numba (under FFCV) raises in a weakref finalizer when a compiled closure is collected: harmless, not ours
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <finalize object:pytest.PytestUnraisableExceptionWarning")
+GREY = 1.0 / 255
+
+
+def _convert(src, out, size, formats=("raw", "ffcv", "dali"), shard_size=4096):
+    from fasttrain.converters.nih import convert_nih
+    return convert_nih(src, out, formats=formats, size=size, progress=False, workers=1, shard_size=shard_size)
+
+
+@pytest.fixture(scope="module")
+def coded(tmp_path_factory):
+    """96 flat 32-px images, grey value = CSV row k; packed in all formats, DALI in 3 shards."""
+    from fasttrain.converters.synthetic import generate_phantoms
+    root = tmp_path_factory.mktemp("coded")
+    src = generate_phantoms(root / "src", 96, seed=1, size=32, progress=False)
+    rows = (src / "Data_Entry_2017_v2020.csv").read_text().splitlines()[1:]
+    names = [r.split(",")[0] for r in rows]
+    for k, name in enumerate(names):
+        Image.fromarray(np.full((32, 32), 2 * k + 20, np.uint8)).save(src / "images" / name)
+    out = _convert(src, root / "packed", 32, shard_size=30)
+    return {"path": str(out), "code_of": {n: k for k, n in enumerate(names)}}
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    from fasttrain.converters.synthetic import generate_phantoms
+    root = tmp_path_factory.mktemp("phantoms")
+    src = generate_phantoms(root / "src", 24, seed=2, size=64, progress=False)
+    out = _convert(src, root / "packed", 64)
+    pngs = export_png(open_packed(out, "train"), root / "png_train")
+    return {"path": str(out), "png": str(pngs)}
+
+
+def _cfg(path, kind, **kw):
+    return DataConfig(path=path, loader=kind, batch_size=kw.pop("batch_size", 8), num_workers=kw.pop("num_workers", 1),
+                      **kw)
+
+
+def _epoch(loader, epoch=0, start_step=0):
+    """All batches of one epoch as (images, labels, positions) tensors per batch."""
+    loader.set_epoch(epoch, start_step)
+    return [(x, y, i) for x, y, i in loader.iter_with_index()]
+
+
+def _decode_code(x, norm="imagenet"):
+    """Grey value of flat images [B, C, h, w] -> the CSV row k (value = 2k + 20)."""
+    c = x.shape[1]
+    mean, std = norm_stats(norm, c)
+    v = x[:, 0].float().mean(dim=(1, 2)) * std[0] + mean[0]  # [B] in [0, 1]
+    return torch.round((v * 255 - 20) / 2).long()
+
+
+# ----------------------------------------------------------------------------- pixels
+
+def test_eval_same_pixels_across_loaders(phantoms):
+    out = {}
+    for kind in KINDS:
+        extra = {"reference_images": phantoms["png"]} if kind == "reference" else {}
+        ld = build_loader(_cfg(phantoms["path"], kind, **extra), "train", False, img_size=56, in_chans=3)
+        batches = _epoch(ld)
+        assert len(batches) == len(ld) and sum(len(b[2]) for b in batches) == ld.num_samples == ld.dataset_size
+        x = torch.cat([b[0] for b in batches])
+        assert torch.equal(torch.cat([b[2] for b in batches]), torch.arange(ld.dataset_size))  # eval: in order
+        assert x.is_contiguous(memory_format=torch.channels_last) and x.dtype == torch.float32
+        out[kind] = x * torch.tensor(norm_stats("imagenet", 3)[1]).view(1, 3, 1, 1)  # in [0, 1] units
+    assert torch.equal(out["raw"], out["ffcv"])
+    assert (out["reference"] - out["raw"]).abs().max().item() <= GREY + 1e-5  # PIL's rounding
+    assert (out["dali"] - out["raw"]).abs().mean().item() < 2 * GREY  # JPEG q95 (converters' tolerance)
+    # the reference loader reading the source files (64-px phantom PNGs == packed pixels here)
+    ld = build_loader(_cfg(phantoms["path"], "reference"), "train", False, img_size=56, in_chans=3)
+    assert "source files" in ld.describe()
+    x = torch.cat([b[0] for b in _epoch(ld)]) * torch.tensor(norm_stats("imagenet", 3)[1]).view(1, 3, 1, 1)
+    assert (x - out["raw"]).abs().max().item() <= GREY + 1e-5
+
+
+def test_training_batches_same_pixels_raw_vs_reference(phantoms):
+    """Crop/flip semantics: the raw loader's batch equals the reference transform applied with the
+    same crop boxes (our draws are batched, so compare through the drawn parameters)."""
+    import torchvision.transforms as T
+    import torchvision.transforms.functional as TF
+    ld = build_loader(_cfg(phantoms["path"], "raw", norm="nih"), "train", True, img_size=48, in_chans=1)
+    ld.set_epoch(3)
+    step, idx = next(ld.sampler.batches())
+    idx = np.sort(idx)
+    p = ld.augment.sample(len(idx), ld.sampler.generator(step))
+    x, _, pos = next(iter(ld.iter_with_index()))
+    assert torch.equal(pos, torch.from_numpy(idx))
+    packed = open_packed(phantoms["path"], "train", "raw")
+    for b in range(len(idx)):
+        im = Image.fromarray(packed.image(int(idx[b]))).convert("RGB")
+        r = TF.resized_crop(im, int(p.top[b]), int(p.left[b]), int(p.height[b]), int(p.width[b]), [48, 48],
+                            T.InterpolationMode.BILINEAR)
+        r = TF.to_tensor(TF.hflip(r) if p.flip[b] else r)[0]
+        got = x[b, 0] * 0.252 + 0.5056
+        assert (got - r).abs().max().item() <= GREY + 1e-5
+
+
+# ----------------------------------------------------------------------------- labels and order
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_labels_aligned_under_random_order(coded, kind):
+    packed = open_packed(coded["path"], "train")
+    ld = build_loader(_cfg(coded["path"], kind), "train", True, img_size=24, in_chans=1, seed=5)
+    batches = _epoch(ld, epoch=1)
+    assert len(batches) == len(ld) == packed.count // 8
+    pos = torch.cat([b[2] for b in batches])
+    assert len(set(pos.tolist())) == len(pos) == ld.num_samples  # no repeats within the epoch
+    if kind != "dali":  # DALI's shuffle is a buffer shuffle: it may start near the natural order
+        assert not torch.equal(pos, torch.arange(len(pos)))
+    for x, y, i in batches:
+        k = _decode_code(x)
+        expect_k = torch.tensor([coded["code_of"][packed.ids[j]] for j in i.tolist()])
+        assert torch.equal(k, expect_k), kind  # pixels belong to the position the loader reports
+        assert torch.equal(y, torch.from_numpy(packed.labels[i.numpy()])), kind  # and so do the labels
+    # the plain iterator yields the same images and labels (device tensors)
+    ld.set_epoch(1)
+    for (x, y), (x2, y2, _) in zip(ld, batches):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_determinism_and_mid_epoch_resume(coded, kind):
+    def make():
+        return build_loader(_cfg(coded["path"], kind), "train", True, img_size=24, in_chans=3, seed=11,
+                            batch_size=6)
+    a, b = make(), make()
+    full = _epoch(a, epoch=2)
+    again = _epoch(b, epoch=2)
+    for (x, y, i), (x2, y2, i2) in zip(full, again, strict=True):
+        assert torch.equal(i, i2) and torch.equal(x, x2) and torch.equal(y, y2)
+    other = _epoch(b, epoch=3)
+    assert not all(torch.equal(p[2], q[2]) for p, q in zip(full, other))
+    resumed = _epoch(make(), epoch=2, start_step=3)  # a fresh loader, as after a restart
+    assert len(resumed) == len(full) - 3
+    for (x, y, i), (x2, y2, i2) in zip(full[3:], resumed, strict=True):
+        assert torch.equal(i, i2) and torch.equal(x, x2) and torch.equal(y, y2)
+
+
+@pytest.mark.parametrize("kind", ["raw", "reference", "dali"])
+@pytest.mark.parametrize("world", [2, 3])
+def test_simulated_ranks_are_disjoint_and_cover(coded, kind, world):
+    n = open_packed(coded["path"], "train").count
+    evals, trains, lens = [], [], []
+    for rank in range(world):
+        ev = build_loader(_cfg(coded["path"], kind), "train", False, img_size=24, in_chans=1, rank=rank,
+                          world_size=world)
+        evals.append(torch.cat([b[2] for b in _epoch(ev)]).tolist())
+        tr = build_loader(_cfg(coded["path"], kind), "train", True, img_size=24, in_chans=1, rank=rank,
+                          world_size=world, seed=3)
+        trains.append(torch.cat([b[2] for b in _epoch(tr, epoch=1)]).tolist())
+        lens.append(len(tr))
+    flat = [j for r in evals for j in r]
+    assert sorted(flat) == list(range(n))  # evaluation: disjoint and covering, nothing dropped
+    flat = [j for r in trains for j in r]
+    assert len(set(flat)) == len(flat)  # training: disjoint
+    assert len(set(lens)) == 1  # every rank runs the same number of steps (DDP)
+    assert len(flat) == world * lens[0] * 8 and len(flat) > n - world * 8
+
+
+# ----------------------------------------------------------------------------- DDP, real processes
+
+def _ddp_worker(rank, world, path, outdir):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["FT_TEST_PORT"])
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        res = {}
+        for kind in ("raw", "ffcv"):
+            for train in (True, False):
+                ld = build_loader(_cfg(path, kind), "train", train, img_size=24, in_chans=1, rank=rank,
+                                  world_size=world, seed=4)
+                ld.set_epoch(1)
+                pos = [int(j) for _, _, i in ld.iter_with_index() for j in i]
+                res[f"{kind}-{train}"] = {"pos": pos, "len": len(ld)}
+        Path(outdir, f"rank{rank}.json").write_text(json.dumps(res))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_gloo_processes_disjoint_and_cover(coded, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        os.environ["FT_TEST_PORT"] = str(s.getsockname()[1])
+    mp.start_processes(_ddp_worker, args=(2, coded["path"], str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
+    r = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in range(2)]
+    n = open_packed(coded["path"], "train").count
+    for key in r[0]:
+        a, b = r[0][key]["pos"], r[1][key]["pos"]
+        assert r[0][key]["len"] == r[1][key]["len"], key
+        if key == "raw-False":  # our sampler: exact cover, no repeats
+            assert sorted(a + b) == list(range(n))
+        elif key == "ffcv-False":  # FFCV pads like DistributedSampler: cover, at most one repeat
+            assert set(a + b) == set(range(n)) and len(a + b) - n <= 1
+        else:
+            assert not set(a) & set(b), key  # training shards are disjoint
+            assert len(set(a + b)) >= n - 2 * 8 - 1, key  # and cover all but the dropped tail
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_bad_input_errors(coded, tmp_path):
+    from fasttrain.converters.synthetic import generate_phantoms
+    with pytest.raises(LoaderError, match="data.path is not set"):
+        build_loader(DataConfig(), "train", True, img_size=24, in_chans=1)
+    with pytest.raises(LoaderError, match="no manifest.json"):
+        build_loader(_cfg(str(tmp_path), "auto"), "train", True, img_size=24, in_chans=1)
+    with pytest.raises(LoaderError, match="no split 'val'"):
+        build_loader(_cfg(coded["path"], "raw"), "val", True, img_size=24, in_chans=1)
+    with pytest.raises(LoaderError, match="data.loader must be"):
+        build_loader(_cfg(coded["path"], "jpeg"), "train", True, img_size=24, in_chans=1)
+    with pytest.raises(LoaderError, match="smaller than img_size 64"):
+        build_loader(_cfg(coded["path"], "raw"), "train", True, img_size=64, in_chans=1)
+    src = generate_phantoms(tmp_path / "src", 8, seed=0, size=32, progress=False)
+    raw_only = _convert(src, tmp_path / "raw_only", 32, formats=("raw",))
+    with pytest.raises(LoaderError, match="format 'ffcv' was not written.*--format ffcv"):
+        build_loader(_cfg(str(raw_only), "ffcv"), "train", True, img_size=24, in_chans=1)
+    assert build_loader(_cfg(str(raw_only), "auto"), "train", True, img_size=24, in_chans=1).name == "raw"
+    with pytest.raises(LoaderError, match="PNGs missing"):
+        build_loader(_cfg(str(raw_only), "reference", reference_images=str(tmp_path)), "train", True,
+                     img_size=24, in_chans=1)
+
+
+@pytest.mark.parametrize("kind,module,hint", [("ffcv", "ffcv.loader", r"pip install -e \.\[ffcv\].*apt-get"),
+                                              ("dali", "nvidia.dali", r"pip install -e \.\[dali\]")])
+def test_missing_library_names_the_install(coded, monkeypatch, kind, module, hint):
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
+    with pytest.raises(LoaderError, match=hint):
+        build_loader(_cfg(coded["path"], kind), "train", True, img_size=24, in_chans=1)
+
+
+# ----------------------------------------------------------------------------- prefetch thread
+
+def test_prefetcher_forwards_errors_and_stops_early():
+    def boom():
+        yield 1
+        raise KeyError("bad row 7")
+    it = iter(Prefetcher(boom(), depth=1))
+    assert next(it) == 1
+    with pytest.raises(KeyError, match="bad row 7"):
+        next(it)
+
+    def endless():
+        i = 0
+        while True:
+            yield i
+            i += 1
+    p = Prefetcher(endless(), depth=2)
+    it = iter(p)
+    assert [next(it) for _ in range(3)] == [0, 1, 2]
+    it.close()  # consumer leaves early: the producer must stop, not block on the full queue
+    p._thread.join(timeout=5)
+    assert not p._thread.is_alive()

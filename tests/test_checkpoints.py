@@ -288,3 +288,15 @@ def test_export_timm_round_trip(tmp_path, in_chans):
     with torch.no_grad():
         torch.testing.assert_close(tm.forward_features(x), student.forward_features(x), atol=1e-5, rtol=1e-4)
     assert not list(tmp_path.glob("*.tmp"))  # atomic write left nothing behind
+
+
+def test_pos_embed_without_cls_slot_gets_a_zero_slot():
+    torch.manual_seed(5)
+    src = tiny("vit_tiny_patch16", num_classes=3)
+    sd = src.state_dict()
+    table = torch.randn(1, 16, 192)
+    sd["pos_embed"] = table  # timm no_embed_class layout: positions for the patches only
+    dst = tiny("vit_tiny_patch16", num_classes=3)
+    rep = load_into(dst, sd)
+    assert rep.ok and any("zero cls slot" in n for n in rep.notes)
+    assert torch.equal(dst.pos_embed[:, 1:], table) and torch.all(dst.pos_embed[:, 0] == 0)

@@ -164,8 +164,16 @@ def convert_pos_embed(value: torch.Tensor, target: torch.Tensor, key: str, what:
     from timm.layers import resample_abs_pos_embed
 
     d = value.shape[-1]
+    notes = []
+    n_old = value.shape[1]
+    if int(round(n_old ** 0.5)) ** 2 == n_old and int(round((n_old - 1) ** 0.5)) ** 2 != n_old - 1:
+        # no cls slot (timm's no_embed_class): the cls token gets no position, i.e. a zero slot
+        value = torch.cat([value.new_zeros(1, 1, d), value], dim=1)
+        notes.append("zero cls slot added")
     g_old = _grid(value.shape[1] - 1, key, what)
     g_new = _grid(target.shape[1] - 1, key, what)
+    if g_old == g_new:
+        return value, f"{key}: " + ", ".join(notes)
     table_old = sincos_pos_embed_2d(d, g_old) if d % 4 == 0 else None
     if table_old is not None and torch.allclose(value.float(), table_old, atol=1e-4):
         new = sincos_pos_embed_2d(d, g_new).to(value.dtype)
@@ -220,14 +228,15 @@ class LoadReport:
         return not (self.missing or self.unexpected or self.mismatched)
 
     def problems(self) -> str:
+        """Every missing, unexpected and mismatched key (one mismatch per line)."""
         lines = []
         if self.missing:
             lines.append(f"  missing keys ({len(self.missing)}): " + ", ".join(self.missing))
         if self.unexpected:
             lines.append(f"  unexpected keys ({len(self.unexpected)}): " + ", ".join(self.unexpected))
         if self.mismatched:
-            lines.append(f"  shape mismatches ({len(self.mismatched)}): " + "; ".join(
-                f"{k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in self.mismatched))
+            lines.append(f"  shape mismatches ({len(self.mismatched)}):")
+            lines += [f"    {k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in self.mismatched]
         return "\n".join(lines)
 
     def summary(self) -> str:
@@ -312,9 +321,12 @@ def load_into(model: nn.Module, state: Any, strict: bool = True, ignore_prefixes
             report.loaded.append(k)
 
     if not report.ok and strict:
+        hint = ""
+        if any(k in ("cls_token", "blocks.0.attn.qkv.weight") for k, _, _ in report.mismatched):
+            hint = "\n  -> a different model size: build the model whose registry name matches the checkpoint"
         raise CheckpointError(
             f"{what} does not fit {type(model).__name__} "
-            f"(checkpoint: {describe_state(state)}; model: {describe_model(model)}):\n{report.problems()}")
+            f"(checkpoint: {describe_state(state)}; model: {describe_model(model)}):\n{report.problems()}{hint}")
     to_load = {k: state[k] for k in report.loaded}
     result = model.load_state_dict(to_load, strict=False)
     # our own checks above must have caught everything torch would complain about

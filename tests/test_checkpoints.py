@@ -300,3 +300,40 @@ def test_pos_embed_without_cls_slot_gets_a_zero_slot():
     rep = load_into(dst, sd)
     assert rep.ok and any("zero cls slot" in n for n in rep.notes)
     assert torch.equal(dst.pos_embed[:, 1:], table) and torch.all(dst.pos_embed[:, 0] == 0)
+
+
+def test_export_errors(tmp_path):
+    m = tiny()
+    with pytest.raises(ValueError, match="safetensors"):
+        export_timm(m, tmp_path / "student.pt")
+    with pytest.raises(ValueError, match="final norm"):
+        export_timm(tiny("vit_tiny_patch16", num_classes=2), tmp_path / "cls.safetensors")
+    # a non-timm size still exports, with the timm kwargs to rebuild it in the metadata
+    path = export_timm(torch.compile(m), tmp_path / "odd.safetensors")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert meta["timm_model"] == ""
+    import json
+    from safetensors.torch import load_file
+    from timm.models.vision_transformer import VisionTransformer
+    vt = VisionTransformer(**json.loads(meta["timm_kwargs"])).eval()
+    vt.load_state_dict(load_file(str(path)), strict=True)
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(vt.forward_features(x), m.eval().forward_features(x), atol=1e-5, rtol=1e-4)
+
+
+def test_build_etmae_loads_teacher_strictly_and_fails_early(tmp_path):
+    from fasttrain.models import build_etmae
+    small = dict(img_size=32, patch_size=8, depth=2, decoder_depth=1)
+    t = create_model("mae_vit_small_patch16", in_chans=3, **small)
+    path = tmp_path / "teacher.pth"
+    torch.save({"model": t.state_dict()}, path)
+    e = build_etmae("mae_vit_tiny_patch16", "mae_vit_small_patch16", teacher_ckpt=str(path), student_blocks=[1],
+                    teacher_blocks=[1], teacher_overrides=dict(depth=2, decoder_depth=1), in_chans=1, **small)
+    # 3-channel checkpoint into the gray student's teacher: patch weights summed
+    torch.testing.assert_close(e.teacher.patch_embed.proj.weight, t.patch_embed.proj.weight.sum(1, keepdim=True))
+    assert e.proj[0].weight.shape == (384, 192)
+    with pytest.raises(CheckpointError, match="teacher.pth"):
+        build_etmae("mae_vit_tiny_patch16", "mae_vit_base_patch16", teacher_ckpt=str(path), student_blocks=[1],
+                    teacher_blocks=[1], teacher_overrides=dict(depth=2, decoder_depth=1), in_chans=1, **small)

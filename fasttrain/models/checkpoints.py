@@ -456,7 +456,12 @@ def export_timm(model: nn.Module, path: str | os.PathLike) -> Path:
     forward_features. timm's pos_embed is a learned parameter of the same shape; the fixed
     sin-cos values are copied into it.
     """
+    for attr in ("module", "_orig_mod"):  # DDP / torch.compile wrappers
+        model = getattr(model, attr, model)
     enc = getattr(model, "student", model)
+    enc = getattr(enc, "_orig_mod", enc)
+    if Path(path).suffix != ".safetensors":
+        raise ValueError(f"export_timm writes safetensors: name the file *.safetensors, got {path}")
     if not isinstance(enc, ViTEncoder) or not hasattr(enc, "norm"):
         raise ValueError(f"export_timm needs an MAE / ETMAE / ViT encoder with a final norm, got {type(model).__name__}")
     from safetensors.torch import save_file

@@ -440,3 +440,26 @@ def test_layer_decay_groups():
         assert g_of(n)["weight_decay"] == 0.0, n
     opt = torch.optim.AdamW(groups, lr=1e-3)  # valid torch param groups
     assert len(opt.param_groups) == len(groups)
+
+
+def test_paper_pair_vit_t_student_vit_b_teacher_at_224():
+    # the paper's ViT-B -> ViT-T setting at its real shapes (one forward each way, batch 2)
+    torch.manual_seed(7)
+    student = create_model("mae_vit_tiny_patch16", in_chans=1)
+    teacher = create_model("mae_vit_base_patch16", in_chans=1)
+    e = ETMAE(student, teacher)  # defaults: block 8 of 12 on both sides, linear 192 -> 768
+    assert e.student_blocks == [8] and e.teacher_blocks == [8] and e.proj[0].weight.shape == (768, 192)
+    x = torch.randn(2, 1, 224, 224)
+    noise = torch.rand(2, 196)
+    ran = []
+    hooks = [b.register_forward_hook(lambda mod, i, o, k=k: ran.append(k)) for k, b in enumerate(teacher.blocks)]
+    with torch.no_grad():
+        a = e(x, noise=noise)
+        assert ran == list(range(9))  # 9 of 12 teacher blocks
+        b = e(x, noise=noise, teacher_mode="full")
+    for h in hooks:
+        h.remove()
+    assert a.pred.shape == (2, 196, 256) and a.mask.sum().item() == 2 * 147
+    torch.testing.assert_close(a.loss_dist, b.loss_dist, rtol=0, atol=0)
+    torch.testing.assert_close(a.loss, b.loss, rtol=0, atol=0)
+    assert 0 < a.loss_dist.item() < 2 and torch.isfinite(a.loss)

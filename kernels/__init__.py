@@ -117,16 +117,27 @@ def check_float(op: str, name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{op}: {name} must be float32, bfloat16 or float16, got {t.dtype}")
 
 
-def check_same_device_contiguous(op: str, **tensors: torch.Tensor) -> None:
-    """One device for all inputs, and each one contiguous (the kernels index rows as base + i*D)."""
+def check_layout(op: str, tensors: dict[str, torch.Tensor], strided: tuple[str, ...] = ()) -> None:
+    """One device for all inputs. Tensors named in `strided` may have any strides except along
+    their last dim, which must be dense (the kernels take the other strides as arguments, so
+    slices such as x[:, 1:] need no copy); the others must be contiguous."""
     devices = {str(t.device) for t in tensors.values()}
     if len(devices) > 1:
         where = ", ".join(f"{name} on {t.device}" for name, t in tensors.items())
         raise ValueError(f"{op}: inputs must be on one device, got {where}")
     for name, t in tensors.items():
-        if not t.is_contiguous():
+        if name in strided:
+            if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
+                raise ValueError(f"{op}: {name} must be dense along its last dim (shape "
+                                 f"{tuple(t.shape)}, stride {t.stride()}); call .contiguous() first")
+        elif not t.is_contiguous():
             raise ValueError(f"{op}: {name} must be contiguous (shape {tuple(t.shape)}, stride "
                              f"{t.stride()}); call .contiguous() first")
+
+
+def dense_last(t: torch.Tensor) -> torch.Tensor:
+    """t itself when its last dim is dense (what the kernels need), else a contiguous copy."""
+    return t if t.dim() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
 def block_d(D: int) -> int:

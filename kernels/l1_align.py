@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from . import (HAS_TRITON, check_float, check_same_device_contiguous, empty, launch, register_op,
+from . import (HAS_TRITON, check_float, check_layout, dense_last, empty, launch, register_op,
                use_triton)
 
 EPS = 1e-6  # floor on each token's L2 norm: x / max(||x||, EPS)
@@ -37,33 +37,38 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _l1_align_fwd_kernel(s_ptr, t_ptr, part_ptr, R, D, eps,
+    def _l1_align_fwd_kernel(s_ptr, t_ptr, part_ptr, R, T, D, ss_n, ss_t, st_n, st_t, eps,
                              BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
         """part[pid] = sum over BLOCK_R token rows and D of |s/max(|s|,eps) - t/max(|t|,eps)|.
-        One row is whole in a tile (BLOCK_D >= D), so each norm is one in-register reduction."""
+        One row is whole in a tile (BLOCK_D >= D), so each norm is one in-register reduction.
+        Token row r = n*T + t is addressed through the strides of s and t (slices need no copy)."""
         r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # [BR]
         d = tl.arange(0, BLOCK_D)  # [BD]
         m = (r < R)[:, None] & (d < D)[None, :]  # [BR, BD]
-        offs = r[:, None] * D + d[None, :]
-        s = tl.load(s_ptr + offs, mask=m, other=0.0).to(tl.float32)  # fp32 accumulation
-        t = tl.load(t_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        n, tk = r // T, r % T
+        s = tl.load(s_ptr + (n * ss_n + tk * ss_t)[:, None] + d[None, :], mask=m, other=0.0)
+        t = tl.load(t_ptr + (n * st_n + tk * st_t)[:, None] + d[None, :], mask=m, other=0.0)
+        s = s.to(tl.float32)  # fp32 accumulation whatever the input dtype
+        t = t.to(tl.float32)
         ns = tl.maximum(tl.sqrt(tl.sum(s * s, axis=1)), eps)  # [BR]
         nt = tl.maximum(tl.sqrt(tl.sum(t * t, axis=1)), eps)  # [BR]
         diff = tl.abs(s / ns[:, None] - t / nt[:, None])  # [BR, BD]; padding lanes give 0
         tl.store(part_ptr + tl.program_id(0), tl.sum(tl.sum(diff, axis=1), axis=0))
 
     @triton.jit
-    def _l1_align_bwd_kernel(s_ptr, t_ptr, gout_ptr, gs_ptr, R, D, eps, inv_numel,
-                             BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _l1_align_bwd_kernel(s_ptr, t_ptr, gout_ptr, gs_ptr, R, T, D, ss_n, ss_t, st_n, st_t,
+                             eps, inv_numel, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
         """grad_s of mean|u - v|, u = s/max(|s|,eps), v = t/max(|t|,eps):
         g = sign(u - v) * gout / numel;  grad_s = (g - u (u.g)) / |s|  where |s| >= eps
         (the normalisation's Jacobian (I - u u^T)/|s|), and g / eps where the clamp is active."""
         r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # [BR]
         d = tl.arange(0, BLOCK_D)  # [BD]
         m = (r < R)[:, None] & (d < D)[None, :]  # [BR, BD]
-        offs = r[:, None] * D + d[None, :]
-        s = tl.load(s_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        t = tl.load(t_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        n, tk = r // T, r % T
+        s = tl.load(s_ptr + (n * ss_n + tk * ss_t)[:, None] + d[None, :], mask=m, other=0.0)
+        t = tl.load(t_ptr + (n * st_n + tk * st_t)[:, None] + d[None, :], mask=m, other=0.0)
+        s = s.to(tl.float32)
+        t = t.to(tl.float32)
         ns_raw = tl.sqrt(tl.sum(s * s, axis=1))  # [BR]
         ns = tl.maximum(ns_raw, eps)
         nt = tl.maximum(tl.sqrt(tl.sum(t * t, axis=1)), eps)
@@ -74,7 +79,7 @@ if HAS_TRITON:
         ug = tl.sum(u * g, axis=1)  # [BR]
         clamped = (ns_raw < eps)[:, None]  # torch's clamp_min passes the gradient at equality
         grad = tl.where(clamped, g / eps, (g - u * ug[:, None]) / ns[:, None])
-        tl.store(gs_ptr + offs, grad.to(gs_ptr.dtype.element_ty), mask=m)
+        tl.store(gs_ptr + r[:, None] * D + d[None, :], grad.to(gs_ptr.dtype.element_ty), mask=m)
 else:  # without triton the entry point takes the reference (see kernels.use_triton)
     _l1_align_fwd_kernel = None
 
@@ -84,6 +89,12 @@ def _tiles(R: int, D: int) -> tuple[int, int]:
     bd = triton.next_power_of_2(D)
     br = max(1, min(triton.next_power_of_2(max(R, 1)), 4096 // bd))
     return br, bd
+
+
+def _warps(br: int, bd: int) -> int:
+    """Two fp32 [BR, BD] tiles live in registers: 8 warps keep a 4K-element tile at 32 values
+    per thread and tensor (4 warps would spill on wide rows)."""
+    return 8 if br * bd >= 4096 else 4
 
 
 def _check(op: str, s: torch.Tensor, t: torch.Tensor, eps: float) -> None:
@@ -97,7 +108,7 @@ def _check(op: str, s: torch.Tensor, t: torch.Tensor, eps: float) -> None:
         raise ValueError(f"{op}: eps must be > 0, got {eps}")
     if s.shape[-1] > 16384:
         raise ValueError(f"{op}: D={s.shape[-1]} is too wide for one tile (at most 16384)")
-    check_same_device_contiguous(op, s=s, t=t)
+    check_layout(op, {"s": s, "t": t}, strided=("s", "t"))
 
 
 def l1_align_fwd_launch(s: torch.Tensor, t: torch.Tensor, eps: float) -> torch.Tensor:
@@ -110,7 +121,8 @@ def l1_align_fwd_launch(s: torch.Tensor, t: torch.Tensor, eps: float) -> torch.T
     br, bd = _tiles(R, D)
     nprog = triton.cdiv(R, br)
     part = empty((nprog,), torch.float32, s.device)  # one partial sum per program
-    launch(_l1_align_fwd_kernel, (nprog,), s, t, part, R, D, eps, BLOCK_R=br, BLOCK_D=bd)
+    launch(_l1_align_fwd_kernel, (nprog,), s, t, part, R, T, D, *s.stride()[:2], *t.stride()[:2],
+           eps, BLOCK_R=br, BLOCK_D=bd, num_warps=_warps(br, bd))
     # Deterministic second stage (no atomics): a few thousand partials at the paper's shapes.
     return part.sum() / (R * D)
 
@@ -129,8 +141,9 @@ def l1_align_bwd_launch(s: torch.Tensor, t: torch.Tensor, grad_out: torch.Tensor
         return grad_s
     br, bd = _tiles(R, D)
     g = grad_out.reshape(1).to(device=s.device, dtype=torch.float32)  # stays on device: no sync
-    launch(_l1_align_bwd_kernel, (triton.cdiv(R, br),), 
-        s, t, g, grad_s, R, D, eps, 1.0 / (R * D), BLOCK_R=br, BLOCK_D=bd)
+    launch(_l1_align_bwd_kernel, (triton.cdiv(R, br),), s, t, g, grad_s, R, T, D,
+           *s.stride()[:2], *t.stride()[:2], eps, 1.0 / (R * D), BLOCK_R=br, BLOCK_D=bd,
+           num_warps=_warps(br, bd))
     return grad_s
 
 
@@ -164,4 +177,4 @@ def l1_align(s: torch.Tensor, t: torch.Tensor, eps: float = EPS) -> torch.Tensor
     """
     if not use_triton("l1_align", _l1_align_fwd_kernel, s, t):
         return l1_align_reference(s, t, eps)
-    return L1AlignFn.apply(s.contiguous(), t.detach().contiguous(), float(eps))
+    return L1AlignFn.apply(dense_last(s), dense_last(t.detach()), float(eps))

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from . import (HAS_TRITON, block_d, launch, register_op, can_check_values, check_float, check_same_device_contiguous,
-               empty, use_triton)
+from . import (HAS_TRITON, block_d, can_check_values, check_float, check_layout, dense_last, empty,
+               launch, register_op, use_triton)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -58,18 +58,20 @@ if HAS_TRITON:
 
     @triton.jit
     def _gather_fwd_kernel(x_ptr, ids_ptr, pos_ptr, out_ptr, K, L, D,
+                           sx_n, sx_l, si_n, si_k, sp_l,
                            HAS_POS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-        """out[n, k, :] = x[n, ids[n, k], :] (+ pos[ids[n, k], :]); one [BLOCK_K, BLOCK_D] tile."""
+        """out[n, k, :] = x[n, ids[n, k], :] (+ pos[ids[n, k], :]); one [BLOCK_K, BLOCK_D] tile.
+        x, ids and pos are addressed through their strides (last dim of x/pos dense)."""
         n = tl.program_id(0).to(tl.int64)
         k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)  # [BK]
         d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD]
         k_ok = k < K
         m = k_ok[:, None] & (d < D)[None, :]  # [BK, BD]
-        idx = tl.load(ids_ptr + n * K + k, mask=k_ok, other=0)  # [BK] int64 source rows
-        v = tl.load(x_ptr + (n * L + idx)[:, None] * D + d[None, :], mask=m, other=0.0)
+        idx = tl.load(ids_ptr + n * si_n + k * si_k, mask=k_ok, other=0)  # [BK] int64 source rows
+        v = tl.load(x_ptr + (n * sx_n + idx * sx_l)[:, None] + d[None, :], mask=m, other=0.0)
         v = v.to(tl.float32)  # add in fp32, round once to the output dtype (as torch's add does)
         if HAS_POS:
-            p = tl.load(pos_ptr + idx[:, None] * D + d[None, :], mask=m, other=0.0)
+            p = tl.load(pos_ptr + (idx * sp_l)[:, None] + d[None, :], mask=m, other=0.0)
             v += p.to(tl.float32)
         tl.store(out_ptr + (n * K + k)[:, None] * D + d[None, :],
                  v.to(out_ptr.dtype.element_ty), mask=m)
@@ -100,23 +102,25 @@ if HAS_TRITON:
 
     @triton.jit
     def _unshuffle_fwd_kernel(xv_ptr, tok_ptr, ids_ptr, out_ptr, K, L, D,
+                              sv_n, sv_k, si_n, si_l,
                               BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-        """out[n, l] = x_vis[n, r] if r = ids_restore[n, l] < K else mask_token."""
+        """out[n, l] = x_vis[n, r] if r = ids_restore[n, l] < K else mask_token.
+        x_vis and ids_restore are addressed through their strides (x_vis[:, 1:] needs no copy)."""
         n = tl.program_id(0).to(tl.int64)
         l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)  # [BL]
         d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD]
         l_ok = l < L
         d_ok = d < D
         m = l_ok[:, None] & d_ok[None, :]  # [BL, BD]
-        r = tl.load(ids_ptr + n * L + l, mask=l_ok, other=0)  # [BL] int64 shuffled slot
+        r = tl.load(ids_ptr + n * si_n + l * si_l, mask=l_ok, other=0)  # [BL] int64 shuffled slot
         vis = (r < K)[:, None]  # [BL, 1]
-        v = tl.load(xv_ptr + (n * K + r)[:, None] * D + d[None, :], mask=vis & m, other=0.0)
+        v = tl.load(xv_ptr + (n * sv_n + r * sv_k)[:, None] + d[None, :], mask=vis & m, other=0.0)
         tok = tl.load(tok_ptr + d, mask=d_ok, other=0.0).to(out_ptr.dtype.element_ty)  # [BD]
         out = tl.where(vis, v.to(out_ptr.dtype.element_ty), tok[None, :])
         tl.store(out_ptr + (n * L + l)[:, None] * D + d[None, :], out, mask=m)
 
     @triton.jit
-    def _unshuffle_bwd_kernel(gout_ptr, ids_ptr, gxv_ptr, gtok_part_ptr, K, L, D,
+    def _unshuffle_bwd_kernel(gout_ptr, ids_ptr, gxv_ptr, gtok_part_ptr, K, L, D, si_n, si_l,
                               STORE_X: tl.constexpr, HAS_TOK: tl.constexpr,
                               BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
         """gx_vis[n, r] = gout[n, l] for visible slots r = ids_restore[n, l] < K (a permutation, so
@@ -128,7 +132,7 @@ if HAS_TRITON:
         l_ok = l < L
         d_ok = d < D
         m = l_ok[:, None] & d_ok[None, :]  # [BL, BD]
-        r = tl.load(ids_ptr + n * L + l, mask=l_ok, other=0)  # [BL] int64
+        r = tl.load(ids_ptr + n * si_n + l * si_l, mask=l_ok, other=0)  # [BL] int64
         vis = (r < K)[:, None]  # [BL, 1]
         g = tl.load(gout_ptr + (n * L + l)[:, None] * D + d[None, :], mask=m, other=0.0)
         if STORE_X:
@@ -185,16 +189,17 @@ def masked_gather_fwd_launch(x: torch.Tensor, ids_keep: torch.Tensor,
             raise ValueError(f"{op}: pos_embed must be [1, L={L}, D={D}], got {tuple(pos_embed.shape)}")
         named["pos_embed"] = pos_embed
         out_dtype = torch.promote_types(x.dtype, pos_embed.dtype)  # as x + pos_embed would
-    check_same_device_contiguous(op, **named)
+    check_layout(op, named, strided=("x", "ids_keep", "pos_embed"))
     out = empty((N, K, D), out_dtype, x.device)  # [N, K, D]
     if out.numel() == 0:
         return out
     bd = block_d(D)
     bk = _rows_tile(K, bd)
     grid = (N, triton.cdiv(K, bk), triton.cdiv(D, bd))
-    launch(_gather_fwd_kernel, grid, 
-        x, ids_keep, pos_embed if pos_embed is not None else x, out, K, L, D,
-        HAS_POS=pos_embed is not None, BLOCK_K=bk, BLOCK_D=bd)
+    pos = pos_embed if pos_embed is not None else x  # placeholder pointer when HAS_POS is off
+    launch(_gather_fwd_kernel, grid, x, ids_keep, pos, out, K, L, D,
+           x.stride(0), x.stride(1), ids_keep.stride(0), ids_keep.stride(1), pos.stride(1),
+           HAS_POS=pos_embed is not None, BLOCK_K=bk, BLOCK_D=bd)
     return out
 
 
@@ -211,7 +216,7 @@ def masked_gather_bwd_launch(grad_out: torch.Tensor, ids_keep: torch.Tensor, L: 
     N, K, D = grad_out.shape
     check_float(op, "grad", grad_out)
     _check_ids(op, "ids_keep", ids_keep, N, L, permutation=False)
-    check_same_device_contiguous(op, grad=grad_out, ids_keep=ids_keep)
+    check_layout(op, {"grad": grad_out, "ids_keep": ids_keep}, strided=("ids_keep",))
     dev = grad_out.device
     # inverse map: inv[n, l] = k where ids_keep[n, k] == l, else -1 (N*L int32: tiny next to [N, L, D])
     inv = torch.full((N, L), -1, dtype=torch.int32, device=dev)  # [N, L]
@@ -223,9 +228,9 @@ def masked_gather_bwd_launch(grad_out: torch.Tensor, ids_keep: torch.Tensor, L: 
     part = empty((nblocks, L, D) if need_pos else (0,), torch.float32, dev)  # [NB, L, D] fp32
     if N * L * D and (need_x or need_pos):
         grid = (nblocks, L, triton.cdiv(D, bd))
-        launch(_gather_bwd_kernel, grid, 
-            grad_out, inv, grad_x if need_x else grad_out, part if need_pos else grad_out,
-            N, K, L, D, STORE_X=need_x, HAS_POS=need_pos, BLOCK_N=bn, BLOCK_D=bd)
+        launch(_gather_bwd_kernel, grid,
+               grad_out, inv, grad_x if need_x else grad_out, part if need_pos else grad_out,
+               N, K, L, D, STORE_X=need_x, HAS_POS=need_pos, BLOCK_N=bn, BLOCK_D=bd)
     if need_pos:
         # Deterministic two-stage reduction over the batch (no atomics). Round through the
         # output's dtype first, as autograd of the reference's `x + pos_embed` does.
@@ -252,7 +257,8 @@ def unshuffle_fwd_launch(x_vis: torch.Tensor, mask_token: torch.Tensor,
                          f"the K={K} visible ones")
     _check_ids(op, "ids_restore", ids_restore, N, ids_restore.shape[-1], permutation=True)
     L = ids_restore.shape[1]
-    check_same_device_contiguous(op, x_vis=x_vis, mask_token=mask_token, ids_restore=ids_restore)
+    check_layout(op, {"x_vis": x_vis, "mask_token": mask_token, "ids_restore": ids_restore},
+                 strided=("x_vis", "ids_restore"))
     out = empty((N, L, D), x_vis.dtype, x_vis.device)  # [N, L, D]
     if out.numel() == 0:
         return out
@@ -260,7 +266,8 @@ def unshuffle_fwd_launch(x_vis: torch.Tensor, mask_token: torch.Tensor,
     bl = _rows_tile(L, bd)
     grid = (N, triton.cdiv(L, bl), triton.cdiv(D, bd))
     launch(_unshuffle_fwd_kernel, grid, x_vis, mask_token, ids_restore, out, K, L, D,
-                                             BLOCK_L=bl, BLOCK_D=bd)
+           x_vis.stride(0), x_vis.stride(1), ids_restore.stride(0), ids_restore.stride(1),
+           BLOCK_L=bl, BLOCK_D=bd)
     return out
 
 
@@ -277,7 +284,7 @@ def unshuffle_bwd_launch(grad_out: torch.Tensor, ids_restore: torch.Tensor, K: i
     _check_ids(op, "ids_restore", ids_restore, N, L, permutation=True)
     if ids_restore.shape[1] != L:
         raise ValueError(f"{op}: ids_restore must be [N, L={L}], got {tuple(ids_restore.shape)}")
-    check_same_device_contiguous(op, grad=grad_out, ids_restore=ids_restore)
+    check_layout(op, {"grad": grad_out, "ids_restore": ids_restore}, strided=("ids_restore",))
     dev = grad_out.device
     bd = block_d(D)
     bl = _rows_tile(L, bd)
@@ -286,9 +293,10 @@ def unshuffle_bwd_launch(grad_out: torch.Tensor, ids_restore: torch.Tensor, K: i
     part = empty((N * lblocks, D) if need_tok else (0,), torch.float32, dev)  # [N*LB, D] fp32
     if N * L * D and (need_x or need_tok):
         grid = (N, lblocks, triton.cdiv(D, bd))
-        launch(_unshuffle_bwd_kernel, grid, 
-            grad_out, ids_restore, grad_x if need_x else grad_out, part if need_tok else grad_out,
-            K, L, D, STORE_X=need_x, HAS_TOK=need_tok, BLOCK_L=bl, BLOCK_D=bd)
+        launch(_unshuffle_bwd_kernel, grid,
+               grad_out, ids_restore, grad_x if need_x else grad_out, part if need_tok else grad_out,
+               K, L, D, ids_restore.stride(0), ids_restore.stride(1),
+               STORE_X=need_x, HAS_TOK=need_tok, BLOCK_L=bl, BLOCK_D=bd)
     if need_tok:
         # Round through x_vis's dtype, as autograd of the reference's `.to(x_vis.dtype)` does.
         grad_tok = part.sum(0).to(grad_out.dtype).to(tok_dtype)  # [D]
@@ -359,13 +367,13 @@ def masked_gather(x: torch.Tensor, ids_keep: torch.Tensor,
     """x [N, L, D], ids_keep [N, K] int64, pos_embed [1, L, D] | None -> [N, K, D].
 
     Same result and gradients as masked_gather_reference; Triton when kernels.use_triton says so.
-    Non-contiguous inputs are copied to contiguous ones first (the kernels index dense rows).
+    Strided inputs (slices) are read in place; only a non-dense last dim costs a copy.
     """
     tensors = (x, ids_keep) if pos_embed is None else (x, ids_keep, pos_embed)
     if not use_triton("masked_gather", _gather_fwd_kernel, *tensors):
         return masked_gather_reference(x, ids_keep, pos_embed)
-    return MaskedGatherFn.apply(x.contiguous(), ids_keep.contiguous(),
-                                None if pos_embed is None else pos_embed.contiguous())
+    return MaskedGatherFn.apply(dense_last(x), ids_keep,
+                                None if pos_embed is None else dense_last(pos_embed))
 
 
 def unshuffle_with_mask_token(x_vis: torch.Tensor, mask_token: torch.Tensor,
@@ -380,5 +388,4 @@ def unshuffle_with_mask_token(x_vis: torch.Tensor, mask_token: torch.Tensor,
         return unshuffle_with_mask_token_reference(x_vis, mask_token, ids_restore)
     # [1, 1, D] parameter -> [D] view; autograd of the reshape returns the grad in its shape.
     tok = mask_token.reshape(-1) if mask_token.dim() != 1 else mask_token
-    return UnshuffleWithMaskTokenFn.apply(x_vis.contiguous(), tok.contiguous(),
-                                          ids_restore.contiguous())
+    return UnshuffleWithMaskTokenFn.apply(dense_last(x_vis), tok.contiguous(), ids_restore)

@@ -281,3 +281,28 @@ def test_prefetcher_forwards_errors_and_stops_early():
     it.close()  # consumer leaves early: the producer must stop, not block on the full queue
     p._thread.join(timeout=5)
     assert not p._thread.is_alive()
+
+
+# ----------------------------------------------------------------------------- bench
+
+def test_bench_loader_json(phantoms, capsys):
+    from fasttrain.data.bench import main
+    rc = main(["--data", phantoms["path"], "--batch-size", "4", "--batches", "2", "--windows", "1",
+               "--img-size", "48", "--workers", "1", "--json"])
+    assert rc == 0
+    recs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["loader"] for r in recs] == ["reference", "raw", "ffcv", "dali-cpu"]
+    for r in recs:
+        for key in ("images_per_s", "feed_images_per_s", "ratio_vs_reference", "feed_ratio_vs_reference",
+                    "memcpy_ceiling_images_per_s", "decode_one_core_images_per_s", "provenance", "source"):
+            assert r[key] is not None, (r["loader"], key)
+        assert r["images_per_s"] > 0 and r["feed_images_per_s"] > 0 and r["synthetic"] is True
+        assert set(r["provenance"]) >= {"git_sha", "versions", "device", "cpu_cores"}
+    assert recs[0]["ratio_vs_reference"] == 1.0 and "source files" in recs[0]["source"]
+    assert recs[3]["decode_ceiling_images_per_s"] == recs[3]["decode_one_core_images_per_s"]  # x 1 worker
+
+
+def test_bench_loader_bad_input(tmp_path, capsys):
+    from fasttrain.data.bench import main
+    assert main(["--data", str(tmp_path)]) == 2
+    assert "no manifest.json" in capsys.readouterr().err

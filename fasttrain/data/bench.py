@@ -1,0 +1,229 @@
+"""`fasttrain bench loader`: every loader available here over the same packed split, one run.
+
+Two figures per loader, each the median of interleaved timing windows after a warm-up window:
+  images_per_s       the whole pipeline: augmented float batches ready on the target device
+                     (on a CPU-only machine the batched augmentation runs on the CPU, so it is
+                     counted here);
+  feed_images_per_s  the host side alone: uint8 batches ready for the device (pinned on CUDA),
+                     i.e. what the loader's CPU budget could feed a GPU doing the augmentation.
+                     For the reference both figures are its whole per-sample CPU pipeline.
+Ratios are against the reference loader measured in the same run. Ceilings for context: JPEG
+decode-only rate (simplejpeg on the DALI shards' JPEGs, one core, times the cores the JPEG loaders
+use) and a memcpy of the raw bytes (numpy copy of whole batches).
+
+The reference reads `--reference-images DIR` if given, else the source files when the manifest's
+source folder exists, else a PNG export of the packed split in a temp folder; the record says which.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fasttrain.bench import interleaved_windows, median, print_records, record
+
+COLUMNS = ["loader", "images_per_s", "ratio_vs_reference", "feed_images_per_s", "feed_ratio_vs_reference",
+           "device"]
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fasttrain bench loader", description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True, help="packed dataset folder (written by `fasttrain convert`)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batches", type=int, default=4, help="batches per timing window")
+    p.add_argument("--windows", type=int, default=5, help="timed windows per loader (after 1 warm-up window)")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--in-chans", type=int, default=1)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="output dtype (the autocast dtype)")
+    p.add_argument("--workers", type=int, default=None, help="host workers/threads per loader (default: all cores)")
+    p.add_argument("--loaders", default=None, help="comma-separated subset of reference,raw,ffcv,dali-cpu,dali-gpu")
+    p.add_argument("--reference-images", default=None, help="PNG folder for the reference loader")
+    p.add_argument("--eval", action="store_true", help="time the evaluation transform instead of training")
+    p.add_argument("--json", action="store_true", help="one JSON object per loader")
+    return p
+
+
+class _Cycle:
+    """`take(n)`: n batches from a fresh epoch (iterator opened at the start of the window and
+    closed at its end). Fresh per window because the loaders prefetch in background threads: an
+    iterator kept open across windows would fill its queue while the other loaders are timed and
+    then report those batches as free. Each window starts at step 0 of a new epoch (a mid-epoch
+    start would make DALI decode the skipped batches), so each window pays one epoch start-up, as
+    every real epoch does (amortised over ~300 batches on NIH, over `--batches` here)."""
+
+    def __init__(self, loader, feed: bool):
+        self.loader, self.feed, self.epoch = loader, feed, 0
+
+    def take(self, n: int) -> int:
+        count, it = 0, None
+        try:
+            while n > 0:
+                if it is None:
+                    self.loader.set_epoch(self.epoch)
+                    self.epoch += 1
+                    it = iter(self.loader.feed() if self.feed else self.loader)
+                try:
+                    x, _ = next(it)
+                except StopIteration:
+                    it = None
+                    continue
+                count += x.shape[0]
+                n -= 1
+        finally:
+            if it is not None and hasattr(it, "close"):
+                it.close()
+        return count
+
+
+def _decode_ceiling(packed_root: Path, split: str, seconds: float = 1.5) -> float | None:
+    """simplejpeg decode-only images/s on one core over the split's JPEGs (None without DALI shards)."""
+    try:
+        import simplejpeg
+
+        from .packed import open_packed
+        ps = open_packed(packed_root, split, "dali")
+    except Exception:  # noqa: BLE001 - no DALI shards or no simplejpeg: no ceiling to report
+        return None
+    jpegs = [ps.dali_component(i, "jpg") for i in range(min(len(ps), 512))]
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for j in jpegs:
+            simplejpeg.decode_jpeg(j, colorspace="GRAY")
+        n += len(jpegs)
+    return n / (time.perf_counter() - t0)
+
+
+def _memcpy_ceiling(packed_root: Path, split: str, batch: int, seconds: float = 1.0) -> float | None:
+    """images/s of copying whole contiguous batches of raw bytes (page cache -> RAM)."""
+    try:
+        from .packed import open_packed
+        images = open_packed(packed_root, split, "raw").images
+    except Exception:  # noqa: BLE001 - raw not written
+        return None
+    b = min(batch, len(images))
+    dst = np.empty((b,) + images.shape[1:], np.uint8)
+    n, t0, start = 0, time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        if start + b > len(images):
+            start = 0
+        np.copyto(dst, images[start:start + b])
+        start += b
+        n += b
+    return n / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from fasttrain.config import DataConfig
+    from fasttrain.provenance import provenance
+
+    from .loaders import LoaderError, build_loader
+    from .packed import PackedError, open_packed, read_manifest
+
+    root = Path(args.data)
+    try:
+        manifest = read_manifest(root)
+        packed = open_packed(root, args.split)
+    except PackedError as e:
+        print(f"fasttrain bench loader: {e}", file=sys.stderr)
+        return 2
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    workers = args.workers or os.cpu_count() or 1
+    dtype = DTYPES[args.dtype]
+    formats = manifest["formats"]
+    wanted = ["reference"] + [f for f in ("raw", "ffcv") if f in formats]
+    if "dali" in formats:
+        wanted += ["dali-cpu"] + (["dali-gpu"] if cuda else [])
+    if args.loaders:
+        wanted = [w for w in args.loaders.split(",") if w]
+
+    tmp = None
+    ref_images = args.reference_images
+    if "reference" in wanted and ref_images is None and not Path(manifest.get("source") or "/nonexistent").is_dir():
+        from .reference import export_png
+        tmp = tempfile.TemporaryDirectory(prefix="fasttrain-bench-png-")
+        print(f"exporting {len(packed)} packed images as PNG for the reference loader -> {tmp.name}", file=sys.stderr)
+        ref_images = str(export_png(packed, tmp.name))
+
+    loaders, notes = {}, {}
+    for name in wanted:
+        kind = name.split("-")[0]
+        cfg = DataConfig(path=str(root), loader=kind, batch_size=args.batch_size, num_workers=workers,
+                         reference_images=ref_images if kind == "reference" else None)
+        try:
+            if kind == "dali":
+                from .dali_loader import DALILoader
+                ld = build_loader(cfg, args.split, not args.eval, img_size=args.img_size, in_chans=args.in_chans,
+                                  device=device if name == "dali-gpu" else "cpu", dtype=dtype)
+                assert isinstance(ld, DALILoader)
+            else:
+                ld = build_loader(cfg, args.split, not args.eval, img_size=args.img_size, in_chans=args.in_chans,
+                                  device=device, dtype=dtype)
+        except (LoaderError, ValueError) as e:
+            notes[name] = f"skipped: {e}"
+            print(f"fasttrain bench loader: {name} skipped: {e}", file=sys.stderr)
+            continue
+        if len(ld) == 0:
+            print(f"fasttrain bench loader: split '{args.split}' has fewer than {args.batch_size} images",
+                  file=sys.stderr)
+            return 2
+        loaders[name] = ld
+    if "reference" not in loaders:
+        print("fasttrain bench loader: the reference loader is the baseline and could not be built", file=sys.stderr)
+        return 2
+
+    whole = {name: _Cycle(ld, feed=False) for name, ld in loaders.items()}
+    feed = {name: _Cycle(ld, feed=True) for name, ld in loaders.items() if name != "reference"}
+    fns = {f"{n}": (lambda c=c: c.take(args.batches)) for n, c in whole.items()}
+    fns.update({f"{n}/feed": (lambda c=c: c.take(args.batches)) for n, c in feed.items()})
+    sync = torch.cuda.synchronize if cuda else None
+    rates = interleaved_windows(fns, windows=args.windows, warmup=1, sync=sync)
+
+    decode = _decode_ceiling(root, args.split)
+    memcpy = _memcpy_ceiling(root, args.split, args.batch_size)
+    ref = median(rates["reference"])
+    records = []
+    for name, ld in loaders.items():
+        ips = median(rates[name])
+        fps = ips if name == "reference" else median(rates[f"{name}/feed"])
+        jpeg_threads = workers if name.startswith("dali") else None
+        records.append(record(
+            "loader", name, loader=name, images_per_s=ips, feed_images_per_s=fps,
+            ratio_vs_reference=ips / ref, feed_ratio_vs_reference=fps / ref,
+            windows=rates[name], feed_windows=None if name == "reference" else rates[f"{name}/feed"],
+            decode_ceiling_images_per_s=(decode * jpeg_threads) if (decode and jpeg_threads) else None,
+            decode_one_core_images_per_s=decode, memcpy_ceiling_images_per_s=memcpy,
+            source=ld.describe(), split=args.split, batch_size=args.batch_size, batches_per_window=args.batches,
+            img_size=args.img_size, in_chans=args.in_chans, dtype=args.dtype, workers=workers,
+            transform="eval" if args.eval else "train", images=len(packed), image_size=list(packed.image_size),
+            synthetic=bool(manifest.get("synthetic")), device=str(ld.device)))
+    print_records(records, args.json, COLUMNS)
+    if not args.json:
+        if decode:
+            print(f"ceiling: JPEG decode-only (simplejpeg) {decode:,.0f} img/s per core "
+                  f"(x {workers} cores = {decode * workers:,.0f})")
+        if memcpy:
+            print(f"ceiling: memcpy of raw batches {memcpy:,.0f} img/s")
+        for name, ld in loaders.items():
+            print(f"{name}: {ld.describe()}")
+        for name, note in notes.items():
+            print(f"{name}: {note}")
+        prov = provenance(device)
+        print(f"device {prov['device']}, {prov['cpu_cores']} cores, torch threads {prov['torch_threads']}, "
+              f"git {prov['git_sha']}{', SYNTHETIC data' if manifest.get('synthetic') else ''}")
+    for ld in loaders.values():
+        close = getattr(ld, "close", None)
+        if close:
+            close()
+    if tmp is not None:
+        tmp.cleanup()
+    return 0

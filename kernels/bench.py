@@ -45,10 +45,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fasttrain bench kernels", description=__doc__.split("\n")[0])
     p.add_argument("--json", action="store_true", help="one JSON object per measurement")
     p.add_argument("--shapes", choices=sorted(SHAPES), default="paper")
-    p.add_argument("--dims", type=str, default=None, help="comma-separated widths (default: per shapes)")
+    p.add_argument("--dims", type=str, default=None,
+                   help="comma-separated widths (default: those of --shapes)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
                    help="token dtype (default bf16 on CUDA, as under autocast; fp32 on CPU)")
-    p.add_argument("--ops", type=str, default=",".join(OPS), help="comma-separated subset of " + ", ".join(OPS))
+    p.add_argument("--ops", type=str, default=",".join(OPS),
+                   help="comma-separated subset of " + ", ".join(OPS))
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the references")
     p.add_argument("--reps", type=int, default=20, help="timing windows on CPU")
     args = p.parse_args(argv)
@@ -63,32 +65,37 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------
 
 class Problem:
-    """One op at one shape: `call(fn)` runs fn on the inputs and returns the output to backprop."""
+    """One op at one shape, with inputs laid out as the model passes them (slices included):
+    `runner(fn, pass_)` returns a closure running the forward (no_grad) or forward+backward."""
 
     def __init__(self, op: str, N: int, L: int, K: int, D: int, dtype: torch.dtype, device: str):
         g = torch.Generator(device="cpu").manual_seed(0)
-        self.op, self.D = op, D
         es = torch.empty((), dtype=dtype).element_size()
-        noise = torch.rand(N, L, generator=g)
-        ids_shuffle = noise.argsort(dim=1)  # [N, L]
-        ids_keep = ids_shuffle[:, :K].contiguous().to(device)  # [N, K]
-        ids_restore = ids_shuffle.argsort(dim=1).to(device)  # [N, L]
-        rand = lambda *shape, dt=dtype: torch.randn(*shape, generator=g).to(device, dt).requires_grad_(True)  # noqa: E731
+
+        def rand(*shape, dt=dtype, grad=True):
+            return torch.randn(*shape, generator=g).to(device, dt).requires_grad_(grad)
+
+        ids_shuffle = torch.rand(N, L, generator=g).argsort(dim=1).to(device)  # [N, L]
+        ids_keep = ids_shuffle[:, :K]  # [N, K] a strided slice, as MAE's random_masking returns
+        ids_restore = ids_shuffle.argsort(dim=1)  # [N, L]
         if op == "masked_gather":
-            x, pos = rand(N, L, D), rand(1, L, D, dt=torch.float32)  # fp32 param, as in the model
-            self.args, self.leaves = (x, ids_keep, pos), [x, pos]
+            # patch tokens (bf16 under autocast) + MAE's fixed fp32 sin-cos pos-embed (no grad):
+            # the sum, hence the output and its grad, is fp32 by type promotion.
+            x, pos = rand(N, L, D), rand(1, L, D, dt=torch.float32, grad=False)
+            self.args, self.leaves = (x, ids_keep, pos), [x]
             self.fns = (masked_gather_reference, masked_gather)
-            fwd = N * K * D * es + L * D * 4 + N * K * 8 + N * K * D * 4  # read rows+pos+ids, write
-            bwd = N * K * D * 4 + N * K * 8 + N * L * D * es + L * D * 4  # read grad+ids, write grads
+            fwd = N * K * (D * es + 8) + L * D * 4 + N * K * D * 4  # read rows, ids, pos; write
+            bwd = N * K * (D * 4 + 8) + N * L * D * es  # read grad, ids; write grad_x
         elif op == "unshuffle_with_mask_token":
-            x_vis, tok = rand(N, K, D), rand(1, 1, D, dt=torch.float32)
-            self.args, self.leaves = (x_vis, tok, ids_restore), [x_vis, tok]
+            # decoder tokens after decoder_embed, CLS dropped by a slice; learned fp32 mask token
+            latent, tok = rand(N, 1 + K, D), rand(D, dt=torch.float32)
+            self.args, self.leaves = (latent[:, 1:], tok, ids_restore), [latent, tok]
             self.fns = (unshuffle_with_mask_token_reference, unshuffle_with_mask_token)
             fwd = N * K * D * es + D * 4 + N * L * 8 + N * L * D * es
             bwd = N * L * D * es + N * L * 8 + N * K * D * es + D * 4
         else:  # l1_align over the visible tokens + CLS, as the distillation aligns them
             T = K + 1
-            s, t = rand(N, T, D), rand(N, T, D).detach()
+            s, t = rand(N, T, D), rand(N, T, D, grad=False)
             self.args, self.leaves = (s, t), [s]
             self.fns = (l1_align_reference, l1_align)
             fwd = 2 * N * T * D * es  # read s, t
@@ -147,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shape = SHAPES[args.shapes]
     dims = tuple(int(d) for d in args.dims.split(",")) if args.dims else shape["dims"]
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device == "cuda" else "fp32")]
+    dtype_name = args.dtype or ("bf16" if device == "cuda" else "fp32")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     use_triton_impl = device == "cuda" and HAS_TRITON
     note = sys.stderr if args.json else sys.stdout
     if not use_triton_impl:
@@ -159,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     copy_bw = _copy_gb_per_s(device)
     print(f"[bench kernels] device copy bandwidth {copy_bw:,.1f} GB/s; N={shape['N']} L={shape['L']} "
-          f"K={shape['K']} dtype={str(dtype).replace('torch.', '')}", file=note)
+          f"K={shape['K']} dtype={dtype_name}", file=note)
 
     records = []
     for D in dims:
@@ -173,12 +181,15 @@ def main(argv: list[str] | None = None) -> int:
                 if use_triton_impl:
                     fns["triton"] = prob.runner(entry, pass_)
                 with use_backend("triton" if use_triton_impl else "torch"):
-                    ms = _time_cuda(fns, prob.leaves) if device == "cuda" else _time_cpu(fns, args.reps)
+                    if device == "cuda":
+                        ms = _time_cuda(fns, prob.leaves)
+                    else:
+                        ms = _time_cpu(fns, args.reps)
                 for impl, t in ms.items():
                     gbs = prob.bytes[pass_] / (t * 1e-3) / 1e9
                     records.append(record(
                         "kernels", impl, op=op, impl=impl, **{"pass": pass_}, D=D, N=shape["N"],
-                        L=shape["L"], K=shape["K"], dtype=str(dtype).replace("torch.", ""),
+                        L=shape["L"], K=shape["K"], dtype=dtype_name,
                         ms=t, bytes=prob.bytes[pass_], gb_per_s=gbs, copy_gb_per_s=copy_bw,
                         pct_of_copy=100.0 * gbs / copy_bw, vs_eager=ms["eager"] / t, device=device))
     print_records(records, args.json, COLUMNS)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import subprocess
+import sys
 import types
 
 import pytest
@@ -340,6 +342,30 @@ def test_use_triton_rule(monkeypatch):
     assert not K.use_triton("op", kernel, cuda)
     with K.use_backend("triton"), pytest.raises(RuntimeError, match="triton is not installed"):
         K.use_triton("l1_align", kernel, cuda)
+
+
+def test_without_triton_everything_runs_the_reference(tmp_path):
+    """The triton import is guarded: with triton unimportable, auto runs the references and a
+    forced "triton" says what is missing (a fresh interpreter, triton blocked in sys.modules)."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, fasttrain.kernels as K\n"
+        "assert not K.HAS_TRITON\n"
+        "x = torch.randn(2, 8, 16, requires_grad=True); ids = torch.tensor([[0, 5], [3, 1]])\n"
+        "out = K.masked_gather(x, ids, torch.zeros(1, 8, 16)); out.sum().backward()\n"
+        "K.unshuffle_with_mask_token(out, torch.zeros(16), torch.arange(8).repeat(2, 1))\n"
+        "K.l1_align(x, x.detach() + 1).backward()\n"
+        "K.set_backend('triton')\n"
+        "try:\n"
+        "    K.l1_align(x, x)\n"
+        "except RuntimeError as e:\n"
+        "    assert 'triton is not installed' in str(e), e\n"
+        "    print('OK')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120, cwd=tmp_path)
+    assert res.returncode == 0 and res.stdout.strip() == "OK", res.stderr[-2000:]
 
 
 def _bad(fn, exc, match):

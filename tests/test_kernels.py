@@ -266,6 +266,36 @@ def test_strided_inputs(gen, triton_backend):
 
 
 # ----------------------------------------------------------------------------------------------
+# The pre-training step reaches the kernels only through the dispatch: same losses, same grads
+# ----------------------------------------------------------------------------------------------
+
+def test_etmae_step_same_on_both_backends(gen):
+    from fasttrain.models import build_etmae
+    torch.manual_seed(gen.initial_seed())
+    tiny = dict(img_size=32, patch_size=8, in_chans=1, decoder_embed_dim=32, decoder_depth=1,
+                decoder_num_heads=2)
+    model = build_etmae("mae_vit_tiny_patch16", "mae_vit_small_patch16", student_blocks=(1,),
+                        teacher_blocks=(1,), teacher_overrides=dict(depth=2, embed_dim=96, num_heads=2),
+                        depth=2, embed_dim=64, num_heads=2, **tiny)
+    imgs = torch.randn(3, 1, 32, 32, generator=gen)
+    noise = torch.rand(3, 16, generator=gen)  # same masking for both runs
+    runs = {}
+    for backend in ("torch", "triton"):
+        model.zero_grad()
+        with K.use_backend(backend), K.poison_outputs():
+            out = model(imgs, noise=noise)
+            out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        runs[backend] = (out.loss_mae.detach(), out.loss_dist.detach(), grads)
+    (ref_mae, ref_dist, ref_grads), (mae, dist, grads) = runs["torch"], runs["triton"]
+    torch.testing.assert_close(mae, ref_mae)
+    torch.testing.assert_close(dist, ref_dist)
+    assert grads.keys() == ref_grads.keys() and any("mask_token" in n for n in grads)
+    for name in grads:
+        _close(grads[name], ref_grads[name], torch.float32, f"grad {name}", gen)
+
+
+# ----------------------------------------------------------------------------------------------
 # torch.compile: the custom ops stay in the graph (fullgraph=True fails on any graph break)
 # ----------------------------------------------------------------------------------------------
 

@@ -25,6 +25,9 @@ def test_bench_step_json(capsys):
     assert recs[0]["ratio_vs_reference"] == 1.0
     assert recs[1]["ratio_vs_reference"] == pytest.approx(recs[1]["images_per_s"] / recs[0]["images_per_s"])
     assert recs[2]["ratio_vs_reference"] is None
+    from fasttrain.bench import summarize
+    table = summarize(recs).splitlines()
+    assert len(table) == 1 + len(recs) + 1 and "x reference" in table[2] and "img/s" in table[1]
     # The distillation step does more work than the student alone, by the teacher's forward.
     assert recs[1]["flops_per_image"] > recs[2]["flops_per_image"]
 

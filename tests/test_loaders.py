@@ -109,7 +109,7 @@ def test_training_batches_same_pixels_raw_vs_reference(phantoms):
     ld.set_epoch(3)
     step, idx = next(ld.sampler.batches())
     idx = np.sort(idx)
-    p = ld.augment.sample(len(idx), ld.sampler.generator(step))
+    p = ld.augment.sample(len(idx), ld.sampler.rng(step))
     x, _, pos = next(iter(ld.iter_with_index()))
     assert torch.equal(pos, torch.from_numpy(idx))
     packed = open_packed(phantoms["path"], "train", "raw")
@@ -306,3 +306,27 @@ def test_bench_loader_bad_input(tmp_path, capsys):
     from fasttrain.data.bench import main
     assert main(["--data", str(tmp_path)]) == 2
     assert "no manifest.json" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- CUDA (scripts/gpu_check.sh)
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["raw", "ffcv", "dali"])
+def test_cuda_loaders_match_cpu_raw(phantoms, kind):
+    """On the GPU: pinned raw / FFCV ToDevice / DALI nvJPEG + GPU resize give the CPU raw pixels (eval),
+    and train batches are channels-last bf16 on the device with aligned labels."""
+    cpu = build_loader(_cfg(phantoms["path"], "raw"), "train", False, img_size=56, in_chans=3)
+    ref = torch.cat([b[0] for b in _epoch(cpu)])
+    ld = build_loader(_cfg(phantoms["path"], kind), "train", False, img_size=56, in_chans=3, device="cuda")
+    x = torch.cat([b[0] for b in _epoch(ld)]).cpu()
+    d = (x - ref).abs() * torch.tensor(norm_stats("imagenet", 3)[1]).view(1, 3, 1, 1)
+    if kind == "dali":  # JPEG + DALI's own resize/crop rounding
+        assert d.mean().item() < 3 * GREY
+    else:
+        assert d.max().item() < 1e-4
+    tr = build_loader(_cfg(phantoms["path"], kind), "train", True, img_size=48, in_chans=1, device="cuda",
+                      dtype=torch.bfloat16)
+    tr.set_epoch(0)
+    for images, labels in tr:
+        assert images.is_cuda and images.dtype == torch.bfloat16 and labels.is_cuda
+        assert images.is_contiguous(memory_format=torch.channels_last) and images.shape[1:] == (1, 48, 48)

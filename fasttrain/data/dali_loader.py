@@ -24,7 +24,7 @@ import gc
 import torch
 
 from .loaders import INSTALL_HINT, BaseLoader, LoaderError
-from .sampler import batch_generator, mix_seed
+from .sampler import batch_rng, mix_seed
 
 
 def _import_dali():
@@ -141,7 +141,7 @@ class DALILoader(BaseLoader):
     def _finish(self, step: int, x: torch.Tensor) -> torch.Tensor:
         if self.gpu:  # DALI already cropped, flipped and scaled to [0, 1]: [b, s, s, 1]
             return self.augment.normalise(x[..., 0].to(self.augment.cdtype))
-        return self.augment(x, generator=batch_generator(self.seed, self.epoch, self.rank, step))
+        return self.augment(x, rng=batch_rng(self.seed, self.epoch, self.rank, step))
 
     def __iter__(self):
         for step, x, y, _ in self._batches():

@@ -118,7 +118,7 @@ class FFCVLoader(BaseLoader):
     def __iter__(self):
         step = self.start_step
         for x, y, _ in self._epoch_iterator():
-            images = self.augment(x, generator=self._generator(step))  # [b, C, h, w]
+            images = self.augment(x, rng=self._rng(step))  # [b, C, h, w]
             # FFCV reuses its output buffers batches_ahead + 2 batches later: copy the labels out
             yield images, y.to(self.device, non_blocking=True).clone()
             step += 1
@@ -127,12 +127,12 @@ class FFCVLoader(BaseLoader):
         """(images, labels, positions in the split): for tests and label-alignment checks."""
         step = self.start_step
         for x, y, i in self._epoch_iterator():
-            yield self.augment(x, generator=self._generator(step)), y.clone(), i.clone()
+            yield self.augment(x, rng=self._rng(step)), y.clone(), i.clone()
             step += 1
 
-    def _generator(self, step: int) -> torch.Generator:
-        from .sampler import batch_generator
-        return batch_generator(self.seed, self.epoch, self.rank, step)
+    def _rng(self, step: int) -> np.random.Generator:
+        from .sampler import batch_rng
+        return batch_rng(self.seed, self.epoch, self.rank, step)
 
     def describe(self) -> str:
         return f"ffcv {self.packed.beton} (order {self.order.name}, os_cache={bool(self.cfg.os_cache)})"

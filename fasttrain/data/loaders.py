@@ -193,8 +193,9 @@ class RawLoader(BaseLoader):
         super().set_epoch(epoch, start_step)
         self.sampler.set_epoch(epoch, start_step)
 
-    def _gather(self):
-        """Host side: yields (step, uint8 [b, H, W], labels [b, L]) in reading order."""
+    def _gather(self, plan: bool = True):
+        """Host side: yields (step, uint8 [b, H, W], labels [b, L], positions [b], augmentation plan)
+        in reading order; the plan (random draws + interpolation taps) is made here, in the thread."""
         h, w = self.image_size
         for step, idx in self.sampler.batches():
             # ascending file offsets within a batch: sequential-ish page cache / readahead reads;
@@ -203,22 +204,22 @@ class RawLoader(BaseLoader):
             buf = torch.empty((len(idx), h, w), dtype=torch.uint8, pin_memory=self.pin)  # [b, H, W]
             np.take(self.images, idx, axis=0, out=buf.numpy())  # one gather, GIL released
             labels = torch.from_numpy(self.labels[idx])  # [b, L] (fancy indexing copies)
-            yield step, buf, labels, torch.from_numpy(idx)
+            aug = self.augment.plan(len(idx), self.sampler.rng(step)) if plan else None
+            yield step, buf, labels, torch.from_numpy(idx), aug
 
     def feed(self):
         """uint8 batches ready for the device (pinned on CUDA), prefetched in the thread."""
-        for _, x, y, _ in Prefetcher(self._gather(), self.cfg.prefetch):
+        for _, x, y, _, _ in Prefetcher(self._gather(plan=False), self.cfg.prefetch):
             yield x, y
 
     def iter_with_index(self):
         """(images, labels, positions in the split): for tests and label-alignment checks."""
-        for step, x, y, i in Prefetcher(self._gather(), self.cfg.prefetch):
-            yield self.augment(x, generator=self.sampler.generator(step)), y, i
+        for _, x, y, i, plan in Prefetcher(self._gather(), self.cfg.prefetch):
+            yield self.augment.apply(x, plan), y, i
 
     def __iter__(self):
-        for step, x, y, _ in Prefetcher(self._gather(), self.cfg.prefetch):
-            gen = self.sampler.generator(step)
-            images = self.augment(x, generator=gen)  # [b, C, h, w] on device
+        for _, x, y, _, plan in Prefetcher(self._gather(), self.cfg.prefetch):
+            images = self.augment.apply(x, plan)  # [b, C, h, w] on device
             yield images, y.to(self.device, non_blocking=True)
 
     def describe(self) -> str:

@@ -12,6 +12,7 @@ Images come from one of two places, and `describe()` says which:
   - the source files listed by the packed ids (manifest "source"; per-split `files` list when the
     converter wrote one, else `<source>/<id>` or a file-name lookup under the source folder): the
     seed's exact inputs (e.g. 1024-px NIH PNGs).
+Workers are persistent (forked at the first epoch): the epoch travels with each index.
 Determinism: each sample's augmentation draws come from torch's RNG seeded with
 (seed, epoch, rank, position in the split), so they do not depend on the worker count or on where
 the epoch was resumed.
@@ -87,21 +88,40 @@ class _FirstChannels:
 
 
 class ReferenceDataset(torch.utils.data.Dataset):
-    def __init__(self, files: list[str], labels: np.ndarray, transform, seed: int, epoch: int, rank: int):
+    """Indexed by (epoch, position): the epoch travels with each index, so persistent workers
+    (forked once) still draw each epoch's augmentation."""
+
+    def __init__(self, files: list[str], labels: np.ndarray, transform, seed: int, rank: int):
         self.files, self.labels, self.transform = files, labels, transform
-        self.seed, self.epoch, self.rank = seed, epoch, rank
+        self.seed, self.rank = seed, rank
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, i = key
         with Image.open(self.files[i]) as im:
             img = im.convert("RGB")  # the seed's path: gray replicated to 3 channels
         # per-sample draws from (seed, epoch, rank, i); fork_rng leaves the caller's RNG alone
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(mix_seed(self.seed, self.epoch, self.rank, i, 0x4EF))
+            torch.manual_seed(mix_seed(self.seed, epoch, self.rank, i, 0x4EF))
             x = self.transform(img)  # [C, h, w] float32
         return x, torch.tensor(self.labels[i]), i  # [C, h, w], [L], position
+
+
+class _EpochBatches:
+    """batch_sampler over the loader's current (epoch, start_step): re-read at every iter()."""
+
+    def __init__(self, sampler: EpochSampler):
+        self.sampler = sampler
+
+    def __iter__(self):
+        e = self.sampler.epoch
+        for _, idx in self.sampler.batches():
+            yield [(e, int(i)) for i in idx]
+
+    def __len__(self) -> int:
+        return len(self.sampler) - self.sampler.start_step
 
 
 class ReferenceLoader(BaseLoader):
@@ -136,6 +156,7 @@ class ReferenceLoader(BaseLoader):
         self.transform = T.Compose(geo + [T.ToTensor(), T.Normalize(mean3, std3), _FirstChannels(self.in_chans)])
         self.sampler = EpochSampler(len(packed), self.batch_size, shuffle=self.train, seed=self.seed,
                                     rank=self.rank, world_size=self.world_size, drop_last=self.drop_last)
+        self._dl = None
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -149,12 +170,13 @@ class ReferenceLoader(BaseLoader):
         self.sampler.set_epoch(epoch, start_step)
 
     def _dataloader(self):
-        ds = ReferenceDataset(self.files, self.labels, self.transform, self.seed, self.epoch, self.rank)
-        batches = [idx.tolist() for _, idx in self.sampler.batches()]
-        workers = max(0, int(self.cfg.num_workers))
-        return torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=workers,
-                                           pin_memory=self.pin, persistent_workers=False,
-                                           prefetch_factor=max(1, int(self.cfg.prefetch)) if workers else None)
+        if self._dl is None:  # one DataLoader, persistent workers: forked once, not every epoch
+            ds = ReferenceDataset(self.files, self.labels, self.transform, self.seed, self.rank)
+            workers = max(0, int(self.cfg.num_workers))
+            self._dl = torch.utils.data.DataLoader(
+                ds, batch_sampler=_EpochBatches(self.sampler), num_workers=workers, pin_memory=self.pin,
+                persistent_workers=workers > 0, prefetch_factor=max(1, int(self.cfg.prefetch)) if workers else None)
+        return self._dl
 
     def iter_with_index(self):
         for x, y, i in self._dataloader():

@@ -15,7 +15,6 @@ the raw, reference and (CPU) DALI paths so that they agree sample for sample.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 
 def mix_seed(*parts: int) -> int:
@@ -24,9 +23,9 @@ def mix_seed(*parts: int) -> int:
     return int((int(state[0]) << 31) ^ int(state[1])) & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def batch_generator(seed: int, epoch: int, rank: int, step: int) -> torch.Generator:
-    """The CPU generator for batch `step`'s augmentation draws."""
-    return torch.Generator().manual_seed(mix_seed(seed, epoch, rank, step, 0xA06))
+def batch_rng(seed: int, epoch: int, rank: int, step: int) -> np.random.Generator:
+    """The host generator for batch `step`'s augmentation draws."""
+    return np.random.Generator(np.random.PCG64(mix_seed(seed, epoch, rank, step, 0xA06)))
 
 
 class EpochSampler:
@@ -77,5 +76,5 @@ class EpochSampler:
         for step in range(step0, len(self)):
             yield step, shard[step * b:(step + 1) * b]
 
-    def generator(self, step: int) -> torch.Generator:
-        return batch_generator(self.seed, self.epoch, self.rank, step)
+    def rng(self, step: int) -> np.random.Generator:
+        return batch_rng(self.seed, self.epoch, self.rank, step)

@@ -64,6 +64,17 @@ def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t / info.world_size
 
 
+def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.parallel.DistributedDataParallel:
+    """DDP over the trainable model; a frozen distillation teacher (`teacher.*`) stays outside:
+    no gradient buckets and no broadcast of its weights (each rank loads it from its file)."""
+    DDP = torch.nn.parallel.DistributedDataParallel
+    ignore = [n for n, _ in list(model.named_parameters()) + list(model.named_buffers())
+              if n.startswith("teacher.")]
+    DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
+    return DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+               broadcast_buffers=False)
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from fasttrain.train import checkpoint as ckpt_io
-from fasttrain.train.dist import DistInfo, all_reduce_mean, barrier, init_distributed
+from fasttrain.train.dist import DistInfo, all_reduce_mean, barrier, init_distributed, wrap_ddp
 from fasttrain.train.engine import make_step, unwrap
 from fasttrain.train.optim import Schedule, absolute_lr, build_optimizer
 from fasttrain.train.runlog import RunLog, setup_logging
@@ -97,13 +97,7 @@ class Trainer:
                                  total_steps=schedule_steps)
         self.ddp = None
         if info.enabled:
-            # The frozen teacher stays outside DDP: no gradient buckets, no broadcast of its weights.
-            ignore = [n for n, _ in list(model.named_parameters()) + list(model.named_buffers())
-                      if n.startswith("teacher.")]
-            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
-            self.ddp = nn.parallel.DistributedDataParallel(
-                model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
-                broadcast_buffers=False)
+            self.ddp = wrap_ddp(model, info)  # the frozen teacher stays outside DDP
         self.step = make_step(cfg, model, self.optimizer, kind=kind, schedule=self.schedule, rank=info.rank,
                               ddp=self.ddp, device=info.device)
         self.run = RunLog(cfg.run.out, enabled=info.is_main, cfg=cfg, device=str(info.device),

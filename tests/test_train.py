@@ -1,0 +1,293 @@
+"""Trainer: schedule, checkpoints, resume (kill -9 then --resume == uninterrupted), NaN stop,
+bad-input errors before training, evaluation with bootstrap CIs."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fasttrain.config import ConfigError, build_config
+from fasttrain.train.checkpoint import load_checkpoint, save_atomic
+from fasttrain.train.evaluate import bootstrap_auc
+from fasttrain.train.optim import Schedule, lr_at
+
+PY = sys.executable
+TINY_MAE = """
+model:
+  name: mae_vit_tiny_patch16
+  img_size: 32
+  patch_size: 8
+  embed_dim: 32
+  depth: 2
+  num_heads: 2
+  decoder_embed_dim: 32
+  decoder_depth: 1
+  decoder_num_heads: 2
+data:
+  batch_size: 8
+  eval_resize: 32
+optim:
+  epochs: 2
+  blr: 1.0e-2
+  warmup_epochs: 1
+engine:
+  compile: false
+run:
+  log_every: 2
+  ckpt_every: 2
+  progress: false
+  tensorboard: false
+"""
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory) -> Path:
+    """A tiny packed phantom dataset (train/val/test) through the real converters."""
+    from fasttrain.converters.nih import convert_nih
+    from fasttrain.converters.synthetic import generate_phantoms
+    root = tmp_path_factory.mktemp("phantoms")
+    generate_phantoms(root / "src", 80, seed=0, size=32, workers=1, progress=False)
+    return convert_nih(root / "src", root / "packed", formats=("raw",), size=32, val_fraction=0.2,
+                       workers=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_yaml(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    p.write_text(TINY_MAE)
+    return p
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def test_warmup_then_cosine_per_step():
+    kw = dict(base_lr=1.0, min_lr=0.1, warmup_steps=10, total_steps=110)
+    assert lr_at(0, **kw) == 0.0
+    assert lr_at(5, **kw) == pytest.approx(0.5)
+    assert lr_at(10, **kw) == pytest.approx(1.0)
+    assert lr_at(60, **kw) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
+    assert lr_at(110, **kw) == pytest.approx(0.1)
+    assert lr_at(500, **kw) == pytest.approx(0.1)
+    vals = [lr_at(s, **kw) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))  # monotone decay after warm-up
+
+
+def test_schedule_applies_layer_decay_scales():
+    from fasttrain.models import create_model, param_groups_layer_decay
+    from fasttrain.train.optim import build_optimizer
+    clf = create_model("vit_tiny_patch16", img_size=32, patch_size=8, in_chans=1, embed_dim=32, depth=2,
+                       num_heads=2, num_classes=3)
+    groups = param_groups_layer_decay(clf, 0.05, 0.5)
+    cfg = build_config(None, ["--optim.betas=[0.9, 0.999]"])
+    opt = build_optimizer(groups, 1.0, cfg.optim)
+    Schedule(opt, base_lr=1.0, min_lr=0.0, warmup_steps=0, total_steps=10).apply(0)
+    by_layer = {g["layer_id"]: g["lr"] for g in opt.param_groups}
+    assert by_layer[3] == pytest.approx(1.0)  # head: full lr
+    assert by_layer[0] == pytest.approx(0.5 ** 3)  # patch embedding: decay ** (depth + 1)
+    assert opt.param_groups[0]["betas"] == (0.9, 0.999)
+    assert opt.defaults.get("fused") is True  # the fused AdamW kernel on CPU (torch >= 2.4)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def test_atomic_save_leaves_old_file_on_failure(tmp_path):
+    path = tmp_path / "last.pt"
+    save_atomic({"model": {"w": torch.ones(2)}}, path)
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+    with pytest.raises(Exception):
+        save_atomic({"model": {"w": torch.zeros(2)}, "x": Boom()}, path)
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+def test_unreadable_checkpoint_error_names_file(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="bad.pt: not a readable checkpoint"):
+        load_checkpoint(bad)
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+# ----------------------------------------------------------------------------- runs
+
+def _pretrain(tiny_yaml, packed, out, *extra, resume=False):
+    from fasttrain.train.pretrain import run_pretrain
+    cfg = build_config(tiny_yaml, [f"--data.path={packed}", f"--run.out={out}", *extra])
+    return run_pretrain(cfg, resume=resume)
+
+
+def test_pretrain_run_dir_contents(tiny_yaml, packed, tmp_path):
+    out = tmp_path / "run"
+    s = _pretrain(tiny_yaml, packed, out, "--run.tensorboard=true")
+    for f in ("config.yaml", "provenance.json", "metrics.jsonl", "summary.json", "checkpoints/last.pt"):
+        assert (out / f).is_file(), f
+    assert list((out / "tb").iterdir()), "no TensorBoard events"
+    prov = json.loads((out / "provenance.json").read_text())
+    assert "torch" in prov["versions"] and prov["device"]
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r["phase"] == "train"]
+    assert train and all({"loss_mae", "loss_dist", "lr", "images_per_s"} <= set(r) for r in train)
+    ck = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert ck["kind"] == "pretrain" and ck["step"]["opt_step"] == s["steps"] > 0
+    assert build_config(out / "config.yaml").to_dict() == ck["config"]
+
+
+def test_nan_loss_stops_naming_step_and_last_checkpoint(tiny_yaml, packed, tmp_path):
+    """A loader that starts yielding NaN images at batch 5: the run stops at that step and names
+    the last checkpoint written before it (step 4, ckpt_every=2)."""
+    from fasttrain.data import build_loader
+    from fasttrain.train import loop
+    from fasttrain.train.builders import build_pretrain_model
+    from fasttrain.train.optim import param_groups_weight_decay
+    cfg = build_config(tiny_yaml, [f"--data.path={packed}", f"--run.out={tmp_path / 'run'}", "--run.log_every=3"])
+    info = loop.setup(cfg)
+    real = build_loader(cfg.data, "train", True, img_size=32, in_chans=1)
+
+    class Poisoned:
+        label_names, num_samples = real.label_names, real.num_samples
+
+        def __len__(self):
+            return len(real)
+
+        def set_epoch(self, epoch, start_step=0):
+            self.epoch = epoch
+            real.set_epoch(epoch, start_step)
+
+        def __iter__(self):
+            for i, (x, y) in enumerate(real):
+                yield (x * float("nan") if self.epoch * len(real) + i >= 5 else x), y
+
+    model = build_pretrain_model(cfg)
+    tr = loop.Trainer(cfg, "pretrain", model, Poisoned(), info,
+                      groups=param_groups_weight_decay(model, 0.05))
+    with pytest.raises(loop.TrainingDiverged, match=r"non-finite loss at step 5 .*last.pt \(step 4\)"):
+        tr.fit()
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"]["opt_step"] == 4
+    ck = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_missing_and_wrong_teacher_fail_before_training(tiny_yaml, packed, tmp_path):
+    from fasttrain.models.checkpoints import CheckpointError
+    with pytest.raises(FileNotFoundError, match="teacher checkpoint not found: .*nope.pt"):
+        _pretrain(tiny_yaml, packed, tmp_path / "a", f"--distill.teacher_ckpt={tmp_path / 'nope.pt'}")
+    # a Xiao-layout file of a different width than the named teacher: strict load lists the keys
+    from fasttrain.models import create_model
+    other = create_model("mae_vit_small_patch16", img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2,
+                         decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+    torch.save({"model": other.state_dict()}, tmp_path / "teacher.pth")
+    with pytest.raises(CheckpointError, match="blocks.0.attn.qkv.weight"):
+        _pretrain(tiny_yaml, packed, tmp_path / "b", f"--distill.teacher_ckpt={tmp_path / 'teacher.pth'}",
+                  "--distill.teacher=mae_vit_small_patch16", "--distill.teacher_embed_dim=64",
+                  "--distill.teacher_depth=2", "--distill.teacher_num_heads=2",
+                  "--distill.student_blocks=[1]", "--distill.teacher_blocks=[1]")
+    with pytest.raises(ConfigError, match="distill.teacher"):
+        _pretrain(tiny_yaml, packed, tmp_path / "c", f"--distill.teacher_ckpt={tmp_path / 'teacher.pth'}")
+    assert not (tmp_path / "b" / "checkpoints").exists() and not (tmp_path / "c").exists()
+
+
+def test_label_count_mismatch_fails_before_training(tiny_yaml, packed, tmp_path):
+    from fasttrain.train.finetune import run_finetune
+    cfg = build_config(tiny_yaml, [f"--data.path={packed}", f"--run.out={tmp_path / 'ft'}",
+                                   "--model.name=vit_tiny_patch16", "--model.num_classes=5"])
+    with pytest.raises(ConfigError, match="14 labels but model.num_classes = 5"):
+        run_finetune(cfg)
+    assert not (tmp_path / "ft").exists()
+    cfg = build_config(tiny_yaml, [f"--data.path={packed}", f"--run.out={tmp_path / 'ft'}",
+                                   "--model.name=vit_tiny_patch16", "--model.num_classes=14",
+                                   "--data.val_split=valid"])
+    with pytest.raises(ConfigError, match="split 'valid' is not in"):
+        run_finetune(cfg)
+
+
+def _final_weights(run: Path) -> dict:
+    return load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted(tiny_yaml, packed, tmp_path):
+    """Distillation run (teacher from a first run), run.deterministic=true, checkpoint every
+    2 steps: SIGKILL mid-run, --resume, and the final weights equal the uninterrupted run's."""
+    teacher = tmp_path / "teacher"
+    _pretrain(tiny_yaml, packed, teacher, "--optim.epochs=1")
+    args = [PY, "-m", "fasttrain.cli", "pretrain", "--config", str(tiny_yaml),
+            "--teacher", str(teacher / "checkpoints" / "last.pt"), f"--data.path={packed}",
+            "--distill.student_blocks=[1]", "--distill.teacher_blocks=[1]", "--run.deterministic=true",
+            "--optim.epochs=3", "--run.log_every=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full = tmp_path / "full"
+    subprocess.run(args + ["--out", str(full)], check=True, env=env, capture_output=True, timeout=300)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(args + ["--out", str(killed)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpt = killed / "checkpoints" / "last.pt"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.is_file() and load_checkpoint(ckpt)["step"]["opt_step"] >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed: make it longer"
+    time.sleep(0.3)  # somewhere between checkpoints
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = load_checkpoint(ckpt)["step"]["opt_step"]
+    total = load_checkpoint(full / "checkpoints" / "last.pt")["step"]["opt_step"]
+    assert killed_at < total
+    r = subprocess.run(args + ["--out", str(killed), "--resume"], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = _final_weights(full), _final_weights(killed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # metrics.jsonl reads as one run: each logged step once
+    steps = [json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def test_bootstrap_auc_known_values_and_undefined_label():
+    # label 0: perfectly separated (AUC 1); label 1: AUC = 0.75 by hand; label 2: only negatives
+    y = np.array([[1, 1, 0], [1, 0, 0], [0, 1, 0], [0, 0, 0], [1, np.nan, 0], [0, 0, 0]], dtype=float)
+    s = np.array([[0.9, 0.8, 0.1], [0.8, 0.7, 0.2], [0.2, 0.3, 0.3], [0.1, 0.1, 0.4], [0.7, 0.9, 0.5],
+                  [0.3, 0.2, 0.6]])
+    # label 1, known rows: pos scores {0.8, 0.3}, neg {0.7, 0.1, 0.2}: 5 of 6 pairs ordered -> 5/6
+    with pytest.warns(RuntimeWarning, match="undefined"):
+        res = bootstrap_auc(y, s, ["a", "b", "c"], n_boot=200, seed=0)
+    assert res["labels"]["a"]["auc"] == 1.0 and res["labels"]["b"]["auc"] == pytest.approx(5 / 6)
+    assert res["labels"]["c"]["defined"] is False and res["labels"]["c"]["ci95"] is None
+    assert res["undefined_labels"] == ["c"]
+    assert res["mauc"] == pytest.approx((1 + 5 / 6) / 2)
+    lo, hi = res["labels"]["b"]["ci95"]
+    assert 0 <= lo <= 5 / 6 <= hi <= 1
+    assert res["mauc_ci95"][0] <= res["mauc"] <= res["mauc_ci95"][1]
+    with pytest.warns(RuntimeWarning):
+        again = bootstrap_auc(y, s, ["a", "b", "c"], n_boot=200, seed=0)
+    assert again == res  # seeded resampling
+
+
+def test_bootstrap_ci_narrows_with_more_images():
+    rng = np.random.default_rng(0)
+
+    def ci_width(n):
+        y = rng.integers(0, 2, size=(n, 1)).astype(float)
+        s = y + rng.normal(0, 1.0, size=(n, 1))
+        r = bootstrap_auc(y, s, ["x"], n_boot=300, seed=1)
+        lo, hi = r["labels"]["x"]["ci95"]
+        assert lo <= r["labels"]["x"]["auc"] <= hi
+        return hi - lo
+    assert ci_width(2000) < ci_width(100) / 2

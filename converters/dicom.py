@@ -70,7 +70,9 @@ def pixels_to_unit(ds) -> np.ndarray:
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
         lut = ds.VOILUTSequence[0]
         bits = int(lut.LUTDescriptor[2])
-        x = np.asarray(apply_voi_lut(x, ds, index=0, prefer_lut=True), dtype=np.float32) / float(2 ** bits - 1)
+        # the LUT is indexed by integer values (the modality output, rounded)
+        x = np.asarray(apply_voi_lut(np.rint(x).astype(np.int32), ds, index=0, prefer_lut=True),
+                       dtype=np.float32) / float(2 ** bits - 1)
     elif "WindowCenter" in ds and "WindowWidth" in ds:
         x = _window(x, _first(ds.WindowCenter), _first(ds.WindowWidth), str(getattr(ds, "VOILUTFunction", "LINEAR")))
     else:  # no VOI: the image's own range

@@ -130,7 +130,7 @@ def draw_phantom(seed: int, index: int, size: int = 256) -> Phantom:
     has = dict(zip(NIH_LABELS, y.astype(bool)))
 
     # ---- anatomy (nuisance variation: position, body and lung size, heart size, exposure)
-    dx, dy = rng.uniform(-0.05, 0.05), rng.uniform(-0.04, 0.04)
+    dx, dy = rng.uniform(-0.03, 0.03), rng.uniform(-0.03, 0.03)
     body_w = rng.uniform(0.82, 0.95)
     lung_rx, lung_ry = rng.uniform(0.25, 0.30), rng.uniform(0.55, 0.64)
     lung_cy = -0.08 + dy
@@ -154,19 +154,19 @@ def draw_phantom(seed: int, index: int, size: int = 256) -> Phantom:
     # vessel markings: smooth noise, stronger toward the hila; absent beyond a pneumothorax edge
     small = rng.standard_normal((8, 8)).astype(np.float32)
     markings = cv2.resize(small, (work, work), interpolation=cv2.INTER_CUBIC)
-    markings *= 0.05 * (1.2 - np.minimum(np.abs(np.abs(U - dx) - 0.22) / 0.3, 1.0))
+    markings *= 0.035 * (1.2 - np.minimum(np.abs(np.abs(U - dx) - 0.22) / 0.3, 1.0))
     # ribs: curved bright bands across each lung
     rib_period = rng.uniform(0.15, 0.19)
     rib_phase = rng.uniform(0, 1)
     ribs = 0.5 + 0.5 * np.cos(2 * np.pi * ((V + 0.45 * (U - dx) ** 2) / rib_period + rib_phase))
-    ribs = np.clip((ribs - 0.55) * 3.0, 0, 1) * 0.10
+    ribs = np.clip((ribs - 0.55) * 3.0, 0, 1) * 0.07
 
     lung_dark = 0.36 + (0.10 if has["Emphysema"] else 0.0)
     ptx_mask = None
     if has["Pneumothorax"]:
         side = rng.integers(2)
         cx = lcx[side]
-        shrink = rng.uniform(0.62, 0.72)
+        shrink = rng.uniform(0.55, 0.66)
         # collapsed lung: a smaller ellipse pulled toward the hilum; beyond it, air only
         lateral_sign = side * 2 - 1  # image-left lung's lateral wall is at -u
         inner = _ellipse(U, V, cx - lateral_sign * lung_rx * (1 - shrink) * 0.9,
@@ -175,13 +175,13 @@ def draw_phantom(seed: int, index: int, size: int = 256) -> Phantom:
         ptx_mask = np.where(side_mask, lungs * (1 - inner), 0).astype(np.float32)
         edge = np.where(side_mask, np.clip(1 - np.abs(inner - 0.5) * 2.2, 0, 1), 0) * lungs
         markings = markings * (1 - ptx_mask)
-        img += 0.28 * edge  # visceral pleural line
+        img += 0.35 * edge  # visceral pleural line
     img -= lung_dark * lungs
     if ptx_mask is not None:
-        img -= 0.15 * ptx_mask
+        img -= 0.20 * ptx_mask
     img += lungs * (markings + ribs)
 
-    heart_rx = rng.uniform(0.22, 0.27) * (1.55 if has["Cardiomegaly"] else 1.0)
+    heart_rx = rng.uniform(0.22, 0.27) * (1.65 if has["Cardiomegaly"] else 1.0)
     heart_ry = rng.uniform(0.20, 0.24) * (1.15 if has["Cardiomegaly"] else 1.0)
     hcx, hcy = dx + 0.10 + (0.06 if has["Cardiomegaly"] else 0.0), lung_cy + lung_ry * 0.42
     # the heart is soft tissue: where it overlaps a lung it replaces the lung's darkness
@@ -202,82 +202,82 @@ def draw_phantom(seed: int, index: int, size: int = 256) -> Phantom:
         cx += (side * 2 - 1) * lung_rx * 0.25  # lateral: clear of the heart
         ang = rng.uniform(-0.35, 0.35)
         _add_local(img, U, V, cx, cy, 0.22, 0.22,
-                   lambda u, v: 0.30 * _ellipse(u, v, cx, cy, 0.20, 0.035, 0.3, ang))
+                   lambda u, v: 0.38 * _ellipse(u, v, cx, cy, 0.22, 0.05, 0.3, ang))
     if has["Effusion"]:
         side = rng.integers(2)
         cx = lcx[side]
-        level = lung_cy + lung_ry * rng.uniform(0.25, 0.45)
+        level = lung_cy + lung_ry * rng.uniform(0.12, 0.35)
         lateral = (U - cx) * (side * 2 - 1) / lung_rx  # 1 at the lateral wall
         meniscus = level - 0.18 * np.clip(lateral, 0, 1) ** 2  # fluid climbs the lateral wall
         fluid = np.clip((V - meniscus) / 0.03, 0, 1) * np.clip(1 - np.abs(U - cx) / (lung_rx * 1.15), 0, 1) ** 0.3
         img += 0.40 * fluid * lungs
     if has["Infiltration"]:
-        for _ in range(rng.integers(3, 7)):
+        for _ in range(rng.integers(4, 8)):
             side = rng.integers(2)
             cx, cy = lung_point(side, -0.6, 0.6)
-            s = rng.uniform(0.05, 0.08)
-            _add_local(img, U, V, cx, cy, 3 * s, 3 * s, lambda u, v: 0.20 * _gauss(u, v, cx, cy, s, s))
+            s = rng.uniform(0.06, 0.09)
+            _add_local(img, U, V, cx, cy, 3 * s, 3 * s, lambda u, v: 0.24 * _gauss(u, v, cx, cy, s, s))
     if has["Mass"]:
         side = rng.integers(2)
         cx, cy = lung_point(side, -0.5, 0.4, 0.5)
-        r = rng.uniform(0.10, 0.15)
+        r = rng.uniform(0.12, 0.17)
         _add_local(img, U, V, cx, cy, r * 1.3, r * 1.3,
-                   lambda u, v: 0.38 * _ellipse(u, v, cx, cy, r, r * rng.uniform(0.85, 1.1), 0.25))
+                   lambda u, v: 0.42 * _ellipse(u, v, cx, cy, r, r * rng.uniform(0.85, 1.1), 0.25))
     if has["Nodule"]:
-        for _ in range(rng.integers(1, 4)):
+        for _ in range(rng.integers(2, 5)):
             side = rng.integers(2)
             cx, cy = lung_point(side, -0.7, 0.5)
-            r = rng.uniform(0.045, 0.06)
+            r = rng.uniform(0.055, 0.07)
             _add_local(img, U, V, cx, cy, r * 1.5, r * 1.5,
-                       lambda u, v: 0.42 * _ellipse(u, v, cx, cy, r, r, 0.35))
+                       lambda u, v: 0.48 * _ellipse(u, v, cx, cy, r, r, 0.35))
     if has["Pneumonia"]:
         side = rng.integers(2)
         cx, cy = lung_point(side, 0.15, 0.45, 0.3)
-        s = rng.uniform(0.12, 0.16)
+        s = rng.uniform(0.14, 0.18)
         _add_local(img, U, V, cx, cy, 3 * s, 3 * s,
-                   lambda u, v: 0.36 * _gauss(u, v, cx, cy, s, s * 0.8) * lungs[_box(work, cx, cy, 3 * s, 3 * s)])
+                   lambda u, v: 0.42 * _gauss(u, v, cx, cy, s, s * 0.8) * lungs[_box(work, cx, cy, 3 * s, 3 * s)])
     if has["Consolidation"]:
         side = rng.integers(2)
         fissure = lung_cy + lung_ry * rng.uniform(-0.35, -0.1)
         sl = _box(work, lcx[side], lung_cy, lung_rx * 1.1, lung_ry * 1.1)
-        img[sl] += 0.30 * lungs[sl] * np.clip((fissure - V[sl]) / 0.015, 0, 1) * \
+        img[sl] += 0.36 * lungs[sl] * np.clip((fissure - V[sl]) / 0.015, 0, 1) * \
             (np.abs(U[sl] - lcx[side]) < lung_rx * 1.1)
     if has["Edema"]:
         s = rng.uniform(0.14, 0.18)
         for cx in (dx - 0.24, dx + 0.24):
             cy = lung_cy + lung_ry * 0.1
             _add_local(img, U, V, cx, cy, 3 * s, 3 * s,
-                       lambda u, v: 0.30 * _gauss(u, v, cx, cy, s, s * 1.3) * lungs[_box(work, cx, cy, 3 * s, 3 * s)])
+                       lambda u, v: 0.36 * _gauss(u, v, cx, cy, s, s * 1.3) * lungs[_box(work, cx, cy, 3 * s, 3 * s)])
     if has["Fibrosis"]:
-        period = 0.10
+        period = 0.12
         net = (np.abs(np.sin(np.pi * (U - dx) / period)) < 0.35) | (np.abs(np.sin(np.pi * V / period)) < 0.35)
-        zone = np.clip((V - (lung_cy + lung_ry * 0.05)) / 0.1, 0, 1)
-        img += 0.16 * net * zone * lungs
+        zone = np.clip((V - (lung_cy - lung_ry * 0.1)) / 0.1, 0, 1)
+        img += 0.22 * net * zone * lungs
     if has["Pleural_Thickening"]:
         side = rng.integers(2)
         cx = lcx[side]
         sl = _box(work, cx, lung_cy, lung_rx * 1.2, lung_ry * 1.1)
         u, v = U[sl], V[sl]
         r = np.sqrt(((u - cx) / lung_rx) ** 2 + ((v - lung_cy) / lung_ry) ** 2)
-        band = np.clip(1 - np.abs(r - 0.86) / 0.13, 0, 1) * ((u - cx) * (side * 2 - 1) > 0) * (v < lung_cy + 0.2)
-        img[sl] += 0.32 * band
+        band = np.clip(1 - np.abs(r - 0.84) / 0.16, 0, 1) * ((u - cx) * (side * 2 - 1) > 0) * (v < lung_cy + 0.35)
+        img[sl] += 0.40 * band
     if has["Hernia"]:
         cx, cy = dx - 0.02, hcy + heart_ry * 0.35
-        r = rng.uniform(0.09, 0.11)
+        r = rng.uniform(0.11, 0.13)
 
         def hernia(u, v):
             disk = _ellipse(u, v, cx, cy, r, r * 0.9, 0.2)
             air = np.clip((cy - 0.01 - v) / 0.01, 0, 1)  # gas above the fluid level
-            return disk * (0.18 - 0.48 * air)
+            return disk * (0.15 - 0.60 * air)
         _add_local(img, U, V, cx, cy, r * 1.3, r * 1.3, hernia)
 
     # ---- exposure, blur, noise, quantisation
-    gain, offset = rng.uniform(0.85, 1.1), rng.uniform(-0.04, 0.04)
+    gain, offset = rng.uniform(0.9, 1.05), rng.uniform(-0.03, 0.03)
     img = img * gain + offset
     img = cv2.GaussianBlur(img, (0, 0), sigmaX=0.6)
     if size != work:
         img = cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)  # [S, S]
-    sigma = rng.uniform(0.012, 0.025)
+    sigma = rng.uniform(0.01, 0.02)
     if size <= 1024:
         oy, ox = rng.integers(0, size, 2)
         img += _noise_bank(size)[oy:oy + size, ox:ox + size] * sigma

@@ -176,3 +176,38 @@ def test_dicom_bad_input(tmp_path):
     csv.write_text(csv.read_text().replace("d9999999", "d0000004-12bit-plain"))
     with pytest.raises(ConvertError, match=r"labels.csv row 5: split 'holdout'"):
         dc(tmp_path / "mimic", tmp_path / "out3")
+
+
+def test_dicom_voi_lut_sequence_and_sigmoid_window():
+    """The VOI LUT Sequence is preferred to the window; SIGMOID windows follow PS3.3 C.11.2.1.3."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+    from fasttrain.converters.dicom import pixels_to_unit
+
+    def ds_with(stored):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.Rows, ds.Columns = stored.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelData = stored.astype("<u2").tobytes()
+        return ds
+
+    stored = np.arange(0, 4096, 64, dtype=np.uint16).reshape(8, 8)
+    ds = ds_with(stored)
+    ds.WindowCenter, ds.WindowWidth = 100, 50  # ignored: the LUT wins
+    item = Dataset()
+    first, n = 1000, 2048
+    item.LUTDescriptor = [n, first, 10]
+    lut = (np.linspace(0, 1, n) ** 2 * 1023).astype(np.uint16)
+    item.LUTData = lut.tolist()
+    ds.VOILUTSequence = pydicom.Sequence([item])
+    got = pixels_to_unit(ds)
+    ref = lut[np.clip(stored.astype(int) - first, 0, n - 1)] / 1023.0
+    np.testing.assert_allclose(got, ref, atol=1e-6)
+
+    ds = ds_with(stored)
+    ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = 2000, 1000, "SIGMOID"
+    np.testing.assert_allclose(pixels_to_unit(ds), 1 / (1 + np.exp(-4 * (stored - 2000.0) / 1000)), atol=1e-6)

@@ -92,8 +92,9 @@ def _tiles(R: int, D: int) -> tuple[int, int]:
 
 
 def _warps(br: int, bd: int) -> int:
-    """Two fp32 [BR, BD] tiles live in registers: 8 warps keep a 4K-element tile at 32 values
-    per thread and tensor (4 warps would spill on wide rows)."""
+    """Two fp32 [BR, BD] tiles (s, t) plus temporaries live in registers: 8 warps hold a
+    4K-element tile at 16 values per thread and tensor, 4 warps would need 32 (spill risk).
+    A guess until a GPU measures it."""
     return 8 if br * bd >= 4096 else 4
 
 

@@ -214,8 +214,8 @@ def bounded_imap(fn: Callable, tasks: Iterable, workers: int, window: Optional[i
                  initializer: Optional[Callable] = _worker_init) -> Iterator:
     """Ordered `map(fn, tasks)` over a process pool with at most `window` tasks in flight.
 
-    `Pool.imap` queues every result the workers produce even when the consumer is slower; the
-    window bounds memory whatever the dataset size. workers <= 1 runs in this process (tests,
+    `Pool.imap` / `Executor.map` queue every result the workers produce even when the consumer
+    is slower; the window bounds memory whatever the dataset size. workers <= 1 runs in this process (tests,
     tiny sets: no fork cost). fork, not spawn: workers start in milliseconds and inherit the
     memmaps; they only run numpy / PIL / cv2 / simplejpeg, no threads of the parent.
     """
@@ -223,21 +223,31 @@ def bounded_imap(fn: Callable, tasks: Iterable, workers: int, window: Optional[i
         for t in tasks:
             yield fn(t)
         return
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
     ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     window = window or 4 * workers
-    with ctx.Pool(workers, initializer=initializer) as pool:
+    # ProcessPoolExecutor, not multiprocessing.Pool: when a worker dies (OOM killer, segfault in a
+    # decoder) Pool waits forever for the lost task; the executor raises BrokenProcessPool.
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=initializer) as pool:
         pending = []
         it = iter(tasks)
         for t in it:
-            pending.append(pool.apply_async(fn, (t,)))
+            pending.append(pool.submit(fn, t))
             if len(pending) >= window:
                 break
-        while pending:
-            res = pending.pop(0).get()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append(pool.apply_async(fn, (nxt,)))
-            yield res
+        try:
+            while pending:
+                res = pending.pop(0).result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append(pool.submit(fn, nxt))
+                yield res
+        except BrokenProcessPool as e:
+            raise ConvertError(f"a worker process died ({e}); out of memory? retry with fewer --workers") from e
+        finally:
+            for f in pending:
+                f.cancel()
 
 
 def decode_stream(paths: Sequence[str], decode: DecodeFn, size: int, workers: int,

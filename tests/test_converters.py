@@ -283,3 +283,19 @@ def test_cli_convert_nih(tmp_path, capsys):
     rc = main(["convert", "nih", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--no-progress"])
     assert rc == 1
     assert "output folder already exists" in capsys.readouterr().err
+
+
+def _die_on_one(path, size):
+    if path.endswith("00000002_000.png"):
+        os._exit(3)  # a decoder crashing the process (segfault, OOM kill)
+    from fasttrain.converters.common import decode_raster
+    return decode_raster(path, size)
+
+
+def test_dead_worker_is_an_error_not_a_hang(tmp_path, monkeypatch):
+    import fasttrain.converters.nih as nih
+    write_nih(tmp_path / "src")
+    monkeypatch.setattr(nih, "decode_raster", _die_on_one)
+    with pytest.raises(ConvertError, match="a worker process died"):
+        convert(tmp_path / "src", tmp_path / "out", workers=2)
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.incomplete").exists()

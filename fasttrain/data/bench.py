@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--in-chans", type=int, default=1)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="output dtype (the autocast dtype)")
     p.add_argument("--workers", type=int, default=None, help="host workers/threads per loader (default: all cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads for the batched augmentation (default: torch's, = cores)")
     p.add_argument("--loaders", default=None, help="comma-separated subset of reference,raw,ffcv,dali-cpu,dali-gpu")
     p.add_argument("--reference-images", default=None, help="PNG folder for the reference loader")
     p.add_argument("--eval", action="store_true", help="time the evaluation transform instead of training")
@@ -137,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
+    if args.threads:
+        torch.set_num_threads(args.threads)
     workers = args.workers or os.cpu_count() or 1
     dtype = DTYPES[args.dtype]
     formats = manifest["formats"]
@@ -204,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             decode_one_core_images_per_s=decode, memcpy_ceiling_images_per_s=memcpy,
             source=ld.describe(), split=args.split, batch_size=args.batch_size, batches_per_window=args.batches,
             img_size=args.img_size, in_chans=args.in_chans, dtype=args.dtype, workers=workers,
+            torch_threads=torch.get_num_threads(),
             transform="eval" if args.eval else "train", images=len(packed), image_size=list(packed.image_size),
             synthetic=bool(manifest.get("synthetic")), device=str(ld.device)))
     print_records(records, args.json, COLUMNS)

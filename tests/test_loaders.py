@@ -330,3 +330,28 @@ def test_cuda_loaders_match_cpu_raw(phantoms, kind):
     for images, labels in tr:
         assert images.is_cuda and images.dtype == torch.bfloat16 and labels.is_cuda
         assert images.is_contiguous(memory_format=torch.channels_last) and images.shape[1:] == (1, 48, 48)
+
+
+def test_reference_source_files_without_files_list(coded, tmp_path):
+    """Packs written before splits/<split>.files.txt: ids are looked up by name under the source;
+    a missing source image is a clear error."""
+    import shutil
+    pack = tmp_path / "pack"
+    shutil.copytree(coded["path"], pack)
+    m = json.loads((pack / "manifest.json").read_text())
+    for meta in m["splits"].values():
+        meta.pop("files", None)
+    (pack / "manifest.json").write_text(json.dumps(m))
+    ld = build_loader(_cfg(str(pack), "reference"), "train", False, img_size=24, in_chans=1)
+    packed = open_packed(pack, "train")
+    x, _, i = next(iter(ld.iter_with_index()))
+    assert torch.equal(_decode_code(x), torch.tensor([coded["code_of"][packed.ids[j]] for j in i.tolist()]))
+    src = Path(m["source"]) / "images"
+    victim = src / packed.ids[0]
+    moved = tmp_path / "moved.png"
+    shutil.move(victim, moved)
+    try:
+        with pytest.raises(LoaderError, match="1 source image.*not found"):
+            build_loader(_cfg(str(pack), "reference"), "train", False, img_size=24, in_chans=1)
+    finally:
+        shutil.move(moved, victim)

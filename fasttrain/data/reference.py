@@ -9,9 +9,8 @@ Per sample, in torch DataLoader workers: PIL `Image.open`, `.convert('RGB')`, th
 Images come from one of two places, and `describe()` says which:
   - a folder of PNGs of the packed images (`data.reference_images`, written by `export_png`): the
     same pixels the packed loaders read, so outputs are comparable image for image;
-  - the source files listed by the packed ids (manifest "source"; per-split `files` list when the
-    converter wrote one, else `<source>/<id>` or a file-name lookup under the source folder): the
-    seed's exact inputs (e.g. 1024-px NIH PNGs).
+  - the source files of the packed ids (manifest "source" + `splits/<split>.files.txt`; see
+    resolve_source_files): the seed's exact inputs (e.g. 1024-px NIH PNGs).
 Workers are persistent (forked at the first epoch): the epoch travels with each index.
 Determinism: each sample's augmentation draws come from torch's RNG seeded with
 (seed, epoch, rank, position in the split), so they do not depend on the worker count or on where
@@ -50,30 +49,31 @@ def export_png(packed, out_dir) -> Path:
 
 
 def resolve_source_files(packed) -> list[str]:
-    """Each id's source image file, from the manifest (see the module docstring)."""
+    """Each id's source image file: `splits/<split>.files.txt` (paths relative to the manifest's
+    source folder, written by the converters), else `<source>/<id>`, else a file-name lookup under
+    the source folder (packs written before files.txt existed)."""
     src = Path(packed.manifest.get("source") or "")
     meta = packed.manifest["splits"][packed.split]
-    if meta.get("files"):
-        rel = (packed.root / meta["files"]).read_text().splitlines()
-        return [str(src / r) for r in rel]
+    hint = "set data.reference_images to a PNG folder (fasttrain.data.reference.export_png writes one)"
     if not src.is_dir():
         raise LoaderError(f"{packed.root}: the reference loader reads the source images, but the manifest's "
-                          f"source folder {src} does not exist here; set data.reference_images to a PNG folder "
-                          f"(fasttrain.data.reference.export_png writes one)")
-    direct = [src / sid for sid in packed.ids]
-    if all(p.is_file() for p in direct):
-        return [str(p) for p in direct]
-    by_name: dict[str, Path] = {}
-    for p in src.rglob("*"):
-        if p.is_file():
-            by_name.setdefault(p.name, p)
-    files, missing = [], []
-    for sid in packed.ids:
-        p = by_name.get(Path(sid).name)
-        (files if p is not None else missing).append(str(p) if p is not None else sid)
-    if missing:
+                          f"source folder {src} does not exist here; {hint}")
+    if meta.get("files"):
+        rel = (packed.root / meta["files"]).read_text().splitlines()
+        files = [str(src / r) for r in rel]
+    else:
+        direct = [src / sid for sid in packed.ids]
+        if all(p.is_file() for p in direct):
+            return [str(p) for p in direct]
+        by_name: dict[str, Path] = {}
+        for p in src.rglob("*"):
+            if p.is_file():
+                by_name.setdefault(p.name, p)
+        files = [str(by_name.get(Path(sid).name, src / sid)) for sid in packed.ids]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing or len(files) != len(packed.ids):
         raise LoaderError(f"{packed.root}: {len(missing)} source image(s) of split '{packed.split}' not found "
-                          f"under {src}, e.g. {missing[:3]}")
+                          f"under {src} (e.g. {missing[:3]}), or the files list does not match the ids; {hint}")
     return files
 
 

@@ -47,7 +47,12 @@ def parser() -> argparse.ArgumentParser:
     _common(p)
     _policies(p)
     p.add_argument("--labels-csv", "--csv", required=True, dest="labels_csv",
-                   help="labels CSV: a path/file/dicom_id column, CheXpert label columns, optional split")
+                   help="labels CSV: a path/file/dicom_id column, CheXpert label columns, optional split; "
+                        "or MIMIC-CXR's mimic-cxr-2.0.0-chexpert.csv (joined with the metadata / split CSVs)")
+    p.add_argument("--metadata-csv", default=None, help="MIMIC-CXR metadata CSV (default: beside --labels-csv)")
+    p.add_argument("--split-csv", default=None, help="MIMIC-CXR split CSV (default: beside --labels-csv)")
+    p.add_argument("--views", choices=("frontal", "all"), default="frontal",
+                   help="MIMIC-CXR: frontal = ViewPosition PA or AP")
     p = sub.add_parser("synthetic", help="write SYNTHETIC phantoms in the NIH source layout")
     p.add_argument("--out", required=True, help="source folder to write (must not exist)")
     p.add_argument("--n", type=int, required=True, help="number of images")
@@ -83,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from .dicom import convert_dicom
             out = convert_dicom(args.src, args.labels_csv, args.out, uncertain=args.uncertain, labels=args.labels,
+                                views=args.views, metadata_csv=args.metadata_csv, split_csv=args.split_csv,
                                 **common)
     except ConvertError as e:
         print(f"fasttrain convert: error: {e}", file=sys.stderr)

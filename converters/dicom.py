@@ -4,7 +4,10 @@ Inputs: a folder of DICOM files (MIMIC-CXR: `files/pNN/pNNNNNNNN/sNNNNNNNN/<dico
 labels CSV in CheXpert convention: one column naming the image (`path` / `Path` / `file` relative to
 the folder, or `dicom_id`), CheXpert observation columns (1.0, 0.0, -1.0, blank; same policies as
 the CheXpert converter), an optional `split` column (`train`, `validate` / `val`, `test`; without
-it every row goes to `train`) and optional `subject_id` (patient, for `val_fraction`).
+it every row goes to `train`) and optional `subject_id` (patient, for `val_fraction`). Or MIMIC-CXR's
+own CSVs as published: `mimic-cxr-2.0.0-chexpert.csv` (labels per subject_id, study_id) joined with
+`mimic-cxr-2.0.0-metadata.csv` (dicom_id -> study, ViewPosition; frontal = PA/AP by default) and
+`mimic-cxr-2.0.0-split.csv` (found beside the labels CSV, or passed explicitly).
 
 Pixels: Modality LUT (Rescale Slope / Intercept, or the Modality LUT Sequence), then the VOI LUT
 Sequence, else the first Window Center / Width (LINEAR, LINEAR_EXACT or SIGMOID per VOI LUT
@@ -122,24 +125,45 @@ def decode_dicom(path: str, size: int) -> np.ndarray:
     return to_uint8_resized(read_dicom_unit(path), size, full_scale=1.0)
 
 
-def build_items(src: Path, labels_csv: Path, labels: str, uncertain: str, problems: Problems):
-    header, rows = read_csv(labels_csv, [])
-    file_col = next((c for c in FILE_COLUMNS if c in header), None)
-    if file_col is None:
-        raise ConvertError(f"{labels_csv}: no column naming the image; expected one of {list(FILE_COLUMNS)}")
+def _label_names(labels_csv: Path, header: list[str], labels: str) -> list[str]:
     if labels == "competition":
         names = list(COMPETITION)
         missing = [n for n in names if n not in header]
         if missing:
             raise ConvertError(f"{labels_csv}: missing label column(s) {missing} (use --labels all for the "
                                f"CheXpert columns it has)")
-    elif labels == "all":
+        return names
+    if labels == "all":
         names = [n for n in CHEXPERT_ALL if n in header]
         if not names:
             raise ConvertError(f"{labels_csv}: none of the CheXpert label columns {CHEXPERT_ALL}")
-    else:
-        raise ConvertError(f"--labels must be 'competition' or 'all', got {labels!r}")
+        return names
+    raise ConvertError(f"--labels must be 'competition' or 'all', got {labels!r}")
+
+
+def _split_of(value: str, where: str, ident: str, path: str, problems: Problems) -> Optional[str]:
+    split = SPLIT_VALUES.get(value.strip().lower())
+    if split is None:
+        problems.report(ident, path, f"{where}: split {value!r}; expected one of {sorted(SPLIT_VALUES)}")
+    return split
+
+
+def build_items(src: Path, labels_csv: Path, labels: str, uncertain: str, problems: Problems,
+                views: str = "frontal", metadata_csv: Optional[Path] = None, split_csv: Optional[Path] = None):
+    """-> (splits, label names, id column, source files). A CSV with a file / dicom_id column is
+    read row by row; MIMIC-CXR's per-study `mimic-cxr-2.0.0-chexpert.csv` (subject_id, study_id,
+    labels) is joined with its metadata (dicom_id -> study, ViewPosition) and split CSVs."""
+    header, rows = read_csv(labels_csv, [])
     uncertain_value("Edema", uncertain)
+    if views not in ("frontal", "all"):
+        raise ConvertError(f"--views must be 'frontal' or 'all', got {views!r}")
+    names = _label_names(labels_csv, header, labels)
+    file_col = next((c for c in FILE_COLUMNS if c in header), None)
+    if file_col is None and {"subject_id", "study_id"} <= set(header):
+        return _build_mimic(src, labels_csv, rows, names, uncertain, problems, views, metadata_csv, split_csv)
+    if file_col is None:
+        raise ConvertError(f"{labels_csv}: no column naming the image; expected one of {list(FILE_COLUMNS)} "
+                           f"(or MIMIC-CXR's subject_id + study_id with its metadata CSV)")
     by_stem: dict[str, list[Path]] = {}
     if file_col == "dicom_id":
         for dirpath, _, files in os.walk(src):
@@ -168,9 +192,8 @@ def build_items(src: Path, labels_csv: Path, labels: str, uncertain: str, proble
                 continue
         split = "train"
         if has_split:
-            split = SPLIT_VALUES.get(r["split"].strip().lower())
+            split = _split_of(r["split"], where, ident, str(path), problems)
             if split is None:
-                problems.report(ident, str(path), f"{where}: split {r['split']!r}; expected one of {sorted(SPLIT_VALUES)}")
                 continue
         try:
             y = map_labels(r, names, uncertain, where)
@@ -181,13 +204,75 @@ def build_items(src: Path, labels_csv: Path, labels: str, uncertain: str, proble
         splits.setdefault(split, []).append(Item(id=ident, path=str(path), labels=y, where=f"{where} ({ident})",
                                                  group=group))
     order = [s for s in ("train", "val", "test") if s in splits]
-    return {s: splits[s] for s in order}, names, file_col
+    return {s: splits[s] for s in order}, names, file_col, [labels_csv]
+
+
+MIMIC_METADATA = "mimic-cxr-2.0.0-metadata.csv"
+MIMIC_SPLIT = "mimic-cxr-2.0.0-split.csv"
+FRONTAL_VIEWS = ("PA", "AP")
+
+
+def _build_mimic(src, labels_csv, rows, names, uncertain, problems, views, metadata_csv, split_csv):
+    metadata_csv = Path(metadata_csv) if metadata_csv else labels_csv.parent / MIMIC_METADATA
+    if not metadata_csv.is_file():
+        raise ConvertError(f"{labels_csv}: per-study labels (subject_id, study_id) need MIMIC-CXR's metadata CSV "
+                           f"(dicom_id -> study); not found at {metadata_csv} (pass --metadata-csv)")
+    split_csv = Path(split_csv) if split_csv else labels_csv.parent / MIMIC_SPLIT
+    sources = [labels_csv, metadata_csv]
+    study_labels: dict[tuple[str, str], tuple[str, np.ndarray]] = {}
+    for lineno, r in rows:
+        where = f"{labels_csv.name} row {lineno}"
+        key = (r["subject_id"], r["study_id"])
+        if key in study_labels:
+            problems.report(f"s{key[1]}", str(labels_csv), f"{where}: duplicate study {key} (also {study_labels[key][0]})")
+            continue
+        try:
+            study_labels[key] = (where, map_labels(r, names, uncertain, where))
+        except ConvertError as e:
+            problems.report(f"s{key[1]}", str(labels_csv), str(e))
+            study_labels[key] = (where, None)  # reported; its images are skipped without a second report
+    split_of: dict[str, tuple[str, str]] = {}
+    if split_csv.is_file():
+        sources.append(split_csv)
+        _, srows = read_csv(split_csv, ["dicom_id", "split"])
+        split_of = {r["dicom_id"]: (f"{split_csv.name} row {n}", r["split"]) for n, r in srows}
+    _, mrows = read_csv(metadata_csv, ["dicom_id", "subject_id", "study_id", "ViewPosition"])
+    files_root = src / "files" if (src / "files").is_dir() else src
+    splits: dict[str, list[Item]] = {}
+    for lineno, r in mrows:
+        where = f"{metadata_csv.name} row {lineno}"
+        did, subject, study = r["dicom_id"], r["subject_id"], r["study_id"]
+        if views == "frontal" and r["ViewPosition"] not in FRONTAL_VIEWS:
+            continue
+        path = files_root / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{did}.dcm"
+        lab = study_labels.get((subject, study))
+        if lab is None:
+            problems.report(did, str(path), f"{where}: study s{study} of subject {subject} has no row in {labels_csv.name}")
+            continue
+        if lab[1] is None:
+            continue
+        split = "train"
+        if split_of:
+            if did not in split_of:
+                problems.report(did, str(path), f"{where}: dicom_id {did} is not in {split_csv.name}")
+                continue
+            split = _split_of(split_of[did][1], split_of[did][0], did, str(path), problems)
+            if split is None:
+                continue
+        if not path.is_file():
+            problems.report(did, str(path), f"{where}: DICOM file {path} not found")
+            continue
+        splits.setdefault(split, []).append(Item(id=did, path=str(path), labels=lab[1],
+                                                 where=f"{where} ({did}; labels {lab[0]})", group=subject))
+    order = [s for s in ("train", "val", "test") if s in splits]
+    return {s: splits[s] for s in order}, names, "dicom_id (MIMIC-CXR metadata join)", sources
 
 
 def convert_dicom(src, labels_csv, out, formats: Sequence[str] = ("raw",), size: int = 256,
                   uncertain: str = "paper", labels: str = "competition", val_fraction: float = 0.0,
                   on_error: str = "fail", workers: Optional[int] = None, seed: int = 0, jpeg_quality: int = 95,
-                  shard_size: int = 4096, progress: bool = True) -> Path:
+                  shard_size: int = 4096, progress: bool = True, views: str = "frontal",
+                  metadata_csv=None, split_csv=None) -> Path:
     """Pack a folder of DICOMs labelled by `labels_csv` into `out`; return `out`."""
     src, labels_csv = Path(src), Path(labels_csv)
     if not src.is_dir():
@@ -196,7 +281,8 @@ def convert_dicom(src, labels_csv, out, formats: Sequence[str] = ("raw",), size:
                        jpeg_quality=jpeg_quality, shard_size=shard_size, progress=progress)
     opts.check()
     problems = Problems(on_error)
-    splits, names, file_col = build_items(src, labels_csv, labels, uncertain, problems)
+    splits, names, file_col, sources = build_items(src, labels_csv, labels, uncertain, problems, views=views,
+                                                   metadata_csv=metadata_csv, split_csv=split_csv)
     if not splits:
         raise ConvertError(f"{labels_csv}: no usable rows")
     if val_fraction:
@@ -204,8 +290,8 @@ def convert_dicom(src, labels_csv, out, formats: Sequence[str] = ("raw",), size:
             raise ConvertError(f"{labels_csv}: has a 'val'/'validate' split already; drop --val-fraction")
         splits["train"], splits["val"] = patient_disjoint_split(splits["train"], val_fraction, seed)
     extra = {"dicom": {"labels_csv": str(labels_csv.absolute()), "id_column": file_col, "uncertain": uncertain,
-                       "labels": labels, "val_fraction": val_fraction, "split_seed": seed},
+                       "labels": labels, "views": views, "val_fraction": val_fraction, "split_seed": seed},
              "preprocessing": {"dicom": "Modality LUT, then VOI LUT Sequence, else first window (VOI LUT "
                                         "Function), else min..max; MONOCHROME1 inverted; 0..1 -> 0..255"}}
     return pack(dataset="dicom", source=src, out=Path(out), splits=splits, label_names=names,
-                decode=decode_dicom, opts=opts, problems=problems, source_files=[labels_csv], extra=extra)
+                decode=decode_dicom, opts=opts, problems=problems, source_files=sources, extra=extra)

@@ -275,3 +275,55 @@ def write_dicom(root, *, side: int = 32, seed: int = 2, id_column: str = "dicom_
         wr.writerow([id_column, "subject_id", "study_id", "split"] + CHEXPERT_COLUMNS[5:])
         wr.writerows(rows)
     return out
+
+
+# MIMIC-CXR's own CSVs, columns as published
+MIMIC_LABEL_COLUMNS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum",
+                       "Fracture", "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other",
+                       "Pneumonia", "Pneumothorax", "Support Devices"]
+MIMIC_METADATA_COLUMNS = ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition",
+                          "Rows", "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",
+                          "ViewCodeSequence_CodeMeaning", "PatientOrientationCodeSequence_CodeMeaning"]
+MIMIC_STUDIES = [  # subject, study, labels
+    ("10000032", "50414267", {"Atelectasis": "-1.0", "Edema": "1.0"}),
+    ("10000032", "53189527", {"No Finding": "1.0"}),
+    ("10000764", "57375967", {"Pleural Effusion": "1.0", "Cardiomegaly": "-1.0"}),
+]
+MIMIC_IMAGES = [  # dicom_id, subject, study, view, split
+    ("02aa804e-bde0afdd-112c0b34-7bc16630-4e384014", "10000032", "50414267", "PA", "train"),
+    ("174413ec-4ec4c1f7-34ea26b7-c5f994f8-79ef1962", "10000032", "50414267", "LATERAL", "train"),
+    ("2a2277a9-b0ded155-c0de8eb9-c124d10e-82c5caab", "10000032", "53189527", "AP", "validate"),
+    ("68b5c4b1-227d0485-9cc38c3f-7b84ab51-4b472714", "10000764", "57375967", "PA", "test"),
+]
+
+
+def write_mimic(root, *, side: int = 32, seed: int = 3) -> Written:
+    """MIMIC-CXR as published: files/pNN/pNNNNNNNN/sNNNNNNNN/<dicom_id>.dcm and the chexpert,
+    metadata and split CSVs (8-bit MONOCHROME2 DICOMs; their pixels are tested elsewhere)."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    out = Written(root)
+    for k, (did, subject, study, view, split) in enumerate(MIMIC_IMAGES):
+        path = root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{did}.dcm"
+        g = gray_pattern(rng, side, side, k)
+        _dicom(path, g, bits_stored=8, photometric="MONOCHROME2")
+        s = g.astype(np.float64)
+        out.pixels[did] = (s - s.min()) / (s.max() - s.min()) * 255.0
+        out.files[did] = path
+    with open(root / "mimic-cxr-2.0.0-chexpert.csv", "w", newline="") as f:
+        wr = csv.writer(f, lineterminator="\n")
+        wr.writerow(["subject_id", "study_id"] + MIMIC_LABEL_COLUMNS)
+        for subject, study, cells in MIMIC_STUDIES:
+            wr.writerow([subject, study] + [cells.get(c, "") for c in MIMIC_LABEL_COLUMNS])
+    with open(root / "mimic-cxr-2.0.0-metadata.csv", "w", newline="") as f:
+        wr = csv.writer(f, lineterminator="\n")
+        wr.writerow(MIMIC_METADATA_COLUMNS)
+        for did, subject, study, view, _ in MIMIC_IMAGES:
+            wr.writerow([did, subject, study, "CHEST (PA AND LAT)", view, side, side, 21800506, 213014.531,
+                         "CHEST (PA AND LAT)", "postero-anterior" if view == "PA" else "lateral", "Erect"])
+    with open(root / "mimic-cxr-2.0.0-split.csv", "w", newline="") as f:
+        wr = csv.writer(f, lineterminator="\n")
+        wr.writerow(["dicom_id", "study_id", "subject_id", "split"])
+        for did, subject, study, _, split in MIMIC_IMAGES:
+            wr.writerow([did, study, subject, split])
+    return out

@@ -211,3 +211,33 @@ def test_dicom_voi_lut_sequence_and_sigmoid_window():
     ds = ds_with(stored)
     ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = 2000, 1000, "SIGMOID"
     np.testing.assert_allclose(pixels_to_unit(ds), 1 / (1 + np.exp(-4 * (stored - 2000.0) / 1000)), atol=1e-6)
+
+
+def test_mimic_published_csvs(tmp_path):
+    from fixtures_datasets import MIMIC_IMAGES, write_mimic
+    w = write_mimic(tmp_path / "mimic")
+    root = tmp_path / "mimic"
+    out = convert_dicom(root, root / "mimic-cxr-2.0.0-chexpert.csv", tmp_path / "out", size=16, workers=0,
+                        progress=False)
+    m = json.loads((out / "manifest.json").read_text())
+    assert set(m["source_sha256"]) == {"mimic-cxr-2.0.0-chexpert.csv", "mimic-cxr-2.0.0-metadata.csv",
+                                       "mimic-cxr-2.0.0-split.csv"}
+    frontal = {s: [d for d, _, _, v, sp in MIMIC_IMAGES if v in ("PA", "AP") and sp == s]
+               for s in ("train", "validate", "test")}
+    train, val, test = open_packed(out, "train"), open_packed(out, "val"), open_packed(out, "test")
+    assert train.ids == frontal["train"] and val.ids == frontal["validate"] and test.ids == frontal["test"]
+    # per-study labels, paper policy: Atelectasis -1 -> 1, Cardiomegaly -1 -> 0
+    np.testing.assert_array_equal(train.labels, [[1, 0, 0, 1, 0]])
+    np.testing.assert_array_equal(val.labels, [[0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(test.labels, [[0, 0, 0, 0, 1]])
+    assert np.abs(test.image(0).astype(float) - block_mean(w.pixels[test.ids[0]], 16)).max() <= 1.0
+    # all views: the lateral joins train
+    out2 = convert_dicom(root, root / "mimic-cxr-2.0.0-chexpert.csv", tmp_path / "out2", size=16, workers=0,
+                         progress=False, views="all")
+    assert len(open_packed(out2, "train")) == 2
+    # a study without labels is named
+    csvp = root / "mimic-cxr-2.0.0-chexpert.csv"
+    csvp.write_text("\n".join(ln for ln in csvp.read_text().splitlines() if "57375967" not in ln) + "\n")
+    with pytest.raises(ConvertError, match=r"mimic-cxr-2.0.0-metadata.csv row 5: study s57375967 of subject "
+                                           r"10000764 has no row in mimic-cxr-2.0.0-chexpert.csv"):
+        convert_dicom(root, csvp, tmp_path / "out3", size=16, workers=0, progress=False)

@@ -310,48 +310,48 @@ def test_bench_loader_bad_input(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- CUDA (scripts/gpu_check.sh)
 
+def _importable(module: str) -> bool:
+    import importlib
+    try:
+        importlib.import_module(module)
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def phantoms_gpu(tmp_path_factory):
+    """Phantoms packed in the formats whose libraries import here (the GPU box may lack FFCV/DALI)."""
+    from fasttrain.converters.synthetic import generate_phantoms
+    root = tmp_path_factory.mktemp("phantoms_gpu")
+    src = generate_phantoms(root / "src", 24, seed=2, size=64, progress=False)
+    formats = ["raw"] + [f for f, m in (("ffcv", "ffcv.loader"), ("dali", "nvidia.dali")) if _importable(m)]
+    return {"path": str(_convert(src, root / "packed", 64, formats=tuple(formats))), "formats": formats}
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("kind", ["raw", "ffcv", "dali"])
-def test_cuda_loaders_match_cpu_raw(phantoms, kind):
+def test_cuda_loaders_match_cpu_raw(phantoms_gpu, kind):
     """On the GPU: pinned raw / FFCV ToDevice / DALI nvJPEG + GPU resize give the CPU raw pixels (eval),
     and train batches are channels-last bf16 on the device with aligned labels."""
-    cpu = build_loader(_cfg(phantoms["path"], "raw"), "train", False, img_size=56, in_chans=3)
+    if kind not in phantoms_gpu["formats"]:
+        pytest.skip(f"{kind} does not import on this machine")
+    path = phantoms_gpu["path"]
+    cpu = build_loader(_cfg(path, "raw"), "train", False, img_size=56, in_chans=3)
     ref = torch.cat([b[0] for b in _epoch(cpu)])
-    ld = build_loader(_cfg(phantoms["path"], kind), "train", False, img_size=56, in_chans=3, device="cuda")
+    ld = build_loader(_cfg(path, kind), "train", False, img_size=56, in_chans=3, device="cuda")
     x = torch.cat([b[0] for b in _epoch(ld)]).cpu()
     d = (x - ref).abs() * torch.tensor(norm_stats("imagenet", 3)[1]).view(1, 3, 1, 1)
     if kind == "dali":  # JPEG + DALI's own resize/crop rounding
         assert d.mean().item() < 3 * GREY
     else:
         assert d.max().item() < 1e-4
-    tr = build_loader(_cfg(phantoms["path"], kind), "train", True, img_size=48, in_chans=1, device="cuda",
+    tr = build_loader(_cfg(path, kind), "train", True, img_size=48, in_chans=1, device="cuda",
                       dtype=torch.bfloat16)
     tr.set_epoch(0)
+    n = 0
     for images, labels in tr:
         assert images.is_cuda and images.dtype == torch.bfloat16 and labels.is_cuda
         assert images.is_contiguous(memory_format=torch.channels_last) and images.shape[1:] == (1, 48, 48)
-
-
-def test_reference_source_files_without_files_list(coded, tmp_path):
-    """Packs written before splits/<split>.files.txt: ids are looked up by name under the source;
-    a missing source image is a clear error."""
-    import shutil
-    pack = tmp_path / "pack"
-    shutil.copytree(coded["path"], pack)
-    m = json.loads((pack / "manifest.json").read_text())
-    for meta in m["splits"].values():
-        meta.pop("files", None)
-    (pack / "manifest.json").write_text(json.dumps(m))
-    ld = build_loader(_cfg(str(pack), "reference"), "train", False, img_size=24, in_chans=1)
-    packed = open_packed(pack, "train")
-    x, _, i = next(iter(ld.iter_with_index()))
-    assert torch.equal(_decode_code(x), torch.tensor([coded["code_of"][packed.ids[j]] for j in i.tolist()]))
-    src = Path(m["source"]) / "images"
-    victim = src / packed.ids[0]
-    moved = tmp_path / "moved.png"
-    shutil.move(victim, moved)
-    try:
-        with pytest.raises(LoaderError, match="1 source image.*not found"):
-            build_loader(_cfg(str(pack), "reference"), "train", False, img_size=24, in_chans=1)
-    finally:
-        shutil.move(moved, victim)
+        n += 1
+    assert n == len(tr) > 0

@@ -64,9 +64,30 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _terminate(signum, frame):
+    # SIGTERM (a job scheduler's kill) unwinds like Ctrl-C, so the partial output is removed
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
     args = parser().parse_args(argv)
     progress = not args.no_progress
+    old = None
+    if threading.current_thread() is threading.main_thread():
+        old = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _run(args, progress)
+    except KeyboardInterrupt:
+        print("fasttrain convert: interrupted; the partial output was removed, nothing was written", file=sys.stderr)
+        return 130
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _run(args, progress: bool) -> int:
     try:
         if args.source == "synthetic":
             from .synthetic import generate_phantoms

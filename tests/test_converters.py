@@ -299,3 +299,28 @@ def test_dead_worker_is_an_error_not_a_hang(tmp_path, monkeypatch):
     with pytest.raises(ConvertError, match="a worker process died"):
         convert(tmp_path / "src", tmp_path / "out", workers=2)
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.incomplete").exists()
+
+
+def test_sigterm_through_cli_removes_partial_output(tmp_path):
+    """SIGTERM (a scheduler's kill) mid-conversion: exit code 130, no output, no leftovers."""
+    src = tmp_path / "src"
+    write_nih(src)
+    script = (
+        "import os, signal, sys\n"
+        "import fasttrain.converters.nih as nih\n"
+        "real = nih.decode_raster\n"
+        "n = [0]\n"
+        "def stopping(path, size):\n"
+        "    n[0] += 1\n"
+        "    if n[0] == 5:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return real(path, size)\n"
+        "nih.decode_raster = stopping\n"
+        "from fasttrain.cli import main\n"
+        f"sys.exit(main(['convert', 'nih', '--src', {str(src)!r}, '--out', {str(tmp_path / 'out')!r}, "
+        "'--workers', '0', '--no-progress', '--size', '16']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, timeout=120, capture_output=True, text=True)
+    assert proc.returncode == 130, proc.stderr
+    assert "interrupted" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

@@ -116,3 +116,16 @@ def test_phantoms_through_nih_converter_and_dali_pipeline(tmp_path):
         assert img.shape == (64, 64, 1) and img.dtype == np.uint8
         np.testing.assert_array_equal(lbl, raw.labels[i])
         assert np.abs(img[:, :, 0].astype(float) - raw.image(i)).mean() < 2.0
+
+
+def test_cli_synthetic_then_nih(tmp_path, capsys):
+    from fasttrain.cli import main
+    assert main(["convert", "synthetic", "--out", str(tmp_path / "src"), "--n", "12", "--seed", "4", "--size", "32",
+                 "--no-progress"]) == 0
+    assert "SYNTHETIC" in capsys.readouterr().out
+    assert main(["convert", "nih", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--size", "32",
+                 "--workers", "0", "--no-progress"]) == 0
+    assert "(SYNTHETIC)" in capsys.readouterr().out
+    assert open_packed(tmp_path / "out", "test").synthetic
+    # the source folder must not exist either
+    assert main(["convert", "synthetic", "--out", str(tmp_path / "src"), "--n", "12", "--no-progress"]) == 1

@@ -78,6 +78,7 @@ def setup(tmp_path_factory):
     return root, packed
 
 
+@pytest.mark.slow
 def test_cli_pipeline_smoke(setup, capsys):
     root, packed = setup
     d = f"--data.path={packed}"

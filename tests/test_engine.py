@@ -289,3 +289,18 @@ def test_ddp_two_ranks_equal_one_rank(tmp_path):
         assert torch.allclose(v, two[k], rtol=1e-4, atol=1e-6), k
         moved += int(not torch.equal(v, tiny_etmae().state_dict()[k]))
     assert moved > 10  # the comparison is between trained weights, not two inits
+
+
+def test_compile_failure_names_the_way_out(monkeypatch):
+    import torch._dynamo.exc as dexc
+    from fasttrain.train.engine import CompileError
+
+    def broken_compile(fn, **kw):
+        def run(*a, **k):
+            raise dexc.Unsupported("graph break in a custom op")
+        return run
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    m = tiny_etmae()
+    step = TrainStep(m, optimizer_for(m, "fused"), mode="fused", compile=True)
+    with pytest.raises(CompileError, match="engine.compile=false"):
+        step(batch()[0])

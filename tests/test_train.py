@@ -291,3 +291,52 @@ def test_bootstrap_ci_narrows_with_more_images():
         assert lo <= r["labels"]["x"]["auc"] <= hi
         return hi - lo
     assert ci_width(2000) < ci_width(100) / 2
+
+
+def test_out_of_memory_message_names_batch_and_what_to_lower(tiny_yaml, packed, tmp_path, monkeypatch):
+    from fasttrain.data import build_loader
+    from fasttrain.train import loop
+    from fasttrain.train.builders import build_pretrain_model
+    from fasttrain.train.engine import TrainStep
+    from fasttrain.train.optim import param_groups_weight_decay
+
+    def oom(self, *a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(TrainStep, "__call__", oom)
+    cfg = build_config(tiny_yaml, [f"--data.path={packed}", f"--run.out={tmp_path / 'run'}"])
+    info = loop.setup(cfg)
+    model = build_pretrain_model(cfg)
+    loader = build_loader(cfg.data, "train", True, img_size=32, in_chans=1)
+    tr = loop.Trainer(cfg, "pretrain", model, loader, info, groups=param_groups_weight_decay(model, 0.05))
+    with pytest.raises(RuntimeError, match=r"out of memory at step 0 with 8 images per device.*--data.batch_size"):
+        tr.fit()
+
+
+@pytest.mark.slow
+def test_torchrun_two_process_gloo_pretrain_and_finetune(tiny_yaml, packed, tmp_path):
+    """The real launcher: 2 gloo ranks through torchrun, distillation pre-training then
+    fine-tuning with validation gathered across ranks; rank 0 alone writes the run."""
+    teacher = tmp_path / "teacher"
+    _pretrain(tiny_yaml, packed, teacher, "--optim.epochs=1")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fasttrain.cli"]
+    r = subprocess.run(run + ["pretrain", "--config", str(tiny_yaml), "--out", str(tmp_path / "ddp"),
+                              "--teacher", str(teacher / "checkpoints" / "last.pt"), f"--data.path={packed}",
+                              "--distill.student_blocks=[1]", "--distill.teacher_blocks=[1]",
+                              "--data.batch_size=4", "--run.log_every=1"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    steps = [x["step"] for x in recs]
+    assert steps == sorted(set(steps)) and len(steps) > 2  # one writer, each step once
+    ck = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.pt")
+    assert len(ck["rng"]) == 2  # every rank's RNG state is saved for resume
+    r = subprocess.run(run + ["finetune", "--config", str(tiny_yaml), "--out", str(tmp_path / "ft"),
+                              "--init", str(tmp_path / "ddp" / "checkpoints" / "last.pt"), f"--data.path={packed}",
+                              "--model.name=vit_tiny_patch16", "--model.num_classes=14", "--data.batch_size=4",
+                              "--optim.epochs=1"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    val = [json.loads(x) for x in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()
+           if '"val"' in x]
+    assert len(val) == 1 and (tmp_path / "ft" / "checkpoints" / "best.pt").is_file()

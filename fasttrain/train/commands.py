@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from fasttrain.config import ConfigError, build_config, parse_overrides
@@ -37,6 +38,12 @@ def _run(prog: str, fn) -> int:
             return 2
         raise
     return 0
+
+
+def _print_main(obj: dict) -> None:
+    """The closing JSON line, once per job (rank 0 under torchrun)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(obj, default=str))
 
 
 def _split_overrides(parser: argparse.ArgumentParser, argv: list[str]):
@@ -74,7 +81,7 @@ def pretrain_main(argv: list[str]) -> int:
         if args.teacher:
             cfg.distill.teacher_ckpt = args.teacher
         summary = run_pretrain(cfg, resume=args.resume)
-        print(json.dumps({k: summary[k] for k in ("steps", "images_per_s", "last", "final")}, default=str))
+        _print_main({k: summary[k] for k in ("steps", "images_per_s", "last", "final")})
     return _run("pretrain", go)
 
 
@@ -88,8 +95,7 @@ def finetune_main(argv: list[str]) -> int:
         if args.init:
             cfg.model.init = args.init
         summary = run_finetune(cfg, resume=args.resume)
-        print(json.dumps({k: summary[k] for k in ("steps", "images_per_s", "last", "best", "best_val_mauc")},
-                         default=str))
+        _print_main({k: summary[k] for k in ("steps", "images_per_s", "last", "best", "best_val_mauc")})
     return _run("finetune", go)
 
 

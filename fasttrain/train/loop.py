@@ -96,6 +96,10 @@ class Trainer:
                                  warmup_steps=round(o.warmup_epochs * self.steps_per_epoch),
                                  total_steps=schedule_steps)
         self.ddp = None
+        if cfg.engine.channels_last and cfg.engine.mode == "fused":
+            # NHWC conv weights to match the NHWC input: their gradients then have the layout DDP's
+            # buckets were built with (and oneDNN/cuDNN pick their NHWC kernels).
+            model.to(memory_format=torch.channels_last)
         if info.enabled:
             self.ddp = wrap_ddp(model, info)  # the frozen teacher stays outside DDP
         self.step = make_step(cfg, model, self.optimizer, kind=kind, schedule=self.schedule, rank=info.rank,

@@ -389,8 +389,7 @@ def pack(*, dataset: str, source: Path, out: Path, splits: dict[str, list[Item]]
             rates[name] = {"decode_images_per_s": round(len(items) / max(time.perf_counter() - t0, 1e-9), 1)}
             if not kept:
                 raise ConvertError(f"split '{name}' is empty after skipping {skipped} bad item(s)")
-            labels = np.stack([it.labels for it in kept]).astype(np.float32) if kept else \
-                np.zeros((0, len(label_names)), np.float32)
+            labels = np.stack([it.labels for it in kept]).astype(np.float32)  # [N, C], row i = raw image i
             np.save(tmp / "splits" / f"{name}.labels.npy", labels)
             (tmp / "splits" / f"{name}.ids.txt").write_text("".join(it.id + "\n" for it in kept))
             # each id's source file relative to `source`: the PIL reference loader reads these

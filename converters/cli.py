@@ -128,4 +128,4 @@ def _summary(out) -> None:
         print(f"  {s:<6} {meta['count']:>8} images")
     print(f"  formats {', '.join(m['formats'])}; {m['image_size'][0]} px; skipped {len(m['skipped'])}; "
           f"{conv['images']} images in {conv['seconds']:.1f} s ({conv['images_per_s']:.0f} img/s, "
-          f"{conv['workers']} workers)")
+          f"{conv['workers']} workers; + {conv.get('writer_import_seconds', 0):.1f} s importing writers)")

@@ -374,9 +374,18 @@ def pack(*, dataset: str, source: Path, out: Path, splits: dict[str, list[Item]]
     for name, items in splits.items():
         if not items:
             raise ConvertError(f"split '{name}' is empty ({dataset} source {source})")
+    # fail fast: a missing writer library is found before decoding, not after
+    t_setup = time.perf_counter()
+    if "ffcv" in opts.formats:
+        from . import ffcv_writer
+        ffcv_writer.require()
+    if "dali" in opts.formats:
+        from . import dali_writer
+        dali_writer.require()
     workers = default_workers(opts.workers)
     size = int(opts.size)
     t_all = time.perf_counter()
+    setup_s = t_all - t_setup  # importing the writers (FFCV pulls in torch + numba: seconds)
     rates = {}
     with AtomicDir(out) as tmp:
         (tmp / "splits").mkdir()
@@ -452,6 +461,7 @@ def pack(*, dataset: str, source: Path, out: Path, splits: dict[str, list[Item]]
             "skipped": [s.to_dict() for s in problems.skipped],
             "conversion": {"seconds": round(elapsed, 2), "images": total,
                            "images_per_s": round(total / max(elapsed, 1e-9), 1), "workers": workers,
+                           "writer_import_seconds": round(setup_s, 2),
                            **rates},
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }

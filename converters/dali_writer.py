@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import raw
-from .common import PackOptions, bounded_imap, progress
+from .common import ConvertError, PackOptions, bounded_imap, progress
 
 INDEX_VERSION = "v1.2"
 EXTENSIONS = ("jpg", "lbl", "idx")
@@ -63,6 +63,14 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes) -> tuple[int, int]:
     header_at = tf.offset
     tf.addfile(info, io.BytesIO(data))
     return header_at + tarfile.BLOCKSIZE, len(data)
+
+
+def require() -> None:
+    """The DALI shards need only simplejpeg to write (DALI itself is needed to read them)."""
+    try:
+        import simplejpeg  # noqa: F401
+    except ImportError as e:
+        raise ConvertError(f"--format dali needs simplejpeg: pip install simplejpeg ({e})") from e
 
 
 def write(root: Path, split_meta: dict, size: int, num_labels: int, opts: PackOptions, workers: int) -> dict:

@@ -101,8 +101,9 @@ def _pixel_error(path: str, ds, err: Exception) -> Exception:
                 hint = "; install one of: " + "; ".join(dec.missing_dependencies)
         except Exception:  # an unknown syntax: pydicom has no decoder at all
             hint = "; pydicom has no decoder for it"
-        return DicomPluginError(f"{path}: pixel data compressed as {tsuid.name} ({tsuid}) cannot be decoded{hint} "
-                                f"(e.g. pip install pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg) [{err}]")
+        if not hint:  # a decoder is installed but failed on this file: keep its own words
+            hint = f" ({err})"
+        return DicomPluginError(f"{path}: pixel data compressed as {tsuid.name} ({tsuid}) cannot be decoded{hint}")
     return err
 
 

@@ -157,6 +157,16 @@ def test_device_taps_equal_host_taps():
                                        (p.left, p.left + p.width, 80, True, p.flip)):
         f_np, w_np = pil_taps(box0, box1, n_in, 56, flip=flip, gain=0.5, transposed=tr)
         f_t, w_t = pil_taps(torch.from_numpy(box0), torch.from_numpy(box1), n_in, 56,
-                            flip=None if flip is None else torch.from_numpy(flip), gain=0.5, transposed=tr)
+                            flip=None if flip is None else torch.from_numpy(flip), gain=0.5,
+                            strides=(n_in * 56, 1, 56) if tr else None)
         assert np.array_equal(f_np, f_t.numpy()) and np.allclose(w_np, w_t.numpy(), atol=1e-6)
         assert len(np.unique(f_np)) == len(f_np)  # distinct positions: index_put needs no accumulate
+
+
+@pytest.mark.parametrize("c", [1, 3])
+def test_normalise_matches_folded_normalisation(c):
+    """`normalise` (DALI GPU path: batches already cropped, in [0, 1]) = the normalisation folded
+    into the matmuls (identity geometry: eval at the packed size)."""
+    imgs = torch.from_numpy(_images(4, 32, 32))
+    aug = BatchAugment((32, 32), 32, c, train=False, eval_resize=256)
+    assert torch.allclose(aug(imgs), aug.normalise(imgs.float() / 255), atol=1e-5)

@@ -135,13 +135,14 @@ def _resized_hw(height: int, width: int, size: int) -> tuple[int, int]:
 
 
 def pil_taps(box0, box1, in_len: int, out_len: int, flip=None, gain: float = 1.0,
-             transposed: bool = False):
+             transposed: bool = False, strides: tuple[int, int, int] | None = None):
     """PIL's bilinear weights, compact: for each output pixel K taps (K = 2 * ceil(support) + 1).
 
     Resamples pixels [box0, box1) of an axis of length in_len to out_len pixels (reversed output
     order where `flip`), rows summing to `gain`. Returns (flat, w): flat positions [B * out * K]
-    of the taps in a dense [B, out_len, in_len] matrix (or [B, in_len, out_len] when `transposed`)
-    and their float32 weights. Works on numpy arrays (host) or torch tensors (device) alike.
+    of the taps in a dense [B, out_len, in_len] matrix (or [B, in_len, out_len] when `transposed`,
+    or any layout given as element `strides` (batch, output pixel, input pixel)) and their float32
+    weights. Works on numpy arrays (host) or torch tensors (device) alike.
     Computing the dense triangle over all in_len inputs would cost more than the matmul itself.
     """
     t = isinstance(box0, torch.Tensor)
@@ -171,9 +172,12 @@ def pil_taps(box0, box1, in_len: int, out_len: int, flip=None, gain: float = 1.0
     sums = w.sum(-1, keepdim=True) if t else w.sum(-1, keepdims=True)
     w = w * (gain / sums)  # rows sum to gain (PIL normalises the same way)
     ji = j.long() if t else j.astype(np.int64)
-    base = xp.arange(b, **kw)[:, None, None] * (in_len * out_len)  # [B, 1, 1]
+    bi = xp.arange(b, **kw)[:, None, None]  # [B, 1, 1]
     o = xp.arange(out_len, **kw)[None, :, None]  # [1, out, 1]
-    flat = base + (ji * out_len + o if transposed else o * in_len + ji)  # [B, out, K]
+    if strides is None:  # dense [B, out, in] or [B, in, out]
+        strides = (in_len * out_len, 1, out_len) if transposed else (in_len * out_len, in_len, 1)
+    sb, so, si = strides
+    flat = bi * sb + o * so + ji * si  # [B, out, K]
     return flat.reshape(-1), w.reshape(-1)
 
 
@@ -223,7 +227,15 @@ class BatchAugment:
     train=True: RandomResizedCrop(img_size, scale, ratio) + horizontal flip with prob `hflip`.
     train=False: Resize(eval_resize_size(...)) + CenterCrop(img_size), deterministic.
     Two stages: `plan` (host: random draws and interpolation taps; the raw loader runs it in its
-    prefetch thread) and `apply` (device: two matmuls and one multiply-add per batch).
+    prefetch thread) and `apply` (device: two matmuls per batch, nothing else).
+
+    The normalisation and the gray -> C expansion ride inside the second matmul:
+        x'   = [x | 255]                       [B, H, W+1]   (a constant column, set once)
+        tmp  = Ry @ x'                         [B, h, W+1]   (Ry rows sum to 1/255: last column = 1)
+        out  = tmp @ R'                        [B, h, w*C]   = channels-last [B, h, w, C]
+        R'[k, j*C + c] = Rx[j, k] / std_c,  R'[W, j*C + c] = -mean_c / std_c   (the bias row)
+    so no elementwise pass touches the output (on CPU a broadcast multiply-add over the bf16 output
+    cost ~30% of the whole batch).
     """
 
     def __init__(self, image_size: tuple[int, int], img_size: int, in_chans: int, *, train: bool,
@@ -236,26 +248,40 @@ class BatchAugment:
         self.dtype = dtype
         self.cdtype = _compute_dtype(dtype, self.device)
         mean, std = norm_stats(norm, in_chans)
-        # out = x01 * (1/std) - mean/std, x01 = resampled pixels / 255 (the 1/255 is in Ry)
-        self._a = torch.tensor([1.0 / s for s in std], dtype=self.cdtype, device=self.device)  # [C]
-        self._b = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=self.cdtype, device=self.device)  # [C]
-        self._bufs: dict[str, torch.Tensor] = {}
-        self._prev: dict[str, torch.Tensor] = {}  # taps written last batch, per buffer
+        self.gains = [1.0 / s for s in std]  # [C] per-channel scale of the [0, 1] pixels
+        self.biases = [-m / s for m, s in zip(mean, std)]  # [C]
+        # for `normalise` (DALI GPU path: DALI already cropped and scaled to [0, 1])
+        self._a = torch.tensor(self.gains, dtype=self.cdtype, device=self.device)  # [C]
+        self._b = torch.tensor(self.biases, dtype=self.cdtype, device=self.device)  # [C]
+        self._bufs: dict[tuple, torch.Tensor] = {}
+        self._prev: dict[tuple, torch.Tensor] = {}  # taps written last batch, per buffer
         self.eval_resize = eval_resize_size((self.H, self.W), self.img_size, eval_resize)
         self._eval_mats = None if train else self._build_eval_mats()
 
     # -- stages ---------------------------------------------------------------------------------
+    def _rxt_shape(self, b: int) -> tuple[int, int, int]:
+        return (b, self.W + 1, self.img_size * self.in_chans)  # [B, W+1, w*C]
+
+    def _channel_taps(self, flat, w):
+        """Replicate x-axis taps (laid out for [B, W+1, w*C], channel 0) for every channel c:
+        column offset c, weight x gain_c."""
+        cat = torch.cat if isinstance(flat, torch.Tensor) else np.concatenate
+        return (cat([flat + c for c in range(self.in_chans)]),
+                cat([w * g for g in self.gains]))
+
     def _build_eval_mats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Resize(R) weights over the full image, then the rows/cols of the center crop."""
         rh, rw = _resized_hw(self.H, self.W, self.eval_resize)
-        s = self.img_size
+        s, c = self.img_size, self.in_chans
         top, left = int(round((rh - s) / 2.0)), int(round((rw - s) / 2.0))  # torchvision CenterCrop
         zero = np.zeros(1)
         ry = pil_bilinear_weights(zero, np.array([self.H]), self.H, rh, gain=1 / 255)  # [1, rh, H]
         rx = pil_bilinear_weights(zero, np.array([self.W]), self.W, rw)  # [1, rw, W]
         ry = ry[0, top:top + s].to(self.device, self.cdtype)  # [h, H]
-        rxt = rx[0, left:left + s].t().contiguous().to(self.device, self.cdtype)  # [W, w]
-        return ry, rxt
+        rxt = torch.zeros(self.W + 1, s, c, dtype=torch.float32)  # [W+1, w, C]
+        rxt[: self.W] = rx[0, left:left + s].t()[..., None] * torch.tensor(self.gains)  # [W, w, C]
+        rxt[self.W] = torch.tensor(self.biases)
+        return ry, rxt.view(self.W + 1, s * c).to(self.device, self.cdtype)  # [h, H], [W+1, w*C]
 
     def sample(self, n: int, rng: np.random.Generator | None) -> CropParams:
         """Crop + flip draws for one batch (train only)."""
@@ -267,58 +293,68 @@ class BatchAugment:
         if not self.train:
             return None
         p = params if params is not None else self.sample(n, rng)
-        s = self.img_size
+        s, c = self.img_size, self.in_chans
         if self.device.type == "cpu":
             top, left, hh, ww, flip = p.top, p.left, p.height, p.width, p.flip
         else:
             dev = self.device
             top, left, hh, ww, flip = (torch.from_numpy(np.ascontiguousarray(a)).to(dev, non_blocking=True)
                                        for a in (p.top, p.left, p.height, p.width, p.flip))
-        ry = pil_taps(top, top + hh, self.H, s, gain=1 / 255)
-        rxt = pil_taps(left, left + ww, self.W, s, flip=flip, transposed=True)
-        return AugPlan(p, ry, rxt)
+        ry = pil_taps(top, top + hh, self.H, s, gain=1 / 255)  # [B, h, H]
+        rxt = pil_taps(left, left + ww, self.W, s, flip=flip,  # [B, W+1, w*C]: (batch, out j, in k)
+                       strides=((self.W + 1) * s * c, c, s * c))
+        return AugPlan(p, ry, self._channel_taps(*rxt))
 
     def matrices(self, plan: AugPlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dense Ry [B, h, H] and Rx^T [B, W, w] in the compute dtype, in reused buffers."""
-        s, b = self.img_size, len(plan.params)
-        return (self._dense("ry", plan.ry, (b, s, self.H)),  # [B, h, H]
-                self._dense("rxt", plan.rxt, (b, self.W, s)))  # [B, W, w]
+        """Dense Ry [B, h, H] and R' [B, W+1, w*C] in the compute dtype, in reused buffers."""
+        b = len(plan.params)
+        return self._dense("ry", plan.ry, (b, self.img_size, self.H)), self._dense("rxt", plan.rxt, self._rxt_shape(b))
 
     def _dense(self, name: str, taps: tuple, shape: tuple[int, ...]) -> torch.Tensor:
         """Scatter taps into a reused, mostly-zero buffer. Only the previous batch's taps are reset
         (B*h*K entries, not B*h*H): zeroing the whole [256, 224, 256] matrix every batch cost more
         than filling it, and fresh allocations cost page faults on CPU. Safe to reuse: each batch's
         ops are queued in order on one thread / CUDA stream."""
-        buf = self._bufs.get(name)
-        prev = self._prev.get(name)
-        if buf is None or tuple(buf.shape) != tuple(shape):
-            buf = self._bufs[name] = torch.zeros(shape, dtype=self.cdtype, device=self.device)
-        elif prev is not None:
-            buf.view(-1).index_fill_(0, prev, 0)
+        key = (name, tuple(shape))
+        buf = self._bufs.get(key)
+        if buf is None:
+            buf = self._bufs[key] = torch.zeros(shape, dtype=self.cdtype, device=self.device)
+            if name == "rxt":  # the bias row, never touched by the taps
+                buf[:, self.W] = torch.tensor(self.biases, dtype=self.cdtype).repeat(self.img_size).to(self.device)
+        elif key in self._prev:
+            buf.view(-1).index_fill_(0, self._prev[key], 0)
         flat = torch.as_tensor(taps[0]).to(self.device, non_blocking=True)
         w = torch.as_tensor(taps[1]).to(self.device, non_blocking=True).to(self.cdtype)
         buf.view(-1).index_put_((flat,), w)  # distinct positions: no accumulate
-        self._prev[name] = flat
+        self._prev[key] = flat
         return buf
 
-    def _buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        """A reused workspace (fresh multi-MB allocations cost page faults on every batch on CPU)."""
-        buf = self._bufs.get(name)
-        if buf is None or tuple(buf.shape) != tuple(shape):
-            buf = self._bufs[name] = torch.empty(shape, dtype=self.cdtype, device=self.device)
+    def _xbuf(self, b: int) -> torch.Tensor:
+        """Reused [B, H, W+1] compute-dtype input with its constant last column (= 255)."""
+        key = ("x", (b, self.H, self.W + 1))
+        buf = self._bufs.get(key)
+        if buf is None:
+            buf = self._bufs[key] = torch.empty(key[1], dtype=self.cdtype, device=self.device)
+            buf[..., self.W] = 255.0
         return buf
+
+    def _tmp(self, shape: tuple[int, ...]) -> torch.Tensor:
+        key = ("tmp", tuple(shape))
+        if key not in self._bufs:
+            self._bufs[key] = torch.empty(shape, dtype=self.cdtype, device=self.device)
+        return self._bufs[key]
 
     def resample(self, x: torch.Tensor, ry: torch.Tensor, rxt: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, H, W] -> [B, h, w] in [0, 1], two (batched) matmuls. Returns a reused buffer."""
+        """uint8 [B, H, W] -> normalised [B, h, w*C] (a fresh tensor), two (batched) matmuls."""
         b = x.shape[0]
-        xf = self._buffer("x", tuple(x.shape))
-        xf.copy_(x)  # [B, H, W] exact: bf16 holds 0..255
-        tmp = torch.matmul(ry, xf, out=self._buffer("tmp", (b, ry.shape[-2], self.W)))  # [B, h, W]
-        return torch.matmul(tmp, rxt, out=self._buffer("y", (b, ry.shape[-2], rxt.shape[-1])))  # [B, h, w]
+        xf = self._xbuf(b)
+        xf[..., : self.W].copy_(x)  # [B, H, W] exact: bf16 holds 0..255
+        tmp = torch.matmul(ry, xf, out=self._tmp((b, ry.shape[-2], self.W + 1)))  # [B, h, W+1]
+        return torch.matmul(tmp, rxt)  # [B, h, W+1] @ [B, W+1, w*C] -> [B, h, w*C]
 
     def normalise(self, y: torch.Tensor) -> torch.Tensor:
-        """[B, h, w] in [0, 1] -> [B, C, h, w] channels-last in `dtype`; gray -> C channels here,
-        at the last moment, so everything before works on one channel."""
+        """[B, h, w] in [0, 1] -> [B, C, h, w] channels-last in `dtype` (for batches that arrive
+        already cropped: DALI's GPU pipeline)."""
         out = torch.addcmul(self._b, y.unsqueeze(-1), self._a)  # [B, h, w, C]
         return out.to(self.dtype).permute(0, 3, 1, 2)  # [B, C, h, w], channels-last strides
 
@@ -334,8 +370,10 @@ class BatchAugment:
                 raise ValueError("training augmentation needs the batch's plan (BatchAugment.plan)")
             ry, rxt = self.matrices(plan)
         else:
-            ry, rxt = self._eval_mats  # shared [h, H], [W, w]: matmul broadcasts over the batch
-        return self.normalise(self.resample(x, ry, rxt))
+            ry, rxt = self._eval_mats  # shared [h, H], [W+1, w*C]: matmul broadcasts over the batch
+        b, s = x.shape[0], self.img_size
+        out = self.resample(x, ry, rxt).view(b, s, s, self.in_chans)  # [B, h, w, C]
+        return out.to(self.dtype).permute(0, 3, 1, 2)  # [B, C, h, w], channels-last strides
 
     def __call__(self, x: torch.Tensor, params: CropParams | None = None,
                  rng: np.random.Generator | None = None) -> torch.Tensor:

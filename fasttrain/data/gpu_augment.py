@@ -8,9 +8,9 @@ with a fixed number of tensor ops per batch, never a Python loop over samples (a
 How: a crop followed by a bilinear resize is linear along each axis, so for sample b
     out[b] = Ry[b] @ img[b] @ Rx[b]^T        Ry: [B, h, H], Rx: [B, w, W]
 two batched matmuls. Ry/Rx hold the bilinear weights of the crop box; a horizontal flip reverses
-the rows of Rx, and 1/255 is folded into Ry, so the flip and the scaling cost nothing. The
-per-channel normalisation (and the expansion of gray to 3 channels, done at the very last moment)
-is one fused multiply-add that writes the channels-last output.
+the rows of Rx, 1/255 is folded into Ry, and the per-channel normalisation and the expansion of
+gray to C channels (at the very last moment) are folded into the second matmul, which writes the
+channels-last output directly (see BatchAugment). Nothing else touches the pixels.
 
 The weights are PIL's bilinear filter (Pillow `ImagingResample`: triangle kernel whose support
 widens by the downscale factor, i.e. antialiased when shrinking), so the result equals
@@ -24,7 +24,7 @@ Why hand-written at all: no library op does a batched per-sample crop+resize wit
 
 Crop parameters follow torchvision's `RandomResizedCrop.get_params` (10 attempts of area-scale x
 log-uniform aspect ratio, then the central-crop fallback), drawn for the whole batch at once from
-a seeded `torch.Generator`, so (seed, epoch, step) fixes every draw.
+a seeded numpy Generator, so (seed, epoch, rank, step) fixes every draw (fasttrain.data.sampler).
 """
 from __future__ import annotations
 

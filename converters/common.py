@@ -9,6 +9,7 @@ atomic rename. Nothing holds the dataset in RAM: at most `window` chunks are in 
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import json
 import multiprocessing as mp
@@ -78,22 +79,30 @@ def read_csv(path: Path, required: Sequence[str]) -> tuple[list[str], list[tuple
     path = Path(path)
     if not path.is_file():
         raise ConvertError(f"{path}: file not found")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise ConvertError(f"{path}: empty CSV (no header)") from None
-        header = [h.strip() for h in header]
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise ConvertError(f"{path}: missing column(s) {missing}; found {[h for h in header if h]}")
-        cols = [(i, h) for i, h in enumerate(header) if h]
-        rows = []
-        for lineno, rec in enumerate(reader, start=2):
-            if not rec or all(not v.strip() for v in rec):
-                continue
-            rows.append((lineno, {h: (rec[i].strip() if i < len(rec) else "") for i, h in cols}))
+    # PhysioNet publishes MIMIC-CXR's CSVs gzipped (mimic-cxr-2.0.0-*.csv.gz): read them as they come
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rt", newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            try:
+                header = next(reader)
+            except StopIteration:
+                raise ConvertError(f"{path}: empty CSV (no header)") from None
+            header = [h.strip() for h in header]
+            missing = [c for c in required if c not in header]
+            if missing:
+                raise ConvertError(f"{path}: missing column(s) {missing}; found {[h for h in header if h]}")
+            cols = [(i, h) for i, h in enumerate(header) if h]
+            rows = []
+            for rec in reader:
+                if not rec or all(not v.strip() for v in rec):
+                    continue
+                # reader.line_num: the line the record ends on (a quoted field may span lines)
+                rows.append((reader.line_num, {h: (rec[i].strip() if i < len(rec) else "") for i, h in cols}))
+    except (UnicodeDecodeError, csv.Error, OSError, EOFError) as e:  # not text / bad gzip / bad quoting
+        # only the csv module knows its line; text decoding runs ahead in blocks
+        where = f" line {reader.line_num}" if isinstance(e, csv.Error) else ""
+        raise ConvertError(f"{path}{where}: cannot read as a UTF-8 CSV: {type(e).__name__}: {e}") from None
     return [h for h in header if h], rows
 
 
@@ -201,6 +210,8 @@ def _decode_chunk(args) -> list:
             out.append((pos, img, None))
         except Exception as e:  # every failure becomes a named, reported problem, never a hang
             msg = str(e) or type(e).__name__
+            if msg.startswith(f"{path}: "):  # the caller prefixes the path already
+                msg = msg[len(path) + 2:]
             out.append((pos, None, f"{type(e).__name__}: {msg}"))
     return out
 

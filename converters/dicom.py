@@ -89,6 +89,18 @@ def pixels_to_unit(ds) -> np.ndarray:
     return x
 
 
+# The one-line fix per compressed syntax (pydicom's own list names every backend, including a Pillow
+# that is installed but built without the codec, which reads as if nothing were missing).
+_J2K = "pip install pylibjpeg pylibjpeg-openjpeg"
+_LJ = "pip install pylibjpeg pylibjpeg-libjpeg"
+PIP_HINTS = {
+    "1.2.840.10008.1.2.4.90": _J2K, "1.2.840.10008.1.2.4.91": _J2K,  # JPEG 2000 (MIMIC-CXR's large files)
+    "1.2.840.10008.1.2.4.201": _J2K, "1.2.840.10008.1.2.4.202": _J2K, "1.2.840.10008.1.2.4.203": _J2K,  # HTJ2K
+    "1.2.840.10008.1.2.4.50": _LJ, "1.2.840.10008.1.2.4.51": _LJ, "1.2.840.10008.1.2.4.57": _LJ,
+    "1.2.840.10008.1.2.4.70": _LJ, "1.2.840.10008.1.2.4.80": _LJ, "1.2.840.10008.1.2.4.81": _LJ,
+}
+
+
 def _pixel_error(path: str, ds, err: Exception) -> Exception:
     """pydicom's message on a missing plugin does not name the file; ours does, and says what to install."""
     tsuid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
@@ -98,7 +110,9 @@ def _pixel_error(path: str, ds, err: Exception) -> Exception:
             from pydicom.pixels import get_decoder
             dec = get_decoder(tsuid)
             if not dec.is_available:
-                hint = "; install one of: " + "; ".join(dec.missing_dependencies)
+                pip = PIP_HINTS.get(str(tsuid))
+                hint = (f"; install a decoder plugin, e.g. `{pip}`" if pip else "") + \
+                    " (pydicom's options: " + "; ".join(dec.missing_dependencies) + ")"
         except Exception:  # an unknown syntax: pydicom has no decoder at all
             hint = "; pydicom has no decoder for it"
         if not hint:  # a decoder is installed but failed on this file: keep its own words
@@ -213,12 +227,19 @@ MIMIC_SPLIT = "mimic-cxr-2.0.0-split.csv"
 FRONTAL_VIEWS = ("PA", "AP")
 
 
+def _beside(labels_csv: Path, name: str) -> Path:
+    """`name` next to the labels CSV, or its `.gz` as PhysioNet publishes it."""
+    p = labels_csv.parent / name
+    gz = p.with_name(name + ".gz")
+    return gz if not p.is_file() and gz.is_file() else p
+
+
 def _build_mimic(src, labels_csv, rows, names, uncertain, problems, views, metadata_csv, split_csv):
-    metadata_csv = Path(metadata_csv) if metadata_csv else labels_csv.parent / MIMIC_METADATA
+    metadata_csv = Path(metadata_csv) if metadata_csv else _beside(labels_csv, MIMIC_METADATA)
     if not metadata_csv.is_file():
         raise ConvertError(f"{labels_csv}: per-study labels (subject_id, study_id) need MIMIC-CXR's metadata CSV "
                            f"(dicom_id -> study); not found at {metadata_csv} (pass --metadata-csv)")
-    split_csv = Path(split_csv) if split_csv else labels_csv.parent / MIMIC_SPLIT
+    split_csv = Path(split_csv) if split_csv else _beside(labels_csv, MIMIC_SPLIT)
     sources = [labels_csv, metadata_csv]
     study_labels: dict[tuple[str, str], tuple[str, np.ndarray]] = {}
     for lineno, r in rows:

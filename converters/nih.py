@@ -57,7 +57,9 @@ def index_images(src: Path, problems: Problems) -> dict[str, Path]:
 def parse_findings(text: str, where: str) -> np.ndarray:
     """'Effusion|Mass' -> multi-hot float32 [14]; 'No Finding' -> zeros; unknown names are errors."""
     y = np.zeros(len(NIH_LABELS), np.float32)
-    names = [t.strip() for t in text.split("|") if t.strip()]
+    # " ".join(t.split()): hand-edited copies carry doubled spaces or non-breaking spaces
+    # ("No\xa0Finding"); whitespace never distinguishes two NIH labels
+    names = [" ".join(t.split()) for t in text.split("|") if t.strip()]
     if not names:
         raise ConvertError(f"{where}: empty 'Finding Labels' (use 'No Finding')")
     for name in names:
@@ -74,7 +76,9 @@ def parse_findings(text: str, where: str) -> np.ndarray:
 def read_list(path: Path) -> list[tuple[int, str]]:
     if not path.is_file():
         raise ConvertError(f"{path}: split list not found (NIH publishes train_val_list.txt and test_list.txt)")
-    return [(n, ln.strip()) for n, ln in enumerate(path.read_text().splitlines(), start=1) if ln.strip()]
+    # utf-8-sig: a list saved by a Windows editor starts with a BOM that would glue onto the first name
+    text = path.read_text(encoding="utf-8-sig")
+    return [(n, ln.strip()) for n, ln in enumerate(text.splitlines(), start=1) if ln.strip()]
 
 
 def read_xiao(path: Path) -> list[tuple[int, str, np.ndarray]]:

@@ -324,3 +324,31 @@ def test_sigterm_through_cli_removes_partial_output(tmp_path):
     assert proc.returncode == 130, proc.stderr
     assert "interrupted" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_nih_files_as_edited_on_windows(tmp_path):
+    """Lists with a BOM and CRLF, no final newline; a CSV with a BOM and CRLF; labels with doubled
+    or non-breaking spaces: same result as the clean files."""
+    w = write_nih(tmp_path / "src")
+    src = tmp_path / "src"
+    for name in ("train_val_list.txt", "test_list.txt"):
+        lines = (src / name).read_text().splitlines()
+        (src / name).write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode())
+    csvp = src / "Data_Entry_2017_v2020.csv"
+    text = csvp.read_text()
+    text = text.replace("No Finding", "No\u00a0Finding", 1).replace("Cardiomegaly|Emphysema", " Cardiomegaly |  Emphysema")
+    csvp.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    assert "No\u00a0Finding" in text and " Cardiomegaly |  Emphysema" in text
+    out = convert(src, tmp_path / "out")
+    check_against_reference(out, w)
+
+
+def test_unreadable_csv_names_the_file(tmp_path):
+    from fasttrain.converters.common import read_csv
+    bad = tmp_path / "Data_Entry_2017.csv"
+    bad.write_bytes(b"Image Index,Finding Labels,Patient ID\n00000001_000.png,Mass\xe9,1\n")  # Latin-1
+    with pytest.raises(ConvertError, match=r"Data_Entry_2017.csv: cannot read as a UTF-8 CSV: UnicodeDecodeError"):
+        read_csv(bad, [])
+    (tmp_path / "x.csv.gz").write_bytes(b"not gzip")
+    with pytest.raises(ConvertError, match=r"x.csv.gz: cannot read as a UTF-8 CSV: BadGzipFile"):
+        read_csv(tmp_path / "x.csv.gz", [])

@@ -157,7 +157,8 @@ def test_dicom_bad_input(tmp_path):
     ds.PixelData = encapsulate([b"\xff\xd8\xff\xf7" + b"\x00" * 64])
     ds.save_as(path, enforce_file_format=True)
     with pytest.raises(ConvertError, match=r"labels.csv row 3 \(d0000002-12bit-window\): .*d0000002-12bit-window.dcm: "
-                                           r".*JPEG-LS Lossless.*cannot be decoded; install one of: .*"):
+                                           r"DicomPluginError: pixel data compressed as JPEG-LS Lossless.*cannot be decoded; "
+                                           r"install a decoder plugin, e.g. `pip install pylibjpeg pylibjpeg-libjpeg`"):
         dc(tmp_path / "mimic", tmp_path / "out")
     # --on-error skip lists it
     out = dc(tmp_path / "mimic", tmp_path / "out", on_error="skip")
@@ -241,3 +242,28 @@ def test_mimic_published_csvs(tmp_path):
     with pytest.raises(ConvertError, match=r"mimic-cxr-2.0.0-metadata.csv row 5: study s57375967 of subject "
                                            r"10000764 has no row in mimic-cxr-2.0.0-chexpert.csv"):
         convert_dicom(root, csvp, tmp_path / "out3", size=16, workers=0, progress=False)
+
+
+def test_mimic_gzipped_csvs_as_physionet_publishes_them(tmp_path):
+    import gzip
+    import shutil
+    from fixtures_datasets import write_mimic
+    root = tmp_path / "mimic"
+    write_mimic(root)
+    out = convert_dicom(root, root / "mimic-cxr-2.0.0-chexpert.csv", tmp_path / "plain", size=16, workers=0,
+                        progress=False)
+    for name in ("chexpert", "metadata", "split"):
+        p = root / f"mimic-cxr-2.0.0-{name}.csv"
+        with open(p, "rb") as f, gzip.open(p.with_name(p.name + ".gz"), "wb") as g:
+            shutil.copyfileobj(f, g)
+        p.unlink()
+    out_gz = convert_dicom(root, root / "mimic-cxr-2.0.0-chexpert.csv.gz", tmp_path / "gz", size=16, workers=0,
+                           progress=False)  # metadata / split .csv.gz found beside it
+    m = json.loads((out_gz / "manifest.json").read_text())
+    assert set(m["source_sha256"]) == {"mimic-cxr-2.0.0-chexpert.csv.gz", "mimic-cxr-2.0.0-metadata.csv.gz",
+                                       "mimic-cxr-2.0.0-split.csv.gz"}
+    for split in ("train", "val", "test"):
+        a, b = open_packed(out, split), open_packed(out_gz, split)
+        assert a.ids == b.ids
+        np.testing.assert_array_equal(a.labels, b.labels)
+        np.testing.assert_array_equal(a.images, b.images)

@@ -122,8 +122,9 @@ def test_cli_errors_are_one_line_and_exit_2(setup, capsys):
     assert main(["pretrain", "--config", str(root / "pre.yaml"), "--out", str(root / "x"),
                  "--data.path=/nonexistent/packed"]) == 2
     assert "/nonexistent/packed" in capsys.readouterr().err
-    assert main(["evaluate", "--ckpt", str(root / "teacher" / "checkpoints" / "last.pt"),
-                 "--data", str(packed)]) == 2
+    from fasttrain.train.checkpoint import save_atomic
+    save_atomic({"kind": "pretrain", "model": {}}, root / "pre.pt")
+    assert main(["evaluate", "--ckpt", str(root / "pre.pt"), "--data", str(packed)]) == 2
     assert "not a fine-tuned classifier checkpoint" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["pretrain", "--config", str(root / "pre.yaml"), "--out", str(root / "x"), "stray"])

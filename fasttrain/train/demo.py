@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from fasttrain.config import build_config
 
 MARKER = ".fasttrain-demo"  # only a folder holding this is ever deleted by --fresh
@@ -66,7 +68,7 @@ def run_demo(args) -> int:
     from fasttrain.train.plots import plot_runs
     from fasttrain.train.pretrain import run_pretrain
 
-    t_all = time.perf_counter()
+    t_all, cpu_all = time.perf_counter(), time.process_time()
     out = Path(args.out)
     if out.exists():
         if not (out / MARKER).is_file():
@@ -136,7 +138,8 @@ def run_demo(args) -> int:
           f"             classifier {best}")
     print(f"results:     {res['paths']['results']}\nROC curves:  {res['paths']['roc']}")
     print("plots:       " + "\n             ".join(str(pth) for pth in plots))
-    print(f"wall time:   {wall / 60:.1f} min")
+    print(f"wall time:   {wall / 60:.1f} min (CPU time of the main process {(time.process_time() - cpu_all) / 60:.1f} min; "
+          f"{torch.get_num_threads()} torch threads)")
     return 0
 
 

@@ -104,6 +104,7 @@ def plot_roc(y_true: np.ndarray, y_score: np.ndarray, label_names: list[str], pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 6))
+    colors = plt.get_cmap("tab20")  # 14 labels: tab10 would repeat colours
     for j, name in enumerate(label_names):
         y, s = y_true[:, j], y_score[:, j]
         keep = ~np.isnan(y)
@@ -111,7 +112,7 @@ def plot_roc(y_true: np.ndarray, y_score: np.ndarray, label_names: list[str], pa
         if y.size == 0 or y.min() == y.max():
             continue
         fpr, tpr, _ = roc_curve(y, s)
-        ax.plot(fpr, tpr, lw=1.2, label=f"{name} ({roc_auc_score(y, s):.3f})")
+        ax.plot(fpr, tpr, lw=1.2, color=colors(j % 20), label=f"{name} ({roc_auc_score(y, s):.3f})")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")

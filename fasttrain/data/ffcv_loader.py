@@ -19,7 +19,6 @@ batches are never read (FFCV's Loader.__iter__ has no skip; we replicate its fou
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from .loaders import INSTALL_HINT, BaseLoader, LoaderError
 

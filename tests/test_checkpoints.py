@@ -93,7 +93,10 @@ def test_xiao_b_loads_strictly_into_mae_base_and_as_teacher(xiao_b, caplog):
     del m
     with caplog.at_level(logging.WARNING):
         t = load_teacher("mae_vit_base_patch16", path, img_size=224, in_chans=3)
-    assert "decoder keys ignored" in caplog.text
+    # one line says what happened to the decoder; its keys are not listed again as "left at init"
+    assert f"loaded 150 encoder tensors; ignored its {sum(k.startswith(('decoder_', 'mask_token')) for k in sd)} " \
+           "decoder keys" in caplog.text
+    assert "left at init" not in caplog.text and "decoder_blocks.0" not in caplog.text
     assert_loaded(t, sd, [k for k in sd if k.startswith("blocks.11.")] + ["cls_token", "patch_embed.proj.weight"])
 
 
@@ -106,6 +109,9 @@ def test_b_checkpoint_into_s_fails_naming_keys(xiao_b):
     assert "blocks.0.attn.qkv.weight: checkpoint [2304, 768] vs model [1152, 384]" in msg
     assert "unexpected keys" in msg and "decoder_blocks.7.mlp.fc2.bias" in msg  # decoder 8 blocks vs 2
     assert "embed_dim 768" in msg and "embed_dim 384" in msg
+    # what to do is said on the second line, before the long key list
+    assert msg.splitlines()[1] == ("  -> a different model size: the checkpoint is a ViT-B "
+                                   "(use mae_vit_base_patch16 / vit_base_patch16):")
     # as a teacher too, before any training
     with pytest.raises(CheckpointError, match="blocks.11.mlp.fc1.weight: checkpoint"):
         load_teacher("mae_vit_small_patch16", path, img_size=224, in_chans=3)
@@ -337,3 +343,27 @@ def test_build_etmae_loads_teacher_strictly_and_fails_early(tmp_path):
     with pytest.raises(CheckpointError, match="teacher.pth"):
         build_etmae("mae_vit_tiny_patch16", "mae_vit_base_patch16", teacher_ckpt=str(path), student_blocks=[1],
                     teacher_blocks=[1], teacher_overrides=dict(depth=2, decoder_depth=1), in_chans=1, **small)
+
+
+def test_unreadable_files_say_why(tmp_path):
+    """Garbage, a truncated download and a pickle of arbitrary objects each get their own message."""
+    good = tmp_path / "good.pth"
+    torch.save({"model": {"a": torch.ones(1000)}}, good)
+    trunc = tmp_path / "trunc.pth"
+    trunc.write_bytes(good.read_bytes()[:2000])
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"<html>404 Not Found</html>")
+    with pytest.raises(CheckpointError, match=r"trunc.pth: unreadable checkpoint \(truncated or corrupt download\?\)"):
+        read_state_dict(trunc)
+    with pytest.raises(CheckpointError, match=r"junk.pth: not a readable PyTorch checkpoint \(corrupt or not a .pth"):
+        read_state_dict(junk)
+    obj = tmp_path / "obj.pth"
+    torch.save({"model": {"a": torch.ones(2)}, "cfg": _Opaque()}, obj)
+    with pytest.raises(CheckpointError, match=r"obj.pth: holds a \S*_Opaque object, which torch.load\(weights_only=True\) "
+                                              r"refuses; if you trust the file, load it with allow_pickle=True"):
+        read_state_dict(obj)
+    assert list(read_state_dict(obj, allow_pickle=True)) == ["a"]
+
+
+class _Opaque:
+    pass

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,14 +124,22 @@ def _load_file(path: Path, allow_pickle: bool) -> Any:
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # torch's message opens with generic advice; the line that matters is the unpickler's own
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if refused is None:  # not a pickle of refused objects: garbage, an HTML page, a corrupt file
+            detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", str(e), re.S)
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or not a .pth file: "
+                                  f"{detail.group(1) if detail else str(e).splitlines()[0]})") from e
         if not allow_pickle:
             raise CheckpointError(
-                f"{path}: holds objects torch.load(weights_only=True) refuses ({str(e).splitlines()[0]}); "
+                f"{path}: holds a {refused.group(1)} object, which torch.load(weights_only=True) refuses; "
                 "if you trust the file, load it with allow_pickle=True") from e
         log.warning("%s: unpickling with weights_only=False (allow_pickle=True)", path)
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise CheckpointError(f"{path}: unreadable checkpoint: {type(e).__name__}: {e}") from e
+        hint = " (truncated or corrupt download?)" if "zip archive" in str(e) else ""
+        raise CheckpointError(f"{path}: unreadable checkpoint{hint}: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from e
 
 
 def normalize_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -269,13 +278,23 @@ def describe_state(state: Mapping[str, torch.Tensor]) -> str:
     return ", ".join(parts) or "unrecognised layout"
 
 
+def _registry_size_for(state: Mapping[str, torch.Tensor]) -> tuple[str, str] | None:
+    """(size letter, registry name family) of a state dict's encoder width, if it is one of ours."""
+    d = state["cls_token"].shape[-1] if "cls_token" in state else None
+    size = {192: "tiny", 384: "small", 768: "base"}.get(d)
+    if size is None:
+        return None
+    return size[0], f"mae_vit_{size}_patch16 / vit_{size}_patch16"
+
+
 def describe_model(model: nn.Module) -> str:
     return describe_state(model.state_dict()) + (
         f", {model.num_heads} heads" if hasattr(model, "num_heads") else "")
 
 
 def load_into(model: nn.Module, state: Any, strict: bool = True, ignore_prefixes: Iterable[str] = (),
-              allow_missing: Iterable[str] = (), what: str | None = None, allow_pickle: bool = False) -> LoadReport:
+              allow_missing: Iterable[str] = (), what: str | None = None, allow_pickle: bool = False,
+              log_ignored: bool = True) -> LoadReport:
     """Load `state` (path, checkpoint dict or state dict) into `model`, strictly.
 
     ignore_prefixes: checkpoint keys starting with these are dropped (and reported as ignored);
@@ -323,10 +342,14 @@ def load_into(model: nn.Module, state: Any, strict: bool = True, ignore_prefixes
     if not report.ok and strict:
         hint = ""
         if any(k in ("cls_token", "blocks.0.attn.qkv.weight") for k, _, _ in report.mismatched):
-            hint = "\n  -> a different model size: build the model whose registry name matches the checkpoint"
+            # said before the (long) key list, so it is what a reader sees first
+            fits = _registry_size_for(state)
+            hint = ("\n  -> a different model size" +
+                    (f": the checkpoint is a ViT-{fits[0].upper()} (use {fits[1]})" if fits else
+                     ": build the model whose registry name matches the checkpoint"))
         raise CheckpointError(
             f"{what} does not fit {type(model).__name__} "
-            f"(checkpoint: {describe_state(state)}; model: {describe_model(model)}):\n{report.problems()}{hint}")
+            f"(checkpoint: {describe_state(state)}; model: {describe_model(model)}){hint}:\n{report.problems()}")
     to_load = {k: state[k] for k in report.loaded}
     result = model.load_state_dict(to_load, strict=False)
     # our own checks above must have caught everything torch would complain about
@@ -334,11 +357,13 @@ def load_into(model: nn.Module, state: Any, strict: bool = True, ignore_prefixes
     assert not result.unexpected_keys and not leftover, (result, leftover)
     for n in report.notes:
         log.warning("%s: %s", what, n)
-    if report.ignored:
+    if report.ignored and log_ignored:
         log.warning("%s: ignored %d checkpoint keys under %s", what, len(report.ignored), list(ignore_prefixes))
-    if report.left_at_init:
-        log.warning("%s: %d model keys not in the checkpoint, left at init: %s", what, len(report.left_at_init),
-                    ", ".join(report.left_at_init))
+    # keys the checkpoint had but we dropped on purpose are told by the line above (or the caller's),
+    # not a second time as "not in the checkpoint"
+    absent = [k for k in report.left_at_init if k not in set(report.ignored)]
+    if absent:
+        log.warning("%s: %d model keys not in the checkpoint, left at init: %s", what, len(absent), ", ".join(absent))
     if not report.ok:
         log.warning("%s: loaded non-strictly:\n%s", what, report.problems())
     return report
@@ -390,9 +415,14 @@ def load_teacher(name: str, path: Any, img_size: int = 224, in_chans: int = 3, a
     if meta.get("args_model") and meta["args_model"] != name:
         log.warning("%s was saved by a run of model '%s'; loading as '%s'", what, meta["args_model"], name)
     ignore = DECODER_PREFIXES + ("head.", "fc_norm.")
-    report = load_into(model, state, strict=True, ignore_prefixes=ignore, allow_missing=DECODER_PREFIXES, what=what)
-    log.warning("%s: decoder keys ignored (%d in the checkpoint): the teacher's features come from its encoder; "
-                "its decoder stays at init", what, sum(k.startswith(DECODER_PREFIXES) for k in report.ignored))
+    report = load_into(model, state, strict=True, ignore_prefixes=ignore, allow_missing=DECODER_PREFIXES, what=what,
+                       log_ignored=False)
+    n_dec = sum(k.startswith(DECODER_PREFIXES) for k in report.ignored)
+    log.warning("%s: loaded %d encoder tensors; %s", what, len(report.loaded),
+                f"ignored its {n_dec} decoder keys (the teacher runs its encoder only; its decoder stays at init)"
+                if n_dec else "it has no decoder (the teacher runs its encoder only; its decoder stays at init)")
+    if len(report.ignored) > n_dec:
+        log.warning("%s: also ignored %s", what, ", ".join(k for k in report.ignored if not k.startswith(DECODER_PREFIXES)))
     model.requires_grad_(False)
     model.eval()
     model.load_report = report
@@ -415,7 +445,7 @@ def load_encoder(model: ViTEncoder, source: Any, what: str | None = None, allow_
     if not any(k.startswith("head.") for k in target):
         ignore += ["head.", "fc_norm."]
     report = load_into(model, state, strict=True, ignore_prefixes=tuple(ignore),
-                       allow_missing=("fc_norm.", "head.", *DECODER_PREFIXES), what=what)
+                       allow_missing=("fc_norm.", "head.", *DECODER_PREFIXES), what=what, log_ignored=False)
     if report.ignored:
         log.warning("%s: not used by %s: %s", what, type(model).__name__,
                     ", ".join(sorted({k.split('.')[0] for k in report.ignored})))

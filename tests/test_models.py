@@ -464,3 +464,58 @@ def test_paper_pair_vit_t_student_vit_b_teacher_at_224():
     torch.testing.assert_close(a.loss_dist, b.loss_dist, rtol=0, atol=0)
     torch.testing.assert_close(a.loss, b.loss, rtol=0, atol=0)
     assert 0 < a.loss_dist.item() < 2 and torch.isfinite(a.loss)
+
+
+# ----------------------------------------------------------------------------- fast paths beside their plain twins
+
+def _attn_pair(dim=64, heads=4):
+    """Our Attention and timm's, same weights."""
+    from timm.layers import Attention as TimmAttention
+
+    from fasttrain.models.vit import Attention
+    torch.manual_seed(11)
+    ours = Attention(dim, num_heads=heads, qkv_bias=True)
+    ref = TimmAttention(dim, num_heads=heads, qkv_bias=True)
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    return ours, ref
+
+
+def test_attention_equals_timm_without_autocast_and_under_no_grad():
+    ours, ref = _attn_pair()
+    x = torch.randn(3, 17, 64)  # odd token count
+    assert torch.equal(ours(x), ref(x))  # fp32: the very same ops
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # teacher-like: stays bf16
+        assert torch.equal(ours(x), ref(x))
+    ours.upcast_cpu = False  # the switch gives timm's path under autocast + grad too
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(ours(x), ref(x))
+
+
+def test_attention_cpu_upcast_under_autocast_matches_fp32_in_value_and_gradient():
+    from fasttrain.models.vit import upcast_attention_here
+    ours, ref = _attn_pair()
+    x = torch.randn(2, 50, 64)
+    x32, xbf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y32 = ref(x32)  # fp32 oracle
+    g = torch.randn_like(y32)
+    y32.backward(g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert upcast_attention_here(ours.qkv(xbf))  # the fast path is what runs below
+        y = ours(xbf)
+    assert y.dtype == torch.bfloat16  # same output dtype as timm under autocast
+    y.float().backward(g)
+    torch.testing.assert_close(y.float(), y32, atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(xbf.grad, x32.grad, atol=3e-2, rtol=3e-2)
+    for p_ours, p_ref in zip(ours.parameters(), ref.parameters()):
+        # bf16 matmul gradients summed over 100 tokens: bf16 tolerance relative to the norm
+        assert (p_ours.grad - p_ref.grad).norm() <= 2e-2 * p_ref.grad.norm()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not upcast_attention_here(ours.qkv(x))  # frozen teacher: no upcast
+
+
+def test_models_use_the_upcasting_attention():
+    from fasttrain.models.vit import Attention
+    m = tiny_mae()
+    assert all(type(b.attn) is Attention for b in list(m.blocks) + list(m.decoder_blocks))
+    c = create_model("vit_tiny_patch16", img_size=32, patch_size=8, depth=2, in_chans=1)
+    assert all(type(b.attn) is Attention for b in c.blocks)

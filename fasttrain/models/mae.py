@@ -13,11 +13,10 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
-from timm.models.vision_transformer import Block
 
 from fasttrain import kernels
 from fasttrain.losses import masked_mse
-from fasttrain.models.vit import LayerNorm6, ViTEncoder, init_vit_weights_, sincos_pos_embed_2d
+from fasttrain.models.vit import LayerNorm6, ViTEncoder, init_vit_weights_, make_block, sincos_pos_embed_2d
 
 
 class Masking(NamedTuple):
@@ -61,8 +60,7 @@ class MaskedAutoencoderViT(ViTEncoder):
         self.decoder_pos_embed = nn.Parameter(sincos_pos_embed_2d(decoder_embed_dim, self.grid_size),
                                               requires_grad=False)  # [1, 1+L, Dd] fixed
         self.decoder_blocks = nn.ModuleList([
-            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm6)
-            for _ in range(decoder_depth)])
+            make_block(decoder_embed_dim, decoder_num_heads, mlp_ratio) for _ in range(decoder_depth)])
         self.decoder_norm = LayerNorm6(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans)
         self.initialize_weights()

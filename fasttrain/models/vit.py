@@ -11,11 +11,14 @@ makes it learnable again, as MAE's fine-tuning does.
 """
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import Attention as TimmAttention
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
@@ -51,6 +54,65 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: int | tuple[int, int], cls_to
     if cls_token:
         emb = np.concatenate([np.zeros([1, embed_dim]), emb], axis=0)  # [1+L, D]
     return torch.from_numpy(emb).float().unsqueeze(0)  # [1, (1+)L, D]
+
+
+# ----------------------------------------------------------------------------- attention
+
+REDUCED_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def upcast_attention_here(qkv: torch.Tensor) -> bool:
+    """Whether to run scaled-dot-product attention in fp32 instead of qkv's bf16/fp16.
+
+    Only on CPU and only when the attention will be back-propagated: PyTorch's CPU
+    flash-attention kernel runs its *backward* markedly slower in bf16 than in fp32 (measured
+    on this project's AVX512-BF16 CPU: ViT-T/MAE decoder shapes, fp32 fwd+bwd ~1.6-2x faster),
+    while its forward costs the same in either dtype, so the frozen bf16 teacher (no grad) and
+    every GPU (where bf16 flash attention is the fast path) keep the reduced dtype.
+    fp32 attention is also the more exact one, so the result stays within autocast tolerance
+    of the fp32 reference.
+    """
+    return (qkv.device.type == "cpu" and qkv.dtype in REDUCED_DTYPES
+            and torch.is_grad_enabled() and qkv.requires_grad)
+
+
+class Attention(TimmAttention):
+    """timm's multi-head self-attention (same parameters, same state-dict keys, same math)
+    with one precision choice for CPU training under autocast: see `upcast_attention_here`.
+
+    `upcast_cpu = False` (class or instance attribute) gives timm's behaviour exactly; the
+    tests compare both.
+    """
+
+    upcast_cpu: bool = True
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        if not (self.upcast_cpu and self.fused_attn and self.gate is None):
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        B, N, _ = x.shape
+        qkv = self.qkv(x)  # [B, N, 3*A] (bf16 under autocast)
+        dtype = qkv.dtype
+        upcast = upcast_attention_here(qkv)
+        if upcast:
+            qkv = qkv.float()  # one cast of the fused qkv, not three
+        qkv = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [3, B, H, N, Dh]
+        q, k, v = qkv.unbind(0)  # [B, H, N, Dh] each
+        q, k = self.q_norm(q), self.k_norm(k)
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        # autocast would cast SDPA's fp32 inputs back to bf16: keep it off for this one op
+        with torch.autocast(x.device.type, enabled=False) if upcast else contextlib.nullcontext():
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                               is_causal=is_causal)  # [B, H, N, Dh]
+        o = o.to(dtype).transpose(1, 2).reshape(B, N, self.attn_dim)  # [B, N, A] in qkv's dtype
+        o = self.norm(o)
+        return self.proj_drop(self.proj(o))  # [B, N, D]
+
+
+def make_block(dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0) -> Block:
+    """timm's pre-norm ViT Block (qkv bias, LayerNorm eps 1e-6) with our `Attention`."""
+    return Block(dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=drop_path, norm_layer=LayerNorm6,
+                 attn_layer=Attention)
 
 
 # ----------------------------------------------------------------------------- encoder
@@ -100,8 +162,7 @@ class ViTEncoder(nn.Module):
         self.pos_embed = nn.Parameter(sincos_pos_embed_2d(embed_dim, self.grid_size), requires_grad=learn_pos_embed)
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth (timm)
         self.blocks = nn.ModuleList([
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=dpr[i], norm_layer=LayerNorm6)
-            for i in range(depth)])
+            make_block(embed_dim, num_heads, mlp_ratio, drop_path=dpr[i]) for i in range(depth)])
         self.norm = LayerNorm6(embed_dim)
 
     def _init_encoder_weights(self) -> None:

@@ -11,6 +11,7 @@ a watchdog raises if the workers are gone while the writer still waits.
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import threading
 import time
@@ -74,7 +75,8 @@ def write(root: Path, split_meta: dict, size: int, num_labels: int, opts: PackOp
             page <<= 1
         writer = DatasetWriter(str(fname), fields, page_size=page,
                                num_workers=max(1, min(opts.ffcv_workers, len(ds))))
-        _run_with_watchdog(lambda: writer.from_indexed_dataset(ds, chunksize=256), fname)
+        with _ffcv_progress(opts.progress, f"ffcv {split}"):
+            _run_with_watchdog(lambda: writer.from_indexed_dataset(ds, chunksize=256), fname)
     return {
         "files": {s: path_of(s) for s in split_meta},
         "image_field": "ndarray",
@@ -84,6 +86,22 @@ def write(root: Path, split_meta: dict, size: int, num_labels: int, opts: PackOp
             "index": {"type": "IntField", "dtype": "int64", "meaning": "position in the split"},
         },
     }
+
+
+@contextlib.contextmanager
+def _ffcv_progress(enabled: bool, desc: str):
+    """FFCV's writer draws its own tqdm bar with no way to turn it off or name it; swap the name
+    its module looks up, so --no-progress (CI logs) is quiet and the bar says which split it is."""
+    import functools
+
+    import ffcv.writer as fw
+    from tqdm import tqdm
+    old = fw.tqdm
+    fw.tqdm = functools.partial(tqdm, disable=not enabled, desc=desc, unit="img")
+    try:
+        yield
+    finally:
+        fw.tqdm = old
 
 
 def _run_with_watchdog(fn, fname: Path, grace_s: float = 20.0) -> None:

@@ -41,6 +41,8 @@ def test_errors(packed, tmp_path):
         open_packed(packed, "val")
     with pytest.raises(PackedError, match="format 'ffcv' was not written"):
         open_packed(packed, "train", "ffcv")
+    with pytest.raises(PackedError, match=r"unknown format 'jpeg'; the packed formats are \['raw', 'ffcv', 'dali'\]"):
+        open_packed(packed, "train", "jpeg")  # not "convert again with --format jpeg"
     # a copy with a truncated raw file, and one with a future manifest version
     import shutil
     bad = tmp_path / "bad"

@@ -140,6 +140,9 @@ def open_packed(path, split: str = "train", format: Optional[str] = None) -> Pac
     written = manifest["formats"]
     if format is None:
         format = next(f for f in FORMAT_PREFERENCE if f in written)
+    if format not in FORMAT_PREFERENCE:
+        raise PackedError(f"{root}: unknown format {format!r}; the packed formats are {list(FORMAT_PREFERENCE)} "
+                          f"(this dataset has {written})")
     if format not in written:
         raise PackedError(f"{root}: format '{format}' was not written (it has {written}); "
                           f"convert again with --format {format}")

@@ -267,3 +267,39 @@ def test_mimic_gzipped_csvs_as_physionet_publishes_them(tmp_path):
         assert a.ids == b.ids
         np.testing.assert_array_equal(a.labels, b.labels)
         np.testing.assert_array_equal(a.images, b.images)
+
+
+def test_dicom_jpeg2000_decodes_or_names_the_plugin(tmp_path, monkeypatch):
+    """MIMIC-CXR's large files are JPEG 2000 (1.2.840.10008.1.2.4.90): decoded through whichever
+    pydicom plugin is installed (here Pillow's openjpeg); with none, the error names the row, the
+    file, the syntax and the pip line."""
+    import io
+    import pydicom
+    from PIL import Image, features
+    from pydicom.encaps import encapsulate
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEG2000Lossless
+    if not get_decoder(JPEG2000Lossless).is_available or not features.check_codec("jpg_2000"):
+        pytest.skip("no JPEG 2000 codec to build the fixture with")
+    w = write_dicom(tmp_path / "mimic")
+    ident = "d0000004-12bit-plain"  # 12-bit MONOCHROME2, no window: min..max
+    path = w.files[ident]
+    ds = pydicom.dcmread(path)
+    stored = ds.pixel_array.astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, format="JPEG2000", irreversible=False, no_jp2=True)  # lossless codestream
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.PixelData = encapsulate([buf.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    out = dc(tmp_path / "mimic", tmp_path / "out")
+    val = open_packed(out, "val")
+    assert val.ids == [ident]
+    assert np.abs(val.image(0).astype(float) - block_mean(w.pixels[ident], 16)).max() <= 1.0
+    # no plugin at all (what a Pillow built without openjpeg and no pylibjpeg looks like)
+    monkeypatch.setattr(get_decoder(JPEG2000Lossless), "_available", {})
+    with pytest.raises(ConvertError, match=r"labels.csv row 5 \(d0000004-12bit-plain\): .*d0000004-12bit-plain.dcm: "
+                                           r"DicomPluginError: pixel data compressed as JPEG 2000 .*\(1.2.840.10008.1.2.4.90\) "
+                                           r"cannot be decoded; install a decoder plugin, e.g. "
+                                           r"`pip install pylibjpeg pylibjpeg-openjpeg`"):
+        dc(tmp_path / "mimic", tmp_path / "out2")

@@ -1,5 +1,6 @@
 """Checkpoints: Xiao-layout teachers load strictly, wrong sizes fail naming keys, conversions, export."""
 import argparse
+import json
 import logging
 
 import pytest
@@ -280,20 +281,28 @@ def test_export_timm_round_trip(tmp_path, in_chans):
     src = student
     if in_chans == 1:  # exporting through an ETMAE exports its student
         src = ETMAE(student, create_model("mae_vit_tiny_patch16", in_chans=1, depth=2), [1], [1])
+    from safetensors.torch import load_file
+    # default: timm's own default (3 channels), so the plain create_model call loads it as is
     path = export_timm(src, tmp_path / "student.safetensors")
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
         keys = set(f.keys())
-    assert meta["timm_model"] == "vit_tiny_patch16_224"
+    assert meta["timm_model"] == "vit_tiny_patch16_224" and json.loads(meta["timm_kwargs"])["in_chans"] == 3
     assert not any(k.startswith(("decoder", "mask_token")) for k in keys)
-    tm = timm.create_model("vit_tiny_patch16_224", num_classes=0, in_chans=in_chans, pretrained=False)
-    from safetensors.torch import load_file
+    tm = timm.create_model("vit_tiny_patch16_224", num_classes=0, pretrained=False)
     tm.load_state_dict(load_file(str(path)), strict=True)
     tm.eval()
     x = torch.randn(2, in_chans, 224, 224)
+    x3 = x.expand(-1, 3, -1, -1) if in_chans == 1 else x  # a grey image as three equal channels
+    with torch.no_grad():
+        torch.testing.assert_close(tm.forward_features(x3), student.forward_features(x), atol=1e-5, rtol=1e-4)
+    assert not list(tmp_path.glob("*.tmp"))  # atomic write left nothing behind
+    # in_chans=None keeps the model's own channels
+    path = export_timm(src, tmp_path / "native.safetensors", in_chans=None)
+    tm = timm.create_model("vit_tiny_patch16_224", num_classes=0, in_chans=in_chans, pretrained=False).eval()
+    tm.load_state_dict(load_file(str(path)), strict=True)
     with torch.no_grad():
         torch.testing.assert_close(tm.forward_features(x), student.forward_features(x), atol=1e-5, rtol=1e-4)
-    assert not list(tmp_path.glob("*.tmp"))  # atomic write left nothing behind
 
 
 def test_pos_embed_without_cls_slot_gets_a_zero_slot():
@@ -315,7 +324,7 @@ def test_export_errors(tmp_path):
     with pytest.raises(ValueError, match="final norm"):
         export_timm(tiny("vit_tiny_patch16", num_classes=2), tmp_path / "cls.safetensors")
     # a non-timm size still exports, with the timm kwargs to rebuild it in the metadata
-    path = export_timm(torch.compile(m), tmp_path / "odd.safetensors")
+    path = export_timm(torch.compile(m), tmp_path / "odd.safetensors", in_chans=None)
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     assert meta["timm_model"] == ""

@@ -477,7 +477,7 @@ def timm_name_for(enc: ViTEncoder) -> str | None:
     return name if name in timm.list_models(name) else None
 
 
-def export_timm(model: nn.Module, path: str | os.PathLike) -> Path:
+def export_timm(model: nn.Module, path: str | os.PathLike, in_chans: int | None = 3) -> Path:
     """Write the (student) encoder as a plain timm ViT state dict (.safetensors), atomically.
 
     `model`: an MAE, an ETMAE (its student is exported) or a ViTEncoder with a final norm. The
@@ -485,6 +485,11 @@ def export_timm(model: nn.Module, path: str | os.PathLike) -> Path:
     in_chans=<in_chans>)` (both stored in the file's metadata) and gives the same
     forward_features. timm's pos_embed is a learned parameter of the same shape; the fixed
     sin-cos values are copied into it.
+
+    in_chans: 3 (default, timm's own default) so that plain `timm.create_model(<timm_model>,
+    num_classes=0)` loads the file as is; a grayscale (1-channel) student's patch filter is then
+    repeated over RGB and divided by 3, which gives exactly its features on the grey image fed
+    as three equal channels (what every RGB pipeline does). None keeps the model's channels.
     """
     for attr in ("module", "_orig_mod"):  # DDP / torch.compile wrappers
         model = getattr(model, attr, model)
@@ -499,6 +504,10 @@ def export_timm(model: nn.Module, path: str | os.PathLike) -> Path:
     state = {k: v.detach().to("cpu", torch.float32).contiguous().clone()
              for k, v in enc.state_dict().items() if is_encoder_key(k)}
     cfg = enc.encoder_config()
+    if in_chans is not None and in_chans != cfg["in_chans"]:
+        state[PATCH_WEIGHT], note = convert_in_chans(state[PATCH_WEIGHT], in_chans, PATCH_WEIGHT)
+        cfg["in_chans"] = in_chans
+        log.info("export %s: %s", path, note)
     name = timm_name_for(enc)
     meta = {"format": "pt", "timm_model": name or "",
             "timm_kwargs": json.dumps({"num_classes": 0, **cfg}), "exported_by": "fasttrain"}

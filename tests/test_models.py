@@ -519,3 +519,77 @@ def test_models_use_the_upcasting_attention():
     assert all(type(b.attn) is Attention for b in list(m.blocks) + list(m.decoder_blocks))
     c = create_model("vit_tiny_patch16", img_size=32, patch_size=8, depth=2, in_chans=1)
     assert all(type(b.attn) is Attention for b in c.blocks)
+
+
+def test_attention_and_block_at_query_subset_equal_full_then_gather():
+    from fasttrain.models.vit import block_at, gather_tokens, make_block
+    torch.manual_seed(12)
+    blk = make_block(64, 4)
+    x = torch.randn(3, 23, 64)  # prime token count
+    idx = torch.stack([torch.randperm(23)[:7] for _ in range(3)])  # [3, 7] arbitrary order
+    full = gather_tokens(blk(x), idx)  # plain twin
+    torch.testing.assert_close(block_at(blk, x, idx), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(blk.attn(x, query_index=idx), gather_tokens(blk.attn(x), idx), atol=1e-5, rtol=1e-5)
+    blk.attn.upcast_cpu = False  # timm's path: select after the full block, same values
+    torch.testing.assert_close(block_at(blk, x, idx), full, atol=1e-5, rtol=1e-5)
+    blk.attn.upcast_cpu = True
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the training path (upcast attention)
+        ya = block_at(blk, xa, idx)
+        yb = gather_tokens(blk(xb), idx)
+    torch.testing.assert_close(ya.float(), yb.float(), atol=3e-2, rtol=3e-2)
+    g = torch.randn_like(ya.float())
+    ya.float().backward(g)
+    yb.float().backward(g)
+    torch.testing.assert_close(xa.grad, xb.grad, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("decoder_depth", [0, 1, 2])
+def test_forward_decoder_masked_equals_full_decoder_at_removed_patches(decoder_depth):
+    torch.manual_seed(13)
+    m = tiny_mae(decoder_depth=decoder_depth)
+    x = torch.randn(3, 1, 32, 32)
+    enc = m.forward_encoder(x, noise=torch.rand(3, 16))
+    ids_masked = m.masked_indices(enc.ids_restore, enc.ids_keep.shape[1])  # [3, 12]
+    assert ids_masked.shape == (3, 12)
+    assert torch.equal(enc.mask.gather(1, ids_masked), torch.ones(3, 12))  # exactly the removed patches
+    assert torch.equal(enc.mask.sum(1), torch.full((3,), 12.0))
+    full = m.forward_decoder(enc.latent, enc.ids_restore)  # [3, 16, 64]
+    fast = m.forward_decoder_masked(enc.latent, enc.ids_restore, ids_masked)  # [3, 12, 64]
+    torch.testing.assert_close(fast, full.gather(1, ids_masked.unsqueeze(-1).expand(-1, -1, 64)),
+                               atol=1e-5, rtol=1e-5)
+
+
+def _loss_and_grads(model, x, noise, **kw):
+    model.zero_grad(set_to_none=True)
+    out = model(x, noise=noise, **kw)
+    loss = out[0]
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+def test_mae_and_etmae_masked_decoder_give_the_same_losses_and_gradients():
+    x, noise = torch.randn(2, 1, 32, 32), torch.rand(2, 16)
+    m = tiny_mae()
+    (l_full, p_full, mask_full), g_full = _loss_and_grads(m, x, noise)
+    (l_fast, p_fast, mask_fast), g_fast = _loss_and_grads(m, x, noise, decoder="masked")
+    torch.testing.assert_close(l_fast, l_full, atol=1e-6, rtol=1e-5)
+    assert p_full.shape == (2, 16, 64) and p_fast.shape == (2, 12, 64) and torch.equal(mask_fast, mask_full)
+    assert g_fast.keys() == g_full.keys()
+    for n in g_full:
+        torch.testing.assert_close(g_fast[n], g_full[n], atol=1e-6, rtol=1e-4, msg=n)
+
+    e = make_etmae()
+    out_full, g_full = _loss_and_grads(e, x, noise)
+    out_fast, g_fast = _loss_and_grads(e, x, noise, decoder="masked")
+    for a, b in [(out_fast.loss, out_full.loss), (out_fast.loss_mae, out_full.loss_mae),
+                 (out_fast.loss_dist, out_full.loss_dist)]:
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert g_fast.keys() == g_full.keys()
+    for n in g_full:
+        torch.testing.assert_close(g_fast[n], g_full[n], atol=1e-6, rtol=1e-4, msg=n)
+    with pytest.raises(ValueError, match="decoder mode 'fast'"):
+        e(x, noise=noise, decoder="fast")
+    with pytest.raises(ValueError, match="decoder mode"):
+        m(x, noise=noise, decoder="visible")

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from fasttrain.losses import feature_align_l1
-from fasttrain.models.mae import Masking, MaskedAutoencoderViT
+from fasttrain.models.mae import Masking, MaskedAutoencoderViT, check_decoder_mode
 
 log = logging.getLogger(__name__)
 
@@ -138,16 +138,21 @@ class ETMAE(nn.Module):
         return torch.stack(terms).mean()
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float | None = None,
-                noise: Optional[torch.Tensor] = None, teacher_mode: str = "truncated") -> DistillOutput:
-        """imgs [N, C, H, W] -> DistillOutput(loss, loss_mae, loss_dist, pred [N, L, p*p*C], mask [N, L])."""
+                noise: Optional[torch.Tensor] = None, teacher_mode: str = "truncated",
+                decoder: str = "full") -> DistillOutput:
+        """imgs [N, C, H, W] -> DistillOutput(loss, loss_mae, loss_dist, pred [N, L, p*p*C], mask [N, L]).
+
+        decoder="masked" (training fast path, same losses): the student's decoder finishes only
+        the removed patches, pred is [N, L-K, p*p*C] (see MaskedAutoencoderViT.forward).
+        """
         if teacher_mode not in TEACHER_MODES:
             raise ValueError(f"unknown teacher_mode '{teacher_mode}'; choose one of {', '.join(TEACHER_MODES)}")
+        check_decoder_mode(decoder)
         st = self.student
         ratio = st.mask_ratio if mask_ratio is None else mask_ratio
         masking = st.random_masking(imgs.shape[0], st.num_patches, ratio, imgs.device, noise)
         enc = st.forward_encoder(imgs, masking=masking, return_blocks=self.student_blocks)
-        pred = st.forward_decoder(enc.latent, enc.ids_restore)  # [N, L, p*p*C]
-        loss_mae = st.forward_loss(imgs, pred, enc.mask)
+        pred, loss_mae = st.decode_and_score(imgs, enc, decoder)  # pred [N, L or L-K, p*p*C]
         if teacher_mode == "truncated":
             t_feats = self.teacher_features(imgs, masking.ids_keep)
         else:

@@ -16,7 +16,16 @@ import torch.nn as nn
 
 from fasttrain import kernels
 from fasttrain.losses import masked_mse
-from fasttrain.models.vit import LayerNorm6, ViTEncoder, init_vit_weights_, make_block, sincos_pos_embed_2d
+from fasttrain.models.vit import (LayerNorm6, ViTEncoder, block_at, gather_tokens, init_vit_weights_, make_block,
+                                  sincos_pos_embed_2d)
+
+
+DECODER_MODES = ("full", "masked")
+
+
+def check_decoder_mode(decoder: str) -> None:
+    if decoder not in DECODER_MODES:
+        raise ValueError(f"unknown decoder mode '{decoder}'; choose one of {', '.join(DECODER_MODES)}")
 
 
 class Masking(NamedTuple):
@@ -157,18 +166,48 @@ class MaskedAutoencoderViT(ViTEncoder):
 
     # -- decoder -----------------------------------------------------------------------------
 
-    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        """latent [N, 1+K, D], ids_restore [N, L] -> pred [N, L, p*p*C] (pixels of every patch)."""
+    def decoder_tokens(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """latent [N, 1+K, D], ids_restore [N, L] -> decoder input [N, 1+L, Dd] (cls first, patch order)."""
         x = self.decoder_embed(latent)  # [N, 1+K, Dd]
         x_all = kernels.unshuffle_with_mask_token(
             x[:, 1:], self.mask_token.reshape(-1), ids_restore)  # [N, L, Dd] in patch order
         x = torch.cat([x[:, :1], x_all], dim=1)  # [N, 1+L, Dd]
-        x = x + self.decoder_pos_embed  # [N, 1+L, Dd]
+        return x + self.decoder_pos_embed  # [N, 1+L, Dd]
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """latent [N, 1+K, D], ids_restore [N, L] -> pred [N, L, p*p*C] (pixels of every patch)."""
+        x = self.decoder_tokens(latent, ids_restore)  # [N, 1+L, Dd]
         for blk in self.decoder_blocks:
             x = blk(x)  # [N, 1+L, Dd]
         x = self.decoder_norm(x)  # [N, 1+L, Dd]
         x = self.decoder_pred(x)  # [N, 1+L, p*p*C]
         return x[:, 1:]  # [N, L, p*p*C] drop cls
+
+    @staticmethod
+    def masked_indices(ids_restore: torch.Tensor, num_kept: int) -> torch.Tensor:
+        """ids_restore [N, L] -> ids_masked [N, L-K]: the removed patches (ids_shuffle[:, K:])."""
+        return torch.argsort(ids_restore, dim=1)[:, num_kept:]  # [N, L-K]
+
+    def forward_decoder_masked(self, latent: torch.Tensor, ids_restore: torch.Tensor,
+                               ids_masked: torch.Tensor) -> torch.Tensor:
+        """Fast twin of forward_decoder for the loss: pred of the removed patches only.
+
+        latent [N, 1+K, D], ids_restore [N, L], ids_masked [N, M] -> [N, M, p*p*C], equal to
+        forward_decoder(...) gathered at ids_masked. Exact: the earlier blocks and the last
+        block's keys/values still see every token; only the last block's queries, MLP, the
+        norm and the pixel head skip the cls and visible tokens, which the loss never scores
+        (about a tenth of the decoder's FLOPs at mask ratio 0.75).
+        """
+        x = self.decoder_tokens(latent, ids_restore)  # [N, 1+L, Dd]
+        idx = ids_masked + 1  # [N, M] token index (cls is token 0)
+        if len(self.decoder_blocks) == 0:
+            x = gather_tokens(x, idx)  # [N, M, Dd]
+        else:
+            for blk in self.decoder_blocks[:-1]:
+                x = blk(x)  # [N, 1+L, Dd]
+            x = block_at(self.decoder_blocks[-1], x, idx)  # [N, M, Dd]
+        x = self.decoder_norm(x)  # [N, M, Dd]
+        return self.decoder_pred(x)  # [N, M, p*p*C]
 
     # -- loss --------------------------------------------------------------------------------
 
@@ -177,13 +216,35 @@ class MaskedAutoencoderViT(ViTEncoder):
         target = self.patchify(imgs)  # [N, L, p*p*C]
         return masked_mse(pred, target, mask, norm_pix=self.norm_pix_loss)
 
+    def forward_loss_masked(self, imgs: torch.Tensor, pred_masked: torch.Tensor,
+                            ids_masked: torch.Tensor) -> torch.Tensor:
+        """Twin of forward_loss for forward_decoder_masked: imgs [N, C, H, W], pred_masked
+        [N, M, p*p*C] at ids_masked [N, M] -> the same scalar (every scored patch is removed)."""
+        target = gather_tokens(self.patchify(imgs), ids_masked)  # [N, M, p*p*C]
+        ones = torch.ones(ids_masked.shape, device=pred_masked.device)  # [N, M]
+        return masked_mse(pred_masked, target, ones, norm_pix=self.norm_pix_loss)
+
     def forward(self, imgs: torch.Tensor, mask_ratio: float | None = None,
-                noise: Optional[torch.Tensor] = None):
-        """imgs [N, C, H, W] -> (loss scalar, pred [N, L, p*p*C], mask [N, L])."""
+                noise: Optional[torch.Tensor] = None, decoder: str = "full"):
+        """imgs [N, C, H, W] -> (loss scalar, pred, mask [N, L]).
+
+        decoder="full": pred [N, L, p*p*C] of every patch (MAE). decoder="masked": the same
+        loss from forward_decoder_masked, pred [N, L-K, p*p*C] of the removed patches in
+        ids_shuffle order (training only needs the loss).
+        """
+        check_decoder_mode(decoder)
         enc = self.forward_encoder(imgs, mask_ratio, noise)
-        pred = self.forward_decoder(enc.latent, enc.ids_restore)  # [N, L, p*p*C]
-        loss = self.forward_loss(imgs, pred, enc.mask)
+        pred, loss = self.decode_and_score(imgs, enc, decoder)
         return loss, pred, enc.mask
+
+    def decode_and_score(self, imgs: torch.Tensor, enc: EncoderOutput, decoder: str = "full"):
+        """Decoder + reconstruction loss of an encoder output -> (pred, loss); see forward."""
+        if decoder == "masked":
+            ids_masked = self.masked_indices(enc.ids_restore, enc.ids_keep.shape[1])  # [N, L-K]
+            pred = self.forward_decoder_masked(enc.latent, enc.ids_restore, ids_masked)  # [N, L-K, p*p*C]
+            return pred, self.forward_loss_masked(imgs, pred, ids_masked)
+        pred = self.forward_decoder(enc.latent, enc.ids_restore)  # [N, L, p*p*C]
+        return pred, self.forward_loss(imgs, pred, enc.mask)
 
     def trainable_parameters(self):
         """Parameters that need gradients (the fixed sin-cos tables are excluded)."""

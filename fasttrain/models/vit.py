@@ -87,26 +87,57 @@ class Attention(TimmAttention):
     upcast_cpu: bool = True
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                is_causal: bool = False) -> torch.Tensor:
+                is_causal: bool = False, query_index: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, N, D] -> [B, N, D]; with query_index [B, M] (token indices) -> [B, M, D], the
+        output at those tokens only: keys and values still come from all N tokens."""
         if not (self.upcast_cpu and self.fused_attn and self.gate is None):
-            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+            out = super().forward(x, attn_mask=attn_mask, is_causal=is_causal)  # [B, N, D]
+            return out if query_index is None else gather_tokens(out, query_index)
         B, N, _ = x.shape
         qkv = self.qkv(x)  # [B, N, 3*A] (bf16 under autocast)
         dtype = qkv.dtype
         upcast = upcast_attention_here(qkv)
         if upcast:
             qkv = qkv.float()  # one cast of the fused qkv, not three
-        qkv = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [3, B, H, N, Dh]
-        q, k, v = qkv.unbind(0)  # [B, H, N, Dh] each
+        if query_index is None:
+            qkv = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [3, B, H, N, Dh]
+            q, k, v = qkv.unbind(0)  # [B, H, N, Dh] each
+        else:
+            A, M = self.attn_dim, query_index.shape[1]
+            # q of every token comes out of the one fused qkv matmul (cheaper than a second
+            # matmul for the subset); keep only the queried rows
+            q = gather_tokens(qkv[..., :A], query_index)  # [B, M, A]
+            q = q.reshape(B, M, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, M, Dh]
+            kv = qkv[..., A:].reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [2, B, H, N, Dh]
+            k, v = kv.unbind(0)  # [B, H, N, Dh] each
         q, k = self.q_norm(q), self.k_norm(k)
         dropout_p = self.attn_drop.p if self.training else 0.0
         # autocast would cast SDPA's fp32 inputs back to bf16: keep it off for this one op
         with torch.autocast(x.device.type, enabled=False) if upcast else contextlib.nullcontext():
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                                is_causal=is_causal)  # [B, H, N, Dh]
-        o = o.to(dtype).transpose(1, 2).reshape(B, N, self.attn_dim)  # [B, N, A] in qkv's dtype
+        o = o.to(dtype).transpose(1, 2).reshape(B, q.shape[2], self.attn_dim)  # [B, N or M, A] in qkv's dtype
         o = self.norm(o)
         return self.proj_drop(self.proj(o))  # [B, N, D]
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, N, D], index [B, M] int64 -> x at those tokens [B, M, D]."""
+    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, M, D]
+
+
+def block_at(blk: Block, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """blk(x) evaluated at tokens `index` only: x [B, N, D], index [B, M] -> [B, M, D].
+
+    Equal to gather_tokens(blk(x), index): attention still reads keys/values of all N tokens,
+    but queries, the output projection, the residual and the MLP run on the M tokens only.
+    Used for the MAE decoder's last block, whose outputs at visible patches are never scored.
+    """
+    if not isinstance(blk.attn, Attention):
+        return gather_tokens(blk(x), index)  # plain timm attention: full block, then select
+    x_q = gather_tokens(x, index)  # [B, M, D] residual stream at the queried tokens
+    x_q = x_q + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x), query_index=index)))  # [B, M, D]
+    return x_q + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x_q))))  # [B, M, D]
 
 
 def make_block(dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0) -> Block:

@@ -376,3 +376,16 @@ def test_unreadable_files_say_why(tmp_path):
 
 class _Opaque:
     pass
+
+
+def test_teacher_from_encoder_only_checkpoint_logs_one_line(tmp_path, caplog):
+    """Official MAE `mae_pretrain_vit_*.pth` / timm weights have no decoder: one line says so, the
+    decoder's keys are not listed as missing."""
+    m = create_model("mae_vit_tiny_patch16", img_size=32, patch_size=8, depth=2, in_chans=1)
+    enc = {k: v for k, v in m.state_dict().items() if not k.startswith(("decoder_", "mask_token"))}
+    torch.save({"model": enc}, tmp_path / "mae_pretrain.pth")
+    with caplog.at_level(logging.WARNING):
+        t = load_teacher("mae_vit_tiny_patch16", tmp_path / "mae_pretrain.pth", img_size=32, in_chans=1,
+                         patch_size=8, depth=2)
+    assert t.load_report.ok and "it has no decoder" in caplog.text
+    assert "left at init" not in caplog.text and "decoder_blocks.0" not in caplog.text

@@ -294,7 +294,7 @@ def describe_model(model: nn.Module) -> str:
 
 def load_into(model: nn.Module, state: Any, strict: bool = True, ignore_prefixes: Iterable[str] = (),
               allow_missing: Iterable[str] = (), what: str | None = None, allow_pickle: bool = False,
-              log_ignored: bool = True) -> LoadReport:
+              log_ignored: bool = True, explained: Iterable[str] = ()) -> LoadReport:
     """Load `state` (path, checkpoint dict or state dict) into `model`, strictly.
 
     ignore_prefixes: checkpoint keys starting with these are dropped (and reported as ignored);
@@ -361,7 +361,8 @@ def load_into(model: nn.Module, state: Any, strict: bool = True, ignore_prefixes
         log.warning("%s: ignored %d checkpoint keys under %s", what, len(report.ignored), list(ignore_prefixes))
     # keys the checkpoint had but we dropped on purpose are told by the line above (or the caller's),
     # not a second time as "not in the checkpoint"
-    absent = [k for k in report.left_at_init if k not in set(report.ignored)]
+    # (`explained`: prefixes of left-at-init keys the caller tells about in its own words)
+    absent = [k for k in report.left_at_init if k not in set(report.ignored) and not k.startswith(tuple(explained))]
     if absent:
         log.warning("%s: %d model keys not in the checkpoint, left at init: %s", what, len(absent), ", ".join(absent))
     if not report.ok:
@@ -416,7 +417,7 @@ def load_teacher(name: str, path: Any, img_size: int = 224, in_chans: int = 3, a
         log.warning("%s was saved by a run of model '%s'; loading as '%s'", what, meta["args_model"], name)
     ignore = DECODER_PREFIXES + ("head.", "fc_norm.")
     report = load_into(model, state, strict=True, ignore_prefixes=ignore, allow_missing=DECODER_PREFIXES, what=what,
-                       log_ignored=False)
+                       log_ignored=False, explained=DECODER_PREFIXES)
     n_dec = sum(k.startswith(DECODER_PREFIXES) for k in report.ignored)
     log.warning("%s: loaded %d encoder tensors; %s", what, len(report.loaded),
                 f"ignored its {n_dec} decoder keys (the teacher runs its encoder only; its decoder stays at init)"

@@ -302,7 +302,21 @@ class AtomicDir:
         self.tmp = self.out.parent / f".{self.out.name}.incomplete"
 
     def __enter__(self) -> Path:
+        import fcntl
         self.out.parent.mkdir(parents=True, exist_ok=True)
+        # Two conversions to the same --out would otherwise share (and delete) one temporary
+        # folder, and the first to finish would rename a mix of both: a lock held for the whole
+        # run (released by the kernel if the process dies, so it never goes stale).
+        self.lock_path = self.out.parent / f".{self.out.name}.lock"
+        self.lock = open(self.lock_path, "a")
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.lock.close()
+            raise ConvertError(f"{self.out}: another conversion is writing it right now (lock {self.lock_path})") from None
+        if self.out.exists():  # finished while we waited for the lock
+            self._unlock()
+            raise ConvertError(f"{self.out}: output folder already exists; remove it or choose another --out")
         if self.tmp.exists():
             print(f"fasttrain convert: removing leftovers of an interrupted run: {self.tmp}", file=sys.stderr)
             shutil.rmtree(self.tmp)
@@ -310,12 +324,19 @@ class AtomicDir:
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            if self.out.exists():
-                raise ConvertError(f"{self.out}: appeared while converting; result left in {self.tmp}")
-            os.replace(self.tmp, self.out)
-        else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        try:
+            if exc_type is None:
+                if self.out.exists():
+                    raise ConvertError(f"{self.out}: appeared while converting; result left in {self.tmp}")
+                os.replace(self.tmp, self.out)
+            else:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+        finally:
+            self._unlock()
+
+    def _unlock(self) -> None:
+        self.lock_path.unlink(missing_ok=True)
+        self.lock.close()  # closing releases the flock
 
 
 def write_json_atomic(path: Path, obj) -> None:

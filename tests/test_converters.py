@@ -354,3 +354,21 @@ def test_unreadable_csv_names_the_file(tmp_path):
     (tmp_path / "x.csv.gz").write_bytes(b"not gzip")
     with pytest.raises(ConvertError, match=r"x.csv.gz: cannot read as a UTF-8 CSV: BadGzipFile"):
         read_csv(tmp_path / "x.csv.gz", [])
+
+
+def test_concurrent_conversion_to_the_same_out_is_refused(tmp_path):
+    """A second run must not delete the first one's temporary folder (and let the first rename a
+    mix of both): it stops, naming the lock; the first finishes intact."""
+    from fasttrain.converters.common import AtomicDir
+    w = write_nih(tmp_path / "src")
+    with AtomicDir(tmp_path / "out") as tmp:  # a conversion in progress
+        (tmp / "marker").write_text("first")
+        with pytest.raises(ConvertError, match=r"out: another conversion is writing it right now \(lock .*\.out\.lock\)"):
+            convert(tmp_path / "src", tmp_path / "out")
+        assert (tmp / "marker").read_text() == "first"  # its temporary folder untouched
+    assert (tmp_path / "out" / "marker").is_file() and not (tmp_path / ".out.lock").exists()
+    with pytest.raises(ConvertError, match="output folder already exists"):
+        convert(tmp_path / "src", tmp_path / "out")
+    out = convert(tmp_path / "src", tmp_path / "out2")
+    check_against_reference(out, w)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out2", "src"]  # no lock or temp left

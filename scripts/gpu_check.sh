@@ -21,7 +21,9 @@ mkdir -p "$SHIM/fasttrain"
 for f in "$ROOT"/fasttrain/*; do ln -s "$f" "$SHIM/fasttrain/$(basename "$f")"; done
 ln -s "$ROOT/converters" "$SHIM/fasttrain/converters"
 ln -s "$ROOT/kernels" "$SHIM/fasttrain/kernels"
-export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# PYTHONSAFEPATH: `python -m`/`-c` must not put the cwd (this tree, whose fasttrain/ lacks kernels/
+# and converters/) ahead of the shim (Python >= 3.11).
+export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1
 
 {
   echo "== gpu_check $(date -u +%FT%TZ) git $(git rev-parse --short HEAD 2>/dev/null)"

@@ -144,6 +144,9 @@ def _label_names(labels_csv: Path, header: list[str], labels: str) -> list[str]:
     if labels == "competition":
         names = list(COMPETITION)
         missing = [n for n in names if n not in header]
+        if len(missing) == len(names) and not any(n in header for n in CHEXPERT_ALL):
+            raise ConvertError(f"{labels_csv}: none of the CheXpert label columns {CHEXPERT_ALL}; is this the labels "
+                               f"CSV? (found {header[:8]}{' ...' if len(header) > 8 else ''})")
         if missing:
             raise ConvertError(f"{labels_csv}: missing label column(s) {missing} (use --labels all for the "
                                f"CheXpert columns it has)")

@@ -177,6 +177,12 @@ def test_dicom_bad_input(tmp_path):
     csv.write_text(csv.read_text().replace("d9999999", "d0000004-12bit-plain"))
     with pytest.raises(ConvertError, match=r"labels.csv row 5: split 'holdout'"):
         dc(tmp_path / "mimic", tmp_path / "out3")
+    # the wrong CSV (NIH's, say): not "use --labels all", which would fail the same way
+    other = tmp_path / "Data_Entry_2017_v2020.csv"
+    other.write_text("Image Index,Finding Labels,Patient ID\n00000001_000.png,Mass,1\n")
+    with pytest.raises(ConvertError, match=r"Data_Entry_2017_v2020.csv: none of the CheXpert label columns .*; "
+                                           r"is this the labels CSV\? \(found \['Image Index'"):
+        convert_dicom(tmp_path / "mimic", other, tmp_path / "out4", workers=0, progress=False)
 
 
 def test_dicom_voi_lut_sequence_and_sigmoid_window():

@@ -167,12 +167,35 @@ def to_uint8_resized(img: np.ndarray, size: int, full_scale: Optional[float] = N
     return np.clip(np.rint(x * scale), 0, 255).astype(np.uint8)
 
 
+def png_significant_bits(path: str) -> Optional[int]:
+    """The grey sample's significant bits from a PNG's sBIT chunk (before IDAT), or None.
+
+    Hand-read because neither PIL nor cv2 exposes sBIT: 8-byte signature, then chunks of
+    (length u32 BE, type, data, crc)."""
+    import struct
+    with open(path, "rb") as f:
+        if f.read(8) != b"\x89PNG\r\n\x1a\n":
+            return None
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                return None
+            n, kind = struct.unpack(">I4s", head)
+            if kind == b"sBIT":
+                data = f.read(n)
+                return data[0] if data else None  # grey (+ alpha): the first byte is grey's
+            if kind in (b"IDAT", b"IEND"):
+                return None
+            f.seek(n + 4, 1)
+
+
 def decode_raster(path: str, size: int) -> np.ndarray:
     """Decode a PNG (8 / 16 bit, grey / RGB / RGBA / palette) or JPEG file to uint8 [size, size].
 
     PIL, not cv2, decodes: PIL raises on truncated files where cv2 (libjpeg) silently fills the
     missing rows with grey. Colour goes to grey with ITU-R 601 luma (PIL's 'L'); alpha is dropped
-    (NIH's RGBA PNGs carry the same grey in R, G and B). 16-bit images map 0..65535 to 0..255.
+    (NIH's RGBA PNGs carry the same grey in R, G and B). 16-bit images map 0..65535 to 0..255, or
+    0..2^b-1 when the PNG's sBIT chunk declares b significant bits (12-bit radiographs).
     """
     from PIL import Image
     with Image.open(path) as im:
@@ -182,7 +205,11 @@ def decode_raster(path: str, size: int) -> np.ndarray:
             arr = np.asarray(im)
             if mode == "I" and arr.max(initial=0) > 65535:
                 raise ValueError(f"32-bit integer image with values up to {arr.max()}")
-            return to_uint8_resized(arr.astype(np.float32), size, full_scale=65535.0)
+            # a 12-bit radiograph saved as 16-bit PNG declares it in sBIT; 0..65535 would make it
+            # nearly black (max 16/255)
+            bits = png_significant_bits(path)
+            full = float(2 ** bits - 1) if bits and 8 <= bits < 16 else 65535.0
+            return to_uint8_resized(arr.astype(np.float32), size, full_scale=full)
         if mode == "F":
             raise ValueError("floating-point images are not supported")
         if mode != "L":
@@ -484,7 +511,7 @@ def pack(*, dataset: str, source: Path, out: Path, splits: dict[str, list[Item]]
                 "grayscale": "ITU-R 601 luma for colour inputs, alpha dropped",
                 "resize": f"whole image to {size}x{size}, cv2.INTER_AREA (INTER_LINEAR when upsampling)",
                 "dtype": "uint8",
-                "bit_depth": "16-bit PNG: 0..65535 -> 0..255; DICOM: see dicom section",
+                "bit_depth": "16-bit PNG: 0..65535 -> 0..255 (0..2^b-1 when sBIT declares b bits); DICOM: see dicom section",
                 **({"jpeg_quality": opts.jpeg_quality} if "dali" in opts.formats else {}),
                 **(extra or {}).get("preprocessing", {}),
             },

@@ -372,3 +372,23 @@ def test_concurrent_conversion_to_the_same_out_is_refused(tmp_path):
     out = convert(tmp_path / "src", tmp_path / "out2")
     check_against_reference(out, w)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out2", "src"]  # no lock or temp left
+
+
+def test_sixteen_bit_png_honours_sbit(tmp_path):
+    """A 12-bit radiograph saved as a 16-bit PNG with sBIT=12 maps 0..4095 to 0..255 (not to a
+    nearly black 0..16); without sBIT the full 16-bit range is used."""
+    from PIL import Image, PngImagePlugin
+    from fasttrain.converters.common import decode_raster, png_significant_bits
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 4096, (32, 32)).astype(np.uint16)
+    info = PngImagePlugin.PngInfo()
+    info.add(b"sBIT", bytes([12]))
+    Image.fromarray(img).save(tmp_path / "twelve.png", pnginfo=info)
+    Image.fromarray(img).save(tmp_path / "plain.png")
+    assert png_significant_bits(str(tmp_path / "twelve.png")) == 12
+    assert png_significant_bits(str(tmp_path / "plain.png")) is None
+    ref = block_mean(img.astype(np.float64), 16)
+    got = decode_raster(str(tmp_path / "twelve.png"), 16).astype(float)
+    assert np.abs(got - ref * 255 / 4095).max() <= 1.0
+    got = decode_raster(str(tmp_path / "plain.png"), 16).astype(float)
+    assert np.abs(got - ref * 255 / 65535).max() <= 1.0

@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-steps", type=int, default=None, help="stop every stage after N steps (tests)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the test CIs")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads for the training stages (default 1: see run_demo)")
     args = p.parse_args(argv)
     try:
         return run_demo(args)
@@ -93,6 +95,10 @@ def run_demo(args) -> int:
     t = time.perf_counter()
     packed = convert_nih(src, out / "packed", formats=("raw", "ffcv"), size=64, val_fraction=0.1,
                          seed=args.seed, progress=not args.quiet)
+    # The demo's models are tiny, so a step is bound by per-op overhead, not FLOPs: one intra-op
+    # thread runs it as fast as two, and leaves the other core to the loader's prefetch thread
+    # (with two, the step and the loader fight over both cores: 3-10x slower on our shared 2-core machine).
+    torch.set_num_threads(args.threads)
     rows.append(("convert (raw+ffcv)", f"{args.n / (time.perf_counter() - t):,.0f}", str(packed)))
 
     banner("3/6 pre-training the MAE teacher")

@@ -131,6 +131,10 @@ class TrainStep:
             # The teacher is frozen: keep it in the autocast dtype once instead of casting its
             # weights on every forward (half the memory traffic of the teacher's matmuls).
             unwrap(model).teacher.to(dtype=self.amp_dtype)
+        if self.channels_last and ddp is None:
+            # NHWC conv weights to match the NHWC input (the trainer does this before wrapping DDP,
+            # whose gradient buckets are laid out at construction).
+            model.to(memory_format=torch.channels_last)
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._gen = torch.Generator(device=self.device)
         fwd = self._forward_pretrain if kind == "pretrain" else self._forward_finetune

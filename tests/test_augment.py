@@ -170,3 +170,21 @@ def test_normalise_matches_folded_normalisation(c):
     imgs = torch.from_numpy(_images(4, 32, 32))
     aug = BatchAugment((32, 32), 32, c, train=False, eval_resize=256)
     assert torch.allclose(aug(imgs), aug.normalise(imgs.float() / 255), atol=1e-5)
+
+
+@pytest.mark.parametrize("c,dtype", [(1, torch.float32), (3, torch.bfloat16)])
+def test_device_tap_path_equals_host_path(c, dtype):
+    """The CUDA path of `plan` (taps computed with torch ops from the boxes, channel taps
+    concatenated as tensors, scattered from tensors into the reused buffers) run on CPU tensors:
+    same batch as the host path, over two batches so the sparse reset of the buffers is exercised."""
+    host = BatchAugment((40, 52), 32, c, train=True, scale=(0.08, 1.0), dtype=dtype)
+    dev = BatchAugment((40, 52), 32, c, train=True, scale=(0.08, 1.0), dtype=dtype)
+    dev.host_taps = False
+    for seed in (5, 6):
+        x = torch.from_numpy(_images(6, 40, 52, seed))
+        p = host.sample(6, np.random.default_rng(seed))
+        plan = dev.plan(6, params=p)
+        assert isinstance(plan.ry[0], torch.Tensor) and isinstance(plan.rxt[1], torch.Tensor)
+        a, b = host.apply(x, host.plan(6, params=p)), dev.apply(x, plan)
+        assert b.is_contiguous(memory_format=torch.channels_last) and b.dtype == dtype
+        torch.testing.assert_close(b.float(), a.float(), rtol=0, atol=1e-5 if dtype == torch.float32 else 2e-2)

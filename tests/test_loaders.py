@@ -308,6 +308,59 @@ def test_bench_loader_bad_input(tmp_path, capsys):
     assert "no manifest.json" in capsys.readouterr().err
 
 
+# ----------------------------------------------------------------------------- DALI's GPU path, on the CPU
+
+def _dali_ops(outputs):
+    """(schema name, device) of every operator behind the pipeline's output DataNodes (DALI 2.4
+    internals: DataNode.source is the operator instance, ._op its operator)."""
+    ops, todo = set(), list(outputs)
+    while todo:
+        inst = todo.pop().source
+        if inst is not None:
+            ops.add((inst._op.schema_name, inst._op.device))
+            todo += list(inst.inputs)
+    return ops
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_dali_gpu_pipeline_defines_without_a_gpu(coded, train):
+    """The GPU pipeline's graph (nvJPEG mixed decode + GPU crop/resize/normalise) is defined here,
+    where DALI checks every argument name against its operator schemas; only running it needs
+    the GPU (scripts/gpu_check.sh)."""
+    from nvidia.dali import Pipeline
+    ld = build_loader(_cfg(coded["path"], "dali"), "train", train, img_size=24, in_chans=1)
+    ld.gpu = ld.dali_augment = True  # what device="cuda" sets
+    with Pipeline(batch_size=8, num_threads=1, device_id=0):
+        outs = ld._graph(seed=1)
+    assert [o.device for o in outs] == ["gpu", "cpu", "cpu"]  # images on the GPU, labels/positions host
+    ops = _dali_ops(outs)
+    assert {("decoders__Image", "mixed"), ("CropMirrorNormalize", "gpu"), ("readers__Webdataset", "cpu")} <= ops
+    assert (("RandomResizedCrop", "gpu") in ops) == train and (("Resize", "gpu") in ops) == (not train)
+
+
+def test_dali_gpu_augmentation_semantics_on_cpu_operators(coded, phantoms):
+    """The GPU path's augmentation arguments run on DALI's CPU operators (same arguments, same
+    semantics): eval pixels match the raw loader (JPEG + DALI's resize), training batches are
+    [B, 1, s, s] channels-last with each image's labels."""
+    ld = build_loader(_cfg(phantoms["path"], "dali"), "train", False, img_size=56, in_chans=3)
+    ld.dali_augment = True
+    x = torch.cat([b[0] for b in _epoch(ld)])
+    ref = torch.cat([b[0] for b in _epoch(build_loader(_cfg(phantoms["path"], "raw"), "train", False,
+                                                       img_size=56, in_chans=3))])
+    assert x.shape == ref.shape and x.is_contiguous(memory_format=torch.channels_last)
+    d = (x - ref).abs() * torch.tensor(norm_stats("imagenet", 3)[1]).view(1, 3, 1, 1)
+    assert d.mean().item() < 3 * GREY  # the tolerance the CUDA test uses for DALI
+    packed = open_packed(coded["path"], "train")
+    tr = build_loader(_cfg(coded["path"], "dali"), "train", True, img_size=24, in_chans=1, seed=5)
+    tr.dali_augment = True
+    batches = _epoch(tr, epoch=1)
+    assert len(batches) == len(tr) > 0
+    for x, y, i in batches:
+        assert x.shape == (8, 1, 24, 24) and x.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(_decode_code(x), torch.tensor([coded["code_of"][packed.ids[j]] for j in i.tolist()]))
+        assert torch.equal(y, torch.from_numpy(packed.labels[i.numpy()]))
+
+
 # ----------------------------------------------------------------------------- CUDA (scripts/gpu_check.sh)
 
 def _importable(module: str) -> bool:

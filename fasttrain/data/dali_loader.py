@@ -54,7 +54,10 @@ class DALILoader(BaseLoader):
         self.name = "dali-gpu" if self.gpu else "dali-cpu"
         self.sizes = shard_sizes(len(packed), self.world_size)
         self.rotate = self.train and self.drop_last and self.world_size > 1
-        self.augment = self.make_augment()  # CPU pipeline: crops; GPU pipeline: only normalise
+        # crop/flip/resize inside DALI on the GPU (then only `normalise` in torch); on the CPU
+        # pipeline BatchAugment does them, one op per batch instead of DALI's per-sample operators
+        self.dali_augment = self.gpu
+        self.augment = self.make_augment()
         self._pipe = self._iter = None
 
     def __len__(self) -> int:
@@ -69,40 +72,50 @@ class DALILoader(BaseLoader):
     def _shard_id(self) -> int:
         return (self.rank + self.epoch) % self.world_size if self.rotate else self.rank
 
+    def _graph(self, seed: int):
+        """The pipeline body (call inside a DALI pipeline): DataNodes (images, labels, positions).
+
+        gpu: nvJPEG decode (`device="mixed"`). dali_augment (on with gpu): crop/flip or eval
+        resize + center crop inside DALI, on the device the images are on (-> [s, s, 1] float in
+        [0, 1]); off: uint8 [H, W, 1] for BatchAugment. Tests run dali_augment on CPU operators
+        (same arguments) and define the GPU graph without a GPU."""
+        fn, _, types, _, _ = self._dali
+        p, cfg, s = self.packed, self.cfg, self.img_size
+        from .gpu_augment import eval_resize_size
+        jpg, lbl, idx = fn.readers.webdataset(
+            paths=p.shards, index_paths=p.index_files, ext=["jpg", "lbl", "idx"],
+            dtypes=[types.UINT8, types.FLOAT, types.INT64], shard_id=self._shard_id(),
+            num_shards=self.world_size, stick_to_shard=True, random_shuffle=self.train,
+            initial_fill=min(4096, max(self.sizes)), pad_last_batch=True, name="Reader", seed=seed)
+        img = fn.decoders.image(jpg, device="mixed" if self.gpu else "cpu",
+                                output_type=types.GRAY)  # [H, W, 1] uint8 (on the GPU when mixed)
+        if not self.dali_augment:
+            return img, lbl, idx
+        if self.train:
+            img = fn.random_resized_crop(img, size=[s, s], random_area=list(cfg.crop_scale),
+                                         random_aspect_ratio=list(cfg.crop_ratio), num_attempts=10,
+                                         interp_type=types.INTERP_LINEAR, antialias=True)
+            mirror = fn.random.coin_flip(probability=float(cfg.hflip))
+        else:
+            resize = eval_resize_size(self.image_size, s, cfg.eval_resize)
+            img = fn.resize(img, resize_shorter=float(resize), interp_type=types.INTERP_LINEAR,
+                            antialias=True)
+            mirror = 0
+        # [s, s, 1] float in [0, 1]; center crop for eval (no-op after the random crop)
+        img = fn.crop_mirror_normalize(img, crop=[s, s], mirror=mirror, mean=[0.0], std=[255.0],
+                                       dtype=types.FLOAT, output_layout="HWC")
+        return img, lbl, idx
+
     def _build(self):
         """One pipeline + iterator for the current epoch."""
-        fn, pipeline_def, types, DALIGenericIterator, LastBatchPolicy = self._dali
+        _, pipeline_def, _, DALIGenericIterator, LastBatchPolicy = self._dali
         self.close()
-        p, cfg, s = self.packed, self.cfg, self.img_size
+        cfg = self.cfg
         seed = mix_seed(self.seed, self.epoch, 0xDA1) & 0x7FFFFFFF
-        train, gpu = self.train, self.gpu
-        from .gpu_augment import eval_resize_size
-        resize = eval_resize_size(self.image_size, s, cfg.eval_resize)
 
         @pipeline_def
         def pipe():
-            jpg, lbl, idx = fn.readers.webdataset(
-                paths=p.shards, index_paths=p.index_files, ext=["jpg", "lbl", "idx"],
-                dtypes=[types.UINT8, types.FLOAT, types.INT64], shard_id=self._shard_id(),
-                num_shards=self.world_size, stick_to_shard=True, random_shuffle=train,
-                initial_fill=min(4096, max(self.sizes)), pad_last_batch=True, name="Reader", seed=seed)
-            if not gpu:
-                img = fn.decoders.image(jpg, device="cpu", output_type=types.GRAY)  # [H, W, 1] uint8
-                return img, lbl, idx
-            img = fn.decoders.image(jpg, device="mixed", output_type=types.GRAY)  # [H, W, 1] on GPU
-            if train:
-                img = fn.random_resized_crop(img, size=[s, s], random_area=list(cfg.crop_scale),
-                                             random_aspect_ratio=list(cfg.crop_ratio), num_attempts=10,
-                                             interp_type=types.INTERP_LINEAR, antialias=True)
-                mirror = fn.random.coin_flip(probability=float(cfg.hflip))
-            else:
-                img = fn.resize(img, resize_shorter=float(resize), interp_type=types.INTERP_LINEAR,
-                                antialias=True)
-                mirror = 0
-            # [s, s, 1] float in [0, 1]; center crop for eval (no-op after the random crop)
-            img = fn.crop_mirror_normalize(img, crop=[s, s], mirror=mirror, mean=[0.0], std=[255.0],
-                                           dtype=types.FLOAT, output_layout="HWC")
-            return img, lbl, idx
+            return self._graph(seed)
 
         device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
             if self.gpu else None
@@ -139,14 +152,15 @@ class DALILoader(BaseLoader):
             yield self._finish(step, x), y.clone(), i.clone()
 
     def _finish(self, step: int, x: torch.Tensor) -> torch.Tensor:
-        if self.gpu:  # DALI already cropped, flipped and scaled to [0, 1]: [b, s, s, 1]
+        if self.dali_augment:  # DALI already cropped, flipped and scaled to [0, 1]: [b, s, s, 1]
             return self.augment.normalise(x[..., 0].to(self.augment.cdtype))
         return self.augment(x, rng=batch_rng(self.seed, self.epoch, self.rank, step))
 
     def __iter__(self):
         for step, x, y, _ in self._batches():
-            # the iterator hands out fresh tensors per batch; labels to the target device
-            yield self._finish(step, x), y.to(self.device, non_blocking=True)
+            # labels: a host copy first, so the non-blocking device copy never reads DALI's own
+            # (possibly pinned, recycled once released) output buffer after we let go of it
+            yield self._finish(step, x), y.clone().to(self.device, non_blocking=True)
 
     def describe(self) -> str:
         return (f"{self.name} {len(self.packed.shards)} webdataset shard(s) under {self.packed.root}/dali "

@@ -118,8 +118,12 @@ class FFCVLoader(BaseLoader):
         step = self.start_step
         for x, y, _ in self._epoch_iterator():
             images = self.augment(x, rng=self._rng(step))  # [b, C, h, w]
-            # FFCV reuses its output buffers batches_ahead + 2 batches later: copy the labels out
-            yield images, y.to(self.device, non_blocking=True).clone()
+            # FFCV reuses its (pinned) output buffers batches_ahead + 2 batches later, and its
+            # worker thread overwrites them on the host without waiting for the device. A
+            # non-blocking copy straight from that buffer would read it whenever the stream gets
+            # there (the trainer queues steps ahead), possibly after the overwrite: copy the tiny
+            # [B, L] labels out on the host first (pageable: the device copy stages it at once).
+            yield images, y.clone().to(self.device, non_blocking=True)
             step += 1
 
     def iter_with_index(self):

@@ -247,6 +247,9 @@ class BatchAugment:
         self.device = torch.device(device)
         self.dtype = dtype
         self.cdtype = _compute_dtype(dtype, self.device)
+        # where `plan` computes the interpolation taps: numpy on the host for CPU batches, torch
+        # ops on the device for CUDA ones (an attribute, so a CPU test can run the device path)
+        self.host_taps = self.device.type == "cpu"
         mean, std = norm_stats(norm, in_chans)
         self.gains = [1.0 / s for s in std]  # [C] per-channel scale of the [0, 1] pixels
         self.biases = [-m / s for m, s in zip(mean, std)]  # [C]
@@ -294,7 +297,7 @@ class BatchAugment:
             return None
         p = params if params is not None else self.sample(n, rng)
         s, c = self.img_size, self.in_chans
-        if self.device.type == "cpu":
+        if self.host_taps:
             top, left, hh, ww, flip = p.top, p.left, p.height, p.width, p.flip
         else:
             dev = self.device

@@ -133,6 +133,10 @@ class BaseLoader:
         self.batch_size = int(batch_size)
         self.rank, self.world_size = int(rank), int(world_size)
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            # pin the index now: the raw loader's prefetch thread makes device tensors, and a new
+            # thread's current device is cuda:0 whatever torch.cuda.set_device said in this one
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = dtype
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
@@ -197,6 +201,11 @@ class RawLoader(BaseLoader):
         """Host side: yields (step, uint8 [b, H, W], labels [b, L], positions [b], augmentation plan)
         in reading order; the plan (random draws + interpolation taps) is made here, in the thread."""
         h, w = self.image_size
+        if self.pin:
+            # this body runs in the prefetch thread, whose current CUDA device is cuda:0 until told
+            # otherwise: pinned allocations and the plan's device ops would otherwise open a
+            # context on GPU 0 in every DDP rank (torch's own pin-memory thread does the same)
+            torch.cuda.set_device(self.device)
         for step, idx in self.sampler.batches():
             # ascending file offsets within a batch: sequential-ish page cache / readahead reads;
             # the batch's contents are unchanged, only their order inside the batch

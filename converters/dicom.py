@@ -121,12 +121,41 @@ def _pixel_error(path: str, ds, err: Exception) -> Exception:
     return err
 
 
-def read_dicom_unit(path: str) -> np.ndarray:
+def _dcmread(path: str):
+    """pydicom.dcmread, also for files without the 128-byte preamble + 'DICM' (older archives, and
+    what pydicom's own `save_as` writes unless told `enforce_file_format=True`): those are read
+    with force=True and must then hold Rows + PixelData, and a missing Transfer Syntax is taken
+    from the encoding pydicom found while parsing."""
     import pydicom
+    from pydicom.errors import InvalidDicomError
     try:
-        ds = pydicom.dcmread(path)
+        return pydicom.dcmread(path)
+    except InvalidDicomError as e:
+        first = e
     except Exception as e:
         raise ValueError(f"not a readable DICOM file: {e}") from e
+    try:
+        ds = pydicom.dcmread(path, force=True)
+        ok = "PixelData" in ds and "Rows" in ds
+    except Exception:
+        ok = False
+    if not ok:
+        # (pydicom's own words end with "Use force=True", which we just did)
+        raise ValueError("not a readable DICOM file: no 'DICM' header, and no Rows / PixelData when read "
+                         "as a bare data set") from first
+    if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+        from pydicom.dataset import FileMetaDataset
+        from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+        implicit, little = ds.original_encoding
+        if not hasattr(ds, "file_meta"):
+            ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                          ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    return ds
+
+
+def read_dicom_unit(path: str) -> np.ndarray:
+    ds = _dcmread(path)
     if "PixelData" not in ds:
         raise ValueError("no PixelData element")
     try:

@@ -309,3 +309,30 @@ def test_dicom_jpeg2000_decodes_or_names_the_plugin(tmp_path, monkeypatch):
                                            r"cannot be decoded; install a decoder plugin, e.g. "
                                            r"`pip install pylibjpeg pylibjpeg-openjpeg`"):
         dc(tmp_path / "mimic", tmp_path / "out2")
+
+
+def test_dicom_without_preamble_is_read(tmp_path):
+    """Files with no 128-byte preamble / 'DICM' (older archives, and what a plain pydicom
+    `save_as` writes) are read, with or without a file meta group; garbage still fails."""
+    import pydicom
+    from fasttrain.converters.dicom import read_dicom_unit
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+    stored = (np.arange(32 * 24).reshape(32, 24) * 5 % 4096).astype(np.uint16)
+    for meta in (True, False):
+        ds = pydicom.Dataset()
+        if meta:
+            ds.file_meta = FileMetaDataset()
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.Rows, ds.Columns = stored.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME1"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelData = stored.tobytes()
+        path = tmp_path / f"bare_{meta}.dcm"
+        ds.save_as(path, implicit_vr=not meta, little_endian=True)
+        assert path.read_bytes()[128:132] != b"DICM"
+        ref = 1.0 - (stored - stored.min()) / (stored.max() - stored.min())  # MONOCHROME1, min..max
+        np.testing.assert_allclose(read_dicom_unit(str(path)), ref, atol=1e-6)
+    (tmp_path / "junk.dcm").write_bytes(b"garbage" * 30)
+    with pytest.raises(ValueError, match=r"not a readable DICOM file: no 'DICM' header, and no Rows / PixelData"):
+        read_dicom_unit(str(tmp_path / "junk.dcm"))

@@ -374,11 +374,13 @@ def _importable(module: str) -> bool:
 
 @pytest.fixture(scope="module")
 def phantoms_gpu(tmp_path_factory):
-    """Phantoms packed in the formats whose libraries import here (the GPU box may lack FFCV/DALI)."""
+    """Phantoms packed in the formats whose libraries import here (the GPU box may lack FFCV/DALI,
+    and a carried DALI wheel without simplejpeg, which writes the shards, must not break the raw test)."""
     from fasttrain.converters.synthetic import generate_phantoms
     root = tmp_path_factory.mktemp("phantoms_gpu")
     src = generate_phantoms(root / "src", 24, seed=2, size=64, progress=False)
-    formats = ["raw"] + [f for f, m in (("ffcv", "ffcv.loader"), ("dali", "nvidia.dali")) if _importable(m)]
+    needs = (("ffcv", ("ffcv.loader",)), ("dali", ("nvidia.dali", "simplejpeg")))
+    formats = ["raw"] + [f for f, mods in needs if all(_importable(m) for m in mods)]
     return {"path": str(_convert(src, root / "packed", 64, formats=tuple(formats))), "formats": formats}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -226,7 +227,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_yaml, packed, tmp_path):
     args = [PY, "-m", "fasttrain.cli", "pretrain", "--config", str(tiny_yaml),
             "--teacher", str(teacher / "checkpoints" / "last.pt"), f"--data.path={packed}",
             "--distill.student_blocks=[1]", "--distill.teacher_blocks=[1]", "--run.deterministic=true",
-            "--optim.epochs=3", "--run.log_every=1"]
+            "--optim.epochs=8", "--run.log_every=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     full = tmp_path / "full"
     subprocess.run(args + ["--out", str(full)], check=True, env=env, capture_output=True, timeout=300)
@@ -238,9 +239,9 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_yaml, packed, tmp_path):
     while time.time() < deadline and proc.poll() is None:
         if ckpt.is_file() and load_checkpoint(ckpt)["step"]["opt_step"] >= 3:
             break
-        time.sleep(0.05)
+        time.sleep(0.005)
+    time.sleep(random.uniform(0, 0.05))  # somewhere between checkpoints
     assert proc.poll() is None, "the run ended before it could be killed: make it longer"
-    time.sleep(0.3)  # somewhere between checkpoints
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = load_checkpoint(ckpt)["step"]["opt_step"]

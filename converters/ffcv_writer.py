@@ -48,9 +48,11 @@ def require():
     """Import FFCV or raise a ConvertError saying how to install it. Called before decoding starts,
     so a missing FFCV fails in seconds, not after an hour of decoding (the import itself takes
     ~5-8 s: torch + numba)."""
+    from fasttrain.data.ffcv_threads import keep_torch_threads
     try:
-        from ffcv.fields import IntField, NDArrayField
-        from ffcv.writer import DatasetWriter
+        with keep_torch_threads():
+            from ffcv.fields import IntField, NDArrayField
+            from ffcv.writer import DatasetWriter
     except ImportError as e:
         raise ConvertError(f"--format ffcv needs FFCV: pip install -e .[ffcv] "
                            f"(after apt-get install -y pkg-config libturbojpeg0-dev libopencv-dev): {e}") from e

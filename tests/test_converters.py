@@ -112,6 +112,22 @@ def test_ffcv_only_drops_raw_staging(tmp_path):
         open_packed(out, "train", "raw")
 
 
+def test_ffcv_import_keeps_torch_threads(tmp_path):
+    """FFCV's compiler module sets torch's threads to 1 on import; converting then training in the
+    same process must keep every core (a fresh process: the import side effect happens once)."""
+    write_nih(tmp_path / "src")
+    code = ("import sys, torch; torch.set_num_threads(2)\n"
+            "from fasttrain.converters.nih import convert_nih\n"
+            "from fasttrain.data import open_packed\n"
+            "out = convert_nih(sys.argv[1], sys.argv[2], formats=('ffcv',), size=32, progress=False)\n"
+            "open_packed(out, 'train', 'ffcv').image(0)\n"
+            "print(torch.get_num_threads())\n")
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "src"), str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split()[-1] == "2"
+
+
 def test_xiao_split_files(tmp_path):
     w = write_nih(tmp_path / "src")
     parts = write_xiao_splits(tmp_path / "xiao", w)

@@ -82,7 +82,9 @@ class PackedSplit:
     # ffcv: the NDArrayField's metadata is the file offset of each sample's bytes
     def _ffcv_image(self, i: int) -> np.ndarray:
         if self._ffcv_ptrs is None:
-            from ffcv.reader import Reader
+            from .ffcv_threads import keep_torch_threads
+            with keep_torch_threads():
+                from ffcv.reader import Reader
             r = Reader(self.beton)
             if r.num_samples != self.count:
                 raise PackedError(f"{self.beton}: {r.num_samples} samples, manifest says {self.count}")

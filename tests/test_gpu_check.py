@@ -19,4 +19,6 @@ def test_gpu_check_smoke(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "bench_all.jsonl").read_text().splitlines()]
     assert {r["bench"] for r in records} == {"step", "e2e", "loader", "kernels"}
+    collected = (tmp_path / "cuda_tests.txt").read_text()
+    assert "tests collected" in collected and "error" not in collected.lower(), collected
     assert "vs baseline" in res.stdout and "gpu_check: done" in res.stdout

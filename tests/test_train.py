@@ -141,6 +141,8 @@ def test_pretrain_run_dir_contents(tiny_yaml, packed, tmp_path):
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in recs if r["phase"] == "train"]
     assert train and all({"loss_mae", "loss_dist", "lr", "images_per_s"} <= set(r) for r in train)
+    val = [r for r in recs if r["phase"] == "val"]
+    assert len(val) == 2 and all({"loss_mae", "loss_dist"} <= set(r) for r in val)  # val curves, per epoch
     ck = load_checkpoint(out / "checkpoints" / "last.pt")
     assert ck["kind"] == "pretrain" and ck["step"]["opt_step"] == s["steps"] > 0
     assert build_config(out / "config.yaml").to_dict() == ck["config"]
@@ -255,8 +257,13 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_yaml, packed, tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     # metrics.jsonl reads as one run: each logged step once
-    steps = [json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
-    assert steps == sorted(set(steps))
+    recs = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    for phase in ("train", "val"):
+        steps = [r["step"] for r in recs if r["phase"] == phase]
+        assert steps and steps == sorted(set(steps)), phase
+    full_recs = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    val = lambda rs: [(r["step"], r["loss_mae"], r["loss_dist"]) for r in rs if r["phase"] == "val"]  # noqa: E731
+    assert val(recs) == val(full_recs)  # validation curves of the resumed run match too
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -328,7 +335,7 @@ def test_torchrun_two_process_gloo_pretrain_and_finetune(tiny_yaml, packed, tmp_
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     recs = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
-    steps = [x["step"] for x in recs]
+    steps = [x["step"] for x in recs if x["phase"] == "train"]
     assert steps == sorted(set(steps)) and len(steps) > 2  # one writer, each step once
     ck = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.pt")
     assert len(ck["rng"]) == 2  # every rank's RNG state is saved for resume

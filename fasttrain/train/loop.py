@@ -236,10 +236,13 @@ class Trainer:
         ips = (self._images_timed / (time.perf_counter() - self._t_start)) if self._t_start and self._images_timed else None
         summary = {"kind": self.kind, "steps": self.step.opt_step, "epochs": self.epoch, "wall_s": wall,
                    "images_per_s": ips, "last": str(self.last_path), "best": str(self.best_path) if self.best is not None else None,
-                   "best_val_mauc": self.best, "final": self.history[-1] if self.history else None}
+                   "best_val_mauc": self.best, "final": self._last("train"), "final_val": self._last("val")}
         if self.info.is_main:
             self.run.write_json("summary.json", summary)
         return summary
+
+    def _last(self, phase: str) -> Optional[dict]:
+        return next((r for r in reversed(self.history) if r.get("phase") == phase), None)
 
     def _run_epoch(self, batch: int, log_micro: int) -> None:
         n_micro = self.steps_per_epoch * self.accum
@@ -291,7 +294,10 @@ class Trainer:
             self.run.metrics(rec)
             self.history.append(rec)
             m = res.get("mauc")
-            log.info("epoch %d: val mAUC %s", self.epoch, f"{m:.4f}" if m is not None else "undefined")
+            if self.kind == "finetune":
+                log.info("epoch %d: val mAUC %s", self.epoch, f"{m:.4f}" if m is not None else "undefined")
+            else:
+                log.info("epoch %d: val %s", self.epoch, ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
             if m is not None and (self.best is None or m > self.best):
                 self.best = m
                 self.save_best(res)

@@ -26,6 +26,33 @@ def check_config(cfg) -> None:
         raise ConfigError("model.num_classes must be 0 for pre-training (the MAE has no head)")
 
 
+def _has_split(path: str, split: str) -> bool:
+    from fasttrain.data.packed import read_manifest
+    return split in read_manifest(path).get("splits", {})
+
+
+@torch.no_grad()
+def val_losses(model, loader, info, cfg) -> dict:
+    """L, L_MAE and L_dist on the validation split (eval transform, masks from a fixed seed, so
+    epochs are comparable), averaged over batches and ranks: the val curves of `fasttrain plot`."""
+    from fasttrain.train.dist import all_reduce_mean
+    from fasttrain.train.engine import AMP_DTYPES, pretrain_terms
+    model.eval()
+    student = model.student if hasattr(model, "student") else model
+    gen = torch.Generator(device=info.device).manual_seed(cfg.run.seed + 0x5EED)
+    amp = AMP_DTYPES[cfg.engine.amp] if cfg.engine.mode == "fused" else None
+    mode = "full" if cfg.engine.mode == "reference" else "truncated"
+    total, n = torch.zeros(3, device=info.device), 0
+    for images, _ in loader:
+        images = images.to(info.device, non_blocking=True)
+        noise = torch.rand(images.shape[0], student.num_patches, generator=gen, device=info.device)
+        with torch.autocast(info.device.type, dtype=amp, enabled=amp is not None):
+            total += pretrain_terms(model, images, noise, mode)
+        n += 1
+    mean = all_reduce_mean(total / max(n, 1), info).tolist()
+    return dict(zip(("loss", "loss_mae", "loss_dist"), mean))
+
+
 def run_pretrain(cfg, resume: bool = False) -> dict:
     """Build everything (all input checks first), then train. Returns the run summary."""
     check_config(cfg)
@@ -41,8 +68,14 @@ def run_pretrain(cfg, resume: bool = False) -> dict:
         groups = param_groups_weight_decay(trainable, cfg.optim.weight_decay)
         if hasattr(model, "proj"):  # the projection heads train with the student (decay on matrices only)
             groups += param_groups_weight_decay(model.proj, cfg.optim.weight_decay)
+        validate = None
+        if cfg.data.val_split is not None and _has_split(cfg.data.path, cfg.data.val_split):
+            val_loader = build_loader(cfg.data, cfg.data.val_split, train=False, img_size=cfg.model.img_size,
+                                      in_chans=cfg.model.in_chans, rank=info.rank, world_size=info.world_size,
+                                      device=info.device, dtype=torch.float32, seed=cfg.run.seed)
+            validate = lambda m: val_losses(m, val_loader, info, cfg)  # noqa: E731
         trainer = loop.Trainer(cfg, "pretrain", model, loader, info, groups=groups, resume=resume,
-                               extra_state={"label_names": list(loader.label_names)})
+                               validate=validate, extra_state={"label_names": list(loader.label_names)})
         summary = trainer.fit()
         summary["data_images"] = loader.num_samples
         return summary

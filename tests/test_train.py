@@ -348,3 +348,25 @@ def test_torchrun_two_process_gloo_pretrain_and_finetune(tiny_yaml, packed, tmp_
     val = [json.loads(x) for x in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()
            if '"val"' in x]
     assert len(val) == 1 and (tmp_path / "ft" / "checkpoints" / "best.pt").is_file()
+
+
+def test_finetune_init_from_ours_and_from_exported_safetensors(tiny_yaml, packed, tmp_path):
+    """--init takes our pre-training checkpoint or the exported timm .safetensors; both give the
+    same encoder weights; a fine-tuned checkpoint is refused."""
+    from fasttrain.models.checkpoints import CheckpointError, export_timm
+    from fasttrain.train.builders import build_classifier, build_student, init_classifier
+    from fasttrain.train.checkpoint import save_atomic
+    cfg = build_config(tiny_yaml)
+    student = build_student(cfg)
+    save_atomic({"kind": "pretrain", "model": student.state_dict(), "config": cfg.to_dict()}, tmp_path / "last.pt")
+    export_timm(student, tmp_path / "student.safetensors", in_chans=None)
+    ft = build_config(tiny_yaml, ["--model.name=vit_tiny_patch16", "--model.num_classes=14"])
+    a, b = build_classifier(ft), build_classifier(ft)
+    init_classifier(a, str(tmp_path / "last.pt"))
+    init_classifier(b, str(tmp_path / "student.safetensors"))
+    for k in ("patch_embed.proj.weight", "blocks.1.mlp.fc2.weight", "cls_token"):
+        assert torch.equal(a.state_dict()[k], student.state_dict()[k])
+        assert torch.allclose(b.state_dict()[k], student.state_dict()[k])
+    save_atomic({"kind": "finetune", "model": a.state_dict(), "config": ft.to_dict()}, tmp_path / "ft.pt")
+    with pytest.raises(CheckpointError, match="a fine-tuned classifier"):
+        init_classifier(build_classifier(ft), str(tmp_path / "ft.pt"))

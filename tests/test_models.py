@@ -569,9 +569,10 @@ def _loss_and_grads(model, x, noise, **kw):
     return out, grads
 
 
-def test_mae_and_etmae_masked_decoder_give_the_same_losses_and_gradients():
+@pytest.mark.parametrize("decoder_depth", [1, 2])
+def test_mae_and_etmae_masked_decoder_give_the_same_losses_and_gradients(decoder_depth):
     x, noise = torch.randn(2, 1, 32, 32), torch.rand(2, 16)
-    m = tiny_mae()
+    m = tiny_mae(decoder_depth=decoder_depth)
     (l_full, p_full, mask_full), g_full = _loss_and_grads(m, x, noise)
     (l_fast, p_fast, mask_fast), g_fast = _loss_and_grads(m, x, noise, decoder="masked")
     torch.testing.assert_close(l_fast, l_full, atol=1e-6, rtol=1e-5)

@@ -229,6 +229,19 @@ def test_ddp_two_gloo_processes_disjoint_and_cover(coded, tmp_path):
 
 # ----------------------------------------------------------------------------- bad input
 
+def test_ffcv_loader_keeps_torch_threads(coded):
+    """FFCV's Loader and epoch iterator set torch's thread count to num_workers; the trainer's
+    matmuls must keep the threads it chose."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        loader = build_loader(_cfg(coded["path"], "ffcv", num_workers=1), "train", True, img_size=32, in_chans=1)
+        _epoch(loader)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_bad_input_errors(coded, tmp_path):
     from fasttrain.converters.synthetic import generate_phantoms
     with pytest.raises(LoaderError, match="data.path is not set"):

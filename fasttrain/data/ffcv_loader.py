@@ -20,16 +20,18 @@ from __future__ import annotations
 
 import numpy as np
 
+from .ffcv_threads import keep_torch_threads
 from .loaders import INSTALL_HINT, BaseLoader, LoaderError
 
 
 def _import_ffcv():
     try:
-        from ffcv.fields.decoders import IntDecoder, NDArrayDecoder
-        from ffcv.loader import Loader, OrderOption
-        from ffcv.loader.epoch_iterator import EpochIterator
-        from ffcv.pipeline.compiler import Compiler
-        from ffcv.transforms import Squeeze, ToDevice, ToTensor
+        with keep_torch_threads():  # FFCV's compiler module sets torch to 1 thread on import
+            from ffcv.fields.decoders import IntDecoder, NDArrayDecoder
+            from ffcv.loader import Loader, OrderOption
+            from ffcv.loader.epoch_iterator import EpochIterator
+            from ffcv.pipeline.compiler import Compiler
+            from ffcv.transforms import Squeeze, ToDevice, ToTensor
     except ImportError as e:
         raise LoaderError(f"the ffcv loader needs FFCV, which failed to import ({e}); install it with "
                           f"{INSTALL_HINT['ffcv']}") from e
@@ -72,12 +74,14 @@ class FFCVLoader(BaseLoader):
         else:
             order = O.QUASI_RANDOM
         try:
-            self.loader = f["Loader"](packed.beton, order=order, **common)
+            with keep_torch_threads():  # Loader.__init__ sets torch's threads to num_workers
+                self.loader = f["Loader"](packed.beton, order=order, **common)
         except ValueError as e:
             if order is not O.QUASI_RANDOM:
                 raise
             # "Dataset won't benefit from QuasiRandom order": a file of one page
-            self.loader = f["Loader"](packed.beton, order=O.RANDOM, **common)
+            with keep_torch_threads():
+                self.loader = f["Loader"](packed.beton, order=O.RANDOM, **common)
             order = O.RANDOM
             self._fallback = str(e)
         self.order = order
@@ -99,7 +103,8 @@ class FFCVLoader(BaseLoader):
     def _epoch_iterator(self):
         """FFCV's Loader.__iter__ for epoch self.epoch, starting at batch self.start_step."""
         f, L = self._ffcv, self.loader
-        f["Compiler"].set_num_threads(L.num_workers)
+        with keep_torch_threads():  # numba gets num_workers threads; torch keeps the trainer's
+            f["Compiler"].set_num_threads(L.num_workers)
         L.next_epoch = self.epoch
         if self._pristine_pages is not None:
             np.copyto(L.traversal_order.page_to_samples_array, self._pristine_pages)
@@ -108,7 +113,8 @@ class FFCVLoader(BaseLoader):
         L.next_epoch = self.epoch + 1
         if L.code is None:
             L.generate_code()
-        return f["EpochIterator"](L, selected)
+        with keep_torch_threads():  # EpochIterator.__init__ sets torch's threads too
+            return f["EpochIterator"](L, selected)
 
     def feed(self):
         for x, y, _ in self._epoch_iterator():

@@ -7,7 +7,8 @@ tensor and never reads a value back to the host: the trainer reads them every `l
 Modes (`engine.mode`):
 - `fused`: torch.compile of the forward (+ AOT backward) at fixed shapes, bf16 autocast, a bf16
   copy of the frozen teacher truncated at its aligned block and run under inference mode,
-  channels-last input, fused AdamW (built by optim.build_optimizer).
+  the decoder's last block and pixel head on the removed patches only (exact), channels-last
+  input, fused AdamW (built by optim.build_optimizer).
 - `reference`: the seed's semantics, the benchmark's baseline and the tests' oracle: eager, the
   teacher's full encoder + decoder on the visible tokens, plain for-loop AdamW, fp32 on CPU and
   fp16 autocast + GradScaler on CUDA.
@@ -54,12 +55,14 @@ def has_teacher(model: nn.Module) -> bool:
 # Each returns a 1-d tensor of loss terms; element 0 is what is back-propagated.
 
 def pretrain_terms(model: nn.Module, images: torch.Tensor, noise: torch.Tensor,
-                   teacher_mode: str) -> torch.Tensor:
-    """images [B, C, H, W], noise [B, L] -> [3] = (L, L_MAE, L_dist); L_dist = 0 for plain MAE."""
+                   teacher_mode: str, decoder: str = "full") -> torch.Tensor:
+    """images [B, C, H, W], noise [B, L] -> [3] = (L, L_MAE, L_dist); L_dist = 0 for plain MAE.
+    decoder="masked" runs the decoder's last block and pixel head on the removed patches only:
+    the same loss and gradients, fewer FLOPs (see MaskedAutoencoderViT.forward_decoder_masked)."""
     if has_teacher(model):
-        out = model(images, noise=noise, teacher_mode=teacher_mode)
+        out = model(images, noise=noise, teacher_mode=teacher_mode, decoder=decoder)
         return torch.stack([out.loss, out.loss_mae, out.loss_dist]).float()  # [3]
-    loss, _pred, _mask = model(images, noise=noise)
+    loss, _pred, _mask = model(images, noise=noise, decoder=decoder)
     return torch.stack([loss, loss, torch.zeros_like(loss)]).float()  # [3]
 
 
@@ -119,10 +122,12 @@ class TrainStep:
             self.amp_dtype = torch.float16 if self.device.type == "cuda" else None
             self.channels_last, self.compiled = False, False
             self.teacher_mode = "full" if teacher_mode == "auto" else teacher_mode
+            self.decoder = "full"  # the seed's decoder: every token through every layer
         else:
             self.amp_dtype = AMP_DTYPES[amp]
             self.channels_last, self.compiled = channels_last, compile
             self.teacher_mode = "truncated" if teacher_mode == "auto" else teacher_mode
+            self.decoder = "masked"  # exact: only removed patches enter the loss
         if self.amp_dtype == torch.float16 and self.device.type != "cuda":
             raise ValueError("engine.amp=fp16 needs CUDA; use bf16 or fp32 on CPU")
         # Loss scaling only for fp16 (bf16 has fp32's range).
@@ -153,7 +158,7 @@ class TrainStep:
 
     def _forward_pretrain(self, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         with self._autocast():
-            return pretrain_terms(self._net(), images, noise, self.teacher_mode)  # [3]
+            return pretrain_terms(self._net(), images, noise, self.teacher_mode, self.decoder)  # [3]
 
     def _forward_finetune(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with self._autocast():

@@ -211,8 +211,10 @@ def test_ddp_two_gloo_processes_disjoint_and_cover(coded, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         os.environ["FT_TEST_PORT"] = str(s.getsockname()[1])
+    # spawn, not fork: this process has used OpenMP (torch, numba) threads, and a forked child
+    # that enters an OpenMP region can hang forever (libgomp is not fork-safe).
     mp.start_processes(_ddp_worker, args=(2, coded["path"], str(tmp_path)), nprocs=2, join=True,
-                       start_method="fork")
+                       start_method="spawn")
     r = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in range(2)]
     n = open_packed(coded["path"], "train").count
     for key in r[0]:

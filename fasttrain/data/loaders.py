@@ -172,19 +172,14 @@ class BaseLoader:
         return self.name
 
 
-# ----------------------------------------------------------------------------- raw
-
-class RawLoader(BaseLoader):
-    """uint8 memmap -> pinned uint8 batches (background thread) -> batched device augmentation."""
-    name = "raw"
+class SampledLoader(BaseLoader):
+    """A loader whose order comes from our EpochSampler (raw, reference): FFCV and DALI order
+    their own reads."""
 
     def __init__(self, packed, **kw):
         super().__init__(packed, **kw)
-        self.images = packed.images  # [N, H, W] uint8 read-only memmap
-        self.labels = np.ascontiguousarray(packed.labels, dtype=np.float32)  # [N, L]
         self.sampler = EpochSampler(len(packed), self.batch_size, shuffle=self.train, seed=self.seed,
                                     rank=self.rank, world_size=self.world_size, drop_last=self.drop_last)
-        self.augment = self.make_augment()
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -196,6 +191,19 @@ class RawLoader(BaseLoader):
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         super().set_epoch(epoch, start_step)
         self.sampler.set_epoch(epoch, start_step)
+
+
+# ----------------------------------------------------------------------------- raw
+
+class RawLoader(SampledLoader):
+    """uint8 memmap -> pinned uint8 batches (background thread) -> batched device augmentation."""
+    name = "raw"
+
+    def __init__(self, packed, **kw):
+        super().__init__(packed, **kw)
+        self.images = packed.images  # [N, H, W] uint8 read-only memmap
+        self.labels = np.ascontiguousarray(packed.labels, dtype=np.float32)  # [N, L]
+        self.augment = self.make_augment()
 
     def _gather(self, plan: bool = True):
         """Host side: yields (step, uint8 [b, H, W], labels [b, L], positions [b], augmentation plan)

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from .gpu_augment import eval_resize_size, norm_stats
-from .loaders import BaseLoader, LoaderError
+from .loaders import LoaderError, SampledLoader
 from .sampler import EpochSampler, mix_seed
 
 
@@ -124,7 +124,7 @@ class _EpochBatches:
         return len(self.sampler) - self.sampler.start_step
 
 
-class ReferenceLoader(BaseLoader):
+class ReferenceLoader(SampledLoader):
     name = "reference"
 
     def __init__(self, packed, **kw):
@@ -154,20 +154,7 @@ class ReferenceLoader(BaseLoader):
             r = eval_resize_size(self.image_size, self.img_size, cfg.eval_resize)
             geo = [T.Resize(r, interpolation=bil), T.CenterCrop(self.img_size)]
         self.transform = T.Compose(geo + [T.ToTensor(), T.Normalize(mean3, std3), _FirstChannels(self.in_chans)])
-        self.sampler = EpochSampler(len(packed), self.batch_size, shuffle=self.train, seed=self.seed,
-                                    rank=self.rank, world_size=self.world_size, drop_last=self.drop_last)
         self._dl = None
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    @property
-    def num_samples(self) -> int:
-        return self.sampler.shard_size - (self.sampler.shard_size % self.batch_size if self.drop_last else 0)
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        super().set_epoch(epoch, start_step)
-        self.sampler.set_epoch(epoch, start_step)
 
     def _dataloader(self):
         if self._dl is None:  # one DataLoader, persistent workers: forked once, not every epoch

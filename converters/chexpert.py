@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .common import ConvertError, Item, PackOptions, Problems, decode_raster, pack, patient_disjoint_split, read_csv
+from .common import ConvertError, Item, Problems, begin, decode_raster, pack, patient_disjoint_split, read_csv
 
 CHEXPERT_ALL = [
     "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
@@ -144,13 +144,8 @@ def convert_chexpert(src, out, formats: Sequence[str] = ("raw",), size: int = 25
                      on_error: str = "fail", workers: Optional[int] = None, seed: int = 0, jpeg_quality: int = 95,
                      shard_size: int = 4096, progress: bool = True) -> Path:
     """Pack a CheXpert release folder into `out`; return `out`."""
-    src = Path(src)
-    if not src.is_dir():
-        raise ConvertError(f"{src}: source folder not found")
-    opts = PackOptions(formats=tuple(formats), size=size, workers=workers, on_error=on_error,
-                       jpeg_quality=jpeg_quality, shard_size=shard_size, progress=progress)
-    opts.check()
-    problems = Problems(on_error)
+    src, opts, problems = begin(src, formats=tuple(formats), size=size, workers=workers, on_error=on_error,
+                                jpeg_quality=jpeg_quality, shard_size=shard_size, progress=progress)
     root, splits, sources, names = build_items(src, labels, uncertain, views, problems)
     if val_fraction:
         splits["train"], splits["val"] = patient_disjoint_split(splits["train"], val_fraction, seed)

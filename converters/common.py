@@ -405,6 +405,17 @@ class PackOptions:
             raise ConvertError(f"--on-error must be 'fail' or 'skip', got {self.on_error!r}")
 
 
+def begin(src, **options) -> tuple[Path, PackOptions, Problems]:
+    """How every converter starts: the source folder exists, the options are valid, and a
+    collector of bad-input problems for the chosen --on-error policy."""
+    src = Path(src)
+    if not src.is_dir():
+        raise ConvertError(f"{src}: source folder not found")
+    opts = PackOptions(**options)
+    opts.check()
+    return src, opts, Problems(opts.on_error)
+
+
 def check_unique_ids(splits: dict[str, list[Item]], problems: Problems) -> dict[str, list[Item]]:
     """Duplicate ids (within or across splits) are an error: one image must never count twice."""
     seen: dict[str, str] = {}

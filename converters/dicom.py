@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .chexpert import CHEXPERT_ALL, COMPETITION, map_labels, uncertain_value
-from .common import ConvertError, Item, PackOptions, Problems, pack, patient_disjoint_split, read_csv, to_uint8_resized
+from .common import ConvertError, Item, Problems, begin, pack, patient_disjoint_split, read_csv, to_uint8_resized
 
 FILE_COLUMNS = ("path", "Path", "file", "filename", "dicom_id")
 SPLIT_VALUES = {"train": "train", "validate": "val", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -328,13 +328,9 @@ def convert_dicom(src, labels_csv, out, formats: Sequence[str] = ("raw",), size:
                   shard_size: int = 4096, progress: bool = True, views: str = "frontal",
                   metadata_csv=None, split_csv=None) -> Path:
     """Pack a folder of DICOMs labelled by `labels_csv` into `out`; return `out`."""
-    src, labels_csv = Path(src), Path(labels_csv)
-    if not src.is_dir():
-        raise ConvertError(f"{src}: source folder not found")
-    opts = PackOptions(formats=tuple(formats), size=size, workers=workers, on_error=on_error,
-                       jpeg_quality=jpeg_quality, shard_size=shard_size, progress=progress)
-    opts.check()
-    problems = Problems(on_error)
+    labels_csv = Path(labels_csv)
+    src, opts, problems = begin(src, formats=tuple(formats), size=size, workers=workers, on_error=on_error,
+                                jpeg_quality=jpeg_quality, shard_size=shard_size, progress=progress)
     splits, names, file_col, sources = build_items(src, labels_csv, labels, uncertain, problems, views=views,
                                                    metadata_csv=metadata_csv, split_csv=split_csv)
     if not splits:

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .common import ConvertError, Item, PackOptions, Problems, decode_raster, pack, patient_disjoint_split, read_csv
+from .common import ConvertError, Item, Problems, begin, decode_raster, pack, patient_disjoint_split, read_csv
 
 NIH_LABELS = [
     "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
@@ -189,13 +189,8 @@ def convert_nih(src, out, formats: Sequence[str] = ("raw",), size: int = 256, va
                 split_dir=None, on_error: str = "fail", workers: Optional[int] = None, seed: int = 0,
                 jpeg_quality: int = 95, shard_size: int = 4096, progress: bool = True) -> Path:
     """Pack an NIH ChestX-ray14 source folder into `out`; return `out`."""
-    src = Path(src)
-    if not src.is_dir():
-        raise ConvertError(f"{src}: source folder not found")
-    opts = PackOptions(formats=tuple(formats), size=size, workers=workers, on_error=on_error,
-                       jpeg_quality=jpeg_quality, shard_size=shard_size, progress=progress)
-    opts.check()
-    problems = Problems(on_error)
+    src, opts, problems = begin(src, formats=tuple(formats), size=size, workers=workers, on_error=on_error,
+                                jpeg_quality=jpeg_quality, shard_size=shard_size, progress=progress)
     splits, sources, info = build_items(src, Path(split_dir) if split_dir else None, val_fraction, seed, problems)
     synthetic = (src / "README.txt").is_file() and "SYNTHETIC" in (src / "README.txt").read_text()[:200]
     return pack(dataset="nih-chestxray14" + ("-synthetic" if synthetic else ""), source=src, out=Path(out),

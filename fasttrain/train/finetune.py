@@ -28,13 +28,6 @@ from fasttrain.train.optim import param_groups_weight_decay
 log = logging.getLogger("fasttrain.train")
 
 
-def check_config(cfg) -> None:
-    if cfg.run.out is None:
-        raise ConfigError("no run directory: pass --out RUN")
-    if cfg.data.path is None:
-        raise ConfigError("no dataset: set data.path (a packed dataset folder) or --data.path=DIR")
-
-
 def _check_split(path: str, split: str, key: str) -> None:
     from fasttrain.data.packed import read_manifest
     splits = read_manifest(path).get("splits", {})
@@ -71,7 +64,7 @@ def _amp_dtype(cfg, device: torch.device):
 
 
 def run_finetune(cfg, resume: bool = False) -> dict:
-    check_config(cfg)
+    loop.require_run_and_data(cfg)
     if cfg.data.val_split is not None:
         _check_split(cfg.data.path, cfg.data.val_split, "data.val_split")
     _check_split(cfg.data.path, cfg.data.train_split, "data.train_split")

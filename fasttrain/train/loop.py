@@ -11,7 +11,6 @@ run.deterministic=true).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import time
@@ -35,6 +34,15 @@ LOSS_NAMES = {"pretrain": ("loss", "loss_mae", "loss_dist"), "finetune": ("loss"
 
 class TrainingDiverged(RuntimeError):
     """A NaN/Inf loss: names the step and the last good checkpoint."""
+
+
+def require_run_and_data(cfg) -> None:
+    """Both trainers need a run directory and a packed dataset: say which is missing, before any work."""
+    from fasttrain.config import ConfigError
+    if cfg.run.out is None:
+        raise ConfigError("no run directory: pass --out RUN")
+    if cfg.data.path is None:
+        raise ConfigError("no dataset: set data.path (a packed dataset folder) in the config or --data.path=DIR")
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:
@@ -172,7 +180,7 @@ class Trainer:
             return None
         vals = torch.stack(self._buf).float()  # [n, T]
         vals = all_reduce_mean(vals, self.info).cpu()
-        start, n = self._buf_start, len(self._buf)
+        start = self._buf_start
         self._buf = []
         bad = ~torch.isfinite(vals).all(dim=1)
         if bad.any():

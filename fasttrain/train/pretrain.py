@@ -18,10 +18,7 @@ log = logging.getLogger("fasttrain.train")
 
 
 def check_config(cfg) -> None:
-    if cfg.run.out is None:
-        raise ConfigError("no run directory: pass --out RUN")
-    if cfg.data.path is None:
-        raise ConfigError("no dataset: set data.path (a packed dataset folder) in the config or --data.path=DIR")
+    loop.require_run_and_data(cfg)
     if cfg.model.num_classes:
         raise ConfigError("model.num_classes must be 0 for pre-training (the MAE has no head)")
 

@@ -21,7 +21,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .common import ConvertError, Item, Problems, begin, decode_raster, pack, patient_disjoint_split, read_csv
+from .common import ConvertError, Item, Problems, patient_disjoint_split, read_csv
+from .decode import decode_raster
+from .pack import begin, pack
 
 CHEXPERT_ALL = [
     "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",

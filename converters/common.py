@@ -1,10 +1,9 @@
-"""What every converter shares: items, image decoding + resizing, the process pool, atomic output
-and the manifest.
+"""The converters' bottom layer: items, errors, the bad-input collector, CSV reading, patient
+splits, the bounded process pool, atomic output and the pack options.
 
-A converter (nih.py, chexpert.py, dicom.py) only turns its source layout into `Item`s per split;
-`pack()` here does the rest: decode + resize in a process pool, stream into the raw memmap (the
-first format, always written), then write FFCV / DALI from that memmap, then the manifest, then the
-atomic rename. Nothing holds the dataset in RAM: at most `window` chunks are in flight.
+Imports run one way: common <- decode (pixels) <- writers (raw, ffcv_writer, dali_writer) <- pack
+(`begin`, `pack`: the pipeline that drives the writers) <- the source converters (nih, chexpert,
+dicom, ...) <- cli. Nothing here imports a module above it.
 """
 from __future__ import annotations
 
@@ -16,7 +15,6 @@ import multiprocessing as mp
 import os
 import shutil
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
@@ -139,83 +137,6 @@ def patient_disjoint_split(items: list[Item], fraction: float, seed: int) -> tup
         raise ConvertError(f"--val-fraction {fraction} leaves an empty split ({len(items)} images, "
                            f"{len(groups)} patients)")
     return train, val
-
-
-# ----------------------------------------------------------------------------- decoding
-
-def to_uint8_resized(img: np.ndarray, size: int, full_scale: Optional[float] = None) -> np.ndarray:
-    """Resize a 2-D grey image to [size, size] with area interpolation and quantise to uint8.
-
-    uint8 input is resized directly (cv2's INTER_AREA on uint8 rounds correctly and is 3x faster
-    than going through float). Other inputs are resized in float32 first, then mapped to 0..255
-    with `full_scale` (the value that becomes 255), so quantisation happens once, at the end.
-    """
-    import cv2
-    if img.ndim != 2:
-        raise ValueError(f"expected a 2-D image, got shape {img.shape}")
-    if img.shape[0] < 1 or img.shape[1] < 1:
-        raise ValueError(f"empty image {img.shape}")
-    interp = cv2.INTER_AREA if (img.shape[0] >= size and img.shape[1] >= size) else cv2.INTER_LINEAR
-    if img.dtype == np.uint8:
-        if img.shape == (size, size):
-            return np.ascontiguousarray(img)
-        return cv2.resize(img, (size, size), interpolation=interp)
-    x = img.astype(np.float32)
-    if img.shape != (size, size):
-        x = cv2.resize(x, (size, size), interpolation=interp)
-    scale = 255.0 / float(full_scale if full_scale is not None else 1.0)
-    return np.clip(np.rint(x * scale), 0, 255).astype(np.uint8)
-
-
-def png_significant_bits(path: str) -> Optional[int]:
-    """The grey sample's significant bits from a PNG's sBIT chunk (before IDAT), or None.
-
-    Hand-read because neither PIL nor cv2 exposes sBIT: 8-byte signature, then chunks of
-    (length u32 BE, type, data, crc)."""
-    import struct
-    with open(path, "rb") as f:
-        if f.read(8) != b"\x89PNG\r\n\x1a\n":
-            return None
-        while True:
-            head = f.read(8)
-            if len(head) < 8:
-                return None
-            n, kind = struct.unpack(">I4s", head)
-            if kind == b"sBIT":
-                data = f.read(n)
-                return data[0] if data else None  # grey (+ alpha): the first byte is grey's
-            if kind in (b"IDAT", b"IEND"):
-                return None
-            f.seek(n + 4, 1)
-
-
-def decode_raster(path: str, size: int) -> np.ndarray:
-    """Decode a PNG (8 / 16 bit, grey / RGB / RGBA / palette) or JPEG file to uint8 [size, size].
-
-    PIL, not cv2, decodes: PIL raises on truncated files where cv2 (libjpeg) silently fills the
-    missing rows with grey. Colour goes to grey with ITU-R 601 luma (PIL's 'L'); alpha is dropped
-    (NIH's RGBA PNGs carry the same grey in R, G and B). 16-bit images map 0..65535 to 0..255, or
-    0..2^b-1 when the PNG's sBIT chunk declares b significant bits (12-bit radiographs).
-    """
-    from PIL import Image
-    with Image.open(path) as im:
-        im.load()
-        mode = im.mode
-        if mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(im)
-            if mode == "I" and arr.max(initial=0) > 65535:
-                raise ValueError(f"32-bit integer image with values up to {arr.max()}")
-            # a 12-bit radiograph saved as 16-bit PNG declares it in sBIT; 0..65535 would make it
-            # nearly black (max 16/255)
-            bits = png_significant_bits(path)
-            full = float(2 ** bits - 1) if bits and 8 <= bits < 16 else 65535.0
-            return to_uint8_resized(arr.astype(np.float32), size, full_scale=full)
-        if mode == "F":
-            raise ValueError("floating-point images are not supported")
-        if mode != "L":
-            im = im.convert("L")
-        arr = np.asarray(im)
-    return to_uint8_resized(arr, size)
 
 
 # ----------------------------------------------------------------------------- the pool
@@ -403,139 +324,3 @@ class PackOptions:
             raise ConvertError(f"--shard-size must be >= 1, got {self.shard_size}")
         if self.on_error not in ("fail", "skip"):
             raise ConvertError(f"--on-error must be 'fail' or 'skip', got {self.on_error!r}")
-
-
-def begin(src, **options) -> tuple[Path, PackOptions, Problems]:
-    """How every converter starts: the source folder exists, the options are valid, and a
-    collector of bad-input problems for the chosen --on-error policy."""
-    src = Path(src)
-    if not src.is_dir():
-        raise ConvertError(f"{src}: source folder not found")
-    opts = PackOptions(**options)
-    opts.check()
-    return src, opts, Problems(opts.on_error)
-
-
-def check_unique_ids(splits: dict[str, list[Item]], problems: Problems) -> dict[str, list[Item]]:
-    """Duplicate ids (within or across splits) are an error: one image must never count twice."""
-    seen: dict[str, str] = {}
-    out = {}
-    for name, items in splits.items():
-        keep = []
-        for it in items:
-            if it.id in seen:
-                problems.report(it.id, it.path, f"{it.where}: duplicate id {it.id!r} (first seen at {seen[it.id]})")
-                continue
-            seen[it.id] = f"{it.where} (split {name})"
-            keep.append(it)
-        out[name] = keep
-    return out
-
-
-def pack(*, dataset: str, source: Path, out: Path, splits: dict[str, list[Item]], label_names: list[str],
-         decode: DecodeFn, opts: PackOptions, problems: Problems, source_files: Sequence[Path],
-         extra: Optional[dict] = None, synthetic: bool = False) -> Path:
-    """Decode, resize and write every split in every requested format, then the manifest."""
-    from fasttrain import __version__
-    from . import raw as raw_writer
-
-    opts.check()
-    splits = check_unique_ids(splits, problems)
-    for name, items in splits.items():
-        if not items:
-            raise ConvertError(f"split '{name}' is empty ({dataset} source {source})")
-    # fail fast: a missing writer library is found before decoding, not after
-    t_setup = time.perf_counter()
-    if "ffcv" in opts.formats:
-        from . import ffcv_writer
-        ffcv_writer.require()
-    if "dali" in opts.formats:
-        from . import dali_writer
-        dali_writer.require()
-    workers = default_workers(opts.workers)
-    size = int(opts.size)
-    t_all = time.perf_counter()
-    setup_s = t_all - t_setup  # importing the writers (FFCV pulls in torch + numba: seconds)
-    rates = {}
-    with AtomicDir(out) as tmp:
-        (tmp / "splits").mkdir()
-        split_meta = {}
-        details: dict[str, dict] = {}
-        for name, items in splits.items():
-            t0 = time.perf_counter()
-            kept, skipped = raw_writer.write_split(tmp, name, items, decode, size, workers, opts.progress,
-                                                   problems)
-            rates[name] = {"decode_images_per_s": round(len(items) / max(time.perf_counter() - t0, 1e-9), 1)}
-            if not kept:
-                raise ConvertError(f"split '{name}' is empty after skipping {skipped} bad item(s)")
-            labels = np.stack([it.labels for it in kept]).astype(np.float32)  # [N, C], row i = raw image i
-            np.save(tmp / "splits" / f"{name}.labels.npy", labels)
-            (tmp / "splits" / f"{name}.ids.txt").write_text("".join(it.id + "\n" for it in kept))
-            # each id's source file relative to `source`: the PIL reference loader reads these
-            src_abs = os.path.abspath(source)
-            (tmp / "splits" / f"{name}.files.txt").write_text(
-                "".join(os.path.relpath(os.path.abspath(it.path), src_abs) + "\n" for it in kept))
-            with np.errstate(invalid="ignore"):
-                prevalence = {ln: (None if np.all(np.isnan(labels[:, j])) else round(float(np.nanmean(labels[:, j])), 6))
-                              for j, ln in enumerate(label_names)}
-            split_meta[name] = {
-                "count": len(kept),
-                "ids": f"splits/{name}.ids.txt",
-                "labels": f"splits/{name}.labels.npy",
-                "files": f"splits/{name}.files.txt",
-                "prevalence": prevalence,
-                "ignored_labels": int(np.isnan(labels).sum()),
-            }
-        details["raw"] = raw_writer.details(split_meta, size)
-        if "ffcv" in opts.formats:
-            from . import ffcv_writer
-            t0 = time.perf_counter()
-            details["ffcv"] = ffcv_writer.write(tmp, split_meta, size, len(label_names), opts)
-            rates["ffcv_images_per_s"] = round(sum(m["count"] for m in split_meta.values())
-                                               / max(time.perf_counter() - t0, 1e-9), 1)
-        if "dali" in opts.formats:
-            from . import dali_writer
-            t0 = time.perf_counter()
-            details["dali"] = dali_writer.write(tmp, split_meta, size, len(label_names), opts, workers)
-            rates["dali_images_per_s"] = round(sum(m["count"] for m in split_meta.values())
-                                               / max(time.perf_counter() - t0, 1e-9), 1)
-        if "raw" not in opts.formats:
-            # raw was only the staging copy for ffcv / dali
-            shutil.rmtree(tmp / "raw")
-            details.pop("raw")
-        elapsed = time.perf_counter() - t_all
-        total = sum(m["count"] for m in split_meta.values())
-        manifest = {
-            "fasttrain_manifest": MANIFEST_VERSION,
-            "dataset": dataset,
-            "synthetic": bool(synthetic),
-            "note": ("SYNTHETIC phantom images generated by fasttrain, not real radiographs"
-                     if synthetic else None),
-            "source": str(Path(source).absolute()),
-            "label_names": list(label_names),
-            "num_labels": len(label_names),
-            "image_size": [size, size],
-            "formats": [f for f in FORMAT_PREFERENCE if f in opts.formats],
-            "splits": split_meta,
-            "format_details": details,
-            "preprocessing": {
-                "grayscale": "ITU-R 601 luma for colour inputs, alpha dropped",
-                "resize": f"whole image to {size}x{size}, cv2.INTER_AREA (INTER_LINEAR when upsampling)",
-                "dtype": "uint8",
-                "bit_depth": "16-bit PNG: 0..65535 -> 0..255 (0..2^b-1 when sBIT declares b bits); DICOM: see dicom section",
-                **({"jpeg_quality": opts.jpeg_quality} if "dali" in opts.formats else {}),
-                **(extra or {}).get("preprocessing", {}),
-            },
-            "source_sha256": {Path(p).name: sha256_file(Path(p)) for p in source_files},
-            "fasttrain_version": __version__,
-            "skipped": [s.to_dict() for s in problems.skipped],
-            "conversion": {"seconds": round(elapsed, 2), "images": total,
-                           "images_per_s": round(total / max(elapsed, 1e-9), 1), "workers": workers,
-                           "writer_import_seconds": round(setup_s, 2),
-                           **rates},
-            "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        manifest.update({k: v for k, v in (extra or {}).items() if k != "preprocessing"})
-        # the manifest is the last file written: a folder with a manifest is complete
-        write_json_atomic(tmp / "manifest.json", manifest)
-    return Path(out).absolute()

@@ -15,7 +15,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .common import ConvertError, Item, Problems, begin, decode_raster, pack, patient_disjoint_split, read_csv
+from .common import ConvertError, Item, Problems, patient_disjoint_split, read_csv
+from .decode import decode_raster
+from .pack import begin, pack
 
 NIH_LABELS = [
     "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",

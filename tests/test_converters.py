@@ -306,7 +306,7 @@ def test_cli_convert_nih(tmp_path, capsys):
 def _die_on_one(path, size):
     if path.endswith("00000002_000.png"):
         os._exit(3)  # a decoder crashing the process (segfault, OOM kill)
-    from fasttrain.converters.common import decode_raster
+    from fasttrain.converters.decode import decode_raster
     return decode_raster(path, size)
 
 
@@ -394,7 +394,7 @@ def test_sixteen_bit_png_honours_sbit(tmp_path):
     """A 12-bit radiograph saved as a 16-bit PNG with sBIT=12 maps 0..4095 to 0..255 (not to a
     nearly black 0..16); without sBIT the full 16-bit range is used."""
     from PIL import Image, PngImagePlugin
-    from fasttrain.converters.common import decode_raster, png_significant_bits
+    from fasttrain.converters.decode import decode_raster, png_significant_bits
     rng = np.random.default_rng(0)
     img = rng.integers(0, 4096, (32, 32)).astype(np.uint16)
     info = PngImagePlugin.PngInfo()
@@ -408,3 +408,18 @@ def test_sixteen_bit_png_honours_sbit(tmp_path):
     assert np.abs(got - ref * 255 / 4095).max() <= 1.0
     got = decode_raster(str(tmp_path / "plain.png"), 16).astype(float)
     assert np.abs(got - ref * 255 / 65535).max() <= 1.0
+
+
+def test_decode_file_dispatches_by_suffix(tmp_path):
+    """decode_file: PNG/JPEG through the raster decoder, an unknown suffix named in the error."""
+    from PIL import Image
+
+    from fasttrain.converters.decode import decode_file, decode_raster
+    img = (np.arange(40 * 30) % 251).astype(np.uint8).reshape(40, 30)
+    png = tmp_path / "a.PNG"
+    Image.fromarray(img).save(png)
+    np.testing.assert_array_equal(decode_file(str(png), 16), decode_raster(str(png), 16))
+    bad = tmp_path / "a.tiff"
+    bad.write_bytes(b"x")
+    with pytest.raises(ValueError, match="unsupported file type '.tiff'"):
+        decode_file(str(bad), 16)

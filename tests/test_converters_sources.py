@@ -190,7 +190,7 @@ def test_dicom_voi_lut_sequence_and_sigmoid_window():
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian
-    from fasttrain.converters.dicom import pixels_to_unit
+    from fasttrain.converters.decode import pixels_to_unit
 
     def ds_with(stored):
         ds = Dataset()
@@ -315,7 +315,7 @@ def test_dicom_without_preamble_is_read(tmp_path):
     """Files with no 128-byte preamble / 'DICM' (older archives, and what a plain pydicom
     `save_as` writes) are read, with or without a file meta group; garbage still fails."""
     import pydicom
-    from fasttrain.converters.dicom import read_dicom_unit
+    from fasttrain.converters.decode import read_dicom_unit
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian
     stored = (np.arange(32 * 24).reshape(32, 24) * 5 % 4096).astype(np.uint16)

@@ -19,7 +19,7 @@ from PIL import Image
 from fasttrain.config import DataConfig
 from fasttrain.data import build_loader, open_packed
 from fasttrain.data.gpu_augment import norm_stats
-from fasttrain.data.loaders import LoaderError, Prefetcher
+from fasttrain.data.base import LoaderError, Prefetcher
 from fasttrain.data.reference import export_png
 
 KINDS = ("raw", "ffcv", "dali", "reference")

@@ -23,7 +23,7 @@ import gc
 
 import torch
 
-from .loaders import INSTALL_HINT, BaseLoader, LoaderError
+from .base import INSTALL_HINT, BaseLoader, LoaderError
 from .sampler import batch_rng, mix_seed
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from .ffcv_threads import keep_torch_threads
-from .loaders import INSTALL_HINT, BaseLoader, LoaderError
+from .base import INSTALL_HINT, BaseLoader, LoaderError
 
 
 def _import_ffcv():

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from .gpu_augment import eval_resize_size, norm_stats
-from .loaders import LoaderError, SampledLoader
+from .base import LoaderError, SampledLoader
 from .sampler import EpochSampler, mix_seed
 
 

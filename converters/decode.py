@@ -1,0 +1,246 @@
+"""Image decoding for the converters: any source file -> uint8 grey [size, size].
+
+One place for the pixels, so every converter (and `predict`) turns a file into the same image:
+grey conversion, bit depth, resize and quantisation are decided here.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+
+def to_uint8_resized(img: np.ndarray, size: int, full_scale: Optional[float] = None) -> np.ndarray:
+    """Resize a 2-D grey image to [size, size] with area interpolation and quantise to uint8.
+
+    uint8 input is resized directly (cv2's INTER_AREA on uint8 rounds correctly and is 3x faster
+    than going through float). Other inputs are resized in float32 first, then mapped to 0..255
+    with `full_scale` (the value that becomes 255), so quantisation happens once, at the end.
+    """
+    import cv2
+    if img.ndim != 2:
+        raise ValueError(f"expected a 2-D image, got shape {img.shape}")
+    if img.shape[0] < 1 or img.shape[1] < 1:
+        raise ValueError(f"empty image {img.shape}")
+    interp = cv2.INTER_AREA if (img.shape[0] >= size and img.shape[1] >= size) else cv2.INTER_LINEAR
+    if img.dtype == np.uint8:
+        if img.shape == (size, size):
+            return np.ascontiguousarray(img)
+        return cv2.resize(img, (size, size), interpolation=interp)
+    x = img.astype(np.float32)
+    if img.shape != (size, size):
+        x = cv2.resize(x, (size, size), interpolation=interp)
+    scale = 255.0 / float(full_scale if full_scale is not None else 1.0)
+    return np.clip(np.rint(x * scale), 0, 255).astype(np.uint8)
+
+
+def png_significant_bits(path: str) -> Optional[int]:
+    """The grey sample's significant bits from a PNG's sBIT chunk (before IDAT), or None.
+
+    Hand-read because neither PIL nor cv2 exposes sBIT: 8-byte signature, then chunks of
+    (length u32 BE, type, data, crc)."""
+    import struct
+    with open(path, "rb") as f:
+        if f.read(8) != b"\x89PNG\r\n\x1a\n":
+            return None
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                return None
+            n, kind = struct.unpack(">I4s", head)
+            if kind == b"sBIT":
+                data = f.read(n)
+                return data[0] if data else None  # grey (+ alpha): the first byte is grey's
+            if kind in (b"IDAT", b"IEND"):
+                return None
+            f.seek(n + 4, 1)
+
+
+def decode_raster(path: str, size: int) -> np.ndarray:
+    """Decode a PNG (8 / 16 bit, grey / RGB / RGBA / palette) or JPEG file to uint8 [size, size].
+
+    PIL, not cv2, decodes: PIL raises on truncated files where cv2 (libjpeg) silently fills the
+    missing rows with grey. Colour goes to grey with ITU-R 601 luma (PIL's 'L'); alpha is dropped
+    (NIH's RGBA PNGs carry the same grey in R, G and B). 16-bit images map 0..65535 to 0..255, or
+    0..2^b-1 when the PNG's sBIT chunk declares b significant bits (12-bit radiographs).
+    """
+    from PIL import Image
+    with Image.open(path) as im:
+        im.load()
+        mode = im.mode
+        if mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(im)
+            if mode == "I" and arr.max(initial=0) > 65535:
+                raise ValueError(f"32-bit integer image with values up to {arr.max()}")
+            # a 12-bit radiograph saved as 16-bit PNG declares it in sBIT; 0..65535 would make it
+            # nearly black (max 16/255)
+            bits = png_significant_bits(path)
+            full = float(2 ** bits - 1) if bits and 8 <= bits < 16 else 65535.0
+            return to_uint8_resized(arr.astype(np.float32), size, full_scale=full)
+        if mode == "F":
+            raise ValueError("floating-point images are not supported")
+        if mode != "L":
+            im = im.convert("L")
+        arr = np.asarray(im)
+    return to_uint8_resized(arr, size)
+
+
+# ----------------------------------------------------------------------------- DICOM
+
+class DicomPluginError(RuntimeError):
+    """Compressed pixel data and no installed pydicom plugin that decodes it."""
+
+
+def _window(x: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """VOI window to [0, 1], per DICOM PS3.3 C.11.2.1.2 (the output range is ours: 0..1)."""
+    function = (function or "LINEAR").upper()
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+    if function == "LINEAR_EXACT":
+        if width <= 0:
+            raise ValueError(f"Window Width {width} must be > 0")
+        return np.clip((x - center) / width + 0.5, 0.0, 1.0)
+    if width < 1:
+        raise ValueError(f"Window Width {width} must be >= 1 for LINEAR")
+    if width == 1:
+        return (x > center - 0.5).astype(np.float32)
+    return np.clip((x - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+
+
+def _first(v) -> float:
+    try:
+        return float(v[0])
+    except TypeError:
+        return float(v)
+
+
+def pixels_to_unit(ds) -> np.ndarray:
+    """A dataset's pixels as float32 [H, W] in [0, 1], bright = dense (bone)."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    if int(getattr(ds, "NumberOfFrames", 1) or 1) != 1:
+        raise ValueError(f"multi-frame image ({ds.NumberOfFrames} frames); expected one radiograph")
+    arr = ds.pixel_array
+    if int(getattr(ds, "SamplesPerPixel", 1)) == 3:  # colour: ITU-R 601 luma, then treat as grey
+        arr = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        lo, hi = float(arr.min()), float(arr.max())
+        return (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+    if arr.ndim != 2:
+        raise ValueError(f"pixel array of shape {arr.shape}; expected [rows, columns]")
+    x = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)  # rescale slope / intercept
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
+        lut = ds.VOILUTSequence[0]
+        bits = int(lut.LUTDescriptor[2])
+        # the LUT is indexed by integer values (the modality output, rounded)
+        x = np.asarray(apply_voi_lut(np.rint(x).astype(np.int32), ds, index=0, prefer_lut=True),
+                       dtype=np.float32) / float(2 ** bits - 1)
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        x = _window(x, _first(ds.WindowCenter), _first(ds.WindowWidth), str(getattr(ds, "VOILUTFunction", "LINEAR")))
+    else:  # no VOI: the image's own range
+        lo, hi = float(x.min()), float(x.max())
+        x = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+    x = np.clip(x, 0.0, 1.0).astype(np.float32)
+    if str(ds.PhotometricInterpretation).strip() == "MONOCHROME1":
+        x = 1.0 - x  # MONOCHROME1: high values are dark
+    elif str(ds.PhotometricInterpretation).strip() != "MONOCHROME2":
+        raise ValueError(f"PhotometricInterpretation {ds.PhotometricInterpretation!r}; expected MONOCHROME1/2")
+    return x
+
+
+# The one-line fix per compressed syntax (pydicom's own list names every backend, including a Pillow
+# that is installed but built without the codec, which reads as if nothing were missing).
+_J2K = "pip install pylibjpeg pylibjpeg-openjpeg"
+_LJ = "pip install pylibjpeg pylibjpeg-libjpeg"
+PIP_HINTS = {
+    "1.2.840.10008.1.2.4.90": _J2K, "1.2.840.10008.1.2.4.91": _J2K,  # JPEG 2000 (MIMIC-CXR's large files)
+    "1.2.840.10008.1.2.4.201": _J2K, "1.2.840.10008.1.2.4.202": _J2K, "1.2.840.10008.1.2.4.203": _J2K,  # HTJ2K
+    "1.2.840.10008.1.2.4.50": _LJ, "1.2.840.10008.1.2.4.51": _LJ, "1.2.840.10008.1.2.4.57": _LJ,
+    "1.2.840.10008.1.2.4.70": _LJ, "1.2.840.10008.1.2.4.80": _LJ, "1.2.840.10008.1.2.4.81": _LJ,
+}
+
+
+def _pixel_error(path: str, ds, err: Exception) -> Exception:
+    """pydicom's message on a missing plugin does not name the file; ours does, and says what to install."""
+    tsuid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if tsuid is not None and tsuid.is_compressed:
+        hint = ""
+        try:
+            from pydicom.pixels import get_decoder
+            dec = get_decoder(tsuid)
+            if not dec.is_available:
+                pip = PIP_HINTS.get(str(tsuid))
+                hint = (f"; install a decoder plugin, e.g. `{pip}`" if pip else "") + \
+                    " (pydicom's options: " + "; ".join(dec.missing_dependencies) + ")"
+        except Exception:  # an unknown syntax: pydicom has no decoder at all
+            hint = "; pydicom has no decoder for it"
+        if not hint:  # a decoder is installed but failed on this file: keep its own words
+            hint = f" ({err})"
+        return DicomPluginError(f"{path}: pixel data compressed as {tsuid.name} ({tsuid}) cannot be decoded{hint}")
+    return err
+
+
+def _dcmread(path: str):
+    """pydicom.dcmread, also for files without the 128-byte preamble + 'DICM' (older archives, and
+    what pydicom's own `save_as` writes unless told `enforce_file_format=True`): those are read
+    with force=True and must then hold Rows + PixelData, and a missing Transfer Syntax is taken
+    from the encoding pydicom found while parsing."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    try:
+        return pydicom.dcmread(path)
+    except InvalidDicomError as e:
+        first = e
+    except Exception as e:
+        raise ValueError(f"not a readable DICOM file: {e}") from e
+    try:
+        ds = pydicom.dcmread(path, force=True)
+        ok = "PixelData" in ds and "Rows" in ds
+    except Exception:
+        ok = False
+    if not ok:
+        # (pydicom's own words end with "Use force=True", which we just did)
+        raise ValueError("not a readable DICOM file: no 'DICM' header, and no Rows / PixelData when read "
+                         "as a bare data set") from first
+    if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+        from pydicom.dataset import FileMetaDataset
+        from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+        implicit, little = ds.original_encoding
+        if not hasattr(ds, "file_meta"):
+            ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                          ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    return ds
+
+
+def read_dicom_unit(path: str) -> np.ndarray:
+    ds = _dcmread(path)
+    if "PixelData" not in ds:
+        raise ValueError("no PixelData element")
+    try:
+        return pixels_to_unit(ds)
+    except Exception as e:
+        raise _pixel_error(path, ds, e) from e
+
+
+def decode_dicom(path: str, size: int) -> np.ndarray:
+    """DICOM file -> uint8 [size, size] (VOI-mapped, MONOCHROME1 inverted, area-resized)."""
+    return to_uint8_resized(read_dicom_unit(path), size, full_scale=1.0)
+
+
+# ----------------------------------------------------------------------------- any file
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+RASTER_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def decode_file(path: str, size: int) -> np.ndarray:
+    """Any supported source file -> uint8 grey [size, size], chosen by suffix: DICOM (.dcm,
+    .dicom, or no suffix: archives often drop it) or raster (PNG 8/16-bit, JPEG). The one decoder
+    for sources whose layout we do not know (the generic converter, `fasttrain predict`)."""
+    suffix = Path(path).suffix.lower()
+    if suffix in RASTER_SUFFIXES:
+        return decode_raster(path, size)
+    if suffix in DICOM_SUFFIXES or suffix == "":
+        return decode_dicom(path, size)
+    raise ValueError(f"unsupported file type {suffix!r}; expected one of "
+                     f"{', '.join(RASTER_SUFFIXES + DICOM_SUFFIXES)} (or a DICOM file without suffix)")

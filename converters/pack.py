@@ -1,0 +1,155 @@
+"""The packing pipeline every converter ends in: `begin` (source check, options, problem
+collector) and `pack` (decode + resize in a process pool, stream into the raw memmap (the first
+format, always written), then write FFCV / DALI from that memmap, then the manifest, then the
+atomic rename). Nothing holds the dataset in RAM: at most `window` chunks are in flight.
+
+A converter (nih.py, chexpert.py, dicom.py) only turns its source layout into `Item`s per split.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from . import raw as raw_writer
+from .common import (FORMAT_PREFERENCE, MANIFEST_VERSION, AtomicDir, ConvertError, DecodeFn, Item, PackOptions,
+                     Problems, default_workers, sha256_file, write_json_atomic)
+
+
+def begin(src, **options) -> tuple[Path, PackOptions, Problems]:
+    """How every converter starts: the source folder exists, the options are valid, and a
+    collector of bad-input problems for the chosen --on-error policy."""
+    src = Path(src)
+    if not src.is_dir():
+        raise ConvertError(f"{src}: source folder not found")
+    opts = PackOptions(**options)
+    opts.check()
+    return src, opts, Problems(opts.on_error)
+
+
+def check_unique_ids(splits: dict[str, list[Item]], problems: Problems) -> dict[str, list[Item]]:
+    """Duplicate ids (within or across splits) are an error: one image must never count twice."""
+    seen: dict[str, str] = {}
+    out = {}
+    for name, items in splits.items():
+        keep = []
+        for it in items:
+            if it.id in seen:
+                problems.report(it.id, it.path, f"{it.where}: duplicate id {it.id!r} (first seen at {seen[it.id]})")
+                continue
+            seen[it.id] = f"{it.where} (split {name})"
+            keep.append(it)
+        out[name] = keep
+    return out
+
+
+def pack(*, dataset: str, source: Path, out: Path, splits: dict[str, list[Item]], label_names: list[str],
+         decode: DecodeFn, opts: PackOptions, problems: Problems, source_files: Sequence[Path],
+         extra: Optional[dict] = None, synthetic: bool = False) -> Path:
+    """Decode, resize and write every split in every requested format, then the manifest."""
+    from fasttrain import __version__
+
+    opts.check()
+    splits = check_unique_ids(splits, problems)
+    for name, items in splits.items():
+        if not items:
+            raise ConvertError(f"split '{name}' is empty ({dataset} source {source})")
+    # fail fast: a missing writer library is found before decoding, not after
+    t_setup = time.perf_counter()
+    if "ffcv" in opts.formats:
+        from . import ffcv_writer
+        ffcv_writer.require()
+    if "dali" in opts.formats:
+        from . import dali_writer
+        dali_writer.require()
+    workers = default_workers(opts.workers)
+    size = int(opts.size)
+    t_all = time.perf_counter()
+    setup_s = t_all - t_setup  # importing the writers (FFCV pulls in torch + numba: seconds)
+    rates = {}
+    with AtomicDir(out) as tmp:
+        (tmp / "splits").mkdir()
+        split_meta = {}
+        details: dict[str, dict] = {}
+        for name, items in splits.items():
+            t0 = time.perf_counter()
+            kept, skipped = raw_writer.write_split(tmp, name, items, decode, size, workers, opts.progress,
+                                                   problems)
+            rates[name] = {"decode_images_per_s": round(len(items) / max(time.perf_counter() - t0, 1e-9), 1)}
+            if not kept:
+                raise ConvertError(f"split '{name}' is empty after skipping {skipped} bad item(s)")
+            labels = np.stack([it.labels for it in kept]).astype(np.float32)  # [N, C], row i = raw image i
+            np.save(tmp / "splits" / f"{name}.labels.npy", labels)
+            (tmp / "splits" / f"{name}.ids.txt").write_text("".join(it.id + "\n" for it in kept))
+            # each id's source file relative to `source`: the PIL reference loader reads these
+            src_abs = os.path.abspath(source)
+            (tmp / "splits" / f"{name}.files.txt").write_text(
+                "".join(os.path.relpath(os.path.abspath(it.path), src_abs) + "\n" for it in kept))
+            with np.errstate(invalid="ignore"):
+                prevalence = {ln: (None if np.all(np.isnan(labels[:, j])) else round(float(np.nanmean(labels[:, j])), 6))
+                              for j, ln in enumerate(label_names)}
+            split_meta[name] = {
+                "count": len(kept),
+                "ids": f"splits/{name}.ids.txt",
+                "labels": f"splits/{name}.labels.npy",
+                "files": f"splits/{name}.files.txt",
+                "prevalence": prevalence,
+                "ignored_labels": int(np.isnan(labels).sum()),
+            }
+        details["raw"] = raw_writer.details(split_meta, size)
+        if "ffcv" in opts.formats:
+            from . import ffcv_writer
+            t0 = time.perf_counter()
+            details["ffcv"] = ffcv_writer.write(tmp, split_meta, size, len(label_names), opts)
+            rates["ffcv_images_per_s"] = round(sum(m["count"] for m in split_meta.values())
+                                               / max(time.perf_counter() - t0, 1e-9), 1)
+        if "dali" in opts.formats:
+            from . import dali_writer
+            t0 = time.perf_counter()
+            details["dali"] = dali_writer.write(tmp, split_meta, size, len(label_names), opts, workers)
+            rates["dali_images_per_s"] = round(sum(m["count"] for m in split_meta.values())
+                                               / max(time.perf_counter() - t0, 1e-9), 1)
+        if "raw" not in opts.formats:
+            # raw was only the staging copy for ffcv / dali
+            shutil.rmtree(tmp / "raw")
+            details.pop("raw")
+        elapsed = time.perf_counter() - t_all
+        total = sum(m["count"] for m in split_meta.values())
+        manifest = {
+            "fasttrain_manifest": MANIFEST_VERSION,
+            "dataset": dataset,
+            "synthetic": bool(synthetic),
+            "note": ("SYNTHETIC phantom images generated by fasttrain, not real radiographs"
+                     if synthetic else None),
+            "source": str(Path(source).absolute()),
+            "label_names": list(label_names),
+            "num_labels": len(label_names),
+            "image_size": [size, size],
+            "formats": [f for f in FORMAT_PREFERENCE if f in opts.formats],
+            "splits": split_meta,
+            "format_details": details,
+            "preprocessing": {
+                "grayscale": "ITU-R 601 luma for colour inputs, alpha dropped",
+                "resize": f"whole image to {size}x{size}, cv2.INTER_AREA (INTER_LINEAR when upsampling)",
+                "dtype": "uint8",
+                "bit_depth": "16-bit PNG: 0..65535 -> 0..255 (0..2^b-1 when sBIT declares b bits); DICOM: see dicom section",
+                **({"jpeg_quality": opts.jpeg_quality} if "dali" in opts.formats else {}),
+                **(extra or {}).get("preprocessing", {}),
+            },
+            "source_sha256": {Path(p).name: sha256_file(Path(p)) for p in source_files},
+            "fasttrain_version": __version__,
+            "skipped": [s.to_dict() for s in problems.skipped],
+            "conversion": {"seconds": round(elapsed, 2), "images": total,
+                           "images_per_s": round(total / max(elapsed, 1e-9), 1), "workers": workers,
+                           "writer_import_seconds": round(setup_s, 2),
+                           **rates},
+            "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        manifest.update({k: v for k, v in (extra or {}).items() if k != "preprocessing"})
+        # the manifest is the last file written: a folder with a manifest is complete
+        write_json_atomic(tmp / "manifest.json", manifest)
+    return Path(out).absolute()

@@ -1,0 +1,181 @@
+"""What every loader is built on: the errors, the background prefetcher, `BaseLoader` (the
+interface the trainer sees) and `SampledLoader` (order from our EpochSampler).
+
+The bottom layer of fasttrain.data: the format loaders (raw_loader, ffcv_loader, dali_loader,
+reference) import it, and loaders.py (the registry, `build_loader`) imports them; nothing here
+imports upwards.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Iterator
+
+import torch
+
+from .gpu_augment import BatchAugment
+from .sampler import EpochSampler
+
+LOADERS = ("raw", "ffcv", "dali", "reference")
+INSTALL_HINT = {
+    "ffcv": ("pip install -e .[ffcv]  (needs first: apt-get install -y --no-install-recommends "
+             "pkg-config libturbojpeg0-dev libopencv-dev)"),
+    "dali": "pip install -e .[dali]  (nvidia-dali-cuda130, matching torch's CUDA 13 build)",
+}
+
+
+class LoaderError(ValueError):
+    """A loader that cannot be built: missing packed format, split, library or config value."""
+
+
+# ----------------------------------------------------------------------------- background prefetch
+
+_END = object()
+
+
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+class Prefetcher:
+    """Run a generator in a daemon thread, `depth` items ahead, behind a bounded queue.
+
+    Exceptions raised in the thread re-raise in the consumer; the end of the generator is a
+    sentinel, so the consumer never waits on a thread that is gone (it also checks liveness);
+    closing the consumer early stops the producer (it puts with a timeout and checks the stop flag),
+    and the thread is a daemon, so it can never keep the process alive.
+    Why not a torch DataLoader: batches are produced by one vectorised gather each (numpy releases
+    the GIL), so worker processes would only add IPC copies.
+    """
+
+    def __init__(self, gen: Iterator, depth: int = 2, name: str = "fasttrain-prefetch"):
+        self._q: queue.Queue = queue.Queue(maxsize=max(1, int(depth)))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(gen,), name=name, daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, gen: Iterator) -> None:
+        try:
+            for item in gen:
+                if not self._put(item):
+                    return
+        except BaseException as e:  # noqa: BLE001 - forwarded to the consumer
+            self._put(_Failure(e))
+            return
+        finally:
+            close = getattr(gen, "close", None)
+            if close is not None:
+                close()
+        self._put(_END)
+
+    def __iter__(self):
+        try:
+            while True:
+                try:
+                    item = self._q.get(timeout=0.5)
+                except queue.Empty:
+                    if not self._thread.is_alive() and self._q.empty():
+                        raise RuntimeError("loader prefetch thread died without a result") from None
+                    continue
+                if item is _END:
+                    return
+                if isinstance(item, _Failure):
+                    raise item.exc
+                yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        try:  # unblock a producer waiting on a full queue
+            while True:
+                self._q.get_nowait()
+        except queue.Empty:
+            pass
+
+
+# ----------------------------------------------------------------------------- common base
+
+class BaseLoader:
+    """What the trainer sees: len, set_epoch, iteration, label_names, num_samples.
+
+    num_samples: images this rank yields per epoch; dataset_size: images in the split.
+    """
+    name = "base"
+
+    def __init__(self, packed, *, train: bool, img_size: int, in_chans: int, batch_size: int,
+                 rank: int, world_size: int, device, dtype, seed: int, drop_last: bool, cfg):
+        self.packed = packed
+        self.train = bool(train)
+        self.img_size, self.in_chans = int(img_size), int(in_chans)
+        self.batch_size = int(batch_size)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            # pin the index now: the raw loader's prefetch thread makes device tensors, and a new
+            # thread's current device is cuda:0 whatever torch.cuda.set_device said in this one
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.dtype = dtype
+        self.seed = int(seed)
+        self.drop_last = bool(drop_last)
+        self.cfg = cfg
+        self.label_names: list[str] = list(packed.label_names)
+        self.dataset_size: int = len(packed)
+        self.image_size: tuple[int, int] = tuple(packed.image_size)
+        self.epoch, self.start_step = 0, 0
+        self.pin = self.device.type == "cuda"
+        if min(self.image_size) < self.img_size:
+            raise LoaderError(f"{packed.root}: packed images are {self.image_size[0]}x{self.image_size[1]} px, "
+                              f"smaller than img_size {self.img_size}; convert again with a larger --size")
+
+    def make_augment(self) -> BatchAugment:
+        c = self.cfg
+        return BatchAugment(self.image_size, self.img_size, self.in_chans, train=self.train,
+                            scale=tuple(c.crop_scale), ratio=tuple(c.crop_ratio), hflip=c.hflip, norm=c.norm,
+                            eval_resize=c.eval_resize, device=self.device, dtype=self.dtype)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        if start_step < 0 or start_step > len(self):
+            raise ValueError(f"start_step {start_step} is outside epoch's {len(self)} batches")
+        self.epoch, self.start_step = int(epoch), int(start_step)
+
+    @property
+    def num_samples(self) -> int:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.name
+
+
+class SampledLoader(BaseLoader):
+    """A loader whose order comes from our EpochSampler (raw, reference): FFCV and DALI order
+    their own reads."""
+
+    def __init__(self, packed, **kw):
+        super().__init__(packed, **kw)
+        self.sampler = EpochSampler(len(packed), self.batch_size, shuffle=self.train, seed=self.seed,
+                                    rank=self.rank, world_size=self.world_size, drop_last=self.drop_last)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    @property
+    def num_samples(self) -> int:
+        return self.sampler.shard_size - (self.sampler.shard_size % self.batch_size if self.drop_last else 0)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        super().set_epoch(epoch, start_step)
+        self.sampler.set_epoch(epoch, start_step)

@@ -13,6 +13,8 @@ COMMANDS = {
     "pretrain": ("fasttrain.train.commands", "pretrain_main", "MAE pre-training, with distillation when a teacher is given"),
     "finetune": ("fasttrain.train.commands", "finetune_main", "fine-tune a pre-trained encoder for multi-label classification"),
     "evaluate": ("fasttrain.train.commands", "evaluate_main", "per-label AUC and mAUC with bootstrap CIs"),
+    "probe": ("fasttrain.train.probe", "main", "linear probe of a frozen encoder on cached features (mAUC + CIs)"),
+    "ablate": ("fasttrain.train.ablate", "main", "grid x seeds through chosen stages; mean/std and paired CIs"),
     "plot": ("fasttrain.train.commands", "plot_main", "loss curves and AUC figures of one or more runs"),
     "bench": ("fasttrain.bench", "main", "throughput benchmarks against the reference path"),
     "demo": ("fasttrain.train.demo", "main", "the whole pipeline on synthetic phantoms (make demo)"),

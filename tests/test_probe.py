@@ -140,3 +140,19 @@ def test_probe_bad_input_fails_before_extraction(student, packed, tmp_path):
     with pytest.raises(ProbeError, match="split 'test' has labels of shape"):
         run_probe(str(student), bad, out=tmp_path / "o")
     assert not (tmp_path / "o" / "features").exists()
+
+
+def test_reconstruction_figure_of_a_pretraining_run(student, tmp_path):
+    from fasttrain.train.plots import plot_reconstructions, reconstruct
+    run = student.parent.parent
+    imgs, masked, recon, pasted, m, cfg = reconstruct(run, n_images=3, seed=0)
+    assert imgs.shape == recon.shape == pasted.shape == (3, 1, 32, 32)
+    frac = m[:, 0].mean(dim=(1, 2))  # removed fraction per image = the mask ratio
+    assert torch.allclose(frac, torch.full((3,), 0.75))
+    keep = m == 0
+    assert torch.equal(pasted[keep], imgs[keep])  # visible patches pasted back unchanged
+    assert torch.equal(pasted[~keep], recon[~keep])
+    again = reconstruct(run, n_images=3, seed=0)
+    assert torch.equal(again[3], pasted)  # fixed images and masks
+    png = plot_reconstructions(run, tmp_path / "recon.png", n_images=3)
+    assert png.stat().st_size > 1000

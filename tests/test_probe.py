@@ -156,3 +156,32 @@ def test_reconstruction_figure_of_a_pretraining_run(student, tmp_path):
     assert torch.equal(again[3], pasted)  # fixed images and masks
     png = plot_reconstructions(run, tmp_path / "recon.png", n_images=3)
     assert png.stat().st_size > 1000
+
+
+def test_probe_cli_json_and_timm_export_gives_the_same_features(student, packed, tmp_path, capsys):
+    """`fasttrain probe --json` end to end; the student exported as a timm safetensors probes with
+    the same features as our checkpoint (same encoder, --config-free overrides for its shape)."""
+    from fasttrain.cli import main
+    from fasttrain.models.checkpoints import export_timm
+    from fasttrain.train.builders import build_student
+    from fasttrain.train.checkpoint import load_checkpoint
+    from fasttrain.config import config_from_dict
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["probe", "--ckpt", str(student), "--data", str(packed), "--epochs", "2", "--batch-size", "16",
+                     "--bootstrap", "10", "--out", str(tmp_path / "ours"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["kind"] == "probe" and res["synthetic"] and set(res["labels"]) and res["mauc_ci95"] is not None
+    ck = load_checkpoint(student)
+    mae = build_student(config_from_dict(ck["config"]))
+    mae.load_state_dict(ck["model"])
+    path = export_timm(mae, tmp_path / "student.safetensors", in_chans=None)
+    arch = ["--model.img_size=32", "--model.patch_size=8", "--model.embed_dim=32", "--model.depth=2",
+            "--model.num_heads=2", "--data.eval_resize=32"]
+    s = ProbeSettings(epochs=2, batch_size=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_probe(str(path), packed, overrides=arch, out=tmp_path / "timm", settings=s, n_boot=10)
+    ours = sorted((tmp_path / "ours" / "features").glob("test-*.npz"))[0]
+    theirs = sorted((tmp_path / "timm" / "features").glob("test-*.npz"))[0]
+    np.testing.assert_allclose(np.load(ours)["features"], np.load(theirs)["features"], atol=1e-5)

@@ -15,15 +15,6 @@ import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
 
-def _auc_or_none(y: np.ndarray, s: np.ndarray) -> float | None:
-    """AUC of one label over the rows where it is known; None when only one class is present."""
-    keep = ~np.isnan(y)
-    y, s = y[keep], s[keep]
-    if y.size == 0 or y.min() == y.max():
-        return None
-    return float(roc_auc_score(y, s))
-
-
 def bootstrap_auc(y_true: np.ndarray, y_score: np.ndarray, label_names: list[str], *,
                   n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
     """y_true [N, C] (0/1, NaN = unknown), y_score [N, C] -> per-label AUC + CI and mAUC + CI.

@@ -157,8 +157,8 @@ def export_onnx(ckpt: str | Path, out: Path, opset: int = 18, check: bool = True
     tmp = _tmp_beside(out)
     try:
         if exporter == "dynamo":
-            # torch.export + onnxscript: torch's maintained exporter (~20 s even for a 2-block test model on a loaded 2-core CPU);
-            # the batch axis is declared dynamic, not traced from the probe's size
+            # torch.export + onnxscript: torch's maintained exporter (~20 s even for a 2-block test
+            # model on a loaded 2-core CPU); the batch axis is declared dynamic, not traced
             prog = torch.onnx.export(net, (probes[0],), dynamo=True, input_names=["image"], output_names=["logits"],
                                      dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), opset_version=opset,
                                      verbose=False)

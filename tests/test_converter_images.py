@@ -238,3 +238,26 @@ def test_skip_lists_missing_files_in_manifest_and_cli(tmp_path):
     rc = main(["images", "--src", str(src), "--labels-csv", str(p), "--out", str(tmp_path / "o2"), "--path-col", "nope",
                "--label-cols", "Mass", "--no-progress"])
     assert rc == 1
+
+
+def test_same_pixels_and_labels_as_the_nih_converter(tmp_path):
+    """One shared path: NIH's published layout packed by `convert images` (name lookup into
+    images_NNN/images/, the multi-valued Finding Labels) equals `convert nih`, byte for byte."""
+    from fasttrain.converters.nih import NIH_LABELS, convert_nih
+    from fixtures_datasets import write_nih
+    src = tmp_path / "nih"
+    write_nih(src)  # 8-bit grey, one RGBA, one 16-bit PNG, nested folders
+    a = convert_nih(src, tmp_path / "a", size=SIZE, workers=1, progress=False)
+    b = convert_images(src, [f"train={src}/Data_Entry_2017_v2020.csv"], tmp_path / "b", path_col="Image Index",
+                       multi_col="Finding Labels", label_cols=NIH_LABELS, patient_col="Patient ID", size=SIZE,
+                       workers=1, progress=False)
+    na = open_packed(a, "train", "raw")
+    nb = open_packed(b, "train", "raw")
+    ta = open_packed(a, "test", "raw")
+    ids = na.ids + ta.ids
+    pos = {i: k for k, i in enumerate(nb.ids)}
+    assert sorted(ids) == sorted(nb.ids)
+    for split in (na, ta):
+        for k, i in enumerate(split.ids):
+            assert np.array_equal(split.image(k), nb.image(pos[i])), i
+            assert np.array_equal(split.labels[k], nb.labels[pos[i]]), i

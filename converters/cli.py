@@ -69,6 +69,16 @@ def _csv_list(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
+def _keep(entries: list[str]) -> dict[str, list[str]]:
+    out = {}
+    for e in entries:
+        col, eq, vals = e.partition("=")
+        if not eq or not col.strip() or not _csv_list(vals):
+            raise ConvertError(f"--keep {e!r}: expected COL=VALUE[,VALUE...]")
+        out[col.strip()] = _csv_list(vals)
+    return out
+
+
 def _images_parser(sub) -> None:
     """`fasttrain convert images`: any image folder + labels CSV (converters/images.py)."""
     from .images import MERGE, NEGATIVE, POSITIVE
@@ -104,6 +114,8 @@ def _images_parser(sub) -> None:
                    help="carve a patient-disjoint 'test' split of this fraction from train (before --val-fraction)")
     p.add_argument("--merge-rows", choices=MERGE, default="error",
                    help="an image on several rows (one per reader): error (default), any, majority")
+    p.add_argument("--keep", action="append", default=[], metavar="COL=V,W",
+                   help="only rows whose COL is one of these values (repeatable), e.g. Projection=PA,AP")
     p.add_argument("--dataset", default="images", help="dataset name written in the manifest")
 
 
@@ -156,7 +168,7 @@ def _run(args, progress: bool) -> int:
                                  none_values=args.none_values, unlisted=args.unlisted, positive=args.positive,
                                  negative=args.negative, uncertain=args.uncertain, uncertain_as=args.uncertain_as,
                                  blank=args.blank, split_col=args.split_col, patient_col=args.patient_col,
-                                 path_suffix=args.path_suffix, merge_rows=args.merge_rows,
+                                 path_suffix=args.path_suffix, merge_rows=args.merge_rows, keep=_keep(args.keep),
                                  test_fraction=args.test_fraction, dataset=args.dataset, **common)
         else:
             from .dicom import convert_dicom

@@ -16,6 +16,8 @@ under `src`, and one or more labels CSVs in the dataset's own columns:
   prefix on a CSV (`train=image_labels_train.csv test=image_labels_test.csv`), or every row is
   `train`; `test_fraction` and then `val_fraction` carve patient-disjoint splits out of train
   (patients from `patient_col`, else each image is its own patient).
+- `keep` ({column: values}) leaves out the rows whose column holds another value (PadChest's
+  lateral views: `Projection` not in PA, AP, AP_horizontal); they are counted, not errors.
 - an image named on several rows (VinDr-CXR: one row per radiologist) is an error unless
   `merge_rows` says how to combine them: `any` (positive if any row is) or `majority`.
 
@@ -194,19 +196,24 @@ class _Row:
 
 def build_items(src: Path, csvs: list[tuple[Optional[str], Path]], path_col: str, spec: LabelSpec,
                 problems: Problems, *, split_col: Optional[str] = None, patient_col: Optional[str] = None,
-                path_suffix: str = "", merge_rows: str = "error"):
-    """Read and check every CSV -> ({split: [Item]}, label names). Raises before any decoding."""
+                path_suffix: str = "", merge_rows: str = "error", keep: Optional[dict[str, Sequence[str]]] = None):
+    """Read and check every CSV -> ({split: [Item]}, label names, rows left out by `keep`).
+    Raises before any decoding."""
     spec.check()
+    keep = {c: {v.strip().lower() for v in vs} for c, vs in (keep or {}).items()}
     if merge_rows not in MERGE:
         raise ConvertError(f"--merge-rows must be one of {list(MERGE)}, got {merge_rows!r}")
     if split_col and any(s for s, _ in csvs):
         raise ConvertError("--split-col and SPLIT=CSV prefixes both set the split; use one of them")
     tables = []
+    left_out = 0  # rows --keep leaves out (other views, excluded studies): not errors
     for split, p in csvs:
         required = [path_col] + ([spec.multi_col] if spec.multi_col else list(spec.label_cols)) + \
-            [c for c in (split_col, patient_col) if c]
+            [c for c in (split_col, patient_col) if c] + list(keep)
         header, rows = read_csv(p, required)  # a missing column lists the ones the CSV has
-        tables.append((split, p, rows))
+        kept = [(n, r) for n, r in rows if all(r[c].strip().lower() in vs for c, vs in keep.items())]
+        left_out += len(rows) - len(kept)
+        tables.append((split, p, kept))
     if spec.multi_col and spec.label_cols is None:  # names: every finding the CSVs list
         found = set()
         for _, p, rows in tables:
@@ -273,7 +280,7 @@ def build_items(src: Path, csvs: list[tuple[Optional[str], Path]], path_col: str
         splits.setdefault(row.split, []).append(Item(id=row.ident, path=str(row.path), labels=_merge(row.labels, merge_rows),
                                                      where=f"{row.where} ({row.ident})", group=row.group))
     order = [s for s in ("train", "val", "test") if s in splits]
-    return {s: splits[s] for s in order}, list(spec.names)
+    return {s: splits[s] for s in order}, list(spec.names), left_out
 
 
 def _merge(labels: list, how: str) -> np.ndarray:
@@ -311,7 +318,8 @@ def convert_images(src, labels_csv, out, *, path_col: str, label_cols: Optional[
                    unlisted: str = "error", positive: Sequence[str] = POSITIVE, negative: Sequence[str] = NEGATIVE,
                    uncertain: Sequence[str] = (), uncertain_as: str = "ignore", blank: str = "zeros",
                    split_col: Optional[str] = None, patient_col: Optional[str] = None, path_suffix: str = "",
-                   merge_rows: str = "error", test_fraction: float = 0.0, val_fraction: float = 0.0,
+                   merge_rows: str = "error", keep: Optional[dict[str, Sequence[str]]] = None,
+                   test_fraction: float = 0.0, val_fraction: float = 0.0,
                    dataset: str = "images", formats: Sequence[str] = ("raw",), size: int = 256,
                    on_error: str = "fail", workers: Optional[int] = None, seed: int = 0, jpeg_quality: int = 95,
                    shard_size: int = 4096, progress: bool = True) -> Path:
@@ -322,8 +330,9 @@ def convert_images(src, labels_csv, out, *, path_col: str, label_cols: Optional[
     spec = LabelSpec(label_cols=list(label_cols) if label_cols else None, multi_col=multi_col, sep=sep,
                      none_values=tuple(none_values), unlisted=unlisted, positive=tuple(positive),
                      negative=tuple(negative), uncertain=tuple(uncertain), uncertain_as=uncertain_as, blank=blank)
-    splits, names = build_items(src, csvs, path_col, spec, problems, split_col=split_col, patient_col=patient_col,
-                                path_suffix=path_suffix, merge_rows=merge_rows)
+    splits, names, left_out = build_items(src, csvs, path_col, spec, problems, split_col=split_col,
+                                          patient_col=patient_col, path_suffix=path_suffix, merge_rows=merge_rows,
+                                          keep=keep)
     if not splits:
         raise ConvertError(f"{', '.join(str(p) for _, p in csvs)}: no usable rows")
     if test_fraction:
@@ -338,7 +347,8 @@ def convert_images(src, labels_csv, out, *, path_col: str, label_cols: Optional[
         "unlisted": unlisted if multi_col else None,
         "positive": list(positive), "negative": list(negative), "uncertain": list(uncertain),
         "uncertain_as": uncertain_as, "blank": blank, "split_col": split_col, "patient_col": patient_col,
-        "merge_rows": merge_rows, "test_fraction": test_fraction, "val_fraction": val_fraction,
+        "merge_rows": merge_rows, "keep": {c: list(v) for c, v in (keep or {}).items()}, "rows_left_out": left_out,
+        "test_fraction": test_fraction, "val_fraction": val_fraction,
         "split_seed": seed},
         "preprocessing": {"decoder": "decode_file: PNG/JPEG via decode_raster, DICOM (.dcm/.dicom/no suffix) "
                                      "via decode_dicom"}}

@@ -128,6 +128,9 @@ def test_padchest_names_discovered_and_unlisted_values(tmp_path):
                          label_cols=["cardiomegaly"], none_values=["normal"], unlisted="ignore", size=SIZE,
                          workers=1, progress=False)
     assert open_packed(out, "train", "raw").labels[:, 0].tolist() == [0, 1, 1, 0, 0, 1]
+    out = convert_images(src, csv_path, tmp_path / "d", path_col="ImageID", multi_col="Labels",
+                         none_values=["normal"], keep={"PatientID": ["P1", "p3"]}, size=SIZE, workers=1, progress=False)
+    assert open_packed(out, "train", "raw").count == 3 and read_manifest(out)["images"]["rows_left_out"] == 3
 
 
 @pytest.mark.parametrize("merge", ["majority", "any"])

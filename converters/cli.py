@@ -82,7 +82,8 @@ def _keep(entries: list[str]) -> dict[str, list[str]]:
 def _images_parser(sub) -> None:
     """`fasttrain convert images`: any image folder + labels CSV (converters/images.py)."""
     from .images import MERGE, NEGATIVE, POSITIVE
-    p = sub.add_parser("images", help="any folder of PNG / JPEG / DICOM files + a labels CSV (PadChest, VinDr-CXR, ...)")
+    p = sub.add_parser("images", help="any folder of PNG / JPEG / DICOM files + a labels CSV "
+                                      "(PadChest, VinDr-CXR, ...)")
     _common(p)
     p.add_argument("--labels-csv", "--csv", required=True, nargs="+", dest="labels_csv", metavar="[SPLIT=]CSV",
                    help="labels CSV(s); prefix with train= / val= / test= to put a whole CSV in one split")

@@ -180,7 +180,8 @@ class _Finder:
         if len(found) == 1:
             return found[0], ""
         if found:
-            return None, f"{len(found)} files named {Path(rel).name!r} under {self.src} (name the sub-folder in the CSV)"
+            return None, (f"{len(found)} files named {Path(rel).name!r} under {self.src} "
+                          f"(name the sub-folder in the CSV)")
         return None, "not found"
 
 
@@ -257,8 +258,9 @@ def build_items(src: Path, csvs: list[tuple[Optional[str], Path]], path_col: str
                                                          f"use --merge-rows any|majority for one row per reader")
                     continue
                 if prev.split != split or prev.group != group:
-                    problems.report(rel, str(prev.path), f"{where}: {rel!r} is in split {split!r} / patient "
-                                                         f"{group!r} here but {prev.split!r} / {prev.group!r} at {prev.where}")
+                    problems.report(rel, str(prev.path),
+                                    f"{where}: {rel!r} is in split {split!r} / patient {group!r} here but "
+                                    f"{prev.split!r} / {prev.group!r} at {prev.where}")
                     continue
                 prev.labels.append(y)
                 continue
@@ -277,8 +279,9 @@ def build_items(src: Path, csvs: list[tuple[Optional[str], Path]], path_col: str
             problems.report(rel, str(src / (rel + path_suffix)), f"{w}: {rel + path_suffix} {why}")
     splits: dict[str, list[Item]] = {}
     for row in by_id.values():
-        splits.setdefault(row.split, []).append(Item(id=row.ident, path=str(row.path), labels=_merge(row.labels, merge_rows),
-                                                     where=f"{row.where} ({row.ident})", group=row.group))
+        item = Item(id=row.ident, path=str(row.path), labels=_merge(row.labels, merge_rows),
+                    where=f"{row.where} ({row.ident})", group=row.group)
+        splits.setdefault(row.split, []).append(item)
     order = [s for s in ("train", "val", "test") if s in splits]
     return {s: splits[s] for s in order}, list(spec.names), left_out
 

@@ -195,7 +195,8 @@ def export_onnx(ckpt: str | Path, out: Path, opset: int = 18, check: bool = True
             for x, w in zip(probes, want):
                 got = sess.run(["logits"], {"image": x.numpy()})[0]
                 if got.shape != w.shape:
-                    raise RuntimeError(f"ONNX Runtime returned {got.shape} for a batch of {x.shape[0]}; expected {w.shape}")
+                    raise RuntimeError(f"ONNX Runtime returned {got.shape} for a batch of {x.shape[0]}; "
+                                       f"expected {w.shape}")
                 diff = max(diff, float(abs(got - w).max()))
             if not diff < ONNX_TOL:
                 raise RuntimeError(f"{out}: ONNX Runtime logits differ from PyTorch's by {diff:.3g} (>= {ONNX_TOL}); "

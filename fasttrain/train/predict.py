@@ -22,6 +22,7 @@ import csv
 import io
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -205,6 +206,7 @@ def predict_files(ckpt: str | Path, items: list[tuple[str, str]], out: str | Pat
             probs[pos] = predictor(buf[: len(pos)])
             pos.clear()
 
+    t0 = time.perf_counter()
     bar = tqdm(total=len(items), desc="predict", unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     for i, img, err in decoded([p for _, p in items], size, workers):
         if err is not None:
@@ -217,10 +219,12 @@ def predict_files(ckpt: str | Path, items: list[tuple[str, str]], out: str | Pat
         bar.update(1)
     flush()
     bar.close()
+    seconds = time.perf_counter() - t0  # decode + transform + model: what evaluate's images_per_s times
     _write_csv(out, items, names, probs, errors)
     n_bad = sum(e is not None for e in errors)
     return {"out": str(out), "images": len(items), "predicted": len(items) - n_bad, "unreadable": n_bad,
-            "labels": names, "device": str(dev), "size": size, "probs": probs, "errors": errors}
+            "labels": names, "device": str(dev), "size": size, "workers": workers, "seconds": seconds,
+            "images_per_s": len(items) / max(seconds, 1e-9), "probs": probs, "errors": errors}
 
 
 def _write_csv(out: Path, items, names, probs, errors) -> None:
@@ -261,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     except (PredictError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"fasttrain predict: error: {e}", file=sys.stderr)
         return 2
-    print(f"predicted {res['predicted']} of {res['images']} images ({len(res['labels'])} labels, {res['device']}) "
-          f"-> {res['out']}")
+    print(f"predicted {res['predicted']} of {res['images']} images ({len(res['labels'])} labels, {res['device']}, "
+          f"{res['images_per_s']:.1f} img/s with {res['workers']} decode worker(s)) -> {res['out']}")
     if res["unreadable"]:
         print(f"  {res['unreadable']} unreadable: listed in {res['out']} with the reason (column 'error')",
               file=sys.stderr)

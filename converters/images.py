@@ -86,6 +86,11 @@ class LabelSpec:
             if both:
                 raise ConvertError(f"value(s) {sorted(both)} are both --{a} and --{b}")
         self._pos, self._neg, self._unc = low["positive"], low["negative"], low["uncertain"]
+        self._none = {n.strip().lower() for n in self.none_values}
+
+    def set_names(self, names: list[str]) -> None:
+        self.names = list(names)
+        self._index = {n.lower(): j for j, n in enumerate(self.names)}  # multi_col value -> label position
 
     # -- one column per label -------------------------------------------------------------------
     def cell(self, value: str, col: str, where: str) -> float:
@@ -121,14 +126,13 @@ class LabelSpec:
             toks = [str(t) for t in parsed]
         else:
             toks = v.split(self.sep) if self.sep else [v]
-        none = {n.strip().lower() for n in self.none_values}
+        none = self._none
         return [t.strip() for t in toks if t.strip() and t.strip().lower() not in none]
 
     def multi(self, value: str, where: str) -> np.ndarray:
         y = np.zeros(len(self.names), np.float32)  # [C]
-        index = {n.lower(): j for j, n in enumerate(self.names)}
         for t in self.tokens(value, where):
-            j = index.get(t.lower())
+            j = self._index.get(t.lower())
             if j is None:
                 if self.unlisted == "ignore":
                     continue
@@ -161,34 +165,35 @@ def parse_csv_args(labels_csv) -> list[tuple[Optional[str], Path]]:
 
 class _Finder:
     """CSV path -> file: `src/<path>`, else the one file of that name anywhere under `src` (an
-    index built on first need, one walk of the tree)."""
+    index built on first need, one walk of the tree). Plain os.path strings: at 112k rows pathlib's
+    object overhead was half of the whole check."""
 
     def __init__(self, src: Path):
-        self.src = src
-        self._by_name: Optional[dict[str, list[Path]]] = None
+        self.src = str(src)
+        self._by_name: Optional[dict[str, list[str]]] = None
 
-    def find(self, rel: str) -> tuple[Optional[Path], str]:
-        p = self.src / rel
-        if p.is_file():
+    def find(self, rel: str) -> tuple[Optional[str], str]:
+        p = os.path.join(self.src, rel)
+        if os.path.isfile(p):
             return p, ""
         if self._by_name is None:
             self._by_name = {}
             for dirpath, _, files in os.walk(self.src):
                 for f in files:
-                    self._by_name.setdefault(f, []).append(Path(dirpath) / f)
-        found = self._by_name.get(Path(rel).name, [])
+                    self._by_name.setdefault(f, []).append(os.path.join(dirpath, f))
+        name = os.path.basename(rel)
+        found = self._by_name.get(name, [])
         if len(found) == 1:
             return found[0], ""
         if found:
-            return None, (f"{len(found)} files named {Path(rel).name!r} under {self.src} "
-                          f"(name the sub-folder in the CSV)")
+            return None, f"{len(found)} files named {name!r} under {self.src} (name the sub-folder in the CSV)"
         return None, "not found"
 
 
 @dataclass
 class _Row:
     ident: str
-    path: Path
+    path: str
     split: str
     group: str
     where: str
@@ -220,12 +225,12 @@ def build_items(src: Path, csvs: list[tuple[Optional[str], Path]], path_col: str
         for _, p, rows in tables:
             for lineno, r in rows:
                 found.update(spec.tokens(r[spec.multi_col], f"{p.name} row {lineno}"))
-        spec.names = sorted(found)
+        spec.set_names(sorted(found))
         if not spec.names:
             raise ConvertError(f"column {spec.multi_col!r} lists no finding in any row (all blank or "
                                f"{list(spec.none_values)}): nothing to learn")
     else:
-        spec.names = list(spec.label_cols)
+        spec.set_names(spec.label_cols)
     finder = _Finder(src)
     by_id: dict[str, _Row] = {}
     missing: dict[str, tuple[str, str]] = {}  # CSV path -> (where, why), once per image
@@ -289,9 +294,9 @@ def build_items(src: Path, csvs: list[tuple[Optional[str], Path]], path_col: str
 def _merge(labels: list, how: str) -> np.ndarray:
     """Several readers' rows of one image -> one vector; NaN (uncertain / blank ignored) counts as
     no vote, and a label no reader decided stays NaN."""
-    y = np.stack(labels)  # [R, C]
     if len(labels) == 1:
-        return y[0]
+        return labels[0]
+    y = np.stack(labels)  # [R, C]
     known = ~np.isnan(y)
     votes = np.where(known, y, 0.0)
     n = known.sum(axis=0)  # [C]

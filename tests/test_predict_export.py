@@ -241,3 +241,16 @@ def test_onnx_export_without_onnxruntime_says_why(trained, tmp_path, monkeypatch
     res = export_checkpoint(trained[1], "onnx", tmp_path / "m.onnx", exporter="torchscript")
     assert res["max_abs_diff"] is None and "onnxruntime is not installed" in res["not_checked"]
     assert (tmp_path / "m.onnx").is_file()
+
+
+@pytest.mark.cuda
+def test_predict_on_cuda_matches_cpu(trained, tmp_path):
+    """The device path (pinned uint8 batch, BatchAugment and the model on the GPU) against CPU;
+    both run under the checkpoint's bf16 autocast, hence the loose tolerance."""
+    from fasttrain.train.predict import list_images, predict_files
+    _, ckpt, _, src = trained
+    items = list_images(src)
+    a = predict_files(ckpt, items, tmp_path / "cpu.csv", device="cpu", batch_size=7, progress=False)
+    b = predict_files(ckpt, items, tmp_path / "gpu.csv", device="cuda", batch_size=7, progress=False)
+    assert a["errors"] == b["errors"] == [None] * len(items)
+    assert np.abs(a["probs"] - b["probs"]).mean() < 1e-2 and np.abs(a["probs"] - b["probs"]).max() < 0.05

@@ -149,6 +149,14 @@ def test_predict_folder_lists_unreadable_files_with_reason(trained, tmp_path):
     assert "not a readable DICOM" in rows["sub/fake.dcm"]["error"]
     for ok in ("img0.png", "img2.jpg", "img3.dcm"):
         assert rows[ok]["error"] == "" and all(0 < float(rows[ok][n]) < 1 for n in LABELS)
+    # --list: paths relative to the CSV's folder; a file that is not there keeps its row
+    (d / "list.csv").write_text("path\nimg0.png\nmissing.png\nsub/fake.dcm\n")
+    assert main(["--ckpt", str(ckpt), "--list", str(d / "list.csv"), "--out", str(tmp_path / "l.csv"),
+                 "--no-progress"]) == 0
+    with open(tmp_path / "l.csv", newline="") as f:
+        listed = list(csv.DictReader(f))
+    assert [r["id"] for r in listed] == ["img0.png", "missing.png", "sub/fake.dcm"]
+    assert listed[0]["Mass"] == rows["img0.png"]["Mass"] and "file not found" in listed[1]["error"]
 
 
 def test_predict_and_export_bad_input_before_any_work(trained, tmp_path, capsys):

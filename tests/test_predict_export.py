@@ -157,6 +157,9 @@ def test_predict_folder_lists_unreadable_files_with_reason(trained, tmp_path):
         listed = list(csv.DictReader(f))
     assert [r["id"] for r in listed] == ["img0.png", "missing.png", "sub/fake.dcm"]
     assert listed[0]["Mass"] == rows["img0.png"]["Mass"] and "file not found" in listed[1]["error"]
+    import json
+    prov = json.loads((tmp_path / "l.csv.json").read_text())
+    assert prov["unreadable"] == 2 and prov["eval_transform"]["img_size"] == 32 and "git_sha" in prov["provenance"]
 
 
 def test_predict_and_export_bad_input_before_any_work(trained, tmp_path, capsys):
@@ -216,6 +219,8 @@ def _onnx_vs_torch(trained, tmp_path, exporter: str):
         pytest.skip(why)
     assert res["max_abs_diff"] < 1e-4 and res["batch_sizes"] == [1, 3]  # dynamic batch axis
     # and on real inputs: the predict pipeline's tensors through ONNX Runtime == the model's logits
+    import json
+
     import onnx
     import onnxruntime as ort
     from fasttrain.data.packed import open_packed
@@ -223,6 +228,7 @@ def _onnx_vs_torch(trained, tmp_path, exporter: str):
     model, cfg, names, size = load_for_inference(ckpt)
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
     assert meta["label_names"] == '["Effusion", "Mass", "Nodule"]' and "center-cropped" in meta["input"]
+    assert "git_sha" in json.loads(meta["provenance"])
     pred = Predictor(model, cfg, size, torch.device("cpu"))
     imgs = np.stack([open_packed(trained[0], "test", "raw").image(i) for i in range(5)])  # [5, S, S]
     x = pred.augment(torch.from_numpy(imgs))  # [5, 1, 32, 32]

@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from fasttrain.provenance import provenance
 from fasttrain.train.predict import PredictError
 
 ONNX_TOL = 1e-4  # fp32: ORT and PyTorch differ by kernel order only (~1e-6 seen on ViT-T)
@@ -90,7 +91,8 @@ def export_timm_classifier(model, out: Path, label_names: list[str]) -> dict:
     kwargs = timm_classifier_kwargs(model)
     name = timm_name_for(model)
     meta = {"format": "pt", "timm_model": name or "", "timm_kwargs": json.dumps(kwargs),
-            "label_names": json.dumps(label_names), "exported_by": "fasttrain"}
+            "label_names": json.dumps(label_names), "exported_by": "fasttrain",
+            "provenance": json.dumps(provenance("cpu"), default=str)}
     tmp = _tmp_beside(out)
     try:
         save_file(state, str(tmp), metadata=meta)
@@ -179,7 +181,8 @@ def export_onnx(ckpt: str | Path, out: Path, opset: int = 18, check: bool = True
                           f"grey image decoded and resized to {size}x{size} as `fasttrain convert` does, resized "
                           f"(shorter side {eval_resize_size((size, size), cfg.model.img_size, cfg.data.eval_resize)}, "
                           f"PIL bilinear), center-cropped, /255, (x - mean) / std"),
-                "mean": json.dumps(mean), "std": json.dumps(std), "output": "logits; sigmoid gives probabilities"}
+                "mean": json.dumps(mean), "std": json.dumps(std), "output": "logits; sigmoid gives probabilities",
+                "provenance": json.dumps(provenance("cpu"), default=str)}
         for k, v in meta.items():
             onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, k: v})
         onnx.save(proto, str(tmp))

@@ -15,6 +15,7 @@ so on a packed split `predict` gives the scores `evaluate` gives (tests/test_pre
 Decoding runs in spawned worker processes (libgomp is not fork-safe once torch has run) with a
 bounded window of chunks in flight, overlapping the model's batches. A file that cannot be read
 gets a row with empty probabilities and the reason in the `error` column: never dropped.
+PRED.csv.json beside the CSV records the checkpoint, the transform and the provenance.
 """
 from __future__ import annotations
 
@@ -222,9 +223,27 @@ def predict_files(ckpt: str | Path, items: list[tuple[str, str]], out: str | Pat
     seconds = time.perf_counter() - t0  # decode + transform + model: what evaluate's images_per_s times
     _write_csv(out, items, names, probs, errors)
     n_bad = sum(e is not None for e in errors)
+    _write_provenance(out, ckpt, cfg, size, len(items), n_bad, dev, seconds)
     return {"out": str(out), "images": len(items), "predicted": len(items) - n_bad, "unreadable": n_bad,
             "labels": names, "device": str(dev), "size": size, "workers": workers, "seconds": seconds,
             "images_per_s": len(items) / max(seconds, 1e-9), "probs": probs, "errors": errors}
+
+
+def _write_provenance(out: Path, ckpt, cfg, size: int, n: int, n_bad: int, dev, seconds: float) -> None:
+    """PRED.csv.json beside the CSV: which model, which transform, which code produced it."""
+    import json
+
+    from fasttrain.provenance import provenance
+    from fasttrain.train.finetune import _amp_dtype
+    info = {"checkpoint": str(Path(ckpt).absolute()), "images": n, "unreadable": n_bad, "seconds": round(seconds, 2),
+            "decode": f"converters.decode.decode_file -> uint8 {size}x{size}",
+            "eval_transform": {"img_size": cfg.model.img_size, "in_chans": cfg.model.in_chans,
+                               "eval_resize": cfg.data.eval_resize, "norm": cfg.data.norm,
+                               "autocast": str(_amp_dtype(cfg, dev))},
+            "provenance": provenance(str(dev))}
+    tmp = out.with_name(f".{out.name}.json.tmp")
+    tmp.write_text(json.dumps(info, indent=2, default=str) + "\n")
+    os.replace(tmp, out.with_name(out.name + ".json"))
 
 
 def _write_csv(out: Path, items, names, probs, errors) -> None:

@@ -100,7 +100,7 @@ def trained(tmp_path_factory):
     return packed, Path(summary["last"]), root / "pre" / "last.pt", src
 
 
-def test_predict_equals_evaluate_on_packed_test_split(trained, tmp_path):
+def test_predict_equals_evaluate_on_packed_test_split(trained, tmp_path, capsys):
     from fasttrain.data.packed import open_packed, read_manifest
     from fasttrain.train.evaluate import bootstrap_auc
     from fasttrain.train.finetune import evaluate_checkpoint
@@ -118,6 +118,7 @@ def test_predict_equals_evaluate_on_packed_test_split(trained, tmp_path):
     # another batch size than evaluate's, and a second worker process: same scores
     assert main(["--ckpt", str(ckpt), "--list", str(tmp_path / "list.csv"), "--out", str(tmp_path / "pred.csv"),
                  "--batch-size", "5", "--workers", "2", "--no-progress"]) == 0
+    assert "with 2 decode worker(s)" in capsys.readouterr().out  # the spawned pool, not the in-process path
     with open(tmp_path / "pred.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["id", "path", *LABELS, "error"]  # names from the checkpoint

@@ -196,7 +196,9 @@ def predict_files(ckpt: str | Path, items: list[tuple[str, str]], out: str | Pat
     model, cfg, names, size = load_for_inference(ckpt, size)
     dev = resolve_device(device)
     predictor = Predictor(model, cfg, size, dev)
-    workers = min(default_workers(workers), max(1, len(items) // 64))  # spawning costs ~1 s a worker
+    if workers is None:  # all cores, but no more than one per 64 files: spawning costs ~1 s a worker
+        workers = min(default_workers(None), max(1, len(items) // 64))
+    workers = default_workers(workers)
     probs = np.full((len(items), len(names)), np.nan)  # [N, C]
     errors: list[Optional[str]] = [None] * len(items)
     buf = np.empty((batch_size, size, size), np.uint8)  # [B, S, S] the batch being filled

@@ -26,10 +26,10 @@ def test_paired_difference_on_hand_made_results():
     y[rng.random((90, 3)) < 0.1] = np.nan
     a = [np.clip(np.nan_to_num(y) * k + rng.random((90, 3)), 0, 2) for k in (0.8, 0.6)]
     b = [rng.random((90, 3)) for _ in range(2)]
-    res = ab.paired_difference(y, a, b, n_boot=200, seed=4)
+    res = ab.paired_difference(y, a, b, n_boot=60, seed=4)
     # by hand: the same resamples for every run (same seed), mean over seeds of the mAUC difference
-    ma = [np.nanmean(bootstrap_auc_matrix_reference(y, s, [0, 1, 2], n_boot=200, seed=4), axis=1) for s in a]
-    mb = [np.nanmean(bootstrap_auc_matrix_reference(y, s, [0, 1, 2], n_boot=200, seed=4), axis=1) for s in b]
+    ma = [np.nanmean(bootstrap_auc_matrix_reference(y, s, [0, 1, 2], n_boot=60, seed=4), axis=1) for s in a]
+    mb = [np.nanmean(bootstrap_auc_matrix_reference(y, s, [0, 1, 2], n_boot=60, seed=4), axis=1) for s in b]
     diffs = (ma[0] - mb[0] + ma[1] - mb[1]) / 2
     assert res["ci95"] == pytest.approx(list(np.percentile(diffs, [2.5, 97.5])), abs=1e-12)
     from fasttrain.metrics import mean_auc

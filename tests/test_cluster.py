@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -374,3 +375,159 @@ def test_signal_to_one_rank_stops_every_rank_at_the_same_step(cfg_yaml, packed, 
     r = subprocess.run(launch, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     _assert_same_weights(reference_2proc, out)
+
+
+# ----------------------------------------------------------------------------- SLURM
+
+SLURM = REPO / "scripts" / "slurm"
+
+
+def test_slurm_scripts_pass_bash_n():
+    for f in ("pretrain.sbatch", "finetune.sbatch", "torchrun_node.sh"):
+        r = subprocess.run(["bash", "-n", str(SLURM / f)], capture_output=True, text=True)
+        assert r.returncode == 0, f"{f}: {r.stderr}"
+    text = (SLURM / "pretrain.sbatch").read_text()
+    for directive in ("--signal=USR1@120", "--requeue", "--ntasks-per-node=1"):
+        assert f"#SBATCH {directive}" in text
+    assert "--resume auto" in (SLURM / "torchrun_node.sh").read_text()
+
+
+class MiniSlurm:
+    """A one-node SLURM (munged + slurmctld + slurmd) in a temp folder, from Debian's slurm-wlm
+    packages; `start()` returns None or the reason it could not start (the test then skips)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.procs: list[subprocess.Popen] = []
+        self.host = socket.gethostname()
+        self.conf = root / "slurm.conf"
+        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+
+    def _log_tail(self) -> str:
+        return " | ".join(f"{p.name}: {p.read_text()[-400:]!r}" for p in sorted(self.root.glob("*.log")))
+
+    def start(self) -> str | None:
+        r = self.root
+        for d in ("state", "spool", "munge"):
+            (r / d).mkdir(parents=True, exist_ok=True)
+        os.chmod(r / "munge", 0o700)
+        key = r / "munge" / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        os.chmod(key, 0o400)
+        sock = r / "munge" / "munge.sock"
+        self.procs.append(subprocess.Popen(
+            ["munged", "--foreground", "--force", f"--socket={sock}", f"--key-file={key}",
+             f"--pid-file={r / 'munge' / 'munged.pid'}", f"--log-file={r / 'munged.log'}",
+             f"--seed-file={r / 'munge' / 'munged.seed'}"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
+        deadline = time.time() + 20
+        while not sock.exists():
+            if self.procs[0].poll() is not None or time.time() > deadline:
+                return f"munged did not start: {self._log_tail()}"
+            time.sleep(0.1)
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20 // 2
+        self.conf.write_text(f"""
+ClusterName=fasttrain-test
+SlurmctldHost={self.host}
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={sock}
+SlurmUser=root
+SlurmdUser=root
+StateSaveLocation={r / 'state'}
+SlurmdSpoolDir={r / 'spool'}
+SlurmctldPidFile={r / 'slurmctld.pid'}
+SlurmdPidFile={r / 'slurmd.pid'}
+SlurmctldLogFile={r / 'slurmctld.log'}
+SlurmdLogFile={r / 'slurmd.log'}
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+MpiDefault=none
+ReturnToService=2
+SchedulerType=sched/builtin
+KillWait=30
+NodeName={self.host} CPUs={os.cpu_count()} RealMemory={mem} State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+""")
+        self.procs.append(subprocess.Popen(["slurmctld", "-D", "-c", "-f", str(self.conf)], env=self.env,
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
+        self.procs.append(subprocess.Popen(["slurmd", "-D", "-f", str(self.conf), "-N", self.host], env=self.env,
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if any(p.poll() is not None for p in self.procs):
+                return f"a SLURM daemon exited: {self._log_tail()}"
+            s = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], env=self.env, capture_output=True, text=True)
+            if s.returncode == 0 and s.stdout.strip() == "idle":
+                return None
+            time.sleep(0.5)
+        return f"the node did not become idle within 60 s: {self._log_tail()}"
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+
+
+@pytest.fixture
+def mini_slurm(tmp_path):
+    missing = [b for b in ("munged", "slurmctld", "slurmd", "sbatch", "sinfo", "scontrol") if not shutil.which(b)]
+    if missing:
+        pytest.skip(f"SLURM is not installed here (no {', '.join(missing)}); "
+                    "Debian: apt-get install -y slurm-wlm munge")
+    if os.geteuid() != 0:
+        pytest.skip("the SLURM daemons need root (slurmd starts jobs as their user)")
+    cluster = MiniSlurm(tmp_path / "slurm")
+    try:
+        why = cluster.start()
+        if why is not None:
+            pytest.skip(f"SLURM daemons could not start here: {why}")
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.slow
+def test_sbatch_pretrain_runs_on_one_node_slurm_and_requeues_after_usr1(mini_slurm, cfg_yaml, packed, tmp_path):
+    """scripts/slurm/pretrain.sbatch for real (minus its GPU request): the job starts torchrun
+    through srun; USR1 (what --signal=USR1@120 sends) makes it save, exit 75 and requeue itself;
+    the requeued job resumes (--resume auto) and finishes."""
+    script = tmp_path / "pretrain.sbatch"
+    script.write_text((SLURM / "pretrain.sbatch").read_text().replace("#SBATCH --gpus-per-node=8\n", "")
+                      .replace("#SBATCH --cpus-per-task=32\n", "#SBATCH --cpus-per-task=1\n"))
+    run = tmp_path / "run"
+    env = {**mini_slurm.env, "RUN": str(run), "CONFIG": str(cfg_yaml), "DATA": str(packed), "NPROC_PER_NODE": "1",
+           "PYTHON": PY, "FASTTRAIN_REPO": str(REPO), "EXTRA": "--run.ckpt_every=0 --optim.epochs=3",
+           "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path / 'job-%j.out'}", str(script)], env=env,
+                       capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip().split(";")[0]
+    out = lambda: "\n".join(p.read_text() for p in tmp_path.glob("job-*.out"))  # noqa: E731
+
+    def state() -> str:
+        s = subprocess.run(["scontrol", "show", "job", job], env=mini_slurm.env, capture_output=True, text=True)
+        m = re.search(r"JobState=(\w+)", s.stdout)
+        return m.group(1) if m else "GONE"
+    deadline = time.time() + 300
+    while max(_steps(run), default=0) < 5 if (run / "metrics.jsonl").exists() else True:
+        assert time.time() < deadline and state() in ("PENDING", "RUNNING", "CONFIGURING"), out()
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", job], env=mini_slurm.env, check=True)
+    deadline = time.time() + 400
+    while state() not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE"):
+        assert time.time() < deadline, out()
+        time.sleep(0.5)
+    log = out()
+    assert state() == "COMPLETED", log[-4000:]
+    assert "pre-empted at step" in log and "requeueing job" in log, log[-4000:]
+    assert "resuming from" in log and (run / "summary.json").is_file(), log[-4000:]

@@ -116,6 +116,7 @@ class RunConfig:
     # Cluster survival (README "Clusters"): one command line for the first launch and every requeue.
     resume: Union[bool, str] = False  # false: fresh; true: continue from last.pt (--resume); "auto": resume if last.pt exists
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # SLURM's kill warning and --signal=USR1@T
+    preempt_check_every: int = 1  # steps between the ranks' agreement on a signal (one tiny gloo all-reduce each)
     preempt_exit_code: int = 75  # EX_TEMPFAIL ("try again"): a pre-empted run saved last.pt; requeue it
     keep_checkpoints: int = 2  # step_N.pt kept beside last.pt (hard links): a corrupt last.pt falls back to one
     dist_timeout_s: int = 600  # collectives and rendezvous fail after this instead of hanging for torch's 30 min

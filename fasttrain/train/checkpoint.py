@@ -50,8 +50,7 @@ def tensor_checksum(obj) -> str:
             t = x.detach().cpu().contiguous()
             h.update(f"{path}|{t.dtype}|{tuple(t.shape)}|".encode())
             if t.numel():
-                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.dtype != torch.uint8
-                         else t.reshape(-1).numpy().tobytes())
+                h.update(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's own buffer, no copy
         elif isinstance(x, dict):
             for k in sorted(x, key=str):
                 if path == "" and k == "checksum":

@@ -236,12 +236,13 @@ class Trainer:
             raise ckpt_io.CheckpointCorrupt(f"{flag}: no checkpoint in {self.last_path.parent} verifies: "
                                             + "; ".join(problems))
         if path != self.last_path:
+            why = problems[0] if problems else f"{self.last_path}: missing"
             if mode != "auto":
                 raise ckpt_io.CheckpointCorrupt(
-                    f"{problems[0]}. The previous kept checkpoint {path} (step {ck['step']['opt_step']}) verifies: "
+                    f"{why}. The previous kept checkpoint {path} (step {ck['step']['opt_step']}) verifies: "
                     f"resume from it with --resume auto, or copy it over {self.last_path}")
             log.warning("--resume auto: %s; resuming from the previous kept checkpoint %s (step %d) instead",
-                        problems[0], path, ck["step"]["opt_step"])
+                        why, path, ck["step"]["opt_step"])
         else:
             log.info("%s: resuming from %s", flag, path)
         return path, ck

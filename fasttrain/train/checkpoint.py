@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import logging
 import os
 import random
 import re
@@ -26,7 +25,6 @@ from typing import Optional
 import numpy as np
 import torch
 
-log = logging.getLogger("fasttrain.train")
 
 STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 

@@ -200,6 +200,31 @@ def test_enospc_during_save_keeps_previous_last_pt_and_stops(cfg_yaml, packed, t
     assert sorted(p.name for p in ck.iterdir()) == ["last.pt", "step_00000002.pt"]  # no temp files left
 
 
+def test_real_enospc_on_a_small_tmpfs(cfg_yaml, packed, tmp_path):
+    """The same with a real full filesystem: a tmpfs with room for one checkpoint and a half, so
+    the second write (temp file beside the old last.pt) runs out of space in the kernel."""
+    probe = tmp_path / "probe"
+    _trainer(cfg_yaml, packed, probe, "--run.max_steps=2", "--run.ckpt_every=2").fit()
+    size = (probe / "checkpoints" / "last.pt").stat().st_size
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    room = (size * 3 // 2 + 64 * 1024 + 4095) // 4096 * 4096
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={room}", "tmpfs", str(mnt)], capture_output=True,
+                       text=True) if os.geteuid() == 0 and shutil.which("mount") else None
+    if r is None or r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip() if r else 'needs root'})")
+    try:
+        out = mnt / "run"
+        tr = _trainer(cfg_yaml, packed, out, "--run.max_steps=6", "--run.ckpt_every=2")
+        with pytest.raises(CheckpointWriteError, match=r"no space left on the device\); the previous one is intact"):
+            tr.fit()
+        ck = out / "checkpoints"
+        assert load_checkpoint(ck / "last.pt")["step"]["opt_step"] == 2
+        assert not [p for p in ck.iterdir() if p.suffix == ".tmp"]
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
 def test_corrupt_last_pt_names_it_and_offers_or_uses_the_previous_kept(cfg_yaml, packed, tmp_path, caplog):
     out = tmp_path / "run"
     _trainer(cfg_yaml, packed, out, "--run.max_steps=8", "--run.ckpt_every=2").fit()

@@ -134,9 +134,12 @@ def save_atomic(obj: dict, path: str | Path, *, also: Optional[str | Path] = Non
             _link_or_copy(tmp, Path(also))
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except OSError as e:
+    except Exception as raised:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        e = _os_error_in_chain(raised)
+        if e is None:
+            raise
         why = "no space left on the device" if e.errno == errno.ENOSPC else (
             "disk quota exceeded" if e.errno == errno.EDQUOT else f"{type(e).__name__}: {e}")
         old = " the previous one is intact" if path.is_file() else " there is no previous one"
@@ -147,6 +150,18 @@ def save_atomic(obj: dict, path: str | Path, *, also: Optional[str | Path] = Non
             os.unlink(tmp)
         raise
     return path
+
+
+def _os_error_in_chain(exc: BaseException) -> Optional[OSError]:
+    """The OSError behind `exc`: on a real full disk torch.save raises OSError(ENOSPC), and its
+    zip writer's cleanup then raises a RuntimeError ("unexpected pos ...") that hides it."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _link_or_copy(src: str | Path, dst: Path) -> None:

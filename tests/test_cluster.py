@@ -267,6 +267,27 @@ def test_packed_file_that_disappears_names_it_and_keeps_last_checkpoint(cfg_yaml
     assert ck["step"]["opt_step"] in (2, 4, 6)  # the prefetch thread ran a few batches ahead of the consumer
 
 
+@pytest.mark.slow
+def test_packed_file_truncated_under_a_running_job_is_a_clear_error(cfg_yaml, tmp_path):
+    """In a subprocess: were the check missing, the gather would touch a page past the new end
+    and SIGBUS would kill the process without a word (returncode -7). With it: exit 2 and an
+    error naming the file; the last checkpoint verifies."""
+    packed = _make_packed(tmp_path / "data", n=48)
+    out = tmp_path / "run"
+    proc = subprocess.Popen([PY, *_cli(cfg_yaml, packed, out, "--run.ckpt_every=2", "--data.prefetch=1")], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for_step(out, 3, proc)
+        raw = packed / "raw" / "train.u8"
+        os.truncate(raw, raw.stat().st_size // 4)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        _kill_tree(proc)
+    assert proc.returncode == 2, err[-2000:]
+    assert "train.u8: the packed file was truncated under the running job" in err
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["step"]["opt_step"] >= 2
+
+
 # ----------------------------------------------------------------------------- one process, signals
 
 @pytest.mark.slow

@@ -65,7 +65,7 @@ def knn_monitor(cfg, info, val_loader):
     return KnnMonitor(cfg.eval, bank, val_loader, val_loader.label_names, info, amp)
 
 
-def run_pretrain(cfg, resume: bool = False) -> dict:
+def run_pretrain(cfg, resume=None) -> dict:
     """Build everything (all input checks first), then train. Returns the run summary."""
     check_config(cfg)
     info = loop.setup(cfg)

@@ -95,8 +95,8 @@ def _sixteen_bit(arr: np.ndarray, bits: Optional[int], size: int) -> np.ndarray:
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8"
 # What the manifest records about the JPEG path (pack.py copies it into "preprocessing").
-JPEG_SCALED_NOTE = ("JPEG: libjpeg-turbo DCT-domain scaling (simplejpeg) to the smallest n/8 scale keeping both "
-                    "sides >= the output size, then the same INTER_AREA resize; mean |diff| vs full decode + "
+JPEG_SCALED_NOTE = ("JPEG: libjpeg-turbo DCT-domain scaling (simplejpeg) to the smallest of 1/8, 1/4, 1/2 keeping "
+                    "both sides >= the output size (else full size), then the same INTER_AREA resize; mean |diff| vs full decode + "
                     "resize <= 1 grey level (tested on 2320x2828 and 3056x2544 radiograph-like q95 JPEGs)")
 PNG_NOTE = ("PNG: 8/16-bit greyscale decoded by imagecodecs (libpng), bit-identical to PIL; other PNG "
             "forms (RGB, RGBA, palette, 1/2/4-bit, alpha) by PIL")
@@ -106,14 +106,19 @@ class ImageDecodeError(ValueError):
     """A corrupt or truncated PNG / JPEG file (never decoded to grey rows or a partial image)."""
 
 
-def jpeg_scale_shape(h: int, w: int, size: int) -> tuple[int, int]:
-    """The (h, w) libjpeg-turbo returns at the smallest scale n/8 (n = 1..8) keeping both sides >=
-    `size` (full size when the image is already smaller): each side is ceil(side * n / 8)."""
-    for n in range(1, 9):
-        sh, sw = -(-h * n // 8), -(-w * n // 8)
-        if sh >= size and sw >= size:
-            return sh, sw
-    return h, w
+# libjpeg-turbo scales by n/8 for n = 1..16; we take only the power-of-two reductions 1/8, 1/4, 1/2
+# (an 8x8 block -> n x n by dropping DCT coefficients), the fast ones: n = 3, 5, 6, 7 run the
+# general scaled IDCT and save little over full decode + resize. Smaller sources decode at full size.
+DCT_SCALES = (1, 2, 4)
+
+
+def jpeg_scale(h: int, w: int, size: int) -> int:
+    """n of the n/8 scale to decode an h x w JPEG at: the smallest in DCT_SCALES keeping both sides
+    (ceil(side * n / 8)) >= `size`, else 8 (full size)."""
+    for n in DCT_SCALES:
+        if -(-h * n // 8) >= size and -(-w * n // 8) >= size:
+            return n
+    return 8
 
 
 def decode_jpeg_scaled(data: bytes, size: int) -> Optional[np.ndarray]:
@@ -132,10 +137,13 @@ def decode_jpeg_scaled(data: bytes, size: int) -> Optional[np.ndarray]:
         h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError:
         return None
-    if colorspace not in ("Gray", "YCbCr", "RGB", "GRAY"):
+    if colorspace not in ("Gray", "YCbCr", "RGB"):
         return None
+    n = jpeg_scale(h, w, size)
     try:
-        img = simplejpeg.decode_jpeg(data, colorspace="GRAY", min_height=size, min_width=size, strict=True)
+        # simplejpeg picks the smallest libjpeg-turbo scale with both sides >= these: exactly n/8
+        img = simplejpeg.decode_jpeg(data, colorspace="GRAY", min_height=-(-h * n // 8),
+                                     min_width=-(-w * n // 8), strict=True)
     except ValueError as e:
         raise ImageDecodeError(f"corrupt or truncated JPEG (libjpeg-turbo: {e})") from None
     return img[:, :, 0] if img.ndim == 3 else img  # [h', w'] (simplejpeg keeps a channel axis)

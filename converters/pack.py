@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from . import decode as decode_mod
 from . import raw as raw_writer
 from .common import (FORMAT_PREFERENCE, MANIFEST_VERSION, AtomicDir, ConvertError, DecodeFn, Item, PackOptions,
                      Problems, default_workers, sha256_file, write_json_atomic)
@@ -138,6 +139,9 @@ def pack(*, dataset: str, source: Path, out: Path, splits: dict[str, list[Item]]
                 "dtype": "uint8",
                 "bit_depth": "16-bit PNG: 0..65535 -> 0..255 (0..2^b-1 when sBIT declares b bits); DICOM: see dicom section",
                 **({"jpeg_quality": opts.jpeg_quality} if "dali" in opts.formats else {}),
+                # how PNG / JPEG sources were decoded, and the bound of the DCT-scaled JPEG path
+                **({"jpeg": decode_mod.JPEG_SCALED_NOTE, "png": decode_mod.PNG_NOTE}
+                   if decode in (decode_mod.decode_raster, decode_mod.decode_file) else {}),
                 **(extra or {}).get("preprocessing", {}),
             },
             "source_sha256": {Path(p).name: sha256_file(Path(p)) for p in source_files},

@@ -210,8 +210,15 @@ def bounded_imap(fn: Callable, tasks: Iterable, workers: int, window: Optional[i
 
 
 def decode_stream(paths: Sequence[str], decode: DecodeFn, size: int, workers: int,
-                  chunk: int = 32) -> Iterator[tuple[int, Optional[np.ndarray], Optional[str]]]:
-    """Yield (position, uint8 [size, size] | None, error | None) in input order."""
+                  chunk: Optional[int] = None) -> Iterator[tuple[int, Optional[np.ndarray], Optional[str]]]:
+    """Yield (position, uint8 [size, size] | None, error | None) in input order.
+
+    Chunks of up to 32 paths per task amortise the pool's per-task cost (~0.1 ms, against 5-100 ms
+    of decoding per full-size image), but never fewer than ~8 tasks per worker: with 32-image
+    chunks a 150-image split kept one of two workers idle for the last chunk (measured: 0.8x the
+    naive reference on small sets); smaller chunks keep every worker busy to the end of a split."""
+    if chunk is None:
+        chunk = max(1, min(32, len(paths) // (8 * max(1, workers))))
     tasks = ((decode, size, list(zip(range(s, min(s + chunk, len(paths))), paths[s:s + chunk])))
              for s in range(0, len(paths), chunk))
     for res in bounded_imap(_decode_chunk, tasks, workers):

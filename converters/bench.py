@@ -358,6 +358,8 @@ def run(kind: str, n: int, size: int = 256, workers: Optional[int] = None, repea
             stamp.write_text("".join(f"{p}\n" for p in paths))
             log(f"wrote {n} SYNTHETIC {kind} sources ({k.w}x{k.h}, {k.bits}-bit) in {time.perf_counter() - t0:.0f} s")
         mb = sum(p.stat().st_size for p in paths) / 1e6
+        from .decode import preload
+        preload()  # every mode's workers fork with the decoders already imported (as `pack` does)
         modes: dict[str, Callable[[int], int]] = {
             "reference": lambda r: pool_run("reference", paths, size, workers),
             "fasttrain": lambda r: convert_fasttrain(kind, root, tmp / f"out{r}", size, workers),

@@ -69,6 +69,8 @@ def pack(*, dataset: str, source: Path, out: Path, splits: dict[str, list[Item]]
         dali_writer.require()
     workers = default_workers(opts.workers)
     size = int(opts.size)
+    if workers > 1:
+        decode_mod.preload(decode)  # the workers fork with the decoders imported, not each importing them
     t_all = time.perf_counter()
     setup_s = t_all - t_setup  # importing the writers (FFCV pulls in torch + numba: seconds)
     rates = {}

@@ -132,7 +132,10 @@ def decode_jpeg_scaled(data: bytes, size: int) -> Optional[np.ndarray]:
     what PIL's 'L' computes from RGB up to rounding. strict=True turns libjpeg's recoverable
     warnings ("Premature end of JPEG file": a truncated file it would fill with grey) into errors.
     """
-    import simplejpeg
+    try:
+        import simplejpeg
+    except ImportError:
+        raise ImportError("JPEG decoding needs simplejpeg (libjpeg-turbo): `pip install simplejpeg`") from None
     try:
         h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError:

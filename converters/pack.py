@@ -78,11 +78,11 @@ def pack(*, dataset: str, source: Path, out: Path, splits: dict[str, list[Item]]
         (tmp / "splits").mkdir()
         split_meta = {}
         details: dict[str, dict] = {}
+        t0 = time.perf_counter()
+        written = raw_writer.write_splits(tmp, splits, decode, size, workers, opts.progress, problems)
+        rates["decode_images_per_s"] = round(sum(map(len, splits.values())) / max(time.perf_counter() - t0, 1e-9), 1)
         for name, items in splits.items():
-            t0 = time.perf_counter()
-            kept, skipped = raw_writer.write_split(tmp, name, items, decode, size, workers, opts.progress,
-                                                   problems)
-            rates[name] = {"decode_images_per_s": round(len(items) / max(time.perf_counter() - t0, 1e-9), 1)}
+            kept, skipped = written[name]
             if not kept:
                 raise ConvertError(f"split '{name}' is empty after skipping {skipped} bad item(s)")
             labels = np.stack([it.labels for it in kept]).astype(np.float32)  # [N, C], row i = raw image i

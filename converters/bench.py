@@ -26,7 +26,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -288,39 +287,46 @@ def pipeline_only(paths: list[Path], out: Path, size: int, workers: int) -> int:
     return len(kept)
 
 
+# Runs in its own process: a sampling thread in this one would be running (maybe inside psutil or
+# malloc, holding a C lock) at the moment the pools fork, and a child can deadlock on such a lock;
+# bounded_imap forks on the premise that the parent has no other threads.
+_SAMPLER = r"""
+import select, sys, psutil
+me, self_pid, peak = psutil.Process(int(sys.argv[1])), psutil.Process().pid, 0
+while True:
+    total = 0
+    try:
+        procs = [me] + [c for c in me.children(recursive=True) if c.pid != self_pid]
+    except psutil.Error:
+        break
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    peak = max(peak, total)
+    if select.select([sys.stdin], [], [], 0.05)[0]:
+        break
+print(peak, flush=True)
+"""
+
+
 class PeakRSS:
-    """Peak resident memory of this process and all its children, sampled every 50 ms (the
-    workers' pages are counted once per process: a shared page twice, so this errs high)."""
+    """Peak resident memory of this process and all its children, sampled every 50 ms by a
+    separate sampler process (the workers' shared pages count once per process, so this errs high)."""
 
     def __init__(self):
         self.peak = 0
-        self._stop = threading.Event()
 
     def __enter__(self):
-        import psutil
-        me = psutil.Process()
-
-        def sample():
-            while not self._stop.is_set():
-                total = 0
-                try:
-                    for p in [me] + me.children(recursive=True):
-                        try:
-                            total += p.memory_info().rss
-                        except psutil.Error:
-                            pass
-                except psutil.Error:
-                    pass
-                self.peak = max(self.peak, total)
-                self._stop.wait(0.05)
-
-        self._t = threading.Thread(target=sample, daemon=True)
-        self._t.start()
+        import subprocess
+        self._proc = subprocess.Popen([sys.executable, "-c", _SAMPLER, str(os.getpid())], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True)
         return self
 
     def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
+        out, _ = self._proc.communicate(input="stop\n", timeout=60)  # closing stdin ends its loop
+        self.peak = int(out.strip() or 0)
 
 
 # ----------------------------------------------------------------------------- main

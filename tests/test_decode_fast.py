@@ -192,3 +192,22 @@ def test_mimic_jpg_end_to_end(tmp_path):
         convert_mimic_jpg(root, tmp_path / "out3", size=16, workers=0, progress=False)
     with pytest.raises(ConvertError, match=r"no mimic-cxr-2.0.0-chexpert.csv\[.gz\]"):
         convert_mimic_jpg(tmp_path / "out", tmp_path / "out4", size=16, workers=0, progress=False)
+
+
+def _cv2_work(i: int) -> float:
+    import cv2
+    x = np.random.default_rng(i).standard_normal((1500, 1500), dtype=np.float32)
+    return float(cv2.GaussianBlur(cv2.resize(x, (2000, 2000), interpolation=cv2.INTER_CUBIC), (0, 0), 1.5).mean())
+
+
+@pytest.mark.timeout(180)
+def test_pool_after_cv2_threads_ran_in_parent_does_not_hang():
+    """cv2's thread pool does not survive fork: after a large cv2 op in this process, forked
+    workers hung on their first parallel cv2 call (the bench test did, after the tests above).
+    bounded_imap runs the pool with one cv2 thread here and restores the setting after."""
+    import cv2
+    from fasttrain.converters.common import bounded_imap
+    cv2.resize(np.zeros((3000, 3000), np.float32), (2500, 2500), interpolation=cv2.INTER_CUBIC)  # pool up
+    before = cv2.getNumThreads()
+    assert len(list(bounded_imap(_cv2_work, range(4), 2))) == 4
+    assert cv2.getNumThreads() == before

@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "step": ("fasttrain.train.bench", "step_main"),
     "e2e": ("fasttrain.train.bench", "e2e_main"),
     "all": ("fasttrain.train.bench", "all_main"),
+    "convert": ("fasttrain.converters.bench", "main"),
     "summary": ("fasttrain.bench", "summary_main"),
     "bootstrap": ("fasttrain.bench", "bootstrap_main"),
 }

@@ -156,13 +156,13 @@ def posterize(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
 
 def solarize(x: torch.Tensor, thresh: torch.Tensor) -> torch.Tensor:
     """Pixels >= thresh [n] inverted (ImageOps.solarize)."""
-    return torch.where(x.long() < thresh.view(-1, 1, 1, 1), x, 255 - x)
+    return torch.where(x.to(torch.int16) < thresh.to(torch.int16).view(-1, 1, 1, 1), x, 255 - x)
 
 
 def solarize_add(x: torch.Tensor, add: torch.Tensor, thresh: int = 128) -> torch.Tensor:
     """timm's solarize_add: pixels < thresh get + add [n], capped at 255."""
-    xl = x.long()
-    return torch.where(xl < thresh, (xl + add.view(-1, 1, 1, 1)).clamp(max=255), xl).to(torch.uint8)
+    xs = x.to(torch.int16)
+    return torch.where(xs < thresh, (xs + add.to(torch.int16).view(-1, 1, 1, 1)).clamp_(max=255), xs).to(torch.uint8)
 
 
 def _luma(x: torch.Tensor) -> torch.Tensor:
@@ -189,8 +189,9 @@ def color(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 def contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """ImageEnhance.Contrast: blend with a flat image at int(mean luma + 0.5)."""
-    luma = x.long() if x.shape[1] == 1 else _luma(x)  # [n, 1, H, W]
-    mean = torch.floor(luma.double().mean(dim=(1, 2, 3)) + 0.5)  # [n]
+    luma = x if x.shape[1] == 1 else _luma(x)  # [n, 1, H, W]
+    total = luma.sum(dim=(1, 2, 3), dtype=torch.int64)  # [n] exact
+    mean = torch.floor(total.double() / luma[0].numel() + 0.5)  # [n] ImageStat mean, int(m + 0.5)
     return blend(mean.view(-1, 1, 1, 1), x, factor)
 
 
@@ -273,6 +274,48 @@ def warp_affine(x: torch.Tensor, coeffs: torch.Tensor, fill: torch.Tensor, bicub
     return torch.where(inside.view(n, 1, h, w), out, fill.to(dev, torch.uint8).view(1, c, 1, 1))
 
 
+def warp_rows(x: torch.Tensor, shift: torch.Tensor, fill: torch.Tensor, bicubic: torch.Tensor) -> torch.Tensor:
+    """The same Pillow affine sampling for maps that only move pixels along rows by a per-row
+    amount (ShearX, TranslateX: input x = output x + shift[row], input y = output y).
+
+    x uint8 [n, C, H, W]; shift [n, H] float64. Each row's fraction is constant, so the 2-D 4x4
+    (or 2x2) taps collapse to 4 taps along the row with per-row weights: 4 gathers instead of 16
+    and no per-pixel weights (the vertical taps of Pillow's filter all land on the row itself with
+    weight 1). ShearY / TranslateY run through this on the transposed image.
+    """
+    n, c, h, w = x.shape
+    dev = x.device
+    shift = shift.to(dev, torch.float64)
+    fl = torch.floor(shift)  # [n, H]
+    d = (shift - fl).float()  # [n, H] fraction of every tap in the row
+    xs = torch.arange(w, device=dev)
+    pos = xs.view(1, 1, w) + 0.5 + shift.unsqueeze(-1)  # [n, H, W] input x of the output pixel centre
+    inside = (pos >= 0) & (pos < w)
+    x0 = xs.view(1, 1, w) + fl.long().unsqueeze(-1)  # [n, H, W] tap at offset 0
+    cub = bicubic.to(dev).view(n, 1)
+    zero = torch.zeros_like(d)
+    ws = [torch.where(cub, cw, lw) for cw, lw in zip(_cubic_weights(d), [zero, 1 - d, d, zero])]  # 4 x [n, H]
+    src = x.to(torch.float32)
+    acc = torch.zeros(n, c, h, w, device=dev, dtype=torch.float32)
+    for k, off in enumerate((-1, 0, 1, 2)):
+        idx = (x0 + off).clamp_(0, w - 1).unsqueeze(1).expand(n, c, h, w)  # edge-clamped (XCLIP)
+        acc.addcmul_(torch.gather(src, 3, idx), ws[k].view(n, 1, h, 1))
+    out = acc.clamp_(0, 255).to(torch.uint8)  # truncation, as Pillow's (UINT8)v
+    return torch.where(inside.unsqueeze(1), out, fill.to(dev, torch.uint8).view(1, c, 1, 1))
+
+
+def row_shifts(name: str, arg: np.ndarray, height: int, width: int) -> tuple[np.ndarray, bool]:
+    """(shift [n, rows] float64, transposed) for the row-moving ops; rows are columns when transposed.
+    Pillow's affine data (1, b, c, 0, 1, 0): input x = (x + 0.5) + b (y + 0.5) + c."""
+    arg = np.asarray(arg, np.float64)[:, None]
+    if name in ("ShearX", "ShearY"):
+        rows = height if name == "ShearX" else width
+        return arg * (np.arange(rows) + 0.5)[None, :], name == "ShearY"
+    scale = {"TranslateXRel": width, "TranslateYRel": height}.get(name, 1.0)
+    rows = height if name in ("TranslateX", "TranslateXRel") else width
+    return np.repeat(arg * scale, rows, axis=1), name in ("TranslateY", "TranslateYRel")
+
+
 def affine_coeffs(name: str, arg: np.ndarray, height: int, width: int) -> np.ndarray:
     """timm's op -> Pillow's affine data (a, b, c, d, e, f) per sample, [n, 6] float64."""
     n = len(arg)
@@ -349,9 +392,16 @@ def _run_op(name: str, x: torch.Tensor, magnitude: np.ndarray, negate: np.ndarra
     """One op on a sub-batch; magnitude / negate / bicubic are host arrays [n]."""
     arg = level_to_arg(name, magnitude, negate, hparams)
     if name in GEOMETRIC:
-        coeffs = torch.from_numpy(affine_coeffs(name, arg, x.shape[2], x.shape[3]))
-        return warp_affine(x, coeffs.to(x.device, non_blocking=True), _fill(hparams, x.shape[1]),
-                           torch.from_numpy(bicubic).to(x.device, non_blocking=True))
+        fill = _fill(hparams, x.shape[1])
+        bic = torch.from_numpy(np.ascontiguousarray(bicubic)).to(x.device, non_blocking=True)
+        if name == "Rotate":
+            coeffs = torch.from_numpy(affine_coeffs(name, arg, x.shape[2], x.shape[3]))
+            return warp_affine(x, coeffs.to(x.device, non_blocking=True), fill, bic)
+        shift, transposed = row_shifts(name, arg, x.shape[2], x.shape[3])
+        shift = torch.from_numpy(shift).to(x.device, non_blocking=True)
+        if transposed:  # columns: the same row warp on the transposed image
+            return warp_rows(x.transpose(2, 3), shift, fill, bic).transpose(2, 3).contiguous()
+        return warp_rows(x, shift, fill, bic)
     a = None if arg is None else torch.from_numpy(np.ascontiguousarray(arg)).to(x.device, non_blocking=True)
     return _PIXEL_FNS[name](x, a)
 

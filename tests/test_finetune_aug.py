@@ -103,3 +103,26 @@ def test_bad_policy_and_interpolation_are_loader_errors(pack):
     with pytest.raises(LoaderError, match="unknown key 'q'"):
         build_loader(DataConfig(path=pack["path"], loader="reference", randaug="rand-m6-q1",
                                 reference_images=pack["png"]), "train", True, img_size=48, in_chans=1)
+
+
+def test_bench_loader_finetune_steady_state_json(pack, capsys):
+    """`fasttrain bench loader --transform finetune`: every loader with Xiao's recipe against timm's
+    transform, time-sized windows, the epoch start-up as its own figure."""
+    import json
+
+    from fasttrain.data.bench import main
+    rc = main(["--data", pack["path"], "--batch-size", "4", "--seconds", "0.05", "--windows", "1", "--img-size", "48",
+               "--workers", "1", "--loaders", "reference,raw", "--reference-images", pack["png"],
+               "--transform", "finetune", "--json"])
+    assert rc == 0
+    recs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["loader"] for r in recs] == ["reference", "raw"]
+    for r in recs:
+        assert r["transform"] == "finetune" and r["data_config"]["randaug"] == "rand-m6-mstd0.5-inc1"
+        assert r["images_per_s"] > 0 and r["epoch_startup_s"] > 0 and r["seconds_per_window"] == 0.05
+        assert r["skipped_batches_per_epoch"] == 3 and r["batches_per_epoch"] >= 4
+    assert "timm create_transform" in recs[0]["source"]
+    # a split no longer than the untimed batches: a clear error, not a hang
+    assert main(["--data", pack["path"], "--batch-size", "8", "--skip", "3", "--windows", "1", "--img-size", "48",
+                 "--workers", "1", "--loaders", "reference,raw", "--reference-images", pack["png"]]) == 2
+    assert "untimed batches" in capsys.readouterr().err

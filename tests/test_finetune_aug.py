@@ -126,3 +126,30 @@ def test_bench_loader_finetune_steady_state_json(pack, capsys):
     assert main(["--data", pack["path"], "--batch-size", "8", "--skip", "3", "--windows", "1", "--img-size", "48",
                  "--workers", "1", "--loaders", "reference,raw", "--reference-images", pack["png"]]) == 2
     assert "untimed batches" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a tiny fine-tuning run (2 steps) through the real trainer
+def test_finetune_config_trains_with_xiao_augmentation(pack, tmp_path):
+    """configs/finetune_nih.yaml (Xiao's recipe) drives `fasttrain finetune`: the resolved config
+    carries the augmentation and the training loader runs RandAugment on the batches."""
+    from fasttrain.config import build_config
+    from fasttrain.train.finetune import run_finetune
+    cfg = build_config("configs/finetune_nih.yaml", [
+        f"--data.path={pack['path']}", f"--run.out={tmp_path / 'ft'}", "--data.val_split=null", "--data.loader=raw",
+        "--data.batch_size=8", "--data.eval_resize=32", "--data.num_workers=0", "--model.img_size=32",
+        "--model.patch_size=8", "--model.embed_dim=32", "--model.depth=2", "--model.num_heads=2",
+        "--optim.epochs=1", "--run.max_steps=2", "--engine.compile=false", "--run.progress=false",
+        "--run.tensorboard=false", "--run.ckpt_every=2", "--run.log_every=1"])
+    assert (cfg.data.randaug, cfg.data.interpolation, cfg.data.crop_scale) == ("rand-m6-mstd0.5-inc1", "bicubic",
+                                                                            [0.08, 1.0])
+    calls = []
+    from fasttrain.data import randaug as ra
+    orig = ra.RandAugment.apply
+    ra.RandAugment.apply = lambda self, x, plan: (calls.append(len(plan)), orig(self, x, plan))[1]
+    try:
+        run_finetune(cfg)
+    finally:
+        ra.RandAugment.apply = orig
+    assert calls and all(n == 8 for n in calls)
+    assert (tmp_path / "ft" / "checkpoints" / "last.pt").exists()
+    assert "randaug: rand-m6-mstd0.5-inc1" in (tmp_path / "ft" / "config.yaml").read_text()

@@ -200,20 +200,21 @@ def brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return blend(torch.zeros((), device=x.device), x, factor)
 
 
-_SMOOTH = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
-
-
 def smooth(x: torch.Tensor) -> torch.Tensor:
-    """ImageFilter.SMOOTH: 3x3 kernel / 13, rounded; the outer rows and columns are copied."""
+    """ImageFilter.SMOOTH: kernel [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13, rounded; the outer rows and
+    columns are copied. In exact integers: the kernel is a 3x3 box sum (separable: 4 shifted adds
+    in int16, max 9 x 255) plus 4 x the centre, and round(S / 13) = (2 S + 13) // 26 (S / 13 is
+    never exactly half-way, so Pillow's float rounding agrees)."""
     n, c, h, w = x.shape
     if h < 3 or w < 3:
         return x.clone()
-    xf = x.reshape(n * c, 1, h, w).to(torch.float32)
-    k = _SMOOTH.to(x.device).view(1, 1, 3, 3)
-    inner = torch.nn.functional.conv2d(xf, k)  # [n*C, 1, H-2, W-2]
-    out = x.reshape(n * c, 1, h, w).clone()
-    out[:, :, 1:-1, 1:-1] = torch.floor(inner + 0.5).clamp_(0, 255).to(torch.uint8)
-    return out.view(n, c, h, w)
+    xs = x.to(torch.int16)
+    rows = xs[:, :, :, :-2] + xs[:, :, :, 1:-1] + xs[:, :, :, 2:]  # [n, C, H, W-2] horizontal 3-sums
+    box = rows[:, :, :-2] + rows[:, :, 1:-1] + rows[:, :, 2:]  # [n, C, H-2, W-2] 3x3 sums
+    total = box.add_(xs[:, :, 1:-1, 1:-1], alpha=4)  # + 4 x centre: weight 5 in all
+    out = x.clone()
+    out[:, :, 1:-1, 1:-1] = torch.div(total.mul_(2).add_(13), 26, rounding_mode="floor").to(torch.uint8)
+    return out
 
 
 def sharpness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:

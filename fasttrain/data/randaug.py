@@ -17,10 +17,13 @@ Gray-native: a 1-channel image gives what timm gives on the gray image's RGB cop
 on the three equal channels alike, Color is the identity) provided the fill colour is gray.
 
 Why hand-written: timm's ops are per-image PIL calls on the host (the CPU cost this project
-removes); torchvision.transforms.v2's RandAugment and DALI's auto_aug.rand_augment are batched but
-use other op sets, level maps and magnitude rules (no mstd, no 'increasing' set, different posterize
-/ solarize ranges, nearest-neighbour or bilinear warps), so they would not reproduce Xiao et al.'s
-recipe.
+removes); torchvision.transforms.v2's RandAugment and DALI's auto_aug.rand_augment use other policies.
+DALI's (nvidia-dali 2.x, read from its source) does NOT match timm's: an integer magnitude on 31 bins
+with no magnitude noise (no mstd), every drawn op applied (no per-op probability 0.5), an Identity op
+in the set and no SolarizeAdd, posterize 8 -> 4 bits, one scalar fill value, translations of 100/224
+of the size, and its own warp and enhance kernels. torchvision's RandAugment likewise has no mstd,
+no per-op probability and nearest-neighbour warps by default. So all three loaders (DALI too, after
+its decode) run this module.
 
 Decision where timm and current Pillow disagree: PosterizeIncreasing at magnitude 10 asks for 0 bits
 (`4 - int(10 / 10 * 4)`); Pillow >= 10 raises "bits must be between or equal to 1 and 8", older

@@ -286,3 +286,17 @@ def test_randaug_plan_is_seeded_and_eval_ignores_it():
     assert ev.randaug is None and torch.equal(ev(imgs), ev(imgs))
     with pytest.raises(ValueError, match="interpolation"):
         BatchAugment((40, 40), 32, 1, train=True, interpolation="lanczos")
+
+
+def test_device_tap_path_equals_host_path_uint8_bicubic():
+    """The CUDA plan (taps from torch ops on the device) on CPU tensors, for the uint8 bicubic +
+    RandAugment path: the same batch as the host-numpy plan."""
+    kw = dict(train=True, scale=(0.08, 1.0), interpolation="bicubic", randaug="rand-m6-mstd0.5-inc1")
+    host, dev = BatchAugment((40, 52), 32, 1, **kw), BatchAugment((40, 52), 32, 1, **kw)
+    dev.host_taps = False
+    for seed in (5, 6):
+        x = torch.from_numpy(_images(6, 40, 52, seed))
+        a = host.apply(x, host.plan(6, np.random.default_rng(seed)))
+        plan = dev.plan(6, np.random.default_rng(seed))
+        assert isinstance(plan.ry[0], torch.Tensor)
+        torch.testing.assert_close(dev.apply(x, plan), a, rtol=0, atol=1e-5)

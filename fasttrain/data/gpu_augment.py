@@ -292,7 +292,9 @@ class BatchAugment:
         self.randaug = None if (randaug is None or not train) else RandAugment(
             randaug, img_mean=self.fill, translate_const=int(self.img_size * 0.45), interpolation=interpolation)
         self.ra_chans = 1 if len(set(self.fill)) == 1 else self.in_chans  # channels RandAugment needs
-        self.u8 = randaug is not None or interpolation != "bilinear"  # the uint8 path (see above)
+        # the uint8 path (see above), training only: evaluation keeps its bilinear Resize + CenterCrop,
+        # the transform `fasttrain predict` / `export` apply and describe (data.interpolation is the crop's)
+        self.u8 = self.train and (randaug is not None or interpolation != "bilinear")
         self.gains = [1.0 / s for s in std]  # [C] per-channel scale of the [0, 1] pixels
         self.biases = [-m / s for m, s in zip(mean, std)]  # [C]
         # for `normalise` (DALI GPU path: DALI already cropped and scaled to [0, 1])
@@ -321,13 +323,8 @@ class BatchAugment:
         s, c = self.img_size, self.in_chans
         top, left = int(round((rh - s) / 2.0)), int(round((rw - s) / 2.0))  # torchvision CenterCrop
         zero = np.zeros(1)
-        f = self.interpolation
-        ry = pil_bilinear_weights(zero, np.array([self.H]), self.H, rh, gain=1 if self.u8 else 1 / 255,
-                                  filter=f)  # [1, rh, H]
-        rx = pil_bilinear_weights(zero, np.array([self.W]), self.W, rw, filter=f)  # [1, rw, W]
-        if self.u8:  # [h, H], [W, w]
-            return (ry[0, top:top + s].to(self.device, self.cdtype),
-                    rx[0, left:left + s].t().contiguous().to(self.device, self.cdtype))
+        ry = pil_bilinear_weights(zero, np.array([self.H]), self.H, rh, gain=1 / 255)  # [1, rh, H]
+        rx = pil_bilinear_weights(zero, np.array([self.W]), self.W, rw)  # [1, rw, W]
         ry = ry[0, top:top + s].to(self.device, self.cdtype)  # [h, H]
         rxt = torch.zeros(self.W + 1, s, c, dtype=torch.float32)  # [W+1, w, C]
         rxt[: self.W] = rx[0, left:left + s].t()[..., None] * torch.tensor(self.gains)  # [W, w, C]

@@ -170,9 +170,9 @@ class ReferenceLoader(SampledLoader):
             geo = [T.RandomResizedCrop(self.img_size, scale=tuple(cfg.crop_scale), ratio=tuple(cfg.crop_ratio),
                                        interpolation=bil),
                    T.RandomHorizontalFlip(cfg.hflip)]
-        else:
+        else:  # evaluation stays bilinear whatever data.interpolation (the packed loaders' and predict's)
             r = eval_resize_size(self.image_size, self.img_size, cfg.eval_resize)
-            geo = [T.Resize(r, interpolation=bil), T.CenterCrop(self.img_size)]
+            geo = [T.Resize(r, interpolation=T.InterpolationMode.BILINEAR), T.CenterCrop(self.img_size)]
         if not self.finetune_aug:
             self.transform = T.Compose(geo + [T.ToTensor(), T.Normalize(mean3, std3), _FirstChannels(self.in_chans)])
         self._dl = None

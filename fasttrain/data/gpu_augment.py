@@ -232,10 +232,19 @@ class AugPlan:
     randaug: RandAugPlan | None = None  # [L, B] draws, None without RandAugment
 
 
+def _cpu_bf16_fast() -> bool:
+    """oneDNN has native bf16 kernels on this CPU (avx512_bf16 / AMX): else bf16 matmuls are emulated."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    # bf16 matmuls: exact for uint8 inputs, ~2.5x fp32 on this CPU (avx512_bf16) and on GPUs.
+    # bf16 matmuls: exact for uint8 inputs, ~2.5x fp32 on a CPU with avx512_bf16 and on GPUs; on a
+    # CPU without it (AVX2 only) a bf16 batched matmul measured ~40x slower than fp32: fp32 there.
     # fp16 on CPU is slow and fp32 is what tests compare against PIL with, so anything else -> fp32.
-    if dtype == torch.bfloat16:
+    if dtype == torch.bfloat16 and (device.type != "cpu" or _cpu_bf16_fast()):
         return torch.bfloat16
     if dtype == torch.float16 and device.type == "cuda":
         return torch.float16

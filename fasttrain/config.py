@@ -73,6 +73,9 @@ class DataConfig:
     os_cache: bool = True  # ffcv: read through the OS page cache (dataset fits in RAM at 256 px)
     prefetch: int = 2  # batches prefetched by the raw loader's background thread
     reference_images: Optional[str] = None  # reference loader: folder of <id>.png packed images; None = source files
+    # Fine-tuning augmentation (issue #11): Xiao et al. fine-tune through timm's create_transform.
+    interpolation: str = "bilinear"  # training crop filter: bilinear (MAE pre-training) | bicubic (Xiao's fine-tuning); eval stays bilinear
+    randaug: Optional[str] = None  # timm RandAugment policy after crop + flip, e.g. "rand-m6-mstd0.5-inc1" (Xiao); None = off
 
 
 @dataclass

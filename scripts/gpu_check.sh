@@ -82,6 +82,9 @@ timeout 120 "$PY" -c "import sys; from pathlib import Path; from fasttrain.train
 if [ -n "$DATA" ]; then
   bench e2e 120 "${PAPER[@]}" --data "$DATA"
   bench loader 90 --data "$DATA" "${LOADER[@]}"
+  # issue #11: Xiao et al.'s fine-tuning augmentation (bicubic crop + flip + RandAugment
+  # rand-m6-mstd0.5-inc1) batched on the GPU; goal >= 50k augmented images/s from the raw loader
+  bench loader 90 --data "$DATA" "${LOADER[@]}" --transform finetune --loaders reference,raw
 fi
 bench kernels 150 "${KERNELS[@]}"
 

@@ -188,3 +188,114 @@ def test_device_tap_path_equals_host_path(c, dtype):
         a, b = host.apply(x, host.plan(6, params=p)), dev.apply(x, plan)
         assert b.is_contiguous(memory_format=torch.channels_last) and b.dtype == dtype
         torch.testing.assert_close(b.float(), a.float(), rtol=0, atol=1e-5 if dtype == torch.float32 else 2e-2)
+
+
+# ----------------------------------------------------------------------------- issue 11: uint8 path
+
+def _to_grey_levels(out, norm, c):
+    return (_unnormalise(out.float(), norm, c) * 255).round()  # [n, c, h, w] grey levels
+
+
+@pytest.mark.parametrize("h,w,size,c,interp", [(64, 64, 56, 1, "bicubic"), (40, 52, 32, 3, "bicubic"),
+                                               (37, 29, 48, 1, "bicubic"), (45, 45, 31, 1, "bilinear")])
+def test_uint8_crop_equals_pillow_resized_crop(h, w, size, c, interp):
+    """The uint8 path (two passes, each rounded to uint8 as Pillow does) within 1 grey level of
+    torchvision's PIL resized_crop, downscaling (antialiased) and upscaling, bicubic and bilinear."""
+    imgs = _images(10, h, w, seed=h + 1)
+    aug = BatchAugment((h, w), size, c, train=True, norm="imagenet", scale=(0.08, 1.0), interpolation=interp,
+                       randaug="rand-m6-p0" if interp == "bilinear" else None)  # p0: uint8 path, no op applied
+    assert aug.u8
+    p = aug.sample(len(imgs), np.random.default_rng(3))
+    p.flip[:2] = [True, False]
+    got = _to_grey_levels(aug(torch.from_numpy(imgs), params=p), "imagenet", c)
+    mode = T.InterpolationMode.BICUBIC if interp == "bicubic" else T.InterpolationMode.BILINEAR
+    pil = Image.Resampling.BICUBIC if interp == "bicubic" else Image.Resampling.BILINEAR
+    for b in range(len(imgs)):
+        t, l, hh, ww = (int(v[b]) for v in (p.top, p.left, p.height, p.width))
+        im = Image.fromarray(imgs[b]).convert("RGB")
+        ref = TF.resized_crop(im, t, l, hh, ww, [size, size], mode)
+        # Pillow's algorithm with its classic pass order (Resample.c: horizontal, round to uint8, vertical)
+        two = im.crop((l, t, l + ww, t + hh)).resize((size, hh), pil).resize((size, size), pil)
+        ref, two = (torch.from_numpy(np.array(TF.hflip(r) if p.flip[b] else r)).permute(2, 0, 1)[:c].float()
+                    for r in (ref, two))
+        assert (got[b] - two).abs().max().item() <= 1, b
+        # Pillow 13 itself runs the vertical pass first for some shapes (other intermediate rounding)
+        assert (got[b] - ref).abs().mean().item() <= 0.5, b
+
+
+def test_eval_ignores_crop_interpolation_and_randaug():
+    """data.interpolation / data.randaug are the training crop's: evaluation keeps the bilinear
+    Resize + CenterCrop that evaluate, predict and export share."""
+    imgs = torch.from_numpy(_images(4, 64, 64, seed=9))
+    plain = BatchAugment((64, 64), 40, 1, train=False, norm="nih", eval_resize=48)
+    ft = BatchAugment((64, 64), 40, 1, train=False, norm="nih", eval_resize=48, interpolation="bicubic",
+                      randaug="rand-m6-mstd0.5-inc1")
+    assert not ft.u8 and ft.randaug is None and torch.equal(ft(imgs), plain(imgs))
+
+
+@pytest.mark.parametrize("c,norm", [(1, "imagenet"), (3, "imagenet"), (1, "nih")])
+def test_finetune_pipeline_equals_timm_ops(c, norm):
+    """crop + flip + RandAugment + normalise on a batch = Pillow's bicubic resized crop, flip and
+    timm's own ops with the plan's draws and create_transform's hparams, image by image (within 1
+    grey level mean absolute difference away from a 2-px border: the crop's <= 1 level rounding
+    differences can move an equalize bucket or a warp tap)."""
+    from timm.data import auto_augment as taa
+    h, w, size, n = 48, 52, 40, 16
+    imgs = _images(n, h, w, seed=c)
+    aug = BatchAugment((h, w), size, c, train=True, norm=norm, scale=(0.08, 1.0), interpolation="bicubic",
+                       randaug="rand-m6-mstd0.5-inc1-p0.9")
+    assert aug.ra_chans == (3 if (c == 3 and norm == "imagenet") else 1)  # colour fill needs 3 channels
+    plan = aug.plan(n, np.random.default_rng(0))
+    got = _to_grey_levels(aug.apply(torch.from_numpy(imgs), plan), norm, c)
+    mean, _ = norm_stats(norm, c)
+    mean3 = mean * (3 // c)
+    hp = dict(translate_const=int(size * 0.45), img_mean=tuple(min(255, round(255 * m)) for m in mean3),
+              interpolation=Image.Resampling.BICUBIC)
+    p, r = plan.params, plan.randaug
+    neg_flag = {"v": False}
+    orig = taa._randomly_negate
+    taa._randomly_negate = lambda v: -v if neg_flag["v"] else v
+    try:
+        for b in range(n):
+            im = TF.resized_crop(Image.fromarray(imgs[b]).convert("RGB"), int(p.top[b]), int(p.left[b]),
+                                 int(p.height[b]), int(p.width[b]), [size, size], T.InterpolationMode.BICUBIC)
+            im = TF.hflip(im) if p.flip[b] else im
+            for layer in range(r.op.shape[0]):
+                if r.applied[layer, b]:
+                    name = aug.randaug.ops[r.op[layer, b]]
+                    neg_flag["v"] = bool(r.negate[layer, b])
+                    lf = taa.LEVEL_TO_ARG[name]
+                    args = lf(float(r.magnitude[layer, b]), hp) if lf else ()
+                    im = taa.NAME_TO_OP[name](im, *args, fillcolor=hp["img_mean"], resample=hp["interpolation"])
+            ref = torch.from_numpy(np.array(im)).permute(2, 0, 1)[:c].float()
+            d = (got[b] - ref).abs()[:, 2:-2, 2:-2]
+            assert d.mean().item() <= 1.0, (b, d.mean().item())
+    finally:
+        taa._randomly_negate = orig
+    assert r.applied.any(axis=0).sum() > n // 2  # ops were applied to most samples
+
+
+def test_randaug_plan_is_seeded_and_eval_ignores_it():
+    imgs = torch.from_numpy(_images(6, 40, 40))
+    aug = BatchAugment((40, 40), 32, 1, train=True, interpolation="bicubic", randaug="rand-m9-mstd0.5-inc1-p1")
+    a = aug(imgs, rng=np.random.default_rng(1))
+    assert torch.equal(a, aug(imgs, rng=np.random.default_rng(1)))
+    assert not torch.equal(a, aug(imgs, rng=np.random.default_rng(2)))
+    ev = BatchAugment((40, 40), 32, 1, train=False, interpolation="bicubic", randaug="rand-m9-mstd0.5-inc1")
+    assert ev.randaug is None and torch.equal(ev(imgs), ev(imgs))
+    with pytest.raises(ValueError, match="interpolation"):
+        BatchAugment((40, 40), 32, 1, train=True, interpolation="lanczos")
+
+
+def test_device_tap_path_equals_host_path_uint8_bicubic():
+    """The CUDA plan (taps from torch ops on the device) on CPU tensors, for the uint8 bicubic +
+    RandAugment path: the same batch as the host-numpy plan."""
+    kw = dict(train=True, scale=(0.08, 1.0), interpolation="bicubic", randaug="rand-m6-mstd0.5-inc1")
+    host, dev = BatchAugment((40, 52), 32, 1, **kw), BatchAugment((40, 52), 32, 1, **kw)
+    dev.host_taps = False
+    for seed in (5, 6):
+        x = torch.from_numpy(_images(6, 40, 52, seed))
+        a = host.apply(x, host.plan(6, np.random.default_rng(seed)))
+        plan = dev.plan(6, np.random.default_rng(seed))
+        assert isinstance(plan.ry[0], torch.Tensor)
+        torch.testing.assert_close(dev.apply(x, plan), a, rtol=0, atol=1e-5)

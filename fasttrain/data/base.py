@@ -139,10 +139,19 @@ class BaseLoader:
                               f"smaller than img_size {self.img_size}; convert again with a larger --size")
 
     def make_augment(self) -> BatchAugment:
+        """The batched augmentation every packed loader shares (crop, flip, RandAugment, normalise),
+        built from the data config in this one place; a bad policy or interpolation is a LoaderError."""
         c = self.cfg
+        try:
+            return self._make_augment(c)
+        except ValueError as e:
+            raise LoaderError(f"data config: {e}") from None
+
+    def _make_augment(self, c) -> BatchAugment:
         return BatchAugment(self.image_size, self.img_size, self.in_chans, train=self.train,
                             scale=tuple(c.crop_scale), ratio=tuple(c.crop_ratio), hflip=c.hflip, norm=c.norm,
-                            eval_resize=c.eval_resize, device=self.device, dtype=self.dtype)
+                            eval_resize=c.eval_resize, device=self.device, dtype=self.dtype,
+                            interpolation=c.interpolation, randaug=c.randaug)
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         if start_step < 0 or start_step > len(self):

@@ -1,12 +1,21 @@
 """`fasttrain bench loader`: every loader available here over the same packed split, one run.
 
-Two figures per loader, each the median of interleaved timing windows after a warm-up window:
+Two figures per loader, each the median of interleaved timing windows after a warm-up window,
+each a steady-state rate: a window opens a fresh epoch, leaves its first batches untimed (the epoch
+start-up and the prefetch queue filling: `epoch_startup_s`, reported as its own figure) and times
+the batches after them, one by one, until `--seconds` of them (or `--batches` if given) are timed,
+crossing into the next epoch (again untimed at its start) when a small split runs out:
   images_per_s       the whole pipeline: augmented float batches ready on the target device
                      (on a CPU-only machine the batched augmentation runs on the CPU, so it is
                      counted here);
   feed_images_per_s  the host side alone: uint8 batches ready for the device (pinned on CUDA),
                      i.e. what the loader's CPU budget could feed a GPU doing the augmentation.
                      For the reference both figures are its whole per-sample CPU pipeline.
+  epoch_startup_s    median seconds from opening an epoch to its first batch (thread, worker or
+                     pipeline start-up), paid once per epoch: ~300 batches on NIH at 256.
+`--transform`: pretrain (crop 0.2-1 bilinear + flip: MAE), finetune (Xiao et al.'s timm recipe:
+crop 0.08-1 bicubic + flip + RandAugment rand-m6-mstd0.5-inc1; the reference runs timm's own
+create_transform), eval (resize + center crop).
 Ratios are against the reference loader measured in the same run. Ceilings for context: JPEG
 decode-only rate (simplejpeg on the DALI shards' JPEGs, one core, times the cores the JPEG loaders
 use) and a memcpy of the raw bytes (numpy copy of whole batches).
@@ -26,11 +35,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fasttrain.bench import interleaved_windows, median, print_records, record
+from fasttrain.bench import median, print_records, record
 
 COLUMNS = ["loader", "images_per_s", "ratio_vs_reference", "feed_images_per_s", "feed_ratio_vs_reference",
-           "device"]
+           "epoch_startup_s", "device"]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+# DataConfig overrides per transform; finetune is Xiao et al.'s create_transform (configs/finetune_*.yaml)
+TRANSFORMS = {"pretrain": {}, "eval": {},
+              "finetune": dict(crop_scale=[0.08, 1.0], interpolation="bicubic", randaug="rand-m6-mstd0.5-inc1")}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,7 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="packed dataset folder (written by `fasttrain convert`)")
     p.add_argument("--split", default="train")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--batches", type=int, default=4, help="batches per timing window")
+    p.add_argument("--seconds", type=float, default=3.0, help="timed seconds per window (steady state)")
+    p.add_argument("--batches", type=int, default=None,
+                   help="timed batches per window instead of --seconds (fixed count)")
+    p.add_argument("--skip", type=int, default=None,
+                   help="untimed batches at each epoch's start (default: prefetch depth + 1)")
     p.add_argument("--windows", type=int, default=5, help="timed windows per loader (after 1 warm-up window)")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--in-chans", type=int, default=1)
@@ -48,41 +64,64 @@ def _parser() -> argparse.ArgumentParser:
                    help="torch intra-op threads for the batched augmentation (default: torch's, = cores)")
     p.add_argument("--loaders", default=None, help="comma-separated subset of reference,raw,ffcv,dali-cpu,dali-gpu")
     p.add_argument("--reference-images", default=None, help="PNG folder for the reference loader")
-    p.add_argument("--eval", action="store_true", help="time the evaluation transform instead of training")
+    p.add_argument("--transform", choices=sorted(TRANSFORMS), default="pretrain",
+                   help="pretrain (MAE crop + flip), finetune (Xiao et al.: bicubic crop + flip + RandAugment), eval")
+    p.add_argument("--eval", action="store_true", help="same as --transform eval")
     p.add_argument("--json", action="store_true", help="one JSON object per loader")
     return p
 
 
 class _Cycle:
-    """`take(n)`: n batches from a fresh epoch (iterator opened at the start of the window and
-    closed at its end). Fresh per window because the loaders prefetch in background threads: an
-    iterator kept open across windows would fill its queue while the other loaders are timed and
-    then report those batches as free. Each window starts at step 0 of a new epoch (a mid-epoch
-    start would make DALI decode the skipped batches), so each window pays one epoch start-up, as
-    every real epoch does (amortised over ~300 batches on NIH, over `--batches` here)."""
+    """`window()`: one steady-state timing window (see the module docstring).
 
-    def __init__(self, loader, feed: bool):
-        self.loader, self.feed, self.epoch = loader, feed, 0
+    Each window opens a fresh epoch iterator and closes it at its end, because the loaders prefetch
+    in background threads: an iterator kept open across windows would fill its queue while the
+    other loaders are timed and then report those batches as free. Each epoch starts at step 0 (a
+    mid-epoch start would make DALI decode the skipped batches). Its first `skip` batches are not
+    timed: the first one measures the epoch start-up, the others let the prefetch queue (filled
+    while the first batch was made) drain, so the timed batches come at the production rate."""
 
-    def take(self, n: int) -> int:
-        count, it = 0, None
+    def __init__(self, loader, feed: bool, skip: int, sync=None):
+        self.loader, self.feed, self.epoch, self.skip, self.sync = loader, feed, 0, max(1, skip), sync
+        self.startups: list[float] = []
+
+    def _next(self, it):
+        x, _ = next(it)
+        if self.sync:
+            self.sync()
+        return x.shape[0]
+
+    def window(self, seconds: float, batches: int | None) -> tuple[int, float]:
+        """(images, seconds) over the timed batches of one window."""
+        images, timed, n, it = 0, 0.0, 0, None
         try:
-            while n > 0:
+            while (n < batches) if batches else (timed < seconds or n < 2):
                 if it is None:
                     self.loader.set_epoch(self.epoch)
                     self.epoch += 1
+                    t0 = time.perf_counter()
                     it = iter(self.loader.feed() if self.feed else self.loader)
+                    try:
+                        self._next(it)
+                        self.startups.append(time.perf_counter() - t0)
+                        for _ in range(self.skip - 1):
+                            self._next(it)
+                    except StopIteration:  # an epoch no longer than the skipped batches
+                        raise RuntimeError(f"the split has only {len(self.loader)} batches: fewer than the "
+                                           f"{self.skip} untimed batches at each epoch's start (--skip)") from None
+                t0 = time.perf_counter()
                 try:
-                    x, _ = next(it)
+                    b = self._next(it)
                 except StopIteration:
                     it = None
                     continue
-                count += x.shape[0]
-                n -= 1
+                timed += time.perf_counter() - t0
+                images += b
+                n += 1
         finally:
             if it is not None and hasattr(it, "close"):
                 it.close()
-        return count
+        return images, timed
 
 
 def _decode_ceiling(packed_root: Path, split: str, seconds: float = 1.5) -> float | None:
@@ -143,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     workers = args.workers or os.cpu_count() or 1
     dtype = DTYPES[args.dtype]
+    transform = "eval" if args.eval else args.transform
+    train = transform != "eval"
     formats = manifest["formats"]
     wanted = ["reference"] + [f for f in ("raw", "ffcv") if f in formats]
     if "dali" in formats:
@@ -162,15 +203,15 @@ def main(argv: list[str] | None = None) -> int:
     for name in wanted:
         kind = name.split("-")[0]
         cfg = DataConfig(path=str(root), loader=kind, batch_size=args.batch_size, num_workers=workers,
-                         reference_images=ref_images if kind == "reference" else None)
+                         reference_images=ref_images if kind == "reference" else None, **TRANSFORMS[transform])
         try:
             if kind == "dali":
                 from .dali_loader import DALILoader
-                ld = build_loader(cfg, args.split, not args.eval, img_size=args.img_size, in_chans=args.in_chans,
+                ld = build_loader(cfg, args.split, train, img_size=args.img_size, in_chans=args.in_chans,
                                   device=device if name == "dali-gpu" else "cpu", dtype=dtype)
                 assert isinstance(ld, DALILoader)
             else:
-                ld = build_loader(cfg, args.split, not args.eval, img_size=args.img_size, in_chans=args.in_chans,
+                ld = build_loader(cfg, args.split, train, img_size=args.img_size, in_chans=args.in_chans,
                                   device=device, dtype=dtype)
         except (LoaderError, ValueError) as e:
             notes[name] = f"skipped: {e}"
@@ -185,12 +226,20 @@ def main(argv: list[str] | None = None) -> int:
         print("fasttrain bench loader: the reference loader is the baseline and could not be built", file=sys.stderr)
         return 2
 
-    whole = {name: _Cycle(ld, feed=False) for name, ld in loaders.items()}
-    feed = {name: _Cycle(ld, feed=True) for name, ld in loaders.items() if name != "reference"}
-    fns = {f"{n}": (lambda c=c: c.take(args.batches)) for n, c in whole.items()}
-    fns.update({f"{n}/feed": (lambda c=c: c.take(args.batches)) for n, c in feed.items()})
     sync = torch.cuda.synchronize if cuda else None
-    rates = interleaved_windows(fns, windows=args.windows, warmup=1, sync=sync)
+    skip = args.skip if args.skip is not None else max(1, int(DataConfig().prefetch)) + 1
+    cycles = {name: _Cycle(ld, False, skip, sync) for name, ld in loaders.items()}
+    cycles.update({f"{name}/feed": _Cycle(ld, True, skip, sync) for name, ld in loaders.items() if name != "reference"})
+    rates: dict[str, list[float]] = {k: [] for k in cycles}
+    try:
+        for w in range(1 + args.windows):  # interleaved, so machine noise hits every loader alike; window 0 warms up
+            for name, cyc in cycles.items():
+                n, dt = cyc.window(args.seconds, args.batches)
+                if w:
+                    rates[name].append(n / dt)
+    except RuntimeError as e:
+        print(f"fasttrain bench loader: {e}", file=sys.stderr)
+        return 2
 
     decode = _decode_ceiling(root, args.split)
     memcpy = _memcpy_ceiling(root, args.split, args.batch_size)
@@ -199,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, ld in loaders.items():
         ips = median(rates[name])
         fps = ips if name == "reference" else median(rates[f"{name}/feed"])
+        startup = median(cycles[name].startups[1:] or cycles[name].startups)  # drop the first (cold) epoch
         jpeg_threads = workers if name.startswith("dali") else None
         records.append(record(
             "loader", name, loader=name, images_per_s=ips, feed_images_per_s=fps,
@@ -206,10 +256,13 @@ def main(argv: list[str] | None = None) -> int:
             windows=rates[name], feed_windows=None if name == "reference" else rates[f"{name}/feed"],
             decode_ceiling_images_per_s=(decode * jpeg_threads) if (decode and jpeg_threads) else None,
             decode_one_core_images_per_s=decode, memcpy_ceiling_images_per_s=memcpy,
+            epoch_startup_s=startup, batches_per_epoch=len(ld), skipped_batches_per_epoch=skip,
+            seconds_per_window=None if args.batches else args.seconds,
             source=ld.describe(), split=args.split, batch_size=args.batch_size, batches_per_window=args.batches,
             img_size=args.img_size, in_chans=args.in_chans, dtype=args.dtype, workers=workers,
             torch_threads=torch.get_num_threads(),
-            transform="eval" if args.eval else "train", images=len(packed), image_size=list(packed.image_size),
+            transform=transform, data_config=TRANSFORMS[transform], images=len(packed),
+            image_size=list(packed.image_size),
             synthetic=bool(manifest.get("synthetic")), device=str(ld.device)))
     print_records(records, args.json, COLUMNS)
     if not args.json:

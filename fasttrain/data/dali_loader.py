@@ -55,8 +55,10 @@ class DALILoader(BaseLoader):
         self.sizes = shard_sizes(len(packed), self.world_size)
         self.rotate = self.train and self.drop_last and self.world_size > 1
         # crop/flip/resize inside DALI on the GPU (then only `normalise` in torch); on the CPU
-        # pipeline BatchAugment does them, one op per batch instead of DALI's per-sample operators
-        self.dali_augment = self.gpu
+        # pipeline BatchAugment does them, one op per batch instead of DALI's per-sample operators.
+        # Fine-tuning (RandAugment or bicubic): BatchAugment on the GPU after nvJPEG decode, because
+        # DALI's resize filters and its auto_aug.rand_augment do not reproduce timm's (see randaug.py)
+        self.dali_augment = self.gpu and self.cfg.randaug is None and self.cfg.interpolation == "bilinear"
         self.augment = self.make_augment()
         self._pipe = self._iter = None
 

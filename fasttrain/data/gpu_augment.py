@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .randaug import RandAugment, RandAugPlan
+
 # The paper normalises with ImageNet statistics; Xiao et al. use NIH statistics (one value for
 # all channels, since the images are gray).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -134,9 +136,23 @@ def _resized_hw(height: int, width: int, size: int) -> tuple[int, int]:
     return int(size * height / width), size
 
 
+FILTER_SUPPORT = {"bilinear": 1.0, "bicubic": 2.0}  # Pillow's resample filters (radius at scale 1)
+
+
+def _pil_filter(x, xp, name: str):
+    """Pillow Resample.c filters: triangle (bilinear) or Keys cubic with a = -0.5 (bicubic)."""
+    x = xp.abs(x)
+    if name == "bilinear":
+        return (1.0 - x).clamp(min=0.0) if xp is torch else np.maximum(1.0 - x, 0.0)
+    a = -0.5
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0  # |x| < 1
+    far = (((x - 5.0) * x + 8.0) * x - 4.0) * a  # 1 <= |x| < 2
+    return xp.where(x < 1.0, near, xp.where(x < 2.0, far, xp.zeros_like(x)))
+
+
 def pil_taps(box0, box1, in_len: int, out_len: int, flip=None, gain: float = 1.0,
-             transposed: bool = False, strides: tuple[int, int, int] | None = None):
-    """PIL's bilinear weights, compact: for each output pixel K taps (K = 2 * ceil(support) + 1).
+             transposed: bool = False, strides: tuple[int, int, int] | None = None, filter: str = "bilinear"):
+    """PIL's resampling weights, compact: for each output pixel K taps (K = 2 * ceil(support) + 1).
 
     Resamples pixels [box0, box1) of an axis of length in_len to out_len pixels (reversed output
     order where `flip`), rows summing to `gain`. Returns (flat, w): flat positions [B * out * K]
@@ -144,7 +160,12 @@ def pil_taps(box0, box1, in_len: int, out_len: int, flip=None, gain: float = 1.0
     or any layout given as element `strides` (batch, output pixel, input pixel)) and their float32
     weights. Works on numpy arrays (host) or torch tensors (device) alike.
     Computing the dense triangle over all in_len inputs would cost more than the matmul itself.
+    `filter`: "bilinear" (triangle, support 1) or "bicubic" (a = -0.5, support 2), each widened by
+    the downscale factor as Pillow does (its antialias).
     """
+    if filter not in FILTER_SUPPORT:
+        raise ValueError(f"interpolation must be one of {tuple(FILTER_SUPPORT)}, got {filter!r}")
+    support = FILTER_SUPPORT[filter]
     t = isinstance(box0, torch.Tensor)
     xp = torch if t else np
     f32 = torch.float32 if t else np.float32
@@ -155,7 +176,7 @@ def pil_taps(box0, box1, in_len: int, out_len: int, flip=None, gain: float = 1.0
     scale = (box1 - box0) / out_len  # [B] input pixels per output pixel
     fscale = xp.clip(scale, 1.0, None) if not t else scale.clamp(min=1.0)  # [B] antialias: wider when shrinking
     # taps per output pixel from the largest possible support (no data-dependent size: no device sync)
-    k = min(in_len, 2 * int(math.ceil(in_len / out_len)) + 1)
+    k = min(in_len, 2 * int(math.ceil(support * in_len / out_len)) + 1)
     i = xp.arange(out_len, dtype=f32, **kw)  # [out]
     center = box0[:, None] + (i[None, :] + 0.5) * scale[:, None]  # [B, out]
     if flip is not None:
@@ -163,11 +184,10 @@ def pil_taps(box0, box1, in_len: int, out_len: int, flip=None, gain: float = 1.0
         center = xp.where(flip[:, None], rev, center)  # reversed output order
     # first tap (PIL's xmin), shifted to keep the K-window inside [0, in_len): the taps that carry
     # weight lie inside the box, so the shifted window still holds them, and positions stay distinct
-    j0 = xp.floor(center - fscale[:, None] + 0.5)
+    j0 = xp.floor(center - support * fscale[:, None] + 0.5)
     j0 = j0.clamp(0, in_len - k) if t else np.clip(j0, 0, in_len - k)  # [B, out]
     j = j0[..., None] + xp.arange(k, dtype=f32, **kw)  # [B, out, K] input pixel index
-    w = 1.0 - xp.abs(j + 0.5 - center[..., None]) / fscale[:, None, None]
-    w = w.clamp(min=0.0) if t else np.maximum(w, 0.0)
+    w = _pil_filter((j + 0.5 - center[..., None]) / fscale[:, None, None], xp, filter)
     w = w * ((j >= box0[:, None, None]) & (j < box1[:, None, None]))  # [B, out, K] inside the box
     sums = w.sum(-1, keepdim=True) if t else w.sum(-1, keepdims=True)
     w = w * (gain / sums)  # rows sum to gain (PIL normalises the same way)
@@ -194,9 +214,9 @@ def dense_from_taps(flat, w, shape: tuple[int, ...], dtype, device, out: torch.T
 
 
 def pil_bilinear_weights(box0, box1, in_len: int, out_len: int, flip=None, dtype=torch.float32, device="cpu",
-                         gain: float = 1.0, transposed: bool = False) -> torch.Tensor:
+                         gain: float = 1.0, transposed: bool = False, filter: str = "bilinear") -> torch.Tensor:
     """Dense weights [B, out_len, in_len] ([B, in_len, out_len] when `transposed`); see pil_taps."""
-    flat, w = pil_taps(box0, box1, in_len, out_len, flip, gain, transposed)
+    flat, w = pil_taps(box0, box1, in_len, out_len, flip, gain, transposed, filter=filter)
     b = len(box0)
     shape = (b, in_len, out_len) if transposed else (b, out_len, in_len)
     return dense_from_taps(flat, w, shape, dtype, device)
@@ -204,17 +224,27 @@ def pil_bilinear_weights(box0, box1, in_len: int, out_len: int, flip=None, dtype
 
 @dataclass
 class AugPlan:
-    """Everything random about one batch, decided before the pixels arrive: the crop boxes and the
-    compact interpolation taps for Ry (x 1/255) and Rx^T (flip folded in)."""
+    """Everything random about one batch, decided before the pixels arrive: the crop boxes, the
+    compact interpolation taps for Ry and Rx^T (flip folded in) and the RandAugment draws."""
     params: CropParams
-    ry: tuple  # (flat, w) for [B, h, H]
-    rxt: tuple  # (flat, w) for [B, W, w]
+    ry: tuple  # (flat, w) for [B, h, H] (x 1/255 on the fused path)
+    rxt: tuple  # (flat, w) for [B, W+1, w*C] (fused path) or [B, W, w] (uint8 path)
+    randaug: RandAugPlan | None = None  # [L, B] draws, None without RandAugment
+
+
+def _cpu_bf16_fast() -> bool:
+    """oneDNN has native bf16 kernels on this CPU (avx512_bf16 / AMX): else bf16 matmuls are emulated."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    # bf16 matmuls: exact for uint8 inputs, ~2.5x fp32 on this CPU (avx512_bf16) and on GPUs.
+    # bf16 matmuls: exact for uint8 inputs, ~2.5x fp32 on a CPU with avx512_bf16 and on GPUs; on a
+    # CPU without it (AVX2 only) a bf16 batched matmul measured ~40x slower than fp32: fp32 there.
     # fp16 on CPU is slow and fp32 is what tests compare against PIL with, so anything else -> fp32.
-    if dtype == torch.bfloat16:
+    if dtype == torch.bfloat16 and (device.type != "cpu" or _cpu_bf16_fast()):
         return torch.bfloat16
     if dtype == torch.float16 and device.type == "cuda":
         return torch.float16
@@ -236,11 +266,22 @@ class BatchAugment:
         R'[k, j*C + c] = Rx[j, k] / std_c,  R'[W, j*C + c] = -mean_c / std_c   (the bias row)
     so no elementwise pass touches the output (on CPU a broadcast multiply-add over the bf16 output
     cost ~30% of the whole batch).
+
+    The uint8 path (timm's fine-tuning order, used when `randaug` is set or `interpolation` is
+    bicubic): crop + flip to uint8 exactly as Pillow resamples (horizontal pass first, each pass
+    rounded half up and clipped to 0..255: bicubic overshoots, and RandAugment's ops read uint8),
+    then RandAugment on uint8 [B, C', h, w] (C' = 1 when the fill colour is gray: every op then
+    acts on the replicated channels alike), then float and normalise:
+        t = round(x @ Rx^T)      [B, H, w]      (Pillow's intermediate uint8 image)
+        u = round(Ry @ t)        [B, h, w]      uint8
+        u = RandAugment(u)       [B, C', h, w]  uint8
+        out = u * gain_c + bias_c                [B, h, w, C] channels-last
     """
 
     def __init__(self, image_size: tuple[int, int], img_size: int, in_chans: int, *, train: bool,
                  scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5, norm: str = "imagenet",
-                 eval_resize: int = 256, device="cpu", dtype=torch.float32):
+                 eval_resize: int = 256, device="cpu", dtype=torch.float32, interpolation: str = "bilinear",
+                 randaug: str | None = None):
         self.H, self.W = int(image_size[0]), int(image_size[1])
         self.img_size, self.in_chans, self.train = int(img_size), int(in_chans), bool(train)
         self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), float(hflip)
@@ -251,10 +292,23 @@ class BatchAugment:
         # ops on the device for CUDA ones (an attribute, so a CPU test can run the device path)
         self.host_taps = self.device.type == "cpu"
         mean, std = norm_stats(norm, in_chans)
+        if interpolation not in FILTER_SUPPORT:
+            raise ValueError(f"data.interpolation must be one of {tuple(FILTER_SUPPORT)}, got {interpolation!r}")
+        self.interpolation = interpolation
+        # timm's create_transform hparams: fill = the normalisation mean in grey levels,
+        # translate_const = 0.45 x img_size, the crop's interpolation for the warps
+        self.fill = tuple(min(255, round(255 * m)) for m in mean)  # [C]
+        self.randaug = None if (randaug is None or not train) else RandAugment(
+            randaug, img_mean=self.fill, translate_const=int(self.img_size * 0.45), interpolation=interpolation)
+        self.ra_chans = 1 if len(set(self.fill)) == 1 else self.in_chans  # channels RandAugment needs
+        # the uint8 path (see above), training only: evaluation keeps its bilinear Resize + CenterCrop,
+        # the transform `fasttrain predict` / `export` apply and describe (data.interpolation is the crop's)
+        self.u8 = self.train and (randaug is not None or interpolation != "bilinear")
         self.gains = [1.0 / s for s in std]  # [C] per-channel scale of the [0, 1] pixels
         self.biases = [-m / s for m, s in zip(mean, std)]  # [C]
         # for `normalise` (DALI GPU path: DALI already cropped and scaled to [0, 1])
         self._a = torch.tensor(self.gains, dtype=self.cdtype, device=self.device)  # [C]
+        self._a255 = torch.tensor([g / 255 for g in self.gains], dtype=self.cdtype, device=self.device)  # [C]
         self._b = torch.tensor(self.biases, dtype=self.cdtype, device=self.device)  # [C]
         self._bufs: dict[tuple, torch.Tensor] = {}
         self._prev: dict[tuple, torch.Tensor] = {}  # taps written last batch, per buffer
@@ -296,6 +350,7 @@ class BatchAugment:
         if not self.train:
             return None
         p = params if params is not None else self.sample(n, rng)
+        ra = self.randaug.sample(len(p), rng) if self.randaug is not None else None  # [L, B] draws
         s, c = self.img_size, self.in_chans
         if self.host_taps:
             top, left, hh, ww, flip = p.top, p.left, p.height, p.width, p.flip
@@ -303,31 +358,41 @@ class BatchAugment:
             dev = self.device
             top, left, hh, ww, flip = (torch.from_numpy(np.ascontiguousarray(a)).to(dev, non_blocking=True)
                                        for a in (p.top, p.left, p.height, p.width, p.flip))
-        ry = pil_taps(top, top + hh, self.H, s, gain=1 / 255)  # [B, h, H]
+        f = self.interpolation
+        if self.u8:
+            ry = pil_taps(top, top + hh, self.H, s, filter=f)  # [B, h, H]
+            rxt = pil_taps(left, left + ww, self.W, s, flip=flip, transposed=True, filter=f)  # [B, W, w]
+            return AugPlan(p, ry, rxt, ra)
+        ry = pil_taps(top, top + hh, self.H, s, gain=1 / 255, filter=f)  # [B, h, H]
         rxt = pil_taps(left, left + ww, self.W, s, flip=flip,  # [B, W+1, w*C]: (batch, out j, in k)
-                       strides=((self.W + 1) * s * c, c, s * c))
-        return AugPlan(p, ry, self._channel_taps(*rxt))
+                       strides=((self.W + 1) * s * c, c, s * c), filter=f)
+        return AugPlan(p, ry, self._channel_taps(*rxt), ra)
 
     def matrices(self, plan: AugPlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dense Ry [B, h, H] and R' [B, W+1, w*C] in the compute dtype, in reused buffers."""
+        """Dense Ry [B, h, H] and R' [B, W+1, w*C] (uint8 path: Rx^T [B, W, w]) in the compute dtype,
+        in reused buffers."""
         b = len(plan.params)
+        if self.u8:
+            return (self._dense("ry8", plan.ry, (b, self.img_size, self.H), torch.float32),
+                    self._dense("rxt8", plan.rxt, (b, self.W, self.img_size), torch.float32))
         return self._dense("ry", plan.ry, (b, self.img_size, self.H)), self._dense("rxt", plan.rxt, self._rxt_shape(b))
 
-    def _dense(self, name: str, taps: tuple, shape: tuple[int, ...]) -> torch.Tensor:
+    def _dense(self, name: str, taps: tuple, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
         """Scatter taps into a reused, mostly-zero buffer. Only the previous batch's taps are reset
         (B*h*K entries, not B*h*H): zeroing the whole [256, 224, 256] matrix every batch cost more
         than filling it, and fresh allocations cost page faults on CPU. Safe to reuse: each batch's
         ops are queued in order on one thread / CUDA stream."""
         key = (name, tuple(shape))
+        dtype = dtype or self.cdtype
         buf = self._bufs.get(key)
         if buf is None:
-            buf = self._bufs[key] = torch.zeros(shape, dtype=self.cdtype, device=self.device)
+            buf = self._bufs[key] = torch.zeros(shape, dtype=dtype, device=self.device)
             if name == "rxt":  # the bias row, never touched by the taps
                 buf[:, self.W] = torch.tensor(self.biases, dtype=self.cdtype).repeat(self.img_size).to(self.device)
         elif key in self._prev:
             buf.view(-1).index_fill_(0, self._prev[key], 0)
         flat = torch.as_tensor(taps[0]).to(self.device, non_blocking=True)
-        w = torch.as_tensor(taps[1]).to(self.device, non_blocking=True).to(self.cdtype)
+        w = torch.as_tensor(taps[1]).to(self.device, non_blocking=True).to(dtype)
         buf.view(-1).index_put_((flat,), w)  # distinct positions: no accumulate
         self._prev[key] = flat
         return buf
@@ -355,6 +420,27 @@ class BatchAugment:
         tmp = torch.matmul(ry, xf, out=self._tmp((b, ry.shape[-2], self.W + 1)))  # [B, h, W+1]
         return torch.matmul(tmp, rxt)  # [B, h, W+1] @ [B, W+1, w*C] -> [B, h, w*C]
 
+    def resample_u8(self, x: torch.Tensor, ry: torch.Tensor, rxt: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, H, W] -> uint8 [B, h, w] as Pillow resizes: horizontal pass, round half up and
+        clip to uint8, vertical pass, round and clip (two batched matmuls + two roundings).
+        Pillow's Resample.c runs the passes in this order; Pillow 13 itself was seen to run the
+        vertical pass first for some shapes (e.g. 31x37 -> 32x32), where its intermediate rounding
+        differs (tests: <= 1 level vs the fixed order, mean <= 0.5 level vs Pillow 13's call).
+        Always float32, whatever the output dtype: the result is rounded to uint8 anyway (bf16's
+        8-bit mantissa would move it by a grey level), and on this CI CPU a bf16 batched matmul
+        measured ~40x slower than float32 (0.03 s vs 3.4 s for [128, 256, 256] @ [128, 256, 224])."""
+        t = torch.matmul(x.to(torch.float32), rxt)  # [B, H, W] @ [B, W, w] -> [B, H, w]
+        t = torch.floor_(t.add_(0.5)).clamp_(0, 255)  # Pillow's intermediate uint8 image
+        y = torch.matmul(ry, t)  # [B, h, H] @ [B, H, w] -> [B, h, w]
+        return torch.floor_(y.add_(0.5)).clamp_(0, 255).to(torch.uint8)
+
+    def normalise_u8(self, u: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, C', h, w] (C' = 1 or C) -> normalised [B, C, h, w] channels-last in `dtype`
+        (gray -> C expansion by broadcasting, at the last moment)."""
+        y = u.permute(0, 2, 3, 1).to(self.cdtype)  # [B, h, w, C']
+        out = torch.addcmul(self._b, y, self._a255)  # [B, h, w, C]
+        return out.to(self.dtype).permute(0, 3, 1, 2)  # [B, C, h, w], channels-last strides
+
     def normalise(self, y: torch.Tensor) -> torch.Tensor:
         """[B, h, w] in [0, 1] -> [B, C, h, w] channels-last in `dtype` (for batches that arrive
         already cropped: DALI's GPU pipeline)."""
@@ -375,6 +461,13 @@ class BatchAugment:
         else:
             ry, rxt = self._eval_mats  # shared [h, H], [W+1, w*C]: matmul broadcasts over the batch
         b, s = x.shape[0], self.img_size
+        if self.u8:
+            u = self.resample_u8(x, ry, rxt).unsqueeze(1)  # [B, 1, h, w] uint8
+            if self.randaug is not None:
+                if plan.randaug is None:
+                    raise ValueError("RandAugment needs the batch's plan (BatchAugment.plan)")
+                u = self.randaug.apply(u.expand(b, self.ra_chans, s, s), plan.randaug)  # [B, C', h, w] uint8
+            return self.normalise_u8(u)
         out = self.resample(x, ry, rxt).view(b, s, s, self.in_chans)  # [B, h, w, C]
         return out.to(self.dtype).permute(0, 3, 1, 2)  # [B, C, h, w], channels-last strides
 

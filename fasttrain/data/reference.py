@@ -6,6 +6,10 @@ Per sample, in torch DataLoader workers: PIL `Image.open`, `.convert('RGB')`, th
     eval:  Resize(R) -> CenterCrop(img_size)      (R = gpu_augment.eval_resize_size, as the fast loaders)
     -> ToTensor -> Normalize(mean, std)            (3 channels; 1-channel models keep channel 0,
                                                     normalised with the 1-channel stats)
+    fine-tuning (data.randaug set or data.interpolation bicubic): timm's own
+    `create_transform(is_training=True, scale, ratio, hflip, interpolation, auto_augment=randaug,
+    color_jitter=None, re_prob=0, mean, std)`, as Xiao et al. ran it: the oracle for
+    fasttrain.data.randaug and the fine-tuning benchmark's baseline.
 Images come from one of two places, and `describe()` says which:
   - a folder of PNGs of the packed images (`data.reference_images`, written by `export_png`): the
     same pixels the packed loaders read, so outputs are comparable image for image;
@@ -19,6 +23,7 @@ the epoch was resumed.
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import numpy as np
@@ -102,10 +107,19 @@ class ReferenceDataset(torch.utils.data.Dataset):
         epoch, i = key
         with Image.open(self.files[i]) as im:
             img = im.convert("RGB")  # the seed's path: gray replicated to 3 channels
-        # per-sample draws from (seed, epoch, rank, i); fork_rng leaves the caller's RNG alone
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(mix_seed(self.seed, epoch, self.rank, i, 0x4EF))
-            x = self.transform(img)  # [C, h, w] float32
+        # per-sample draws from (seed, epoch, rank, i); fork_rng leaves the caller's RNG alone.
+        # timm's transforms draw from Python's `random` and numpy's global RNG: seeded (and restored) too
+        s = mix_seed(self.seed, epoch, self.rank, i, 0x4EF)
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(s)
+                random.seed(s)
+                np.random.seed(s % 2**32)
+                x = self.transform(img)  # [C, h, w] float32
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
         return x, torch.tensor(self.labels[i]), i  # [C, h, w], [L], position
 
 
@@ -145,16 +159,37 @@ class ReferenceLoader(SampledLoader):
         self.labels = np.array(packed.labels, dtype=np.float32)  # [N, L] writable copy
         mean, std = norm_stats(cfg.norm, self.in_chans)
         mean3, std3 = (mean * 3, std * 3) if self.in_chans == 1 else (mean, std)
-        bil = T.InterpolationMode.BILINEAR
-        if self.train:
+        modes = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
+        if cfg.interpolation not in modes:
+            raise LoaderError(f"data.interpolation must be one of {tuple(modes)}, got {cfg.interpolation!r}")
+        bil = modes[cfg.interpolation]
+        self.finetune_aug = self.train and (cfg.randaug is not None or cfg.interpolation != "bilinear")
+        if self.finetune_aug:
+            self.transform = T.Compose([self._timm_transform(cfg, mean3, std3), _FirstChannels(self.in_chans)])
+        elif self.train:
             geo = [T.RandomResizedCrop(self.img_size, scale=tuple(cfg.crop_scale), ratio=tuple(cfg.crop_ratio),
                                        interpolation=bil),
                    T.RandomHorizontalFlip(cfg.hflip)]
-        else:
+        else:  # evaluation stays bilinear whatever data.interpolation (the packed loaders' and predict's)
             r = eval_resize_size(self.image_size, self.img_size, cfg.eval_resize)
-            geo = [T.Resize(r, interpolation=bil), T.CenterCrop(self.img_size)]
-        self.transform = T.Compose(geo + [T.ToTensor(), T.Normalize(mean3, std3), _FirstChannels(self.in_chans)])
+            geo = [T.Resize(r, interpolation=T.InterpolationMode.BILINEAR), T.CenterCrop(self.img_size)]
+        if not self.finetune_aug:
+            self.transform = T.Compose(geo + [T.ToTensor(), T.Normalize(mean3, std3), _FirstChannels(self.in_chans)])
         self._dl = None
+
+    def _timm_transform(self, cfg, mean3, std3):
+        """timm's training transform with our settings (Xiao et al.'s create_transform call)."""
+        from timm.data import create_transform
+        if cfg.randaug is not None:
+            from .randaug import parse_policy
+            try:
+                parse_policy(cfg.randaug)  # the same errors as the packed loaders (timm would assert)
+            except ValueError as e:
+                raise LoaderError(f"data.randaug: {e}") from None
+        return create_transform(self.img_size, is_training=True, scale=tuple(cfg.crop_scale),
+                                ratio=tuple(cfg.crop_ratio), hflip=cfg.hflip, color_jitter=None,
+                                auto_augment=cfg.randaug, interpolation=cfg.interpolation, re_prob=0.0,
+                                mean=tuple(mean3), std=tuple(std3))
 
     def _dataloader(self):
         if self._dl is None:  # one DataLoader, persistent workers: forked once, not every epoch
@@ -182,4 +217,5 @@ class ReferenceLoader(SampledLoader):
             yield self._to_device(x), y.to(self.device, non_blocking=True)
 
     def describe(self) -> str:
-        return f"reference (PIL + torchvision per sample) reading {self.source}"
+        how = "timm create_transform" if self.finetune_aug else "PIL + torchvision"
+        return f"reference ({how} per sample) reading {self.source}"

@@ -243,6 +243,14 @@ def test_dry_run_plan_at_the_real_sizes(inputs, tmp_path, capsys, monkeypatch):
     assert rows["evaluate_s_nih"][1] == "25,596" and rows["evaluate_b_chexpert"][1] == "202"
     assert "torch.distributed.run" in text and "--nproc_per_node=8" in text
     assert "~19.9 GB" in text or "GB raw" in text
-    # ViT-B teacher pre-training costs more than ViT-S; both take hours, not seconds or years
+    # GPU-hours = images x epochs x analytic FLOPs per image / (assumed MFU x H100 bf16 peak)
+    from fasttrain.models.distill import build_etmae
+    from fasttrain.train.flops import etmae_step_flops, known_peak
     gpu_h = {k: float(v[-2]) for k, v in rows.items()}
-    assert 1 < gpu_h["pretrain_s"] < gpu_h["pretrain_b"] < 500
+    for t, teacher in (("s", "mae_vit_small_patch16"), ("b", "mae_vit_base_patch16")):
+        m = build_etmae("mae_vit_tiny_patch16", teacher, student_blocks=[8], teacher_blocks=[8], img_size=224, in_chans=3)
+        flops = etmae_step_flops(m.student, m.teacher, 0.75, 8, m.proj).per_image
+        images = 100 * ((nih_train + chex_train) // 256) * 256
+        assert gpu_h[f"pretrain_{t}"] == pytest.approx(images * flops / (rp.ASSUMED_MFU * known_peak("H100")) / 3600,
+                                                       abs=0.06)
+    assert gpu_h["pretrain_s"] < gpu_h["pretrain_b"]

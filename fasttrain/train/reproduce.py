@@ -62,8 +62,9 @@ PACK_SIZE = 256  # paper: images resized to 256 px, trained on 224 crops (--pack
 # keys (issue #11), so the orchestration runs the same whichever issue landed first.
 XIAO_AUGMENT = {"data.randaug": "rand-m6-mstd0.5-inc1", "data.interpolation": "bicubic"}
 # GPU-hour estimates without a measurement (README, --bench-steps 0): an assumed model FLOPs
-# utilisation of the dense bf16 peak. 0.35 is what ViT training typically reaches on H100s; an assumption.
-ASSUMED_MFU = 0.35
+# utilisation of the dense bf16 peak. An assumption, not a measurement (no GPU has run fasttrain yet):
+# ViT-B training commonly reaches 35-45% on H100s; ViT-T's 192-wide matmuls reach less, so 25%.
+ASSUMED_MFU = 0.25
 
 
 class ReproduceError(ValueError):
@@ -302,7 +303,7 @@ class Plan:
         self.out = Path(args.out)
         self.gpus = max(1, args.gpus)
         self.experiments = args.experiments
-        self.students = sorted({EXPERIMENTS[e][0] for e in self.experiments})
+        self.students = [t for t in ("s", "b") if any(EXPERIMENTS[e][0] == t for e in self.experiments)]
         self.datasets = [d for d in DATASETS if any(EXPERIMENTS[e][1] == d for e in self.experiments)]
         self.user = parse_user_overrides(args.overrides)
         self.packed = {d: (s.path if s.packed else self.out / "packed" / d) for d, s in sources.items()}
@@ -365,7 +366,8 @@ class Plan:
             over = [f"--data.path={self.pretrain_data}", f"--run.seed={self.args.seed}",
                     *self._common_over(), *self._user_over(name)]
             run = self.out / "runs" / name
-            cfg = self._config(name, yaml_name, over)
+            tck = [f"--distill.teacher_ckpt={teachers[t]}"] if teachers[t] else []  # what --teacher sets
+            cfg = self._config(name, yaml_name, over + tck)
             images = sum(self.sources[d].splits["train"] for d in DATASETS if str(self.packed[d]) in self.pretrain_data)
             argv = ["pretrain", "--config", str(configs_dir() / yaml_name), "--out", str(run),
                     "--teacher", str(teachers[t]), *over]
@@ -530,7 +532,8 @@ def estimate(plan: Plan, models: dict, bench_steps: int) -> dict:
                                    f"{dev} (batch {'as configured' if dev.type == 'cuda' else '<= 8'}); "
                                    "the compiled step is faster, so these are upper bounds")
     else:
-        info["assumptions"].append(f"training: analytic FLOPs at an assumed {ASSUMED_MFU:.0%} MFU of the device's "
+        peak_of = "an H100's" if dev.type == "cpu" else "the device's"
+        info["assumptions"].append(f"training: analytic FLOPs at an assumed {ASSUMED_MFU:.0%} MFU of {peak_of} "
                                    "bf16 peak (no step measured)")
     info["assumptions"].append("evaluation: forward only, a third of the fine-tuning step per image")
     info["assumptions"].append(f"{plan.gpus} GPU(s) scale linearly; data loading never stalls the step")
@@ -573,6 +576,8 @@ def _decode_seconds(source: Source) -> float:
 def _hms(s: Optional[float]) -> str:
     if s is None:
         return "-"
+    if s < 1:
+        return "<1 s"
     if s < 90:
         return f"{s:.0f} s"
     if s < 5400:

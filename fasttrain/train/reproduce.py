@@ -324,7 +324,7 @@ class Plan:
             ok, why = True, ""
         if not ok:
             self.notes.append(f"PRE-TRAINING ON NIH ONLY: this build cannot read the NIH + CheXpert mixture "
-                              f"(issue #10 not merged? {why.splitlines()[0][:160]}); the paper pre-trains on both")
+                              f"(issue #10 not merged? {why.splitlines()[0][:300]}); the paper pre-trains on both")
             return str(parts[0])
         return spec
 
@@ -611,7 +611,8 @@ def format_plan(plan: Plan, info: dict) -> str:
     for st in plan.stages:
         status = "done" if st.name in done else ("resume" if st.run_dir and (st.run_dir / "checkpoints" / "last.pt").is_file()
                                                   and st.kind != "evaluate" else "todo")
-        gpu_h = (st.est_s or 0) * (plan.gpus if st.kind in ("pretrain", "finetune") else 1) / 3600
+        gpus = {"pretrain": plan.gpus, "finetune": plan.gpus, "evaluate": 1}.get(st.kind, 0)  # convert: CPUs only
+        gpu_h = (st.est_s or 0) * gpus / 3600
         if st.name not in done:
             total_wall += st.est_s or 0
             total_gpu_h += gpu_h
@@ -655,7 +656,7 @@ def run_stage(plan: Plan, st: Stage) -> dict:
             argv = [a if not a.startswith("--data.path=") else f"--data.path={nih}" for a in argv]
             log.warning("pre-training on NIH only: this build cannot read the mixture (%s)", why.splitlines()[0])
             plan.notes.append("PRE-TRAINING ON NIH ONLY: this build cannot read the NIH + CheXpert mixture "
-                              f"(issue #10 not merged? {why.splitlines()[0][:160]})")
+                              f"(issue #10 not merged? {why.splitlines()[0][:300]}); the paper pre-trains on both")
     if st.kind == "evaluate":
         best = st.run_dir / "checkpoints" / "best.pt"
         if not best.is_file():  # no val split: the last checkpoint (never chosen on the test set)
@@ -671,8 +672,9 @@ def run_stage(plan: Plan, st: Stage) -> dict:
     if rc != 0:
         raise RuntimeError(f"stage {st.name} failed (exit {rc}); fix the cause and re-run the same "
                            f"`fasttrain reproduce` command: finished stages are skipped, this one resumes")
+    gpus = {"pretrain": plan.gpus, "finetune": plan.gpus, "evaluate": 1}.get(st.kind, 0)  # convert: CPUs only
     rec = {"stage": st.name, "kind": st.kind, "argv": argv, "wall_s": wall, "resumed": resumed,
-           "gpus": plan.gpus if st.kind in ("pretrain", "finetune") else 1, "finished": time.time()}
+           "gpus": gpus, "finished": time.time()}
     if st.kind in ("pretrain", "finetune"):
         summary = json.loads((st.run_dir / "summary.json").read_text())
         rec.update(images_per_s=summary.get("images_per_s"), steps=summary.get("steps"),

@@ -147,7 +147,10 @@ def test_reproduce_end_to_end_on_phantoms_with_interruption(inputs, monkeypatch,
     assert "Per-label AUC (%), NIH" in table and "Pleural Effusion" in table and "Pneumothorax" in table
     assert set(doc["per_label"]) == {"s/nih", "s/chexpert", "teacher_s/nih", "teacher_s/chexpert"}
     assert len(doc["per_label"]["s/chexpert"]) == 5 and len(doc["per_label"]["s/nih"]) == 14
-    for rel in ("figures/pretrain/losses.png", "figures/finetune_nih/finetune.png",
+    val = [json.loads(x) for x in (out / "runs" / "finetune_s_nih" / "metrics.jsonl").read_text().splitlines()
+           if json.loads(x).get("phase") == "val"]
+    assert [r["epoch"] for r in val] == [0, 1] and all(0 < r["loss"] < 5 and r["mauc"] for r in val)
+    for rel in ("figures/pretrain/losses.png", "figures/finetune_nih/finetune.png", "figures/finetune_nih/loss_train_val.png",
                 "figures/finetune_nih/auc_bars.png", "figures/finetune_chexpert/auc_bars.png"):
         assert rel in doc["figures"] and (out / rel).is_file(), rel
     stages = {s["stage"]: s for s in doc["stages"]}

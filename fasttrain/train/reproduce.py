@@ -789,7 +789,7 @@ def write_table(plan: Plan) -> dict:
 
 def make_figures(plan: Plan) -> list[Path]:
     """The paper's figures from the run logs: pre-training loss curves (L_MAE, L_dist), fine-tuning
-    train loss and val mAUC per epoch, per-label AUC bars (fasttrain plot)."""
+    train loss and val mAUC (fasttrain plot), fine-tuning train/val loss per epoch, per-label AUC bars."""
     from fasttrain.train.plots import plot_runs
     figs: list[Path] = []
     pre = [st.run_dir for st in plan.stages if st.kind == "pretrain" and (st.run_dir / "metrics.jsonl").is_file()]
@@ -800,7 +800,40 @@ def make_figures(plan: Plan) -> list[Path]:
                 and (st.run_dir / "metrics.jsonl").is_file()]
         if runs:
             figs += plot_runs(runs, plan.out / "figures" / f"finetune_{d}")
+            figs.append(plot_finetune_losses(runs, plan.out / "figures" / f"finetune_{d}" / "loss_train_val.png",
+                                             synthetic=any(s.synthetic for s in plan.sources.values())))
     return figs
+
+
+def plot_finetune_losses(runs: list[Path], path: Path, synthetic: bool) -> Path:
+    """Fine-tuning BCE per epoch, train (mean of the epoch's logged steps) and validation, one colour
+    per run: the paper's fine-tuning loss figure."""
+    from fasttrain.train.plots import _plt, _save
+    from fasttrain.train.runlog import read_metrics
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, run in enumerate(runs):
+        recs = read_metrics(run)
+        train: dict[int, list[float]] = {}
+        for r in recs:
+            if r.get("phase") == "train" and isinstance(r.get("loss"), (int, float)):
+                train.setdefault(r["epoch"], []).append(r["loss"])
+        val = [(r["epoch"], r["loss"]) for r in recs if r.get("phase") == "val" and isinstance(r.get("loss"), (int, float))]
+        c = f"C{i}"
+        if train:
+            ep = sorted(train)
+            ax.plot([e + 1 for e in ep], [sum(train[e]) / len(train[e]) for e in ep], "-", color=c, label=f"{run.name} train")
+        if val:
+            ax.plot([e + 1 for e, _ in val], [v for _, v in val], "o--", color=c, label=f"{run.name} val")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("BCE")
+    ax.set_title(("SYNTHETIC phantoms - " if synthetic else "") + "fine-tuning loss, train and validation")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return path
 
 
 # ----------------------------------------------------------------------------- main

@@ -391,6 +391,9 @@ class Plan:
             init, needs = str(teachers[t]), [f"convert_{d}"]
         else:
             init, needs = str(self.out / "runs" / f"pretrain_{row}" / "checkpoints" / "last.pt"), [f"convert_{d}", f"pretrain_{row}"]
+        if "val" not in self.sources[d].splits:  # a set packed earlier without a val split: last.pt is evaluated
+            over.append("--data.val_split=null")
+            self.notes.append(f"{d}: the packed set has no 'val' split, so no best.pt: the last checkpoint is evaluated")
         if _xiao_augment_available():
             over += _override_args(XIAO_AUGMENT)
         elif row == self.students[0] and d == self.datasets[0]:

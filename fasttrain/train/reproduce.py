@@ -604,7 +604,7 @@ def format_plan(plan: Plan, info: dict) -> str:
     if need:
         lines.append(f"  disk for the packed datasets ({', '.join(plan.args.formats)}, {plan.args.pack_size} px): ~{need / 1e9:.1f} GB raw")
     lines.append(f"  pre-training data: {plan.pretrain_data}")
-    for n in plan.notes:
+    for n in dict.fromkeys(plan.notes):
         lines.append(f"  NOTE: {n}")
     done = {st.name for st in plan.stages if st.marker(plan.out).is_file()}
     lines.append("")
@@ -730,7 +730,7 @@ def write_table(plan: Plan) -> dict:
     figures = make_figures(plan)
     doc = {"synthetic": synthetic, "rows": rows, "stages": stages,
            "gpu_hours_total": sum(s["gpu_hours"] or 0 for s in stages),
-           "figures": [str(p.relative_to(out)) for p in figures], "notes": plan.notes,
+           "figures": [str(p.relative_to(out)) for p in figures], "notes": list(dict.fromkeys(plan.notes)),
            "per_label": {f"{r}/{d}": {n: e for n, e in res["labels"].items()} for (r, d), res in results.items() if res},
            "paper": PAPER}
     md = []
@@ -751,7 +751,7 @@ def write_table(plan: Plan) -> dict:
             diff = e[d]["diff"]
             cells += [_fmt_auc(res), f"{e[d]['paper']:.1f}", f"{diff:+.1f}" if diff is not None else "-"]
         md.append(f"| {e['row']} | " + " | ".join(cells) + " |")
-    for n in plan.notes:
+    for n in dict.fromkeys(plan.notes):
         md += ["", f"Note: {n}"]
     for d in DATASETS:
         keyed = [(e, results.get((e["key"], d))) for e in rows if results.get((e["key"], d))]

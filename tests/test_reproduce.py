@@ -8,7 +8,6 @@ import csv
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from fasttrain.cli import main
@@ -219,6 +218,7 @@ def _fake_release(root: Path) -> tuple[Path, Path]:
     return nih, chex
 
 
+@pytest.mark.slow  # writes full-size ViT-S/B checkpoints (0.6 GB) and builds the real models
 def test_dry_run_plan_at_the_real_sizes(inputs, tmp_path, capsys, monkeypatch):
     """The paper's configs at full size, 8 GPUs: images and steps from the releases' counts, the
     GPU-hours from FLOPs at the assumed MFU (no step measured), torchrun named; nothing written."""

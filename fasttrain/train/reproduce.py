@@ -337,9 +337,11 @@ class Plan:
             over.append("--run.progress=false")
         return over
 
-    def _config(self, name: str, yaml_name: str, extra: list[str]):
+    @staticmethod
+    def _config(yaml_name: str, over: list[str]):
+        """The stage's resolved Config, exactly as its command will build it."""
         from fasttrain.config import build_config
-        return build_config(configs_dir() / yaml_name, extra)
+        return build_config(configs_dir() / yaml_name, over)
 
     # -- the stages ----------------------------------------------------------------------------
 
@@ -367,7 +369,7 @@ class Plan:
                     *self._common_over(), *self._user_over(name)]
             run = self.out / "runs" / name
             tck = [f"--distill.teacher_ckpt={teachers[t]}"] if teachers[t] else []  # what --teacher sets
-            cfg = self._config(name, yaml_name, over + tck)
+            cfg = self._config(yaml_name, over + tck)
             images = sum(self.sources[d].splits["train"] for d in DATASETS if str(self.packed[d]) in self.pretrain_data)
             argv = ["pretrain", "--config", str(configs_dir() / yaml_name), "--out", str(run),
                     "--teacher", str(teachers[t]), *over]
@@ -401,7 +403,7 @@ class Plan:
                               "issue #11's keys; crops and flips as configs/paper/finetune_*.yaml")
         over += self._common_over() + self._user_over(name)
         yaml_name = f"finetune_{d}.yaml"
-        cfg = self._config(name, yaml_name, over)
+        cfg = self._config(yaml_name, over)
         argv = ["finetune", "--config", str(configs_dir() / yaml_name), "--out", str(run), "--init", init, *over]
         self.stages.append(self._train_stage(name, "finetune", argv, run, cfg, self.sources[d].splits["train"],
                                              needs=needs))
@@ -434,7 +436,7 @@ def check_teachers(plan: Plan) -> dict[str, object]:
     from fasttrain.train.builders import build_pretrain_model
     models = {}
     for t, flag in (("s", "--teacher-s"), ("b", "--teacher-b")):
-        if t not in plan.students and not (plan.args.with_teachers and t in plan.students):
+        if t not in plan.students:  # --with-teachers fine-tunes only the teachers of the students run
             continue
         path = getattr(plan.args, f"teacher_{t}")
         if path is None:
@@ -509,14 +511,10 @@ def estimate(plan: Plan, models: dict, bench_steps: int) -> dict:
     for st in plan.stages:
         if st.kind not in ("pretrain", "finetune"):
             continue
-        model = models.get(st.name[-1]) if st.kind == "pretrain" else None
-        if model is None:
-            import torch
-            torch.manual_seed(0)
-            model = build_classifier(st.config) if st.kind == "finetune" else None
-        if st.kind == "pretrain" and model is None:
-            from fasttrain.train.builders import build_pretrain_model
-            model = build_pretrain_model(st.config)
+        if st.kind == "pretrain":
+            model = models[st.name.rsplit("_", 1)[1]]  # built (teacher loaded) by check_teachers
+        else:
+            model = build_classifier(st.config)
         if bench_steps > 0:
             batch = st.config.data.batch_size if dev.type == "cuda" else min(st.config.data.batch_size, 8)
             ips = measure_images_per_s(st, model, bench_steps, batch)
@@ -897,11 +895,8 @@ def reproduce(args) -> int:
     plan = Plan(args, sources)
     models = check_teachers(plan)
     check_disk(list(sources.values()), out)
-    import torch
-    threads = torch.get_num_threads()
     info = estimate(plan, models, args.bench_steps)
-    torch.set_num_threads(threads)
-    del models
+    del models  # the teachers' memory, before the stages build their own
     text = format_plan(plan, info)
     print(text, flush=True)
     if args.dry_run:

@@ -127,6 +127,8 @@ def test_reproduce_end_to_end_on_phantoms_with_interruption(inputs, monkeypatch,
     assert "pretrain_s (resuming)" in text
     assert (out / "packed" / "nih" / "manifest.json").stat().st_mtime_ns == manifest_mtime
     pre = json.loads((out / "stages" / "pretrain_s.json").read_text())
+    assert len(pre["attempts_wall_s"]) == 2 and pre["wall_s"] == pytest.approx(sum(pre["attempts_wall_s"]))
+    assert not (out / "stages" / "pretrain_s.running.json").exists()
     assert pre["resumed"] is True and pre["steps"] == json.loads(
         (out / "runs" / "pretrain_s" / "summary.json").read_text())["steps"]
     steps = [json.loads(x)["step"] for x in (out / "runs" / "pretrain_s" / "metrics.jsonl").read_text().splitlines()

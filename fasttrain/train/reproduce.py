@@ -663,6 +663,8 @@ def run_stage(plan: Plan, st: Stage) -> dict:
         if not best.is_file():  # no val split: the last checkpoint (never chosen on the test set)
             argv[argv.index("--ckpt") + 1] = str(st.run_dir / "checkpoints" / "last.pt")
     print(f"\n=== {st.name}{' (resuming)' if resumed else ''}: fasttrain {' '.join(argv)}", flush=True)
+    attempts = _earlier_attempts(plan, st)
+    _write_json(_running(plan, st), {"start": time.time(), "attempts": attempts})
     t0 = time.perf_counter()
     if st.distributed and st.kind in ("pretrain", "finetune"):
         rc = subprocess.call(torchrun_prefix(plan.gpus) + argv)
@@ -674,8 +676,8 @@ def run_stage(plan: Plan, st: Stage) -> dict:
         raise RuntimeError(f"stage {st.name} failed (exit {rc}); fix the cause and re-run the same "
                            f"`fasttrain reproduce` command: finished stages are skipped, this one resumes")
     gpus = {"pretrain": plan.gpus, "finetune": plan.gpus, "evaluate": 1}.get(st.kind, 0)  # convert: CPUs only
-    rec = {"stage": st.name, "kind": st.kind, "argv": argv, "wall_s": wall, "resumed": resumed,
-           "gpus": gpus, "finished": time.time()}
+    rec = {"stage": st.name, "kind": st.kind, "argv": argv, "wall_s": wall + sum(attempts), "resumed": resumed,
+           "attempts_wall_s": attempts + [wall], "gpus": gpus, "finished": time.time()}
     if st.kind in ("pretrain", "finetune"):
         summary = json.loads((st.run_dir / "summary.json").read_text())
         rec.update(images_per_s=summary.get("images_per_s"), steps=summary.get("steps"),
@@ -686,9 +688,34 @@ def run_stage(plan: Plan, st: Stage) -> dict:
     else:
         m = json.loads((plan.packed[st.name.split("_", 1)[1]] / "manifest.json").read_text())
         rec.update(images_per_s=m["conversion"].get("images_per_s"))
-    rec["gpu_hours"] = wall * rec["gpus"] / 3600
+    rec["gpu_hours"] = rec["wall_s"] * rec["gpus"] / 3600
     _write_json(st.marker(plan.out), rec)
+    _running(plan, st).unlink(missing_ok=True)
     return rec
+
+
+def _running(plan: Plan, st: Stage) -> Path:
+    return plan.out / "stages" / f"{st.name}.running.json"
+
+
+def _earlier_attempts(plan: Plan, st: Stage) -> list[float]:
+    """Wall seconds of the interrupted attempts of this stage: each from its start to the last
+    record it logged (a killed process says nothing when it dies; its metrics.jsonl does)."""
+    f = _running(plan, st)
+    if not f.is_file():
+        return []
+    prev = json.loads(f.read_text())
+    attempts = list(prev.get("attempts", []))
+    last = None
+    if st.run_dir is not None and (st.run_dir / "metrics.jsonl").is_file():
+        for line in (st.run_dir / "metrics.jsonl").read_text().splitlines():
+            try:
+                last = json.loads(line).get("time", last)
+            except json.JSONDecodeError:  # a line cut by the kill
+                continue
+    if last is not None and last > prev["start"]:
+        attempts.append(last - prev["start"])
+    return attempts
 
 
 # ----------------------------------------------------------------------------- Table 2
@@ -777,8 +804,8 @@ def write_table(plan: Plan) -> dict:
                   f"{'yes' if s.get('resumed') else 'no'} |")
     md.append(f"| total | | {doc['gpu_hours_total']:.3f} | | | |")
     md.append("")
-    md.append("GPU-hours = wall time x GPUs of the final (finishing) invocation of each stage; an interrupted "
-              "attempt's time before the resume is not counted.")
+    md.append("GPU-hours = wall time x GPUs, summed over a stage's attempts (an interrupted attempt counts "
+              "until the last record it logged).")
     if figures:
         md += ["", f"## {tag}Figures", ""] + [f"- [{p.relative_to(out)}]({p.relative_to(out)})" for p in figures]
     _write_json(out / "table2.json", doc)

@@ -194,6 +194,9 @@ def test_bad_inputs_fail_before_any_work(inputs, tmp_path, capsys, monkeypatch):
     argv = [a if a != str(inputs["b"]) else str(tmp_path / "nope.pth") for a in base]
     rc, err = run(argv)
     assert rc == 2 and "--teacher-b" in err and "not found" in err
+    argv = [a for a in base if a not in ("--teacher-b", str(inputs["b"]))]
+    rc, err = run(argv)
+    assert rc == 2 and "--teacher-b is required for experiments 3" in err
     # datasets swapped, and a folder that is no release
     argv = [str(inputs["chexpert"]) if a == str(inputs["nih"]) else str(inputs["nih"]) if a == str(inputs["chexpert"])
             else a for a in base]

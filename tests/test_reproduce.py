@@ -144,6 +144,16 @@ def test_reproduce_end_to_end_on_phantoms_with_interruption(inputs, monkeypatch,
              if json.loads(x).get("phase") == "train"]
     assert steps == sorted(set(steps)) and steps[-1] == pre["steps"]  # one continuous log, no repeats
 
+    # the paper pre-trains on NIH train + CheXpert train: a mixture where this build reads one (issue #10),
+    # else NIH alone and the table says so
+    packed = [out / "packed" / d for d in ("nih", "chexpert")]
+    counts = [json.loads((p / "manifest.json").read_text())["splits"]["train"]["count"] for p in packed]
+    if rp.mixture_supported(rp.mixture_spec(packed))[0]:
+        assert pre["steps"] == 2 * (sum(counts) // 16)
+    else:
+        assert pre["steps"] == 2 * (counts[0] // 16)
+        assert "PRE-TRAINING ON NIH ONLY" in (out / "table2.md").read_text()
+
     table = (out / "table2.md").read_text()
     doc = json.loads((out / "table2.json").read_text())
     assert table.startswith("> **SYNTHETIC") and doc["synthetic"] is True

@@ -287,9 +287,12 @@ def mixture_supported(spec: str) -> tuple[bool, str]:
     """Does this build's data layer read a PATH:SPLIT list (issue #10)? Probed by opening it."""
     try:
         from fasttrain.config import build_config
-        from fasttrain.data import build_loader
+        import inspect
+        from fasttrain.data.loaders import build_loader  # the function itself: fasttrain.data's is a lazy wrapper
         cfg = build_config(overrides={"data": {"path": spec, "batch_size": 1}})
-        build_loader(cfg.data, cfg.data.train_split, train=True, img_size=16, in_chans=1, seed=0)
+        # pre-training ignores labels, so the parts' label names may differ (NIH 14, CheXpert 5)
+        kw = {"need_labels": False} if "need_labels" in inspect.signature(build_loader).parameters else {}
+        build_loader(cfg.data, cfg.data.train_split, train=True, img_size=16, in_chans=1, seed=0, **kw)
         return True, ""
     except Exception as e:  # noqa: BLE001 - any failure means: not usable here; the message is reported
         return False, f"{type(e).__name__}: {e}"

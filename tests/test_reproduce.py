@@ -282,3 +282,13 @@ def test_dry_run_plan_at_the_real_sizes(inputs, tmp_path, capsys, monkeypatch):
         assert gpu_h[f"pretrain_{t}"] == pytest.approx(images * flops / (rp.ASSUMED_MFU * known_peak("H100")) / 3600,
                                                        abs=0.06)
     assert gpu_h["pretrain_s"] < gpu_h["pretrain_b"]
+
+
+def test_overrides_reach_the_stages_their_glob_names():
+    over = rp.parse_user_overrides(["--model.depth=2", "--finetune_teacher_*:model.embed_dim=48",
+                                    "pretrain_b:distill.teacher_depth=4"])
+    assert over == [("*", "model.depth", "2"), ("finetune_teacher_*", "model.embed_dim", "48"),
+                    ("pretrain_b", "distill.teacher_depth", "4")]
+    for bad in ("--model=2", "--finetune_*:depth=2", "--model.depth"):
+        with pytest.raises(rp.ReproduceError, match="section.key=value"):
+            rp.parse_user_overrides([bad])

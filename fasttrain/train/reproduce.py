@@ -519,7 +519,8 @@ def estimate(plan: Plan, models: dict, bench_steps: int) -> dict:
         else:
             model = build_classifier(st.config)
         if bench_steps > 0:
-            batch = st.config.data.batch_size if dev.type == "cuda" else min(st.config.data.batch_size, 8)
+            # CPU: 2 images a step (a full-size ViT-B step on a loaded 2-core machine takes minutes at 8)
+            batch = st.config.data.batch_size if dev.type == "cuda" else min(st.config.data.batch_size, 2)
             ips = measure_images_per_s(st, model, bench_steps, batch)
         else:
             ips = _assumed_ips(st, model, dev)
@@ -533,7 +534,7 @@ def estimate(plan: Plan, models: dict, bench_steps: int) -> dict:
             st.est_s = st.images * _decode_seconds(plan.sources[st.name.split("_", 1)[1]]) / max(1, os.cpu_count() or 1)
     if bench_steps > 0:
         info["assumptions"].append(f"training: median of {bench_steps} measured uncompiled steps per stage on "
-                                   f"{dev} (batch {'as configured' if dev.type == 'cuda' else '<= 8'}); "
+                                   f"{dev} (batch {'as configured' if dev.type == 'cuda' else '<= 2'}); "
                                    "the compiled step is faster, so these are upper bounds")
     else:
         peak_of = "an H100's" if dev.type == "cpu" else "the device's"

@@ -39,6 +39,9 @@ setup(
         "tqdm>=4.60",
         "pillow>=10",
         "simplejpeg>=1.7",
+        # converters: 8/16-bit grey PNG through libpng, 1.6-2.3x PIL, bit-identical (issue 14); optional
+        # at run time (PIL decodes the same pixels without it)
+        "imagecodecs>=2024.1",
         "pydicom>=2.4",
         "matplotlib>=3.7",
         "tensorboard>=2.14",

@@ -1,5 +1,5 @@
-"""`fasttrain convert {nih,chexpert,dicom,images,synthetic} ...`: argument parsing only; the work is in
-nih.py / chexpert.py / dicom.py / images.py / synthetic.py."""
+"""`fasttrain convert {nih,chexpert,dicom,mimic-jpg,images,synthetic} ...`: argument parsing only; the work is
+in nih.py / chexpert.py / dicom.py (DICOM and MIMIC-CXR-JPG) / images.py / synthetic.py."""
 from __future__ import annotations
 
 import argparse
@@ -53,6 +53,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--split-csv", default=None, help="MIMIC-CXR split CSV (default: beside --labels-csv)")
     p.add_argument("--views", choices=("frontal", "all"), default="frontal",
                    help="MIMIC-CXR: frontal = ViewPosition PA or AP")
+    p = sub.add_parser("mimic-jpg", help="MIMIC-CXR-JPG as published (files/pNN/.../<dicom_id>.jpg + its CSVs)")
+    _common(p)
+    _policies(p)
+    p.add_argument("--labels-csv", "--csv", default=None, dest="labels_csv",
+                   help="per-study labels (default: mimic-cxr-2.0.0-chexpert.csv[.gz] in --src; "
+                        "mimic-cxr-2.0.0-negbio.csv.gz for the NegBio labeler)")
+    p.add_argument("--metadata-csv", default=None, help="metadata CSV (default: beside --labels-csv)")
+    p.add_argument("--split-csv", default=None, help="split CSV (default: beside --labels-csv)")
+    p.add_argument("--views", choices=("frontal", "all"), default="frontal",
+                   help="frontal = ViewPosition PA or AP")
     _images_parser(sub)
     p = sub.add_parser("synthetic", help="write SYNTHETIC phantoms in the NIH source layout")
     p.add_argument("--out", required=True, help="source folder to write (must not exist)")
@@ -162,6 +172,11 @@ def _run(args, progress: bool) -> int:
             from .chexpert import convert_chexpert
             out = convert_chexpert(args.src, args.out, uncertain=args.uncertain, labels=args.labels,
                                    views=args.views, **common)
+        elif args.source == "mimic-jpg":
+            from .dicom import convert_mimic_jpg
+            out = convert_mimic_jpg(args.src, args.out, labels_csv=args.labels_csv, uncertain=args.uncertain,
+                                    labels=args.labels, views=args.views, metadata_csv=args.metadata_csv,
+                                    split_csv=args.split_csv, **common)
         elif args.source == "images":
             from .images import convert_images
             out = convert_images(args.src, args.labels_csv, args.out, path_col=args.path_col,

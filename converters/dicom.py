@@ -25,10 +25,11 @@ import numpy as np
 
 from .chexpert import CHEXPERT_ALL, COMPETITION, map_labels, uncertain_value
 from .common import ConvertError, Item, Problems, patient_disjoint_split, read_csv
-from .decode import decode_dicom
+from .decode import decode_dicom, decode_raster
 from .pack import begin, pack
 
 FILE_COLUMNS = ("path", "Path", "file", "filename", "dicom_id")
+_KIND = {".dcm": "DICOM", ".jpg": "JPEG"}  # what the error messages call a missing file
 SPLIT_VALUES = {"train": "train", "validate": "val", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
@@ -59,7 +60,8 @@ def _split_of(value: str, where: str, ident: str, path: str, problems: Problems)
 
 
 def build_items(src: Path, labels_csv: Path, labels: str, uncertain: str, problems: Problems,
-                views: str = "frontal", metadata_csv: Optional[Path] = None, split_csv: Optional[Path] = None):
+                views: str = "frontal", metadata_csv: Optional[Path] = None, split_csv: Optional[Path] = None,
+                suffix: str = ".dcm"):
     """-> (splits, label names, id column, source files). A CSV with a file / dicom_id column is
     read row by row; MIMIC-CXR's per-study `mimic-cxr-2.0.0-chexpert.csv` (subject_id, study_id,
     labels) is joined with its metadata (dicom_id -> study, ViewPosition) and split CSVs."""
@@ -70,7 +72,8 @@ def build_items(src: Path, labels_csv: Path, labels: str, uncertain: str, proble
     names = _label_names(labels_csv, header, labels)
     file_col = next((c for c in FILE_COLUMNS if c in header), None)
     if file_col is None and {"subject_id", "study_id"} <= set(header):
-        return _build_mimic(src, labels_csv, rows, names, uncertain, problems, views, metadata_csv, split_csv)
+        return _build_mimic(src, labels_csv, rows, names, uncertain, problems, views, metadata_csv, split_csv,
+                            suffix)
     if file_col is None:
         raise ConvertError(f"{labels_csv}: no column naming the image; expected one of {list(FILE_COLUMNS)} "
                            f"(or MIMIC-CXR's subject_id + study_id with its metadata CSV)")
@@ -78,8 +81,8 @@ def build_items(src: Path, labels_csv: Path, labels: str, uncertain: str, proble
     if file_col == "dicom_id":
         for dirpath, _, files in os.walk(src):
             for f in files:
-                if f.lower().endswith(".dcm"):
-                    by_stem.setdefault(f[:-4], []).append(Path(dirpath) / f)
+                if f.lower().endswith(suffix):
+                    by_stem.setdefault(f[:-len(suffix)], []).append(Path(dirpath) / f)
     has_split = "split" in header
     splits: dict[str, list[Item]] = {}
     for lineno, r in rows:
@@ -92,13 +95,13 @@ def build_items(src: Path, labels_csv: Path, labels: str, uncertain: str, proble
             found = by_stem.get(ident, [])
             if len(found) != 1:
                 problems.report(ident, ident, f"{where}: dicom_id {ident!r} matches "
-                                              f"{'no' if not found else len(found)} .dcm file(s) under {src}")
+                                              f"{'no' if not found else len(found)} {suffix} file(s) under {src}")
                 continue
             path = found[0]
         else:
             path = src / ident
             if not path.is_file():
-                problems.report(ident, str(path), f"{where}: DICOM file {path} not found")
+                problems.report(ident, str(path), f"{where}: {_KIND[suffix]} file {path} not found")
                 continue
         split = "train"
         if has_split:
@@ -129,7 +132,7 @@ def _beside(labels_csv: Path, name: str) -> Path:
     return gz if not p.is_file() and gz.is_file() else p
 
 
-def _build_mimic(src, labels_csv, rows, names, uncertain, problems, views, metadata_csv, split_csv):
+def _build_mimic(src, labels_csv, rows, names, uncertain, problems, views, metadata_csv, split_csv, suffix):
     metadata_csv = Path(metadata_csv) if metadata_csv else _beside(labels_csv, MIMIC_METADATA)
     if not metadata_csv.is_file():
         raise ConvertError(f"{labels_csv}: per-study labels (subject_id, study_id) need MIMIC-CXR's metadata CSV "
@@ -161,7 +164,7 @@ def _build_mimic(src, labels_csv, rows, names, uncertain, problems, views, metad
         did, subject, study = r["dicom_id"], r["subject_id"], r["study_id"]
         if views == "frontal" and r["ViewPosition"] not in FRONTAL_VIEWS:
             continue
-        path = files_root / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{did}.dcm"
+        path = files_root / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{did}{suffix}"
         lab = study_labels.get((subject, study))
         if lab is None:
             problems.report(did, str(path), f"{where}: study s{study} of subject {subject} has no row in {labels_csv.name}")
@@ -177,7 +180,7 @@ def _build_mimic(src, labels_csv, rows, names, uncertain, problems, views, metad
             if split is None:
                 continue
         if not path.is_file():
-            problems.report(did, str(path), f"{where}: DICOM file {path} not found")
+            problems.report(did, str(path), f"{where}: {_KIND[suffix]} file {path} not found")
             continue
         splits.setdefault(split, []).append(Item(id=did, path=str(path), labels=lab[1],
                                                  where=f"{where} ({did}; labels {lab[0]})", group=subject))
@@ -208,3 +211,44 @@ def convert_dicom(src, labels_csv, out, formats: Sequence[str] = ("raw",), size:
                                         "Function), else min..max; MONOCHROME1 inverted; 0..1 -> 0..255"}}
     return pack(dataset="dicom", source=src, out=Path(out), splits=splits, label_names=names,
                 decode=decode_dicom, opts=opts, problems=problems, source_files=sources, extra=extra)
+
+
+MIMIC_CHEXPERT = "mimic-cxr-2.0.0-chexpert.csv"
+
+
+def convert_mimic_jpg(src, out, labels_csv=None, formats: Sequence[str] = ("raw",), size: int = 256,
+                      uncertain: str = "paper", labels: str = "competition", val_fraction: float = 0.0,
+                      on_error: str = "fail", workers: Optional[int] = None, seed: int = 0, jpeg_quality: int = 95,
+                      shard_size: int = 4096, progress: bool = True, views: str = "frontal",
+                      metadata_csv=None, split_csv=None) -> Path:
+    """Pack MIMIC-CXR-JPG as published into `out`; return `out`.
+
+    `src` is the release folder: `files/pNN/pNNNNNNNN/sNNNNNNNN/<dicom_id>.jpg` and the CSVs
+    (`mimic-cxr-2.0.0-{chexpert,negbio,metadata,split}.csv[.gz]`). The same joins, views and splits
+    as MIMIC-CXR DICOM (`convert_dicom` with the published CSVs): labels per study from
+    `labels_csv` (default: the chexpert labeler's CSV in `src`; pass the negbio one to use that
+    labeler), dicom_id -> study and ViewPosition from the metadata CSV, train / validate / test
+    from the split CSV. Pixels: 8-bit grey JPEG, decoded at the smallest DCT scale >= `size`."""
+    src_path = Path(src)
+    labels_csv = Path(labels_csv) if labels_csv else _beside(src_path / MIMIC_CHEXPERT, MIMIC_CHEXPERT)
+    if not labels_csv.is_file():
+        raise ConvertError(f"{src_path}: no {MIMIC_CHEXPERT}[.gz] (MIMIC-CXR-JPG ships it at the top of the release); "
+                           f"pass --labels-csv")
+    src, opts, problems = begin(src, formats=tuple(formats), size=size, workers=workers, on_error=on_error,
+                                jpeg_quality=jpeg_quality, shard_size=shard_size, progress=progress)
+    header, _ = read_csv(labels_csv, [])
+    if not {"subject_id", "study_id"} <= set(header):
+        raise ConvertError(f"{labels_csv}: MIMIC-CXR-JPG labels are per study: expected subject_id and study_id "
+                           f"columns (found {header[:6]})")
+    splits, names, file_col, sources = build_items(src, labels_csv, labels, uncertain, problems, views=views,
+                                                   metadata_csv=metadata_csv, split_csv=split_csv, suffix=".jpg")
+    if not splits:
+        raise ConvertError(f"{labels_csv}: no usable rows")
+    if val_fraction:
+        if "val" in splits:
+            raise ConvertError(f"{labels_csv}: has a 'val'/'validate' split already; drop --val-fraction")
+        splits["train"], splits["val"] = patient_disjoint_split(splits["train"], val_fraction, seed)
+    extra = {"mimic_jpg": {"labels_csv": str(labels_csv.absolute()), "id_column": file_col, "uncertain": uncertain,
+                           "labels": labels, "views": views, "val_fraction": val_fraction, "split_seed": seed}}
+    return pack(dataset="mimic-cxr-jpg", source=src, out=Path(out), splits=splits, label_names=names,
+                decode=decode_raster, opts=opts, problems=problems, source_files=sources, extra=extra)

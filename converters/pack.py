@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from . import decode as decode_mod
 from . import raw as raw_writer
 from .common import (FORMAT_PREFERENCE, MANIFEST_VERSION, AtomicDir, ConvertError, DecodeFn, Item, PackOptions,
                      Problems, default_workers, sha256_file, write_json_atomic)
@@ -68,6 +69,8 @@ def pack(*, dataset: str, source: Path, out: Path, splits: dict[str, list[Item]]
         dali_writer.require()
     workers = default_workers(opts.workers)
     size = int(opts.size)
+    if workers > 1:
+        decode_mod.preload(decode)  # the workers fork with the decoders imported, not each importing them
     t_all = time.perf_counter()
     setup_s = t_all - t_setup  # importing the writers (FFCV pulls in torch + numba: seconds)
     rates = {}
@@ -75,11 +78,11 @@ def pack(*, dataset: str, source: Path, out: Path, splits: dict[str, list[Item]]
         (tmp / "splits").mkdir()
         split_meta = {}
         details: dict[str, dict] = {}
+        t0 = time.perf_counter()
+        written = raw_writer.write_splits(tmp, splits, decode, size, workers, opts.progress, problems)
+        rates["decode_images_per_s"] = round(sum(map(len, splits.values())) / max(time.perf_counter() - t0, 1e-9), 1)
         for name, items in splits.items():
-            t0 = time.perf_counter()
-            kept, skipped = raw_writer.write_split(tmp, name, items, decode, size, workers, opts.progress,
-                                                   problems)
-            rates[name] = {"decode_images_per_s": round(len(items) / max(time.perf_counter() - t0, 1e-9), 1)}
+            kept, skipped = written[name]
             if not kept:
                 raise ConvertError(f"split '{name}' is empty after skipping {skipped} bad item(s)")
             labels = np.stack([it.labels for it in kept]).astype(np.float32)  # [N, C], row i = raw image i
@@ -138,6 +141,9 @@ def pack(*, dataset: str, source: Path, out: Path, splits: dict[str, list[Item]]
                 "dtype": "uint8",
                 "bit_depth": "16-bit PNG: 0..65535 -> 0..255 (0..2^b-1 when sBIT declares b bits); DICOM: see dicom section",
                 **({"jpeg_quality": opts.jpeg_quality} if "dali" in opts.formats else {}),
+                # how PNG / JPEG sources were decoded, and the bound of the DCT-scaled JPEG path
+                **({"jpeg": decode_mod.JPEG_SCALED_NOTE, "png": decode_mod.PNG_NOTE}
+                   if decode in (decode_mod.decode_raster, decode_mod.decode_file) else {}),
                 **(extra or {}).get("preprocessing", {}),
             },
             "source_sha256": {Path(p).name: sha256_file(Path(p)) for p in source_files},

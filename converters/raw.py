@@ -19,35 +19,46 @@ def path_of(split: str) -> str:
 
 def write_split(root: Path, split: str, items: list[Item], decode: DecodeFn, size: int, workers: int,
                 show_progress: bool, problems: Problems) -> tuple[list[Item], int]:
-    """Decode `items` into root/raw/<split>.u8; return (items kept, number skipped).
+    """Decode `items` into root/raw/<split>.u8; return (items kept, number skipped)."""
+    return write_splits(root, {split: items}, decode, size, workers, show_progress, problems)[split]
 
-    Skipped items leave no hole: images are written densely and the file is truncated to the
-    kept count at the end, so row i of the memmap is always kept[i].
+
+def write_splits(root: Path, splits: dict[str, list[Item]], decode: DecodeFn, size: int, workers: int,
+                 show_progress: bool, problems: Problems) -> dict[str, tuple[list[Item], int]]:
+    """Decode every split into root/raw/<split>.u8 through ONE process pool; return, per split,
+    (items kept, number skipped).
+
+    One pool for all splits, not one per split: each pool start costs its fork and the tail of a
+    split where workers wait for the last chunk (a 2-split bench pack paid both twice). Skipped
+    items leave no hole: images are written densely and each file is truncated to its kept count
+    at the end, so row i of a split's memmap is always kept[i].
     """
     (root / "raw").mkdir(exist_ok=True)
-    fname = root / path_of(split)
-    n = len(items)
     # Headerless C-order bytes: any reader (numpy, FFCV, DALI, a C loader) maps it with one line;
     # the shape lives in the manifest.
-    images = np.memmap(fname, dtype=np.uint8, mode="w+", shape=(max(n, 1), size, size))
-    kept: list[Item] = []
-    bar = progress(n, f"decode {split}", show_progress)
+    images = {name: np.memmap(root / path_of(name), dtype=np.uint8, mode="w+", shape=(max(len(items), 1), size, size))
+              for name, items in splits.items()}
+    kept: dict[str, list[Item]] = {name: [] for name in splits}
+    order = [(name, it) for name, items in splits.items() for it in items]  # position -> (split, item)
+    bar = progress(len(order), "decode " + "+".join(splits), show_progress)
     try:
-        for pos, img, err in decode_stream([it.path for it in items], decode, size, workers):
-            it = items[pos]
+        for pos, img, err in decode_stream([it.path for _, it in order], decode, size, workers):
+            name, it = order[pos]
             if err is not None:
                 problems.report(it.id, it.path, f"{it.where}: {it.path}: {err}")
                 bar.update(1)
                 continue
-            images[len(kept)] = img  # [H, W]
-            kept.append(it)
+            images[name][len(kept[name])] = img  # [H, W]
+            kept[name].append(it)
             bar.update(1)
     finally:
         bar.close()
-    images.flush()
-    del images
-    os.truncate(fname, len(kept) * size * size)
-    return kept, n - len(kept)
+    for name in splits:
+        images[name].flush()
+    images.clear()  # unmap before truncating
+    for name, items in splits.items():
+        os.truncate(root / path_of(name), len(kept[name]) * size * size)
+    return {name: (kept[name], len(items) - len(kept[name])) for name, items in splits.items()}
 
 
 def details(split_meta: dict, size: int) -> dict:

@@ -1,4 +1,5 @@
-"""The `fasttrain` command: convert | pretrain | finetune | evaluate | predict | export | plot | bench | demo | reproduce.
+"""The `fasttrain` command: convert | pretrain | finetune | evaluate | predict | export | probe | ablate | plot | bench |
+demo | reproduce.
 
 Each sub-command lives with the stage it drives and parses its own arguments; this file only
 dispatches, importing the stage lazily so `fasttrain convert` never imports the trainer.
@@ -15,6 +16,8 @@ COMMANDS = {
     "evaluate": ("fasttrain.train.commands", "evaluate_main", "per-label AUC and mAUC with bootstrap CIs"),
     "predict": ("fasttrain.train.predict", "main", "probabilities per label for new image files (PNG/JPEG/DICOM) -> CSV"),
     "export": ("fasttrain.train.export", "main", "a checkpoint as timm safetensors or ONNX (checked with ONNX Runtime)"),
+    "probe": ("fasttrain.train.probe", "main", "linear probe of a frozen encoder on cached features (mAUC + CIs)"),
+    "ablate": ("fasttrain.train.ablate", "main", "grid x seeds through chosen stages; mean/std and paired CIs"),
     "plot": ("fasttrain.train.commands", "plot_main", "loss curves and AUC figures of one or more runs"),
     "bench": ("fasttrain.bench", "main", "throughput benchmarks against the reference path"),
     "demo": ("fasttrain.train.demo", "main", "the whole pipeline on synthetic phantoms (make demo)"),

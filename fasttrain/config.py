@@ -123,6 +123,15 @@ class RunConfig:
 
 
 @dataclass
+class EvalConfig:
+    # kNN monitor in pre-training (fasttrain/train/knn.py, issue #12): a val mAUC while pre-training runs
+    knn_every: int = 5  # epochs between kNN evaluations (0 = off); 5 keeps it under 5% of pre-training
+    knn_k: int = 20  # neighbours that vote (DINO's k-NN eval uses 20)
+    knn_temperature: float = 0.07  # vote weight exp(cos / T) (DINO, InstDisc)
+    knn_train_images: int = 2000  # memory bank: the first N train images (eval transform); cost grows with it
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -130,6 +139,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

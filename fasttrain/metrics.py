@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
@@ -67,3 +67,109 @@ def mean_of_defined(aucs: dict[str, float | None]) -> float | None:
 def mean_auc(y_true, y_score, label_names: Sequence[str]) -> float | None:
     """Mean AUC over the labels with a defined AUC (see per_label_auc); None if no label has one."""
     return mean_of_defined(per_label_auc(y_true, y_score, label_names))
+
+
+# ----------------------------------------------------------------------------- bootstrap
+
+def resample_counts(rng: np.random.Generator, n: int, n_boot: int, chunk: int) -> Iterator[np.ndarray]:
+    """Yield [n, b] multiplicities of each image in the next b bootstrap resamples.
+
+    Draws exactly what `for b in range(n_boot): rng.integers(0, n, size=n)` draws (numpy's
+    Generator fills a [b, n] request from the same stream in the same order), so a seed gives the
+    same resamples as the per-resample loop it replaces. Images x resamples layout: a label's
+    sparse segment sum and positive-row gather then read whole rows.
+    """
+    done = 0
+    while done < n_boot:
+        b = min(chunk, n_boot - done)
+        idx = rng.integers(0, n, size=(b, n))  # [b, n] image indices, with replacement
+        flat = idx + (np.arange(b) * n)[:, None]  # [b, n] cell (resample, image) of each draw
+        counts = np.bincount(flat.ravel(), minlength=b * n).reshape(b, n)  # [b, n]: each resample's
+        # counting writes stay inside its own row (cache-friendly); then one transposing copy, to
+        # float32 (every multiplicity exact) which scipy's sparse product takes as it is
+        yield np.ascontiguousarray(counts.T, dtype=np.float32)  # [n, b]
+        done += b
+
+
+class RankedLabel:
+    """One label's known rows ranked once, so that any multiplicities of the rows (a bootstrap
+    resample) give its AUC from counts alone.
+
+    AUC = Mann-Whitney U / (n_pos * n_neg), U = sum over (pos, neg) pairs of [s_pos > s_neg] +
+    0.5 [s_pos == s_neg]: the area under the trapezoidal ROC curve sklearn's roc_auc_score
+    integrates. With multiplicities c and the negatives sorted by score, a positive p meets
+    lo_p = (weighted) negatives strictly below it and hi_p = those at or below it, so
+    U = sum_p c_p (lo_p + hi_p) / 2. The sorted negatives are cut where some lo_p or hi_p falls
+    (binary search, once); a sparse [segments, N] indicator sums each resample's counts per
+    segment in one product, a cumulative sum over the (few) segments gives every lo_p and hi_p.
+    """
+
+    def __init__(self, y: np.ndarray, s: np.ndarray):
+        from scipy import sparse
+        neg = np.flatnonzero(y == 0)  # NaN compares False: unknown rows are neither
+        self.pos = np.flatnonzero(y == 1)  # [P] rows of the positives
+        neg = neg[np.argsort(s[neg], kind="mergesort")]  # [M] negatives, ascending score
+        m = len(neg)
+        lo = np.searchsorted(s[neg], s[self.pos], side="left")  # [P] negatives strictly below
+        hi = np.searchsorted(s[neg], s[self.pos], side="right")  # [P] negatives at or below
+        cuts = np.unique(np.concatenate([[0, m], lo, hi]))  # [S+1] segment boundaries in sorted order
+        self.k_lo = np.searchsorted(cuts, lo)  # [P] boundary index of lo_p
+        self.k_hi = np.searchsorted(cuts, hi)  # [P] boundary index of hi_p
+        seg = np.searchsorted(cuts, np.arange(m), side="right") - 1  # [M] segment of each sorted negative
+        self.segments = sparse.csr_matrix((np.ones(m, np.float32), (seg, neg)),
+                                          shape=(max(len(cuts) - 1, 1), len(y)))  # [S, N]
+
+    def auc(self, counts: np.ndarray) -> np.ndarray:
+        """counts [N, B] multiplicities of every image in B resamples -> AUC [B] (NaN: a class absent)."""
+        per_seg = np.asarray(self.segments @ counts, dtype=np.float64)  # [S, B] negatives per segment
+        cum = np.zeros((per_seg.shape[0] + 1, counts.shape[1]))  # [S+1, B] negatives below each boundary
+        np.cumsum(per_seg, axis=0, out=cum[1:])
+        c_pos = counts[self.pos].astype(np.float64)  # [P, B]
+        u2 = (c_pos * (cum[self.k_lo] + cum[self.k_hi])).sum(axis=0)  # [B] 2U
+        n_pos, n_neg = c_pos.sum(axis=0), cum[-1]  # [B]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where((n_pos > 0) & (n_neg > 0), 0.5 * u2 / (n_pos * n_neg), np.nan)  # [B]
+
+
+def bootstrap_auc_matrix(y_true: np.ndarray, y_score: np.ndarray, labels: Sequence[int], *, n_boot: int,
+                         seed: int, chunk: int = 100) -> np.ndarray:
+    """Per-label AUC on `n_boot` seeded resamples of the images -> [n_boot, C] (NaN: undefined
+    on that resample, or a label not in `labels`).
+
+    Vectorised: each label is ranked once (RankedLabel) and every resample's AUC follows from the
+    multiplicities it gives the images; sklearn's roc_auc_score called C * n_boot times took 124 s
+    at NIH's test size (25,596 x 14 x 1000). Same resamples as the per-resample loop for a seed
+    (bootstrap_auc_matrix_reference, its plain twin).
+    """
+    y_true = np.asarray(y_true, dtype=np.float64)
+    y_score = np.asarray(y_score, dtype=np.float64)
+    n, c = y_true.shape
+    ranked = {j: RankedLabel(y_true[:, j], y_score[:, j]) for j in labels}
+    out = np.full((n_boot, c), np.nan)  # [B, C]
+    rng = np.random.default_rng(seed)
+    done = 0
+    for counts in resample_counts(rng, n, n_boot, chunk):  # [N, b]
+        b = counts.shape[1]
+        for j, r in ranked.items():
+            out[done:done + b, j] = r.auc(counts)
+        done += b
+    return out
+
+
+def bootstrap_auc_matrix_reference(y_true: np.ndarray, y_score: np.ndarray, labels: Sequence[int], *,
+                                   n_boot: int, seed: int) -> np.ndarray:
+    """The plain twin of bootstrap_auc_matrix: resample the images, call sklearn per label."""
+    y_true = np.asarray(y_true, dtype=np.float64)
+    y_score = np.asarray(y_score, dtype=np.float64)
+    n, c = y_true.shape
+    rng = np.random.default_rng(seed)
+    out = np.full((n_boot, c), np.nan)  # [B, C]
+    for b in range(n_boot):
+        idx = rng.integers(0, n, size=n)  # resample images with replacement
+        for j in labels:
+            y, s = y_true[idx, j], y_score[idx, j]
+            keep = ~np.isnan(y)
+            y, s = y[keep], s[keep]
+            if y.size and y.min() != y.max():
+                out[b, j] = roc_auc_score(y, s)
+    return out

@@ -7,6 +7,8 @@ expected labels, the full-resolution grey pixels) so tests can compare against a
   one RGBA, one 16-bit), train_val_list.txt / test_list.txt (patient-wise); `write_xiao_splits`
   adds Xiao et al.'s train_official.txt / val_official.txt / test_official.txt.
 - `write_chexpert`: CheXpert-v1.0-small/{train,valid}.csv + patientNNNNN/studyN/viewN_*.jpg.
+- `write_mimic`: MIMIC-CXR as published (.dcm tree + chexpert / metadata / split CSVs), or with
+  jpg=True MIMIC-CXR-JPG as published (.jpg tree + gzipped chexpert / negbio / metadata / split CSVs).
 - `write_dicom`: MIMIC-CXR-style files/pNN/pNNNNNNNN/sNNNNNNNN/<dicom_id>.dcm (8-bit MONOCHROME2,
   12-bit windowed MONOCHROME2, 16-bit MONOCHROME1 with rescale + window) + a labels CSV.
 """
@@ -297,33 +299,50 @@ MIMIC_IMAGES = [  # dicom_id, subject, study, view, split
 ]
 
 
-def write_mimic(root, *, side: int = 32, seed: int = 3) -> Written:
+def write_mimic(root, *, side: int = 32, seed: int = 3, jpg: bool = False) -> Written:
     """MIMIC-CXR as published: files/pNN/pNNNNNNNN/sNNNNNNNN/<dicom_id>.dcm and the chexpert,
-    metadata and split CSVs (8-bit MONOCHROME2 DICOMs; their pixels are tested elsewhere)."""
+    metadata and split CSVs (8-bit MONOCHROME2 DICOMs; their pixels are tested elsewhere).
+
+    jpg=True: MIMIC-CXR-JPG as published instead: the same tree with <dicom_id>.jpg (8-bit grey,
+    quality 95) and the CSVs gzipped (`mimic-cxr-2.0.0-{chexpert,negbio,metadata,split}.csv.gz`);
+    the negbio CSV has the chexpert columns with other values (Edema positive everywhere), so a
+    test can tell which labeler was read. Reference pixels are then the stored grey (0..255)."""
+    import gzip
+    from PIL import Image
     root = Path(root)
     rng = np.random.default_rng(seed)
     out = Written(root)
     for k, (did, subject, study, view, split) in enumerate(MIMIC_IMAGES):
-        path = root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{did}.dcm"
+        path = root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{did}.{'jpg' if jpg else 'dcm'}"
         g = gray_pattern(rng, side, side, k)
-        _dicom(path, g, bits_stored=8, photometric="MONOCHROME2")
         s = g.astype(np.float64)
-        out.pixels[did] = (s - s.min()) / (s.max() - s.min()) * 255.0
+        if jpg:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(g, "L").save(path, quality=95)
+            out.pixels[did] = s
+        else:
+            _dicom(path, g, bits_stored=8, photometric="MONOCHROME2")
+            out.pixels[did] = (s - s.min()) / (s.max() - s.min()) * 255.0
         out.files[did] = path
-    with open(root / "mimic-cxr-2.0.0-chexpert.csv", "w", newline="") as f:
-        wr = csv.writer(f, lineterminator="\n")
-        wr.writerow(["subject_id", "study_id"] + MIMIC_LABEL_COLUMNS)
-        for subject, study, cells in MIMIC_STUDIES:
-            wr.writerow([subject, study] + [cells.get(c, "") for c in MIMIC_LABEL_COLUMNS])
-    with open(root / "mimic-cxr-2.0.0-metadata.csv", "w", newline="") as f:
-        wr = csv.writer(f, lineterminator="\n")
-        wr.writerow(MIMIC_METADATA_COLUMNS)
-        for did, subject, study, view, _ in MIMIC_IMAGES:
-            wr.writerow([did, subject, study, "CHEST (PA AND LAT)", view, side, side, 21800506, 213014.531,
-                         "CHEST (PA AND LAT)", "postero-anterior" if view == "PA" else "lateral", "Erect"])
-    with open(root / "mimic-cxr-2.0.0-split.csv", "w", newline="") as f:
-        wr = csv.writer(f, lineterminator="\n")
-        wr.writerow(["dicom_id", "study_id", "subject_id", "split"])
-        for did, subject, study, _, split in MIMIC_IMAGES:
-            wr.writerow([did, study, subject, split])
+
+    def table(name: str, header: list, rows) -> None:
+        opener = (lambda p: gzip.open(p.with_name(p.name + ".gz"), "wt", newline="")) if jpg else \
+            (lambda p: open(p, "w", newline=""))
+        with opener(root / name) as f:
+            wr = csv.writer(f, lineterminator="\n")
+            wr.writerow(header)
+            wr.writerows(rows)
+
+    table("mimic-cxr-2.0.0-chexpert.csv", ["subject_id", "study_id"] + MIMIC_LABEL_COLUMNS,
+          [[subject, study] + [cells.get(c, "") for c in MIMIC_LABEL_COLUMNS] for subject, study, cells in MIMIC_STUDIES])
+    if jpg:
+        table("mimic-cxr-2.0.0-negbio.csv", ["subject_id", "study_id"] + MIMIC_LABEL_COLUMNS,
+              [[subject, study] + [{**cells, "Edema": "1.0"}.get(c, "") for c in MIMIC_LABEL_COLUMNS]
+               for subject, study, cells in MIMIC_STUDIES])
+    table("mimic-cxr-2.0.0-metadata.csv", MIMIC_METADATA_COLUMNS,
+          [[did, subject, study, "CHEST (PA AND LAT)", view, side, side, 21800506, 213014.531,
+            "CHEST (PA AND LAT)", "postero-anterior" if view == "PA" else "lateral", "Erect"]
+           for did, subject, study, view, _ in MIMIC_IMAGES])
+    table("mimic-cxr-2.0.0-split.csv", ["dicom_id", "study_id", "subject_id", "split"],
+          [[did, study, subject, split] for did, subject, study, _, split in MIMIC_IMAGES])
     return out

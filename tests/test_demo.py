@@ -17,12 +17,14 @@ def test_demo_smoke(tmp_path, capsys):
                  "--bootstrap", "20", "--quiet"]) == 0
     text = capsys.readouterr().out
     assert "SYNTHETIC" in text and "mAUC" in text
+    assert re.search(r"linear probe \(frozen encoder\): test mAUC [\d.]+ .*; fine-tuned: test mAUC [\d.]+", text)
     for stage in ("generate phantoms", "convert (raw+ffcv)", "pretrain teacher (MAE)", "distil student (ETMAE)",
                   "fine-tune student", "evaluate (test)"):
         assert re.search(rf"^{re.escape(stage)}\s+[\d,]+\s", text, re.M), stage
     for rel in ("teacher/checkpoints/last.pt", "student/checkpoints/last.pt", "finetune/checkpoints/last.pt",
                 "finetune/eval/results_test.json", "finetune/eval/roc_test.png", "plots/losses.png",
-                "plots/auc_bars.png", "packed/ffcv", "packed/raw"):
+                "plots/auc_bars.png", "packed/ffcv", "packed/raw", "plots/recon_teacher.png",
+                "plots/recon_student.png", "student/probe/probe_test.json"):
         assert (out / rel).exists(), rel
     res = json.loads((out / "finetune" / "eval" / "results_test.json").read_text())
     assert res["synthetic"] is True

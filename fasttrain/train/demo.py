@@ -125,6 +125,10 @@ def run_demo(args) -> int:
     banner("6/6 evaluating the fine-tuned student on the test split")
     res = evaluate_checkpoint(best, packed, "test", out / "finetune" / "eval", n_boot=args.bootstrap, seed=args.seed)
     rows.append(("evaluate (test)", f"{res['images_per_s']:,.0f}", f"{res['n_images']} images"))
+    from fasttrain.train.probe import ProbeSettings, run_probe
+    probe = run_probe(student["last"], packed, out=out / "student" / "probe", n_boot=args.bootstrap,
+                      settings=ProbeSettings(seed=args.seed))
+    rows.append(("linear probe (student)", "-", f"test mAUC {probe['mauc'] or float('nan'):.3f}"))
     plots = plot_runs([out / "teacher", out / "student", out / "finetune"], out / "plots")
 
     wall = time.perf_counter() - t_all
@@ -139,6 +143,8 @@ def run_demo(args) -> int:
     print()
     print(format_table(res, f"student (ViT {cfg.model.embed_dim}-d x {cfg.model.depth}) on the SYNTHETIC test split, "
                             f"{res['n_images']} images, 95% bootstrap CI ({args.bootstrap} resamples)"))
+    print(f"student's linear probe (frozen encoder): test mAUC {probe['mauc'] or float('nan'):.3f} "
+          f"{_ci(probe)}; fine-tuned: test mAUC {res['mauc'] or float('nan'):.3f} {_ci(res)}")
     print()
     print(f"checkpoints: teacher {teacher['last']}\n             student {student['last']}\n"
           f"             classifier {best}")
@@ -147,6 +153,11 @@ def run_demo(args) -> int:
     print(f"wall time:   {wall / 60:.1f} min (CPU time of the main process {(time.process_time() - cpu_all) / 60:.1f} min; "
           f"{torch.get_num_threads()} torch threads)")
     return 0
+
+
+def _ci(res: dict) -> str:
+    ci = res.get("mauc_ci95")
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
 
 
 def _ips(summary: dict) -> str:

@@ -182,6 +182,7 @@ class Trainer:
         self._images_timed = 0
         self.history: list[dict] = []
         self.bar = None
+        self.bar_extra: dict = {}  # monitors' latest values shown on the progress line (kNN mAUC)
         log.info("%s: %d steps (%d epochs x %d steps, accum %d), effective batch %d (%d/device x %d x %d), "
                  "lr %.3g (blr %.3g), engine %s%s, device %s", kind, self.total_steps, o.epochs, self.steps_per_epoch,
                  self.accum, self.eff_batch, d.batch_size, self.accum, info.world_size, lr, o.blr,
@@ -303,6 +304,7 @@ class Trainer:
         else:
             post.update(bce=f"{rec['loss']:.4f}")
         post["lr"] = f"{rec['lr']:.2e}"
+        post.update(self.bar_extra)
         self.bar.set_postfix(post, refresh=False)
 
     # -- the loop ----------------------------------------------------------------------------
@@ -419,7 +421,8 @@ class Trainer:
             if self.kind == "finetune":
                 log.info("epoch %d: val mAUC %s", self.epoch, f"{m:.4f}" if m is not None else "undefined")
             else:
-                log.info("epoch %d: val %s", self.epoch, ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
+                log.info("epoch %d: val %s", self.epoch, ", ".join(f"{k} {v:.4f}" for k, v in res.items()
+                                                                    if isinstance(v, (int, float)) and "/" not in k))
             if m is not None and (self.best is None or m > self.best):
                 self.best = m
                 self.save_best(res)

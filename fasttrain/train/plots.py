@@ -3,6 +3,8 @@
 - losses.png: L_MAE and L_dist of pre-training runs in separate panels (the paper's Fig. 2-3
   style: the distillation term falling while reconstruction converges), train and val;
 - finetune.png: fine-tuning BCE and validation mAUC per epoch;
+- recon_<run>.png: for a pre-training run, MAE's visualisation of a fixed set of val images:
+  original, masked input, reconstruction, and reconstruction with the visible patches pasted back;
 - auc_bars.png: per-label AUC of each run's evaluation results (eval/results_*.json), with the
   95% bootstrap CI as error bars (the paper's per-label comparison, Fig. 4 style).
 """
@@ -116,6 +118,88 @@ def plot_runs(runs: list[str | Path], out: str | Path | None = None) -> list[Pat
         fig.tight_layout()
         written.append(_save(fig, out / "auc_bars.png"))
         plt.close(fig)
+    for r in pre:
+        if (r / "checkpoints" / "last.pt").is_file():
+            written.append(plot_reconstructions(r, out / f"recon_{r.name}.png"))
+
     if not written:
         raise ValueError(f"nothing to plot in {', '.join(map(str, runs))}: no logged steps and no eval results yet")
     return written
+
+
+def reconstruct(run: str | Path, n_images: int = 6, seed: int = 0, split: str | None = None):
+    """A pre-training run's student on the first `n_images` of the val split (test if none), with a
+    mask drawn from `seed` (the same images and masks for every run and every call).
+
+    -> (images [n, C, H, W], masked [n, C, H, W], recon [n, C, H, W], pasted [n, C, H, W], cfg),
+    all in the loader's normalised pixel space; with norm_pix_loss the prediction is mapped back
+    with each target patch's own mean and variance (as MAE-style visualisations of such models do:
+    a removed patch's brightness and contrast then come from the original, its structure from the model)."""
+    import torch
+    from fasttrain.config import config_from_dict
+    from fasttrain.data import build_loader
+    from fasttrain.data.packed import read_manifest
+    from fasttrain.models.checkpoints import load_into
+    from fasttrain.train.builders import build_student
+    from fasttrain.train.checkpoint import load_checkpoint
+    ck = load_checkpoint(Path(run) / "checkpoints" / "last.pt")
+    if ck.get("kind") != "pretrain":
+        raise ValueError(f"{run}: reconstructions need a pre-training run (kind={ck.get('kind')!r})")
+    cfg = config_from_dict(ck["config"])
+    student = build_student(cfg)
+    state = ck["model"]
+    if any(k.startswith("student.") for k in state):  # ETMAE: the student's own keys
+        state = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
+    load_into(student, state, strict=True, what=f"{run}/checkpoints/last.pt")
+    student.eval()
+    splits = read_manifest(cfg.data.path).get("splits", {})
+    split = split or (cfg.data.val_split if cfg.data.val_split in splits else cfg.data.test_split)
+    loader = build_loader(cfg.data, split, train=False, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans,
+                          device="cpu", dtype=torch.float32, batch_size=n_images, drop_last=False)
+    imgs, _ = next(iter(loader))  # [n, C, H, W] the first images of the split: a fixed set
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.rand(imgs.shape[0], student.num_patches, generator=gen)  # [n, L] fixed masks
+    with torch.no_grad():
+        _, pred, mask = student(imgs, noise=noise)  # pred [n, L, p*p*C], mask [n, L] (1 = removed)
+        if student.norm_pix_loss:
+            target = student.patchify(imgs)  # [n, L, p*p*C]
+            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+            pred = pred * (var + 1e-6) ** 0.5 + mean  # back to pixel space, patch by patch
+        recon = student.unpatchify(pred)  # [n, C, H, W]
+        p, c = student.patch_size, student.in_chans
+        m = student.unpatchify(mask[:, :, None].expand(-1, -1, p * p * c))  # [n, C, H, W] 1 = removed
+    masked = imgs * (1 - m)
+    pasted = imgs * (1 - m) + recon * m
+    return imgs, masked, recon, pasted, m, cfg
+
+
+def plot_reconstructions(run: str | Path, path: str | Path, n_images: int = 6, seed: int = 0) -> Path:
+    """Rows: images; columns: original | masked (removed patches grey) | reconstruction |
+    reconstruction + visible (MAE's figure). One grey scale per row, from the original's range."""
+    import numpy as np
+    from fasttrain.data.packed import read_manifest
+    imgs, masked, recon, pasted, m, cfg = reconstruct(run, n_images, seed)
+    synthetic = bool(read_manifest(cfg.data.path).get("synthetic", False))
+    plt = _plt()
+    n = imgs.shape[0]
+    fig, axes = plt.subplots(n, 4, figsize=(8, 2.1 * n), squeeze=False)
+    titles = ("original", f"masked ({cfg.model.mask_ratio:.0%})", "reconstruction", "reconstruction + visible")
+    for i in range(n):
+        lo, hi = float(imgs[i].min()), float(imgs[i].max())
+        shown = (imgs[i], masked[i], recon[i], pasted[i])
+        for j, (ax, im) in enumerate(zip(axes[i], shown)):
+            a = im.mean(dim=0).numpy()  # [H, W] gray (3 channels: their mean)
+            if j == 1:
+                a = np.where(m[i, 0].numpy() > 0, (lo + hi) / 2, a)  # removed patches in mid grey
+            ax.imshow(a, cmap="gray", vmin=lo, vmax=hi)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(titles[j], fontsize=8)
+    tag = "SYNTHETIC phantoms - " if synthetic else ""
+    fig.suptitle(f"{tag}{Path(run).name}: MAE reconstructions of fixed val images", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    _save(fig, path)
+    plt.close(fig)
+    return path

@@ -50,6 +50,21 @@ def val_losses(model, loader, info, cfg) -> dict:
     return dict(zip(("loss", "loss_mae", "loss_dist"), mean))
 
 
+def knn_monitor(cfg, info, val_loader):
+    """The kNN monitor (eval.knn_every > 0): a memory bank of train images (eval transform) and the
+    val split; None when off."""
+    if cfg.eval.knn_every <= 0:
+        return None
+    from fasttrain.data import build_loader
+    from fasttrain.train.engine import AMP_DTYPES
+    from fasttrain.train.knn import KnnMonitor
+    bank = build_loader(cfg.data, cfg.data.train_split, train=False, img_size=cfg.model.img_size,
+                        in_chans=cfg.model.in_chans, rank=info.rank, world_size=info.world_size,
+                        device=info.device, dtype=torch.float32, seed=cfg.run.seed)
+    amp = AMP_DTYPES[cfg.engine.amp] if cfg.engine.mode == "fused" else None
+    return KnnMonitor(cfg.eval, bank, val_loader, val_loader.label_names, info, amp)
+
+
 def run_pretrain(cfg, resume=None) -> dict:
     """Build everything (all input checks first), then train. Returns the run summary."""
     check_config(cfg)
@@ -65,15 +80,22 @@ def run_pretrain(cfg, resume=None) -> dict:
         groups = param_groups_weight_decay(trainable, cfg.optim.weight_decay)
         if hasattr(model, "proj"):  # the projection heads train with the student (decay on matrices only)
             groups += param_groups_weight_decay(model.proj, cfg.optim.weight_decay)
-        validate = None
+        validate, knn = None, None
         if cfg.data.val_split is not None and _has_split(cfg.data.path, cfg.data.val_split):
             val_loader = build_loader(cfg.data, cfg.data.val_split, train=False, img_size=cfg.model.img_size,
                                       in_chans=cfg.model.in_chans, rank=info.rank, world_size=info.world_size,
                                       device=info.device, dtype=torch.float32, seed=cfg.run.seed)
-            validate = lambda m: val_losses(m, val_loader, info, cfg)  # noqa: E731
+            knn = knn_monitor(cfg, info, val_loader)
+            validate = lambda m: {**val_losses(m, val_loader, info, cfg), **(knn(m) if knn else {})}  # noqa: E731
         trainer = loop.Trainer(cfg, "pretrain", model, loader, info, groups=groups, resume=resume,
                                validate=validate, extra_state={"label_names": list(loader.label_names)})
+        if validate is not None and knn is not None:
+            knn.trainer = trainer  # epoch, last step, progress line
         summary = trainer.fit()
+        if validate is not None and knn is not None:
+            summary["knn_s"] = knn.seconds  # time in the kNN monitor (compare with wall_s)
+            if info.is_main:
+                trainer.run.write_json("summary.json", summary)
         summary["data_images"] = loader.num_samples
         return summary
     finally:

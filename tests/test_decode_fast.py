@@ -1,0 +1,213 @@
+"""The fast decode paths against their plain references (issue 14): JPEG at the smallest DCT scale
+vs full decode + resize on real-size images, 8/16-bit grey PNG through imagecodecs vs PIL, the
+DICOM per-value LUT vs per-pixel arithmetic; truncated files still fail; MIMIC-CXR-JPG end to end."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fasttrain.converters import decode as D
+from fasttrain.converters.common import ConvertError
+from fasttrain.data import open_packed
+
+from fixtures_datasets import MIMIC_IMAGES, block_mean, write_mimic
+
+
+def radiograph_like(h: int, w: int, seed: int, noise: float = 3.0) -> np.ndarray:
+    """uint8 [h, w]: a phantom's anatomy upsampled to (h, w) plus quantum-mottle-like noise, so a
+    q95 JPEG of 2320x2828 weighs ~2 MB like CheXpert's full-size files."""
+    import cv2
+    from fasttrain.converters.synthetic import draw_phantom
+    base = cv2.resize(draw_phantom(seed, 0, 256).image.astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
+    rng = np.random.default_rng(seed)
+    return np.clip(np.rint(base + rng.standard_normal((h, w), dtype=np.float32) * noise), 0, 255).astype(np.uint8)
+
+
+def jpeg_bytes(img: np.ndarray, quality: int = 95, mode: str = "L") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).convert(mode).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("h,w,noise", [(2828, 2320, 3.0), (3056, 2544, 1.5), (1024, 1024, 3.0)])
+def test_dct_scaled_jpeg_within_one_grey_level_of_full_decode(tmp_path, h, w, noise):
+    """CheXpert-full, MIMIC-CXR-JPG and 1024-px sizes: the DCT-scaled decode + INTER_AREA stays
+    within 1 grey level mean |diff| of PIL full decode + the same resize (the manifest's bound)."""
+    path = tmp_path / "x.jpg"
+    path.write_bytes(jpeg_bytes(radiograph_like(h, w, seed=h)))
+    n = D.jpeg_scale(h, w, 256)
+    assert n == (1 if min(h, w) >= 8 * 256 else 2)  # 1/8 for the big ones (290x354), 1/4 for 1024 px
+    scaled = D.decode_jpeg_scaled(path.read_bytes(), 256)
+    assert scaled.shape == (-(-h * n // 8), -(-w * n // 8))
+    fast = D.decode_raster(str(path), 256)
+    ref = D.decode_raster_pil(str(path), 256)
+    assert fast.shape == ref.shape == (256, 256) and fast.dtype == np.uint8
+    mad = np.abs(fast.astype(float) - ref).mean()
+    assert mad <= 1.0, mad
+    assert "1 grey level" in D.JPEG_SCALED_NOTE
+
+
+def test_small_and_colour_jpegs(tmp_path):
+    """Sources smaller than twice the output decode at full size (bit-identical to PIL for grey);
+    a colour JPEG goes to its luma, within rounding of PIL's 'L'; CMYK goes through PIL."""
+    g = radiograph_like(300, 260, seed=1)
+    p = tmp_path / "small.jpg"
+    p.write_bytes(jpeg_bytes(g))
+    assert D.jpeg_scale(300, 260, 256) == 8
+    np.testing.assert_array_equal(D.decode_raster(str(p), 256), D.decode_raster_pil(str(p), 256))
+    rgb = np.dstack([g, np.roll(g, 3, 0), 255 - g])
+    p = tmp_path / "colour.jpg"
+    p.write_bytes(jpeg_bytes(rgb, mode="RGB"))
+    assert np.abs(D.decode_raster(str(p), 128).astype(float) - D.decode_raster_pil(str(p), 128)).mean() <= 1.0
+    p = tmp_path / "cmyk.jpg"
+    p.write_bytes(jpeg_bytes(rgb, mode="CMYK"))
+    assert D.decode_jpeg_scaled(p.read_bytes(), 128) is None  # left to PIL
+    np.testing.assert_array_equal(D.decode_raster(str(p), 128), D.decode_raster_pil(str(p), 128))
+
+
+@pytest.mark.parametrize("kind", ["jpeg", "png8", "png16"])
+def test_truncated_files_fail_never_grey(tmp_path, kind):
+    """A truncated JPEG / PNG is an error on the fast paths (libjpeg and libpng would fill grey
+    rows; simplejpeg strict=True and imagecodecs raise), also when only the last bytes are cut."""
+    g = radiograph_like(700, 600, seed=2)
+    p = tmp_path / "full"
+    if kind == "jpeg":
+        p.write_bytes(jpeg_bytes(g))
+    elif kind == "png8":
+        Image.fromarray(g).save(p, "PNG")
+    else:
+        import cv2
+        assert cv2.imwrite(str(p) + ".png", g.astype(np.uint16) * 257)
+        p = tmp_path / "full.png"
+    data = p.read_bytes()
+    for cut in (len(data) // 2, len(data) - 20):
+        t = tmp_path / f"cut{cut}"
+        t.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match=r"corrupt or truncated|truncated|broken"):
+            D.decode_raster(str(t), 64)
+
+
+def test_png_fast_path_bit_identical_to_pil(tmp_path):
+    """8-bit and 16-bit grey (with and without sBIT) through imagecodecs equal the PIL path byte
+    for byte; RGBA and palette PNGs are left to PIL."""
+    pytest.importorskip("imagecodecs")
+    import cv2
+    g = radiograph_like(1024, 1024, seed=3)
+    cases = {}
+    cases["g8.png"] = lambda p: Image.fromarray(g).save(p)
+    g16 = (g.astype(np.uint16) * 257 + np.random.default_rng(0).integers(0, 200, g.shape)).astype(np.uint16)
+    cases["g16.png"] = lambda p: cv2.imwrite(str(p), g16)
+    g12 = (g.astype(np.uint16) * 16)
+    cases["g12sbit.png"] = lambda p: _png_with_sbit(p, g12, 12)
+    for name, write in cases.items():
+        p = tmp_path / name
+        write(p)
+        assert D.decode_png_fast(p.read_bytes(), 256) is not None, name  # the fast path ran
+        np.testing.assert_array_equal(D.decode_raster(str(p), 256), D.decode_raster_pil(str(p), 256), err_msg=name)
+    rgba = tmp_path / "rgba.png"
+    Image.fromarray(np.dstack([g, g, g, np.full_like(g, 255)]), "RGBA").save(rgba)
+    assert D.decode_png_fast(rgba.read_bytes(), 64) is None
+    np.testing.assert_array_equal(D.decode_raster(str(rgba), 64), D.decode_raster_pil(str(rgba), 64))
+
+
+def _png_with_sbit(path, img16: np.ndarray, bits: int) -> None:
+    """A 16-bit grey PNG with an sBIT chunk inserted after IHDR (cv2 / PIL do not write one)."""
+    import struct
+    import zlib
+    import cv2
+    ok, buf = cv2.imencode(".png", img16)
+    assert ok
+    data = buf.tobytes()
+    chunk = b"sBIT" + bytes([bits])
+    sbit = struct.pack(">I", 1) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    path.write_bytes(data[:33] + sbit + data[33:])
+    assert D.png_significant_bits(str(path)) == bits
+
+
+@pytest.mark.parametrize("photometric,window,rescale", [
+    ("MONOCHROME2", None, None), ("MONOCHROME1", (2048, 3000), None), ("MONOCHROME2", (1800, 2500), (0.5, -100)),
+])
+def test_dicom_lut_path_bit_identical(tmp_path, photometric, window, rescale):
+    """The per-value LUT gives the per-pixel result exactly (windowed, min..max, rescaled) on a
+    real-size 12-bit frame; a signed frame too."""
+    import pydicom
+    from fixtures_datasets import _dicom
+    g = radiograph_like(1500, 1250, seed=4).astype(np.float32)
+    stored = np.clip(g * 16 + np.random.default_rng(1).normal(0, 8, g.shape), 0, 4095).astype(np.uint16)
+    kw = {}
+    if window:
+        kw.update(center=window[0], width=window[1])
+    if rescale:
+        kw.update(slope=rescale[0], intercept=rescale[1])
+    path = tmp_path / "x.dcm"
+    _dicom(path, stored, bits_stored=12, photometric=photometric, **kw)
+    ds = pydicom.dcmread(path)
+    arr = ds.pixel_array
+    fast = D.pixels_to_unit_lut(ds, arr)
+    assert fast is not None
+    np.testing.assert_array_equal(fast, D.pixels_to_unit(ds, arr))
+    signed = arr.astype(np.int16) - 2048
+    np.testing.assert_array_equal(D.pixels_to_unit_lut(ds, signed), D.pixels_to_unit(ds, signed))
+    ds.ModalityLUTSequence = []  # a form the LUT path leaves to the plain one
+    assert D.pixels_to_unit_lut(ds, arr) is None
+
+
+def test_mimic_jpg_end_to_end(tmp_path):
+    """MIMIC-CXR-JPG as published (.jpg tree, gzipped CSVs): same joins, views and splits as MIMIC
+    DICOM; the negbio labeler by --labels-csv; the CLI sub-command; a missing file is named."""
+    from fasttrain.converters.cli import main
+    from fasttrain.converters.dicom import convert_mimic_jpg
+    root = tmp_path / "mimic-cxr-jpg"
+    w = write_mimic(root, jpg=True)
+    out = convert_mimic_jpg(root, tmp_path / "out", size=16, workers=0, progress=False)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["dataset"] == "mimic-cxr-jpg"
+    assert set(m["source_sha256"]) == {"mimic-cxr-2.0.0-chexpert.csv.gz", "mimic-cxr-2.0.0-metadata.csv.gz",
+                                       "mimic-cxr-2.0.0-split.csv.gz"}
+    assert "1 grey level" in m["preprocessing"]["jpeg"]
+    frontal = {s: [d for d, _, _, v, sp in MIMIC_IMAGES if v in ("PA", "AP") and sp == s]
+               for s in ("train", "validate", "test")}
+    train, val, test = open_packed(out, "train"), open_packed(out, "val"), open_packed(out, "test")
+    assert train.ids == frontal["train"] and val.ids == frontal["validate"] and test.ids == frontal["test"]
+    # COMPETITION order: Atelectasis, Cardiomegaly, Consolidation, Edema, Pleural Effusion; paper policy
+    np.testing.assert_array_equal(train.labels, [[1, 0, 0, 1, 0]])
+    np.testing.assert_array_equal(test.labels, [[0, 0, 0, 0, 1]])
+    for split in (train, val, test):
+        for i, did in enumerate(split.ids):
+            np.testing.assert_array_equal(split.image(i), D.decode_raster(str(w.files[did]), 16))
+            assert np.abs(split.image(i).astype(float) - block_mean(w.pixels[did], 16)).mean() <= 3.0
+    # the other labeler (Edema positive everywhere in the fixture), through the CLI
+    rc = main(["mimic-jpg", "--src", str(root), "--out", str(tmp_path / "negbio"), "--size", "16", "--workers", "0",
+               "--labels-csv", str(root / "mimic-cxr-2.0.0-negbio.csv.gz"), "--views", "all", "--no-progress"])
+    assert rc == 0
+    nb = open_packed(tmp_path / "negbio", "train")
+    assert len(nb) == 2 and np.all(nb.labels[:, 3] == 1)
+    # a missing image names the metadata row and the file
+    w.files[frontal["test"][0]].unlink()
+    with pytest.raises(ConvertError, match=r"mimic-cxr-2.0.0-metadata.csv.gz row 5: JPEG file .*68b5c4b1.*\.jpg not found"):
+        convert_mimic_jpg(root, tmp_path / "out3", size=16, workers=0, progress=False)
+    with pytest.raises(ConvertError, match=r"no mimic-cxr-2.0.0-chexpert.csv\[.gz\]"):
+        convert_mimic_jpg(tmp_path / "out", tmp_path / "out4", size=16, workers=0, progress=False)
+
+
+def _cv2_work(i: int) -> float:
+    import cv2
+    x = np.random.default_rng(i).standard_normal((1500, 1500), dtype=np.float32)
+    return float(cv2.GaussianBlur(cv2.resize(x, (2000, 2000), interpolation=cv2.INTER_CUBIC), (0, 0), 1.5).mean())
+
+
+@pytest.mark.timeout(180)
+def test_pool_after_cv2_threads_ran_in_parent_does_not_hang():
+    """cv2's thread pool does not survive fork: after a large cv2 op in this process, forked
+    workers hung on their first parallel cv2 call (the bench test did, after the tests above).
+    bounded_imap runs the pool with one cv2 thread here and restores the setting after."""
+    import cv2
+    from fasttrain.converters.common import bounded_imap
+    cv2.resize(np.zeros((3000, 3000), np.float32), (2500, 2500), interpolation=cv2.INTER_CUBIC)  # pool up
+    before = cv2.getNumThreads()
+    assert len(list(bounded_imap(_cv2_work, range(4), 2))) == 4
+    assert cv2.getNumThreads() == before

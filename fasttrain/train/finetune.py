@@ -54,7 +54,16 @@ def val_metrics(model, loader, info: DistInfo, amp_dtype) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # undefined labels: reported as None below
         aucs = per_label_auc(labels, scores, loader.label_names)
-    return {"mauc": mean_of_defined(aucs), "auc": aucs}
+    return {"mauc": mean_of_defined(aucs), "auc": aucs, "loss": val_bce(scores, labels)}
+
+
+def val_bce(scores: np.ndarray, labels: np.ndarray) -> float:
+    """The training loss (engine.bce_masked) on validation: mean BCE over the known (non-NaN)
+    labels, from the sigmoid scores [N, C] (clipped as float32 logits would saturate): the val curve."""
+    valid = ~np.isnan(labels)
+    p = np.clip(scores[valid], 1e-7, 1 - 1e-7)
+    y = labels[valid]
+    return float(-(y * np.log(p) + (1 - y) * np.log1p(-p)).mean()) if valid.any() else float("nan")
 
 
 def _amp_dtype(cfg, device: torch.device):

@@ -58,7 +58,11 @@ class DistillConfig:
 
 @dataclass
 class DataConfig:
-    path: Optional[str] = None  # packed dataset folder (has manifest.json)
+    # packed dataset folder (has manifest.json), or several read as one mixture (the paper pre-trains on
+    # NIH + CheXpert): a YAML list or "A,B" / "[A,B]"; each part "PATH" or "PATH:SPLIT" (default train_split)
+    path: Optional[typing.Union[str, list[str]]] = None
+    weights: Optional[list[float]] = None  # mixture sampling proportions, one per part; None = each image once per epoch
+    samples_per_epoch: Optional[int] = None  # with weights: draws per epoch; None = the parts' total size
     loader: str = "auto"  # auto (from the packed formats) | raw | ffcv | dali | reference
     batch_size: int = 32  # per GPU: the paper pre-trains with 32 per GPU
     num_workers: int = 2  # host workers; this CI machine has 2 cores

@@ -13,9 +13,24 @@ class RawLoader(SampledLoader):
 
     def __init__(self, packed, **kw):
         super().__init__(packed, **kw)
-        self.images = packed.images  # [N, H, W] uint8 read-only memmap
+        # one memmap per part (a single packed dataset is a mixture of one): [N_k, H, W] uint8
+        self.parts = [p.images for p in packed.parts] if hasattr(packed, "parts") else [packed.images]
+        self.offsets = getattr(packed, "offsets", np.array([0, len(packed)], np.int64))  # [P + 1]
+        self.images = self.parts[0] if len(self.parts) == 1 else None  # [N, H, W] (one part)
         self.labels = np.ascontiguousarray(packed.labels, dtype=np.float32)  # [N, L]
         self.augment = self.make_augment()
+
+    def _take(self, idx: np.ndarray, out: np.ndarray) -> None:
+        """out[i] = image idx[i] (idx ascending): one vectorised gather per part, GIL released."""
+        if len(self.parts) == 1:
+            np.take(self.parts[0], idx, axis=0, out=out)
+            return
+        # ascending global positions: each part's images are one contiguous run of the batch
+        cut = np.searchsorted(idx, self.offsets)  # [P + 1] run boundaries
+        for k, mm in enumerate(self.parts):
+            a, b = int(cut[k]), int(cut[k + 1])
+            if b > a:
+                np.take(mm, idx[a:b] - self.offsets[k], axis=0, out=out[a:b])
 
     def _gather(self, plan: bool = True):
         """Host side: yields (step, uint8 [b, H, W], labels [b, L], positions [b], augmentation plan)
@@ -31,7 +46,7 @@ class RawLoader(SampledLoader):
             # the batch's contents are unchanged, only their order inside the batch
             idx = np.sort(idx)
             buf = torch.empty((len(idx), h, w), dtype=torch.uint8, pin_memory=self.pin)  # [b, H, W]
-            np.take(self.images, idx, axis=0, out=buf.numpy())  # one gather, GIL released
+            self._take(idx, buf.numpy())  # one gather per part, GIL released
             labels = torch.from_numpy(self.labels[idx])  # [b, L] (fancy indexing copies)
             aug = self.augment.plan(len(idx), self.sampler.rng(step)) if plan else None
             yield step, buf, labels, torch.from_numpy(idx), aug
@@ -52,4 +67,6 @@ class RawLoader(SampledLoader):
             yield images, y.to(self.device, non_blocking=True)
 
     def describe(self) -> str:
+        if hasattr(self.packed, "parts"):
+            return f"raw memmaps of a mixture: {self.packed.describe()}"
         return f"raw memmap {self.packed.root}/raw/{self.packed.split}.u8"

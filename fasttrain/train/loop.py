@@ -112,8 +112,9 @@ class Trainer:
             self.ddp = wrap_ddp(model, info)  # the frozen teacher stays outside DDP
         self.step = make_step(cfg, model, self.optimizer, kind=kind, schedule=self.schedule, rank=info.rank,
                               ddp=self.ddp, device=info.device)
+        data_parts = loader.data_parts() if hasattr(loader, "data_parts") else None  # every dataset read
         self.run = RunLog(cfg.run.out, enabled=info.is_main, cfg=cfg, device=str(info.device),
-                          tensorboard=cfg.run.tensorboard, resume=resume)
+                          tensorboard=cfg.run.tensorboard, resume=resume, data=data_parts)
         self.last_path = Path(cfg.run.out) / "checkpoints" / "last.pt"
         self.best_path = Path(cfg.run.out) / "checkpoints" / "best.pt"
         self.epoch, self.epoch_step = 0, 0

@@ -272,6 +272,15 @@ def part_manifests(path) -> list[tuple[PartSpec, dict]]:
     return out
 
 
+def missing_split(path, split: str, train_split: str = "train") -> list[str]:
+    """Parts of data.path that lack `split` (their ':SPLIT' for the training split), as
+    'PATH (has a, b)' strings; [] when every part has it."""
+    mans = part_manifests(path)
+    splits = part_splits([s for s, _ in mans], split, train_split)
+    return [f"{spec.path}:{s} (it has {', '.join(m.get('splits', {}))})"
+            for (spec, m), s in zip(mans, splits) if s not in m.get("splits", {})]
+
+
 def common_format(specs_or_path) -> str:
     """The packed formats every part has, best first (raw > ffcv > dali)."""
     from fasttrain.converters.common import FORMAT_PREFERENCE

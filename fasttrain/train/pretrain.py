@@ -23,9 +23,10 @@ def check_config(cfg) -> None:
         raise ConfigError("model.num_classes must be 0 for pre-training (the MAE has no head)")
 
 
-def _has_split(path: str, split: str) -> bool:
-    from fasttrain.data.packed import read_manifest
-    return split in read_manifest(path).get("splits", {})
+def _has_split(path, split: str, train_split: str = "train") -> bool:
+    """Every part of data.path (one packed dataset or a mixture) has `split`."""
+    from fasttrain.data.mixture import missing_split
+    return not missing_split(path, split, train_split)
 
 
 @torch.no_grad()
@@ -59,17 +60,18 @@ def run_pretrain(cfg, resume: bool = False) -> dict:
         model = build_pretrain_model(cfg)  # teacher checkpoint errors surface here, before data or steps
         loader = build_loader(cfg.data, cfg.data.train_split, train=True, img_size=cfg.model.img_size,
                               in_chans=cfg.model.in_chans, rank=info.rank, world_size=info.world_size,
-                              device=info.device, dtype=torch.float32, seed=cfg.run.seed)
+                              device=info.device, dtype=torch.float32, seed=cfg.run.seed,
+                              need_labels=False)  # MAE ignores labels: mixture parts may name them differently
         model.to(info.device)
         trainable = model.student if hasattr(model, "student") else model
         groups = param_groups_weight_decay(trainable, cfg.optim.weight_decay)
         if hasattr(model, "proj"):  # the projection heads train with the student (decay on matrices only)
             groups += param_groups_weight_decay(model.proj, cfg.optim.weight_decay)
         validate = None
-        if cfg.data.val_split is not None and _has_split(cfg.data.path, cfg.data.val_split):
+        if cfg.data.val_split is not None and _has_split(cfg.data.path, cfg.data.val_split, cfg.data.train_split):
             val_loader = build_loader(cfg.data, cfg.data.val_split, train=False, img_size=cfg.model.img_size,
                                       in_chans=cfg.model.in_chans, rank=info.rank, world_size=info.world_size,
-                                      device=info.device, dtype=torch.float32, seed=cfg.run.seed)
+                                      device=info.device, dtype=torch.float32, seed=cfg.run.seed, need_labels=False)
             validate = lambda m: val_losses(m, val_loader, info, cfg)  # noqa: E731
         trainer = loop.Trainer(cfg, "pretrain", model, loader, info, groups=groups, resume=resume,
                                validate=validate, extra_state={"label_names": list(loader.label_names)})

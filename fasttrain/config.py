@@ -63,6 +63,13 @@ class DataConfig:
     path: Optional[typing.Union[str, list[str]]] = None
     weights: Optional[list[float]] = None  # mixture sampling proportions, one per part; None = each image once per epoch
     samples_per_epoch: Optional[int] = None  # with weights: draws per epoch; None = the parts' total size
+    # raw loader's madvise on its memmaps: auto = random for shuffled training (a page fault then reads its
+    # page, not the disk's readahead window: 50x less I/O on a cold cache), sequential for in-order eval
+    raw_advice: str = "auto"  # auto | random | sequential | normal (the kernel's default readahead)
+    # page-aware order (as FFCV's QUASI_RANDOM) for data bigger than the page cache: >0 = blocks of this
+    # many consecutive images in random order, shuffled inside each block; 0 = uniform shuffle (the default:
+    # batches stay i.i.d.; see docs/benchmarks.md for when blocks pay)
+    block_shuffle: int = 0
     loader: str = "auto"  # auto (from the packed formats) | raw | ffcv | dali | reference
     batch_size: int = 32  # per GPU: the paper pre-trains with 32 per GPU
     num_workers: int = 2  # host workers; this CI machine has 2 cores

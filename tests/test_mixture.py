@@ -288,3 +288,32 @@ def test_provenance_lists_every_part(parts):
     assert prov[1]["manifest_sha256"] == hashlib.sha256((Path(parts["cx"]) / "manifest.json").read_bytes()).hexdigest()
     single = build_loader(_cfg(parts["nih"], "raw"), "train", True, img_size=24, in_chans=1).data_parts()
     assert len(single) == 1 and single[0]["weight"] is None
+
+
+# ----------------------------------------------------------------------------- bigger than memory
+
+def test_block_shuffle_is_a_page_aware_permutation():
+    from fasttrain.data.sampler import EpochSampler, block_permutation
+    rng = np.random.default_rng(0)
+    p = block_permutation(103, 10, rng)
+    assert sorted(p.tolist()) == list(range(103))
+    # each block's positions are read one after another: the block id changes only between blocks
+    ids = p // 10
+    assert int((ids[1:] != ids[:-1]).sum()) == 10 and not np.array_equal(p, np.arange(103))
+    s = EpochSampler(103, 10, shuffle=True, seed=1, block=10)
+    s.set_epoch(2)
+    o = s.order()
+    assert sorted(o.tolist()) == list(range(103)) and not np.array_equal(o, np.arange(103))
+
+
+@pytest.mark.parametrize("advice", ["auto", "normal", "sequential"])
+def test_raw_advice_and_blocks_read_the_same_images(parts, advice):
+    """madvise changes only how pages are read; block_shuffle only the order: every image once."""
+    want = Counter(_hashes(parts["nih"]) + _hashes(parts["cx"]))
+    cfg = _cfg([parts["nih"], parts["cx"]], "raw", raw_advice=advice, block_shuffle=4 if advice == "auto" else 0)
+    ld = build_loader(cfg, "train", True, img_size=24, in_chans=1, seed=3, drop_last=False, need_labels=False)
+    assert ld.advice == {"auto": "random"}.get(advice, advice)
+    ld.set_epoch(0)
+    assert Counter(_feed_hashes(ld)) == want
+    with pytest.raises(LoaderError, match="raw_advice"):
+        build_loader(_cfg(parts["nih"], "raw", raw_advice="willneed"), "train", True, img_size=24, in_chans=1)

@@ -177,7 +177,7 @@ class SampledLoader(BaseLoader):
     def __init__(self, packed, **kw):
         super().__init__(packed, **kw)
         kw = dict(shuffle=self.train, seed=self.seed, rank=self.rank, world_size=self.world_size,
-                  drop_last=self.drop_last)
+                  drop_last=self.drop_last, block=int(getattr(self.cfg, "block_shuffle", 0) or 0))
         if hasattr(packed, "make_sampler"):  # a mixture: one global order over every part (mixture.py)
             self.sampler = packed.make_sampler(self.batch_size, **kw)
         else:

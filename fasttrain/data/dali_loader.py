@@ -73,7 +73,13 @@ def _jpeg_table(p) -> _JpegTable:
             size.append(n)
     if len(shard) != len(p):
         raise LoaderError(f"{p.root}: DALI index files list {len(shard)} samples, the manifest says {len(p)}")
-    maps = [np.memmap(f, dtype=np.uint8, mode="r") for f in p.shards]
+    import mmap
+    maps = []
+    for f in p.shards:  # random slices: MADV_RANDOM, so a cold page fault reads its pages, not a readahead window
+        with open(f, "rb") as fh:
+            m = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        m.madvise(mmap.MADV_RANDOM)
+        maps.append(np.frombuffer(m, dtype=np.uint8))
     return _JpegTable(np.array(shard), np.array(offset, np.int64), np.array(size, np.int64), maps)
 
 
@@ -90,7 +96,8 @@ class DALILoader(BaseLoader):
         self.sampler = None
         if hasattr(packed, "parts"):  # a mixture: our order through external_source
             self.sampler = packed.make_sampler(self.batch_size, shuffle=self.train, seed=self.seed, rank=self.rank,
-                                               world_size=self.world_size, drop_last=self.drop_last)
+                                               world_size=self.world_size, drop_last=self.drop_last,
+                                               block=int(self.cfg.block_shuffle or 0))
             self._tables = [_jpeg_table(p) for p in packed.parts]
             self._labels = np.ascontiguousarray(packed.labels, dtype=np.float32)  # [N, L]
         self.sizes = shard_sizes(len(packed), self.world_size)

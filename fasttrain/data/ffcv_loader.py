@@ -112,7 +112,8 @@ class FFCVLoader(BaseLoader):
         """One FFCV Loader per part; the order is our MixtureSampler's (see the module docstring)."""
         f = self._ffcv
         self.sampler = packed.make_sampler(self.batch_size, shuffle=self.train, seed=self.seed, rank=self.rank,
-                                           world_size=self.world_size, drop_last=self.drop_last)
+                                           world_size=self.world_size, drop_last=self.drop_last,
+                                           block=int(self.cfg.block_shuffle or 0))
         self.loaders = []
         for p in packed.parts:
             with keep_torch_threads():  # Loader.__init__ sets torch's threads to num_workers

@@ -182,10 +182,10 @@ class PackedMixture:
         return self.parts[int(k[0])].image(int(j[0]))
 
     def make_sampler(self, batch_size: int, *, shuffle: bool, seed: int, rank: int, world_size: int,
-                     drop_last: bool) -> "MixtureSampler":
+                     drop_last: bool, block: int = 0) -> "MixtureSampler":
         return MixtureSampler([len(p) for p in self.parts], self.weights if shuffle else None,
                               self.samples_per_epoch if shuffle else self.count, batch_size, shuffle=shuffle,
-                              seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)
+                              seed=seed, rank=rank, world_size=world_size, drop_last=drop_last, block=block)
 
     def provenance(self) -> list[dict]:
         return [dict(path=str(Path(p.root).absolute()), split=p.split, count=len(p),
@@ -229,7 +229,9 @@ class MixtureSampler(EpochSampler):
 
     def order(self) -> np.ndarray:
         if self.weights is None or not self.shuffle:
-            return super().order()  # concatenation: a permutation of every image (or 0..N-1)
+            # concatenation: a permutation of every image (or 0..N-1); with block_shuffle its blocks
+            # may straddle two parts, which is harmless: each piece is contiguous in its own file
+            return super().order()
         draws = np.concatenate([self.offsets[k] + self._part_draws(k) for k in range(len(self.sizes))])  # [S]
         rng = np.random.Generator(np.random.PCG64(mix_seed(self.seed, self.epoch, 0x5A3)))
         return draws[rng.permutation(len(draws))]

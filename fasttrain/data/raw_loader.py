@@ -1,11 +1,33 @@
 """The raw loader: uint8 memmap -> pinned uint8 batches gathered in a background thread ->
-batched device augmentation."""
+batched device augmentation.
+
+Bigger than memory: each part's file is mapped here with madvise advice (data.raw_advice). With the
+kernel's default, every page fault of a random gather pulls the disk's whole readahead window
+(NIH-sized set, cold cache: 4.35 GB read for 80 MB of images); MADV_RANDOM makes a fault read its
+own pages only. In-order evaluation keeps readahead (MADV_SEQUENTIAL). data.block_shuffle gives a
+page-aware order on top (sampler.block_permutation). Figures: docs/benchmarks.md.
+"""
 from __future__ import annotations
+
+import mmap
 
 import numpy as np
 import torch
 
-from .base import Prefetcher, SampledLoader
+from .base import LoaderError, Prefetcher, SampledLoader
+
+ADVICE = {"random": mmap.MADV_RANDOM, "sequential": mmap.MADV_SEQUENTIAL, "normal": mmap.MADV_NORMAL}
+
+
+def map_advised(path, shape: tuple[int, ...], advice: str) -> np.ndarray:
+    """A read-only uint8 array [N, H, W] over `path`, its mapping madvise'd with `advice`.
+
+    Mapped here (mmap + np.frombuffer) rather than through np.memmap because madvise needs the
+    mmap object, which np.memmap keeps private."""
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # the mapping outlives the descriptor
+    m.madvise(ADVICE[advice])
+    return np.frombuffer(m, dtype=np.uint8).reshape(shape)
 
 class RawLoader(SampledLoader):
     """uint8 memmap -> pinned uint8 batches (background thread) -> batched device augmentation."""
@@ -13,8 +35,15 @@ class RawLoader(SampledLoader):
 
     def __init__(self, packed, **kw):
         super().__init__(packed, **kw)
-        # one memmap per part (a single packed dataset is a mixture of one): [N_k, H, W] uint8
-        self.parts = [p.images for p in packed.parts] if hasattr(packed, "parts") else [packed.images]
+        # one mapping per part (a single packed dataset is a mixture of one): [N_k, H, W] uint8
+        advice = self.cfg.raw_advice
+        if advice == "auto":
+            advice = "random" if self.train else "sequential"
+        if advice not in ADVICE:
+            raise LoaderError(f"data.raw_advice must be auto or one of {', '.join(ADVICE)}, got {advice!r}")
+        self.advice = advice
+        self.parts = [p.images if len(p) == 0 else map_advised(p.images.filename, p.images.shape, advice)
+                      for p in getattr(packed, "parts", [packed])]
         self.offsets = getattr(packed, "offsets", np.array([0, len(packed)], np.int64))  # [P + 1]
         self.images = self.parts[0] if len(self.parts) == 1 else None  # [N, H, W] (one part)
         self.labels = np.ascontiguousarray(packed.labels, dtype=np.float32)  # [N, L]
@@ -68,5 +97,5 @@ class RawLoader(SampledLoader):
 
     def describe(self) -> str:
         if hasattr(self.packed, "parts"):
-            return f"raw memmaps of a mixture: {self.packed.describe()}"
-        return f"raw memmap {self.packed.root}/raw/{self.packed.split}.u8"
+            return f"raw memmaps (madvise {self.advice}) of a mixture: {self.packed.describe()}"
+        return f"raw memmap {self.packed.root}/raw/{self.packed.split}.u8 (madvise {self.advice})"

@@ -2,6 +2,8 @@
 
     python -m fasttrain.data.mixture_bench --parts A B --single C [--loaders raw,ffcv,dali-cpu]
     python -m fasttrain.data.mixture_bench --make DIR --n 4096 --size 256    # SYNTHETIC packs first
+    python -m fasttrain.data.mixture_bench tile --src PACKED --out BIG --copies 100   # bigger than memory
+    python -m fasttrain.data.mixture_bench cold --data BIG [BIG2]    # root: cold page cache feed rates
 
 For each loader kind, the mixture A+B and the single dataset C are timed in interleaved windows
 (fasttrain.bench.interleaved_windows: machine noise hits both alike); the figure is the median
@@ -16,8 +18,10 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fasttrain.bench import interleaved_windows, median
@@ -44,6 +48,98 @@ def make_packs(root: Path, n: int, size: int, workers: int) -> tuple[list[str], 
     return [str(a), str(b)], str(c)
 
 
+def tile_raw(src, out, copies: int, split: str = "train") -> Path:
+    """A raw-only packed dataset whose `split` is `copies` back-to-back copies of src's split (ids
+    suffixed '#k'): a set bigger than memory in the minutes it takes to write the bytes, for cold
+    page-cache measurements. Its images repeat; the page cache cannot tell. Written atomically."""
+    from fasttrain.converters.common import AtomicDir
+
+    from .packed import open_packed, read_manifest
+    p = open_packed(src, split, "raw")
+    m = read_manifest(src)
+    with AtomicDir(Path(out)) as tmp:
+        (tmp / "raw").mkdir()
+        (tmp / "splits").mkdir()
+        chunk = 1 << 26  # 64 MB sequential writes
+        data = np.asarray(p.images).reshape(-1)
+        with open(tmp / "raw" / f"{split}.u8", "wb") as f:
+            for _ in range(copies):
+                for a in range(0, len(data), chunk):
+                    f.write(data[a:a + chunk].tobytes())
+        np.save(tmp / "splits" / f"{split}.labels.npy", np.tile(p.labels, (copies, 1)))
+        (tmp / "splits" / f"{split}.ids.txt").write_text("".join(f"{i}#{k}\n" for k in range(copies) for i in p.ids))
+        meta = dict(m["splits"][split], count=len(p) * copies, ids=f"splits/{split}.ids.txt",
+                    labels=f"splits/{split}.labels.npy")
+        meta.pop("files", None)
+        m.update(splits={split: meta}, formats=["raw"], format_details={"raw": dict(m["format_details"]["raw"],
+                                                                                   files={split: f"raw/{split}.u8"})},
+                 dataset=f"{m['dataset']}-tiled-x{copies}", synthetic=bool(m.get("synthetic")),
+                 note=f"{m.get('note') or ''} tiled x{copies} from {src} by fasttrain.data.mixture_bench.tile_raw".strip())
+        (tmp / "manifest.json").write_text(json.dumps(m, indent=1))
+    return Path(out).absolute()
+
+
+def _read_bytes() -> int:
+    """Bytes this process caused to be read from storage (page faults and readahead included)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("1\n")  # root only: page cache dropped
+
+
+def cold_main(argv: list[str]) -> int:
+    """Raw loader feed rate on a cold page cache: kernel default readahead vs MADV_RANDOM vs
+    MADV_RANDOM + page-aware blocks, then the same batches again (cached)."""
+    p = argparse.ArgumentParser(prog="python -m fasttrain.data.mixture_bench cold")
+    p.add_argument("--data", nargs="+", required=True, help="packed dataset(s) (several: a mixture)")
+    p.add_argument("--batches", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--block", type=int, default=64, help="block_shuffle for the page-aware variant")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    from fasttrain.config import DataConfig
+    from fasttrain.provenance import provenance
+
+    from .loaders import build_loader
+    path = args.data if len(args.data) > 1 else args.data[0]
+    records = []
+    for advice, block in (("normal", 0), ("random", 0), ("random", args.block)):
+        cfg = DataConfig(path=path, loader="raw", batch_size=args.batch_size, raw_advice=advice, block_shuffle=block,
+                         prefetch=2)
+        ld = build_loader(cfg, "train", True, img_size=224, in_chans=1, need_labels=False)
+        rec = dict(advice=advice, block_shuffle=block, batch_size=args.batch_size, batches=args.batches,
+                   images=len(ld.packed), image_bytes=int(np.prod(ld.image_size)))
+        for state in ("cold", "cached"):
+            if state == "cold":
+                _drop_caches()
+            ld.set_epoch(0)  # the same batches both times
+            b0, t0, n = _read_bytes(), time.perf_counter(), 0
+            it = ld.feed()
+            for _ in range(args.batches):
+                x, _ = next(it)
+                n += x.shape[0]
+            it.close()
+            dt = time.perf_counter() - t0
+            rec[f"{state}_images_per_s"] = n / dt
+            rec[f"{state}_read_mb"] = (_read_bytes() - b0) / 1e6
+            rec["payload_mb"] = n * rec["image_bytes"] / 1e6
+        records.append(rec)
+        if not args.json:
+            print(f"madvise {advice:<7} block {block:>4}: cold {rec['cold_images_per_s']:>8,.0f} img/s, "
+                  f"read {rec['cold_read_mb']:>8,.1f} MB for {rec['payload_mb']:.1f} MB of images; "
+                  f"cached {rec['cached_images_per_s']:>9,.0f} img/s", flush=True)
+    prov = provenance("cpu")
+    if args.json:
+        for r in records:
+            print(json.dumps({**r, "data": ld.data_parts(), "provenance": prov}))
+    return 0
+
+
 class _Window:
     def __init__(self, loader, feed: bool, batches: int):
         self.loader, self.feed, self.batches, self.epoch = loader, feed, batches, 0
@@ -64,6 +160,17 @@ class _Window:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["cold"]:
+        return cold_main(argv[1:])
+    if argv[:1] == ["tile"]:
+        a = argparse.ArgumentParser(prog="python -m fasttrain.data.mixture_bench tile")
+        a.add_argument("--src", required=True)
+        a.add_argument("--out", required=True)
+        a.add_argument("--copies", type=int, required=True)
+        t = a.parse_args(argv[1:])
+        print(tile_raw(t.src, t.out, t.copies))
+        return 0
     p = argparse.ArgumentParser(prog="python -m fasttrain.data.mixture_bench", description=__doc__.split("\n")[0])
     p.add_argument("--parts", nargs="+", help="the mixture's packed datasets")
     p.add_argument("--single", help="one packed dataset of the same total size")

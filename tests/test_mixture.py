@@ -317,3 +317,27 @@ def test_raw_advice_and_blocks_read_the_same_images(parts, advice):
     assert Counter(_feed_hashes(ld)) == want
     with pytest.raises(LoaderError, match="raw_advice"):
         build_loader(_cfg(parts["nih"], "raw", raw_advice="willneed"), "train", True, img_size=24, in_chans=1)
+
+
+def test_bench_loader_times_a_mixture(parts, capsys):
+    """`fasttrain bench loader --data A --data B` (and --data A,B) builds every loader over the mixture."""
+    from fasttrain.data.bench import main as bench_main
+    common = ["--batch-size", "8", "--batches", "1", "--windows", "1", "--img-size", "24", "--loaders",
+              "reference,raw", "--json", "--workers", "1"]
+    for data in (["--data", parts["nih"], "--data", parts["cx"]], ["--data", f"{parts['nih']},{parts['cx']}"]):
+        assert bench_main(data + common) == 0
+        recs = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+        assert [r["loader"] for r in recs] == ["reference", "raw"]
+        n = open_packed(parts["nih"], "train").count + open_packed(parts["cx"], "train").count
+        assert all(r["images"] == n and len(r["data"]) == 2 and r["images_per_s"] > 0 for r in recs)
+    assert bench_main(["--data", parts["nih"], "--data", "/nonexistent/x"] + common) == 2
+    assert "part 1" in capsys.readouterr().err
+
+
+def test_tile_raw_makes_a_bigger_set_of_the_same_images(parts, tmp_path):
+    from fasttrain.data.mixture_bench import tile_raw
+    big = tile_raw(parts["nih"], tmp_path / "big", 3)
+    a, b = open_packed(parts["nih"], "train"), open_packed(big, "train")
+    assert len(b) == 3 * len(a) and b.synthetic
+    np.testing.assert_array_equal(b.image(2 * len(a) + 5), a.image(5))
+    np.testing.assert_array_equal(b.labels[len(a):2 * len(a)], a.labels)

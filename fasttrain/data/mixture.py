@@ -74,10 +74,6 @@ def parse_parts(path) -> list[PartSpec]:
     return [_split_spec(t) for t in items]
 
 
-def is_mixture(path) -> bool:
-    return len(parse_parts(path)) > 1
-
-
 def part_splits(parts: Sequence[PartSpec], split: str, train_split: str) -> list[str]:
     """The split each part reads: its own ':SPLIT' when the caller asks for the training split,
     else `split` (validation / test read each part's split of that name)."""
@@ -283,15 +279,14 @@ def missing_split(path, split: str, train_split: str = "train") -> list[str]:
             for (spec, m), s in zip(mans, splits) if s not in m.get("splits", {})]
 
 
-def common_format(specs_or_path) -> str:
-    """The packed formats every part has, best first (raw > ffcv > dali)."""
+def common_format(specs: Sequence[PartSpec]) -> str:
+    """The best packed format every part has (raw > ffcv > dali)."""
     from fasttrain.converters.common import FORMAT_PREFERENCE
-    mans = part_manifests(specs_or_path if not isinstance(specs_or_path, list) or
-                          not isinstance(specs_or_path[0], PartSpec) else [s.path for s in specs_or_path])
+    mans = part_manifests([s.path for s in specs])
     have = [set(m.get("formats", [])) for _, m in mans]
     both = set.intersection(*have)
     for f in FORMAT_PREFERENCE:
         if f in both:
             return f
     raise MixtureError("mixture parts share no packed format: " +
-                       "; ".join(f"part {k} {s.path} has {sorted(h)}" for k, ((s, _), h) in enumerate(zip(mans, have))))
+                       "; ".join(f"part {k} {s.path} has {sorted(h)}" for k, (s, h) in enumerate(zip(specs, have))))

@@ -312,7 +312,9 @@ def test_raw_advice_and_blocks_read_the_same_images(parts, advice):
     want = Counter(_hashes(parts["nih"]) + _hashes(parts["cx"]))
     cfg = _cfg([parts["nih"], parts["cx"]], "raw", raw_advice=advice, block_shuffle=4 if advice == "auto" else 0)
     ld = build_loader(cfg, "train", True, img_size=24, in_chans=1, seed=3, drop_last=False, need_labels=False)
-    assert ld.advice == {"auto": "random"}.get(advice, advice)
+    assert ld.advice == {"auto": "sequential"}.get(advice, advice)  # auto with blocks keeps readahead
+    assert build_loader(_cfg(parts["nih"], "raw"), "train", True, img_size=24, in_chans=1).advice == "random"
+    assert build_loader(_cfg(parts["nih"], "raw"), "train", False, img_size=24, in_chans=1).advice == "sequential"
     ld.set_epoch(0)
     assert Counter(_feed_hashes(ld)) == want
     with pytest.raises(LoaderError, match="raw_advice"):

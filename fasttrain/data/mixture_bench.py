@@ -93,13 +93,14 @@ def _drop_caches() -> None:
 
 
 def cold_main(argv: list[str]) -> int:
-    """Raw loader feed rate on a cold page cache: kernel default readahead vs MADV_RANDOM vs
-    MADV_RANDOM + page-aware blocks, then the same batches again (cached)."""
+    """Raw loader feed rate on a cold page cache for each (madvise, block_shuffle) variant, then the
+    same batches again (cached): kernel default readahead, MADV_RANDOM, page-aware blocks."""
     p = argparse.ArgumentParser(prog="python -m fasttrain.data.mixture_bench cold")
     p.add_argument("--data", nargs="+", required=True, help="packed dataset(s) (several: a mixture)")
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--block", type=int, default=64, help="block_shuffle for the page-aware variant")
+    p.add_argument("--variants", default="normal:0,random:0,random:64,normal:64,sequential:64",
+                   help="ADVICE:BLOCK pairs (data.raw_advice : data.block_shuffle)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     from fasttrain.config import DataConfig
@@ -108,7 +109,8 @@ def cold_main(argv: list[str]) -> int:
     from .loaders import build_loader
     path = args.data if len(args.data) > 1 else args.data[0]
     records = []
-    for advice, block in (("normal", 0), ("random", 0), ("random", args.block)):
+    variants = [(v.split(":")[0], int(v.split(":")[1])) for v in args.variants.split(",") if v]
+    for advice, block in variants:
         cfg = DataConfig(path=path, loader="raw", batch_size=args.batch_size, raw_advice=advice, block_shuffle=block,
                          prefetch=2)
         ld = build_loader(cfg, "train", True, img_size=224, in_chans=1, need_labels=False)

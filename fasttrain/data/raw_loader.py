@@ -4,8 +4,9 @@ batched device augmentation.
 Bigger than memory: each part's file is mapped here with madvise advice (data.raw_advice). With the
 kernel's default, every page fault of a random gather pulls the disk's whole readahead window
 (NIH-sized set, cold cache: 4.35 GB read for 80 MB of images); MADV_RANDOM makes a fault read its
-own pages only. In-order evaluation keeps readahead (MADV_SEQUENTIAL). data.block_shuffle gives a
-page-aware order on top (sampler.block_permutation). Figures: docs/benchmarks.md.
+own pages only (auto for shuffled training). data.block_shuffle gives a page-aware order
+(sampler.block_permutation): a batch reads a few contiguous runs, so readahead pays again and auto
+picks MADV_SEQUENTIAL, as for in-order evaluation. Figures: docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -37,8 +38,8 @@ class RawLoader(SampledLoader):
         super().__init__(packed, **kw)
         # one mapping per part (a single packed dataset is a mixture of one): [N_k, H, W] uint8
         advice = self.cfg.raw_advice
-        if advice == "auto":
-            advice = "random" if self.train else "sequential"
+        if advice == "auto":  # page-aware blocks and in-order eval read runs: keep (doubled) readahead
+            advice = "random" if self.train and not self.sampler.block else "sequential"
         if advice not in ADVICE:
             raise LoaderError(f"data.raw_advice must be auto or one of {', '.join(ADVICE)}, got {advice!r}")
         self.advice = advice

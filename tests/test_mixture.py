@@ -182,7 +182,7 @@ def test_weighted_loader_counts_within_sampling_error(parts):
 
 # ----------------------------------------------------------------------------- DDP, resume
 
-@pytest.mark.parametrize("kind", ["raw", "ffcv", "dali"])
+@pytest.mark.parametrize("kind", ["raw", pytest.param("ffcv", marks=pytest.mark.slow), "dali"])
 def test_resume_mid_epoch_gives_the_remaining_order(parts, kind):
     path = f"{parts['nih']},{parts['cx']}"
     ld = build_loader(_cfg(path, kind), "train", True, img_size=24, in_chans=1, seed=9, need_labels=False)
@@ -215,6 +215,7 @@ def _ddp_worker(rank, world, path, outdir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_disjoint_and_covering(parts, tmp_path):
     import socket
 

@@ -185,12 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--windows", type=int, default=5)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--modes", default="feed,whole", help="feed (host side) and/or whole (with augmentation)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     from fasttrain.config import DataConfig
     from fasttrain.provenance import provenance
 
     from .loaders import build_loader
+    modes = [m for m in args.modes.split(",") if m]
     workers = args.workers or os.cpu_count() or 1
     if args.make:
         args.parts, args.single = make_packs(Path(args.make), args.n, args.size, workers)
@@ -205,9 +207,9 @@ def main(argv: list[str] | None = None) -> int:
             lds[tag] = build_loader(cfg, "train", True, img_size=args.img_size, in_chans=1, device="cpu",
                                     dtype=torch.bfloat16, need_labels=False)
         fns = {f"{t}/{mode}": _Window(ld, mode == "feed", args.batches)
-               for mode in ("feed", "whole") for t, ld in lds.items()}
+               for mode in modes for t, ld in lds.items()}
         rates = interleaved_windows(fns, windows=args.windows, warmup=1)
-        for mode in ("feed", "whole"):
+        for mode in modes:
             mix, one = median(rates[f"mixture/{mode}"]), median(rates[f"single/{mode}"])
             records.append(dict(loader=name, mode=mode, mixture_images_per_s=mix, single_images_per_s=one,
                                 ratio_mixture_vs_single=mix / one, windows={k: v for k, v in rates.items()

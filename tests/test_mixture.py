@@ -344,3 +344,15 @@ def test_tile_raw_makes_a_bigger_set_of_the_same_images(parts, tmp_path):
     assert len(b) == 3 * len(a) and b.synthetic
     np.testing.assert_array_equal(b.image(2 * len(a) + 5), a.image(5))
     np.testing.assert_array_equal(b.labels[len(a):2 * len(a)], a.labels)
+
+
+def test_paper_pretraining_configs_name_nih_and_chexpert_train():
+    from fasttrain.data.mixture import part_splits
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("pretrain_vitb_to_vitt.yaml", "pretrain_vits_to_vitt.yaml"):
+        cfg = build_config(root / name)
+        specs = parse_parts(cfg.data.path)
+        assert [Path(s.path).name for s in specs] == ["nih256", "chexpert256"], name
+        assert part_splits(specs, cfg.data.train_split, cfg.data.train_split) == ["train", "train"]
+        over = build_config(root / name, ["--data.path=/x/nih:train,/x/cx:train"])
+        assert parse_parts(over.data.path) == [PartSpec("/x/nih", "train"), PartSpec("/x/cx", "train")]

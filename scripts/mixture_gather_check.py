@@ -3,7 +3,11 @@
 
 Needs the packs of `python -m fasttrain.data.mixture_bench --make /tmp/issue10-bench --n 1500 --size 256`
 (docs/benchmarks.md, "Mixture vs one packed set"); no threads, so a loaded machine disturbs it less."""
-import time, statistics, numpy as np, torch
+import statistics
+import time
+
+import numpy as np
+
 from fasttrain.config import DataConfig
 from fasttrain.data import build_loader
 lds = {t: build_loader(DataConfig(path=p, loader="raw", batch_size=256), "train", True, img_size=224, in_chans=1,

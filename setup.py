@@ -48,7 +48,9 @@ setup(
         "ffcv": ["ffcv==1.0.2", "opencv-python-headless", "pyturbojpeg<2", "numba>=0.59"],
         # torch 2.14.1 is a CUDA 13 build: use DALI's CUDA 13 wheel.
         "dali": ["nvidia-dali-cuda130==2.4.0"],
-        "dev": ["pytest>=7", "pytest-timeout>=2"],
+        # fasttrain export --format onnx: onnxscript for torch's dynamo exporter, onnxruntime to check the file
+        "onnx": ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"],
+        "dev": ["pytest>=7", "pytest-timeout>=2", "onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"],
     },
     entry_points={"console_scripts": ["fasttrain=fasttrain.cli:main"]},
 )

@@ -1,5 +1,5 @@
-"""`fasttrain convert {nih,chexpert,dicom,synthetic} ...`: argument parsing only; the work is in
-nih.py / chexpert.py / dicom.py / synthetic.py."""
+"""`fasttrain convert {nih,chexpert,dicom,images,synthetic} ...`: argument parsing only; the work is in
+nih.py / chexpert.py / dicom.py / images.py / synthetic.py."""
 from __future__ import annotations
 
 import argparse
@@ -53,6 +53,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--split-csv", default=None, help="MIMIC-CXR split CSV (default: beside --labels-csv)")
     p.add_argument("--views", choices=("frontal", "all"), default="frontal",
                    help="MIMIC-CXR: frontal = ViewPosition PA or AP")
+    _images_parser(sub)
     p = sub.add_parser("synthetic", help="write SYNTHETIC phantoms in the NIH or CheXpert source layout")
     p.add_argument("--out", required=True, help="source folder to write (must not exist)")
     p.add_argument("--layout", choices=("nih", "chexpert"), default="nih",
@@ -65,6 +66,61 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="drawing processes (default 1)")
     p.add_argument("--no-progress", action="store_true")
     return ap
+
+
+def _csv_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _keep(entries: list[str]) -> dict[str, list[str]]:
+    out = {}
+    for e in entries:
+        col, eq, vals = e.partition("=")
+        if not eq or not col.strip() or not _csv_list(vals):
+            raise ConvertError(f"--keep {e!r}: expected COL=VALUE[,VALUE...]")
+        out[col.strip()] = _csv_list(vals)
+    return out
+
+
+def _images_parser(sub) -> None:
+    """`fasttrain convert images`: any image folder + labels CSV (converters/images.py)."""
+    from .images import MERGE, NEGATIVE, POSITIVE
+    p = sub.add_parser("images", help="any folder of PNG / JPEG / DICOM files + a labels CSV "
+                                      "(PadChest, VinDr-CXR, ...)")
+    _common(p)
+    p.add_argument("--labels-csv", "--csv", required=True, nargs="+", dest="labels_csv", metavar="[SPLIT=]CSV",
+                   help="labels CSV(s); prefix with train= / val= / test= to put a whole CSV in one split")
+    p.add_argument("--path-col", required=True, help="column naming each image, relative to --src")
+    p.add_argument("--path-suffix", default="", help="appended to --path-col values (VinDr-CXR: .dicom)")
+    p.add_argument("--label-cols", type=_csv_list, default=None, metavar="A,B,C",
+                   help="one column per label (values in --positive / --negative / --uncertain); with "
+                        "--multi-col: the label names to keep, in this order")
+    p.add_argument("--multi-col", default=None, help="one column listing the findings (NIH's Finding Labels)")
+    p.add_argument("--sep", default="|", help="separator of --multi-col values (default '|'); PadChest's "
+                                              "Python-list cells are read as lists")
+    p.add_argument("--none-values", type=_csv_list, default=["No Finding"], metavar="V,W",
+                   help="--multi-col values meaning no finding (default 'No Finding')")
+    p.add_argument("--unlisted", choices=("error", "ignore"), default="error",
+                   help="--multi-col values not in --label-cols: error (default) or ignore")
+    p.add_argument("--positive", type=_csv_list, default=list(POSITIVE), metavar="V,W",
+                   help=f"cell values meaning positive (case-insensitive; default {','.join(POSITIVE)})")
+    p.add_argument("--negative", type=_csv_list, default=list(NEGATIVE), metavar="V,W",
+                   help=f"cell values meaning negative (default {','.join(NEGATIVE)})")
+    p.add_argument("--uncertain", type=_csv_list, default=[], metavar="V,W",
+                   help="cell values meaning uncertain (e.g. -1,-1.0); mapped by --uncertain-as")
+    p.add_argument("--uncertain-as", choices=("ignore", "zeros", "ones"), default="ignore",
+                   help="uncertain values become NaN (ignored in the loss; default), 0 or 1")
+    p.add_argument("--blank", choices=("zeros", "ignore", "error"), default="zeros",
+                   help="blank label cells: 0 (default, 'not mentioned'), NaN, or an error")
+    p.add_argument("--split-col", default=None, help="column holding train / val / test")
+    p.add_argument("--patient-col", default=None, help="column holding the patient id (patient-disjoint splits)")
+    p.add_argument("--test-fraction", type=float, default=0.0,
+                   help="carve a patient-disjoint 'test' split of this fraction from train (before --val-fraction)")
+    p.add_argument("--merge-rows", choices=MERGE, default="error",
+                   help="an image on several rows (one per reader): error (default), any, majority")
+    p.add_argument("--keep", action="append", default=[], metavar="COL=V,W",
+                   help="only rows whose COL is one of these values (repeatable), e.g. Projection=PA,AP")
+    p.add_argument("--dataset", default="images", help="dataset name written in the manifest")
 
 
 def _terminate(signum, frame):
@@ -110,6 +166,15 @@ def _run(args, progress: bool) -> int:
             from .chexpert import convert_chexpert
             out = convert_chexpert(args.src, args.out, uncertain=args.uncertain, labels=args.labels,
                                    views=args.views, **common)
+        elif args.source == "images":
+            from .images import convert_images
+            out = convert_images(args.src, args.labels_csv, args.out, path_col=args.path_col,
+                                 label_cols=args.label_cols, multi_col=args.multi_col, sep=args.sep,
+                                 none_values=args.none_values, unlisted=args.unlisted, positive=args.positive,
+                                 negative=args.negative, uncertain=args.uncertain, uncertain_as=args.uncertain_as,
+                                 blank=args.blank, split_col=args.split_col, patient_col=args.patient_col,
+                                 path_suffix=args.path_suffix, merge_rows=args.merge_rows, keep=_keep(args.keep),
+                                 test_fraction=args.test_fraction, dataset=args.dataset, **common)
         else:
             from .dicom import convert_dicom
             out = convert_dicom(args.src, args.labels_csv, args.out, uncertain=args.uncertain, labels=args.labels,

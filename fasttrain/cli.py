@@ -1,4 +1,4 @@
-"""The `fasttrain` command: convert | pretrain | finetune | evaluate | plot | bench | demo.
+"""The `fasttrain` command: convert | pretrain | finetune | evaluate | predict | export | plot | bench | demo.
 
 Each sub-command lives with the stage it drives and parses its own arguments; this file only
 dispatches, importing the stage lazily so `fasttrain convert` never imports the trainer.
@@ -13,6 +13,8 @@ COMMANDS = {
     "pretrain": ("fasttrain.train.commands", "pretrain_main", "MAE pre-training, with distillation when a teacher is given"),
     "finetune": ("fasttrain.train.commands", "finetune_main", "fine-tune a pre-trained encoder for multi-label classification"),
     "evaluate": ("fasttrain.train.commands", "evaluate_main", "per-label AUC and mAUC with bootstrap CIs"),
+    "predict": ("fasttrain.train.predict", "main", "probabilities per label for new image files (PNG/JPEG/DICOM) -> CSV"),
+    "export": ("fasttrain.train.export", "main", "a checkpoint as timm safetensors or ONNX (checked with ONNX Runtime)"),
     "plot": ("fasttrain.train.commands", "plot_main", "loss curves and AUC figures of one or more runs"),
     "bench": ("fasttrain.bench", "main", "throughput benchmarks against the reference path"),
     "demo": ("fasttrain.train.demo", "main", "the whole pipeline on synthetic phantoms (make demo)"),

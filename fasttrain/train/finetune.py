@@ -91,7 +91,9 @@ def run_finetune(cfg, resume: bool = False) -> dict:
             amp = _amp_dtype(cfg, info.device)
             validate = lambda m: val_metrics(m, val_loader, info, amp)  # noqa: E731
         trainer = loop.Trainer(cfg, "finetune", model, loader, info, groups=groups, resume=resume, validate=validate,
-                               extra_state={"label_names": list(loader.label_names)})
+                               extra_state={"label_names": list(loader.label_names),
+                                            # packed size: what `fasttrain predict` resizes new files to
+                                            "image_size": list(loader.image_size)})
         return trainer.fit()
     finally:
         cleanup(info)

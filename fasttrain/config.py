@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -125,6 +125,13 @@ class RunConfig:
     progress: bool = True  # tqdm bar on rank 0 (step, img/s, both losses, lr, ETA)
     eval_every: int = 1  # fine-tuning: validation mAUC every N epochs (best.pt follows it)
     bootstrap: int = 1000  # evaluation: bootstrap resamples of the test images for the 95% CI
+    # Cluster survival (README "Clusters"): one command line for the first launch and every requeue.
+    resume: Union[bool, str] = False  # false: fresh; true: continue from last.pt (--resume); "auto": resume if last.pt exists
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # SLURM's kill warning and --signal=USR1@T
+    preempt_check_every: int = 1  # steps between the ranks' agreement on a signal (one tiny gloo all-reduce each)
+    preempt_exit_code: int = 75  # EX_TEMPFAIL ("try again"): a pre-empted run saved last.pt; requeue it
+    keep_checkpoints: int = 2  # step_N.pt kept beside last.pt (hard links): a corrupt last.pt falls back to one
+    dist_timeout_s: int = 600  # collectives and rendezvous fail after this instead of hanging for torch's 30 min
 
 
 @dataclass

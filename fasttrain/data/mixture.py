@@ -171,6 +171,11 @@ class PackedMixture:
         part = np.searchsorted(self.offsets, idx, side="right") - 1
         return part, idx - self.offsets[part]
 
+    def check_raw_file(self) -> None:
+        """PackedSplit.check_raw_file for every part (the raw loader calls it before each gather)."""
+        for p in self.parts:
+            p.check_raw_file()
+
     def image(self, i: int) -> np.ndarray:
         if not 0 <= i < self.count:
             raise IndexError(f"index {i} out of range for a mixture of {self.count} images")

@@ -7,6 +7,7 @@ format-specific handles (`.images` memmap, `.beton`, `.shards` + `.index_files`)
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -48,6 +49,10 @@ class PackedSplit:
                 self.images = raw.open_images(root, split, self.count, self.image_size)  # [N, H, W] uint8
             except (OSError, ValueError) as e:
                 raise PackedError(f"{root}: raw images of split '{split}' unreadable: {e}") from e
+            self._raw_path = Path(self.images.filename)
+            self._raw_bytes = self.count * self.image_size[0] * self.image_size[1]
+            # an fd on the file itself: fstat sees a truncation even after the path was unlinked
+            self._raw_fd = os.open(self._raw_path, os.O_RDONLY)
         elif fmt == "ffcv":
             self.beton = str(root / details["files"][split])
             if not Path(self.beton).is_file():
@@ -60,6 +65,29 @@ class PackedSplit:
             if missing:
                 raise PackedError(f"{root}: DALI files missing: {missing[:3]}")
             self._dali_where = None
+
+    def check_raw_file(self) -> None:
+        """Before each gather (two stats, microseconds): the raw file is still where it was and
+        still whole. A memmap page past a truncated end raises SIGBUS, which kills the process
+        without a word (and with it the chance of a clean error); a deleted file would make the
+        next restart fail. Both become a PackedError naming the file; the trainer then stops
+        without writing, so the last checkpoint stays good."""
+        if not self._raw_path.exists():
+            raise PackedError(f"{self._raw_path}: the packed file disappeared under the running job "
+                              f"(split '{self.split}'); restore it and resume with --resume auto")
+        size = min(os.fstat(self._raw_fd).st_size, self._raw_path.stat().st_size)
+        if size < self._raw_bytes:
+            raise PackedError(f"{self._raw_path}: the packed file was truncated under the running job to {size} "
+                              f"bytes (expected {self._raw_bytes}); re-convert or restore it and resume with "
+                              "--resume auto")
+
+    def __del__(self):
+        fd = getattr(self, "_raw_fd", None)
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def __len__(self) -> int:
         return self.count

@@ -75,6 +75,7 @@ class RawLoader(SampledLoader):
             # ascending file offsets within a batch: sequential-ish page cache / readahead reads;
             # the batch's contents are unchanged, only their order inside the batch
             idx = np.sort(idx)
+            self.packed.check_raw_file()  # a vanished/truncated file: clear error, not SIGBUS
             buf = torch.empty((len(idx), h, w), dtype=torch.uint8, pin_memory=self.pin)  # [b, H, W]
             self._take(idx, buf.numpy())  # one gather per part, GIL released
             labels = torch.from_numpy(self.labels[idx])  # [b, L] (fancy indexing copies)

@@ -1,7 +1,9 @@
 """`fasttrain pretrain | finetune | evaluate | plot`: argument parsing and clean error reporting.
 
 Dotted overrides follow the named flags: `fasttrain pretrain --config C --out RUN --optim.blr=1e-4`.
-Known input errors (config, checkpoint, dataset, divergence) print one clear line and exit 2.
+Known input errors (config, checkpoint, dataset, divergence, a failed checkpoint write) print one
+clear line and exit 2. A pre-empted run (SIGTERM / SIGUSR1, see run.preempt_signals) writes
+last.pt and exits with run.preempt_exit_code (default 75).
 """
 from __future__ import annotations
 
@@ -16,8 +18,10 @@ from fasttrain.config import ConfigError, build_config, parse_overrides
 def _known_errors() -> tuple[type[BaseException], ...]:
     from fasttrain.models.checkpoints import CheckpointError
     from fasttrain.train.engine import CompileError
+    from fasttrain.train.checkpoint import CheckpointWriteError
     from fasttrain.train.loop import TrainingDiverged
-    errs: list = [ConfigError, CheckpointError, FileNotFoundError, TrainingDiverged, CompileError, ValueError]
+    errs: list = [ConfigError, CheckpointError, FileNotFoundError, TrainingDiverged, CompileError, ValueError,
+                  CheckpointWriteError]
     try:
         from fasttrain.data.packed import PackedError
         errs.append(PackedError)
@@ -27,8 +31,12 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 
 def _run(prog: str, fn) -> int:
+    from fasttrain.train.loop import Preempted
     try:
         fn()
+    except Preempted as e:
+        print(f"fasttrain {prog}: {e}", file=sys.stderr)
+        return e.exit_code
     except _known_errors() as e:
         print(f"fasttrain {prog}: error: {e}", file=sys.stderr)
         return 2
@@ -63,7 +71,9 @@ def _train_parser(prog: str, init: bool) -> argparse.ArgumentParser:
         "Dotted config overrides may follow, e.g. --optim.blr=1e-4 --data.batch_size=64."))
     p.add_argument("--config", required=True, help="YAML file in configs/ (overrides the defaults)")
     p.add_argument("--out", required=True, help="run directory (config, provenance, metrics, checkpoints)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    p.add_argument("--resume", nargs="?", const=True, default=None, choices=[True, "auto"],
+                   help="continue from OUT/checkpoints/last.pt; '--resume auto': resume if it exists, else "
+                        "start fresh (one command line for the first launch and every requeue/restart)")
     if init:
         p.add_argument("--init", help="pre-trained student checkpoint (ours, or an exported .safetensors)")
     else:

@@ -63,7 +63,7 @@ def _amp_dtype(cfg, device: torch.device):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg.engine.amp]
 
 
-def run_finetune(cfg, resume: bool = False) -> dict:
+def run_finetune(cfg, resume=None) -> dict:
     loop.require_run_and_data(cfg)
     if cfg.data.val_split is not None:
         _check_split(cfg.data.path, cfg.data.val_split, "data.val_split", cfg.data.train_split)

@@ -7,12 +7,24 @@ written atomically to checkpoints/last.pt. Resume restores model, optimiser, ste
 grad scaler, every RNG and the loader position (epoch, batch within the epoch), so a run killed
 at any point and resumed ends where the uninterrupted run ends (bit-identical on CPU with
 run.deterministic=true).
+
+Clusters (README "Clusters"): `run.resume: auto` resumes when last.pt exists and starts fresh
+otherwise, so one command line serves the first launch, every requeue and every torchrun restart.
+A pre-emption signal (run.preempt_signals) only sets a flag; at the next optimiser-step boundary
+the ranks agree on it (one tiny all-reduce, so no rank is left waiting in a collective), write
+last.pt atomically, log "pre-empted at step N" and raise Preempted, which the CLI turns into
+run.preempt_exit_code. A second signal during that save changes nothing (the flag is already set,
+and the write is temp file + fsync + rename). Every checkpoint carries a checksum of its tensors;
+a corrupt last.pt is named, and the newest kept step checkpoint that verifies is offered (or used,
+with a warning, under resume=auto).
 """
 from __future__ import annotations
 
 import logging
 import os
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -22,7 +34,8 @@ import torch
 import torch.nn as nn
 
 from fasttrain.train import checkpoint as ckpt_io
-from fasttrain.train.dist import DistInfo, all_reduce_mean, barrier, init_distributed, wrap_ddp
+from fasttrain.train.dist import (DistInfo, all_reduce_mean, any_rank, barrier, broadcast_object, init_distributed,
+                                  wrap_ddp)
 from fasttrain.train.engine import make_step, unwrap
 from fasttrain.train.optim import Schedule, absolute_lr, build_optimizer
 from fasttrain.train.runlog import RunLog, setup_logging
@@ -34,6 +47,44 @@ LOSS_NAMES = {"pretrain": ("loss", "loss_mae", "loss_dist"), "finetune": ("loss"
 
 class TrainingDiverged(RuntimeError):
     """A NaN/Inf loss: names the step and the last good checkpoint."""
+
+
+class Preempted(Exception):
+    """A pre-emption signal stopped the run at a step boundary after last.pt was written; the CLI
+    exits with `exit_code` (run.preempt_exit_code) so a job script can tell it apart and requeue."""
+
+    def __init__(self, step: int, signame: str, path: str, exit_code: int):
+        super().__init__(f"pre-empted at step {step} by {signame}: {path} written; "
+                         f"resume with --resume auto (exit code {exit_code})")
+        self.step, self.signame, self.path, self.exit_code = step, signame, path, exit_code
+
+
+def resume_mode(cfg, resume=None):
+    """--resume / run.resume -> False | True | "auto" (the CLI flag wins over the config)."""
+    mode = cfg.run.resume if resume in (None, False) else resume
+    if isinstance(mode, str):
+        mode = {"auto": "auto", "true": True, "false": False, "never": False}.get(mode.lower(), mode)
+    if mode not in (False, True, "auto"):
+        from fasttrain.config import ConfigError
+        raise ConfigError(f"config key 'run.resume': expected true, false or auto, got {mode!r}")
+    return mode
+
+
+def parse_signals(names: list[str]) -> list[signal.Signals]:
+    """['SIGTERM', 'USR1', '10'] -> signal numbers; the error names the unknown one."""
+    out = []
+    for n in names:
+        key = str(n).upper()
+        try:
+            sig = signal.Signals(int(key)) if key.isdigit() else signal.Signals[key if key.startswith("SIG") else "SIG" + key]
+        except (KeyError, ValueError):
+            from fasttrain.config import ConfigError
+            raise ConfigError(f"config key 'run.preempt_signals': unknown signal {n!r} (e.g. SIGTERM, SIGUSR1)") from None
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            from fasttrain.config import ConfigError
+            raise ConfigError(f"config key 'run.preempt_signals': {sig.name} cannot be caught")
+        out.append(sig)
+    return out
 
 
 def require_run_and_data(cfg) -> None:
@@ -53,7 +104,7 @@ def seed_everything(seed: int, rank: int = 0) -> None:
 
 def setup(cfg) -> DistInfo:
     """Process group, logging, seeds, determinism, kernel backend: before any model is built."""
-    info = init_distributed(cfg.run.device)
+    info = init_distributed(cfg.run.device, timeout_s=cfg.run.dist_timeout_s)
     setup_logging(info.is_main)
     if cfg.run.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -80,7 +131,7 @@ def _is_oom(e: BaseException) -> bool:
 
 class Trainer:
     def __init__(self, cfg, kind: str, model: nn.Module, loader, info: DistInfo, *, groups: list[dict],
-                 resume: bool = False, validate: Optional[Callable[[nn.Module], dict]] = None,
+                 resume=None, validate: Optional[Callable[[nn.Module], dict]] = None,
                  extra_state: Optional[dict] = None):
         self.cfg, self.kind, self.info = cfg, kind, info
         self.model, self.loader, self.validate = model, loader, validate
@@ -112,11 +163,15 @@ class Trainer:
             self.ddp = wrap_ddp(model, info)  # the frozen teacher stays outside DDP
         self.step = make_step(cfg, model, self.optimizer, kind=kind, schedule=self.schedule, rank=info.rank,
                               ddp=self.ddp, device=info.device)
-        data_parts = loader.data_parts() if hasattr(loader, "data_parts") else None  # every dataset read
-        self.run = RunLog(cfg.run.out, enabled=info.is_main, cfg=cfg, device=str(info.device),
-                          tensorboard=cfg.run.tensorboard, resume=resume, data=data_parts)
         self.last_path = Path(cfg.run.out) / "checkpoints" / "last.pt"
         self.best_path = Path(cfg.run.out) / "checkpoints" / "best.pt"
+        self.preempt_signals = parse_signals(cfg.run.preempt_signals)
+        self._signal: Optional[int] = None  # set by the handler; read at step boundaries
+        self._preempted = False
+        resume_from = self._pick_resume(resume_mode(cfg, resume))
+        data_parts = loader.data_parts() if hasattr(loader, "data_parts") else None  # every dataset read
+        self.run = RunLog(cfg.run.out, enabled=info.is_main, cfg=cfg, device=str(info.device),
+                          tensorboard=cfg.run.tensorboard, resume=resume_from is not None, data=data_parts)
         self.epoch, self.epoch_step = 0, 0
         self.best: Optional[float] = None
         self.last_good: Optional[tuple[str, int]] = None
@@ -132,8 +187,8 @@ class Trainer:
                  "lr %.3g (blr %.3g), engine %s%s, device %s", kind, self.total_steps, o.epochs, self.steps_per_epoch,
                  self.accum, self.eff_batch, d.batch_size, self.accum, info.world_size, lr, o.blr,
                  cfg.engine.mode, " (compiled)" if self.step.compiled else "", info.device)
-        if resume:
-            self._resume()
+        if resume_from is not None:
+            self._resume(*resume_from)
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -150,27 +205,61 @@ class Trainer:
 
     def save(self, path: Path) -> None:
         state = self.state()  # every rank (RNG gather is collective)
+        err = None
         if self.info.is_main:
-            ckpt_io.save_atomic(state, path)
-            self.last_good = (str(path), self.step.opt_step)
-        barrier(self.info)
+            keep = self.cfg.run.keep_checkpoints
+            also = ckpt_io.step_path(path.parent, self.step.opt_step) if path == self.last_path and keep > 0 else None
+            try:
+                ckpt_io.save_atomic(state, path, also=also)
+                self.last_good = (str(path), self.step.opt_step)
+                if path == self.last_path:
+                    ckpt_io.prune_step_checkpoints(path.parent, keep)
+            except ckpt_io.CheckpointWriteError as e:
+                err = str(e)
+        # the result goes to every rank (instead of a bare barrier): all of them stop on a failed write
+        err = broadcast_object(err, self.info)
+        if err is not None:
+            raise ckpt_io.CheckpointWriteError(err)
 
-    def _resume(self) -> None:
-        if not self.last_path.is_file():
-            log.warning("--resume: no %s yet; starting from scratch", self.last_path)
-            return
-        ck = ckpt_io.load_checkpoint(self.last_path)
+    def _pick_resume(self, mode) -> Optional[tuple[Path, dict]]:
+        """Which checkpoint to resume from (None: start fresh), saying which and why."""
+        if mode is False:
+            return None
+        flag = "--resume auto" if mode == "auto" else "--resume"
+        path, ck, problems = ckpt_io.find_resumable(self.last_path)
+        if path is None and not problems:
+            if mode == "auto":
+                log.info("%s: no %s yet; starting fresh", flag, self.last_path)
+            else:
+                log.warning("--resume: no %s yet; starting from scratch", self.last_path)
+            return None
+        if path is None:
+            raise ckpt_io.CheckpointCorrupt(f"{flag}: no checkpoint in {self.last_path.parent} verifies: "
+                                            + "; ".join(problems))
+        if path != self.last_path:
+            why = problems[0] if problems else f"{self.last_path}: missing"
+            if mode != "auto":
+                raise ckpt_io.CheckpointCorrupt(
+                    f"{why}. The previous kept checkpoint {path} (step {ck['step']['opt_step']}) verifies: "
+                    f"resume from it with --resume auto, or copy it over {self.last_path}")
+            log.warning("--resume auto: %s; resuming from the previous kept checkpoint %s (step %d) instead",
+                        why, path, ck["step"]["opt_step"])
+        else:
+            log.info("%s: resuming from %s", flag, path)
+        return path, ck
+
+    def _resume(self, path: Path, ck: dict) -> None:
         if ck.get("kind") != self.kind:
-            raise ValueError(f"{self.last_path}: a {ck.get('kind')} checkpoint, cannot resume a {self.kind} run")
+            raise ValueError(f"{path}: a {ck.get('kind')} checkpoint, cannot resume a {self.kind} run")
         unwrap(self.model).load_state_dict(ck["model"], strict=True)
         self.optimizer.load_state_dict(ck["optimizer"])
         self.step.load_state_dict(ck["step"])
         self.epoch, self.epoch_step, self.best = ck["epoch"], ck["epoch_step"], ck.get("best")
         rngs = ck["rng"]
         ckpt_io.restore_rng(rngs[self.info.rank] if self.info.rank < len(rngs) else rngs[0])
-        self.last_good = (str(self.last_path), self.step.opt_step)
+        self.last_good = (str(path), self.step.opt_step)
         self.run.truncate_after(self.step.opt_step)
-        log.info("resumed from %s: step %d, epoch %d, batch %d of the epoch", self.last_path,
+        log.info("resumed from %s: step %d, epoch %d, batch %d of the epoch", path,
                  self.step.opt_step, self.epoch, self.epoch_step)
 
     # -- logging -----------------------------------------------------------------------------
@@ -230,14 +319,24 @@ class Trainer:
         batch = cfg.data.batch_size
         self.model.train()
         t_run = time.perf_counter()
+        previous = self._install_signal_handlers()
         try:
             while self.step.opt_step < self.total_steps and self.epoch < cfg.optim.epochs:
                 self._run_epoch(batch, log_micro)
+                if self._preempted:
+                    break
                 if self.step.opt_step >= self.total_steps or self.epoch_step >= self.steps_per_epoch * self.accum:
                     self._end_epoch()
             self.flush()
             self.save(self.last_path)
+            if self._preempted:
+                name = signal.Signals(self._signal).name if self._signal else "a signal on another rank"
+                log.warning("pre-empted at step %d (%s): %s written; exiting with code %d", self.step.opt_step,
+                            name, self.last_path, cfg.run.preempt_exit_code)
+                raise Preempted(self.step.opt_step, name, str(self.last_path), cfg.run.preempt_exit_code)
         finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             if self.bar is not None:
                 self.bar.close()
             self.run.close()
@@ -249,6 +348,17 @@ class Trainer:
         if self.info.is_main:
             self.run.write_json("summary.json", summary)
         return summary
+
+    def _install_signal_handlers(self) -> dict:
+        """The handler only records the first signal; the loop acts on it at a step boundary (a
+        handler that saved would run in the middle of a step or of a collective)."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}  # Python delivers signals to the main thread only
+
+        def on_signal(signum, frame):
+            if self._signal is None:
+                self._signal = signum
+        return {sig: signal.signal(sig, on_signal) for sig in self.preempt_signals}
 
     def _last(self, phase: str) -> Optional[dict]:
         return next((r for r in reversed(self.history) if r.get("phase") == phase), None)
@@ -291,6 +401,10 @@ class Trainer:
                     and self.step.opt_step < self.total_steps:
                 self.flush()  # never checkpoint weights that a NaN already reached
                 self.save(self.last_path)
+            if boundary and self.step.opt_step % max(1, self.cfg.run.preempt_check_every) == 0 \
+                    and any_rank(self._signal is not None, self.info):
+                self._preempted = True  # every rank leaves here, at the same step
+                return
 
     def _end_epoch(self) -> None:
         """After the last batch of an epoch (or the last step): validation, best.pt, next epoch."""

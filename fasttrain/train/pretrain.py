@@ -51,7 +51,7 @@ def val_losses(model, loader, info, cfg) -> dict:
     return dict(zip(("loss", "loss_mae", "loss_dist"), mean))
 
 
-def run_pretrain(cfg, resume: bool = False) -> dict:
+def run_pretrain(cfg, resume=None) -> dict:
     """Build everything (all input checks first), then train. Returns the run summary."""
     check_config(cfg)
     info = loop.setup(cfg)

@@ -1,0 +1,583 @@
+"""Runs that survive a cluster (issue #13): --resume auto, pre-emption signals, elastic restarts
+under torchrun, two "nodes" on 127.0.0.1, checkpoint safety (ENOSPC, checksums, kept step
+checkpoints), a packed file that vanishes or shrinks under a running job, and the SLURM scripts.
+
+The multi-process tests launch torchrun with the tiny deterministic MAE below on gloo; every
+launch gets free ports (bound to port 0 first) and a timeout, so parallel runs never collide and
+nothing can hang the suite.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fasttrain.config import build_config
+from fasttrain.train import checkpoint as ckpt_io
+from fasttrain.train.checkpoint import CheckpointCorrupt, CheckpointWriteError, load_checkpoint
+
+PY = sys.executable
+REPO = Path(__file__).resolve().parents[1]
+TINY = """
+model:
+  name: mae_vit_tiny_patch16
+  img_size: 32
+  patch_size: 8
+  embed_dim: 32
+  depth: 2
+  num_heads: 2
+  decoder_embed_dim: 32
+  decoder_depth: 1
+  decoder_num_heads: 2
+data:
+  batch_size: 4
+  eval_resize: 32
+  val_split: null
+optim:
+  epochs: 2
+  blr: 1.0e-2
+  warmup_epochs: 1
+engine:
+  compile: false
+run:
+  log_every: 1
+  ckpt_every: 4
+  progress: false
+  tensorboard: false
+  deterministic: true
+  dist_timeout_s: 60
+"""
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def cfg_yaml(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    p.write_text(TINY)
+    return p
+
+
+def _make_packed(root: Path, n: int = 64) -> Path:
+    from fasttrain.converters.nih import convert_nih
+    from fasttrain.converters.synthetic import generate_phantoms
+    generate_phantoms(root / "src", n, seed=0, size=32, workers=1, progress=False)
+    return convert_nih(root / "src", root / "packed", formats=("raw",), size=32, val_fraction=0.0,
+                       workers=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory) -> Path:
+    return _make_packed(tmp_path_factory.mktemp("phantoms"))
+
+
+def _weights(run: Path) -> dict:
+    return load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def _steps(run: Path) -> list[int]:
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in recs if r["phase"] == "train"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(cfg_yaml, packed, out, *extra) -> list[str]:
+    return ["-m", "fasttrain.cli", "pretrain", "--config", str(cfg_yaml), "--out", str(out),
+            f"--data.path={packed}", "--resume", "auto", *extra]
+
+
+def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Until metrics.jsonl shows `step` (the run is mid-way), or fail if the run ended first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (code {proc.returncode}) before step {step}: make it longer")
+        try:
+            if max(_steps(run), default=-1) >= step:
+                return
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.02)
+    pytest.fail(f"no step {step} within {timeout}s")
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+# ----------------------------------------------------------------------------- in-process
+
+def _trainer(cfg_yaml, packed, out, *extra, resume=None):
+    from fasttrain.data import build_loader
+    from fasttrain.train import loop
+    from fasttrain.train.builders import build_pretrain_model
+    from fasttrain.train.optim import param_groups_weight_decay
+    cfg = build_config(cfg_yaml, [f"--data.path={packed}", f"--run.out={out}", *extra])
+    info = loop.setup(cfg)
+    model = build_pretrain_model(cfg)
+    loader = build_loader(cfg.data, "train", True, img_size=32, in_chans=1, seed=cfg.run.seed)
+    return loop.Trainer(cfg, "pretrain", model, loader, info, groups=param_groups_weight_decay(model, 0.05),
+                        resume=resume)
+
+
+def test_resume_auto_starts_fresh_then_resumes_and_keeps_k_step_checkpoints(cfg_yaml, packed, tmp_path, caplog):
+    out = tmp_path / "run"
+    caplog.set_level("INFO", logger="fasttrain.train")
+    _trainer(cfg_yaml, packed, out, "--run.max_steps=10", "--run.ckpt_every=2", resume="auto").fit()
+    assert "no " in caplog.text and "starting fresh" in caplog.text
+    ck = out / "checkpoints"
+    # keep_checkpoints=2: the newest two step files; last.pt is the same file as the newest
+    assert sorted(p.name for p in ck.glob("step_*.pt")) == ["step_00000008.pt", "step_00000010.pt"]
+    assert os.path.samefile(ck / "last.pt", ck / "step_00000010.pt")
+    caplog.clear()
+    tr = _trainer(cfg_yaml, packed, out, "--run.max_steps=12", "--run.ckpt_every=2", "--run.resume=auto")
+    assert tr.step.opt_step == 10 and "resuming from" in caplog.text
+    tr.fit()
+    assert load_checkpoint(ck / "last.pt")["step"]["opt_step"] == 12
+    assert _steps(out) == list(range(1, 13))  # one run in metrics.jsonl
+    with pytest.raises(Exception, match="run.resume.*true, false or auto"):
+        _trainer(cfg_yaml, packed, tmp_path / "x", "--run.resume=sometimes")
+    with pytest.raises(Exception, match="unknown signal 'SIGNOPE'"):
+        _trainer(cfg_yaml, packed, tmp_path / "x", "--run.preempt_signals=[SIGNOPE]")
+
+
+def test_checksum_detects_a_changed_tensor(tmp_path):
+    p = tmp_path / "a.pt"
+    ckpt_io.save_atomic({"model": {"w": torch.arange(6.0)}, "step": {"opt_step": 1}}, p)
+    ck = load_checkpoint(p)
+    assert ck["checksum"]["algo"] == "sha256-tensors"
+    ck["model"]["w"][3] += 1e-6
+    torch.save(ck, p)  # the recorded checksum no longer matches
+    with pytest.raises(CheckpointCorrupt, match=r"a\.pt: tensor checksum mismatch"):
+        load_checkpoint(p)
+    p.write_bytes(p.read_bytes()[:200])  # truncated
+    with pytest.raises(CheckpointCorrupt, match=r"a\.pt: not a readable checkpoint"):
+        load_checkpoint(p)
+
+
+def test_enospc_during_save_keeps_previous_last_pt_and_stops(cfg_yaml, packed, tmp_path, monkeypatch):
+    """The second checkpoint write fails with ENOSPC half-way: the run stops with an error naming
+    the file and the cause; last.pt still holds (and verifies as) the first checkpoint."""
+    out = tmp_path / "run"
+    tr = _trainer(cfg_yaml, packed, out, "--run.max_steps=10", "--run.ckpt_every=2")
+    real_save, calls = torch.save, []
+
+    def full_disk(obj, f, *a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            return real_save(obj, f, *a, **k)
+        f.write(b"\0" * 4096)  # some bytes made it, then the device is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointWriteError, match=r"last\.pt \(no space left on the device\); the previous one is intact"):
+        tr.fit()
+    ck = out / "checkpoints"
+    assert load_checkpoint(ck / "last.pt")["step"]["opt_step"] == 2
+    assert sorted(p.name for p in ck.iterdir()) == ["last.pt", "step_00000002.pt"]  # no temp files left
+
+
+def test_real_enospc_on_a_small_tmpfs(cfg_yaml, packed, tmp_path):
+    """The same with a real full filesystem: a tmpfs with room for one checkpoint and a half, so
+    the second write (temp file beside the old last.pt) runs out of space in the kernel."""
+    probe = tmp_path / "probe"
+    _trainer(cfg_yaml, packed, probe, "--run.max_steps=2", "--run.ckpt_every=2").fit()
+    size = (probe / "checkpoints" / "last.pt").stat().st_size
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    room = (size * 3 // 2 + 64 * 1024 + 4095) // 4096 * 4096
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={room}", "tmpfs", str(mnt)], capture_output=True,
+                       text=True) if os.geteuid() == 0 and shutil.which("mount") else None
+    if r is None or r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip() if r else 'needs root'})")
+    try:
+        out = mnt / "run"
+        tr = _trainer(cfg_yaml, packed, out, "--run.max_steps=6", "--run.ckpt_every=2")
+        with pytest.raises(CheckpointWriteError, match=r"no space left on the device\); the previous one is intact"):
+            tr.fit()
+        ck = out / "checkpoints"
+        assert load_checkpoint(ck / "last.pt")["step"]["opt_step"] == 2
+        assert not [p for p in ck.iterdir() if p.suffix == ".tmp"]
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_corrupt_last_pt_names_it_and_offers_or_uses_the_previous_kept(cfg_yaml, packed, tmp_path, caplog):
+    out = tmp_path / "run"
+    _trainer(cfg_yaml, packed, out, "--run.max_steps=8", "--run.ckpt_every=2").fit()
+    ck = out / "checkpoints"
+    good = _weights(out)
+    # a flipped block in the middle of the newest checkpoint (last.pt and step_8 are one file)
+    raw = bytearray((ck / "last.pt").read_bytes())
+    mid = len(raw) // 2
+    raw[mid:mid + 64] = bytes(b ^ 0xFF for b in raw[mid:mid + 64])
+    (ck / "last.pt").write_bytes(bytes(raw))
+    with pytest.raises(CheckpointCorrupt, match=r"last\.pt: .*step_00000006\.pt \(step 6\) verifies: resume "
+                                                r"from it with --resume auto"):
+        _trainer(cfg_yaml, packed, out, "--run.max_steps=8", "--run.ckpt_every=2", resume=True)
+    caplog.set_level("WARNING", logger="fasttrain.train")
+    tr = _trainer(cfg_yaml, packed, out, "--run.max_steps=8", "--run.ckpt_every=2", resume="auto")
+    assert "resuming from the previous kept checkpoint" in caplog.text and "last.pt" in caplog.text
+    assert tr.step.opt_step == 6
+    tr.fit()  # steps 7 and 8 again, deterministically: the weights the corrupt file held
+    for k, v in good.items():
+        assert torch.equal(_weights(out)[k], v), k
+
+
+def test_packed_file_that_disappears_names_it_and_keeps_last_checkpoint(cfg_yaml, tmp_path):
+    packed = _make_packed(tmp_path / "data", n=48)
+    out = tmp_path / "run"
+    tr = _trainer(cfg_yaml, packed, out, "--run.ckpt_every=2", "--data.prefetch=1")
+    raw = Path(tr.loader.packed._raw_path)
+    real_iter = type(tr.loader).__iter__
+
+    def vanish_after_3(self):
+        for i, b in enumerate(real_iter(self)):
+            if i == 3 and raw.exists():
+                raw.unlink()  # the mapping stays readable; the check must still say so
+            yield b
+    tr.loader.__class__ = type("Vanishing", (type(tr.loader),), {"__iter__": vanish_after_3})
+    from fasttrain.data.packed import PackedError
+    with pytest.raises(PackedError, match=r"train\.u8: the packed file disappeared under the running job"):
+        tr.fit()
+    ck = load_checkpoint(out / "checkpoints" / "last.pt")  # verifies
+    assert ck["step"]["opt_step"] in (2, 4, 6)  # the prefetch thread ran a few batches ahead of the consumer
+
+
+@pytest.mark.slow
+def test_packed_file_truncated_under_a_running_job_is_a_clear_error(cfg_yaml, tmp_path):
+    """In a subprocess: were the check missing, the gather would touch a page past the new end
+    and SIGBUS would kill the process without a word (returncode -7). With it: exit 2 and an
+    error naming the file; the last checkpoint verifies."""
+    packed = _make_packed(tmp_path / "data", n=48)
+    out = tmp_path / "run"
+    proc = subprocess.Popen([PY, *_cli(cfg_yaml, packed, out, "--run.ckpt_every=2", "--data.prefetch=1")], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for_step(out, 3, proc)
+        raw = packed / "raw" / "train.u8"
+        os.truncate(raw, raw.stat().st_size // 4)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        _kill_tree(proc)
+    assert proc.returncode == 2, err[-2000:]
+    assert "train.u8: the packed file was truncated under the running job" in err
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["step"]["opt_step"] >= 2
+
+
+# ----------------------------------------------------------------------------- one process, signals
+
+@pytest.mark.slow
+def test_signal_mid_epoch_then_resume_auto_equals_uninterrupted(cfg_yaml, packed, tmp_path):
+    """SIGUSR1 mid-epoch (then SIGTERM a moment later, during the stop): last.pt is written at the
+    step boundary, "pre-empted at step N" is logged, the exit code is run.preempt_exit_code; the
+    same command line again (--resume auto) ends bit-identical to the uninterrupted run. Periodic
+    checkpoints are off, so only the pre-emption save can make the resume exact."""
+    extra = ["--run.ckpt_every=0", "--run.preempt_exit_code=75"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    r = subprocess.run([PY, *_cli(cfg_yaml, packed, full, *extra)], env=ENV, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    proc = subprocess.Popen([PY, *_cli(cfg_yaml, packed, cut, *extra)], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for_step(cut, 5, proc)
+        os.kill(proc.pid, signal.SIGUSR1)
+        time.sleep(0.01)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)  # a second signal: ignored, the save stays whole
+        _, err = proc.communicate(timeout=120)
+    finally:
+        _kill_tree(proc)
+    assert proc.returncode == 75, err[-2000:]
+    stopped = load_checkpoint(cut / "checkpoints" / "last.pt")["step"]["opt_step"]
+    assert f"pre-empted at step {stopped}" in err and 5 <= stopped < 32
+    r = subprocess.run([PY, *_cli(cfg_yaml, packed, cut, *extra)], env=ENV, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming from" in r.stderr
+    _assert_same_weights(full, cut)
+    assert _steps(cut) == _steps(full)
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+def _torchrun(*args) -> list[str]:
+    return [PY, "-m", "torch.distributed.run", *args]
+
+
+@pytest.fixture(scope="module")
+def reference_2proc(cfg_yaml, packed, tmp_path_factory) -> Path:
+    """One node x 2 processes, uninterrupted: what every multi-process variant must reproduce."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    r = subprocess.run(_torchrun("--standalone", "--nproc_per_node=2", *_cli(cfg_yaml, packed, out)),
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def _worker_pid(agent: int, rank: int, timeout: float = 60) -> int:
+    """The pid of the torchrun worker (a child of `agent`) with RANK=rank."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if ppid == agent and f"RANK={rank}".encode() in (d / "environ").read_bytes().split(b"\0"):
+                    return int(d.name)
+            except (OSError, IndexError, ValueError):
+                continue
+        time.sleep(0.05)
+    pytest.fail(f"no worker with RANK={rank} under torchrun pid {agent}")
+
+
+@pytest.mark.slow
+def test_sigkill_one_rank_under_max_restarts_resumes_bit_identical(cfg_yaml, packed, reference_2proc, tmp_path):
+    """The hang of issue #13: after SIGKILL of rank 1, torchrun restarts the group; the new workers
+    must rendezvous cleanly (per-restart store prefix) and resume from last.pt (--resume auto)."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_torchrun("--standalone", "--nproc_per_node=2", "--max-restarts=2",
+                                      "--monitor-interval=0.2", *_cli(cfg_yaml, packed, out)),
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        last = out / "checkpoints" / "last.pt"
+        deadline = time.time() + 240
+        while not (last.is_file() and max(_steps(out), default=0) >= 6):
+            assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before the kill"
+            time.sleep(0.02)
+        os.kill(_worker_pid(proc.pid, 1), signal.SIGKILL)
+        _, err = proc.communicate(timeout=240)  # a hang fails here instead of blocking the suite
+    finally:
+        _kill_tree(proc)
+    assert proc.returncode == 0, err[-4000:]
+    assert "resuming from" in err  # the restarted group resumed (not a fresh start)
+    _assert_same_weights(reference_2proc, out)
+
+
+@pytest.mark.slow
+def test_two_nodes_on_localhost_equal_one_node_two_processes(cfg_yaml, packed, reference_2proc, tmp_path):
+    """Two torchrun launches as two nodes (c10d rendezvous on 127.0.0.1) end where one node x 2
+    processes ends."""
+    out = tmp_path / "run"
+    port = _free_port()
+    common = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+              f"--rdzv-id=test{port}"]
+    procs = [subprocess.Popen(_torchrun(*common, f"--node-rank={i}", *_cli(cfg_yaml, packed, out)),
+                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True) for i in range(2)]
+    try:
+        errs = [p.communicate(timeout=300)[1] for p in procs]
+    finally:
+        for p in procs:
+            _kill_tree(p)
+    for p, e in zip(procs, errs):
+        assert p.returncode == 0, e[-3000:]
+    _assert_same_weights(reference_2proc, out)
+
+
+@pytest.mark.slow
+def test_signal_to_one_rank_stops_every_rank_at_the_same_step(cfg_yaml, packed, reference_2proc, tmp_path):
+    """SIGUSR1 reaches rank 1 only: both ranks agree to stop at one boundary (rank 0 is not left
+    waiting in a collective), last.pt is written, and --resume auto ends bit-identical."""
+    out = tmp_path / "run"
+    launch = _torchrun("--standalone", "--nproc_per_node=2", *_cli(cfg_yaml, packed, out, "--run.ckpt_every=0"))
+    proc = subprocess.Popen(launch, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _wait_for_step(out, 5, proc)
+        os.kill(_worker_pid(proc.pid, 1), signal.SIGUSR1)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        _kill_tree(proc)
+    assert proc.returncode != 0  # torchrun reports the workers' exit code 75 as a failure
+    stopped = load_checkpoint(out / "checkpoints" / "last.pt")["step"]["opt_step"]
+    assert f"pre-empted at step {stopped}" in err and re.search(r"exitcode\s*:\s*75\b", err), err[-3000:]
+    r = subprocess.run(launch, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_same_weights(reference_2proc, out)
+
+
+# ----------------------------------------------------------------------------- SLURM
+
+SLURM = REPO / "scripts" / "slurm"
+
+
+def test_slurm_scripts_pass_bash_n():
+    for f in ("pretrain.sbatch", "finetune.sbatch", "torchrun_node.sh"):
+        r = subprocess.run(["bash", "-n", str(SLURM / f)], capture_output=True, text=True)
+        assert r.returncode == 0, f"{f}: {r.stderr}"
+    text = (SLURM / "pretrain.sbatch").read_text()
+    for directive in ("--signal=USR1@120", "--requeue", "--ntasks-per-node=1"):
+        assert f"#SBATCH {directive}" in text
+    assert "--resume auto" in (SLURM / "torchrun_node.sh").read_text()
+
+
+class MiniSlurm:
+    """A one-node SLURM (munged + slurmctld + slurmd) in a temp folder, from Debian's slurm-wlm
+    packages; `start()` returns None or the reason it could not start (the test then skips)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.procs: list[subprocess.Popen] = []
+        self.host = socket.gethostname()
+        self.conf = root / "slurm.conf"
+        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+
+    def _log_tail(self) -> str:
+        return " | ".join(f"{p.name}: {p.read_text()[-400:]!r}" for p in sorted(self.root.glob("*.log")))
+
+    def start(self) -> str | None:
+        r = self.root
+        for d in ("state", "spool", "munge"):
+            (r / d).mkdir(parents=True, exist_ok=True)
+        os.chmod(r / "munge", 0o700)
+        key = r / "munge" / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        os.chmod(key, 0o400)
+        sock = r / "munge" / "munge.sock"
+        self.procs.append(subprocess.Popen(
+            ["munged", "--foreground", "--force", f"--socket={sock}", f"--key-file={key}",
+             f"--pid-file={r / 'munge' / 'munged.pid'}", f"--log-file={r / 'munged.log'}",
+             f"--seed-file={r / 'munge' / 'munged.seed'}"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
+        deadline = time.time() + 20
+        while not sock.exists():
+            if self.procs[0].poll() is not None or time.time() > deadline:
+                return f"munged did not start: {self._log_tail()}"
+            time.sleep(0.1)
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20 // 2
+        self.conf.write_text(f"""
+ClusterName=fasttrain-test
+SlurmctldHost={self.host}
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={sock}
+SlurmUser=root
+SlurmdUser=root
+StateSaveLocation={r / 'state'}
+SlurmdSpoolDir={r / 'spool'}
+SlurmctldPidFile={r / 'slurmctld.pid'}
+SlurmdPidFile={r / 'slurmd.pid'}
+SlurmctldLogFile={r / 'slurmctld.log'}
+SlurmdLogFile={r / 'slurmd.log'}
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+MpiDefault=none
+ReturnToService=2
+SchedulerType=sched/builtin
+KillWait=30
+NodeName={self.host} CPUs={os.cpu_count()} RealMemory={mem} State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+""")
+        self.procs.append(subprocess.Popen(["slurmctld", "-D", "-c", "-f", str(self.conf)], env=self.env,
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
+        self.procs.append(subprocess.Popen(["slurmd", "-D", "-f", str(self.conf), "-N", self.host], env=self.env,
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if any(p.poll() is not None for p in self.procs):
+                return f"a SLURM daemon exited: {self._log_tail()}"
+            s = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], env=self.env, capture_output=True, text=True)
+            if s.returncode == 0 and s.stdout.strip() == "idle":
+                return None
+            time.sleep(0.5)
+        return f"the node did not become idle within 60 s: {self._log_tail()}"
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+
+
+@pytest.fixture
+def mini_slurm(tmp_path):
+    missing = [b for b in ("munged", "slurmctld", "slurmd", "sbatch", "sinfo", "scontrol") if not shutil.which(b)]
+    if missing:
+        pytest.skip(f"SLURM is not installed here (no {', '.join(missing)}); "
+                    "Debian: apt-get install -y slurm-wlm munge")
+    if os.geteuid() != 0:
+        pytest.skip("the SLURM daemons need root (slurmd starts jobs as their user)")
+    cluster = MiniSlurm(tmp_path / "slurm")
+    try:
+        why = cluster.start()
+        if why is not None:
+            pytest.skip(f"SLURM daemons could not start here: {why}")
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.slow
+def test_sbatch_pretrain_runs_on_one_node_slurm_and_requeues_after_usr1(mini_slurm, cfg_yaml, packed, tmp_path):
+    """scripts/slurm/pretrain.sbatch for real (minus its GPU request): the job starts torchrun
+    through srun; USR1 (what --signal=USR1@120 sends) makes it save, exit 75 and requeue itself;
+    the requeued job resumes (--resume auto) and finishes."""
+    script = tmp_path / "pretrain.sbatch"
+    script.write_text((SLURM / "pretrain.sbatch").read_text().replace("#SBATCH --gpus-per-node=8\n", "")
+                      .replace("#SBATCH --cpus-per-task=32\n", "#SBATCH --cpus-per-task=1\n"))
+    run = tmp_path / "run"
+    env = {**mini_slurm.env, "RUN": str(run), "CONFIG": str(cfg_yaml), "DATA": str(packed), "NPROC_PER_NODE": "1",
+           "PYTHON": PY, "FASTTRAIN_REPO": str(REPO), "EXTRA": "--run.ckpt_every=0 --optim.epochs=3",
+           "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path / 'job-%j.out'}", str(script)], env=env,
+                       capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip().split(";")[0]
+    out = lambda: "\n".join(p.read_text() for p in tmp_path.glob("job-*.out"))  # noqa: E731
+
+    def state() -> str:
+        s = subprocess.run(["scontrol", "show", "job", job], env=mini_slurm.env, capture_output=True, text=True)
+        m = re.search(r"JobState=(\w+)", s.stdout)
+        return m.group(1) if m else "GONE"
+    deadline = time.time() + 300
+    while max(_steps(run), default=0) < 5 if (run / "metrics.jsonl").exists() else True:
+        assert time.time() < deadline and state() in ("PENDING", "RUNNING", "CONFIGURING"), out()
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", job], env=mini_slurm.env, check=True)
+    deadline, hurried = time.time() + 400, False
+    while (st := state()) not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE"):
+        assert time.time() < deadline, out()
+        if st == "PENDING" and not hurried and "requeueing job" in out():
+            # SLURM holds a requeued job ~2 min (its begin time); start it now instead
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=mini_slurm.env)
+            hurried = True
+        time.sleep(0.5)
+    log = out()
+    assert state() == "COMPLETED", log[-4000:]
+    assert "pre-empted at step" in log and "requeueing job" in log, log[-4000:]
+    assert "resuming from" in log and (run / "summary.json").is_file(), log[-4000:]

@@ -155,5 +155,9 @@ def convert_chexpert(src, out, formats: Sequence[str] = ("raw",), size: int = 25
                           "val_fraction": val_fraction, "split_seed": seed,
                           "splits": {"train": "train.csv", "test": "valid.csv (the paper evaluates on it)"},
                           "blank": 0.0}}
-    return pack(dataset="chexpert", source=src, out=Path(out), splits=splits, label_names=list(names),
-                decode=decode_raster, opts=opts, problems=problems, source_files=sources, extra=extra)
+    # `fasttrain convert synthetic --layout chexpert` leaves a README.txt saying SYNTHETIC in the release folder
+    readme = root / "README.txt"
+    synthetic = readme.is_file() and "SYNTHETIC" in readme.read_text()[:200]
+    return pack(dataset="chexpert" + ("-synthetic" if synthetic else ""), source=src, out=Path(out), splits=splits,
+                label_names=list(names), decode=decode_raster, opts=opts, problems=problems, source_files=sources,
+                extra=extra, synthetic=synthetic)

@@ -64,8 +64,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--views", choices=("frontal", "all"), default="frontal",
                    help="frontal = ViewPosition PA or AP")
     _images_parser(sub)
-    p = sub.add_parser("synthetic", help="write SYNTHETIC phantoms in the NIH source layout")
+    p = sub.add_parser("synthetic", help="write SYNTHETIC phantoms in the NIH or CheXpert source layout")
     p.add_argument("--out", required=True, help="source folder to write (must not exist)")
+    p.add_argument("--layout", choices=("nih", "chexpert"), default="nih",
+                   help="nih: Data_Entry CSV + images/ + split lists; chexpert: CheXpert-v1.0-small/ with "
+                        "train.csv, valid.csv (the test patients) and patientNNNNN/studyN/viewN_*.jpg")
     p.add_argument("--n", type=int, required=True, help="number of images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=256)
@@ -157,10 +160,11 @@ def _run(args, progress: bool) -> int:
     try:
         if args.source == "synthetic":
             from .synthetic import generate_phantoms
-            out = generate_phantoms(args.out, args.n, seed=args.seed, size=args.size,
+            out = generate_phantoms(args.out, args.n, seed=args.seed, size=args.size, layout=args.layout,
                                     test_fraction=args.test_fraction, workers=args.workers, progress=progress)
-            print(f"SYNTHETIC NIH-layout source written: {out}\n"
-                  f"next: fasttrain convert nih --src {out} --out PACKED --format raw ffcv")
+            name = "NIH" if args.layout == "nih" else "CheXpert"
+            print(f"SYNTHETIC {name}-layout source written: {out}\n"
+                  f"next: fasttrain convert {args.layout} --src {out} --out PACKED --format raw ffcv")
             return 0
         common = dict(formats=args.formats, size=args.size, val_fraction=args.val_fraction, on_error=args.on_error,
                       workers=args.workers, seed=args.seed, jpeg_quality=args.jpeg_quality,

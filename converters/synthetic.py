@@ -1,4 +1,4 @@
-"""SYNTHETIC chest-radiograph phantoms, written in the NIH ChestX-ray14 source layout.
+"""SYNTHETIC chest-radiograph phantoms, written in the NIH ChestX-ray14 or the CheXpert source layout.
 
 They are procedurally drawn, not real radiographs: a soft-tissue body, two dark lung fields with
 vessel texture and ribs, mediastinum and spine, the heart, domed diaphragms, noise. Each of the
@@ -10,6 +10,9 @@ carries several.
 `generate_phantoms(out, n, seed)` writes `Data_Entry_2017_v2020.csv`, `images/*.png`,
 `train_val_list.txt`, `test_list.txt` (patient-wise, as NIH's) and a `README.txt` saying SYNTHETIC;
 `fasttrain convert nih` then packs them like the real dataset (and marks the manifest synthetic).
+`layout="chexpert"` writes the CheXpert-v1.0-small release instead (`generate_chexpert_layout`):
+`out/CheXpert-v1.0-small/{train,valid}.csv` and `{train,valid}/patientNNNNN/studyN/viewN_{frontal,lateral}.jpg`,
+packed unchanged by `fasttrain convert chexpert`.
 Deterministic: image i depends only on (seed, i, size); patients and splits only on (seed, n).
 
 Drawing is vectorised numpy over precomputed coordinate grids; local signs touch only their
@@ -317,43 +320,68 @@ def _plan(n: int, seed: int, size: int, test_fraction: float) -> _PatientPlan:
 
 
 def _draw_and_write(args) -> np.ndarray:
+    """Draw phantoms `indices` and write each to its file (PNG or JPEG by suffix) under `root`."""
     import cv2
-    seed, start, stop, size, img_dir, names = args
+    seed, indices, size, root, rels, jpeg_quality = args
     labels = []
-    for i in range(start, stop):
+    for i, rel in zip(indices, rels):
         ph = draw_phantom(seed, i, size)
-        # low compression: PNG encoding would otherwise cost more than drawing
-        if not cv2.imwrite(os.path.join(img_dir, names[i - start]), ph.image, [cv2.IMWRITE_PNG_COMPRESSION, 1]):
-            raise OSError(f"could not write {os.path.join(img_dir, names[i - start])}")
+        path = os.path.join(root, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if rel.endswith(".jpg"):
+            params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]
+        else:  # low compression: PNG encoding would otherwise cost more than drawing
+            params = [cv2.IMWRITE_PNG_COMPRESSION, 1]
+        if not cv2.imwrite(path, ph.image, params):
+            raise OSError(f"could not write {path}")
         labels.append(ph.labels)
     return np.stack(labels)
 
 
-def generate_phantoms(out_dir, n: int, seed: int = 0, size: int = 256, test_fraction: float = 0.2,
-                      workers: Optional[int] = 1, progress: bool = True) -> Path:
-    """Write `n` SYNTHETIC phantoms in the NIH source layout under `out_dir` (which must not exist)."""
-    from .common import AtomicDir, progress as bar_of
+def _draw_all(seed: int, size: int, root: Path, rels: list[str], workers: Optional[int], progress: bool,
+              jpeg_quality: int = 95) -> np.ndarray:
+    """Draw phantom i into root/rels[i] for every i, in chunks over `workers` processes: labels [n, 14]."""
+    from .common import progress as bar_of
+    n, chunk = len(rels), 64
+    tasks = ((seed, range(s, min(s + chunk, n)), size, str(root), rels[s:s + chunk], jpeg_quality)
+             for s in range(0, n, chunk))
+    labels = []
+    bar = bar_of(n, "phantoms (SYNTHETIC)", progress)
+    for lab in bounded_imap(_draw_and_write, tasks, workers if workers is not None else os.cpu_count() or 1):
+        labels.append(lab)
+        bar.update(len(lab))
+    bar.close()
+    return np.concatenate(labels)  # [n, 14]
+
+
+def _check_args(n: int, size: int, test_fraction: float) -> None:
     if n < 2:
         raise ConvertError(f"--n must be >= 2 (a train and a test patient), got {n}")
     if not 16 <= size <= 4096:
         raise ConvertError(f"--size must be in 16..4096, got {size}")
     if not 0 < test_fraction < 1:
         raise ConvertError(f"--test-fraction must be in (0, 1), got {test_fraction}")
+
+
+LAYOUTS = ("nih", "chexpert")
+
+
+def generate_phantoms(out_dir, n: int, seed: int = 0, size: int = 256, test_fraction: float = 0.2,
+                      workers: Optional[int] = 1, progress: bool = True, layout: str = "nih") -> Path:
+    """Write `n` SYNTHETIC phantoms in the NIH (or, layout="chexpert", the CheXpert) source layout
+    under `out_dir` (which must not exist)."""
+    if layout == "chexpert":
+        return generate_chexpert_layout(out_dir, n, seed=seed, size=size, test_fraction=test_fraction,
+                                        workers=workers, progress=progress)
+    if layout != "nih":
+        raise ConvertError(f"--layout must be one of {list(LAYOUTS)}, got {layout!r}")
+    from .common import AtomicDir
+    _check_args(n, size, test_fraction)
     plan = _plan(n, seed, size, test_fraction)
     t0 = time.perf_counter()
     with AtomicDir(Path(out_dir)) as tmp:
-        img_dir = tmp / "images"
-        img_dir.mkdir()
-        chunk = 64
-        tasks = ((seed, s, min(s + chunk, n), size, str(img_dir), plan.names[s:s + chunk])
-                 for s in range(0, n, chunk))
-        labels = []
-        bar = bar_of(n, "phantoms (SYNTHETIC)", progress)
-        for lab in bounded_imap(_draw_and_write, tasks, workers if workers is not None else os.cpu_count() or 1):
-            labels.append(lab)
-            bar.update(len(lab))
-        bar.close()
-        labels = np.concatenate(labels)  # [n, 14]
+        (tmp / "images").mkdir()
+        labels = _draw_all(seed, size, tmp, [f"images/{nm}" for nm in plan.names], workers, progress)
         with open(tmp / "Data_Entry_2017_v2020.csv", "w", newline="") as f:
             f.write(CSV_HEADER + "\n")
             w = csv.writer(f, lineterminator="\n")
@@ -370,4 +398,111 @@ def generate_phantoms(out_dir, n: int, seed: int = 0, size: int = 256, test_frac
     dt = time.perf_counter() - t0
     if progress:
         print(f"wrote {n} SYNTHETIC phantoms to {out_dir} in {dt:.1f} s ({n / dt:.0f} img/s)")
+    return Path(out_dir).absolute()
+
+
+# ----------------------------------------------------------------------------- CheXpert layout
+
+CHEXPERT_RELEASE = "CheXpert-v1.0-small"
+CHEXPERT_COLUMNS = [
+    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+    "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
+    "Fracture", "Support Devices",
+]
+# The CheXpert observation each drawn NIH sign is reported as (Emphysema, Fibrosis and Hernia have
+# no CheXpert column: in this layout they are drawn but unlabelled, as in a real report).
+NIH_TO_CHEXPERT = {
+    "Atelectasis": "Atelectasis", "Cardiomegaly": "Cardiomegaly", "Effusion": "Pleural Effusion",
+    "Infiltration": "Lung Opacity", "Mass": "Lung Lesion", "Nodule": "Lung Lesion", "Pneumonia": "Pneumonia",
+    "Pneumothorax": "Pneumothorax", "Consolidation": "Consolidation", "Edema": "Edema",
+    "Pleural_Thickening": "Pleural Other",
+}
+LATERAL_FRACTION = 0.145  # CheXpert train: 32,387 lateral of 223,414 images
+UNCERTAIN_FRACTION = 0.1  # train.csv: share of positive mentions written as uncertain (-1.0)
+EXPLICIT_NEGATIVE = 0.3  # train.csv: share of absent findings written 0.0 (the rest blank, as the labeller)
+CHEXPERT_README = """SYNTHETIC DATA - NOT REAL RADIOGRAPHS
+
+These {n} images are procedurally generated chest-radiograph phantoms written by fasttrain
+(`fasttrain convert synthetic --layout chexpert`, seed {seed}, {size} px). They follow the
+CheXpert-v1.0-small file layout (train.csv, valid.csv, train/patientNNNNN/studyN/viewN_frontal.jpg,
+valid/...) only so that the real CheXpert converter can read them. Findings are drawn signs, not
+disease; "lateral" views are more frontal phantoms; patients, ages and sexes are random. Never report
+results on them as results on real data.
+"""
+
+
+def _chexpert_plan(n: int, seed: int, test_fraction: float):
+    """Rows (patient, study, view, frontal?) in writing order and the set of valid (test) patients."""
+    rng = np.random.default_rng([int(seed), 0xC4E])
+    rows, pid = [], 0
+    while len(rows) < n:
+        pid += 1
+        age, sex = int(rng.integers(18, 90)), ("Male" if rng.random() < 0.56 else "Female")
+        for study in range(1, int(rng.integers(1, 4)) + 1):
+            ap = "AP" if rng.random() < 0.7 else "PA"
+            views = ["frontal"] + (["lateral"] if rng.random() < LATERAL_FRACTION / (1 - LATERAL_FRACTION) else [])
+            for v, kind in enumerate(views, 1):
+                if len(rows) < n:
+                    rows.append(dict(patient=pid, study=study, view=v, kind=kind, age=age, sex=sex, ap=ap))
+    patients = np.arange(1, pid + 1)
+    rng.shuffle(patients)
+    n_test = min(max(int(round(test_fraction * pid)), 1), pid - 1) if pid >= 2 else 0
+    return rows, set(int(p) for p in patients[:n_test])
+
+
+def _chexpert_cells(y_nih: np.ndarray, rng: np.random.Generator, valid: bool) -> list[str]:
+    """14 CheXpert observation cells from a phantom's NIH findings: '1.0' / '0.0' / '-1.0' / ''.
+    valid.csv (radiologist labels) has 0.0 / 1.0 only; train.csv blanks, negatives and uncertain."""
+    pos = {NIH_TO_CHEXPERT[name] for name, v in zip(NIH_LABELS, y_nih) if v and name in NIH_TO_CHEXPERT}
+    cells = []
+    for col in CHEXPERT_COLUMNS:
+        if col == "No Finding":
+            present = not y_nih.any()
+        else:
+            present = col in pos
+        if valid:
+            cells.append("1.0" if present else "0.0")
+        elif present:
+            cells.append("-1.0" if col != "No Finding" and rng.random() < UNCERTAIN_FRACTION else "1.0")
+        else:
+            cells.append("0.0" if col != "No Finding" and rng.random() < EXPLICIT_NEGATIVE else "")
+    return cells
+
+
+def generate_chexpert_layout(out_dir, n: int, seed: int = 0, size: int = 256, test_fraction: float = 0.2,
+                             workers: Optional[int] = 1, progress: bool = True) -> Path:
+    """Write `n` SYNTHETIC phantoms as `out_dir/CheXpert-v1.0-small/` (train.csv, valid.csv, train/,
+    valid/, README.txt); the valid patients (`test_fraction` of them) go to valid.csv.
+    Returns `out_dir` (what `fasttrain convert chexpert --src` takes)."""
+    from .common import AtomicDir
+    _check_args(n, size, test_fraction)
+    rows, valid_patients = _chexpert_plan(n, seed, test_fraction)
+    rels = []
+    for r in rows:
+        split = "valid" if r["patient"] in valid_patients else "train"
+        rels.append(f"{split}/patient{r['patient']:05d}/study{r['study']}/view{r['view']}_{r['kind']}.jpg")
+    t0 = time.perf_counter()
+    with AtomicDir(Path(out_dir)) as tmp:
+        root = tmp / CHEXPERT_RELEASE
+        root.mkdir()
+        labels = _draw_all(seed, size, root, rels, workers, progress)  # [n, 14] NIH findings
+        header = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CHEXPERT_COLUMNS]
+        rng = np.random.default_rng([int(seed), 0xCE11])
+        study_cells: dict = {}
+        with open(root / "train.csv", "w", newline="") as ft, open(root / "valid.csv", "w", newline="") as fv:
+            wt, wv = csv.writer(ft, lineterminator="\n"), csv.writer(fv, lineterminator="\n")
+            wt.writerow(header)
+            wv.writerow(header)
+            for r, rel, y in zip(rows, rels, labels):
+                valid = rel.startswith("valid/")
+                key = (r["patient"], r["study"])
+                if key not in study_cells:  # labels are per study: a lateral view repeats its frontal's
+                    study_cells[key] = _chexpert_cells(y, rng, valid)
+                (wv if valid else wt).writerow(
+                    [f"{CHEXPERT_RELEASE}/{rel}", r["sex"], r["age"], r["kind"].capitalize(),
+                     r["ap"] if r["kind"] == "frontal" else "", *study_cells[key]])
+        (root / "README.txt").write_text(CHEXPERT_README.format(n=n, seed=seed, size=size))
+    dt = time.perf_counter() - t0
+    if progress:
+        print(f"wrote {n} SYNTHETIC phantoms (CheXpert layout) to {out_dir} in {dt:.1f} s ({n / dt:.0f} img/s)")
     return Path(out_dir).absolute()

@@ -58,7 +58,19 @@ class DistillConfig:
 
 @dataclass
 class DataConfig:
-    path: Optional[str] = None  # packed dataset folder (has manifest.json)
+    # packed dataset folder (has manifest.json), or several read as one mixture (the paper pre-trains on
+    # NIH + CheXpert): a YAML list or "A,B" / "[A,B]"; each part "PATH" or "PATH:SPLIT" (default train_split)
+    path: Optional[typing.Union[str, list[str]]] = None
+    weights: Optional[list[float]] = None  # mixture sampling proportions, one per part; None = each image once per epoch
+    samples_per_epoch: Optional[int] = None  # with weights: draws per epoch; None = the parts' total size
+    # raw loader's madvise on its memmaps: auto = random for uniformly shuffled training (a page fault then
+    # reads its page, not the readahead window: ~90x less I/O on a cold cache), sequential for block_shuffle
+    # and in-order eval (they read contiguous runs, so readahead pays)
+    raw_advice: str = "auto"  # auto | random | sequential | normal (the kernel's default readahead)
+    # page-aware order (as FFCV's QUASI_RANDOM) for data bigger than the page cache: >0 = blocks of this
+    # many consecutive images in random order, shuffled inside each block; 0 = uniform shuffle (the default:
+    # batches stay i.i.d.; see docs/benchmarks.md for when blocks pay)
+    block_shuffle: int = 0
     loader: str = "auto"  # auto (from the packed formats) | raw | ffcv | dali | reference
     batch_size: int = 32  # per GPU: the paper pre-trains with 32 per GPU
     num_workers: int = 2  # host workers; this CI machine has 2 cores

@@ -40,10 +40,11 @@ def device_name(device: str | None = None) -> str:
     return platform.processor() or platform.machine()
 
 
-def provenance(device: str | None = None) -> dict:
-    """Everything needed to tell which code, libraries and hardware produced a number."""
+def provenance(device: str | None = None, data: list | None = None) -> dict:
+    """Everything needed to tell which code, libraries and hardware produced a number; `data`: the
+    packed datasets read (every part of a mixture: path, split, count, manifest hash, weight)."""
     import torch
-    return {
+    out = {
         "git_sha": git_sha(),
         "versions": versions(),
         "device": device_name(device),
@@ -52,3 +53,6 @@ def provenance(device: str | None = None) -> dict:
         "torch_threads": torch.get_num_threads(),
         "host": platform.node(),
     }
+    if data is not None:
+        out["data"] = data
+    return out

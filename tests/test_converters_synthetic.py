@@ -129,3 +129,49 @@ def test_cli_synthetic_then_nih(tmp_path, capsys):
     assert open_packed(tmp_path / "out", "test").synthetic
     # the source folder must not exist either
     assert main(["convert", "synthetic", "--out", str(tmp_path / "src"), "--n", "12", "--no-progress"]) == 1
+
+
+def test_phantoms_in_chexpert_layout_packed_by_the_chexpert_converter(tmp_path):
+    """`--layout chexpert` writes the CheXpert-v1.0-small release exactly (CSV header, Path prefix,
+    patientNNNNN/studyN/viewN_{frontal,lateral}.jpg, patient-disjoint valid.csv with 0/1 only), and
+    the real CheXpert converter packs it unchanged, marked SYNTHETIC."""
+    from fasttrain.converters.chexpert import CHEXPERT_ALL, convert_chexpert
+    from fasttrain.converters.cli import main as convert_main
+    assert convert_main(["synthetic", "--layout", "chexpert", "--out", str(tmp_path / "cx"), "--n", "60",
+                         "--seed", "3", "--size", "48", "--no-progress"]) == 0
+    root = tmp_path / "cx" / "CheXpert-v1.0-small"
+    assert "SYNTHETIC" in (root / "README.txt").read_text()
+    rows = {}
+    for name in ("train.csv", "valid.csv"):
+        with open(root / name, newline="") as f:
+            r = list(csv.reader(f))
+        assert r[0] == ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CHEXPERT_ALL]
+        rows[name] = r[1:]
+    every = rows["train.csv"] + rows["valid.csv"]
+    assert len(every) == 60
+    import re
+    for row in every:
+        assert re.fullmatch(r"CheXpert-v1\.0-small/(train|valid)/patient\d{5}/study\d+/view\d+_(frontal|lateral)\.jpg",
+                            row[0]), row[0]
+        assert (tmp_path / "cx" / row[0]).is_file()
+        assert row[3] == ("Frontal" if row[0].endswith("_frontal.jpg") else "Lateral")
+        assert set(row[5:]) <= {"1.0", "0.0", "-1.0", ""}
+    assert all(row[0].split("/")[1] == "train" for row in rows["train.csv"])
+    assert all(row[0].split("/")[1] == "valid" for row in rows["valid.csv"])
+    assert all(set(row[5:]) <= {"1.0", "0.0"} for row in rows["valid.csv"])  # radiologist labels
+    pat = lambda rs: {row[0].split("/")[2] for row in rs}  # noqa: E731
+    assert pat(rows["train.csv"]) and pat(rows["valid.csv"]) and not pat(rows["train.csv"]) & pat(rows["valid.csv"])
+    assert any(row[3] == "Lateral" for row in every)
+    # the same (seed, n, size) writes the same bytes
+    b = generate_phantoms(tmp_path / "cx2", 60, seed=3, size=48, layout="chexpert", progress=False)
+    assert (b / "CheXpert-v1.0-small" / "train.csv").read_bytes() == (root / "train.csv").read_bytes()
+    # packed by the real converter, frontal views only, valid.csv -> test
+    out = convert_chexpert(tmp_path / "cx", tmp_path / "packed", size=32, progress=False, workers=1)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["synthetic"] is True and m["dataset"] == "chexpert-synthetic"
+    n_front = {s: sum(row[3] == "Frontal" for row in rows[f]) for s, f in (("train", "train.csv"), ("test", "valid.csv"))}
+    assert {s: m["splits"][s]["count"] for s in ("train", "test")} == n_front
+    te = open_packed(out, "test")
+    assert te.image(0).shape == (32, 32) and te.labels.shape == (n_front["test"], 5)
+    with pytest.raises(Exception, match="layout"):
+        generate_phantoms(tmp_path / "bad", 10, layout="mimic", progress=False)

@@ -26,6 +26,12 @@ def test_demo_smoke(tmp_path, capsys):
                 "plots/auc_bars.png", "packed/ffcv", "packed/raw", "plots/recon_teacher.png",
                 "plots/recon_student.png", "student/probe/probe_test.json"):
         assert (out / rel).exists(), rel
+    # pre-training read the two-source mixture, each part packed by its own converter
+    for stage in ("teacher", "student"):
+        parts = json.loads((out / stage / "provenance.json").read_text())["data"]
+        assert [p["dataset"] for p in parts] == ["nih-chestxray14-synthetic", "chexpert-synthetic"], stage
+        assert [p["weight"] for p in parts] == [3.0, 1.0]
+    assert (out / "packed_chexpert" / "raw").is_dir()
     res = json.loads((out / "finetune" / "eval" / "results_test.json").read_text())
     assert res["synthetic"] is True
     student = [json.loads(x) for x in (out / "student" / "metrics.jsonl").read_text().splitlines()]

@@ -168,6 +168,16 @@ class BaseLoader:
     def describe(self) -> str:
         return self.name
 
+    def data_parts(self) -> list[dict]:
+        """What this loader reads, for the run's provenance: per part path, split, count, manifest
+        hash, weight (one part for a single packed dataset)."""
+        if hasattr(self.packed, "provenance"):
+            return self.packed.provenance()
+        from .mixture import manifest_sha256
+        p = self.packed
+        return [dict(path=str(p.root.absolute()), split=p.split, count=len(p), manifest_sha256=manifest_sha256(p.root),
+                     dataset=p.manifest.get("dataset"), weight=None, synthetic=p.synthetic)]
+
 
 class SampledLoader(BaseLoader):
     """A loader whose order comes from our EpochSampler (raw, reference): FFCV and DALI order
@@ -175,8 +185,12 @@ class SampledLoader(BaseLoader):
 
     def __init__(self, packed, **kw):
         super().__init__(packed, **kw)
-        self.sampler = EpochSampler(len(packed), self.batch_size, shuffle=self.train, seed=self.seed,
-                                    rank=self.rank, world_size=self.world_size, drop_last=self.drop_last)
+        kw = dict(shuffle=self.train, seed=self.seed, rank=self.rank, world_size=self.world_size,
+                  drop_last=self.drop_last, block=int(getattr(self.cfg, "block_shuffle", 0) or 0))
+        if hasattr(packed, "make_sampler"):  # a mixture: one global order over every part (mixture.py)
+            self.sampler = packed.make_sampler(self.batch_size, **kw)
+        else:
+            self.sampler = EpochSampler(len(packed), self.batch_size, **kw)
 
     def __len__(self) -> int:
         return len(self.sampler)

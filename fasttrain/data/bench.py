@@ -47,7 +47,9 @@ TRANSFORMS = {"pretrain": {}, "eval": {},
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fasttrain bench loader", description=__doc__.split("\n")[0])
-    p.add_argument("--data", required=True, help="packed dataset folder (written by `fasttrain convert`)")
+    p.add_argument("--data", required=True, action="append",
+                   help="packed dataset folder (written by `fasttrain convert`); repeat it (--data A --data B) "
+                        "or give A,B to time a mixture (each part PATH or PATH:SPLIT)")
     p.add_argument("--split", default="train")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seconds", type=float, default=3.0, help="timed seconds per window (steady state)")
@@ -167,15 +169,20 @@ def main(argv: list[str] | None = None) -> int:
     from fasttrain.provenance import provenance
 
     from .loaders import LoaderError, build_loader
-    from .packed import PackedError, open_packed, read_manifest
+    from .mixture import MixtureError, open_mixture, parse_parts
+    from .packed import PackedError
 
-    root = Path(args.data)
+    # one packed dataset, or several (--data A --data B, or --data A,B) timed as one mixture
     try:
-        manifest = read_manifest(root)
-        packed = open_packed(root, args.split)
-    except PackedError as e:
+        specs = [spec for d in args.data for spec in parse_parts(d)]
+        data_path = [f"{s.path}:{s.split}" if s.split else s.path for s in specs]
+        data_path = data_path[0] if len(data_path) == 1 else data_path
+        packed = open_mixture(data_path, args.split, None, train_split=args.split, need_labels=False)
+    except (PackedError, MixtureError) as e:
         print(f"fasttrain bench loader: {e}", file=sys.stderr)
         return 2
+    manifest = packed.manifest
+    root = Path(specs[0].path)  # the ceilings below read the first part
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     if args.threads:
@@ -184,7 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype]
     transform = "eval" if args.eval else args.transform
     train = transform != "eval"
-    formats = manifest["formats"]
+    formats = manifest["formats"] if len(specs) == 1 else [packed.format]
+    if len(specs) > 1:  # the formats every part has
+        from .mixture import part_manifests
+        have = [set(m.get("formats", [])) for _, m in part_manifests(data_path)]
+        formats = [f for f in ("raw", "ffcv", "dali") if all(f in h for h in have)]
     wanted = ["reference"] + [f for f in ("raw", "ffcv") if f in formats]
     if "dali" in formats:
         wanted += ["dali-cpu"] + (["dali-gpu"] if cuda else [])
@@ -202,17 +213,18 @@ def main(argv: list[str] | None = None) -> int:
     loaders, notes = {}, {}
     for name in wanted:
         kind = name.split("-")[0]
-        cfg = DataConfig(path=str(root), loader=kind, batch_size=args.batch_size, num_workers=workers,
-                         reference_images=ref_images if kind == "reference" else None, **TRANSFORMS[transform])
+        cfg = DataConfig(path=data_path, loader=kind, train_split=args.split, batch_size=args.batch_size,
+                         num_workers=workers, reference_images=ref_images if kind == "reference" else None,
+                         **TRANSFORMS[transform])
         try:
             if kind == "dali":
                 from .dali_loader import DALILoader
                 ld = build_loader(cfg, args.split, train, img_size=args.img_size, in_chans=args.in_chans,
-                                  device=device if name == "dali-gpu" else "cpu", dtype=dtype)
+                                  device=device if name == "dali-gpu" else "cpu", dtype=dtype, need_labels=False)
                 assert isinstance(ld, DALILoader)
             else:
                 ld = build_loader(cfg, args.split, train, img_size=args.img_size, in_chans=args.in_chans,
-                                  device=device, dtype=dtype)
+                                  device=device, dtype=dtype, need_labels=False)
         except (LoaderError, ValueError) as e:
             notes[name] = f"skipped: {e}"
             print(f"fasttrain bench loader: {name} skipped: {e}", file=sys.stderr)
@@ -262,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             img_size=args.img_size, in_chans=args.in_chans, dtype=args.dtype, workers=workers,
             torch_threads=torch.get_num_threads(),
             transform=transform, data_config=TRANSFORMS[transform], images=len(packed),
-            image_size=list(packed.image_size),
+            image_size=list(packed.image_size), data=ld.data_parts(),
             synthetic=bool(manifest.get("synthetic")), device=str(ld.device)))
     print_records(records, args.json, COLUMNS)
     if not args.json:

@@ -16,11 +16,18 @@ batches (that of the smallest shard). Evaluation reads shard `rank`, in order, k
 (the reader pads the last batch; the iterator's PARTIAL policy trims the padding).
 Mid-epoch resume: DALI readers cannot seek, so the first start_step batches are run and dropped
 (they cost their decode time; batch start_step onwards is identical to the uninterrupted epoch).
+
+Mixtures (several packed datasets, fasttrain.data.mixture): DALI's webdataset reader takes no
+external order, so a mixture feeds the JPEG bytes through `fn.external_source` in the order of our
+MixtureSampler (the raw loader's global order, DDP shards and resume, which then skips batches
+without decoding them); the bytes are slices of the memory-mapped shards (positioned by the index
+files), decoding and augmentation are the same DALI operators as for one dataset.
 """
 from __future__ import annotations
 
 import gc
 
+import numpy as np
 import torch
 
 from .base import INSTALL_HINT, BaseLoader, LoaderError
@@ -42,6 +49,40 @@ def shard_sizes(n: int, world_size: int) -> list[int]:
     return [n * (k + 1) // world_size - n * k // world_size for k in range(world_size)]
 
 
+class _JpegTable:
+    """Where each sample's JPEG lies in a part's webdataset shards (from the index files), with the
+    shards memory-mapped: bytes(j) is a zero-copy slice."""
+
+    def __init__(self, shard: np.ndarray, offset: np.ndarray, size: np.ndarray, maps: list):
+        self.shard, self.offset, self.size, self.maps = shard, offset, size, maps
+
+    def bytes(self, j: int) -> np.ndarray:
+        k, o = int(self.shard[j]), int(self.offset[j])
+        return self.maps[k][o:o + int(self.size[j])]
+
+
+def _jpeg_table(p) -> _JpegTable:
+    from fasttrain.converters.dali_writer import read_index
+    from pathlib import Path
+    shard, offset, size = [], [], []
+    for k, idx in enumerate(p.index_files):
+        for comps in read_index(Path(idx)):
+            off, n = comps["jpg"]
+            shard.append(k)
+            offset.append(off)
+            size.append(n)
+    if len(shard) != len(p):
+        raise LoaderError(f"{p.root}: DALI index files list {len(shard)} samples, the manifest says {len(p)}")
+    import mmap
+    maps = []
+    for f in p.shards:  # random slices: MADV_RANDOM, so a cold page fault reads its pages, not a readahead window
+        with open(f, "rb") as fh:
+            m = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        m.madvise(mmap.MADV_RANDOM)
+        maps.append(np.frombuffer(m, dtype=np.uint8))
+    return _JpegTable(np.array(shard), np.array(offset, np.int64), np.array(size, np.int64), maps)
+
+
 class DALILoader(BaseLoader):
     name = "dali"
 
@@ -52,6 +93,13 @@ class DALILoader(BaseLoader):
         if self.gpu and self.device.type != "cuda":
             raise LoaderError("the DALI GPU pipeline needs a CUDA device")
         self.name = "dali-gpu" if self.gpu else "dali-cpu"
+        self.sampler = None
+        if hasattr(packed, "parts"):  # a mixture: our order through external_source
+            self.sampler = packed.make_sampler(self.batch_size, shuffle=self.train, seed=self.seed, rank=self.rank,
+                                               world_size=self.world_size, drop_last=self.drop_last,
+                                               block=int(self.cfg.block_shuffle or 0))
+            self._tables = [_jpeg_table(p) for p in packed.parts]
+            self._labels = np.ascontiguousarray(packed.labels, dtype=np.float32)  # [N, L]
         self.sizes = shard_sizes(len(packed), self.world_size)
         self.rotate = self.train and self.drop_last and self.world_size > 1
         # crop/flip/resize inside DALI on the GPU (then only `normalise` in torch); on the CPU
@@ -63,13 +111,33 @@ class DALILoader(BaseLoader):
         self._pipe = self._iter = None
 
     def __len__(self) -> int:
+        if self.sampler is not None:
+            return len(self.sampler)
         if self.drop_last:
             return min(self.sizes) // self.batch_size
         return -(-self.sizes[self.rank] // self.batch_size)
 
     @property
     def num_samples(self) -> int:
+        if self.sampler is not None:
+            s = self.sampler
+            return s.shard_size - (s.shard_size % self.batch_size if self.drop_last else 0)
         return len(self) * self.batch_size if self.drop_last else self.sizes[self.rank]
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        super().set_epoch(epoch, start_step)
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch, start_step)
+
+    def _mixture_source(self):
+        """Batches start_step.. of this rank's shard: (JPEG bytes, labels [L], global index [1]) per sample."""
+        b, s = self.batch_size, self.sampler
+        shard = s.shard()
+        for step in range(self.start_step, len(s)):
+            sel = np.sort(shard[step * b:(step + 1) * b])  # ascending: file order within each part
+            part, local = self.packed.locate(sel)
+            jpgs = [self._tables[k].bytes(j) for k, j in zip(part.tolist(), local.tolist())]
+            yield jpgs, list(self._labels[sel]), list(sel.reshape(-1, 1))
 
     def _shard_id(self) -> int:
         return (self.rank + self.epoch) % self.world_size if self.rotate else self.rank
@@ -84,11 +152,15 @@ class DALILoader(BaseLoader):
         fn, _, types, _, _ = self._dali
         p, cfg, s = self.packed, self.cfg, self.img_size
         from .gpu_augment import eval_resize_size
-        jpg, lbl, idx = fn.readers.webdataset(
-            paths=p.shards, index_paths=p.index_files, ext=["jpg", "lbl", "idx"],
-            dtypes=[types.UINT8, types.FLOAT, types.INT64], shard_id=self._shard_id(),
-            num_shards=self.world_size, stick_to_shard=True, random_shuffle=self.train,
-            initial_fill=min(4096, max(self.sizes)), pad_last_batch=True, name="Reader", seed=seed)
+        if self.sampler is not None:  # a mixture: our global order (see the module docstring)
+            jpg, lbl, idx = fn.external_source(source=self._mixture_source, num_outputs=3, batch=True,
+                                               dtype=[types.UINT8, types.FLOAT, types.INT64], cycle="raise")
+        else:
+            jpg, lbl, idx = fn.readers.webdataset(
+                paths=p.shards, index_paths=p.index_files, ext=["jpg", "lbl", "idx"],
+                dtypes=[types.UINT8, types.FLOAT, types.INT64], shard_id=self._shard_id(),
+                num_shards=self.world_size, stick_to_shard=True, random_shuffle=self.train,
+                initial_fill=min(4096, max(self.sizes)), pad_last_batch=True, name="Reader", seed=seed)
         img = fn.decoders.image(jpg, device="mixed" if self.gpu else "cpu",
                                 output_type=types.GRAY)  # [H, W, 1] uint8 (on the GPU when mixed)
         if not self.dali_augment:
@@ -124,6 +196,10 @@ class DALILoader(BaseLoader):
         self._pipe = pipe(batch_size=self.batch_size, num_threads=max(1, int(cfg.num_workers)),
                           device_id=device_id, seed=seed, prefetch_queue_depth=max(1, int(cfg.prefetch)))
         self._pipe.build()
+        if self.sampler is not None:  # the source ends the epoch (StopIteration), its batches already cut
+            self._iter = DALIGenericIterator(self._pipe, ["images", "labels", "index"],
+                                             last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
+            return
         policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
         self._iter = DALIGenericIterator(self._pipe, ["images", "labels", "index"], reader_name="Reader",
                                          last_batch_policy=policy, auto_reset=False)
@@ -136,7 +212,9 @@ class DALILoader(BaseLoader):
         """(step, images uint8 [b, H, W, 1] or float [b, s, s, 1], labels [b, L], index [b])."""
         self._build()
         n = len(self)
-        for step, out in enumerate(self._iter):
+        step0 = self.start_step if self.sampler is not None else 0  # a mixture's source starts there
+        for j, out in enumerate(self._iter):
+            step = step0 + j
             if step >= n:
                 break
             if step < self.start_step:  # DALI cannot seek: run and drop
@@ -165,5 +243,7 @@ class DALILoader(BaseLoader):
             yield self._finish(step, x), y.clone().to(self.device, non_blocking=True)
 
     def describe(self) -> str:
+        if self.sampler is not None:
+            return f"{self.name} external_source in the global mixture order: {self.packed.describe()}"
         return (f"{self.name} {len(self.packed.shards)} webdataset shard(s) under {self.packed.root}/dali "
                 f"({'nvJPEG mixed decode + DALI GPU crop' if self.gpu else 'CPU decode + BatchAugment'})")

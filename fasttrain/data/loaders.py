@@ -17,7 +17,6 @@ to the device (what `fasttrain bench loader` reports as feed_images_per_s).
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -40,28 +39,38 @@ def _pick(data_cfg, formats: list[str]) -> str:
 
 def build_loader(data_cfg, split: str, train: bool, *, img_size: int, in_chans: int, rank: int = 0,
                  world_size: int = 1, device="cpu", dtype=torch.float32, seed: int = 0,
-                 drop_last: Optional[bool] = None, batch_size: Optional[int] = None):
-    """The loader for one split of the packed dataset at data_cfg.path (see the module docstring).
+                 drop_last: Optional[bool] = None, batch_size: Optional[int] = None, need_labels: bool = True):
+    """The loader for one split of the packed dataset(s) at data_cfg.path (see the module docstring).
 
-    drop_last defaults to `train` (equal step counts on every rank; evaluation keeps every image);
-    batch_size defaults to data_cfg.batch_size (per rank).
+    data_cfg.path may name several packed datasets (a mixture, fasttrain.data.mixture): every
+    loader kind then reads one global order over all parts. drop_last defaults to `train` (equal
+    step counts on every rank; evaluation keeps every image); batch_size defaults to
+    data_cfg.batch_size (per rank). need_labels=False (pre-training, benchmarks) lets a mixture's
+    parts carry different label names.
     """
-    from .packed import PackedError, open_packed, read_manifest
+    from .mixture import MixtureError, open_mixture, part_manifests, part_splits
+    from .packed import PackedError
 
     if not data_cfg.path:
         raise LoaderError("data.path is not set: point it at a packed dataset (written by `fasttrain convert`)")
-    root = Path(data_cfg.path)
     try:
-        manifest = read_manifest(root)
-    except PackedError as e:
+        mans = part_manifests(data_cfg.path)
+    except MixtureError as e:
         raise LoaderError(str(e)) from None
-    if split not in manifest.get("splits", {}):
-        raise LoaderError(f"{root}: no split '{split}'; it has {sorted(manifest.get('splits', {}))}")
-    formats = list(manifest.get("formats", []))
+    many = len(mans) > 1
+    splits = part_splits([s for s, _ in mans], split, data_cfg.train_split)
+    for k, ((spec, manifest), s) in enumerate(zip(mans, splits)):
+        if s not in manifest.get("splits", {}):
+            where = f"mixture part {k} ({spec.path})" if many else spec.path
+            raise LoaderError(f"{where}: no split '{s}'; it has {sorted(manifest.get('splits', {}))}")
+    per_part = [list(m.get("formats", [])) for _, m in mans]
+    formats = [f for f in per_part[0] if all(f in fs for fs in per_part)]  # what every part has
     kind = _pick(data_cfg, formats)
     if kind != "reference" and kind not in formats:
-        raise LoaderError(f"{root}: data.loader={kind} but format '{kind}' was not written (it has "
-                          f"{formats}); convert again with `fasttrain convert ... --format {kind}`")
+        lacking = [f"{'part %d ' % k if many else ''}{spec.path} (has {fs})"
+                   for k, ((spec, _), fs) in enumerate(zip(mans, per_part)) if kind not in fs]
+        raise LoaderError(f"data.loader={kind} but format '{kind}' was not written in {'; '.join(lacking)}; "
+                          f"convert again with `fasttrain convert ... --format {kind}`")
     if not 0 <= rank < world_size:
         raise LoaderError(f"rank {rank} is outside world_size {world_size}")
     kw = dict(train=train, img_size=img_size, in_chans=in_chans,
@@ -69,15 +78,18 @@ def build_loader(data_cfg, split: str, train: bool, *, img_size: int, in_chans: 
               device=device, dtype=dtype, seed=seed, drop_last=train if drop_last is None else drop_last,
               cfg=data_cfg)
     try:
+        packed = open_mixture(data_cfg.path, split, None if kind == "reference" else kind,
+                              train_split=data_cfg.train_split, weights=data_cfg.weights,
+                              samples_per_epoch=data_cfg.samples_per_epoch, need_labels=need_labels)
         if kind == "raw":
-            return RawLoader(open_packed(root, split, "raw"), **kw)
+            return RawLoader(packed, **kw)
         if kind == "ffcv":
             from .ffcv_loader import FFCVLoader
-            return FFCVLoader(open_packed(root, split, "ffcv"), **kw)
+            return FFCVLoader(packed, **kw)
         if kind == "dali":
             from .dali_loader import DALILoader
-            return DALILoader(open_packed(root, split, "dali"), **kw)
+            return DALILoader(packed, **kw)
         from .reference import ReferenceLoader
-        return ReferenceLoader(open_packed(root, split), **kw)
-    except PackedError as e:
+        return ReferenceLoader(packed, **kw)
+    except (PackedError, MixtureError) as e:
         raise LoaderError(str(e)) from None

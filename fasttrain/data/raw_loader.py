@@ -1,11 +1,34 @@
 """The raw loader: uint8 memmap -> pinned uint8 batches gathered in a background thread ->
-batched device augmentation."""
+batched device augmentation.
+
+Bigger than memory: each part's file is mapped here with madvise advice (data.raw_advice). With the
+kernel's default, every page fault of a random gather pulls the disk's whole readahead window
+(NIH-sized set, cold cache: 4.35 GB read for 80 MB of images); MADV_RANDOM makes a fault read its
+own pages only (auto for shuffled training). data.block_shuffle gives a page-aware order
+(sampler.block_permutation): a batch reads a few contiguous runs, so readahead pays again and auto
+picks MADV_SEQUENTIAL, as for in-order evaluation. Figures: docs/benchmarks.md.
+"""
 from __future__ import annotations
+
+import mmap
 
 import numpy as np
 import torch
 
-from .base import Prefetcher, SampledLoader
+from .base import LoaderError, Prefetcher, SampledLoader
+
+ADVICE = {"random": mmap.MADV_RANDOM, "sequential": mmap.MADV_SEQUENTIAL, "normal": mmap.MADV_NORMAL}
+
+
+def map_advised(path, shape: tuple[int, ...], advice: str) -> np.ndarray:
+    """A read-only uint8 array [N, H, W] over `path`, its mapping madvise'd with `advice`.
+
+    Mapped here (mmap + np.frombuffer) rather than through np.memmap because madvise needs the
+    mmap object, which np.memmap keeps private."""
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # the mapping outlives the descriptor
+    m.madvise(ADVICE[advice])
+    return np.frombuffer(m, dtype=np.uint8).reshape(shape)
 
 class RawLoader(SampledLoader):
     """uint8 memmap -> pinned uint8 batches (background thread) -> batched device augmentation."""
@@ -13,9 +36,31 @@ class RawLoader(SampledLoader):
 
     def __init__(self, packed, **kw):
         super().__init__(packed, **kw)
-        self.images = packed.images  # [N, H, W] uint8 read-only memmap
+        # one mapping per part (a single packed dataset is a mixture of one): [N_k, H, W] uint8
+        advice = self.cfg.raw_advice
+        if advice == "auto":  # page-aware blocks and in-order eval read runs: keep (doubled) readahead
+            advice = "random" if self.train and not self.sampler.block else "sequential"
+        if advice not in ADVICE:
+            raise LoaderError(f"data.raw_advice must be auto or one of {', '.join(ADVICE)}, got {advice!r}")
+        self.advice = advice
+        self.parts = [p.images if len(p) == 0 else map_advised(p.images.filename, p.images.shape, advice)
+                      for p in getattr(packed, "parts", [packed])]
+        self.offsets = getattr(packed, "offsets", np.array([0, len(packed)], np.int64))  # [P + 1]
+        self.images = self.parts[0] if len(self.parts) == 1 else None  # [N, H, W] (one part)
         self.labels = np.ascontiguousarray(packed.labels, dtype=np.float32)  # [N, L]
         self.augment = self.make_augment()
+
+    def _take(self, idx: np.ndarray, out: np.ndarray) -> None:
+        """out[i] = image idx[i] (idx ascending): one vectorised gather per part, GIL released."""
+        if len(self.parts) == 1:
+            np.take(self.parts[0], idx, axis=0, out=out)
+            return
+        # ascending global positions: each part's images are one contiguous run of the batch
+        cut = np.searchsorted(idx, self.offsets)  # [P + 1] run boundaries
+        for k, mm in enumerate(self.parts):
+            a, b = int(cut[k]), int(cut[k + 1])
+            if b > a:
+                np.take(mm, idx[a:b] - self.offsets[k], axis=0, out=out[a:b])
 
     def _gather(self, plan: bool = True):
         """Host side: yields (step, uint8 [b, H, W], labels [b, L], positions [b], augmentation plan)
@@ -32,7 +77,7 @@ class RawLoader(SampledLoader):
             idx = np.sort(idx)
             self.packed.check_raw_file()  # a vanished/truncated file: clear error, not SIGBUS
             buf = torch.empty((len(idx), h, w), dtype=torch.uint8, pin_memory=self.pin)  # [b, H, W]
-            np.take(self.images, idx, axis=0, out=buf.numpy())  # one gather, GIL released
+            self._take(idx, buf.numpy())  # one gather per part, GIL released
             labels = torch.from_numpy(self.labels[idx])  # [b, L] (fancy indexing copies)
             aug = self.augment.plan(len(idx), self.sampler.rng(step)) if plan else None
             yield step, buf, labels, torch.from_numpy(idx), aug
@@ -53,4 +98,6 @@ class RawLoader(SampledLoader):
             yield images, y.to(self.device, non_blocking=True)
 
     def describe(self) -> str:
-        return f"raw memmap {self.packed.root}/raw/{self.packed.split}.u8"
+        if hasattr(self.packed, "parts"):
+            return f"raw memmaps (madvise {self.advice}) of a mixture: {self.packed.describe()}"
+        return f"raw memmap {self.packed.root}/raw/{self.packed.split}.u8 (madvise {self.advice})"

@@ -154,8 +154,9 @@ class ReferenceLoader(SampledLoader):
                                   f"e.g. {missing[0]} (write them with fasttrain.data.reference.export_png)")
             self.source = f"PNG folder of the packed images {folder}"
         else:
-            self.files = resolve_source_files(packed)
-            self.source = f"source files under {packed.manifest.get('source')}"
+            parts = getattr(packed, "parts", [packed])  # a mixture: each part's files, in the global index order
+            self.files = [f for p in parts for f in resolve_source_files(p)]
+            self.source = "source files under " + ", ".join(str(p.manifest.get("source")) for p in parts)
         self.labels = np.array(packed.labels, dtype=np.float32)  # [N, L] writable copy
         mean, std = norm_stats(cfg.norm, self.in_chans)
         mean3, std3 = (mean * 3, std * 3) if self.in_chans == 1 else (mean, std)

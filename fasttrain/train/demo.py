@@ -1,10 +1,10 @@
 """`fasttrain demo` (`make demo`): the whole pipeline on SYNTHETIC phantoms, in minutes on 2 CPU cores.
 
 Stages, each through the same code a real run uses (only the sizes in configs/demo/*.yaml shrink):
-  1. generate phantoms in the NIH source layout      (fasttrain.converters.synthetic)
-  2. convert them to raw + ffcv at 64 px             (fasttrain.converters.nih, the real NIH converter)
-  3. pre-train a small MAE teacher                   (fasttrain pretrain)
-  4. distil a smaller student from it (ETMAE)        (fasttrain pretrain --teacher)
+  1. generate phantoms in the NIH and in the CheXpert source layouts (fasttrain.converters.synthetic)
+  2. convert each to raw + ffcv at 64 px by its real converter     (converters.nih, converters.chexpert)
+  3. pre-train a small MAE teacher on the NIH + CheXpert mixture   (fasttrain pretrain, data.path=A,B)
+  4. distil a smaller student from it (ETMAE), on the same mixture (fasttrain pretrain --teacher)
   5. fine-tune the student on the 14 labels          (fasttrain finetune, best.pt by val mAUC)
   6. evaluate on the test split, with bootstrap CIs  (fasttrain evaluate) and plot (fasttrain plot)
 The images are synthetic and every number printed says so.
@@ -45,7 +45,9 @@ def _stage_overrides(args) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fasttrain demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo", help="demo folder (default runs/demo)")
-    p.add_argument("--n", type=int, default=4000, help="number of phantoms to generate")
+    p.add_argument("--n", type=int, default=4000, help="number of phantoms to generate (NIH layout)")
+    p.add_argument("--n-chexpert", type=int, default=None,
+                   help="phantoms in the CheXpert layout, the mixture's second part (default n / 3)")
     p.add_argument("--src-size", type=int, default=128, help="phantom size in the source layout (px)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None, help="override every stage's epochs (tests)")
@@ -63,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_demo(args) -> int:
+    from fasttrain.converters.chexpert import convert_chexpert
     from fasttrain.converters.nih import convert_nih
     from fasttrain.converters.synthetic import generate_phantoms
     from fasttrain.train.evaluate import format_table
@@ -85,30 +88,44 @@ def run_demo(args) -> int:
     def banner(text: str) -> None:
         print(f"\n=== {text} ===", flush=True)
 
-    banner(f"1/6 generating {args.n} SYNTHETIC phantoms ({args.src_size} px, NIH source layout)")
+    n_cx = args.n_chexpert if args.n_chexpert is not None else max(args.n // 3, 20)
+    banner(f"1/6 generating SYNTHETIC phantoms ({args.src_size} px): {args.n} in the NIH source layout, "
+           f"{n_cx} in the CheXpert source layout")
     t = time.perf_counter()
     src = generate_phantoms(out / "phantoms_src", args.n, seed=args.seed, size=args.src_size,
                             workers=None, progress=not args.quiet)
-    rows.append(("generate phantoms", f"{args.n / (time.perf_counter() - t):,.0f}", str(src)))
+    # another seed: the CheXpert-layout part holds other images, as a second source would
+    src_cx = generate_phantoms(out / "phantoms_chexpert_src", n_cx, seed=args.seed + 1, size=args.src_size,
+                               workers=None, progress=not args.quiet, layout="chexpert")
+    rows.append(("generate phantoms", f"{(args.n + n_cx) / (time.perf_counter() - t):,.0f}", f"{src}, {src_cx}"))
 
-    banner("2/6 converting with the NIH converter -> raw + ffcv, 64 px")
+    banner("2/6 converting with the NIH and the CheXpert converters -> raw + ffcv, 64 px")
     t = time.perf_counter()
     packed = convert_nih(src, out / "packed", formats=("raw", "ffcv"), size=64, val_fraction=0.1,
                          seed=args.seed, progress=not args.quiet)
+    packed_cx = convert_chexpert(src_cx, out / "packed_chexpert", formats=("raw", "ffcv"), size=64, val_fraction=0.1,
+                                 seed=args.seed, progress=not args.quiet)
+    # Pre-training reads both parts as one mixture (NIH 14 labels, CheXpert 5: MAE ignores them).
+    # Weights 3:1 and an epoch the size of NIH's train split keep the demo's pre-training cost
+    # where it was with NIH alone while every batch mixes both sources.
+    from fasttrain.data import open_packed
+    n_train = len(open_packed(packed, "train"))
+    mixture = [f"--data.path={packed},{packed_cx}", "--data.weights=[3,1]", f"--data.samples_per_epoch={n_train}"]
     # The demo's models are tiny, so a step is bound by per-op overhead, not FLOPs: one intra-op
     # thread runs it as fast as two, and leaves the other core to the loader's prefetch thread
     # (with two, the step and the loader fight over both cores: 3-10x slower on our shared 2-core machine).
     torch.set_num_threads(args.threads)
-    rows.append(("convert (raw+ffcv)", f"{args.n / (time.perf_counter() - t):,.0f}", str(packed)))
+    rows.append(("convert (raw+ffcv)", f"{(args.n + n_cx) / (time.perf_counter() - t):,.0f}",
+                 f"{packed}, {packed_cx}"))
 
-    banner("3/6 pre-training the MAE teacher")
-    cfg = build_config(cfgs / "teacher.yaml", [f"--data.path={packed}", f"--run.out={out / 'teacher'}",
-                                               f"--run.seed={args.seed}"] + over)
+    banner("3/6 pre-training the MAE teacher on the NIH + CheXpert mixture")
+    cfg = build_config(cfgs / "teacher.yaml", mixture + [f"--run.out={out / 'teacher'}",
+                                                         f"--run.seed={args.seed}"] + over)
     teacher = run_pretrain(cfg)
     rows.append(("pretrain teacher (MAE)", _ips(teacher), _loss_note(teacher)))
 
-    banner("4/6 distilling the student from the teacher (ETMAE)")
-    cfg = build_config(cfgs / "student.yaml", [f"--data.path={packed}", f"--run.out={out / 'student'}",
+    banner("4/6 distilling the student from the teacher (ETMAE) on the mixture")
+    cfg = build_config(cfgs / "student.yaml", mixture + [f"--run.out={out / 'student'}",
                                                f"--distill.teacher_ckpt={teacher['last']}",
                                                f"--run.seed={args.seed}"] + over)
     student = run_pretrain(cfg)

@@ -28,11 +28,11 @@ from fasttrain.train.optim import param_groups_weight_decay
 log = logging.getLogger("fasttrain.train")
 
 
-def _check_split(path: str, split: str, key: str) -> None:
-    from fasttrain.data.packed import read_manifest
-    splits = read_manifest(path).get("splits", {})
-    if split not in splits:
-        raise ConfigError(f"config key '{key}': split '{split}' is not in {path} (it has: {', '.join(splits)}); "
+def _check_split(path, split: str, key: str, train_split: str = "train") -> None:
+    from fasttrain.data.mixture import missing_split
+    missing = missing_split(path, split, train_split)  # every part of a mixture needs it
+    if missing:
+        raise ConfigError(f"config key '{key}': split '{split}' is not in {'; '.join(missing)}; "
                           "convert with --val-fraction to get a validation split, or set --data.val_split=null")
 
 
@@ -75,8 +75,8 @@ def _amp_dtype(cfg, device: torch.device):
 def run_finetune(cfg, resume=None) -> dict:
     loop.require_run_and_data(cfg)
     if cfg.data.val_split is not None:
-        _check_split(cfg.data.path, cfg.data.val_split, "data.val_split")
-    _check_split(cfg.data.path, cfg.data.train_split, "data.train_split")
+        _check_split(cfg.data.path, cfg.data.val_split, "data.val_split", cfg.data.train_split)
+    _check_split(cfg.data.path, cfg.data.train_split, "data.train_split", cfg.data.train_split)
     info = loop.setup(cfg)
     try:
         from fasttrain.data import build_loader
@@ -128,15 +128,17 @@ def evaluate_checkpoint(ckpt: str | Path, data: str | Path, split: str = "test",
     """Per-label AUC + mAUC with bootstrap 95% CIs on `split` of the packed dataset `data`;
     writes OUT/results_<split>.json and OUT/roc_<split>.png (OUT defaults to the run's eval/)."""
     from fasttrain.data import build_loader
-    from fasttrain.data.packed import read_manifest
     from fasttrain.train.dist import resolve_device
     model, cfg, trained_labels = load_classifier(ckpt)
-    _check_split(str(data), split, "--split")
-    manifest = read_manifest(str(data))
+    data = data if isinstance(data, (list, tuple)) else str(data)  # one packed dataset or a mixture's parts
+    _check_split(data, split, "--split", split)  # a part's own ':SPLIT' names the split to evaluate
     dev = resolve_device(device)
-    cfg.data.path = str(data)
+    # the training run's mixture weights do not apply here: evaluation reads every image once
+    cfg.data.path, cfg.data.weights, cfg.data.samples_per_epoch = data, None, None
+    cfg.data.train_split = split
     loader = build_loader(cfg.data, split, train=False, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans,
                           device=dev, dtype=torch.float32, seed=seed, batch_size=batch_size)
+    manifest = loader.packed.manifest
     names = list(loader.label_names)
     if len(names) != model.num_classes:
         raise ValueError(f"{data} has {len(names)} labels but the classifier in {ckpt} has {model.num_classes} outputs")

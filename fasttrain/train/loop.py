@@ -169,8 +169,9 @@ class Trainer:
         self._signal: Optional[int] = None  # set by the handler; read at step boundaries
         self._preempted = False
         resume_from = self._pick_resume(resume_mode(cfg, resume))
+        data_parts = loader.data_parts() if hasattr(loader, "data_parts") else None  # every dataset read
         self.run = RunLog(cfg.run.out, enabled=info.is_main, cfg=cfg, device=str(info.device),
-                          tensorboard=cfg.run.tensorboard, resume=resume_from is not None)
+                          tensorboard=cfg.run.tensorboard, resume=resume_from is not None, data=data_parts)
         self.epoch, self.epoch_step = 0, 0
         self.best: Optional[float] = None
         self.last_good: Optional[tuple[str, int]] = None

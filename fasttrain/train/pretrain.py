@@ -23,9 +23,10 @@ def check_config(cfg) -> None:
         raise ConfigError("model.num_classes must be 0 for pre-training (the MAE has no head)")
 
 
-def _has_split(path: str, split: str) -> bool:
-    from fasttrain.data.packed import read_manifest
-    return split in read_manifest(path).get("splits", {})
+def _has_split(path, split: str, train_split: str = "train") -> bool:
+    """Every part of data.path (one packed dataset or a mixture) has `split`."""
+    from fasttrain.data.mixture import missing_split
+    return not missing_split(path, split, train_split)
 
 
 @torch.no_grad()
@@ -60,7 +61,12 @@ def knn_monitor(cfg, info, val_loader):
     from fasttrain.train.knn import KnnMonitor
     bank = build_loader(cfg.data, cfg.data.train_split, train=False, img_size=cfg.model.img_size,
                         in_chans=cfg.model.in_chans, rank=info.rank, world_size=info.world_size,
-                        device=info.device, dtype=torch.float32, seed=cfg.run.seed)
+                        device=info.device, dtype=torch.float32, seed=cfg.run.seed, need_labels=False)
+    if not val_loader.label_names or list(bank.label_names) != list(val_loader.label_names):
+        # a mixture whose parts name their labels differently (NIH 14, CheXpert 5) has no common
+        # label set to score neighbours on: pre-training goes on without the monitor
+        log.warning("kNN monitor off: the parts of data.path do not share label names")
+        return None
     amp = AMP_DTYPES[cfg.engine.amp] if cfg.engine.mode == "fused" else None
     return KnnMonitor(cfg.eval, bank, val_loader, val_loader.label_names, info, amp)
 
@@ -74,17 +80,18 @@ def run_pretrain(cfg, resume=None) -> dict:
         model = build_pretrain_model(cfg)  # teacher checkpoint errors surface here, before data or steps
         loader = build_loader(cfg.data, cfg.data.train_split, train=True, img_size=cfg.model.img_size,
                               in_chans=cfg.model.in_chans, rank=info.rank, world_size=info.world_size,
-                              device=info.device, dtype=torch.float32, seed=cfg.run.seed)
+                              device=info.device, dtype=torch.float32, seed=cfg.run.seed,
+                              need_labels=False)  # MAE ignores labels: mixture parts may name them differently
         model.to(info.device)
         trainable = model.student if hasattr(model, "student") else model
         groups = param_groups_weight_decay(trainable, cfg.optim.weight_decay)
         if hasattr(model, "proj"):  # the projection heads train with the student (decay on matrices only)
             groups += param_groups_weight_decay(model.proj, cfg.optim.weight_decay)
         validate, knn = None, None
-        if cfg.data.val_split is not None and _has_split(cfg.data.path, cfg.data.val_split):
+        if cfg.data.val_split is not None and _has_split(cfg.data.path, cfg.data.val_split, cfg.data.train_split):
             val_loader = build_loader(cfg.data, cfg.data.val_split, train=False, img_size=cfg.model.img_size,
                                       in_chans=cfg.model.in_chans, rank=info.rank, world_size=info.world_size,
-                                      device=info.device, dtype=torch.float32, seed=cfg.run.seed)
+                                      device=info.device, dtype=torch.float32, seed=cfg.run.seed, need_labels=False)
             knn = knn_monitor(cfg, info, val_loader)
             validate = lambda m: {**val_losses(m, val_loader, info, cfg), **(knn(m) if knn else {})}  # noqa: E731
         trainer = loop.Trainer(cfg, "pretrain", model, loader, info, groups=groups, resume=resume,

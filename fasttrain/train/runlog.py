@@ -33,7 +33,7 @@ def setup_logging(is_main: bool = True) -> None:
 
 class RunLog:
     def __init__(self, out: str | Path | None, *, enabled: bool, cfg=None, device: str | None = None,
-                 tensorboard: bool = True, resume: bool = False):
+                 tensorboard: bool = True, resume: bool = False, data: list | None = None):
         self.enabled = enabled and out is not None
         self.dir = Path(out) if out is not None else None
         self.ckpt_dir = self.dir / "checkpoints" if self.dir is not None else None
@@ -44,7 +44,7 @@ class RunLog:
         self.ckpt_dir.mkdir(exist_ok=True)
         if cfg is not None:
             cfg.save(self.dir / "config.yaml")
-        _write_json_atomic(self.dir / "provenance.json", provenance(device))
+        _write_json_atomic(self.dir / "provenance.json", provenance(device, data=data))
         self._metrics = open(self.dir / "metrics.jsonl", "a" if resume else "w")
         if tensorboard:
             try:

@@ -4,7 +4,6 @@ checkpoints; an interrupted run resumes; Table 2 is written and labelled SYNTHET
 before any work; the dry-run plan at the real datasets' sizes."""
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -16,45 +15,12 @@ from fixtures_datasets import CHEXPERT_COLUMNS, NIH_HEADER
 from test_checkpoints import save_mae_style, synth_state, xiao_layout
 
 IMG, PATCH = 32, 8  # tiny models: 32-px crops of 40-px packed phantoms, 8-px patches (16 tokens)
-NIH_TO_CHEXPERT = {"Atelectasis": "Atelectasis", "Cardiomegaly": "Cardiomegaly", "Consolidation": "Consolidation",
-                   "Edema": "Edema", "Effusion": "Pleural Effusion"}
-
-
-def write_chexpert_phantoms(root: Path, n_train: int, n_valid: int, size: int = 48) -> Path:
-    """SYNTHETIC phantoms in CheXpert-v1.0-small's layout (train.csv / valid.csv / JPEG tree); each
-    competition label is the phantom's drawn NIH sign of the same finding. Some train labels uncertain."""
-    from PIL import Image
-    from fasttrain.converters.nih import NIH_LABELS
-    from fasttrain.converters.synthetic import draw_phantom
-    base = root / "CheXpert-v1.0-small"
-    base.mkdir(parents=True)
-    (root / "README.txt").write_text("SYNTHETIC DATA - NOT REAL RADIOGRAPHS (CheXpert layout phantoms)\n")
-    k = 0
-    for split, n in (("train", n_train), ("valid", n_valid)):
-        with open(base / f"{split}.csv", "w", newline="") as f:
-            w = csv.writer(f, lineterminator="\n")
-            w.writerow(CHEXPERT_COLUMNS)
-            for i in range(n):
-                ph = draw_phantom(7, k, size)
-                rel = f"CheXpert-v1.0-small/{split}/patient{k:05d}/study1/view1_frontal.jpg"
-                (root / rel).parent.mkdir(parents=True)
-                Image.fromarray(ph.image, "L").save(root / rel, quality=95)
-                cells = {}
-                for nih, col in NIH_TO_CHEXPERT.items():
-                    v = float(ph.labels[NIH_LABELS.index(nih)])
-                    cells[col] = "-1.0" if split == "train" and i % 11 == 0 else f"{v:.1f}"
-                w.writerow([rel, "Female", 50, "Frontal", "AP"] + [cells.get(c, "") for c in CHEXPERT_COLUMNS[5:]])
-                k += 1
-    return root
 
 
 def chexpert_phantoms(root: Path) -> Path:
-    """The synthetic generator's CheXpert layout where this build has it (issue #10), else ours."""
-    import inspect
+    """Phantoms in the CheXpert-v1.0-small layout, written by the synthetic generator."""
     from fasttrain.converters.synthetic import generate_phantoms
-    if "layout" in inspect.signature(generate_phantoms).parameters:
-        return generate_phantoms(root, 168, seed=7, size=48, layout="chexpert", progress=False)
-    return write_chexpert_phantoms(root, 120, 48)
+    return generate_phantoms(root, 168, seed=7, size=48, layout="chexpert", progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -144,15 +110,15 @@ def test_reproduce_end_to_end_on_phantoms_with_interruption(inputs, monkeypatch,
              if json.loads(x).get("phase") == "train"]
     assert steps == sorted(set(steps)) and steps[-1] == pre["steps"]  # one continuous log, no repeats
 
-    # the paper pre-trains on NIH train + CheXpert train: a mixture where this build reads one (issue #10),
-    # else NIH alone and the table says so
+    # the paper pre-trains on NIH train + CheXpert train: one mixture, every image of both per epoch
     packed = [out / "packed" / d for d in ("nih", "chexpert")]
     counts = [json.loads((p / "manifest.json").read_text())["splits"]["train"]["count"] for p in packed]
-    if rp.mixture_supported(rp.mixture_spec(packed))[0]:
-        assert pre["steps"] == 2 * (sum(counts) // 16)
-    else:
-        assert pre["steps"] == 2 * (counts[0] // 16)
-        assert "PRE-TRAINING ON NIH ONLY" in (out / "table2.md").read_text()
+    assert pre["steps"] == 2 * (sum(counts) // 16)
+    prov = json.loads((out / "runs" / "pretrain_s" / "provenance.json").read_text())
+    assert [(Path(p["path"]).name, p["split"], p["count"]) for p in prov["data"]] == [
+        ("nih", "train", counts[0]), ("chexpert", "train", counts[1])]  # both parts in the provenance
+    ft_cfg = (out / "runs" / "finetune_s_nih" / "config.yaml").read_text()
+    assert "randaug: rand-m6-mstd0.5-inc1" in ft_cfg and "interpolation: bicubic" in ft_cfg  # Xiao's recipe
 
     table = (out / "table2.md").read_text()
     doc = json.loads((out / "table2.json").read_text())

@@ -137,7 +137,10 @@ def reconstruct(run: str | Path, n_images: int = 6, seed: int = 0, split: str | 
     a removed patch's brightness and contrast then come from the original, its structure from the model)."""
     import torch
     from fasttrain.config import config_from_dict
+    import dataclasses
+
     from fasttrain.data import build_loader
+    from fasttrain.data.mixture import parse_parts
     from fasttrain.data.packed import read_manifest
     from fasttrain.models.checkpoints import load_into
     from fasttrain.train.builders import build_student
@@ -152,9 +155,12 @@ def reconstruct(run: str | Path, n_images: int = 6, seed: int = 0, split: str | 
         state = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
     load_into(student, state, strict=True, what=f"{run}/checkpoints/last.pt")
     student.eval()
-    splits = read_manifest(cfg.data.path).get("splits", {})
+    # a mixture (NIH + CheXpert): the figure's fixed images come from its first part
+    first = parse_parts(cfg.data.path)[0].path
+    data_cfg = dataclasses.replace(cfg.data, path=first, weights=None, samples_per_epoch=None)
+    splits = read_manifest(first).get("splits", {})
     split = split or (cfg.data.val_split if cfg.data.val_split in splits else cfg.data.test_split)
-    loader = build_loader(cfg.data, split, train=False, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans,
+    loader = build_loader(data_cfg, split, train=False, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans,
                           device="cpu", dtype=torch.float32, batch_size=n_images, drop_last=False)
     imgs, _ = next(iter(loader))  # [n, C, H, W] the first images of the split: a fixed set
     gen = torch.Generator().manual_seed(seed)
@@ -177,9 +183,9 @@ def plot_reconstructions(run: str | Path, path: str | Path, n_images: int = 6, s
     """Rows: images; columns: original | masked (removed patches grey) | reconstruction |
     reconstruction + visible (MAE's figure). One grey scale per row, from the original's range."""
     import numpy as np
-    from fasttrain.data.packed import read_manifest
+    from fasttrain.data.mixture import part_manifests
     imgs, masked, recon, pasted, m, cfg = reconstruct(run, n_images, seed)
-    synthetic = bool(read_manifest(cfg.data.path).get("synthetic", False))
+    synthetic = any(bool(mf.get("synthetic", False)) for _, mf in part_manifests(cfg.data.path))
     plt = _plt()
     n = imgs.shape[0]
     fig, axes = plt.subplots(n, 4, figsize=(8, 2.1 * n), squeeze=False)

@@ -57,10 +57,6 @@ RELEASE_IMAGES = {"nih": 112_120, "chexpert": 223_414}
 # train (never valid.csv, the test set) picks best.pt and draws the val mAUC curve.
 VAL_FRACTION = {"nih": 0.13, "chexpert": 0.05}
 PACK_SIZE = 256  # paper: images resized to 256 px, trained on 224 crops (--pack-size: tests only)
-# Xiao et al.'s fine-tuning augmentation (FINETUNE.md: timm create_transform, RandAugment
-# m6/mstd0.5, bicubic, re_prob 0). Added as overrides only when this build's DataConfig has the
-# keys (issue #11), so the orchestration runs the same whichever issue landed first.
-XIAO_AUGMENT = {"data.randaug": "rand-m6-mstd0.5-inc1", "data.interpolation": "bicubic"}
 # GPU-hour estimates without a measurement (README, --bench-steps 0): an assumed model FLOPs
 # utilisation of the dense bf16 peak. An assumption, not a measurement (no GPU has run fasttrain yet):
 # ViT-B training commonly reaches 35-45% on H100s; ViT-T's 192-wide matmuls reach less, so 25%.
@@ -272,30 +268,9 @@ def parse_user_overrides(items: list[str]) -> list[tuple[str, str, str]]:
     return out
 
 
-def _xiao_augment_available() -> bool:
-    from fasttrain.config import DataConfig
-    names = {f.name for f in dataclasses.fields(DataConfig)}
-    return all(k.split(".", 1)[1] in names for k in XIAO_AUGMENT)
-
-
 def mixture_spec(parts: list[Path]) -> str:
     """data.path of the paper's pre-training: NIH train + CheXpert train (issue #10's PATH:SPLIT list)."""
     return ",".join(f"{p}:train" for p in parts)
-
-
-def mixture_supported(spec: str) -> tuple[bool, str]:
-    """Does this build's data layer read a PATH:SPLIT list (issue #10)? Probed by opening it."""
-    try:
-        from fasttrain.config import build_config
-        import inspect
-        from fasttrain.data.loaders import build_loader  # the function itself: fasttrain.data's is a lazy wrapper
-        cfg = build_config(overrides={"data": {"path": spec, "batch_size": 1}})
-        # pre-training ignores labels, so the parts' label names may differ (NIH 14, CheXpert 5)
-        kw = {"need_labels": False} if "need_labels" in inspect.signature(build_loader).parameters else {}
-        build_loader(cfg.data, cfg.data.train_split, train=True, img_size=16, in_chans=1, seed=0, **kw)
-        return True, ""
-    except Exception as e:  # noqa: BLE001 - any failure means: not usable here; the message is reported
-        return False, f"{type(e).__name__}: {e}"
 
 
 class Plan:
@@ -318,18 +293,8 @@ class Plan:
     # -- inputs --------------------------------------------------------------------------------
 
     def _pretrain_data(self) -> str:
-        """The paper pre-trains on NIH + CheXpert train; a single part if this build has no mixtures."""
-        parts = [self.packed[d] for d in DATASETS]
-        spec = mixture_spec(parts)
-        if all((p / "manifest.json").is_file() for p in parts):
-            ok, why = mixture_supported(spec)
-        else:  # not packed yet: decided again when the pre-training stage starts (see run_stage)
-            ok, why = True, ""
-        if not ok:
-            self.notes.append(f"PRE-TRAINING ON NIH ONLY: this build cannot read the NIH + CheXpert mixture "
-                              f"(issue #10 not merged? {why.splitlines()[0][:300]}); the paper pre-trains on both")
-            return str(parts[0])
-        return spec
+        """The paper pre-trains on NIH train + CheXpert train: one mixture (PATH:SPLIT parts)."""
+        return mixture_spec([self.packed[d] for d in DATASETS])
 
     def _user_over(self, stage: str) -> list[str]:
         return [f"--{k}={v}" for g, k, v in self.user if fnmatch.fnmatch(stage, g)]
@@ -399,11 +364,6 @@ class Plan:
         if "val" not in self.sources[d].splits:  # a set packed earlier without a val split: last.pt is evaluated
             over.append("--data.val_split=null")
             self.notes.append(f"{d}: the packed set has no 'val' split, so no best.pt: the last checkpoint is evaluated")
-        if _xiao_augment_available():
-            over += _override_args(XIAO_AUGMENT)
-        elif row == self.students[0] and d == self.datasets[0]:
-            self.notes.append("fine-tuning WITHOUT Xiao et al.'s RandAugment (data.randaug): this build lacks "
-                              "issue #11's keys; crops and flips as configs/paper/finetune_*.yaml")
         over += self._common_over() + self._user_over(name)
         yaml_name = f"finetune_{d}.yaml"
         cfg = self._config(yaml_name, over)
@@ -654,14 +614,6 @@ def run_stage(plan: Plan, st: Stage) -> dict:
     if st.kind in ("pretrain", "finetune") and (st.run_dir / "checkpoints" / "last.pt").is_file():
         argv.append("--resume")  # --resume auto semantics: continue the interrupted run
         resumed = True
-    if st.kind == "pretrain" and "," in plan.pretrain_data:
-        ok, why = mixture_supported(plan.pretrain_data)
-        if not ok:  # decided now that both sets are packed (see Plan._pretrain_data)
-            nih = str(plan.packed["nih"])
-            argv = [a if not a.startswith("--data.path=") else f"--data.path={nih}" for a in argv]
-            log.warning("pre-training on NIH only: this build cannot read the mixture (%s)", why.splitlines()[0])
-            plan.notes.append("PRE-TRAINING ON NIH ONLY: this build cannot read the NIH + CheXpert mixture "
-                              f"(issue #10 not merged? {why.splitlines()[0][:300]}); the paper pre-trains on both")
     if st.kind == "evaluate":
         best = st.run_dir / "checkpoints" / "best.pt"
         if not best.is_file():  # no val split: the last checkpoint (never chosen on the test set)

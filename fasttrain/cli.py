@@ -10,7 +10,7 @@ import importlib
 import sys
 
 COMMANDS = {
-    "convert": ("fasttrain.converters.cli", "main", "pack a dataset (nih, chexpert, dicom, synthetic) into raw/ffcv/dali"),
+    "convert": ("fasttrain.converters.cli", "main", "pack a dataset (nih, chexpert, mimic-jpg, dicom, images, synthetic) into raw/ffcv/dali"),
     "pretrain": ("fasttrain.train.commands", "pretrain_main", "MAE pre-training, with distillation when a teacher is given"),
     "finetune": ("fasttrain.train.commands", "finetune_main", "fine-tune a pre-trained encoder for multi-label classification"),
     "evaluate": ("fasttrain.train.commands", "evaluate_main", "per-label AUC and mAUC with bootstrap CIs"),

@@ -284,6 +284,8 @@ def run_probe(ckpt: Optional[str], data: str | Path, *, train_split: str = "trai
     names = check_splits(data, [train_split, test_split])
     cfg = probe_config(ckpt, config, overrides)
     cfg.data.path = str(data)
+    # the probe reads one packed dataset: a pre-training mixture's sampling settings do not apply
+    cfg.data.weights, cfg.data.samples_per_epoch = None, None
     dev = resolve_device(device)
     model = build_encoder(cfg, len(names), ckpt, random_init, seed=s.seed).to(dev)
     ckpt_hash = file_sha256(ckpt) if ckpt is not None else f"random-init-seed{s.seed}"

@@ -109,7 +109,7 @@ class OptimConfig:
 class EngineConfig:
     mode: str = "fused"  # fused (compiled, bf16, truncated teacher) | reference (seed semantics)
     compile: bool = True  # torch.compile the step (costs 90-180 s cold on 2 CPU cores for ViT-T+ViT-B)
-    amp: str = "bf16"  # bf16 | fp16 | fp32 autocast dtype (fused mode)
+    amp: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16, else fp32: emulated bf16 is ~20x slower) | bf16 | fp16 | fp32 autocast dtype (fused mode)
     channels_last: bool = True  # NHWC input: faster conv patch embedding on GPUs and on oneDNN
     teacher_mode: str = "auto"  # auto (fused: truncated at the aligned block; reference: full, as the seed) | truncated | full
     kernels: str = "auto"  # fasttrain.kernels backend: auto (Triton on CUDA) | torch | triton

@@ -304,3 +304,14 @@ def test_compile_failure_names_the_way_out(monkeypatch):
     step = TrainStep(m, optimizer_for(m, "fused"), mode="fused", compile=True)
     with pytest.raises(CompileError, match="engine.compile=false"):
         step(batch()[0])
+
+
+def test_amp_auto_is_bf16_only_where_it_is_native():
+    """engine.amp=auto: bf16 on CUDA and on CPUs with native bf16; fp32 where oneDNN would emulate it."""
+    from fasttrain.data.gpu_augment import cpu_has_native_bf16
+    from fasttrain.train.engine import amp_dtype_for
+    assert amp_dtype_for("auto", "cuda") == torch.bfloat16
+    assert amp_dtype_for("auto", "cpu") == (torch.bfloat16 if cpu_has_native_bf16() else None)
+    assert amp_dtype_for("bf16", "cpu") == torch.bfloat16 and amp_dtype_for("fp32", "cpu") is None
+    with pytest.raises(ValueError, match="engine.amp"):
+        amp_dtype_for("int8", "cpu")

@@ -232,7 +232,7 @@ class AugPlan:
     randaug: RandAugPlan | None = None  # [L, B] draws, None without RandAugment
 
 
-def _cpu_bf16_fast() -> bool:
+def cpu_has_native_bf16() -> bool:
     """oneDNN has native bf16 kernels on this CPU (avx512_bf16 / AMX): else bf16 matmuls are emulated."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -244,7 +244,7 @@ def _compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     # bf16 matmuls: exact for uint8 inputs, ~2.5x fp32 on a CPU with avx512_bf16 and on GPUs; on a
     # CPU without it (AVX2 only) a bf16 batched matmul measured ~40x slower than fp32: fp32 there.
     # fp16 on CPU is slow and fp32 is what tests compare against PIL with, so anything else -> fp32.
-    if dtype == torch.bfloat16 and (device.type != "cpu" or _cpu_bf16_fast()):
+    if dtype == torch.bfloat16 and (device.type != "cpu" or cpu_has_native_bf16()):
         return torch.bfloat16
     if dtype == torch.float16 and device.type == "cuda":
         return torch.float16

@@ -69,7 +69,8 @@ def val_bce(scores: np.ndarray, labels: np.ndarray) -> float:
 def _amp_dtype(cfg, device: torch.device):
     if cfg.engine.mode == "reference":
         return torch.float16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg.engine.amp]
+    from fasttrain.train.engine import amp_dtype_for
+    return amp_dtype_for(cfg.engine.amp, device)
 
 
 def run_finetune(cfg, resume=None) -> dict:

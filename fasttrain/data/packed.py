@@ -72,10 +72,12 @@ class PackedSplit:
         without a word (and with it the chance of a clean error); a deleted file would make the
         next restart fail. Both become a PackedError naming the file; the trainer then stops
         without writing, so the last checkpoint stays good."""
-        if not self._raw_path.exists():
+        try:  # one stat, not exists() then stat(): the file can vanish between the two
+            on_disk = self._raw_path.stat().st_size
+        except FileNotFoundError:
             raise PackedError(f"{self._raw_path}: the packed file disappeared under the running job "
-                              f"(split '{self.split}'); restore it and resume with --resume auto")
-        size = min(os.fstat(self._raw_fd).st_size, self._raw_path.stat().st_size)
+                              f"(split '{self.split}'); restore it and resume with --resume auto") from None
+        size = min(os.fstat(self._raw_fd).st_size, on_disk)
         if size < self._raw_bytes:
             raise PackedError(f"{self._raw_path}: the packed file was truncated under the running job to {size} "
                               f"bytes (expected {self._raw_bytes}); re-convert or restore it and resume with "

@@ -188,6 +188,17 @@ def _build_mimic(src, labels_csv, rows, names, uncertain, problems, views, metad
     return {s: splits[s] for s in order}, names, "dicom_id (MIMIC-CXR metadata join)", sources
 
 
+def _carve_val(splits: dict, labels_csv: Path, val_fraction: float, seed: int) -> None:
+    """No rows is an error; --val-fraction carves a patient-disjoint val split from train (MIMIC's
+    own split file may already have one: then the flag is an error, not silently ignored)."""
+    if not splits:
+        raise ConvertError(f"{labels_csv}: no usable rows")
+    if val_fraction:
+        if "val" in splits:
+            raise ConvertError(f"{labels_csv}: has a 'val'/'validate' split already; drop --val-fraction")
+        splits["train"], splits["val"] = patient_disjoint_split(splits["train"], val_fraction, seed)
+
+
 def convert_dicom(src, labels_csv, out, formats: Sequence[str] = ("raw",), size: int = 256,
                   uncertain: str = "paper", labels: str = "competition", val_fraction: float = 0.0,
                   on_error: str = "fail", workers: Optional[int] = None, seed: int = 0, jpeg_quality: int = 95,
@@ -199,12 +210,7 @@ def convert_dicom(src, labels_csv, out, formats: Sequence[str] = ("raw",), size:
                                 jpeg_quality=jpeg_quality, shard_size=shard_size, progress=progress)
     splits, names, file_col, sources = build_items(src, labels_csv, labels, uncertain, problems, views=views,
                                                    metadata_csv=metadata_csv, split_csv=split_csv)
-    if not splits:
-        raise ConvertError(f"{labels_csv}: no usable rows")
-    if val_fraction:
-        if "val" in splits:
-            raise ConvertError(f"{labels_csv}: has a 'val'/'validate' split already; drop --val-fraction")
-        splits["train"], splits["val"] = patient_disjoint_split(splits["train"], val_fraction, seed)
+    _carve_val(splits, labels_csv, val_fraction, seed)
     extra = {"dicom": {"labels_csv": str(labels_csv.absolute()), "id_column": file_col, "uncertain": uncertain,
                        "labels": labels, "views": views, "val_fraction": val_fraction, "split_seed": seed},
              "preprocessing": {"dicom": "Modality LUT, then VOI LUT Sequence, else first window (VOI LUT "
@@ -242,12 +248,7 @@ def convert_mimic_jpg(src, out, labels_csv=None, formats: Sequence[str] = ("raw"
                            f"columns (found {header[:6]})")
     splits, names, file_col, sources = build_items(src, labels_csv, labels, uncertain, problems, views=views,
                                                    metadata_csv=metadata_csv, split_csv=split_csv, suffix=".jpg")
-    if not splits:
-        raise ConvertError(f"{labels_csv}: no usable rows")
-    if val_fraction:
-        if "val" in splits:
-            raise ConvertError(f"{labels_csv}: has a 'val'/'validate' split already; drop --val-fraction")
-        splits["train"], splits["val"] = patient_disjoint_split(splits["train"], val_fraction, seed)
+    _carve_val(splits, labels_csv, val_fraction, seed)
     extra = {"mimic_jpg": {"labels_csv": str(labels_csv.absolute()), "id_column": file_col, "uncertain": uncertain,
                            "labels": labels, "views": views, "val_fraction": val_fraction, "split_seed": seed}}
     return pack(dataset="mimic-cxr-jpg", source=src, out=Path(out), splits=splits, label_names=names,

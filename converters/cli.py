@@ -32,6 +32,14 @@ def _policies(p: argparse.ArgumentParser) -> None:
                    help="competition = the 5 CheXpert competition labels; all = every observation column")
 
 
+def _mimic_csvs(p: argparse.ArgumentParser) -> None:
+    """MIMIC-CXR's metadata / split CSVs and view filter: the same for the DICOM and the JPG release."""
+    p.add_argument("--metadata-csv", default=None, help="MIMIC-CXR metadata CSV (default: beside --labels-csv)")
+    p.add_argument("--split-csv", default=None, help="MIMIC-CXR split CSV (default: beside --labels-csv)")
+    p.add_argument("--views", choices=("frontal", "all"), default="frontal",
+                   help="MIMIC-CXR: frontal = ViewPosition PA or AP")
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fasttrain convert", description="pack a chest X-ray dataset into raw / ffcv / dali")
     sub = ap.add_subparsers(dest="source", required=True)
@@ -49,20 +57,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--labels-csv", "--csv", required=True, dest="labels_csv",
                    help="labels CSV: a path/file/dicom_id column, CheXpert label columns, optional split; "
                         "or MIMIC-CXR's mimic-cxr-2.0.0-chexpert.csv (joined with the metadata / split CSVs)")
-    p.add_argument("--metadata-csv", default=None, help="MIMIC-CXR metadata CSV (default: beside --labels-csv)")
-    p.add_argument("--split-csv", default=None, help="MIMIC-CXR split CSV (default: beside --labels-csv)")
-    p.add_argument("--views", choices=("frontal", "all"), default="frontal",
-                   help="MIMIC-CXR: frontal = ViewPosition PA or AP")
+    _mimic_csvs(p)
     p = sub.add_parser("mimic-jpg", help="MIMIC-CXR-JPG as published (files/pNN/.../<dicom_id>.jpg + its CSVs)")
     _common(p)
     _policies(p)
     p.add_argument("--labels-csv", "--csv", default=None, dest="labels_csv",
                    help="per-study labels (default: mimic-cxr-2.0.0-chexpert.csv[.gz] in --src; "
                         "mimic-cxr-2.0.0-negbio.csv.gz for the NegBio labeler)")
-    p.add_argument("--metadata-csv", default=None, help="metadata CSV (default: beside --labels-csv)")
-    p.add_argument("--split-csv", default=None, help="split CSV (default: beside --labels-csv)")
-    p.add_argument("--views", choices=("frontal", "all"), default="frontal",
-                   help="frontal = ViewPosition PA or AP")
+    _mimic_csvs(p)
     _images_parser(sub)
     p = sub.add_parser("synthetic", help="write SYNTHETIC phantoms in the NIH or CheXpert source layout")
     p.add_argument("--out", required=True, help="source folder to write (must not exist)")

@@ -161,6 +161,12 @@ def test_predict_folder_lists_unreadable_files_with_reason(trained, tmp_path):
     import json
     prov = json.loads((tmp_path / "l.csv.json").read_text())
     assert prov["unreadable"] == 2 and prov["eval_transform"]["img_size"] == 32 and "git_sha" in prov["provenance"]
+    # nothing readable at all: the CSV still lists every file with its reason, and the exit code is 1
+    (d / "bad.csv").write_text("path\nmissing.png\nsub/fake.dcm\n")
+    assert main(["--ckpt", str(ckpt), "--list", str(d / "bad.csv"), "--out", str(tmp_path / "b.csv"),
+                 "--no-progress"]) == 1
+    with open(tmp_path / "b.csv", newline="") as f:
+        assert [bool(r["error"]) for r in csv.DictReader(f)] == [True, True]
 
 
 def test_predict_and_export_bad_input_before_any_work(trained, tmp_path, capsys):

@@ -291,4 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     if res["unreadable"]:
         print(f"  {res['unreadable']} unreadable: listed in {res['out']} with the reason (column 'error')",
               file=sys.stderr)
+    if res["images"] and not res["predicted"]:
+        # every file failed: a script chaining `predict && ...` must not take an all-error CSV as a result
+        print(f"fasttrain predict: error: none of the {res['images']} images could be read "
+              f"(reasons in {res['out']})", file=sys.stderr)
+        return 1
     return 0

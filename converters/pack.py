@@ -144,6 +144,9 @@ def pack(*, dataset: str, source: Path, out: Path, splits: dict[str, list[Item]]
                 # how PNG / JPEG sources were decoded, and the bound of the DCT-scaled JPEG path
                 **({"jpeg": decode_mod.JPEG_SCALED_NOTE, "png": decode_mod.PNG_NOTE}
                    if decode in (decode_mod.decode_raster, decode_mod.decode_file) else {}),
+                # ... and DICOM sources, with the bounds of the two reduced paths
+                **({"dicom_reduced": decode_mod.DICOM_REDUCED_NOTE, "dicom_jpeg2000": decode_mod.DICOM_J2K_NOTE}
+                   if decode in (decode_mod.decode_dicom, decode_mod.decode_file) else {}),
                 **(extra or {}).get("preprocessing", {}),
             },
             "source_sha256": {Path(p).name: sha256_file(Path(p)) for p in source_files},

@@ -1,6 +1,8 @@
 """The fast decode paths against their plain references (issue 14): JPEG at the smallest DCT scale
 vs full decode + resize on real-size images, 8/16-bit grey PNG through imagecodecs vs PIL, the
-DICOM per-value LUT vs per-pixel arithmetic; truncated files still fail; MIMIC-CXR-JPG end to end."""
+DICOM per-value LUT vs per-pixel arithmetic, the reduced DICOM paths (uncompressed box means, JPEG
+2000 at reduced resolution) vs mapping every pixel; truncated files still fail; MIMIC-CXR-JPG end
+to end."""
 from __future__ import annotations
 
 import io
@@ -154,6 +156,100 @@ def test_dicom_lut_path_bit_identical(tmp_path, photometric, window, rescale):
     np.testing.assert_array_equal(D.pixels_to_unit_lut(ds, signed), D.pixels_to_unit(ds, signed))
     ds.ModalityLUTSequence = []  # a form the LUT path leaves to the plain one
     assert D.pixels_to_unit_lut(ds, arr) is None
+
+
+def _mimic_like_stored(seed: int, noise: float = 8.0) -> np.ndarray:
+    """uint16 [3056, 2544]: a MIMIC-CXR-sized 12-bit frame (radiograph-like anatomy + mottle)."""
+    g = radiograph_like(3056, 2544, seed=seed).astype(np.float32)
+    return np.clip(g * 16 + np.random.default_rng(seed).normal(0, noise, g.shape), 0, 4095).astype(np.uint16)
+
+
+@pytest.mark.parametrize("photometric,window,rescale,function,noise", [
+    ("MONOCHROME2", (2048, 3686), None, None, 8),  # MIMIC's window: clips both ends
+    ("MONOCHROME1", (1800, 2500), (0.5, -100), "LINEAR_EXACT", 8),
+    ("MONOCHROME2", None, None, None, 8),  # no VOI: min..max
+    # a narrower window over noisy pixels: many 4x4 blocks mix clipped and in-window values, where
+    # averaging before the mapping is wrong unless the values are clamped first (measured: 0.38
+    # mean |diff| with the clamp, 0.62 without; 1.6 vs 7.2 at noise 700)
+    ("MONOCHROME2", (2048, 2200), None, None, 120),
+])
+def test_dicom_reduced_path_within_bound(tmp_path, photometric, window, rescale, function, noise):
+    """Uncompressed real-size DICOM: clamp + 4x4 integer means before the mapping stays within
+    0.5 grey level mean |diff| (the manifest's bound) of mapping every pixel first, max 3."""
+    import pydicom
+    from fixtures_datasets import _dicom
+    kw = dict(voi_function=function)
+    if window:
+        kw.update(center=window[0], width=window[1])
+    if rescale:
+        kw.update(slope=rescale[0], intercept=rescale[1])
+    path = tmp_path / "x.dcm"
+    _dicom(path, _mimic_like_stored(5, noise), bits_stored=12, photometric=photometric, **kw)
+    ds = pydicom.dcmread(path)
+    arr = ds.pixel_array
+    assert D.dicom_reduction(*arr.shape, 256) == 4
+    exact = D.to_uint8_resized(D.pixels_to_unit(ds, arr), 256, full_scale=1.0)
+    fast = D.decode_dicom_reduced(ds, arr.copy(), 256)
+    assert fast is not None and fast.shape == (256, 256) and fast.dtype == np.uint8
+    diff = np.abs(fast.astype(int) - exact)
+    assert diff.mean() <= 0.5 and diff.max() <= 3, (diff.mean(), diff.max())
+    np.testing.assert_array_equal(D.decode_dicom(str(path), 256), fast)  # the converter's path is this one
+    assert "0.5 grey level" in D.DICOM_REDUCED_NOTE
+
+
+def test_dicom_reduced_path_declines_what_it_would_change(tmp_path):
+    """SIGMOID windows (not piecewise linear), windows so narrow that a stored value is > 1/8 grey
+    level, and images under 4x the output size map every pixel first: decode_dicom is then the
+    plain path bit for bit."""
+    import pydicom
+    from fixtures_datasets import _dicom
+    stored = _mimic_like_stored(6)[:1536, :1280]
+    for name, kw, size in [("sigmoid", dict(center=2048, width=3000, voi_function="SIGMOID"), 256),
+                           ("narrow", dict(center=2048, width=200), 256),
+                           ("small", dict(center=2048, width=3000), 400)]:
+        path = tmp_path / f"{name}.dcm"
+        _dicom(path, stored, bits_stored=12, photometric="MONOCHROME2", **kw)
+        ds = pydicom.dcmread(path)
+        assert D.decode_dicom_reduced(ds, ds.pixel_array.copy(), size) is None, name
+        np.testing.assert_array_equal(D.decode_dicom(str(path), size),
+                                      D.to_uint8_resized(D.pixels_to_unit(ds), size, full_scale=1.0))
+
+
+def test_dicom_jpeg2000_reduced_resolution_within_bound(tmp_path, monkeypatch):
+    """A real-size 12-bit lossless JPEG 2000 DICOM (MIMIC-CXR's form) decodes at 1/4 resolution
+    (the wavelet's coarser levels only) within 1 grey level mean |diff| of the full decode; a
+    corrupt codestream is an error naming the file; with no pydicom plugin the full path's
+    error (naming the pip line) still comes."""
+    import pydicom
+    from PIL import features
+    from pydicom.encaps import encapsulate, generate_frames
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEG2000Lossless
+    from fasttrain.converters.bench import _write_dicom
+    if not get_decoder(JPEG2000Lossless).is_available or not features.check_codec("jpg_2000"):
+        pytest.skip("no JPEG 2000 codec")
+    stored = _mimic_like_stored(7)
+    path = tmp_path / "j2k.dcm"
+    _write_dicom(path, stored, 12, j2k=True)  # window 2048 / 3686, as MIMIC's files carry one
+    ds, arr, k = D.dicom_stored(str(path), 256)
+    assert k == 4 and arr.shape == (764, 636)
+    full = pydicom.dcmread(path).pixel_array
+    np.testing.assert_array_equal(full, stored)  # lossless
+    exact = D.to_uint8_resized(D.pixels_to_unit(ds, full), 256, full_scale=1.0)
+    got = D.decode_dicom(str(path), 256)
+    diff = np.abs(got.astype(int) - exact)
+    assert diff.mean() <= 1.0, diff.mean()
+    assert "1 grey level" in D.DICOM_J2K_NOTE
+    # a codestream cut in half inside a well-formed file
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    bad = pydicom.dcmread(path)
+    bad.PixelData = encapsulate([frame[: len(frame) // 2]])
+    bad.save_as(tmp_path / "cut.dcm", enforce_file_format=True)
+    with pytest.raises(ValueError, match=r"cut.dcm: corrupt JPEG 2000 pixel data"):
+        D.decode_dicom(str(tmp_path / "cut.dcm"), 256)
+    monkeypatch.setattr(get_decoder(JPEG2000Lossless), "_available", {})
+    with pytest.raises(D.DicomPluginError, match=r"pip install pylibjpeg pylibjpeg-openjpeg"):
+        D.decode_dicom(str(path), 256)
 
 
 def test_mimic_jpg_end_to_end(tmp_path):

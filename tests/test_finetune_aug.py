@@ -153,3 +153,19 @@ def test_finetune_config_trains_with_xiao_augmentation(pack, tmp_path):
     assert calls and all(n == 8 for n in calls)
     assert (tmp_path / "ft" / "checkpoints" / "last.pt").exists()
     assert "randaug: rand-m6-mstd0.5-inc1" in (tmp_path / "ft" / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_normalise_u8_gray_table_equals_elementwise(dtype):
+    """The gray fast path of normalise_u8 (a 256-entry table, one row per pixel) gives the values
+    and the channels-last layout of the elementwise path (taken for C' = C), imagenet and nih norms."""
+    from fasttrain.data.gpu_augment import BatchAugment
+    u = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (5, 1, 9, 7), dtype=np.uint8))
+    u[0, 0, :2, :2] = torch.tensor([[0, 255], [1, 254]], dtype=torch.uint8)
+    for norm in ("imagenet", "nih"):
+        aug = BatchAugment((16, 16), 9, 3, train=True, interpolation="bicubic", norm=norm, dtype=dtype)
+        fast = aug.normalise_u8(u)  # [5, 3, 9, 7]
+        plain = aug.normalise_u8(u.expand(5, 3, 9, 7))
+        assert fast.dtype == dtype and fast.shape == (5, 3, 9, 7)
+        assert fast.stride() == plain.stride() and fast.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(fast, plain)

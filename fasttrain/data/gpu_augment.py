@@ -310,6 +310,7 @@ class BatchAugment:
         self._a = torch.tensor(self.gains, dtype=self.cdtype, device=self.device)  # [C]
         self._a255 = torch.tensor([g / 255 for g in self.gains], dtype=self.cdtype, device=self.device)  # [C]
         self._b = torch.tensor(self.biases, dtype=self.cdtype, device=self.device)  # [C]
+        self._lut: torch.Tensor | None = None  # normalise_u8's table, made on first use
         self._bufs: dict[tuple, torch.Tensor] = {}
         self._prev: dict[tuple, torch.Tensor] = {}  # taps written last batch, per buffer
         self.eval_resize = eval_resize_size((self.H, self.W), self.img_size, eval_resize)
@@ -434,9 +435,25 @@ class BatchAugment:
         y = torch.matmul(ry, t)  # [B, h, H] @ [B, H, w] -> [B, h, w]
         return torch.floor_(y.add_(0.5)).clamp_(0, 255).to(torch.uint8)
 
+    def _norm_lut(self) -> torch.Tensor:
+        """[256, C] in `dtype`: grey level v -> the normalised value of each channel, computed by
+        the same ops (addcmul in the compute dtype, then the cast) that normalise a whole batch."""
+        if self._lut is None:
+            v = torch.arange(256, dtype=self.cdtype, device=self.device).view(256, 1)  # [256, 1]
+            self._lut = torch.addcmul(self._b, v, self._a255).to(self.dtype)  # [256, C]
+        return self._lut
+
     def normalise_u8(self, u: torch.Tensor) -> torch.Tensor:
         """uint8 [B, C', h, w] (C' = 1 or C) -> normalised [B, C, h, w] channels-last in `dtype`
-        (gray -> C expansion by broadcasting, at the last moment)."""
+        (gray -> C expansion by broadcasting, at the last moment).
+
+        Gray (C' = 1): one row gather from a 256-entry table per pixel (index_select writes the
+        C channels of a pixel side by side: channels-last as it comes). 2.4x the elementwise
+        path on the CPU (43 vs 104 ms for 128 x 224 x 224 x 3 bf16), identical values."""
+        if u.shape[1] == 1:
+            b, _, h, w = u.shape
+            out = torch.index_select(self._norm_lut(), 0, u.reshape(-1).to(torch.int32))  # [B*h*w, C]
+            return out.view(b, h, w, self.in_chans).permute(0, 3, 1, 2)  # [B, C, h, w], channels-last strides
         y = u.permute(0, 2, 3, 1).to(self.cdtype)  # [B, h, w, C']
         out = torch.addcmul(self._b, y, self._a255)  # [B, h, w, C]
         return out.to(self.dtype).permute(0, 3, 1, 2)  # [B, C, h, w], channels-last strides

@@ -3,76 +3,22 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from fasttrain.cli import main
+from fixtures_runs import packed_phantoms, tiny_yaml
 
-TINY = """
-model:
-  name: mae_vit_tiny_patch16
-  img_size: 32
-  patch_size: 8
-  embed_dim: 32
-  depth: 2
-  num_heads: 2
-  decoder_embed_dim: 32
-  decoder_depth: 1
-  decoder_num_heads: 2
-distill:
-  student_blocks: [1]
-  teacher_blocks: [1]
-data:
-  batch_size: 8
-  eval_resize: 32
-optim:
-  epochs: 1
-  blr: 1.0e-2
-  warmup_epochs: 0.5
-engine:
-  compile: false
-run:
-  log_every: 2
-  progress: false
-  tensorboard: false
-"""
-TINY_FT = """
-model:
-  name: vit_tiny_patch16
-  img_size: 32
-  patch_size: 8
-  embed_dim: 32
-  depth: 2
-  num_heads: 2
-  num_classes: 14
-data:
-  batch_size: 8
-  eval_resize: 32
-  val_split: val
-optim:
-  epochs: 2
-  blr: 1.0e-2
-  betas: [0.9, 0.999]
-  layer_decay: 0.75
-  warmup_epochs: 0.5
-engine:
-  compile: false
-run:
-  log_every: 2
-  progress: false
-  tensorboard: false
-"""
+TINY = tiny_yaml(distill={"student_blocks": [1], "teacher_blocks": [1]},
+                 optim={"epochs": 1, "warmup_epochs": 0.5})
+TINY_FT = tiny_yaml("vit", model={"num_classes": 14}, data={"val_split": "val"},
+                    optim={"epochs": 2, "betas": [0.9, 0.999], "layer_decay": 0.75, "warmup_epochs": 0.5})
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from fasttrain.converters.nih import convert_nih
-    from fasttrain.converters.synthetic import generate_phantoms
     root = tmp_path_factory.mktemp("cli")
-    generate_phantoms(root / "src", 80, seed=1, size=32, workers=1, progress=False)
-    packed = convert_nih(root / "src", root / "packed", formats=("raw",), size=32, val_fraction=0.2,
-                         workers=1, progress=False)
+    packed = packed_phantoms(root, 80, seed=1)
     (root / "pre.yaml").write_text(TINY)
     (root / "ft.yaml").write_text(TINY_FT)
     return root, packed

@@ -26,38 +26,12 @@ import torch
 from fasttrain.config import build_config
 from fasttrain.train import checkpoint as ckpt_io
 from fasttrain.train.checkpoint import CheckpointCorrupt, CheckpointWriteError, load_checkpoint
+from fixtures_runs import packed_phantoms, tiny_yaml
 
 PY = sys.executable
 REPO = Path(__file__).resolve().parents[1]
-TINY = """
-model:
-  name: mae_vit_tiny_patch16
-  img_size: 32
-  patch_size: 8
-  embed_dim: 32
-  depth: 2
-  num_heads: 2
-  decoder_embed_dim: 32
-  decoder_depth: 1
-  decoder_num_heads: 2
-data:
-  batch_size: 4
-  eval_resize: 32
-  val_split: null
-optim:
-  epochs: 2
-  blr: 1.0e-2
-  warmup_epochs: 1
-engine:
-  compile: false
-run:
-  log_every: 1
-  ckpt_every: 4
-  progress: false
-  tensorboard: false
-  deterministic: true
-  dist_timeout_s: 60
-"""
+TINY = tiny_yaml(data={"batch_size": 4, "val_split": None},
+                 run={"log_every": 1, "ckpt_every": 4, "deterministic": True, "dist_timeout_s": 60})
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -69,11 +43,7 @@ def cfg_yaml(tmp_path_factory) -> Path:
 
 
 def _make_packed(root: Path, n: int = 64) -> Path:
-    from fasttrain.converters.nih import convert_nih
-    from fasttrain.converters.synthetic import generate_phantoms
-    generate_phantoms(root / "src", n, seed=0, size=32, workers=1, progress=False)
-    return convert_nih(root / "src", root / "packed", formats=("raw",), size=32, val_fraction=0.0,
-                       workers=1, progress=False)
+    return packed_phantoms(root, n, val_fraction=0.0)
 
 
 @pytest.fixture(scope="module")

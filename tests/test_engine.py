@@ -3,7 +3,6 @@ gradient accumulation, masked BCE, DDP 2 ranks == 1 rank."""
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch

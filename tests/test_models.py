@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from fasttrain.models import ETMAE, MaskedAutoencoderViT, ViTClassifier, create_model, list_models
+from fasttrain.models import ETMAE, ViTClassifier, create_model, list_models
 from fasttrain.models.classifier import param_groups_layer_decay
 from fasttrain.models.vit import sincos_pos_embed_2d
 

@@ -15,32 +15,11 @@ import torch
 
 from fasttrain.config import build_config
 from fixtures_datasets import _dicom, gray_pattern
+from fixtures_runs import tiny_yaml
 
 SIDE, SIZE = 40, 32
 LABELS = ["Effusion", "Mass", "Nodule"]
-TINY = """
-model:
-  name: vit_tiny_patch16
-  img_size: 32
-  patch_size: 8
-  embed_dim: 32
-  depth: 2
-  num_heads: 2
-data:
-  batch_size: 8
-  eval_resize: 32
-  val_split: null
-optim:
-  epochs: 1
-  blr: 1.0e-2
-  warmup_epochs: 0
-engine:
-  compile: false
-run:
-  log_every: 2
-  progress: false
-  tensorboard: false
-"""
+TINY = tiny_yaml("vit", data={"val_split": None})
 
 
 def _write_sources(root: Path, n: int = 24) -> Path:

@@ -10,43 +10,14 @@ import pytest
 import torch
 
 from fasttrain.train.probe import ProbeError, ProbeSettings, head_scores, run_probe, train_head
+from fixtures_runs import packed_phantoms, tiny_yaml
 
-TINY_MAE = """
-model:
-  name: mae_vit_tiny_patch16
-  img_size: 32
-  patch_size: 8
-  embed_dim: 32
-  depth: 2
-  num_heads: 2
-  decoder_embed_dim: 32
-  decoder_depth: 1
-  decoder_num_heads: 2
-data:
-  batch_size: 8
-  eval_resize: 32
-optim:
-  epochs: 1
-  blr: 1.0e-2
-  warmup_epochs: 0
-engine:
-  compile: false
-run:
-  log_every: 2
-  ckpt_every: 100
-  progress: false
-  tensorboard: false
-"""
+TINY_MAE = tiny_yaml(optim={"epochs": 1, "warmup_epochs": 0}, run={"ckpt_every": 100})
 
 
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory) -> Path:
-    from fasttrain.converters.nih import convert_nih
-    from fasttrain.converters.synthetic import generate_phantoms
-    root = tmp_path_factory.mktemp("phantoms")
-    generate_phantoms(root / "src", 60, seed=0, size=32, workers=1, progress=False)
-    return convert_nih(root / "src", root / "packed", formats=("raw",), size=32, val_fraction=0.2,
-                       workers=1, progress=False)
+    return packed_phantoms(tmp_path_factory.mktemp("phantoms"), 60)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ bad-input errors before training, evaluation with bootstrap CIs."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import signal
@@ -20,45 +19,16 @@ from fasttrain.config import ConfigError, build_config
 from fasttrain.train.checkpoint import load_checkpoint, save_atomic
 from fasttrain.train.evaluate import bootstrap_auc
 from fasttrain.train.optim import Schedule, lr_at
+from fixtures_runs import packed_phantoms, tiny_yaml
 
 PY = sys.executable
-TINY_MAE = """
-model:
-  name: mae_vit_tiny_patch16
-  img_size: 32
-  patch_size: 8
-  embed_dim: 32
-  depth: 2
-  num_heads: 2
-  decoder_embed_dim: 32
-  decoder_depth: 1
-  decoder_num_heads: 2
-data:
-  batch_size: 8
-  eval_resize: 32
-optim:
-  epochs: 2
-  blr: 1.0e-2
-  warmup_epochs: 1
-engine:
-  compile: false
-run:
-  log_every: 2
-  ckpt_every: 2
-  progress: false
-  tensorboard: false
-"""
+TINY_MAE = tiny_yaml(run={"ckpt_every": 2})
 
 
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory) -> Path:
     """A tiny packed phantom dataset (train/val/test) through the real converters."""
-    from fasttrain.converters.nih import convert_nih
-    from fasttrain.converters.synthetic import generate_phantoms
-    root = tmp_path_factory.mktemp("phantoms")
-    generate_phantoms(root / "src", 80, seed=0, size=32, workers=1, progress=False)
-    return convert_nih(root / "src", root / "packed", formats=("raw",), size=32, val_fraction=0.2,
-                       workers=1, progress=False)
+    return packed_phantoms(tmp_path_factory.mktemp("phantoms"), 80)
 
 
 @pytest.fixture(scope="module")

@@ -399,6 +399,26 @@ DICOM_J2K_NOTE = (
     "full decode <= 1 grey level (tested on 3056x2544 12-bit lossless)")
 
 
+def j2k_levels(codestream: bytes) -> Optional[int]:
+    """The number of wavelet decomposition levels a JPEG 2000 codestream holds (its COD marker
+    segment in the main header), or None when the header cannot be read. Decoding at 1/2^r needs
+    r <= levels: openjpeg refuses more ("broken data stream", which must not read as a corrupt
+    file). Main header: SOC (FF4F), then marker segments FFxx + a 2-byte length, up to SOT (FF90);
+    COD (FF52): Lcod(2) Scod(1) progression(1) layers(2) MCT(1) levels(1) ..."""
+    start = codestream.find(b"\xff\x4f\xff\x51")  # SOC + SIZ (past a JP2 box wrapper, if any)
+    if start < 0:
+        return None
+    pos = start + 2
+    while pos + 4 <= len(codestream):
+        marker, length = codestream[pos:pos + 2], int.from_bytes(codestream[pos + 2:pos + 4], "big")
+        if marker == b"\xff\x52":
+            return codestream[pos + 9] if pos + 9 < len(codestream) else None
+        if marker == b"\xff\x90" or marker[0] != 0xFF or length < 2:  # SOT: the main header ended
+            return None
+        pos += 2 + length
+    return None
+
+
 def _j2k_reduced(path: str, ds, size: int) -> tuple[Optional[np.ndarray], int]:
     """(stored values at 1/k resolution [ceil(H/k), ceil(W/k)], k) for a JPEG 2000 frame, or
     (None, 1) where the full decode applies.
@@ -424,15 +444,21 @@ def _j2k_reduced(path: str, ds, size: int) -> tuple[Optional[np.ndarray], int]:
     import io
     try:
         frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    except Exception:
+        return None, 1  # an encapsulation pydicom's full decode will judge (and name)
+    r = min(k.bit_length() - 1, j2k_levels(frame) or 0)  # resolution level: 1/2^r, at most the levels coded
+    if r == 0:
+        return None, 1
+    try:
         with Image.open(io.BytesIO(frame)) as im:
             if im.size != (int(ds.Columns), int(ds.Rows)) or im.mode not in ("L", "I;16"):
                 return None, 1  # not the frame the header describes (pydicom then decides)
-            im.reduce = k.bit_length() - 1  # resolution level r: 1/2^r = 1/k
+            im.reduce = r
             im.load()
-            arr = np.asarray(im)  # [ceil(H/k), ceil(W/k)] uint8 / uint16
+            arr = np.asarray(im)  # [ceil(H/2^r), ceil(W/2^r)] uint8 / uint16
     except Exception as e:
         raise ValueError(f"{path}: corrupt JPEG 2000 pixel data (openjpeg: {e})") from None
-    return arr, k
+    return arr, 1 << r
 
 
 def dicom_stored(path: str, size: int) -> tuple:

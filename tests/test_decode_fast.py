@@ -218,8 +218,8 @@ def test_dicom_reduced_path_declines_what_it_would_change(tmp_path):
 def test_dicom_jpeg2000_reduced_resolution_within_bound(tmp_path, monkeypatch):
     """A real-size 12-bit lossless JPEG 2000 DICOM (MIMIC-CXR's form) decodes at 1/4 resolution
     (the wavelet's coarser levels only) within 1 grey level mean |diff| of the full decode; a
-    corrupt codestream is an error naming the file; with no pydicom plugin the full path's
-    error (naming the pip line) still comes."""
+    codestream with fewer levels at what it holds; a corrupt codestream is an error naming the
+    file; with no pydicom plugin the full path's error (naming the pip line) still comes."""
     import pydicom
     from PIL import features
     from pydicom.encaps import encapsulate, generate_frames
@@ -247,6 +247,21 @@ def test_dicom_jpeg2000_reduced_resolution_within_bound(tmp_path, monkeypatch):
     bad.save_as(tmp_path / "cut.dcm", enforce_file_format=True)
     with pytest.raises(ValueError, match=r"cut.dcm: corrupt JPEG 2000 pixel data"):
         D.decode_dicom(str(tmp_path / "cut.dcm"), 256)
+    # fewer wavelet levels than the reduction wants: decoded at what the codestream holds (openjpeg
+    # refuses a deeper `reduce` as a "broken data stream", which must not read as a corrupt file)
+    for levels in (1, 0):
+        buf = io.BytesIO()
+        Image.fromarray(stored).save(buf, format="JPEG2000", irreversible=False, no_jp2=True,
+                                     num_resolutions=levels + 1)
+        assert D.j2k_levels(buf.getvalue()) == levels
+        shallow = pydicom.dcmread(path)
+        shallow.PixelData = encapsulate([buf.getvalue()])
+        shallow.save_as(tmp_path / f"levels{levels}.dcm", enforce_file_format=True)
+        _, arr, k = D.dicom_stored(str(tmp_path / f"levels{levels}.dcm"), 256)
+        assert k == 1 << levels and arr.shape == (-(-3056 // k), -(-2544 // k))
+        diff = np.abs(D.decode_dicom(str(tmp_path / f"levels{levels}.dcm"), 256).astype(int) - exact)
+        assert diff.mean() <= 0.5, (levels, diff.mean())  # levels 0: pixel_array + the uncompressed box path
+    assert D.j2k_levels(b"not a codestream") is None
     monkeypatch.setattr(get_decoder(JPEG2000Lossless), "_available", {})
     with pytest.raises(D.DicomPluginError, match=r"pip install pylibjpeg pylibjpeg-openjpeg"):
         D.decode_dicom(str(path), 256)

@@ -197,6 +197,21 @@ def test_dicom_reduced_path_within_bound(tmp_path, photometric, window, rescale,
     assert "0.5 grey level" in D.DICOM_REDUCED_NOTE
 
 
+def test_dicom_reduced_path_signed_values(tmp_path):
+    """Signed stored values (PixelRepresentation 1) take the reduced path too (cv2's int16 area
+    reduction, the table indexed from the minimum), within the same bound."""
+    import pydicom
+    from fixtures_datasets import _dicom
+    path = tmp_path / "s.dcm"
+    _dicom(path, _mimic_like_stored(3), bits_stored=12, photometric="MONOCHROME2", center=0, width=3000)
+    ds = pydicom.dcmread(path)
+    arr = ds.pixel_array.astype(np.int16) - 2048
+    ds.PixelRepresentation = 1
+    exact = D.to_uint8_resized(D.pixels_to_unit(ds, arr), 256, full_scale=1.0)
+    fast = D.decode_dicom_reduced(ds, arr.copy(), 256)
+    assert fast is not None and np.abs(fast.astype(int) - exact).mean() <= 0.5
+
+
 def test_dicom_reduced_path_declines_what_it_would_change(tmp_path):
     """SIGMOID windows (not piecewise linear), windows so narrow that a stored value is > 1/8 grey
     level, and images under 4x the output size map every pixel first: decode_dicom is then the

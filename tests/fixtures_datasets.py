@@ -299,6 +299,17 @@ MIMIC_IMAGES = [  # dicom_id, subject, study, view, split
 ]
 
 
+def open_mimic_splits(out) -> tuple:
+    """(train, val, test) of a pack of the MIMIC fixture, checked to hold exactly the frontal (PA / AP)
+    images of each official split (validate -> val), in the metadata's order."""
+    from fasttrain.data import open_packed
+    frontal = {s: [d for d, _, _, v, sp in MIMIC_IMAGES if v in ("PA", "AP") and sp == s]
+               for s in ("train", "validate", "test")}
+    train, val, test = open_packed(out, "train"), open_packed(out, "val"), open_packed(out, "test")
+    assert train.ids == frontal["train"] and val.ids == frontal["validate"] and test.ids == frontal["test"]
+    return train, val, test
+
+
 def write_mimic(root, *, side: int = 32, seed: int = 3, jpg: bool = False) -> Written:
     """MIMIC-CXR as published: files/pNN/pNNNNNNNN/sNNNNNNNN/<dicom_id>.dcm and the chexpert,
     metadata and split CSVs (8-bit MONOCHROME2 DICOMs; their pixels are tested elsewhere).

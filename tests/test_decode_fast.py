@@ -16,7 +16,7 @@ from fasttrain.converters import decode as D
 from fasttrain.converters.common import ConvertError
 from fasttrain.data import open_packed
 
-from fixtures_datasets import MIMIC_IMAGES, block_mean, write_mimic
+from fixtures_datasets import block_mean, open_mimic_splits, write_mimic
 
 
 def radiograph_like(h: int, w: int, seed: int, noise: float = 3.0) -> np.ndarray:
@@ -295,10 +295,7 @@ def test_mimic_jpg_end_to_end(tmp_path):
     assert set(m["source_sha256"]) == {"mimic-cxr-2.0.0-chexpert.csv.gz", "mimic-cxr-2.0.0-metadata.csv.gz",
                                        "mimic-cxr-2.0.0-split.csv.gz"}
     assert "1 grey level" in m["preprocessing"]["jpeg"]
-    frontal = {s: [d for d, _, _, v, sp in MIMIC_IMAGES if v in ("PA", "AP") and sp == s]
-               for s in ("train", "validate", "test")}
-    train, val, test = open_packed(out, "train"), open_packed(out, "val"), open_packed(out, "test")
-    assert train.ids == frontal["train"] and val.ids == frontal["validate"] and test.ids == frontal["test"]
+    train, val, test = open_mimic_splits(out)
     # COMPETITION order: Atelectasis, Cardiomegaly, Consolidation, Edema, Pleural Effusion; paper policy
     np.testing.assert_array_equal(train.labels, [[1, 0, 0, 1, 0]])
     np.testing.assert_array_equal(test.labels, [[0, 0, 0, 0, 1]])
@@ -313,7 +310,7 @@ def test_mimic_jpg_end_to_end(tmp_path):
     nb = open_packed(tmp_path / "negbio", "train")
     assert len(nb) == 2 and np.all(nb.labels[:, 3] == 1)
     # a missing image names the metadata row and the file
-    w.files[frontal["test"][0]].unlink()
+    w.files[test.ids[0]].unlink()
     with pytest.raises(ConvertError, match=r"mimic-cxr-2.0.0-metadata.csv.gz row 5: JPEG file .*68b5c4b1.*\.jpg not found"):
         convert_mimic_jpg(root, tmp_path / "out3", size=16, workers=0, progress=False)
     with pytest.raises(ConvertError, match=r"no mimic-cxr-2.0.0-chexpert.csv\[.gz\]"):

@@ -46,3 +46,45 @@ def packed_phantoms(root: Path, n: int, *, seed: int = 0, size: int = 32, val_fr
     generate_phantoms(root / "src", n, seed=seed, size=size, workers=1, progress=False)
     return convert_nih(root / "src", root / "packed", formats=("raw",), size=size, val_fraction=val_fraction,
                        workers=1, progress=False)
+
+
+def _gloo_rank(rank: int, world: int, port: int, cfgs: dict, need_labels: bool, outdir: str) -> None:
+    """One spawned gloo rank of `gloo_positions`: writes outdir/rank<r>.json."""
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    from fasttrain.data import build_loader
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        res = {}
+        for kind, cfg in cfgs.items():
+            for train in (True, False):
+                ld = build_loader(cfg, "train", train, img_size=24, in_chans=1, rank=rank, world_size=world,
+                                  seed=4, need_labels=need_labels)
+                ld.set_epoch(1)
+                pos = [int(j) for _, _, i in ld.iter_with_index() for j in i]
+                res[f"{kind}-{train}"] = {"pos": pos, "len": len(ld)}
+        Path(outdir, f"rank{rank}.json").write_text(json.dumps(res))
+    finally:
+        dist.destroy_process_group()
+
+
+def gloo_positions(cfgs: dict, outdir: Path, world: int = 2, need_labels: bool = True) -> list[dict]:
+    """Per rank, {"<kind>-<train>": {"pos": split positions read in epoch 1 (seed 4), "len": batches}}
+    for each loader config in `cfgs` (kind -> DataConfig), from `world` real gloo processes.
+
+    Spawned, not forked: this process has used OpenMP (torch, numba) threads, and a forked child
+    that enters an OpenMP region can hang forever (libgomp is not fork-safe)."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_gloo_rank, args=(world, port, cfgs, need_labels, str(outdir)), nprocs=world, join=True,
+                       start_method="spawn")
+    return [json.loads((Path(outdir) / f"rank{k}.json").read_text()) for k in range(world)]

@@ -7,9 +7,7 @@ crop of it still says which image it is: label alignment under random order) and
 from __future__ import annotations
 
 import json
-import os
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +19,7 @@ from fasttrain.data import build_loader, open_packed
 from fasttrain.data.gpu_augment import norm_stats
 from fasttrain.data.base import LoaderError, Prefetcher
 from fasttrain.data.reference import export_png
+from fixtures_runs import gloo_positions
 
 KINDS = ("raw", "ffcv", "dali", "reference")
 # numba (under FFCV) raises in a weakref finalizer when a compiled closure is collected: harmless, not ours
@@ -186,36 +185,8 @@ def test_simulated_ranks_are_disjoint_and_cover(coded, kind, world):
 
 # ----------------------------------------------------------------------------- DDP, real processes
 
-def _ddp_worker(rank, world, path, outdir):
-    import torch.distributed as dist
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["FT_TEST_PORT"])
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        res = {}
-        for kind in ("raw", "ffcv"):
-            for train in (True, False):
-                ld = build_loader(_cfg(path, kind), "train", train, img_size=24, in_chans=1, rank=rank,
-                                  world_size=world, seed=4)
-                ld.set_epoch(1)
-                pos = [int(j) for _, _, i in ld.iter_with_index() for j in i]
-                res[f"{kind}-{train}"] = {"pos": pos, "len": len(ld)}
-        Path(outdir, f"rank{rank}.json").write_text(json.dumps(res))
-    finally:
-        dist.destroy_process_group()
-
-
 def test_ddp_two_gloo_processes_disjoint_and_cover(coded, tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        os.environ["FT_TEST_PORT"] = str(s.getsockname()[1])
-    # spawn, not fork: this process has used OpenMP (torch, numba) threads, and a forked child
-    # that enters an OpenMP region can hang forever (libgomp is not fork-safe).
-    mp.start_processes(_ddp_worker, args=(2, coded["path"], str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
-    r = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in range(2)]
+    r = gloo_positions({k: _cfg(coded["path"], k) for k in ("raw", "ffcv")}, tmp_path)
     n = open_packed(coded["path"], "train").count
     for key in r[0]:
         a, b = r[0][key]["pos"], r[1][key]["pos"]

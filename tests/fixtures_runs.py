@@ -48,6 +48,14 @@ def packed_phantoms(root: Path, n: int, *, seed: int = 0, size: int = 32, val_fr
                        workers=1, progress=False)
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (bound to port 0, then released)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _gloo_rank(rank: int, world: int, port: int, cfgs: dict, need_labels: bool, outdir: str) -> None:
     """One spawned gloo rank of `gloo_positions`: writes outdir/rank<r>.json."""
     import json
@@ -79,12 +87,8 @@ def gloo_positions(cfgs: dict, outdir: Path, world: int = 2, need_labels: bool =
     Spawned, not forked: this process has used OpenMP (torch, numba) threads, and a forked child
     that enters an OpenMP region can hang forever (libgomp is not fork-safe)."""
     import json
-    import socket
 
     import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_gloo_rank, args=(world, port, cfgs, need_labels, str(outdir)), nprocs=world, join=True,
+    mp.start_processes(_gloo_rank, args=(world, free_port(), cfgs, need_labels, str(outdir)), nprocs=world, join=True,
                        start_method="spawn")
     return [json.loads((Path(outdir) / f"rank{k}.json").read_text()) for k in range(world)]

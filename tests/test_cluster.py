@@ -9,7 +9,6 @@ nothing can hang the suite.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 import shutil
@@ -26,7 +25,8 @@ import torch
 from fasttrain.config import build_config
 from fasttrain.train import checkpoint as ckpt_io
 from fasttrain.train.checkpoint import CheckpointCorrupt, CheckpointWriteError, load_checkpoint
-from fixtures_runs import packed_phantoms, tiny_yaml
+from fasttrain.train.runlog import read_metrics
+from fixtures_runs import free_port, packed_phantoms, tiny_yaml
 
 PY = sys.executable
 REPO = Path(__file__).resolve().parents[1]
@@ -63,14 +63,11 @@ def _assert_same_weights(a: Path, b: Path) -> None:
 
 
 def _steps(run: Path) -> list[int]:
-    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r["step"] for r in recs if r["phase"] == "train"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """Train steps logged so far; [] before metrics.jsonl exists. read_metrics skips the partial
+    last line of a file the running job is appending to."""
+    if not (run / "metrics.jsonl").is_file():
+        return []
+    return [r["step"] for r in read_metrics(run) if r["phase"] == "train"]
 
 
 def _cli(cfg_yaml, packed, out, *extra) -> list[str]:
@@ -84,11 +81,8 @@ def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float 
     while time.time() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"the run ended (code {proc.returncode}) before step {step}: make it longer")
-        try:
-            if max(_steps(run), default=-1) >= step:
-                return
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
+        if max(_steps(run), default=-1) >= step:
+            return
         time.sleep(0.02)
     pytest.fail(f"no step {step} within {timeout}s")
 
@@ -102,16 +96,12 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 # ----------------------------------------------------------------------------- in-process
 
 def _trainer(cfg_yaml, packed, out, *extra, resume=None):
-    from fasttrain.data import build_loader
+    """The Trainer `fasttrain pretrain` builds, in this process."""
     from fasttrain.train import loop
-    from fasttrain.train.builders import build_pretrain_model
-    from fasttrain.train.optim import param_groups_weight_decay
+    from fasttrain.train.pretrain import build_trainer, check_config
     cfg = build_config(cfg_yaml, [f"--data.path={packed}", f"--run.out={out}", *extra])
-    info = loop.setup(cfg)
-    model = build_pretrain_model(cfg)
-    loader = build_loader(cfg.data, "train", True, img_size=32, in_chans=1, seed=cfg.run.seed)
-    return loop.Trainer(cfg, "pretrain", model, loader, info, groups=param_groups_weight_decay(model, 0.05),
-                        resume=resume)
+    check_config(cfg)
+    return build_trainer(cfg, loop.setup(cfg), resume)[0]
 
 
 def test_resume_auto_starts_fresh_then_resumes_and_keeps_k_step_checkpoints(cfg_yaml, packed, tmp_path, caplog):
@@ -355,7 +345,7 @@ def test_two_nodes_on_localhost_equal_one_node_two_processes(cfg_yaml, packed, r
     """Two torchrun launches as two nodes (c10d rendezvous on 127.0.0.1) end where one node x 2
     processes ends."""
     out = tmp_path / "run"
-    port = _free_port()
+    port = free_port()
     common = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
               f"--rdzv-id=test{port}"]
     procs = [subprocess.Popen(_torchrun(*common, f"--node-rank={i}", *_cli(cfg_yaml, packed, out)),
@@ -444,8 +434,8 @@ class MiniSlurm:
         self.conf.write_text(f"""
 ClusterName=fasttrain-test
 SlurmctldHost={self.host}
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={sock},cred_expire=10
@@ -536,7 +526,7 @@ def test_sbatch_pretrain_runs_on_one_node_slurm_and_requeues_after_usr1(mini_slu
         m = re.search(r"JobState=(\w+)", s.stdout)
         return m.group(1) if m else "GONE"
     deadline = time.time() + 300
-    while max(_steps(run), default=0) < 5 if (run / "metrics.jsonl").exists() else True:
+    while max(_steps(run), default=0) < 5:
         assert time.time() < deadline and state() in ("PENDING", "RUNNING", "CONFIGURING"), out()
         time.sleep(0.2)
     subprocess.run(["scancel", "--signal=USR1", job], env=mini_slurm.env, check=True)

@@ -71,35 +71,42 @@ def knn_monitor(cfg, info, val_loader):
     return KnnMonitor(cfg.eval, bank, val_loader, val_loader.label_names, info, amp)
 
 
+def build_trainer(cfg, info, resume=None):
+    """What `run_pretrain` trains with, on an initialised `info`: (Trainer, train loader, kNN
+    monitor or None). Input errors (teacher checkpoint, data) surface here, before any step."""
+    from fasttrain.data import build_loader
+    model = build_pretrain_model(cfg)  # teacher checkpoint errors surface here, before data or steps
+    loader = build_loader(cfg.data, cfg.data.train_split, train=True, img_size=cfg.model.img_size,
+                          in_chans=cfg.model.in_chans, rank=info.rank, world_size=info.world_size,
+                          device=info.device, dtype=torch.float32, seed=cfg.run.seed,
+                          need_labels=False)  # MAE ignores labels: mixture parts may name them differently
+    model.to(info.device)
+    trainable = model.student if hasattr(model, "student") else model
+    groups = param_groups_weight_decay(trainable, cfg.optim.weight_decay)
+    if hasattr(model, "proj"):  # the projection heads train with the student (decay on matrices only)
+        groups += param_groups_weight_decay(model.proj, cfg.optim.weight_decay)
+    validate, knn = None, None
+    if cfg.data.val_split is not None and _has_split(cfg.data.path, cfg.data.val_split, cfg.data.train_split):
+        val_loader = build_loader(cfg.data, cfg.data.val_split, train=False, img_size=cfg.model.img_size,
+                                  in_chans=cfg.model.in_chans, rank=info.rank, world_size=info.world_size,
+                                  device=info.device, dtype=torch.float32, seed=cfg.run.seed, need_labels=False)
+        knn = knn_monitor(cfg, info, val_loader)
+        validate = lambda m: {**val_losses(m, val_loader, info, cfg), **(knn(m) if knn else {})}  # noqa: E731
+    trainer = loop.Trainer(cfg, "pretrain", model, loader, info, groups=groups, resume=resume,
+                           validate=validate, extra_state={"label_names": list(loader.label_names)})
+    if knn is not None:
+        knn.trainer = trainer  # epoch, last step, progress line
+    return trainer, loader, knn
+
+
 def run_pretrain(cfg, resume=None) -> dict:
     """Build everything (all input checks first), then train. Returns the run summary."""
     check_config(cfg)
     info = loop.setup(cfg)
     try:
-        from fasttrain.data import build_loader
-        model = build_pretrain_model(cfg)  # teacher checkpoint errors surface here, before data or steps
-        loader = build_loader(cfg.data, cfg.data.train_split, train=True, img_size=cfg.model.img_size,
-                              in_chans=cfg.model.in_chans, rank=info.rank, world_size=info.world_size,
-                              device=info.device, dtype=torch.float32, seed=cfg.run.seed,
-                              need_labels=False)  # MAE ignores labels: mixture parts may name them differently
-        model.to(info.device)
-        trainable = model.student if hasattr(model, "student") else model
-        groups = param_groups_weight_decay(trainable, cfg.optim.weight_decay)
-        if hasattr(model, "proj"):  # the projection heads train with the student (decay on matrices only)
-            groups += param_groups_weight_decay(model.proj, cfg.optim.weight_decay)
-        validate, knn = None, None
-        if cfg.data.val_split is not None and _has_split(cfg.data.path, cfg.data.val_split, cfg.data.train_split):
-            val_loader = build_loader(cfg.data, cfg.data.val_split, train=False, img_size=cfg.model.img_size,
-                                      in_chans=cfg.model.in_chans, rank=info.rank, world_size=info.world_size,
-                                      device=info.device, dtype=torch.float32, seed=cfg.run.seed, need_labels=False)
-            knn = knn_monitor(cfg, info, val_loader)
-            validate = lambda m: {**val_losses(m, val_loader, info, cfg), **(knn(m) if knn else {})}  # noqa: E731
-        trainer = loop.Trainer(cfg, "pretrain", model, loader, info, groups=groups, resume=resume,
-                               validate=validate, extra_state={"label_names": list(loader.label_names)})
-        if validate is not None and knn is not None:
-            knn.trainer = trainer  # epoch, last step, progress line
+        trainer, loader, knn = build_trainer(cfg, info, resume)
         summary = trainer.fit()
-        if validate is not None and knn is not None:
+        if knn is not None:
             summary["knn_s"] = knn.seconds  # time in the kNN monitor (compare with wall_s)
             if info.is_main:
                 trainer.run.write_json("summary.json", summary)

@@ -82,6 +82,14 @@ def radiograph(index: int, h: int, w: int, noise: float, bits: int = 8) -> np.nd
     return np.clip(np.rint(img * (full / 255.0)), 0, full).astype(np.uint16)
 
 
+def j2k_codestream(stored: np.ndarray, bits: int, levels: Optional[int] = None) -> bytes:
+    """A lossless JPEG 2000 codestream of `stored` at `bits` bits per sample, as MIMIC-CXR's files
+    hold 12-bit samples (imagecodecs' openjpeg; Pillow's encoder can only write 8 or 16 bits)."""
+    import imagecodecs
+    return imagecodecs.jpeg2k_encode(stored, codecformat="J2K", bitspersample=bits, reversible=True,
+                                     resolutions=None if levels is None else levels + 1)
+
+
 def _write_dicom(path: Path, stored: np.ndarray, bits: int, j2k: bool) -> None:
     import pydicom
     from pydicom.dataset import FileMetaDataset
@@ -100,13 +108,9 @@ def _write_dicom(path: Path, stored: np.ndarray, bits: int, j2k: bool) -> None:
     ds.WindowCenter, ds.WindowWidth = full // 2, int(full * 0.9)  # MIMIC's DICOMs carry a window
     ds.PixelData = stored.astype("<u2").tobytes()
     if j2k:
-        import io
-        from PIL import Image
         from pydicom.encaps import encapsulate
-        buf = io.BytesIO()
-        Image.fromarray(stored).save(buf, format="JPEG2000", irreversible=False, no_jp2=True)
         ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
-        ds.PixelData = encapsulate([buf.getvalue()])
+        ds.PixelData = encapsulate([j2k_codestream(stored, bits)])
         ds["PixelData"].VR = "OB"
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)

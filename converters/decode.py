@@ -393,26 +393,33 @@ def _dicom_pixels(path: str, ds=None):
 
 J2K_SYNTAXES = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")  # JPEG 2000 lossless / lossy
 DICOM_J2K_NOTE = (
-    "JPEG 2000 DICOM (single-frame, unsigned, grey): decoded at reduced resolution by openjpeg (Pillow's "
+    "JPEG 2000 DICOM (single-frame, unsigned, grey, with a VOI window or LUT): decoded at reduced resolution by openjpeg (Pillow's "
     "`reduce`: the wavelet's low-pass band at 1/k, k as for the reduced path: both sides >= 2x the output size, "
     "the finer code-blocks never entropy-decoded), then the mapping and the same INTER_AREA resize; mean |diff| vs "
     "full decode <= 1 grey level (tested on 3056x2544 12-bit lossless)")
 
 
-def j2k_levels(codestream: bytes) -> Optional[int]:
-    """The number of wavelet decomposition levels a JPEG 2000 codestream holds (its COD marker
-    segment in the main header), or None when the header cannot be read. Decoding at 1/2^r needs
-    r <= levels: openjpeg refuses more ("broken data stream", which must not read as a corrupt
-    file). Main header: SOC (FF4F), then marker segments FFxx + a 2-byte length, up to SOT (FF90);
-    COD (FF52): Lcod(2) Scod(1) progression(1) layers(2) MCT(1) levels(1) ..."""
+def j2k_header(codestream: bytes) -> Optional[tuple[int, int, bool]]:
+    """(decomposition levels, bits per sample, signed) of a JPEG 2000 codestream's first
+    component, from its main header, or None when it cannot be read.
+
+    Decoding at 1/2^r needs r <= levels: openjpeg refuses more. The precision matters because
+    Pillow returns N-bit samples scaled up to its mode's 8 or 16 bits (pydicom's own Pillow
+    decoder shifts them back). Main header: SOC (FF4F), then marker segments FFxx + a 2-byte
+    length, up to SOT (FF90); SIZ (FF51): Lsiz(2) Rsiz(2) 8 x 4-byte sizes Csiz(2), then per
+    component Ssiz(1) = signed << 7 | (bits - 1); COD (FF52): Lcod(2) Scod(1) progression(1)
+    layers(2) MCT(1) levels(1) ..."""
     start = codestream.find(b"\xff\x4f\xff\x51")  # SOC + SIZ (past a JP2 box wrapper, if any)
-    if start < 0:
+    if start < 0 or start + 42 > len(codestream):
         return None
+    ssiz = codestream[start + 2 + 40]
     pos = start + 2
     while pos + 4 <= len(codestream):
         marker, length = codestream[pos:pos + 2], int.from_bytes(codestream[pos + 2:pos + 4], "big")
         if marker == b"\xff\x52":
-            return codestream[pos + 9] if pos + 9 < len(codestream) else None
+            if pos + 9 >= len(codestream):
+                return None
+            return codestream[pos + 9], (ssiz & 0x7F) + 1, bool(ssiz & 0x80)
         if marker == b"\xff\x90" or marker[0] != 0xFF or length < 2:  # SOT: the main header ended
             return None
         pos += 2 + length
@@ -433,6 +440,10 @@ def _j2k_reduced(path: str, ds, size: int) -> tuple[Optional[np.ndarray], int]:
             or int(getattr(ds, "SamplesPerPixel", 1)) != 1 or int(getattr(ds, "PixelRepresentation", 0)) != 0
             or "PixelData" not in ds):
         return None, 1
+    if not (("WindowCenter" in ds and "WindowWidth" in ds) or ("VOILUTSequence" in ds and len(ds.VOILUTSequence))):
+        # no VOI: the mapping stretches the image's own min..max, which the low-pass band does
+        # not keep (an isolated extreme is smoothed away): full decode
+        return None, 1
     k = dicom_reduction(int(ds.Rows), int(ds.Columns), size)
     if k == 1:
         return None, 1
@@ -446,7 +457,11 @@ def _j2k_reduced(path: str, ds, size: int) -> tuple[Optional[np.ndarray], int]:
         frame = next(generate_frames(ds.PixelData, number_of_frames=1))
     except Exception:
         return None, 1  # an encapsulation pydicom's full decode will judge (and name)
-    r = min(k.bit_length() - 1, j2k_levels(frame) or 0)  # resolution level: 1/2^r, at most the levels coded
+    head = j2k_header(frame)
+    if head is None or head[2]:
+        return None, 1  # unreadable header or signed samples: pydicom's full decode decides
+    levels, bits, _ = head
+    r = min(k.bit_length() - 1, levels)  # resolution level: 1/2^r, at most the levels coded
     if r == 0:
         return None, 1
     try:
@@ -455,9 +470,14 @@ def _j2k_reduced(path: str, ds, size: int) -> tuple[Optional[np.ndarray], int]:
                 return None, 1  # not the frame the header describes (pydicom then decides)
             im.reduce = r
             im.load()
-            arr = np.asarray(im)  # [ceil(H/2^r), ceil(W/2^r)] uint8 / uint16
-    except Exception as e:
-        raise ValueError(f"{path}: corrupt JPEG 2000 pixel data (openjpeg: {e})") from None
+            arr = np.array(im)  # [ceil(H/2^r), ceil(W/2^r)] uint8 / uint16, writable
+    except Exception:
+        # openjpeg refused it: pydicom's full decode (any plugin) decides, and names the file if it
+        # is corrupt; only such files pay a second decode
+        return None, 1
+    shift = (16 if arr.dtype == np.uint16 else 8) - bits
+    if shift > 0:  # Pillow scaled the N-bit samples up to its mode's width: back to stored values
+        np.right_shift(arr, shift, out=arr)
     return arr, 1 << r
 
 

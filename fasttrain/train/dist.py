@@ -117,11 +117,6 @@ def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.parallel.Distri
                broadcast_buffers=False)
 
 
-def barrier(info: DistInfo) -> None:
-    if info.enabled:
-        dist.barrier()
-
-
 def broadcast_object(obj, info: DistInfo):
     if not info.enabled:
         return obj

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from fasttrain.train import checkpoint as ckpt_io
-from fasttrain.train.dist import (DistInfo, all_reduce_mean, any_rank, barrier, broadcast_object, init_distributed,
+from fasttrain.train.dist import (DistInfo, all_reduce_mean, any_rank, broadcast_object, init_distributed,
                                   wrap_ddp)
 from fasttrain.train.engine import make_step, unwrap
 from fasttrain.train.optim import Schedule, absolute_lr, build_optimizer
@@ -204,16 +204,20 @@ class Trainer:
                 "epoch": self.epoch, "epoch_step": self.epoch_step, "rng": rngs, "best": self.best,
                 "config": self.cfg.to_dict(), **self.extra_state}
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, metrics: Optional[dict] = None) -> None:
+        """last.pt (with the kept step copies) or, given the val `metrics`, best.pt. Every rank
+        calls it and every rank raises if the write failed (no rank left waiting in a barrier)."""
         state = self.state()  # every rank (RNG gather is collective)
         err = None
         if self.info.is_main:
+            if metrics is not None:
+                state["metrics"] = metrics
             keep = self.cfg.run.keep_checkpoints
             also = ckpt_io.step_path(path.parent, self.step.opt_step) if path == self.last_path and keep > 0 else None
             try:
                 ckpt_io.save_atomic(state, path, also=also)
-                self.last_good = (str(path), self.step.opt_step)
                 if path == self.last_path:
+                    self.last_good = (str(path), self.step.opt_step)
                     ckpt_io.prune_step_checkpoints(path.parent, keep)
             except ckpt_io.CheckpointWriteError as e:
                 err = str(e)
@@ -426,14 +430,8 @@ class Trainer:
                                                                     if isinstance(v, (int, float)) and "/" not in k))
             if m is not None and (self.best is None or m > self.best):
                 self.best = m
-                self.save_best(res)
+                self.save(self.best_path, metrics=res)
         if not last:
             self.epoch += 1
             self.epoch_step = 0
 
-    def save_best(self, res: dict) -> None:
-        state = self.state()
-        if self.info.is_main:
-            state["metrics"] = res
-            ckpt_io.save_atomic(state, self.best_path)
-        barrier(self.info)

@@ -88,7 +88,10 @@ class KnnMonitor:
         student = model.student if hasattr(model, "student") else model
         student.eval()
         dev = self.info.device
-        bank, bank_y = encoder_features(student, self.bank_loader, dev, self.amp, self.ev.knn_train_images)
+        # each rank reads its shard of the train split: 1/world of the bank each, so that the
+        # gathered bank is knn_train_images whatever the number of GPUs
+        per_rank = -(-self.ev.knn_train_images // self.info.world_size)
+        bank, bank_y = encoder_features(student, self.bank_loader, dev, self.amp, per_rank)
         query, query_y = encoder_features(student, self.val_loader, dev, self.amp)
         bank, bank_y = (torch.from_numpy(a) for a in gather_predictions(bank.numpy(), bank_y.numpy(), self.info))
         query, query_y = gather_predictions(query.numpy(), query_y.numpy(), self.info)

@@ -61,7 +61,7 @@ def test_bad_grids_fail_before_any_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_ablate_end_to_end_reuses_finished_and_resumes_interrupted(tmp_path, monkeypatch):
+def test_ablate_end_to_end_reuses_finished_and_resumes_interrupted(tmp_path, monkeypatch, caplog):
     from fasttrain.converters.nih import convert_nih
     from fasttrain.converters.synthetic import generate_phantoms
     from fasttrain.train import pretrain
@@ -98,9 +98,11 @@ def test_ablate_end_to_end_reuses_finished_and_resumes_interrupted(tmp_path, mon
         calls.append((cfg.run.out, resume))
         return real(cfg, resume=resume)
     monkeypatch.setattr(pretrain, "run_pretrain", spy)
+    caplog.set_level("INFO", logger="fasttrain.train")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         again = make().run_all()
-    assert calls == [(str(run / "pretrain"), True)]
+    assert calls == [(str(run / "pretrain"), "auto")]
+    assert f"--resume auto: resuming from {run / 'pretrain' / 'checkpoints' / 'last.pt'}" in caplog.text
     assert again["arms"]["blr=0.01"]["complete"]
     assert json.loads((run / "stages.json").read_text())["probe"]["done"]

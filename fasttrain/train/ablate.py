@@ -225,12 +225,12 @@ class Ablation:
         done = _read_json(run / "summary.json")
         if done is not None:
             return done
-        resume = (run / "checkpoints" / "last.pt").is_file()  # a killed run: continue it
+        # a killed run continues (from the newest checkpoint that verifies); a new one starts fresh
         if kind == "pretrain":
             from fasttrain.train.pretrain import run_pretrain
-            return run_pretrain(cfg, resume=resume)
+            return run_pretrain(cfg, resume="auto")
         from fasttrain.train.finetune import run_finetune
-        return run_finetune(cfg, resume=resume)
+        return run_finetune(cfg, resume="auto")
 
     def _pretrain(self, d: Path, over: dict, seed: int) -> dict:
         t0 = time.perf_counter()

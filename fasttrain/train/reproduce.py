@@ -611,9 +611,11 @@ def run_stage(plan: Plan, st: Stage) -> dict:
     """Run one stage as a `fasttrain` command; resume a training stage from its last.pt."""
     argv = list(st.argv)
     resumed = False
-    if st.kind in ("pretrain", "finetune") and (st.run_dir / "checkpoints" / "last.pt").is_file():
-        argv.append("--resume")  # --resume auto semantics: continue the interrupted run
-        resumed = True
+    if st.kind in ("pretrain", "finetune"):
+        # an interrupted stage continues from its newest checkpoint that verifies (a corrupt
+        # last.pt falls back to a kept step checkpoint); a new one starts fresh
+        resumed = (st.run_dir / "checkpoints" / "last.pt").is_file()
+        argv += ["--resume", "auto"]
     if st.kind == "evaluate":
         best = st.run_dir / "checkpoints" / "best.pt"
         if not best.is_file():  # no val split: the last checkpoint (never chosen on the test set)

@@ -295,6 +295,10 @@ def test_raw_advice_and_blocks_read_the_same_images(parts, advice):
     assert Counter(_feed_hashes(ld)) == want
     with pytest.raises(LoaderError, match="raw_advice"):
         build_loader(_cfg(parts["nih"], "raw", raw_advice="willneed"), "train", True, img_size=24, in_chans=1)
+    # a weighted mixture's draws are random: block_shuffle is not applied, and auto reads randomly
+    weighted = _cfg([parts["nih"], parts["cx"]], "raw", weights=[1, 1], block_shuffle=4)
+    ld = build_loader(weighted, "train", True, img_size=24, in_chans=1, seed=3, need_labels=False)
+    assert ld.sampler.block == 0 and ld.advice == "random"
 
 
 def test_bench_loader_times_a_mixture(parts, capsys):

@@ -25,6 +25,7 @@ Imports: packed <- mixture <- base (the sampler choice) <- loaders; nothing here
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ import numpy as np
 
 from .packed import PackedError, PackedSplit, open_packed, read_manifest
 from .sampler import EpochSampler, mix_seed
+
+log = logging.getLogger(__name__)
 
 
 class MixtureError(ValueError):
@@ -215,6 +218,13 @@ class MixtureSampler(EpochSampler):
             if c and not self.sizes[k]:
                 raise MixtureError(f"part {k} has no images but weight {self.weights[k]}")
         super().__init__(samples_per_epoch, batch_size, **kw)
+        if self.weights is not None and self.shuffle and self.block:
+            # weighted draws are random across each part: no page-aware order to keep, and `block`
+            # is what the raw loader reads its access pattern from (MADV_SEQUENTIAL on random
+            # gathers was the slowest cold-cache case measured)
+            log.warning("data.block_shuffle=%d is not applied to a weighted mixture (its draws are random)",
+                        self.block)
+            self.block = 0
 
     def _part_draws(self, k: int) -> np.ndarray:
         """Part k's draws for this epoch: stream positions e c_k .. (e+1) c_k - 1 -> positions in part k."""

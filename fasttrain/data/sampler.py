@@ -51,7 +51,7 @@ class EpochSampler:
         self.rank, self.world_size = int(rank), int(world_size)
         if block < 0:
             raise ValueError(f"block_shuffle must be >= 0, got {block}")
-        self.block = int(block)  # > 0: page-aware order (block_permutation)
+        self.block = int(block) if block > 1 else 0  # > 0: the order is page-aware (block_permutation)
         self.epoch, self.start_step = 0, 0
         if drop_last:
             self.shard_size = self.num_samples // self.world_size
@@ -74,7 +74,7 @@ class EpochSampler:
         if not self.shuffle:
             return np.arange(self.num_samples, dtype=np.int64)
         rng = np.random.Generator(np.random.PCG64(mix_seed(self.seed, self.epoch, 0x5A3)))
-        if self.block > 1:
+        if self.block:
             return block_permutation(self.num_samples, self.block, rng)
         return rng.permutation(self.num_samples).astype(np.int64)
 

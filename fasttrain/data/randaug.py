@@ -396,7 +396,9 @@ def _run_op(name: str, x: torch.Tensor, magnitude: np.ndarray, negate: np.ndarra
     """One op on a sub-batch; magnitude / negate / bicubic are host arrays [n]."""
     arg = level_to_arg(name, magnitude, negate, hparams)
     if name in GEOMETRIC:
-        fill = _fill(hparams, x.shape[1])
+        # every host -> device copy of an op's arguments is non-blocking (a blocking one waits for
+        # the stream: one sync per geometric op of every batch)
+        fill = _fill(hparams, x.shape[1]).to(x.device, non_blocking=True)
         bic = torch.from_numpy(np.ascontiguousarray(bicubic)).to(x.device, non_blocking=True)
         if name == "Rotate":
             coeffs = torch.from_numpy(affine_coeffs(name, arg, x.shape[2], x.shape[3]))

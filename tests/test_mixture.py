@@ -197,6 +197,24 @@ def test_resume_mid_epoch_gives_the_remaining_order(parts, kind):
         torch.testing.assert_close(xa, xb)
 
 
+def test_resume_mid_epoch_dali_drawing_its_own_crops(parts):
+    """With DALI's own crop / flip (the GPU path's dali_augment, run here on its CPU operators) a
+    resumed mixture epoch still gives the uninterrupted batches: DALI's random stream starts at
+    batch 0 of the epoch, so the source starts there too and the skipped batches are dropped."""
+    path = f"{parts['nih']},{parts['cx']}"
+    runs = []
+    for start in (0, 3):
+        ld = build_loader(_cfg(path, "dali"), "train", True, img_size=24, in_chans=1, seed=9, need_labels=False)
+        ld.dali_augment = True  # what device="cuda" sets
+        ld.set_epoch(1, start_step=start)
+        runs.append([(x, i) for x, _, i in ld.iter_with_index()])
+    full, rest = runs
+    assert len(rest) == len(full) - 3
+    for (xa, ia), (xb, ib) in zip(full[3:], rest):
+        assert torch.equal(ia, ib)
+        torch.testing.assert_close(xa, xb)
+
+
 @pytest.mark.slow
 def test_two_gloo_ranks_disjoint_and_covering(parts, tmp_path):
     path = f"{parts['nih']},{parts['cx']}"

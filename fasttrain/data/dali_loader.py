@@ -129,11 +129,16 @@ class DALILoader(BaseLoader):
         if self.sampler is not None:
             self.sampler.set_epoch(epoch, start_step)
 
+    def _source_start(self) -> int:
+        """The batch a mixture's source starts at: start_step, unless DALI draws the crops (its random
+        stream starts at batch 0 of the epoch's seed: the skipped batches run and are dropped)."""
+        return 0 if self.dali_augment else self.start_step
+
     def _mixture_source(self):
-        """Batches start_step.. of this rank's shard: (JPEG bytes, labels [L], global index [1]) per sample."""
+        """Batches _source_start().. of this rank's shard: (JPEG bytes, labels [L], global index [1]) per sample."""
         b, s = self.batch_size, self.sampler
         shard = s.shard()
-        for step in range(self.start_step, len(s)):
+        for step in range(self._source_start(), len(s)):
             sel = np.sort(shard[step * b:(step + 1) * b])  # ascending: file order within each part
             part, local = self.packed.locate(sel)
             jpgs = [self._tables[k].bytes(j) for k, j in zip(part.tolist(), local.tolist())]
@@ -212,7 +217,7 @@ class DALILoader(BaseLoader):
         """(step, images uint8 [b, H, W, 1] or float [b, s, s, 1], labels [b, L], index [b])."""
         self._build()
         n = len(self)
-        step0 = self.start_step if self.sampler is not None else 0  # a mixture's source starts there
+        step0 = self._source_start() if self.sampler is not None else 0  # where a mixture's source starts
         for j, out in enumerate(self._iter):
             step = step0 + j
             if step >= n:

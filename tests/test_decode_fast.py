@@ -307,7 +307,7 @@ def test_mimic_jpg_end_to_end(tmp_path):
     for split in (train, val, test):
         for i, did in enumerate(split.ids):
             np.testing.assert_array_equal(split.image(i), D.decode_raster(str(w.files[did]), 16))
-            assert np.abs(split.image(i).astype(float) - block_mean(w.pixels[did], 16)).mean() <= 3.0
+            assert np.abs(split.image(i).astype(float) - block_mean(w.pixels[did], 16)).mean() <= 1.0  # 0.41-0.46 measured
     # the other labeler (Edema positive everywhere in the fixture), through the CLI
     rc = main(["mimic-jpg", "--src", str(root), "--out", str(tmp_path / "negbio"), "--size", "16", "--workers", "0",
                "--labels-csv", str(root / "mimic-cxr-2.0.0-negbio.csv.gz"), "--views", "all", "--no-progress"])

@@ -305,12 +305,15 @@ def test_compile_failure_names_the_way_out(monkeypatch):
         step(batch()[0])
 
 
-def test_amp_auto_is_bf16_only_where_it_is_native():
-    """engine.amp=auto: bf16 on CUDA and on CPUs with native bf16; fp32 where oneDNN would emulate it."""
-    from fasttrain.data.gpu_augment import cpu_has_native_bf16
+def test_amp_auto_is_bf16_only_where_it_is_native(monkeypatch):
+    """engine.amp=auto: bf16 on CUDA and on CPUs with native bf16; fp32 where oneDNN would emulate it
+    (both CPU kinds simulated: this machine is one of them)."""
+    from fasttrain.data import gpu_augment
     from fasttrain.train.engine import amp_dtype_for
-    assert amp_dtype_for("auto", "cuda") == torch.bfloat16
-    assert amp_dtype_for("auto", "cpu") == (torch.bfloat16 if cpu_has_native_bf16() else None)
+    for native in (True, False):
+        monkeypatch.setattr(gpu_augment, "cpu_has_native_bf16", lambda: native)
+        assert amp_dtype_for("auto", "cuda") == torch.bfloat16
+        assert amp_dtype_for("auto", "cpu") == (torch.bfloat16 if native else None), native
     assert amp_dtype_for("bf16", "cpu") == torch.bfloat16 and amp_dtype_for("fp32", "cpu") is None
     with pytest.raises(ValueError, match="engine.amp"):
         amp_dtype_for("int8", "cpu")

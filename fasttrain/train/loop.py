@@ -407,8 +407,8 @@ class Trainer:
                     and self.step.opt_step < self.total_steps:
                 self.flush()  # never checkpoint weights that a NaN already reached
                 self.save(self.last_path)
-            if boundary and self.step.opt_step % max(1, self.cfg.run.preempt_check_every) == 0 \
-                    and any_rank(self._signal is not None, self.info):
+            if boundary and self.preempt_signals and self.step.opt_step % max(1, self.cfg.run.preempt_check_every) == 0 \
+                    and any_rank(self._signal is not None, self.info):  # (no signals caught: no all-reduce)
                 self._preempted = True  # every rank leaves here, at the same step
                 return
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -31,6 +30,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from fasttrain.train.engine import bce_masked
+from fasttrain.train.optim import lr_at
 
 log = logging.getLogger("fasttrain.train")
 
@@ -174,13 +176,6 @@ class LinearProbe(nn.Module):
         return self.head(self.bn(feats))  # [B, D] -> [B, C] logits
 
 
-def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """BCE-with-logits over the known entries of targets [B, C] (NaN = unknown, no gradient)."""
-    known = ~torch.isnan(targets)  # [B, C]
-    loss = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(targets), reduction="none")  # [B, C]
-    return (loss * known).sum() / known.sum().clamp(min=1)
-
-
 def make_optimizer(head: LinearProbe, s: ProbeSettings, lr: float) -> torch.optim.Optimizer:
     """SGD with MAE's momentum, lr and schedule, without LARS's trust ratio.
 
@@ -192,12 +187,11 @@ def make_optimizer(head: LinearProbe, s: ProbeSettings, lr: float) -> torch.opti
     return torch.optim.SGD(head.parameters(), lr=lr, momentum=s.momentum, weight_decay=s.weight_decay)
 
 
-def lr_at(step: int, steps_per_epoch: int, s: ProbeSettings, lr: float) -> float:
-    """MAE's per-iteration schedule: linear warm-up, then half-cosine to 0."""
-    epoch = step / steps_per_epoch
-    if epoch < s.warmup_epochs:
-        return lr * epoch / s.warmup_epochs
-    return lr * 0.5 * (1 + math.cos(math.pi * (epoch - s.warmup_epochs) / max(s.epochs - s.warmup_epochs, 1e-9)))
+def probe_lr(step: int, steps_per_epoch: int, s: ProbeSettings, lr: float) -> float:
+    """MAE's per-iteration schedule (linear warm-up, then half-cosine to 0) in fractional epochs:
+    optim.lr_at with the warm-up and the total counted in steps."""
+    return lr_at(step, base_lr=lr, min_lr=0.0, warmup_steps=s.warmup_epochs * steps_per_epoch,
+                 total_steps=s.epochs * steps_per_epoch)
 
 
 def train_head(feats: np.ndarray, labels: np.ndarray, s: ProbeSettings, device) -> LinearProbe:
@@ -220,8 +214,8 @@ def train_head(feats: np.ndarray, labels: np.ndarray, s: ProbeSettings, device) 
         for i in range(steps):
             idx = perm[i * bs:(i + 1) * bs]  # [bs]
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, steps, s, lr)
-            loss = masked_bce(head(x[idx]), y[idx])
+                g["lr"] = probe_lr(step, steps, s, lr)
+            loss = bce_masked(head(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -349,8 +343,8 @@ def compare_reference(model, cfg, names, s: ProbeSettings, dev, train_split: str
                 lr = s.blr * bs / 256
                 opt = make_optimizer(head, s, lr)
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, steps, s, lr)
-            loss = masked_bce(head(f), y.to(dev).float())
+                g["lr"] = probe_lr(step, steps, s, lr)
+            loss = bce_masked(head(f), y.to(dev).float())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -87,9 +87,7 @@ def build_teacher(cfg, student: nn.Module) -> nn.Module:
         over.update(img_size=student.img_size, in_chans=tm["in_chans"])
         teacher = create_model(tm["name"], **over)
         state, _ = read_checkpoint(raw)
-        if any(k.startswith("student.") for k in state):
-            state = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
-        load_into(teacher, state, strict=True, what=f"teacher checkpoint {path}")
+        load_into(teacher, state, strict=True, what=f"teacher checkpoint {path}")  # (ETMAE: takes `student.*`)
         teacher.requires_grad_(False).eval()
         log.info("teacher: %s from fasttrain run checkpoint %s (step %s)", tm["name"], path, raw.get("step", {}).get("opt_step"))
     else:

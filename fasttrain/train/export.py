@@ -55,7 +55,7 @@ def default_out(ckpt: str | Path, fmt: str) -> Path:
 
 def export_timm_checkpoint(ckpt: str | Path, out: Path) -> dict:
     from fasttrain.config import config_from_dict
-    from fasttrain.models.checkpoints import export_timm
+    from fasttrain.models.checkpoints import export_timm, load_into
     from fasttrain.train.builders import build_student
     from fasttrain.train.checkpoint import load_checkpoint
     ck = load_checkpoint(ckpt)
@@ -64,16 +64,13 @@ def export_timm_checkpoint(ckpt: str | Path, out: Path) -> dict:
     if ck.get("kind") == "pretrain":
         cfg = config_from_dict(ck["config"])
         student = build_student(cfg)
-        state = ck["model"]
-        if any(k.startswith("student.") for k in state):  # ETMAE: the student, not the projection head
-            state = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
-        student.load_state_dict(state, strict=True)
+        load_into(student, ck["model"], strict=True, what=str(ckpt))  # ETMAE: the student, not the projection head
         export_timm(student, out)
         return {"format": "timm", "out": str(out), "what": "pre-trained encoder (num_classes=0)"}
     if ck.get("kind") != "finetune":
         raise PredictError(f"{ckpt}: not a fasttrain pretrain or finetune checkpoint (kind={ck.get('kind')!r})")
     from fasttrain.train.predict import load_for_inference
-    model, cfg, names, size = load_for_inference(ckpt)
+    model, cfg, names, size = load_for_inference(ckpt, ck=ck)
     return export_timm_classifier(model, out, names)
 
 

@@ -111,9 +111,10 @@ def run_finetune(cfg, resume=None) -> dict:
 
 # ----------------------------------------------------------------------------- evaluate
 
-def load_classifier(path: str | Path):
-    """A fine-tuned checkpoint (ours) -> (model in eval mode, its Config, its label names)."""
-    ck = load_checkpoint(path)
+def load_classifier(path: str | Path, ck: dict | None = None):
+    """A fine-tuned checkpoint (ours; `ck` if the caller already loaded it) -> (model in eval mode,
+    its Config, its label names)."""
+    ck = load_checkpoint(path) if ck is None else ck
     if ck.get("kind") != "finetune":
         raise ValueError(f"{path}: not a fine-tuned classifier checkpoint (kind={ck.get('kind')!r}); "
                          "evaluate takes RUN/checkpoints/best.pt or last.pt of a `fasttrain finetune` run")

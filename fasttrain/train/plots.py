@@ -150,10 +150,7 @@ def reconstruct(run: str | Path, n_images: int = 6, seed: int = 0, split: str | 
         raise ValueError(f"{run}: reconstructions need a pre-training run (kind={ck.get('kind')!r})")
     cfg = config_from_dict(ck["config"])
     student = build_student(cfg)
-    state = ck["model"]
-    if any(k.startswith("student.") for k in state):  # ETMAE: the student's own keys
-        state = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
-    load_into(student, state, strict=True, what=f"{run}/checkpoints/last.pt")
+    load_into(student, ck["model"], strict=True, what=f"{run}/checkpoints/last.pt")  # (ETMAE: takes `student.*`)
     student.eval()
     # a mixture (NIH + CheXpert): the figure's fixed images come from its first part
     first = parse_parts(cfg.data.path)[0].path

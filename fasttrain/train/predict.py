@@ -39,16 +39,17 @@ class PredictError(ValueError):
 
 # ----------------------------------------------------------------------------- the checkpoint
 
-def load_for_inference(ckpt: str | Path, size: Optional[int] = None):
-    """-> (model in eval mode, cfg, label names, packed image size S). A checkpoint without a
-    classifier head (a pre-training checkpoint, a timm export) is refused here, before any work."""
+def load_for_inference(ckpt: str | Path, size: Optional[int] = None, ck: Optional[dict] = None):
+    """-> (model in eval mode, cfg, label names, packed image size S); `ck` if the caller already
+    loaded the checkpoint. A checkpoint without a classifier head (a pre-training checkpoint, a timm
+    export) is refused here, before any work."""
     from fasttrain.train.checkpoint import load_checkpoint
     from fasttrain.train.finetune import load_classifier
-    ck = load_checkpoint(ckpt)
+    ck = load_checkpoint(ckpt) if ck is None else ck
     if ck.get("kind") != "finetune":
         raise PredictError(f"{ckpt}: no classifier head (a {ck.get('kind')!r} checkpoint); predict and ONNX export "
                            f"need a fine-tuned classifier: RUN/checkpoints/best.pt of a `fasttrain finetune` run")
-    model, cfg, names = load_classifier(ckpt)
+    model, cfg, names = load_classifier(ckpt, ck=ck)
     manifest = None
     if cfg.data.path and (Path(cfg.data.path) / "manifest.json").is_file():
         from fasttrain.data.packed import read_manifest

@@ -36,28 +36,12 @@ def to_uint8_resized(img: np.ndarray, size: int, full_scale: Optional[float] = N
 
 
 def png_significant_bits(path: str) -> Optional[int]:
-    """The grey sample's significant bits from a PNG's sBIT chunk (before IDAT), or None.
-
-    Hand-read because neither PIL nor cv2 exposes sBIT: 8-byte signature, then chunks of
-    (length u32 BE, type, data, crc)."""
-    import struct
+    """The grey sample's significant bits from a PNG file's sBIT chunk, or None."""
     with open(path, "rb") as f:
-        if f.read(8) != b"\x89PNG\r\n\x1a\n":
-            return None
-        while True:
-            head = f.read(8)
-            if len(head) < 8:
-                return None
-            n, kind = struct.unpack(">I4s", head)
-            if kind == b"sBIT":
-                data = f.read(n)
-                return data[0] if data else None  # grey (+ alpha): the first byte is grey's
-            if kind in (b"IDAT", b"IEND"):
-                return None
-            f.seek(n + 4, 1)
+        return _sbit_from_bytes(f.read())
 
 
-def decode_raster_pil(path: str, size: int) -> np.ndarray:
+def decode_raster_pil(path: str, size: int, data: Optional[bytes] = None) -> np.ndarray:
     """The plain reference for PNG / JPEG (and the path for every form the fast decoders do not
     take): PIL decodes the whole image, then the same grey conversion and resize.
 
@@ -66,15 +50,18 @@ def decode_raster_pil(path: str, size: int) -> np.ndarray:
     carry the same grey in R, G and B). 16-bit images map 0..65535 to 0..255, or 0..2^b-1 when the
     PNG's sBIT chunk declares b significant bits (12-bit radiographs).
     """
+    import io
+
     from PIL import Image
-    with Image.open(path) as im:
+    data = Path(path).read_bytes() if data is None else data  # the file's bytes (decode_raster read them)
+    with Image.open(io.BytesIO(data)) as im:
         im.load()
         mode = im.mode
         if mode in ("I;16", "I;16B", "I;16L", "I"):
             arr = np.asarray(im)
             if mode == "I" and arr.max(initial=0) > 65535:
                 raise ValueError(f"32-bit integer image with values up to {arr.max()}")
-            return _sixteen_bit(arr, png_significant_bits(path), size)
+            return _sixteen_bit(arr, _sbit_from_bytes(data), size)
         if mode == "F":
             raise ValueError("floating-point images are not supported")
         if mode != "L":
@@ -160,7 +147,12 @@ def png_header(data: bytes) -> tuple[int, int]:
 
 
 def _sbit_from_bytes(data: bytes) -> Optional[int]:
-    """png_significant_bits on bytes already read."""
+    """The grey sample's significant bits from a PNG's sBIT chunk (before IDAT), or None.
+
+    Hand-read because neither PIL nor cv2 exposes sBIT: 8-byte signature, then chunks of
+    (length u32 BE, type, data, crc)."""
+    if not data.startswith(PNG_SIGNATURE):
+        return None
     import struct
     pos = 8
     while pos + 8 <= len(data):
@@ -217,7 +209,7 @@ def decode_raster(path: str, size: int) -> np.ndarray:
         img = decode_png_fast(data, size)
         if img is not None:
             return img
-    return decode_raster_pil(path, size)
+    return decode_raster_pil(path, size, data)
 
 
 # ----------------------------------------------------------------------------- DICOM

@@ -139,6 +139,26 @@ def patient_disjoint_split(items: list[Item], fraction: float, seed: int) -> tup
     return train, val
 
 
+def carve(splits: dict[str, list[Item]], name: str, fraction: float, seed: int, flag: str) -> None:
+    """Move a patient-disjoint `fraction` of train into split `name` (the `flag` that asked for it
+    is named in every error)."""
+    if name in splits:
+        raise ConvertError(f"the labels already have a '{name}' split; drop {flag}")
+    if "train" not in splits:
+        raise ConvertError(f"{flag}: no 'train' split to carve it from")
+    if not 0.0 < fraction < 1.0:
+        raise ConvertError(f"{flag} must be in (0, 1), got {fraction}")
+    try:
+        splits["train"], splits[name] = patient_disjoint_split(splits["train"], fraction, seed)
+    except ConvertError as e:
+        raise ConvertError(str(e).replace("--val-fraction", flag)) from None
+
+
+# split names as CSVs spell them -> ours
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validate": "val",
+               "validation": "val", "dev": "val", "test": "test", "testing": "test"}
+
+
 # ----------------------------------------------------------------------------- the pool
 
 DecodeFn = Callable[[str, int], np.ndarray]

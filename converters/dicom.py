@@ -24,13 +24,12 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .chexpert import CHEXPERT_ALL, COMPETITION, map_labels, uncertain_value
-from .common import ConvertError, Item, Problems, patient_disjoint_split, read_csv
+from .common import SPLIT_NAMES, ConvertError, Item, Problems, carve, read_csv
 from .decode import decode_dicom, decode_raster
 from .pack import begin, pack
 
 FILE_COLUMNS = ("path", "Path", "file", "filename", "dicom_id")
 _KIND = {".dcm": "DICOM", ".jpg": "JPEG"}  # what the error messages call a missing file
-SPLIT_VALUES = {"train": "train", "validate": "val", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
 def _label_names(labels_csv: Path, header: list[str], labels: str) -> list[str]:
@@ -53,9 +52,9 @@ def _label_names(labels_csv: Path, header: list[str], labels: str) -> list[str]:
 
 
 def _split_of(value: str, where: str, ident: str, path: str, problems: Problems) -> Optional[str]:
-    split = SPLIT_VALUES.get(value.strip().lower())
+    split = SPLIT_NAMES.get(value.strip().lower())
     if split is None:
-        problems.report(ident, path, f"{where}: split {value!r}; expected one of {sorted(SPLIT_VALUES)}")
+        problems.report(ident, path, f"{where}: split {value!r}; expected one of {sorted(SPLIT_NAMES)}")
     return split
 
 
@@ -194,9 +193,7 @@ def _carve_val(splits: dict, labels_csv: Path, val_fraction: float, seed: int) -
     if not splits:
         raise ConvertError(f"{labels_csv}: no usable rows")
     if val_fraction:
-        if "val" in splits:
-            raise ConvertError(f"{labels_csv}: has a 'val'/'validate' split already; drop --val-fraction")
-        splits["train"], splits["val"] = patient_disjoint_split(splits["train"], val_fraction, seed)
+        carve(splits, "val", val_fraction, seed, "--val-fraction")
 
 
 def convert_dicom(src, labels_csv, out, formats: Sequence[str] = ("raw",), size: int = 256,

@@ -36,14 +36,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .common import ConvertError, Item, Problems, patient_disjoint_split, read_csv
+from .common import SPLIT_NAMES, ConvertError, Item, Problems, carve, read_csv
 from .decode import decode_file
 from .pack import begin, pack
 
 POSITIVE = ("1", "1.0", "true", "yes", "positive")
 NEGATIVE = ("0", "0.0", "false", "no", "negative")
-SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validate": "val",
-               "validation": "val", "dev": "val", "test": "test", "testing": "test"}
 UNCERTAIN_AS = {"zeros": 0.0, "ones": 1.0, "ignore": math.nan}
 BLANK = ("zeros", "ignore", "error")
 MERGE = ("error", "any", "majority")
@@ -305,20 +303,6 @@ def _merge(labels: list, how: str) -> np.ndarray:
     else:  # majority of the readers that decided; a tie is negative
         out = (votes.sum(axis=0) > n / 2).astype(np.float32)
     return np.where(n > 0, out, np.nan).astype(np.float32)
-
-
-def carve(splits: dict[str, list[Item]], name: str, fraction: float, seed: int, flag: str) -> None:
-    """Move a patient-disjoint `fraction` of train into split `name`."""
-    if name in splits:
-        raise ConvertError(f"the labels already have a '{name}' split; drop {flag}")
-    if "train" not in splits:
-        raise ConvertError(f"{flag}: no 'train' split to carve it from")
-    if not 0.0 < fraction < 1.0:
-        raise ConvertError(f"{flag} must be in (0, 1), got {fraction}")
-    try:
-        splits["train"], splits[name] = patient_disjoint_split(splits["train"], fraction, seed)
-    except ConvertError as e:
-        raise ConvertError(str(e).replace("--val-fraction", flag)) from None
 
 
 def convert_images(src, labels_csv, out, *, path_col: str, label_cols: Optional[Sequence[str]] = None,

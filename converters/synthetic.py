@@ -30,6 +30,7 @@ from typing import Optional
 
 import numpy as np
 
+from .chexpert import CHEXPERT_ALL, RELEASE_PREFIXES
 from .common import ConvertError, bounded_imap
 from .nih import NIH_LABELS, NO_FINDING
 
@@ -403,12 +404,8 @@ def generate_phantoms(out_dir, n: int, seed: int = 0, size: int = 256, test_frac
 
 # ----------------------------------------------------------------------------- CheXpert layout
 
-CHEXPERT_RELEASE = "CheXpert-v1.0-small"
-CHEXPERT_COLUMNS = [
-    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
-    "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
-    "Fracture", "Support Devices",
-]
+CHEXPERT_RELEASE = RELEASE_PREFIXES[0]  # CheXpert-v1.0-small, the downsampled release
+CHEXPERT_COLUMNS = CHEXPERT_ALL
 # The CheXpert observation each drawn NIH sign is reported as (Emphysema, Fibrosis and Hernia have
 # no CheXpert column: in this layout they are drawn but unlabelled, as in a real report).
 NIH_TO_CHEXPERT = {
@@ -442,7 +439,9 @@ def _chexpert_plan(n: int, seed: int, test_fraction: float):
             ap = "AP" if rng.random() < 0.7 else "PA"
             views = ["frontal"] + (["lateral"] if rng.random() < LATERAL_FRACTION / (1 - LATERAL_FRACTION) else [])
             for v, kind in enumerate(views, 1):
-                if len(rows) < n:
+                # the first patient leaves a row for a second one: a train and a valid patient
+                # whatever n >= 2 (one patient can hold up to 6 rows)
+                if len(rows) < n - (pid == 1):
                     rows.append(dict(patient=pid, study=study, view=v, kind=kind, age=age, sex=sex, ap=ap))
     patients = np.arange(1, pid + 1)
     rng.shuffle(patients)

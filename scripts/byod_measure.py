@@ -18,8 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-NIH = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
-       "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia"]
+from fasttrain.converters.nih import NIH_LABELS as NIH
 
 
 def scale(d: Path, n: int = 112_120) -> None:

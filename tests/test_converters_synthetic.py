@@ -175,3 +175,14 @@ def test_phantoms_in_chexpert_layout_packed_by_the_chexpert_converter(tmp_path):
     assert te.image(0).shape == (32, 32) and te.labels.shape == (n_front["test"], 5)
     with pytest.raises(Exception, match="layout"):
         generate_phantoms(tmp_path / "bad", 10, layout="mimic", progress=False)
+
+
+def test_chexpert_plan_always_has_a_train_and_a_valid_patient():
+    """Small --n in the CheXpert layout: one patient may hold up to 6 rows, yet there is always a
+    second one for valid.csv (31 of 120 plans for n = 2..7 had none before)."""
+    from fasttrain.converters.synthetic import _chexpert_plan
+    for n in range(2, 8):
+        for seed in range(20):
+            rows, valid = _chexpert_plan(n, seed, 0.2)
+            patients = {r["patient"] for r in rows}
+            assert len(rows) == n and valid and patients - valid, (n, seed)

@@ -17,14 +17,15 @@ rates = {t: [] for t in lds}
 for w in range(12):
     for t, ld in lds.items():
         ld.set_epoch(w)
-        bufs = np.empty((256, 256, 256), np.uint8)
-        t0, n = time.perf_counter(), 0
+        bufs = np.empty((256, *ld.packed.image_size), np.uint8)  # [B, H, W]
+        t0, n, batches = time.perf_counter(), 0, 0
         for step, idx in ld.sampler.batches():
             idx = np.sort(idx)
             ld._take(idx, bufs[:len(idx)])
             n += len(idx)
+            batches += 1
         if w:
             rates[t].append(n / (time.perf_counter() - t0))
 m, s = statistics.median(rates["mixture"]), statistics.median(rates["single"])
-print(f"gather only, 11 windows of one epoch each (11 batches of 256): mixture {m:,.0f} img/s, single {s:,.0f} img/s, ratio {m/s:.3f}")
+print(f"gather only, {len(rates['mixture'])} windows of one epoch each ({batches} batches of 256): mixture {m:,.0f} img/s, single {s:,.0f} img/s, ratio {m/s:.3f}")
 print({k: [round(x) for x in v] for k, v in rates.items()})

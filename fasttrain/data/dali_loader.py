@@ -73,13 +73,9 @@ def _jpeg_table(p) -> _JpegTable:
             size.append(n)
     if len(shard) != len(p):
         raise LoaderError(f"{p.root}: DALI index files list {len(shard)} samples, the manifest says {len(p)}")
-    import mmap
-    maps = []
-    for f in p.shards:  # random slices: MADV_RANDOM, so a cold page fault reads its pages, not a readahead window
-        with open(f, "rb") as fh:
-            m = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        m.madvise(mmap.MADV_RANDOM)
-        maps.append(np.frombuffer(m, dtype=np.uint8))
+    from .raw_loader import map_advised
+    # random slices: MADV_RANDOM, so a cold page fault reads its pages, not a readahead window
+    maps = [map_advised(f, (-1,), "random") for f in p.shards]
     return _JpegTable(np.array(shard), np.array(offset, np.int64), np.array(size, np.int64), maps)
 
 

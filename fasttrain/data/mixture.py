@@ -232,7 +232,7 @@ class MixtureSampler(EpochSampler):
         pos = np.arange(self.epoch * c, (self.epoch + 1) * c, dtype=np.int64)
         out = np.empty(c, np.int64)
         perm_of = pos // n
-        for j in np.unique(perm_of):  # at most a few permutations per epoch
+        for j in np.unique(perm_of):  # one permutation per pass over the part (c_k / n_k + 1 at most)
             rng = np.random.Generator(np.random.PCG64(mix_seed(self.seed, k, int(j), 0x9A7)))
             sel = perm_of == j
             out[sel] = rng.permutation(n)[pos[sel] % n]

@@ -3,7 +3,7 @@ batched device augmentation.
 
 Bigger than memory: each part's file is mapped here with madvise advice (data.raw_advice). With the
 kernel's default, every page fault of a random gather pulls the disk's whole readahead window
-(NIH-sized set, cold cache: 4.35 GB read for 80 MB of images); MADV_RANDOM makes a fault read its
+(a 20 GB mixture, cold cache: 7,984 MB read for 84 MB of images); MADV_RANDOM makes a fault read its
 own pages only (auto for shuffled training). data.block_shuffle gives a page-aware order
 (sampler.block_permutation): a batch reads a few contiguous runs, so readahead pays again and auto
 picks MADV_SEQUENTIAL, as for in-order evaluation. Figures: docs/benchmarks.md.

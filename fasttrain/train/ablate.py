@@ -34,10 +34,10 @@ from fasttrain.config import ConfigError, build_config, parse_overrides
 log = logging.getLogger("fasttrain.train")
 
 STAGES = ("pretrain", "probe", "finetune", "evaluate")
-# metric -> (stage that produces it, per-image test scores it leaves, or None)
-METRICS = {"probe_mauc": ("probe", "pretrain/probe/scores_test.npy"),
+# metric -> (stage that produces it, per-image test scores it leaves ({split}: data.test_split), or None)
+METRICS = {"probe_mauc": ("probe", "pretrain/probe/scores_{split}.npy"),
            "finetune_val_mauc": ("finetune", None),
-           "test_mauc": ("evaluate", "finetune/eval/scores_test.npy")}
+           "test_mauc": ("evaluate", "finetune/eval/scores_{split}.npy")}
 
 
 class AblationError(ValueError):
@@ -284,9 +284,11 @@ class Ablation:
         pairs = []
         names = list(arms_out)
         labels = None
+        test_split = self._data_cfg().test_split
         for m, (stage, rel) in METRICS.items():
             if rel is None or stage not in self.stages:
                 continue
+            rel = rel.format(split=test_split)
             for a, b in itertools.combinations(range(len(self.arms)), 2):
                 fa = [self.run_dir(self.arms[a], s) / rel for s in range(self.seeds)]
                 fb = [self.run_dir(self.arms[b], s) / rel for s in range(self.seeds)]
@@ -309,15 +311,17 @@ class Ablation:
         return build_config(self.ft_base or self.base, self.common).data
 
     def _test_labels(self) -> np.ndarray:
-        from fasttrain.data.packed import read_manifest
+        """The test split's labels [N, C], in the order the probe and evaluate scored it (one packed
+        dataset or a mixture's parts)."""
+        from fasttrain.data.mixture import open_mixture
         d = self._data_cfg()
-        meta = read_manifest(d.path)["splits"][d.test_split]
-        return np.load(Path(d.path) / meta["labels"]).astype(np.float64)
+        return np.asarray(open_mixture(d.path, d.test_split, None, train_split=d.test_split).labels, np.float64)
 
     def _synthetic(self) -> bool:
-        from fasttrain.data.packed import read_manifest
+        from fasttrain.data.mixture import open_mixture
+        d = self._data_cfg()
         try:
-            return bool(read_manifest(self._data_cfg().path).get("synthetic", False))
+            return bool(open_mixture(d.path, d.test_split, None, train_split=d.test_split).synthetic)
         except Exception:
             return False
 

@@ -16,7 +16,7 @@ def _records(out: str) -> list[dict]:
 
 
 @pytest.mark.parametrize("kind", ["nih-png", "mimic-jpg"])
-def test_bench_convert_json(kind, capsys, tmp_path):
+def test_bench_convert_json(kind, capsys, tmp_path, monkeypatch):
     from fasttrain.bench import main
     assert main(["convert", "--kind", kind, "--n", "3", "--repeats", "1", "--workers", "2", "--json",
                  "--dir", str(tmp_path / "src")]) == 0
@@ -30,6 +30,13 @@ def test_bench_convert_json(kind, capsys, tmp_path):
     k = B.KINDS[kind]
     assert recs[0]["source_hw"] == [k.h, k.w]
     assert (tmp_path / "src" / f".bench-{kind}-3").is_file()
+
+    def no_write(*a, **k):
+        raise AssertionError("the sources were written again")
+    monkeypatch.setattr(B, "write_sources", no_write)
+    assert main(["convert", "--kind", kind, "--n", "3", "--repeats", "1", "--workers", "2", "--json",
+                 "--dir", str(tmp_path / "src")]) == 0
+    assert [r["mode"] for r in _records(capsys.readouterr().out)] == [r["mode"] for r in recs]
 
 
 def test_bench_sources_convert_and_match_reference(tmp_path):

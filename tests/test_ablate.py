@@ -9,15 +9,9 @@ import pytest
 
 from fasttrain.metrics import bootstrap_auc_matrix_reference
 from fasttrain.train import ablate as ab
+from fixtures_runs import packed_phantoms, tiny_yaml
 
-TINY = """
-model: {name: mae_vit_tiny_patch16, img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2,
-        decoder_embed_dim: 32, decoder_depth: 1, decoder_num_heads: 2}
-data: {batch_size: 16, eval_resize: 32}
-optim: {epochs: 1, blr: 1.0e-2, warmup_epochs: 0}
-engine: {compile: false}
-run: {log_every: 2, ckpt_every: 100, progress: false, tensorboard: false}
-"""
+TINY = tiny_yaml(data={"batch_size": 16}, optim={"epochs": 1, "warmup_epochs": 0}, run={"ckpt_every": 100})
 
 
 def test_paired_difference_on_hand_made_results():
@@ -62,12 +56,8 @@ def test_bad_grids_fail_before_any_run(tmp_path):
 
 @pytest.mark.slow
 def test_ablate_end_to_end_reuses_finished_and_resumes_interrupted(tmp_path, monkeypatch, caplog):
-    from fasttrain.converters.nih import convert_nih
-    from fasttrain.converters.synthetic import generate_phantoms
     from fasttrain.train import pretrain
-    generate_phantoms(tmp_path / "src", 60, seed=0, size=32, workers=1, progress=False)
-    packed = convert_nih(tmp_path / "src", tmp_path / "packed", formats=("raw",), size=32, val_fraction=0.2,
-                         workers=1, progress=False)
+    packed = packed_phantoms(tmp_path, 60)
     (tmp_path / "t.yaml").write_text(TINY)
     from fasttrain.train.probe import ProbeSettings
 

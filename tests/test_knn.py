@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fasttrain.train.knn import knn_scores
+from fixtures_runs import packed_phantoms, tiny_yaml
 
 
 def test_knn_scores_known_answer():
@@ -35,18 +36,13 @@ def test_knn_scores_known_answer():
 @pytest.mark.slow
 def test_pretrain_logs_knn_monitor(tmp_path):
     from fasttrain.config import build_config
-    from fasttrain.converters.nih import convert_nih
-    from fasttrain.converters.synthetic import generate_phantoms
     from fasttrain.train.pretrain import run_pretrain
-    generate_phantoms(tmp_path / "src", 40, seed=0, size=32, workers=1, progress=False)
-    packed = convert_nih(tmp_path / "src", tmp_path / "packed", formats=("raw",), size=32, val_fraction=0.25,
-                         workers=1, progress=False)
-    over = [f"--data.path={packed}", f"--run.out={tmp_path / 'run'}", "--model.img_size=32", "--model.patch_size=8",
-            "--model.embed_dim=32", "--model.depth=1", "--model.num_heads=2", "--model.decoder_embed_dim=16",
-            "--model.decoder_depth=1", "--model.decoder_num_heads=2", "--data.batch_size=8", "--data.eval_resize=32",
-            "--optim.epochs=3", "--optim.warmup_epochs=0", "--engine.compile=false", "--run.progress=false",
-            "--run.tensorboard=false", "--eval.knn_every=2", "--eval.knn_k=5", "--eval.knn_train_images=12"]
-    summary = run_pretrain(build_config(None, over))
+    packed = packed_phantoms(tmp_path, 40, val_fraction=0.25)
+    (tmp_path / "tiny.yaml").write_text(tiny_yaml(model={"depth": 1, "decoder_embed_dim": 16},
+                                                  optim={"epochs": 3, "warmup_epochs": 0},
+                                                  eval={"knn_every": 2, "knn_k": 5, "knn_train_images": 12}))
+    summary = run_pretrain(build_config(tmp_path / "tiny.yaml", [f"--data.path={packed}",
+                                                                 f"--run.out={tmp_path / 'run'}"]))
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in recs if r["phase"] == "val"]
     assert [("knn_mauc" in r) for r in val] == [False, True, True]  # epoch 1 (every 2) and the last epoch

@@ -239,7 +239,7 @@ def test_finetune_pipeline_equals_timm_ops(c, norm):
     timm's own ops with the plan's draws and create_transform's hparams, image by image (within 1
     grey level mean absolute difference away from a 2-px border: the crop's <= 1 level rounding
     differences can move an equalize bucket or a warp tap)."""
-    from timm.data import auto_augment as taa
+    from fixtures_timm import timm_op
     h, w, size, n = 48, 52, 40, 16
     imgs = _images(n, h, w, seed=c)
     aug = BatchAugment((h, w), size, c, train=True, norm=norm, scale=(0.08, 1.0), interpolation="bicubic",
@@ -252,26 +252,17 @@ def test_finetune_pipeline_equals_timm_ops(c, norm):
     hp = dict(translate_const=int(size * 0.45), img_mean=tuple(min(255, round(255 * m)) for m in mean3),
               interpolation=Image.Resampling.BICUBIC)
     p, r = plan.params, plan.randaug
-    neg_flag = {"v": False}
-    orig = taa._randomly_negate
-    taa._randomly_negate = lambda v: -v if neg_flag["v"] else v
-    try:
-        for b in range(n):
-            im = TF.resized_crop(Image.fromarray(imgs[b]).convert("RGB"), int(p.top[b]), int(p.left[b]),
-                                 int(p.height[b]), int(p.width[b]), [size, size], T.InterpolationMode.BICUBIC)
-            im = TF.hflip(im) if p.flip[b] else im
-            for layer in range(r.op.shape[0]):
-                if r.applied[layer, b]:
-                    name = aug.randaug.ops[r.op[layer, b]]
-                    neg_flag["v"] = bool(r.negate[layer, b])
-                    lf = taa.LEVEL_TO_ARG[name]
-                    args = lf(float(r.magnitude[layer, b]), hp) if lf else ()
-                    im = taa.NAME_TO_OP[name](im, *args, fillcolor=hp["img_mean"], resample=hp["interpolation"])
-            ref = torch.from_numpy(np.array(im)).permute(2, 0, 1)[:c].float()
-            d = (got[b] - ref).abs()[:, 2:-2, 2:-2]
-            assert d.mean().item() <= 1.0, (b, d.mean().item())
-    finally:
-        taa._randomly_negate = orig
+    for b in range(n):
+        im = TF.resized_crop(Image.fromarray(imgs[b]).convert("RGB"), int(p.top[b]), int(p.left[b]),
+                             int(p.height[b]), int(p.width[b]), [size, size], T.InterpolationMode.BICUBIC)
+        im = TF.hflip(im) if p.flip[b] else im
+        for layer in range(r.op.shape[0]):
+            if r.applied[layer, b]:
+                im = timm_op(aug.randaug.ops[r.op[layer, b]], im, float(r.magnitude[layer, b]),
+                             bool(r.negate[layer, b]), hp)
+        ref = torch.from_numpy(np.array(im)).permute(2, 0, 1)[:c].float()
+        d = (got[b] - ref).abs()[:, 2:-2, 2:-2]
+        assert d.mean().item() <= 1.0, (b, d.mean().item())
     assert r.applied.any(axis=0).sum() > n // 2  # ops were applied to most samples
 
 

@@ -17,6 +17,7 @@ from PIL import Image
 from timm.data import auto_augment as taa
 
 from fasttrain.data import randaug as ra
+from fixtures_timm import timm_op
 
 PIXEL_OPS = [n for n in ra.OP_NAMES if n not in ra.GEOMETRIC]
 GEO_OPS = list(ra.GEOMETRIC)
@@ -38,18 +39,7 @@ def _images(n, h, w, c=1, seed=0):
 
 
 def _timm_op(name, img: Image.Image, magnitude: float, negate: bool, hparams: dict) -> np.ndarray:
-    """timm's AugmentOp body without the apply draw, the sign fixed to `negate`."""
-    orig = taa._randomly_negate
-    taa._randomly_negate = lambda v: -v if negate else v
-    try:
-        level_fn = taa.LEVEL_TO_ARG[name]
-        args = level_fn(magnitude, hparams) if level_fn is not None else tuple()
-        kwargs = dict(fillcolor=hparams["img_mean"], resample=hparams["interpolation"])
-        if name.startswith("Posterize") and args[0] == 0:
-            return np.zeros_like(np.asarray(img))  # our decision (module docstring): Pillow now refuses
-        return np.asarray(taa.NAME_TO_OP[name](img, *args, **kwargs))
-    finally:
-        taa._randomly_negate = orig
+    return np.asarray(timm_op(name, img, magnitude, negate, hparams))
 
 
 def _ours(name, imgs, mags, negs, c, fill, interp):

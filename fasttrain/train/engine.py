@@ -42,6 +42,22 @@ def amp_dtype_for(amp: str, device) -> Optional[torch.dtype]:
         from fasttrain.data.gpu_augment import cpu_has_native_bf16
         return torch.bfloat16 if torch.device(device).type != "cpu" or cpu_has_native_bf16() else None
     return AMP_DTYPES[amp]
+
+
+def step_amp_dtype(mode: str, amp: str, device) -> Optional[torch.dtype]:
+    """The autocast dtype the training step of engine.mode runs under (None = fp32): reference is
+    the seed's (fp16 on CUDA, fp32 on CPU), fused follows engine.amp. Validation, the kNN monitor,
+    evaluate and predict run under the same, so their scores are the trained model's."""
+    if mode == "reference":
+        return torch.float16 if torch.device(device).type == "cuda" else None
+    return amp_dtype_for(amp, device)
+
+
+def cfg_amp_dtype(cfg, device) -> Optional[torch.dtype]:
+    """step_amp_dtype of a run's Config."""
+    return step_amp_dtype(cfg.engine.mode, cfg.engine.amp, device)
+
+
 MODES = ("fused", "reference")
 
 
@@ -130,14 +146,13 @@ class TrainStep:
         self.micro_step = 0  # calls so far (checkpointed): seeds the masks
         self.opt_step = 0  # optimiser steps so far (checkpointed): drives the lr schedule
         self.last_lr = 0.0
+        self.amp_dtype = step_amp_dtype(mode, amp, self.device)
         if mode == "reference":
             # The seed: fp32 on CPU, fp16 autocast + loss scaling on CUDA; eager; full teacher.
-            self.amp_dtype = torch.float16 if self.device.type == "cuda" else None
             self.channels_last, self.compiled = False, False
             self.teacher_mode = "full" if teacher_mode == "auto" else teacher_mode
             self.decoder = "full"  # the seed's decoder: every token through every layer
         else:
-            self.amp_dtype = amp_dtype_for(amp, self.device)
             self.channels_last, self.compiled = channels_last, compile
             self.teacher_mode = "truncated" if teacher_mode == "auto" else teacher_mode
             self.decoder = "masked"  # exact: only removed patches enter the loss

@@ -22,6 +22,7 @@ from fasttrain.train import loop
 from fasttrain.train.builders import build_classifier, init_classifier
 from fasttrain.train.checkpoint import load_checkpoint
 from fasttrain.train.dist import DistInfo, cleanup
+from fasttrain.train.engine import cfg_amp_dtype
 from fasttrain.train.evaluate import bootstrap_auc, format_table, plot_roc, predict
 from fasttrain.train.optim import param_groups_weight_decay
 
@@ -66,13 +67,6 @@ def val_bce(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(-(y * np.log(p) + (1 - y) * np.log1p(-p)).mean()) if valid.any() else float("nan")
 
 
-def _amp_dtype(cfg, device: torch.device):
-    if cfg.engine.mode == "reference":
-        return torch.float16 if device.type == "cuda" else None
-    from fasttrain.train.engine import amp_dtype_for
-    return amp_dtype_for(cfg.engine.amp, device)
-
-
 def run_finetune(cfg, resume=None) -> dict:
     loop.require_run_and_data(cfg)
     if cfg.data.val_split is not None:
@@ -98,7 +92,7 @@ def run_finetune(cfg, resume=None) -> dict:
         validate = None
         if cfg.data.val_split is not None:
             val_loader = build_loader(cfg.data, cfg.data.val_split, train=False, **common)
-            amp = _amp_dtype(cfg, info.device)
+            amp = cfg_amp_dtype(cfg, info.device)
             validate = lambda m: val_metrics(m, val_loader, info, amp)  # noqa: E731
         trainer = loop.Trainer(cfg, "finetune", model, loader, info, groups=groups, resume=resume, validate=validate,
                                extra_state={"label_names": list(loader.label_names),
@@ -149,7 +143,7 @@ def evaluate_checkpoint(ckpt: str | Path, data: str | Path, split: str = "test",
                          f"({list(trained_labels)})")
     model.to(dev)
     t0 = time.perf_counter()
-    scores, labels = predict(model, loader, dev, _amp_dtype(cfg, dev))
+    scores, labels = predict(model, loader, dev, cfg_amp_dtype(cfg, dev))
     ips = len(scores) / (time.perf_counter() - t0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)

@@ -157,10 +157,10 @@ class Predictor:
 
     def __init__(self, model, cfg, size: int, device: torch.device):
         from fasttrain.data.gpu_augment import BatchAugment
-        from fasttrain.train.finetune import _amp_dtype
+        from fasttrain.train.engine import cfg_amp_dtype
         self.model = model.to(device).eval()
         self.device = device
-        self.amp = _amp_dtype(cfg, device)  # what `evaluate` runs under, so the scores match it
+        self.amp = cfg_amp_dtype(cfg, device)  # what `evaluate` runs under, so the scores match it
         # the loaders' eval transform (data/base.py make_augment with train=False)
         self.augment = BatchAugment((size, size), cfg.model.img_size, cfg.model.in_chans, train=False,
                                     norm=cfg.data.norm, eval_resize=cfg.data.eval_resize, device=device,
@@ -237,12 +237,12 @@ def _write_provenance(out: Path, ckpt, cfg, size: int, n: int, n_bad: int, dev, 
     import json
 
     from fasttrain.provenance import provenance
-    from fasttrain.train.finetune import _amp_dtype
+    from fasttrain.train.engine import cfg_amp_dtype
     info = {"checkpoint": str(Path(ckpt).absolute()), "images": n, "unreadable": n_bad, "seconds": round(seconds, 2),
             "decode": f"converters.decode.decode_file -> uint8 {size}x{size}",
             "eval_transform": {"img_size": cfg.model.img_size, "in_chans": cfg.model.in_chans,
                                "eval_resize": cfg.data.eval_resize, "norm": cfg.data.norm,
-                               "autocast": str(_amp_dtype(cfg, dev))},
+                               "autocast": str(cfg_amp_dtype(cfg, dev))},
             "provenance": provenance(str(dev))}
     tmp = out.with_name(f".{out.name}.json.tmp")
     tmp.write_text(json.dumps(info, indent=2, default=str) + "\n")

@@ -34,11 +34,11 @@ def val_losses(model, loader, info, cfg) -> dict:
     """L, L_MAE and L_dist on the validation split (eval transform, masks from a fixed seed, so
     epochs are comparable), averaged over batches and ranks: the val curves of `fasttrain plot`."""
     from fasttrain.train.dist import all_reduce_mean
-    from fasttrain.train.engine import amp_dtype_for, pretrain_terms
+    from fasttrain.train.engine import cfg_amp_dtype, pretrain_terms
     model.eval()
     student = model.student if hasattr(model, "student") else model
     gen = torch.Generator(device=info.device).manual_seed(cfg.run.seed + 0x5EED)
-    amp = amp_dtype_for(cfg.engine.amp, info.device) if cfg.engine.mode == "fused" else None
+    amp = cfg_amp_dtype(cfg, info.device)
     mode = "full" if cfg.engine.mode == "reference" else "truncated"
     total, n = torch.zeros(3, device=info.device), 0
     for images, _ in loader:
@@ -57,7 +57,7 @@ def knn_monitor(cfg, info, val_loader):
     if cfg.eval.knn_every <= 0:
         return None
     from fasttrain.data import build_loader
-    from fasttrain.train.engine import amp_dtype_for
+    from fasttrain.train.engine import cfg_amp_dtype
     from fasttrain.train.knn import KnnMonitor
     bank = build_loader(cfg.data, cfg.data.train_split, train=False, img_size=cfg.model.img_size,
                         in_chans=cfg.model.in_chans, rank=info.rank, world_size=info.world_size,
@@ -67,7 +67,7 @@ def knn_monitor(cfg, info, val_loader):
         # label set to score neighbours on: pre-training goes on without the monitor
         log.warning("kNN monitor off: the parts of data.path do not share label names")
         return None
-    amp = amp_dtype_for(cfg.engine.amp, info.device) if cfg.engine.mode == "fused" else None
+    amp = cfg_amp_dtype(cfg, info.device)
     return KnnMonitor(cfg.eval, bank, val_loader, val_loader.label_names, info, amp)
 
 

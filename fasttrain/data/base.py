@@ -168,6 +168,20 @@ class BaseLoader:
     def describe(self) -> str:
         return self.name
 
+    def make_sampler(self, packed) -> EpochSampler:
+        """Our order over `packed`: one global order over every part of a mixture (mixture.py), else
+        an EpochSampler; raw and reference read by it, FFCV and DALI mixtures too."""
+        kw = dict(shuffle=self.train, seed=self.seed, rank=self.rank, world_size=self.world_size,
+                  drop_last=self.drop_last, block=int(getattr(self.cfg, "block_shuffle", 0) or 0))
+        if hasattr(packed, "make_sampler"):
+            return packed.make_sampler(self.batch_size, **kw)
+        return EpochSampler(len(packed), self.batch_size, **kw)
+
+    def sampled_num_samples(self) -> int:
+        """Images an epoch of self.sampler yields on this rank (the dropped tail left out)."""
+        s = self.sampler
+        return s.shard_size - (s.shard_size % self.batch_size if self.drop_last else 0)
+
     def data_parts(self) -> list[dict]:
         """What this loader reads, for the run's provenance: per part path, split, count, manifest
         hash, weight (one part for a single packed dataset)."""
@@ -185,19 +199,14 @@ class SampledLoader(BaseLoader):
 
     def __init__(self, packed, **kw):
         super().__init__(packed, **kw)
-        kw = dict(shuffle=self.train, seed=self.seed, rank=self.rank, world_size=self.world_size,
-                  drop_last=self.drop_last, block=int(getattr(self.cfg, "block_shuffle", 0) or 0))
-        if hasattr(packed, "make_sampler"):  # a mixture: one global order over every part (mixture.py)
-            self.sampler = packed.make_sampler(self.batch_size, **kw)
-        else:
-            self.sampler = EpochSampler(len(packed), self.batch_size, **kw)
+        self.sampler = self.make_sampler(packed)
 
     def __len__(self) -> int:
         return len(self.sampler)
 
     @property
     def num_samples(self) -> int:
-        return self.sampler.shard_size - (self.sampler.shard_size % self.batch_size if self.drop_last else 0)
+        return self.sampled_num_samples()
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         super().set_epoch(epoch, start_step)

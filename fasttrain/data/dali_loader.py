@@ -91,9 +91,7 @@ class DALILoader(BaseLoader):
         self.name = "dali-gpu" if self.gpu else "dali-cpu"
         self.sampler = None
         if hasattr(packed, "parts"):  # a mixture: our order through external_source
-            self.sampler = packed.make_sampler(self.batch_size, shuffle=self.train, seed=self.seed, rank=self.rank,
-                                               world_size=self.world_size, drop_last=self.drop_last,
-                                               block=int(self.cfg.block_shuffle or 0))
+            self.sampler = self.make_sampler(packed)
             self._tables = [_jpeg_table(p) for p in packed.parts]
             self._labels = np.ascontiguousarray(packed.labels, dtype=np.float32)  # [N, L]
         self.sizes = shard_sizes(len(packed), self.world_size)
@@ -116,8 +114,7 @@ class DALILoader(BaseLoader):
     @property
     def num_samples(self) -> int:
         if self.sampler is not None:
-            s = self.sampler
-            return s.shard_size - (s.shard_size % self.batch_size if self.drop_last else 0)
+            return self.sampled_num_samples()
         return len(self) * self.batch_size if self.drop_last else self.sizes[self.rank]
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:

@@ -111,9 +111,7 @@ class FFCVLoader(BaseLoader):
     def _init_mixture(self, packed) -> None:
         """One FFCV Loader per part; the order is our MixtureSampler's (see the module docstring)."""
         f = self._ffcv
-        self.sampler = packed.make_sampler(self.batch_size, shuffle=self.train, seed=self.seed, rank=self.rank,
-                                           world_size=self.world_size, drop_last=self.drop_last,
-                                           block=int(self.cfg.block_shuffle or 0))
+        self.sampler = self.make_sampler(packed)
         self.loaders = []
         for p in packed.parts:
             with keep_torch_threads():  # Loader.__init__ sets torch's threads to num_workers
@@ -137,8 +135,7 @@ class FFCVLoader(BaseLoader):
     @property
     def num_samples(self) -> int:
         if self.sampler is not None:
-            s = self.sampler
-            return s.shard_size - (s.shard_size % self.batch_size if self.drop_last else 0)
+            return self.sampled_num_samples()
         n = len(self.loader.first_traversal_order)
         return len(self) * self.batch_size if self.drop_last else n
 

@@ -191,11 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype]
     transform = "eval" if args.eval else args.transform
     train = transform != "eval"
-    formats = manifest["formats"] if len(specs) == 1 else [packed.format]
-    if len(specs) > 1:  # the formats every part has
-        from .mixture import part_manifests
-        have = [set(m.get("formats", [])) for _, m in part_manifests(data_path)]
-        formats = [f for f in ("raw", "ffcv", "dali") if all(f in h for h in have)]
+    from .mixture import part_manifests, shared_formats
+    formats = shared_formats(part_manifests(data_path))  # the formats every part has
     wanted = ["reference"] + [f for f in ("raw", "ffcv") if f in formats]
     if "dali" in formats:
         wanted += ["dali-cpu"] + (["dali-gpu"] if cuda else [])

@@ -31,7 +31,7 @@ from .raw_loader import RawLoader
 def _pick(data_cfg, formats: list[str]) -> str:
     kind = data_cfg.loader
     if kind == "auto":
-        return next((f for f in ("raw", "ffcv", "dali") if f in formats), "reference")
+        return formats[0] if formats else "reference"  # (formats: best first, mixture.shared_formats)
     if kind not in LOADERS:
         raise LoaderError(f"data.loader must be auto or one of {', '.join(LOADERS)}, got {kind!r}")
     return kind
@@ -48,7 +48,7 @@ def build_loader(data_cfg, split: str, train: bool, *, img_size: int, in_chans: 
     data_cfg.batch_size (per rank). need_labels=False (pre-training, benchmarks) lets a mixture's
     parts carry different label names.
     """
-    from .mixture import MixtureError, open_mixture, part_manifests, part_splits
+    from .mixture import MixtureError, open_mixture, part_manifests, part_splits, shared_formats
     from .packed import PackedError
 
     if not data_cfg.path:
@@ -64,7 +64,7 @@ def build_loader(data_cfg, split: str, train: bool, *, img_size: int, in_chans: 
             where = f"mixture part {k} ({spec.path})" if many else spec.path
             raise LoaderError(f"{where}: no split '{s}'; it has {sorted(manifest.get('splits', {}))}")
     per_part = [list(m.get("formats", [])) for _, m in mans]
-    formats = [f for f in per_part[0] if all(f in fs for fs in per_part)]  # what every part has
+    formats = shared_formats(mans)  # what every part has
     kind = _pick(data_cfg, formats)
     if kind != "reference" and kind not in formats:
         lacking = [f"{'part %d ' % k if many else ''}{spec.path} (has {fs})"

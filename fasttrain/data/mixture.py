@@ -294,14 +294,19 @@ def missing_split(path, split: str, train_split: str = "train") -> list[str]:
             for (spec, m), s in zip(mans, splits) if s not in m.get("splits", {})]
 
 
+def shared_formats(mans) -> list[str]:
+    """The packed formats every part (part_manifests) has, best first (raw > ffcv > dali)."""
+    from fasttrain.converters.common import FORMAT_PREFERENCE
+    have = [set(m.get("formats", [])) for _, m in mans]
+    return [f for f in FORMAT_PREFERENCE if all(f in h for h in have)]
+
+
 def common_format(specs: Sequence[PartSpec]) -> str:
     """The best packed format every part has (raw > ffcv > dali)."""
-    from fasttrain.converters.common import FORMAT_PREFERENCE
     mans = part_manifests([s.path for s in specs])
+    formats = shared_formats(mans)
+    if formats:
+        return formats[0]
     have = [set(m.get("formats", [])) for _, m in mans]
-    both = set.intersection(*have)
-    for f in FORMAT_PREFERENCE:
-        if f in both:
-            return f
     raise MixtureError("mixture parts share no packed format: " +
                        "; ".join(f"part {k} {s.path} has {sorted(h)}" for k, (s, h) in enumerate(zip(specs, have))))

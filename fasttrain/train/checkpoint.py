@@ -174,9 +174,13 @@ def _link_or_copy(src: str | Path, dst: Path) -> None:
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
             raise
         import shutil  # a filesystem without hard links: a copy (fsynced) instead
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        try:
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no partial copy behind
+            raise
     os.replace(tmp, dst)
 
 

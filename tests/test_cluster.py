@@ -231,18 +231,28 @@ def test_packed_file_that_disappears_names_it_and_keeps_last_checkpoint(cfg_yaml
 def test_packed_file_truncated_under_a_running_job_is_a_clear_error(cfg_yaml, tmp_path):
     """In a subprocess: were the check missing, the gather would touch a page past the new end
     and SIGBUS would kill the process without a word (returncode -7). With it: exit 2 and an
-    error naming the file; the last checkpoint verifies."""
+    error naming the file; the last checkpoint verifies.
+
+    Up to three runs: a truncation that lands between the check and the gather it guards (a
+    window of microseconds the check cannot close; seen once in ~20 full suites) still SIGBUSes.
+    Without the check every run does, so the test still fails then."""
     packed = _make_packed(tmp_path / "data", n=48)
-    out = tmp_path / "run"
-    proc = subprocess.Popen([PY, *_cli(cfg_yaml, packed, out, "--run.ckpt_every=2", "--data.prefetch=1")], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _wait_for_step(out, 3, proc)
-        raw = packed / "raw" / "train.u8"
-        os.truncate(raw, raw.stat().st_size // 4)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        _kill_tree(proc)
+    raw = packed / "raw" / "train.u8"
+    whole = raw.read_bytes()
+    for attempt in range(3):
+        raw.write_bytes(whole)
+        out = tmp_path / f"run{attempt}"
+        proc = subprocess.Popen([PY, *_cli(cfg_yaml, packed, out, "--run.ckpt_every=2", "--data.prefetch=1")],
+                                env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        try:
+            _wait_for_step(out, 3, proc)
+            os.truncate(raw, len(whole) // 4)
+            _, err = proc.communicate(timeout=120)
+        finally:
+            _kill_tree(proc)
+        if proc.returncode != -signal.SIGBUS:
+            break
     assert proc.returncode == 2, err[-2000:]
     assert "train.u8: the packed file was truncated under the running job" in err
     assert load_checkpoint(out / "checkpoints" / "last.pt")["step"]["opt_step"] >= 2

@@ -21,7 +21,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .common import ConvertError, Item, Problems, patient_disjoint_split, read_csv
+from .common import (ConvertError, Item, Problems, parse_age, parse_sex, parse_view, parse_views,
+                     patient_disjoint_split, read_csv)
 from .decode import decode_raster
 from .pack import begin, pack
 
@@ -92,6 +93,26 @@ def resolve_path(root: Path, path: str) -> Path:
     return root / path
 
 
+def row_metadata(r: dict, frontal_lateral: str) -> dict:
+    """sex / age / view of one CSV row; the view is AP / PA (the 'AP/PA' column) for a frontal,
+    LATERAL for a lateral, FRONTAL for a frontal without AP/PA."""
+    if frontal_lateral == "Lateral":
+        view = "LATERAL"
+    else:
+        view = parse_view(r.get("AP/PA", "")) or "FRONTAL"
+    return {"sex": parse_sex(r.get("Sex", "")), "age": parse_age(r.get("Age", "")), "view": view}
+
+
+def view_filter(views: str) -> Optional[tuple[str, ...]]:
+    """--views: 'frontal' (the paper's default), 'all', or a list of view names ('PA,AP', 'LATERAL')."""
+    if views == "frontal":
+        return None
+    try:
+        return parse_views(views)
+    except ConvertError as e:
+        raise ConvertError(f"{e}; or 'frontal' / 'all'") from None
+
+
 def patient_of(path: str) -> str:
     for part in path.split("/"):
         if part.startswith("patient"):
@@ -103,8 +124,7 @@ def build_items(src: Path, labels: str, uncertain: str, views: str, problems: Pr
     root = find_root(src)
     if labels not in ("competition", "all"):
         raise ConvertError(f"--labels must be 'competition' or 'all', got {labels!r}")
-    if views not in ("frontal", "all"):
-        raise ConvertError(f"--views must be 'frontal' or 'all', got {views!r}")
+    keep_views = view_filter(views)
     uncertain_value("Edema", uncertain)  # validates the policy name
     names = COMPETITION if labels == "competition" else CHEXPERT_ALL
     splits, sources = {}, []
@@ -123,6 +143,9 @@ def build_items(src: Path, labels: str, uncertain: str, views: str, problems: Pr
                 continue
             if views == "frontal" and view != "Frontal":
                 continue
+            meta = row_metadata(r, view)
+            if keep_views is not None and meta["view"] not in keep_views:
+                continue
             try:
                 y = map_labels(r, names, uncertain, where)
             except ConvertError as e:
@@ -136,7 +159,7 @@ def build_items(src: Path, labels: str, uncertain: str, views: str, problems: Pr
                 problems.report(r["Path"], str(f), f"{where}: image {f} not found")
                 continue
             items.append(Item(id=r["Path"], path=str(f), labels=y, where=f"{where} ({r['Path']})",
-                              group=patient_of(r["Path"])))
+                              group=patient_of(r["Path"]), meta=meta))
         splits[split] = items
     return root, splits, sources, names
 

@@ -32,12 +32,16 @@ def _policies(p: argparse.ArgumentParser) -> None:
                    help="competition = the 5 CheXpert competition labels; all = every observation column")
 
 
+VIEWS_HELP = "'frontal' = PA or AP (the paper), 'all', or view names to keep, e.g. PA or PA,AP or LATERAL"
+
+
 def _mimic_csvs(p: argparse.ArgumentParser) -> None:
     """MIMIC-CXR's metadata / split CSVs and view filter: the same for the DICOM and the JPG release."""
     p.add_argument("--metadata-csv", default=None, help="MIMIC-CXR metadata CSV (default: beside --labels-csv)")
     p.add_argument("--split-csv", default=None, help="MIMIC-CXR split CSV (default: beside --labels-csv)")
-    p.add_argument("--views", choices=("frontal", "all"), default="frontal",
-                   help="MIMIC-CXR: frontal = ViewPosition PA or AP")
+    p.add_argument("--views", default="frontal", help="ViewPosition filter: " + VIEWS_HELP)
+    p.add_argument("--demographics-csv", default=None,
+                   help="subject_id -> sex / age (MIMIC-IV hosp/patients.csv: gender, anchor_age), packed as metadata")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -47,10 +51,11 @@ def parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--split-dir", default=None,
                    help="read Xiao et al.'s train_official.txt / val_official.txt / test_official.txt from here")
+    p.add_argument("--views", default=None, help="keep only these View Position values, e.g. PA or PA,AP (default: all)")
     p = sub.add_parser("chexpert", help="CheXpert v1.0 (train.csv -> train, valid.csv -> test)")
     _common(p)
     _policies(p)
-    p.add_argument("--views", choices=("frontal", "all"), default="frontal")
+    p.add_argument("--views", default="frontal", help="Frontal/Lateral + AP/PA filter: " + VIEWS_HELP)
     p = sub.add_parser("dicom", help="DICOM files + a CheXpert-convention labels CSV (MIMIC-CXR style)")
     _common(p)
     _policies(p)
@@ -94,6 +99,17 @@ def _keep(entries: list[str]) -> dict[str, list[str]]:
     return out
 
 
+def _meta_cols(text) -> dict[str, str]:
+    """'sex=Sex,age=Age' -> {"sex": "Sex", "age": "Age"}."""
+    out = {}
+    for e in _csv_list(text or ""):
+        name, eq, col = e.partition("=")
+        if not eq or not name.strip() or not col.strip():
+            raise ConvertError(f"--meta-cols {e!r}: expected NAME=COLUMN (NAME one of sex, age, view)")
+        out[name.strip()] = col.strip()
+    return out
+
+
 def _images_parser(sub) -> None:
     """`fasttrain convert images`: any image folder + labels CSV (converters/images.py)."""
     from .images import MERGE, NEGATIVE, POSITIVE
@@ -126,6 +142,9 @@ def _images_parser(sub) -> None:
                    help="blank label cells: 0 (default, 'not mentioned'), NaN, or an error")
     p.add_argument("--split-col", default=None, help="column holding train / val / test")
     p.add_argument("--patient-col", default=None, help="column holding the patient id (patient-disjoint splits)")
+    p.add_argument("--meta-cols", default=None, metavar="sex=COL,age=COL,view=COL",
+                   help="CSV columns packed as per-image metadata (evaluate --by): sex (M/F/Male/Female), "
+                        "age (years), view (PA, AP, LATERAL, ...)")
     p.add_argument("--test-fraction", type=float, default=0.0,
                    help="carve a patient-disjoint 'test' split of this fraction from train (before --val-fraction)")
     p.add_argument("--merge-rows", choices=MERGE, default="error",
@@ -173,7 +192,7 @@ def _run(args, progress: bool) -> int:
                       shard_size=args.shard_size, progress=progress)
         if args.source == "nih":
             from .nih import convert_nih
-            out = convert_nih(args.src, args.out, split_dir=args.split_dir, **common)
+            out = convert_nih(args.src, args.out, split_dir=args.split_dir, views=args.views, **common)
         elif args.source == "chexpert":
             from .chexpert import convert_chexpert
             out = convert_chexpert(args.src, args.out, uncertain=args.uncertain, labels=args.labels,
@@ -182,7 +201,7 @@ def _run(args, progress: bool) -> int:
             from .dicom import convert_mimic_jpg
             out = convert_mimic_jpg(args.src, args.out, labels_csv=args.labels_csv, uncertain=args.uncertain,
                                     labels=args.labels, views=args.views, metadata_csv=args.metadata_csv,
-                                    split_csv=args.split_csv, **common)
+                                    split_csv=args.split_csv, demographics_csv=args.demographics_csv, **common)
         elif args.source == "images":
             from .images import convert_images
             out = convert_images(args.src, args.labels_csv, args.out, path_col=args.path_col,
@@ -191,12 +210,13 @@ def _run(args, progress: bool) -> int:
                                  negative=args.negative, uncertain=args.uncertain, uncertain_as=args.uncertain_as,
                                  blank=args.blank, split_col=args.split_col, patient_col=args.patient_col,
                                  path_suffix=args.path_suffix, merge_rows=args.merge_rows, keep=_keep(args.keep),
+                                 meta_cols=_meta_cols(args.meta_cols),
                                  test_fraction=args.test_fraction, dataset=args.dataset, **common)
         else:
             from .dicom import convert_dicom
             out = convert_dicom(args.src, args.labels_csv, args.out, uncertain=args.uncertain, labels=args.labels,
                                 views=args.views, metadata_csv=args.metadata_csv, split_csv=args.split_csv,
-                                **common)
+                                demographics_csv=args.demographics_csv, **common)
     except ConvertError as e:
         print(f"fasttrain convert: error: {e}", file=sys.stderr)
         return 1

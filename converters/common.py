@@ -15,7 +15,7 @@ import multiprocessing as mp
 import os
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
@@ -39,6 +39,9 @@ class Item:
     labels: np.ndarray  # float32 [C], NaN = ignored
     where: str  # where it came from, for errors: "Data_Entry_2017.csv row 17"
     group: str = ""  # patient id: val splits are carved patient-disjoint
+    # per-image metadata the source has (METADATA_COLUMNS: sex "M"/"F", age in years, view); never
+    # read by training, only by `evaluate --by` and view filters
+    meta: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -64,6 +67,64 @@ class Problems:
         if self.on_error == "fail":
             raise ConvertError(f"{reason} (use --on-error skip to skip such items)")
         self.skipped.append(Skipped(id, file, reason))
+
+
+# ----------------------------------------------------------------------------- metadata
+
+# The metadata columns a packed split can carry (splits/<split>.metadata.json): the patient (every
+# converter knows it: it makes splits patient-disjoint), sex, age in years, acquisition view.
+METADATA_COLUMNS = ("patient", "sex", "age", "view")
+SEX_NAMES = {"m": "M", "male": "M", "f": "F", "female": "F"}
+
+
+def parse_sex(value: str) -> Optional[str]:
+    """'M' / 'Male' / 'F' / 'Female' (any case) -> 'M' / 'F'; anything else (blank, 'O', 'Unknown') -> None."""
+    return SEX_NAMES.get(str(value).strip().lower())
+
+
+def parse_age(value: str) -> Optional[float]:
+    """Age in years: '58', '58.5', NIH's original '058Y', DICOM's '058Y' / '006M' / '010D'; blank or
+    unreadable -> None (metadata is optional: a bad age never stops a conversion)."""
+    text = str(value).strip().upper()
+    scale = {"Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}.get(text[-1:], None) if text else None
+    if scale is not None:
+        text = text[:-1]
+    try:
+        age = float(text) * (scale or 1.0)
+    except ValueError:
+        return None
+    return age if np.isfinite(age) and 0 <= age < 150 else None
+
+
+def parse_view(value: str) -> Optional[str]:
+    """A view position as the sources spell it, upper-cased ('PA', 'AP', 'LL', 'LATERAL', ...); blank -> None."""
+    text = "_".join(str(value).strip().upper().split())
+    return text or None
+
+
+def parse_views(text: Optional[str], flag: str = "--views") -> Optional[tuple[str, ...]]:
+    """'PA,AP' -> ('PA', 'AP'); None / '' / 'all' -> None (keep every view)."""
+    if text is None or str(text).strip().lower() in ("", "all"):
+        return None
+    views = tuple(v for v in (parse_view(t) for t in str(text).split(",")) if v)
+    if not views:
+        raise ConvertError(f"{flag}: no view names in {text!r} (e.g. PA,AP)")
+    return views
+
+
+def metadata_names(items: Iterable[Item]) -> list[str]:
+    """The METADATA_COLUMNS some item has (the patient comes from each item's group)."""
+    found = set()
+    for it in items:
+        if it.group:
+            found.add("patient")
+        found.update(c for c, v in it.meta.items() if v is not None)
+    return [c for c in METADATA_COLUMNS if c in found]
+
+
+def metadata_columns(items: Sequence[Item], names: Sequence[str]) -> dict[str, list]:
+    """Items -> {column: [value per item]} for each of `names` (None = missing)."""
+    return {c: [(it.group or None) if c == "patient" else it.meta.get(c) for it in items] for c in names}
 
 
 # ----------------------------------------------------------------------------- CSV helpers

@@ -23,13 +23,37 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .chexpert import CHEXPERT_ALL, COMPETITION, map_labels, uncertain_value
-from .common import SPLIT_NAMES, ConvertError, Item, Problems, carve, read_csv
+from .chexpert import CHEXPERT_ALL, COMPETITION, map_labels, uncertain_value, view_filter
+from .common import (SPLIT_NAMES, ConvertError, Item, Problems, carve, parse_age, parse_sex, parse_view, read_csv)
 from .decode import decode_dicom, decode_raster
 from .pack import begin, pack
 
 FILE_COLUMNS = ("path", "Path", "file", "filename", "dicom_id")
 _KIND = {".dcm": "DICOM", ".jpg": "JPEG"}  # what the error messages call a missing file
+# --demographics-csv: MIMIC-IV's hosp/patients.csv (subject_id, gender, anchor_age) or any CSV with
+# subject_id and sex / age columns spelled as below
+DEMOGRAPHIC_SEX = ("gender", "sex", "Sex", "PatientSex")
+DEMOGRAPHIC_AGE = ("anchor_age", "age", "Age", "PatientAge")
+# a labels CSV row's own view / sex / age, when it has such columns
+ROW_VIEW = ("ViewPosition", "view", "View Position")
+
+
+def read_demographics(path: Path) -> dict[str, dict]:
+    """subject_id -> {"sex": 'M' / 'F' / None, "age": years / None} from a demographics CSV."""
+    header, rows = read_csv(path, ["subject_id"])
+    sex_col = next((c for c in DEMOGRAPHIC_SEX if c in header), None)
+    age_col = next((c for c in DEMOGRAPHIC_AGE if c in header), None)
+    if sex_col is None and age_col is None:
+        raise ConvertError(f"{path}: --demographics-csv needs a sex column (one of {list(DEMOGRAPHIC_SEX)}) or an "
+                           f"age column (one of {list(DEMOGRAPHIC_AGE)}); found {header}")
+    return {r["subject_id"]: {"sex": parse_sex(r[sex_col]) if sex_col else None,
+                              "age": parse_age(r[age_col]) if age_col else None} for _, r in rows}
+
+
+def row_metadata(r: dict, subject: str, demographics: dict[str, dict]) -> dict:
+    """view (from the row's ViewPosition) and sex / age (from the demographics CSV, by subject)."""
+    view = parse_view(next((r[c] for c in ROW_VIEW if c in r), ""))
+    return {"view": view, **demographics.get(subject, {})}
 
 
 def _label_names(labels_csv: Path, header: list[str], labels: str) -> list[str]:
@@ -60,19 +84,19 @@ def _split_of(value: str, where: str, ident: str, path: str, problems: Problems)
 
 def build_items(src: Path, labels_csv: Path, labels: str, uncertain: str, problems: Problems,
                 views: str = "frontal", metadata_csv: Optional[Path] = None, split_csv: Optional[Path] = None,
-                suffix: str = ".dcm"):
+                suffix: str = ".dcm", demographics_csv: Optional[Path] = None):
     """-> (splits, label names, id column, source files). A CSV with a file / dicom_id column is
     read row by row; MIMIC-CXR's per-study `mimic-cxr-2.0.0-chexpert.csv` (subject_id, study_id,
     labels) is joined with its metadata (dicom_id -> study, ViewPosition) and split CSVs."""
     header, rows = read_csv(labels_csv, [])
     uncertain_value("Edema", uncertain)
-    if views not in ("frontal", "all"):
-        raise ConvertError(f"--views must be 'frontal' or 'all', got {views!r}")
+    keep_views = view_filter(views)
+    demographics = read_demographics(Path(demographics_csv)) if demographics_csv else {}
     names = _label_names(labels_csv, header, labels)
     file_col = next((c for c in FILE_COLUMNS if c in header), None)
     if file_col is None and {"subject_id", "study_id"} <= set(header):
         return _build_mimic(src, labels_csv, rows, names, uncertain, problems, views, metadata_csv, split_csv,
-                            suffix)
+                            suffix, keep_views, demographics)
     if file_col is None:
         raise ConvertError(f"{labels_csv}: no column naming the image; expected one of {list(FILE_COLUMNS)} "
                            f"(or MIMIC-CXR's subject_id + study_id with its metadata CSV)")
@@ -113,8 +137,11 @@ def build_items(src: Path, labels_csv: Path, labels: str, uncertain: str, proble
             problems.report(ident, str(path), str(e))
             continue
         group = r.get("subject_id") or ident
+        meta = row_metadata(r, r.get("subject_id", ""), demographics)
+        if keep_views is not None and meta["view"] not in keep_views:
+            continue
         splits.setdefault(split, []).append(Item(id=ident, path=str(path), labels=y, where=f"{where} ({ident})",
-                                                 group=group))
+                                                 group=group, meta=meta))
     order = [s for s in ("train", "val", "test") if s in splits]
     return {s: splits[s] for s in order}, names, file_col, [labels_csv]
 
@@ -131,7 +158,8 @@ def _beside(labels_csv: Path, name: str) -> Path:
     return gz if not p.is_file() and gz.is_file() else p
 
 
-def _build_mimic(src, labels_csv, rows, names, uncertain, problems, views, metadata_csv, split_csv, suffix):
+def _build_mimic(src, labels_csv, rows, names, uncertain, problems, views, metadata_csv, split_csv, suffix,
+                 keep_views, demographics):
     metadata_csv = Path(metadata_csv) if metadata_csv else _beside(labels_csv, MIMIC_METADATA)
     if not metadata_csv.is_file():
         raise ConvertError(f"{labels_csv}: per-study labels (subject_id, study_id) need MIMIC-CXR's metadata CSV "
@@ -163,6 +191,9 @@ def _build_mimic(src, labels_csv, rows, names, uncertain, problems, views, metad
         did, subject, study = r["dicom_id"], r["subject_id"], r["study_id"]
         if views == "frontal" and r["ViewPosition"] not in FRONTAL_VIEWS:
             continue
+        meta = row_metadata(r, subject, demographics)
+        if keep_views is not None and meta["view"] not in keep_views:
+            continue
         path = files_root / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{did}{suffix}"
         lab = study_labels.get((subject, study))
         if lab is None:
@@ -182,7 +213,8 @@ def _build_mimic(src, labels_csv, rows, names, uncertain, problems, views, metad
             problems.report(did, str(path), f"{where}: {_KIND[suffix]} file {path} not found")
             continue
         splits.setdefault(split, []).append(Item(id=did, path=str(path), labels=lab[1],
-                                                 where=f"{where} ({did}; labels {lab[0]})", group=subject))
+                                                 where=f"{where} ({did}; labels {lab[0]})", group=subject,
+                                                 meta=meta))
     order = [s for s in ("train", "val", "test") if s in splits]
     return {s: splits[s] for s in order}, names, "dicom_id (MIMIC-CXR metadata join)", sources
 
@@ -200,13 +232,14 @@ def convert_dicom(src, labels_csv, out, formats: Sequence[str] = ("raw",), size:
                   uncertain: str = "paper", labels: str = "competition", val_fraction: float = 0.0,
                   on_error: str = "fail", workers: Optional[int] = None, seed: int = 0, jpeg_quality: int = 95,
                   shard_size: int = 4096, progress: bool = True, views: str = "frontal",
-                  metadata_csv=None, split_csv=None) -> Path:
+                  metadata_csv=None, split_csv=None, demographics_csv=None) -> Path:
     """Pack a folder of DICOMs labelled by `labels_csv` into `out`; return `out`."""
     labels_csv = Path(labels_csv)
     src, opts, problems = begin(src, formats=tuple(formats), size=size, workers=workers, on_error=on_error,
                                 jpeg_quality=jpeg_quality, shard_size=shard_size, progress=progress)
     splits, names, file_col, sources = build_items(src, labels_csv, labels, uncertain, problems, views=views,
-                                                   metadata_csv=metadata_csv, split_csv=split_csv)
+                                                   metadata_csv=metadata_csv, split_csv=split_csv,
+                                                   demographics_csv=demographics_csv)
     _carve_val(splits, labels_csv, val_fraction, seed)
     extra = {"dicom": {"labels_csv": str(labels_csv.absolute()), "id_column": file_col, "uncertain": uncertain,
                        "labels": labels, "views": views, "val_fraction": val_fraction, "split_seed": seed},
@@ -223,7 +256,7 @@ def convert_mimic_jpg(src, out, labels_csv=None, formats: Sequence[str] = ("raw"
                       uncertain: str = "paper", labels: str = "competition", val_fraction: float = 0.0,
                       on_error: str = "fail", workers: Optional[int] = None, seed: int = 0, jpeg_quality: int = 95,
                       shard_size: int = 4096, progress: bool = True, views: str = "frontal",
-                      metadata_csv=None, split_csv=None) -> Path:
+                      metadata_csv=None, split_csv=None, demographics_csv=None) -> Path:
     """Pack MIMIC-CXR-JPG as published into `out`; return `out`.
 
     `src` is the release folder: `files/pNN/pNNNNNNNN/sNNNNNNNN/<dicom_id>.jpg` and the CSVs
@@ -244,7 +277,8 @@ def convert_mimic_jpg(src, out, labels_csv=None, formats: Sequence[str] = ("raw"
         raise ConvertError(f"{labels_csv}: MIMIC-CXR-JPG labels are per study: expected subject_id and study_id "
                            f"columns (found {header[:6]})")
     splits, names, file_col, sources = build_items(src, labels_csv, labels, uncertain, problems, views=views,
-                                                   metadata_csv=metadata_csv, split_csv=split_csv, suffix=".jpg")
+                                                   metadata_csv=metadata_csv, split_csv=split_csv, suffix=".jpg",
+                                                   demographics_csv=demographics_csv)
     _carve_val(splits, labels_csv, val_fraction, seed)
     extra = {"mimic_jpg": {"labels_csv": str(labels_csv.absolute()), "id_column": file_col, "uncertain": uncertain,
                            "labels": labels, "views": views, "val_fraction": val_fraction, "split_seed": seed}}

@@ -36,7 +36,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .common import SPLIT_NAMES, ConvertError, Item, Problems, carve, read_csv
+from .common import (SPLIT_NAMES, ConvertError, Item, Problems, carve, parse_age, parse_sex, parse_view,
+                     read_csv)
 from .decode import decode_file
 from .pack import begin, pack
 
@@ -196,14 +197,30 @@ class _Row:
     group: str
     where: str
     labels: list  # one float32 [C] per CSV row naming this image
+    meta: dict  # sex / age / view from --meta-cols (the first row naming the image)
+
+
+META_PARSERS = {"sex": parse_sex, "age": parse_age, "view": parse_view}
+
+
+def check_meta_cols(meta_cols: Optional[dict[str, str]]) -> dict[str, str]:
+    """--meta-cols {metadata name: CSV column}: names must be sex, age or view."""
+    meta_cols = dict(meta_cols or {})
+    bad = [k for k in meta_cols if k not in META_PARSERS]
+    if bad:
+        raise ConvertError(f"--meta-cols: unknown metadata name(s) {bad}; known: {list(META_PARSERS)} "
+                           f"(the patient comes from --patient-col)")
+    return meta_cols
 
 
 def build_items(src: Path, csvs: list[tuple[Optional[str], Path]], path_col: str, spec: LabelSpec,
                 problems: Problems, *, split_col: Optional[str] = None, patient_col: Optional[str] = None,
-                path_suffix: str = "", merge_rows: str = "error", keep: Optional[dict[str, Sequence[str]]] = None):
+                path_suffix: str = "", merge_rows: str = "error", keep: Optional[dict[str, Sequence[str]]] = None,
+                meta_cols: Optional[dict[str, str]] = None):
     """Read and check every CSV -> ({split: [Item]}, label names, rows left out by `keep`).
     Raises before any decoding."""
     spec.check()
+    meta_cols = check_meta_cols(meta_cols)
     keep = {c: {v.strip().lower() for v in vs} for c, vs in (keep or {}).items()}
     if merge_rows not in MERGE:
         raise ConvertError(f"--merge-rows must be one of {list(MERGE)}, got {merge_rows!r}")
@@ -213,7 +230,7 @@ def build_items(src: Path, csvs: list[tuple[Optional[str], Path]], path_col: str
     left_out = 0  # rows --keep leaves out (other views, excluded studies): not errors
     for split, p in csvs:
         required = [path_col] + ([spec.multi_col] if spec.multi_col else list(spec.label_cols)) + \
-            [c for c in (split_col, patient_col) if c] + list(keep)
+            [c for c in (split_col, patient_col) if c] + list(keep) + list(meta_cols.values())
         header, rows = read_csv(p, required)  # a missing column lists the ones the CSV has
         kept = [(n, r) for n, r in rows if all(r[c].strip().lower() in vs for c, vs in keep.items())]
         left_out += len(rows) - len(kept)
@@ -271,7 +288,8 @@ def build_items(src: Path, csvs: list[tuple[Optional[str], Path]], path_col: str
             if path is None:
                 missing[rel] = (where, why)
                 continue
-            by_id[rel] = _Row(rel, path, split, group, where, [y])
+            meta = {k: META_PARSERS[k](r[col]) for k, col in meta_cols.items()}
+            by_id[rel] = _Row(rel, path, split, group, where, [y], meta)
     if missing:
         first = "; ".join(f"{w}: {rel + path_suffix} {why}" for rel, (w, why) in list(missing.items())[:SHOW])
         msg = (f"{len(missing)} image(s) named in column {path_col!r} do not exist under {src}"
@@ -283,7 +301,7 @@ def build_items(src: Path, csvs: list[tuple[Optional[str], Path]], path_col: str
     splits: dict[str, list[Item]] = {}
     for row in by_id.values():
         item = Item(id=row.ident, path=str(row.path), labels=_merge(row.labels, merge_rows),
-                    where=f"{row.where} ({row.ident})", group=row.group)
+                    where=f"{row.where} ({row.ident})", group=row.group, meta=row.meta)
         splits.setdefault(row.split, []).append(item)
     order = [s for s in ("train", "val", "test") if s in splits]
     return {s: splits[s] for s in order}, list(spec.names), left_out
@@ -311,7 +329,7 @@ def convert_images(src, labels_csv, out, *, path_col: str, label_cols: Optional[
                    uncertain: Sequence[str] = (), uncertain_as: str = "ignore", blank: str = "zeros",
                    split_col: Optional[str] = None, patient_col: Optional[str] = None, path_suffix: str = "",
                    merge_rows: str = "error", keep: Optional[dict[str, Sequence[str]]] = None,
-                   test_fraction: float = 0.0, val_fraction: float = 0.0,
+                   meta_cols: Optional[dict[str, str]] = None, test_fraction: float = 0.0, val_fraction: float = 0.0,
                    dataset: str = "images", formats: Sequence[str] = ("raw",), size: int = 256,
                    on_error: str = "fail", workers: Optional[int] = None, seed: int = 0, jpeg_quality: int = 95,
                    shard_size: int = 4096, progress: bool = True) -> Path:
@@ -324,7 +342,7 @@ def convert_images(src, labels_csv, out, *, path_col: str, label_cols: Optional[
                      negative=tuple(negative), uncertain=tuple(uncertain), uncertain_as=uncertain_as, blank=blank)
     splits, names, left_out = build_items(src, csvs, path_col, spec, problems, split_col=split_col,
                                           patient_col=patient_col, path_suffix=path_suffix, merge_rows=merge_rows,
-                                          keep=keep)
+                                          keep=keep, meta_cols=meta_cols)
     if not splits:
         raise ConvertError(f"{', '.join(str(p) for _, p in csvs)}: no usable rows")
     if test_fraction:
@@ -339,7 +357,7 @@ def convert_images(src, labels_csv, out, *, path_col: str, label_cols: Optional[
         "unlisted": unlisted if multi_col else None,
         "positive": list(positive), "negative": list(negative), "uncertain": list(uncertain),
         "uncertain_as": uncertain_as, "blank": blank, "split_col": split_col, "patient_col": patient_col,
-        "merge_rows": merge_rows, "keep": {c: list(v) for c, v in (keep or {}).items()}, "rows_left_out": left_out,
+        "merge_rows": merge_rows, "meta_cols": meta_cols or {}, "keep": {c: list(v) for c, v in (keep or {}).items()}, "rows_left_out": left_out,
         "test_fraction": test_fraction, "val_fraction": val_fraction,
         "split_seed": seed},
         "preprocessing": {"decoder": "decode_file: PNG/JPEG via decode_raster, DICOM (.dcm/.dicom/no suffix) "

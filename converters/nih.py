@@ -15,7 +15,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .common import ConvertError, Item, Problems, patient_disjoint_split, read_csv
+from .common import (ConvertError, Item, Problems, parse_age, parse_sex, parse_view, parse_views,
+                     patient_disjoint_split, read_csv)
 from .decode import decode_raster
 from .pack import begin, pack
 
@@ -28,6 +29,14 @@ CSV_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")  # the 2020 rev
 REQUIRED_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
 LIST_NAMES = {"train": "train_val_list.txt", "test": "test_list.txt"}
 XIAO_NAMES = {"train": "train_official.txt", "val": "val_official.txt", "test": "test_official.txt"}
+# metadata columns of Data_Entry_2017*.csv (optional: a trimmed copy without them still converts)
+SEX_COLUMN, AGE_COLUMN, VIEW_COLUMN = "Patient Gender", "Patient Age", "View Position"
+
+
+def row_metadata(r: dict) -> dict:
+    """sex / age / view of one Data_Entry row (None where the column is absent or blank)."""
+    return {"sex": parse_sex(r.get(SEX_COLUMN, "")), "age": parse_age(r.get(AGE_COLUMN, "")),
+            "view": parse_view(r.get(VIEW_COLUMN, ""))}
 
 
 def find_csv(src: Path) -> Optional[Path]:
@@ -95,12 +104,13 @@ def read_xiao(path: Path) -> list[tuple[int, str, np.ndarray]]:
 
 
 def build_items(src: Path, split_dir: Optional[Path], val_fraction: float, seed: int,
-                problems: Problems) -> tuple[dict[str, list[Item]], list[Path], dict]:
+                problems: Problems, views: Optional[str] = None) -> tuple[dict[str, list[Item]], list[Path], dict]:
     csv_path = find_csv(src)
     if csv_path is None and split_dir is None:
         raise ConvertError(f"{src}: neither {CSV_NAMES[0]} nor {CSV_NAMES[1]} found")
     images = index_images(src, problems)
     rows: dict[str, tuple[str, np.ndarray, str]] = {}  # name -> (where, labels, patient)
+    metas: dict[str, dict] = {}  # name -> sex / age / view
     bad: set[str] = set()  # rows already reported (skip mode): not reported again from the lists
     sources = []
     if csv_path is not None:
@@ -122,6 +132,7 @@ def build_items(src: Path, split_dir: Optional[Path], val_fraction: float, seed:
                 problems.report(name, str(csv_path), f"{where}: duplicate Image Index {name!r} (also {rows[name][0]})")
                 continue
             rows[name] = (where, y, r["Patient ID"])
+            metas[name] = row_metadata(r)
 
     def make(name: str, where: str, labels: np.ndarray, patient: str) -> Optional[Item]:
         path = images.get(name)
@@ -129,7 +140,7 @@ def build_items(src: Path, split_dir: Optional[Path], val_fraction: float, seed:
             problems.report(name, name, f"{where}: image file {name} not found under {src}/images/ "
                                         f"or {src}/images_NNN/images/")
             return None
-        return Item(id=name, path=str(path), labels=labels, where=where, group=patient)
+        return Item(id=name, path=str(path), labels=labels, where=where, group=patient, meta=metas.get(name, {}))
 
     splits: dict[str, list[Item]] = {}
     listed: set[str] = set()
@@ -178,22 +189,32 @@ def build_items(src: Path, split_dir: Optional[Path], val_fraction: float, seed:
             lists = list(XIAO_NAMES.values()) if split_dir is not None else list(LIST_NAMES.values())
             problems.report(name, str(images.get(name, name)),
                             f"{where}: {name} is in no split list ({', '.join(lists)})")
+    keep_views = parse_views(views)
+    if keep_views is not None:
+        if not metas:
+            raise ConvertError(f"--views {views}: the NIH split files carry no '{VIEW_COLUMN}'; convert with the "
+                               f"Data_Entry CSV beside them")
+        splits = {k: [it for it in v if it.meta.get("view") in keep_views] for k, v in splits.items()}
     if val_fraction:
         if "val" in splits:
             raise ConvertError(f"{split_dir}: has val_official.txt; --val-fraction would split train again")
         splits["train"], splits["val"] = patient_disjoint_split(splits["train"], val_fraction, seed)
     info = {"split_source": split_source, "val_fraction": val_fraction, "split_seed": seed,
+            "views": list(keep_views) if keep_views else "all",
             "labels_csv": csv_path.name if csv_path else None}
     return splits, sources, info
 
 
 def convert_nih(src, out, formats: Sequence[str] = ("raw",), size: int = 256, val_fraction: float = 0.0,
                 split_dir=None, on_error: str = "fail", workers: Optional[int] = None, seed: int = 0,
-                jpeg_quality: int = 95, shard_size: int = 4096, progress: bool = True) -> Path:
-    """Pack an NIH ChestX-ray14 source folder into `out`; return `out`."""
+                jpeg_quality: int = 95, shard_size: int = 4096, progress: bool = True,
+                views: Optional[str] = None) -> Path:
+    """Pack an NIH ChestX-ray14 source folder into `out`; return `out`. `views` ('PA,AP'): keep only
+    images whose View Position is one of them (None: all)."""
     src, opts, problems = begin(src, formats=tuple(formats), size=size, workers=workers, on_error=on_error,
                                 jpeg_quality=jpeg_quality, shard_size=shard_size, progress=progress)
-    splits, sources, info = build_items(src, Path(split_dir) if split_dir else None, val_fraction, seed, problems)
+    splits, sources, info = build_items(src, Path(split_dir) if split_dir else None, val_fraction, seed, problems,
+                                        views=views)
     synthetic = (src / "README.txt").is_file() and "SYNTHETIC" in (src / "README.txt").read_text()[:200]
     return pack(dataset="nih-chestxray14" + ("-synthetic" if synthetic else ""), source=src, out=Path(out),
                 splits=splits, label_names=NIH_LABELS, decode=decode_raster, opts=opts, problems=problems,

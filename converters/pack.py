@@ -18,7 +18,7 @@ import numpy as np
 from . import decode as decode_mod
 from . import raw as raw_writer
 from .common import (FORMAT_PREFERENCE, MANIFEST_VERSION, AtomicDir, ConvertError, DecodeFn, Item, PackOptions,
-                     Problems, default_workers, sha256_file, write_json_atomic)
+                     Problems, default_workers, metadata_columns, metadata_names, sha256_file, write_json_atomic)
 
 
 def begin(src, **options) -> tuple[Path, PackOptions, Problems]:
@@ -79,6 +79,9 @@ def pack(*, dataset: str, source: Path, out: Path, splits: dict[str, list[Item]]
         split_meta = {}
         details: dict[str, dict] = {}
         t0 = time.perf_counter()
+        # one set of metadata columns for every split (a split whose images all lack an age still has
+        # the column, all missing)
+        meta_names = metadata_names(it for items in splits.values() for it in items)
         written = raw_writer.write_splits(tmp, splits, decode, size, workers, opts.progress, problems)
         rates["decode_images_per_s"] = round(sum(map(len, splits.values())) / max(time.perf_counter() - t0, 1e-9), 1)
         for name, items in splits.items():
@@ -103,6 +106,11 @@ def pack(*, dataset: str, source: Path, out: Path, splits: dict[str, list[Item]]
                 "prevalence": prevalence,
                 "ignored_labels": int(np.isnan(labels).sum()),
             }
+            columns = metadata_columns(kept, meta_names)  # one value per kept image, in the split's order
+            if columns:
+                write_json_atomic(tmp / "splits" / f"{name}.metadata.json", columns)
+                split_meta[name]["metadata"] = f"splits/{name}.metadata.json"
+                split_meta[name]["metadata_missing"] = {c: sum(v is None for v in vals) for c, vals in columns.items()}
         details["raw"] = raw_writer.details(split_meta, size)
         if "ffcv" in opts.formats:
             from . import ffcv_writer

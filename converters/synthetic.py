@@ -13,7 +13,13 @@ carries several.
 `layout="chexpert"` writes the CheXpert-v1.0-small release instead (`generate_chexpert_layout`):
 `out/CheXpert-v1.0-small/{train,valid}.csv` and `{train,valid}/patientNNNNN/studyN/viewN_{frontal,lateral}.jpg`,
 packed unchanged by `fasttrain convert chexpert`.
-Deterministic: image i depends only on (seed, i, size); patients and splits only on (seed, n).
+Deterministic: image i depends only on (seed, i, size, its patient's sex); patients, their sex,
+age and views, and the splits only on (seed, n).
+
+A deliberate subgroup effect (SUBGROUP_EFFECT): the findings' signs on female patients' images are
+drawn at FEMALE_SIGN_CONTRAST of their contrast, so a model trained on the phantoms separates
+findings less well on women. It exists only so that `fasttrain evaluate --by sex` has a gap to
+show on synthetic data; it models no real anatomy.
 
 Drawing is vectorised numpy over precomputed coordinate grids; local signs touch only their
 bounding box, so a 256-px phantom costs a few milliseconds on one core.
@@ -57,6 +63,9 @@ SIGNS = {
     "Pleural_Thickening": "dense band along the lateral chest wall of one lung",
     "Hernia": "retrocardiac round structure with an air-fluid level",
 }
+FEMALE_SIGN_CONTRAST = 0.5
+SUBGROUP_EFFECT = (f"the localised signs of every finding are drawn at {FEMALE_SIGN_CONTRAST:.0%} contrast on "
+                   "female patients' images (a deliberate, synthetic subgroup gap for evaluate --by sex)")
 CSV_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
               "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
 README = """SYNTHETIC DATA - NOT REAL RADIOGRAPHS
@@ -65,7 +74,8 @@ These {n} images are procedurally generated chest-radiograph phantoms written by
 (`fasttrain convert synthetic`, seed {seed}, {size} px). They follow the NIH ChestX-ray14 file
 layout (Data_Entry_2017_v2020.csv, images/, train_val_list.txt, test_list.txt) only so that the
 real NIH converter can read them. Findings are drawn signs, not disease; patients, ages and
-genders are random. Never report results on them as results on real data.
+genders are random. Deliberate subgroup effect: {effect}.
+Never report results on them as results on real data.
 """
 
 
@@ -124,8 +134,9 @@ def _noise_bank(size: int) -> np.ndarray:
 DRAW_RES = 128
 
 
-def draw_phantom(seed: int, index: int, size: int = 256) -> Phantom:
-    """Draw phantom `index` of the set with `seed`: same (seed, index, size) -> same pixels."""
+def draw_phantom(seed: int, index: int, size: int = 256, sign_contrast: float = 1.0) -> Phantom:
+    """Draw phantom `index` of the set with `seed`: same (seed, index, size, sign_contrast) -> same
+    pixels. `sign_contrast` scales what the localised finding signs add to the anatomy."""
     import cv2
     rng = np.random.default_rng([int(seed), int(index), 0x9E3779B1])
     work = min(size, DRAW_RES)
@@ -200,6 +211,7 @@ def draw_phantom(seed: int, index: int, size: int = 256) -> Phantom:
         return lcx[side] + rng.uniform(-half, half), vv
 
     # ---- findings
+    anatomy = img.copy() if sign_contrast != 1.0 else None  # [W, W] before the signs
     if has["Atelectasis"]:
         side = rng.integers(2)
         cx, cy = lung_point(side, -0.1, 0.35, 0.3)
@@ -274,6 +286,8 @@ def draw_phantom(seed: int, index: int, size: int = 256) -> Phantom:
             air = np.clip((cy - 0.01 - v) / 0.01, 0, 1)  # gas above the fluid level
             return disk * (0.15 - 0.60 * air)
         _add_local(img, U, V, cx, cy, r * 1.3, r * 1.3, hernia)
+    if anatomy is not None:
+        img = anatomy + sign_contrast * (img - anatomy)
 
     # ---- exposure, blur, noise, quantisation
     gain, offset = rng.uniform(0.9, 1.05), rng.uniform(-0.03, 0.03)
@@ -323,10 +337,10 @@ def _plan(n: int, seed: int, size: int, test_fraction: float) -> _PatientPlan:
 def _draw_and_write(args) -> np.ndarray:
     """Draw phantoms `indices` and write each to its file (PNG or JPEG by suffix) under `root`."""
     import cv2
-    seed, indices, size, root, rels, jpeg_quality = args
+    seed, indices, size, root, rels, jpeg_quality, contrasts = args
     labels = []
-    for i, rel in zip(indices, rels):
-        ph = draw_phantom(seed, i, size)
+    for i, rel, contrast in zip(indices, rels, contrasts):
+        ph = draw_phantom(seed, i, size, contrast)
         path = os.path.join(root, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         if rel.endswith(".jpg"):
@@ -339,12 +353,20 @@ def _draw_and_write(args) -> np.ndarray:
     return np.stack(labels)
 
 
+def sign_contrast(sex: str) -> float:
+    """The deliberate subgroup effect: signs' contrast for a patient of `sex` ('F' / 'Female' fainter)."""
+    return FEMALE_SIGN_CONTRAST if sex in ("F", "Female") else 1.0
+
+
 def _draw_all(seed: int, size: int, root: Path, rels: list[str], workers: Optional[int], progress: bool,
-              jpeg_quality: int = 95) -> np.ndarray:
-    """Draw phantom i into root/rels[i] for every i, in chunks over `workers` processes: labels [n, 14]."""
+              sexes: list[str], jpeg_quality: int = 95) -> np.ndarray:
+    """Draw phantom i (of a patient of sex sexes[i]) into root/rels[i] for every i, in chunks over
+    `workers` processes: labels [n, 14]."""
     from .common import progress as bar_of
     n, chunk = len(rels), 64
-    tasks = ((seed, range(s, min(s + chunk, n)), size, str(root), rels[s:s + chunk], jpeg_quality)
+    contrasts = [sign_contrast(x) for x in sexes]
+    tasks = ((seed, range(s, min(s + chunk, n)), size, str(root), rels[s:s + chunk], jpeg_quality,
+              contrasts[s:s + chunk])
              for s in range(0, n, chunk))
     labels = []
     bar = bar_of(n, "phantoms (SYNTHETIC)", progress)
@@ -382,7 +404,8 @@ def generate_phantoms(out_dir, n: int, seed: int = 0, size: int = 256, test_frac
     t0 = time.perf_counter()
     with AtomicDir(Path(out_dir)) as tmp:
         (tmp / "images").mkdir()
-        labels = _draw_all(seed, size, tmp, [f"images/{nm}" for nm in plan.names], workers, progress)
+        labels = _draw_all(seed, size, tmp, [f"images/{nm}" for nm in plan.names], workers, progress,
+                           [row[5] for row in plan.rows])
         with open(tmp / "Data_Entry_2017_v2020.csv", "w", newline="") as f:
             f.write(CSV_HEADER + "\n")
             w = csv.writer(f, lineterminator="\n")
@@ -394,7 +417,8 @@ def generate_phantoms(out_dir, n: int, seed: int = 0, size: int = 256, test_frac
         train = [nm for nm, row in zip(plan.names, plan.rows) if row[3] not in plan.test_patients]
         (tmp / "train_val_list.txt").write_text("".join(x + "\n" for x in train))
         (tmp / "test_list.txt").write_text("".join(x + "\n" for x in test))
-        (tmp / "README.txt").write_text(README.format(n=n, seed=seed, size=size) + "\nSigns drawn per finding:\n" +
+        (tmp / "README.txt").write_text(README.format(n=n, seed=seed, size=size, effect=SUBGROUP_EFFECT) +
+                                        "\nSigns drawn per finding:\n" +
                                         "".join(f"  {k} ({PREVALENCE[k]:.0%}): {SIGNS[k]}\n" for k in NIH_LABELS))
     dt = time.perf_counter() - t0
     if progress:
@@ -423,8 +447,8 @@ These {n} images are procedurally generated chest-radiograph phantoms written by
 (`fasttrain convert synthetic --layout chexpert`, seed {seed}, {size} px). They follow the
 CheXpert-v1.0-small file layout (train.csv, valid.csv, train/patientNNNNN/studyN/viewN_frontal.jpg,
 valid/...) only so that the real CheXpert converter can read them. Findings are drawn signs, not
-disease; "lateral" views are more frontal phantoms; patients, ages and sexes are random. Never report
-results on them as results on real data.
+disease; "lateral" views are more frontal phantoms; patients, ages and sexes are random. Deliberate
+subgroup effect: {effect}. Never report results on them as results on real data.
 """
 
 
@@ -484,7 +508,7 @@ def generate_chexpert_layout(out_dir, n: int, seed: int = 0, size: int = 256, te
     with AtomicDir(Path(out_dir)) as tmp:
         root = tmp / CHEXPERT_RELEASE
         root.mkdir()
-        labels = _draw_all(seed, size, root, rels, workers, progress)  # [n, 14] NIH findings
+        labels = _draw_all(seed, size, root, rels, workers, progress, [r["sex"] for r in rows])  # [n, 14] NIH findings
         header = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CHEXPERT_COLUMNS]
         rng = np.random.default_rng([int(seed), 0xCE11])
         study_cells: dict = {}
@@ -500,7 +524,7 @@ def generate_chexpert_layout(out_dir, n: int, seed: int = 0, size: int = 256, te
                 (wv if valid else wt).writerow(
                     [f"{CHEXPERT_RELEASE}/{rel}", r["sex"], r["age"], r["kind"].capitalize(),
                      r["ap"] if r["kind"] == "frontal" else "", *study_cells[key]])
-        (root / "README.txt").write_text(CHEXPERT_README.format(n=n, seed=seed, size=size))
+        (root / "README.txt").write_text(CHEXPERT_README.format(n=n, seed=seed, size=size, effect=SUBGROUP_EFFECT))
     dt = time.perf_counter() - t0
     if progress:
         print(f"wrote {n} SYNTHETIC phantoms (CheXpert layout) to {out_dir} in {dt:.1f} s ({n / dt:.0f} img/s)")

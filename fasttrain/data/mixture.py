@@ -153,6 +153,19 @@ class PackedMixture:
         self.manifest = {"dataset": " + ".join(str(p.manifest.get("dataset")) for p in parts),
                          "synthetic": self.synthetic, "formats": [self.format]}
 
+    @property
+    def metadata(self) -> dict[str, np.ndarray]:
+        """The parts' metadata end to end (PackedSplit.metadata): every column some part has,
+        missing (None / NaN) over the parts without it."""
+        metas = [p.metadata for p in self.parts]
+        names = list(dict.fromkeys(c for m in metas for c in m))
+        out = {}
+        for c in names:
+            cols = [m[c] if c in m else np.full(len(p), np.nan if c == "age" else None, dtype=np.float64 if c == "age"
+                                               else object) for m, p in zip(metas, self.parts)]
+            out[c] = np.concatenate(cols)
+        return out
+
     def _epoch_size(self, samples_per_epoch: Optional[int]) -> int:
         if samples_per_epoch is None:
             return self.count

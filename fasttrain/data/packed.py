@@ -20,6 +20,23 @@ class PackedError(ValueError):
     """A packed dataset that is missing, incomplete, or lacks the requested split / format."""
 
 
+def metadata_arrays(columns: dict[str, list], count: int, where: str) -> dict[str, np.ndarray]:
+    """{column: [value per image]} as written by the converters -> {column: numpy array [count]}:
+    float64 with NaN for missing for the numeric 'age', object with None for missing otherwise."""
+    out = {}
+    for name, values in columns.items():
+        if len(values) != count:
+            raise PackedError(f"{where}: metadata column '{name}' has {len(values)} values for {count} images")
+        if name == "age":
+            out[name] = np.array([np.nan if v is None else float(v) for v in values], np.float64)
+        else:
+            arr = np.empty(count, dtype=object)
+            arr[:] = values
+            out[name] = arr
+        out[name].setflags(write=False)
+    return out
+
+
 class PackedSplit:
     def __init__(self, root: Path, manifest: dict, split: str, fmt: str):
         self.root = root
@@ -37,6 +54,7 @@ class PackedSplit:
         if len(self.ids) != self.count or self.labels.shape != (self.count, len(self.label_names)):
             raise PackedError(f"{root}: split '{split}' has {len(self.ids)} ids and labels {self.labels.shape}, "
                               f"manifest says {self.count} x {len(self.label_names)}")
+        self._metadata: Optional[dict[str, np.ndarray]] = None
         details = manifest["format_details"][fmt]
         self.details = details
         self.images: Optional[np.memmap] = None
@@ -65,6 +83,25 @@ class PackedSplit:
             if missing:
                 raise PackedError(f"{root}: DALI files missing: {missing[:3]}")
             self._dali_where = None
+
+    @property
+    def metadata(self) -> dict[str, np.ndarray]:
+        """Per-image metadata the converter found in the source: {column: array [count]} over
+        'patient', 'sex' ('M' / 'F'), 'age' (years, float, NaN = missing), 'view' ('PA', 'AP', 'LL',
+        'LATERAL', ...), in the split's image order; None = missing. Empty for a dataset packed
+        without metadata. Read on first use (training never needs it)."""
+        if self._metadata is None:
+            rel = self.manifest["splits"][self.split].get("metadata")
+            if rel is None:
+                self._metadata = {}
+            else:
+                path = self.root / rel
+                try:
+                    columns = json.loads(path.read_text())
+                except (OSError, ValueError) as e:
+                    raise PackedError(f"{path}: metadata of split '{self.split}' unreadable: {e}") from e
+                self._metadata = metadata_arrays(columns, self.count, str(path))
+        return self._metadata
 
     def check_raw_file(self) -> None:
         """Before each gather (two stats, microseconds): the raw file is still where it was and

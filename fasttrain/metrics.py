@@ -173,3 +173,72 @@ def bootstrap_auc_matrix_reference(y_true: np.ndarray, y_score: np.ndarray, labe
             if y.size and y.min() != y.max():
                 out[b, j] = roc_auc_score(y, s)
     return out
+
+
+# ----------------------------------------------------------------------------- calibration
+
+ECE_BINS = 15  # equal-width bins over [0, 1], the count most calibration papers report
+
+
+def calibration_bins(p: np.ndarray, n_bins: int = ECE_BINS) -> np.ndarray:
+    """Bin of each probability: bin k holds (k/n, (k+1)/n], bin 0 also holds 0 (sklearn's
+    calibration_curve(strategy="uniform") binning, so its curve is this diagram's)."""
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    return np.searchsorted(edges[1:-1], p)  # [N] int in 0..n_bins-1
+
+
+def expected_calibration_error(y_true, y_prob, n_bins: int = ECE_BINS) -> float | None:
+    """ECE of one label: sum over bins b of (n_b / N) |mean(y in b) - mean(p in b)|, which is
+    (1/N) sum_b |sum_{i in b} (y_i - p_i)|. y_true [N] in {0, 1} (NaN = unknown, dropped),
+    y_prob [N] in [0, 1]. None when no row is known."""
+    y = np.asarray(y_true, dtype=np.float64)
+    p = np.asarray(y_prob, dtype=np.float64)
+    keep = ~np.isnan(y)
+    y, p = y[keep], p[keep]
+    if y.size == 0:
+        return None
+    per_bin = np.bincount(calibration_bins(p, n_bins), weights=y - p, minlength=n_bins)  # [n_bins]
+    return float(np.abs(per_bin).sum() / y.size)
+
+
+def brier_score(y_true, y_prob) -> float | None:
+    """Mean squared error of the probabilities over the known (non-NaN) rows of one label; None if none."""
+    y = np.asarray(y_true, dtype=np.float64)
+    p = np.asarray(y_prob, dtype=np.float64)
+    keep = ~np.isnan(y)
+    return float(np.mean((y[keep] - p[keep]) ** 2)) if keep.any() else None
+
+
+def bootstrap_ece_matrix(y_true: np.ndarray, y_prob: np.ndarray, *, n_boot: int, seed: int,
+                         n_bins: int = ECE_BINS, chunk: int = 100) -> np.ndarray:
+    """Per-label ECE on `n_boot` seeded resamples of the images -> [n_boot, C] (NaN: no known row
+    of that label on the resample). The resamples are bootstrap_auc_matrix's for the same seed.
+
+    With multiplicities c of the images, ECE = sum_b |sum_{i in b} c_i (y_i - p_i)| / sum_i c_i:
+    one sparse [bins, N] matrix of (y - p) per label turns every resample's ECE into a product.
+    """
+    from scipy import sparse
+    y_true = np.asarray(y_true, dtype=np.float64)
+    y_prob = np.asarray(y_prob, dtype=np.float64)
+    n, c = y_true.shape
+    signed, known = [], []
+    for j in range(c):
+        rows = np.flatnonzero(~np.isnan(y_true[:, j]))  # [K] known rows
+        bins = calibration_bins(y_prob[rows, j], n_bins)
+        signed.append(sparse.csr_matrix((y_true[rows, j] - y_prob[rows, j], (bins, rows)), shape=(n_bins, n)))
+        mask = np.zeros(n)
+        mask[rows] = 1.0
+        known.append(mask)
+    known_m = np.stack(known)  # [C, N]
+    out = np.full((n_boot, c), np.nan)  # [B, C]
+    rng = np.random.default_rng(seed)
+    done = 0
+    for counts in resample_counts(rng, n, n_boot, chunk):  # [N, b]
+        b = counts.shape[1]
+        totals = known_m @ counts  # [C, b] known rows drawn per label
+        for j in range(c):
+            err = np.abs(np.asarray(signed[j] @ counts, dtype=np.float64)).sum(axis=0)  # [b]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[done:done + b, j] = np.where(totals[j] > 0, err / totals[j], np.nan)
+        done += b
+    return out

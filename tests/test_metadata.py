@@ -17,7 +17,7 @@ from fasttrain.converters.nih import convert_nih
 from fasttrain.converters.synthetic import FEMALE_SIGN_CONTRAST, draw_phantom
 from fasttrain.data.mixture import open_mixture
 from fasttrain.data.packed import open_packed
-from tests.fixtures_datasets import (MIMIC_IMAGES, gray_pattern, write_chexpert, write_mimic, write_nih)
+from fixtures_datasets import MIMIC_IMAGES, gray_pattern, write_chexpert, write_mimic, write_nih
 
 OPTS = dict(size=16, workers=0, progress=False)
 

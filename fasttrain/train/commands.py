@@ -120,21 +120,41 @@ def evaluate_main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--device", default="auto")
+    p.add_argument("--by", default=None, metavar="COL[,COL...]",
+                   help="subgroup table over these metadata columns (sex, age, view, ...): per-group AUC and mAUC "
+                        "with CIs, worst group, gap, underdiagnosis rate")
+    p.add_argument("--age-bins", default="0,40,60,80", help="edges of the age groups for --by age (years)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="fit one temperature per label on --val-split, store it beside the checkpoint "
+                        "(CKPT.temperature.json) and report the ECE after it")
+    p.add_argument("--val-split", default="val",
+                   help="split that picks the underdiagnosis thresholds and fits --calibrate (default val)")
     p.add_argument("--json", action="store_true", help="print the results JSON instead of the table")
     args = p.parse_args(argv)
 
     def go():
         from fasttrain.train.finetune import evaluate_checkpoint
         from fasttrain.train.evaluate import format_table
+        from fasttrain.train.calibration import format_calibration
+        from fasttrain.train.subgroups import format_subgroups
+        by = [c.strip() for c in args.by.split(",") if c.strip()] if args.by else None
         res = evaluate_checkpoint(args.ckpt, args.data, args.split, args.out, n_boot=args.bootstrap, seed=args.seed,
-                                  batch_size=args.batch_size, device=args.device)
+                                  batch_size=args.batch_size, device=args.device, by=by, age_bins=args.age_bins,
+                                  calibrate=args.calibrate, val_split=args.val_split)
         if args.json:
             print(json.dumps(res, default=str))
         else:
             tag = "SYNTHETIC phantoms: " if res["synthetic"] else ""
             print(format_table(res, f"{tag}{res['dataset']} {args.split}, {res['n_images']} images, "
                                     f"95% CI from {args.bootstrap} bootstrap resamples"))
-            print(f"results: {res['paths']['results']}\nROC curves: {res['paths']['roc']}")
+            print("\n" + format_calibration(res["calibration"]))
+            if "subgroups" in res:
+                src = res["subgroups"]["thresholds_from"]
+                print(f"\nsubgroups (underdiagnosis: a positive study with every label below its "
+                      + (f"Youden threshold on '{src}')" if src else "threshold: no validation split, not computed)"))
+                print(format_subgroups(res["subgroups"]))
+            print(f"results: {res['paths']['results']}\nROC curves: {res['paths']['roc']}\n"
+                  f"reliability diagram: {res['paths']['reliability']}")
     return _run("evaluate", go)
 
 

@@ -20,11 +20,14 @@ import torch
 from fasttrain.config import ConfigError, config_from_dict
 from fasttrain.train import loop
 from fasttrain.train.builders import build_classifier, init_classifier
+from fasttrain.train.calibration import (apply_temperature, calibration_report, fit_temperature, plot_reliability,
+                                         save_temperature)
 from fasttrain.train.checkpoint import load_checkpoint
 from fasttrain.train.dist import DistInfo, cleanup
 from fasttrain.train.engine import cfg_amp_dtype
 from fasttrain.train.evaluate import bootstrap_auc, format_table, plot_roc, predict
 from fasttrain.train.optim import param_groups_weight_decay
+from fasttrain.train.subgroups import DEFAULT_AGE_BINS, group_column, parse_age_bins, subgroup_report, youden_thresholds
 
 log = logging.getLogger("fasttrain.train")
 
@@ -118,36 +121,82 @@ def load_classifier(path: str | Path, ck: dict | None = None):
     return model.eval(), cfg, ck.get("label_names")
 
 
-def evaluate_checkpoint(ckpt: str | Path, data: str | Path, split: str = "test", out: str | Path | None = None, *,
-                        n_boot: int = 1000, seed: int = 0, batch_size: int | None = None,
-                        device: str = "auto", title: str | None = None) -> dict:
-    """Per-label AUC + mAUC with bootstrap 95% CIs on `split` of the packed dataset `data`;
-    writes OUT/results_<split>.json and OUT/roc_<split>.png (OUT defaults to the run's eval/)."""
+def score_split(model, cfg, ckpt, data, split: str, dev, trained_labels, *, seed: int = 0,
+                batch_size: int | None = None):
+    """The model's scores on every image of `split`, in the split's order -> (scores [N, C],
+    labels [N, C], the loader's packed data, images/s)."""
     from fasttrain.data import build_loader
-    from fasttrain.train.dist import resolve_device
-    model, cfg, trained_labels = load_classifier(ckpt)
-    data = data if isinstance(data, (list, tuple)) else str(data)  # one packed dataset or a mixture's parts
     _check_split(data, split, "--split", split)  # a part's own ':SPLIT' names the split to evaluate
-    dev = resolve_device(device)
     # the training run's mixture weights do not apply here: evaluation reads every image once
     cfg.data.path, cfg.data.weights, cfg.data.samples_per_epoch = data, None, None
     cfg.data.train_split = split
     loader = build_loader(cfg.data, split, train=False, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans,
                           device=dev, dtype=torch.float32, seed=seed, batch_size=batch_size)
-    manifest = loader.packed.manifest
     names = list(loader.label_names)
     if len(names) != model.num_classes:
         raise ValueError(f"{data} has {len(names)} labels but the classifier in {ckpt} has {model.num_classes} outputs")
     if trained_labels is not None and list(trained_labels) != names:
         raise ValueError(f"label names of {data} ({names}) differ from those the model was trained on "
                          f"({list(trained_labels)})")
-    model.to(dev)
     t0 = time.perf_counter()
     scores, labels = predict(model, loader, dev, cfg_amp_dtype(cfg, dev))
     ips = len(scores) / (time.perf_counter() - t0)
+    return scores, labels, loader.packed, ips
+
+
+def evaluate_checkpoint(ckpt: str | Path, data: str | Path, split: str = "test", out: str | Path | None = None, *,
+                        n_boot: int = 1000, seed: int = 0, batch_size: int | None = None,
+                        device: str = "auto", title: str | None = None, by: list[str] | None = None,
+                        age_bins=DEFAULT_AGE_BINS, calibrate: bool = False, val_split: str = "val") -> dict:
+    """Per-label AUC + mAUC with bootstrap 95% CIs, and calibration (ECE, Brier), on `split` of the
+    packed dataset `data`; writes OUT/results_<split>.json, OUT/roc_<split>.png,
+    OUT/reliability_<split>.png and OUT/scores_<split>.npy (OUT defaults to the run's eval/).
+
+    by: metadata columns ('sex', 'age', 'view', ...) for the subgroup table; its underdiagnosis
+    thresholds come from `val_split` when `data` has it. calibrate: fit one temperature per label
+    on `val_split`, store it beside the checkpoint, report the ECE after it."""
+    from fasttrain.train.dist import resolve_device
+    model, cfg, trained_labels = load_classifier(ckpt)
+    data = data if isinstance(data, (list, tuple)) else str(data)  # one packed dataset or a mixture's parts
+    dev = resolve_device(device)
+    age_bins = parse_age_bins(age_bins)
+    model.to(dev)
+    scores, labels, packed, ips = score_split(model, cfg, ckpt, data, split, dev, trained_labels, seed=seed,
+                                              batch_size=batch_size)
+    manifest = packed.manifest
+    names = list(packed.label_names)
+    metadata = packed.metadata if by else {}
+    if by:  # a bad column name is reported before any bootstrap
+        for c in by:
+            group_column(metadata, c, age_bins, f"{data} (split '{split}')")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         result = bootstrap_auc(labels, scores, names, n_boot=n_boot, seed=seed)
+    result["calibration"] = calibration_report(labels, scores, names, n_boot=n_boot, seed=seed)
+    val = None
+    if calibrate or by:
+        from fasttrain.data.mixture import missing_split
+        if not missing_split(data, val_split, val_split):
+            val = score_split(model, cfg, ckpt, data, val_split, dev, trained_labels, seed=seed,
+                              batch_size=batch_size)[:2]
+        elif calibrate:
+            raise ConfigError(f"--calibrate fits the temperatures on split '{val_split}', which {data} lacks; "
+                              "convert with --val-fraction or name another split with --val-split")
+    calibrated = None
+    if calibrate:
+        temps = fit_temperature(val[1], val[0], names)
+        t_path = save_temperature(ckpt, temps, {"data": str(data), "split": val_split, "n_images": int(len(val[0]))})
+        calibrated = apply_temperature(scores, np.array([temps[n] for n in names]))
+        after = calibration_report(labels, calibrated, names, n_boot=n_boot, seed=seed)
+        result["calibration"]["temperature"] = {"per_label": temps, "fitted_on": val_split, "path": str(t_path),
+                                                "ece": after["ece"], "ece_ci95": after["ece_ci95"],
+                                                "ece_per_label": after["ece_per_label"], "brier": after["brier"]}
+    if by:
+        thresholds = youden_thresholds(val[1], val[0], names) if val is not None else None
+        result["subgroups"] = subgroup_report(labels, scores, names, metadata, by, age_bins=age_bins,
+                                              thresholds=thresholds, n_boot=n_boot, seed=seed,
+                                              where=f"{data} (split '{split}')")
+        result["subgroups"]["thresholds_from"] = val_split if val is not None else None
     synthetic = bool(manifest.get("synthetic", False))
     result.update(checkpoint=str(ckpt), data=str(data), split=split, n_images=int(len(scores)),
                   synthetic=synthetic, images_per_s=ips, dataset=manifest.get("dataset"))
@@ -158,8 +207,13 @@ def evaluate_checkpoint(ckpt: str | Path, data: str | Path, split: str = "test",
     tag = "SYNTHETIC phantoms - " if synthetic else ""
     plot_roc(labels, scores, names, out / f"roc_{split}.png",
              title=title or f"{tag}ROC, {manifest.get('dataset', '')} {split} (mAUC {result['mauc'] or float('nan'):.3f})")
+    ece = result["calibration"]["ece"]
+    plot_reliability(labels, scores, names, out / f"reliability_{split}.png", calibrated=calibrated,
+                     title=f"{tag}reliability, {manifest.get('dataset', '')} {split} "
+                           f"(ECE {ece if ece is not None else float('nan'):.3f})")
     np.save(out / f"scores_{split}.npy", scores.astype(np.float32))
-    result["paths"] = {"results": str(out / f"results_{split}.json"), "roc": str(out / f"roc_{split}.png")}
+    result["paths"] = {"results": str(out / f"results_{split}.json"), "roc": str(out / f"roc_{split}.png"),
+                       "reliability": str(out / f"reliability_{split}.png"), "scores": str(out / f"scores_{split}.npy")}
     return result
 
 

@@ -129,10 +129,14 @@ def evaluate_main(argv: list[str]) -> int:
                         "(CKPT.temperature.json) and report the ECE after it")
     p.add_argument("--val-split", default="val",
                    help="split that picks the underdiagnosis thresholds and fits --calibrate (default val)")
+    p.add_argument("--label-map", default=None, metavar="NAME=CANONICAL[,...]",
+                   help="extra spellings for the canonical label vocabulary when the data's labels differ from the "
+                        "model's (README: Label vocabulary)")
     p.add_argument("--json", action="store_true", help="print the results JSON instead of the table")
     args = p.parse_args(argv)
 
     def go():
+        from fasttrain.labelmap import parse_label_map
         from fasttrain.train.finetune import evaluate_checkpoint
         from fasttrain.train.evaluate import format_table
         from fasttrain.train.calibration import format_calibration
@@ -140,13 +144,20 @@ def evaluate_main(argv: list[str]) -> int:
         by = [c.strip() for c in args.by.split(",") if c.strip()] if args.by else None
         res = evaluate_checkpoint(args.ckpt, args.data, args.split, args.out, n_boot=args.bootstrap, seed=args.seed,
                                   batch_size=args.batch_size, device=args.device, by=by, age_bins=args.age_bins,
-                                  calibrate=args.calibrate, val_split=args.val_split)
+                                  calibrate=args.calibrate, val_split=args.val_split,
+                                  label_map=parse_label_map(args.label_map))
         if args.json:
             print(json.dumps(res, default=str))
         else:
             tag = "SYNTHETIC phantoms: " if res["synthetic"] else ""
             print(format_table(res, f"{tag}{res['dataset']} {args.split}, {res['n_images']} images, "
                                     f"95% CI from {args.bootstrap} bootstrap resamples"))
+            lm = res["label_map"]
+            if not lm["identical"]:
+                print(f"label map: scored {len(lm['shared'])} shared labels "
+                      + ", ".join(f"{k} (model {v['model']!r} = data {v['data']!r})" for k, v in lm["shared"].items())
+                      + f"; cannot score the model's {lm['not_scored_model_labels']} (not in the data) "
+                        f"nor the data's {lm['not_scored_data_labels']} (no model output)")
             print("\n" + format_calibration(res["calibration"]))
             if "subgroups" in res:
                 src = res["subgroups"]["thresholds_from"]

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from fasttrain.config import ConfigError, config_from_dict
+from fasttrain.labelmap import match_labels
 from fasttrain.train import loop
 from fasttrain.train.builders import build_classifier, init_classifier
 from fasttrain.train.calibration import (apply_temperature, calibration_report, fit_temperature, plot_reliability,
@@ -123,8 +124,8 @@ def load_classifier(path: str | Path, ck: dict | None = None):
 
 def score_split(model, cfg, ckpt, data, split: str, dev, trained_labels, *, seed: int = 0,
                 batch_size: int | None = None):
-    """The model's scores on every image of `split`, in the split's order -> (scores [N, C],
-    labels [N, C], the loader's packed data, images/s)."""
+    """The model's scores on every image of `split`, in the split's order -> (scores [N, C_model],
+    labels [N, C_data], the loader's packed data, images/s)."""
     from fasttrain.data import build_loader
     _check_split(data, split, "--split", split)  # a part's own ':SPLIT' names the split to evaluate
     # the training run's mixture weights do not apply here: evaluation reads every image once
@@ -133,28 +134,38 @@ def score_split(model, cfg, ckpt, data, split: str, dev, trained_labels, *, seed
     loader = build_loader(cfg.data, split, train=False, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans,
                           device=dev, dtype=torch.float32, seed=seed, batch_size=batch_size)
     names = list(loader.label_names)
-    if len(names) != model.num_classes:
-        raise ValueError(f"{data} has {len(names)} labels but the classifier in {ckpt} has {model.num_classes} outputs")
-    if trained_labels is not None and list(trained_labels) != names:
-        raise ValueError(f"label names of {data} ({names}) differ from those the model was trained on "
-                         f"({list(trained_labels)})")
+    if trained_labels is None and len(names) != model.num_classes:
+        raise ValueError(f"{data} has {len(names)} labels but the classifier in {ckpt} has {model.num_classes} outputs "
+                         "(and the checkpoint names none of them, so no label map applies)")
     t0 = time.perf_counter()
     scores, labels = predict(model, loader, dev, cfg_amp_dtype(cfg, dev))
     ips = len(scores) / (time.perf_counter() - t0)
     return scores, labels, loader.packed, ips
 
 
+def select_shared(scores: np.ndarray, labels: np.ndarray, mapping: dict):
+    """Model scores [N, C_model] and data labels [N, C_data] -> the shared labels' columns, both
+    [N, S], and their names."""
+    mi = [m["model_index"] for m in mapping["shared"]]
+    di = [m["data_index"] for m in mapping["shared"]]
+    return scores[:, mi], labels[:, di], [m["label"] for m in mapping["shared"]]
+
+
 def evaluate_checkpoint(ckpt: str | Path, data: str | Path, split: str = "test", out: str | Path | None = None, *,
                         n_boot: int = 1000, seed: int = 0, batch_size: int | None = None,
                         device: str = "auto", title: str | None = None, by: list[str] | None = None,
-                        age_bins=DEFAULT_AGE_BINS, calibrate: bool = False, val_split: str = "val") -> dict:
+                        age_bins=DEFAULT_AGE_BINS, calibrate: bool = False, val_split: str = "val",
+                        label_map: dict[str, str] | None = None) -> dict:
     """Per-label AUC + mAUC with bootstrap 95% CIs, and calibration (ECE, Brier), on `split` of the
     packed dataset `data`; writes OUT/results_<split>.json, OUT/roc_<split>.png,
     OUT/reliability_<split>.png and OUT/scores_<split>.npy (OUT defaults to the run's eval/).
 
     by: metadata columns ('sex', 'age', 'view', ...) for the subgroup table; its underdiagnosis
     thresholds come from `val_split` when `data` has it. calibrate: fit one temperature per label
-    on `val_split`, store it beside the checkpoint, report the ECE after it."""
+    on `val_split`, store it beside the checkpoint, report the ECE after it. A dataset labelled
+    with other names than the model's (NIH model, CheXpert data) is scored on the labels both
+    name after the canonical map (fasttrain.labelmap; `label_map` adds spellings), and the JSON's
+    "label_map" lists the shared ones and those it cannot score."""
     from fasttrain.train.dist import resolve_device
     model, cfg, trained_labels = load_classifier(ckpt)
     data = data if isinstance(data, (list, tuple)) else str(data)  # one packed dataset or a mixture's parts
@@ -164,7 +175,9 @@ def evaluate_checkpoint(ckpt: str | Path, data: str | Path, split: str = "test",
     scores, labels, packed, ips = score_split(model, cfg, ckpt, data, split, dev, trained_labels, seed=seed,
                                               batch_size=batch_size)
     manifest = packed.manifest
-    names = list(packed.label_names)
+    model_names = list(trained_labels) if trained_labels is not None else list(packed.label_names)
+    mapping = match_labels(model_names, list(packed.label_names), label_map)
+    scores, labels, names = select_shared(scores, labels, mapping)
     metadata = packed.metadata if by else {}
     if by:  # a bad column name is reported before any bootstrap
         for c in by:
@@ -177,8 +190,8 @@ def evaluate_checkpoint(ckpt: str | Path, data: str | Path, split: str = "test",
     if calibrate or by:
         from fasttrain.data.mixture import missing_split
         if not missing_split(data, val_split, val_split):
-            val = score_split(model, cfg, ckpt, data, val_split, dev, trained_labels, seed=seed,
-                              batch_size=batch_size)[:2]
+            val = select_shared(*score_split(model, cfg, ckpt, data, val_split, dev, trained_labels, seed=seed,
+                                             batch_size=batch_size)[:2], mapping)
         elif calibrate:
             raise ConfigError(f"--calibrate fits the temperatures on split '{val_split}', which {data} lacks; "
                               "convert with --val-fraction or name another split with --val-split")
@@ -197,6 +210,10 @@ def evaluate_checkpoint(ckpt: str | Path, data: str | Path, split: str = "test",
                                               thresholds=thresholds, n_boot=n_boot, seed=seed,
                                               where=f"{data} (split '{split}')")
         result["subgroups"]["thresholds_from"] = val_split if val is not None else None
+    result["label_map"] = {"identical": mapping["identical"],
+                           "shared": {m["label"]: {"model": m["model"], "data": m["data"]} for m in mapping["shared"]},
+                           "not_scored_model_labels": mapping["model_only"],
+                           "not_scored_data_labels": mapping["data_only"]}
     synthetic = bool(manifest.get("synthetic", False))
     result.update(checkpoint=str(ckpt), data=str(data), split=split, n_images=int(len(scores)),
                   synthetic=synthetic, images_per_s=ips, dataset=manifest.get("dataset"))

@@ -34,6 +34,10 @@ def test_demo_smoke(tmp_path, capsys):
     assert (out / "packed_chexpert" / "raw").is_dir()
     res = json.loads((out / "finetune" / "eval" / "results_test.json").read_text())
     assert res["synthetic"] is True
+    # the subgroup and calibration tables, from the phantoms' packed metadata
+    assert "calibration (15 equal-width bins)" in text and re.search(r"^worst sex: [MF] ", text, re.M)
+    assert set(res["subgroups"]["groups"]) == {"sex", "age", "view"} and res["calibration"]["temperature"]
+    assert (out / "finetune" / "eval" / "reliability_test.png").exists()
     student = [json.loads(x) for x in (out / "student" / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("loss_dist", 0) > 0 for r in student)  # the student really was distilled
     # a second demo into the same folder starts clean; a foreign folder is never deleted

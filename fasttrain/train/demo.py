@@ -68,7 +68,10 @@ def run_demo(args) -> int:
     from fasttrain.converters.chexpert import convert_chexpert
     from fasttrain.converters.nih import convert_nih
     from fasttrain.converters.synthetic import generate_phantoms
+    from fasttrain.converters.synthetic import SUBGROUP_EFFECT
+    from fasttrain.train.calibration import format_calibration
     from fasttrain.train.evaluate import format_table
+    from fasttrain.train.subgroups import format_subgroups
     from fasttrain.train.finetune import evaluate_checkpoint, run_finetune
     from fasttrain.train.plots import plot_runs
     from fasttrain.train.pretrain import run_pretrain
@@ -140,7 +143,10 @@ def run_demo(args) -> int:
     rows.append(("fine-tune student", _ips(ft), val))
 
     banner("6/6 evaluating the fine-tuned student on the test split")
-    res = evaluate_checkpoint(best, packed, "test", out / "finetune" / "eval", n_boot=args.bootstrap, seed=args.seed)
+    # subgroups by the phantoms' sex / age / view (the generator draws women's signs fainter on
+    # purpose: converters/synthetic.py SUBGROUP_EFFECT), calibration with a temperature fitted on val
+    res = evaluate_checkpoint(best, packed, "test", out / "finetune" / "eval", n_boot=args.bootstrap, seed=args.seed,
+                              by=["sex", "age", "view"], calibrate=True)
     rows.append(("evaluate (test)", f"{res['images_per_s']:,.0f}", f"{res['n_images']} images"))
     from fasttrain.train.probe import ProbeSettings, run_probe
     probe = run_probe(student["last"], packed, out=out / "student" / "probe", n_boot=args.bootstrap,
@@ -163,9 +169,16 @@ def run_demo(args) -> int:
     print(f"student's linear probe (frozen encoder): test mAUC {probe['mauc'] or float('nan'):.3f} "
           f"{_ci(probe)}; fine-tuned: test mAUC {res['mauc'] or float('nan'):.3f} {_ci(res)}")
     print()
+    print(format_calibration(res["calibration"]))
+    print()
+    print(f"subgroups of the SYNTHETIC test split (deliberate effect: {SUBGROUP_EFFECT}; underdiagnosis: a "
+          f"positive study with every label below its Youden threshold on val)")
+    print(format_subgroups(res["subgroups"]))
+    print()
     print(f"checkpoints: teacher {teacher['last']}\n             student {student['last']}\n"
           f"             classifier {best}")
-    print(f"results:     {res['paths']['results']}\nROC curves:  {res['paths']['roc']}")
+    print(f"results:     {res['paths']['results']}\nROC curves:  {res['paths']['roc']}\n"
+          f"reliability: {res['paths']['reliability']}")
     print("plots:       " + "\n             ".join(str(pth) for pth in plots))
     print(f"wall time:   {wall / 60:.1f} min (CPU time of the main process {(time.process_time() - cpu_all) / 60:.1f} min; "
           f"{torch.get_num_threads()} torch threads)")

@@ -88,6 +88,12 @@ class DataConfig:
     # Fine-tuning augmentation (issue #11): Xiao et al. fine-tune through timm's create_transform.
     interpolation: str = "bilinear"  # training crop filter: bilinear (MAE pre-training) | bicubic (Xiao's fine-tuning); eval stays bilinear
     randaug: Optional[str] = None  # timm RandAugment policy after crop + flip, e.g. "rand-m6-mstd0.5-inc1" (Xiao); None = off
+    # keep only images whose packed 'view' metadata is one of these ("PA,AP" or [PA, AP]), in every split a
+    # run reads (train and val; evaluate scores whole splits); None = every image
+    views: Optional[typing.Union[str, list[str]]] = None
+    # label efficiency (MGCA / BenchX 1% / 10% / 100%): train on this fraction of the training split's
+    # patients (whole patients, seeded by run.seed: the same ids on any machine); 1.0 = all of it
+    label_fraction: float = 1.0
 
 
 @dataclass

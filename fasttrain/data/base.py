@@ -175,7 +175,8 @@ class BaseLoader:
                   drop_last=self.drop_last, block=int(getattr(self.cfg, "block_shuffle", 0) or 0))
         if hasattr(packed, "make_sampler"):
             return packed.make_sampler(self.batch_size, **kw)
-        return EpochSampler(len(packed), self.batch_size, **kw)
+        subset = getattr(packed, "subset", None)  # data.views / data.label_fraction (fasttrain.data.subset)
+        return EpochSampler(len(packed) if subset is None else len(subset), self.batch_size, subset=subset, **kw)
 
     def sampled_num_samples(self) -> int:
         """Images an epoch of self.sampler yields on this rank (the dropped tail left out)."""
@@ -185,12 +186,19 @@ class BaseLoader:
     def data_parts(self) -> list[dict]:
         """What this loader reads, for the run's provenance: per part path, split, count, manifest
         hash, weight (one part for a single packed dataset)."""
+        subset = getattr(self.packed, "subset_info", None)  # what data.views / label_fraction kept
         if hasattr(self.packed, "provenance"):
-            return self.packed.provenance()
-        from .mixture import manifest_sha256
-        p = self.packed
-        return [dict(path=str(p.root.absolute()), split=p.split, count=len(p), manifest_sha256=manifest_sha256(p.root),
-                     dataset=p.manifest.get("dataset"), weight=None, synthetic=p.synthetic)]
+            parts = self.packed.provenance()
+        else:
+            from .mixture import manifest_sha256
+            p = self.packed
+            parts = [dict(path=str(p.root.absolute()), split=p.split, count=len(p),
+                          manifest_sha256=manifest_sha256(p.root), dataset=p.manifest.get("dataset"), weight=None,
+                          synthetic=p.synthetic)]
+        if subset is not None:
+            for part in parts:
+                part["subset"] = subset
+        return parts
 
 
 class SampledLoader(BaseLoader):

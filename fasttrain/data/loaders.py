@@ -24,6 +24,7 @@ import torch
 # the registry sits above the format loaders (imports run base -> *_loader -> loaders)
 from .base import LOADERS, LoaderError
 from .raw_loader import RawLoader
+from .subset import select as select_subset
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -81,6 +82,12 @@ def build_loader(data_cfg, split: str, train: bool, *, img_size: int, in_chans: 
         packed = open_mixture(data_cfg.path, split, None if kind == "reference" else kind,
                               train_split=data_cfg.train_split, weights=data_cfg.weights,
                               samples_per_epoch=data_cfg.samples_per_epoch, need_labels=need_labels)
+        # data.views / data.label_fraction: the positions the sampler draws from (None: all)
+        packed.subset = select_subset(packed, data_cfg, split, train, seed)
+        if packed.subset is not None and kind in ("ffcv", "dali") and not hasattr(packed, "parts"):
+            raise LoaderError(f"data.views / data.label_fraction read a subset of '{split}', which the {kind} loader "
+                              "of a single dataset cannot (it orders its own reads); use data.loader=raw or "
+                              "reference, or convert with --views")
         if kind == "raw":
             return RawLoader(packed, **kw)
         if kind == "ffcv":

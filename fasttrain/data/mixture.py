@@ -200,9 +200,13 @@ class PackedMixture:
 
     def make_sampler(self, batch_size: int, *, shuffle: bool, seed: int, rank: int, world_size: int,
                      drop_last: bool, block: int = 0) -> "MixtureSampler":
+        subset = getattr(self, "subset", None)
+        n = self.count if subset is None else len(subset)
+        weighted = self.weights is not None and shuffle
         return MixtureSampler([len(p) for p in self.parts], self.weights if shuffle else None,
-                              self.samples_per_epoch if shuffle else self.count, batch_size, shuffle=shuffle,
-                              seed=seed, rank=rank, world_size=world_size, drop_last=drop_last, block=block)
+                              self.samples_per_epoch if weighted else n, batch_size, shuffle=shuffle,
+                              seed=seed, rank=rank, world_size=world_size, drop_last=drop_last, block=block,
+                              subset=subset)
 
     def provenance(self) -> list[dict]:
         return [dict(path=str(Path(p.root).absolute()), split=p.split, count=len(p),
@@ -220,9 +224,16 @@ class MixtureSampler(EpochSampler):
     """EpochSampler over a mixture's global index space (see the module docstring for the order)."""
 
     def __init__(self, sizes: Sequence[int], weights: Optional[Sequence[float]], samples_per_epoch: int,
-                 batch_size: int, **kw):
-        self.sizes = np.asarray(sizes, np.int64)
-        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+                 batch_size: int, subset: Optional[np.ndarray] = None, **kw):
+        full = np.asarray(sizes, np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(full)]).astype(np.int64)  # [P + 1] global positions
+        # a subset (data.views, data.label_fraction): part k draws from its subset positions only
+        self.part_index = None
+        if subset is not None:
+            subset = np.asarray(subset, np.int64)
+            self.part_index = [subset[(subset >= self.offsets[k]) & (subset < self.offsets[k + 1])] - self.offsets[k]
+                               for k in range(len(full))]
+        self.sizes = full if subset is None else np.array([len(ix) for ix in self.part_index], np.int64)
         self.weights = None if weights is None else list(weights)
         if self.weights is None and samples_per_epoch != int(self.sizes.sum()):
             raise MixtureError("samples_per_epoch differs from the total size but no weights are given")
@@ -230,7 +241,8 @@ class MixtureSampler(EpochSampler):
         for k, c in enumerate(self.counts):
             if c and not self.sizes[k]:
                 raise MixtureError(f"part {k} has no images but weight {self.weights[k]}")
-        super().__init__(samples_per_epoch, batch_size, **kw)
+        unweighted = self.weights is None or not kw.get("shuffle", False)
+        super().__init__(samples_per_epoch, batch_size, subset=subset if unweighted else None, **kw)
         if self.weights is not None and self.shuffle and self.block:
             # weighted draws are random across each part: no page-aware order to keep, and `block`
             # is what the raw loader reads its access pattern from (MADV_SEQUENTIAL on random
@@ -256,7 +268,10 @@ class MixtureSampler(EpochSampler):
             # concatenation: a permutation of every image (or 0..N-1); with block_shuffle its blocks
             # may straddle two parts, which is harmless: each piece is contiguous in its own file
             return super().order()
-        draws = np.concatenate([self.offsets[k] + self._part_draws(k) for k in range(len(self.sizes))])  # [S]
+        local = [self._part_draws(k) for k in range(len(self.sizes))]  # positions among each part's images
+        if self.part_index is not None:
+            local = [self.part_index[k][d] for k, d in enumerate(local)]
+        draws = np.concatenate([self.offsets[k] + d for k, d in enumerate(local)])  # [S]
         rng = np.random.Generator(np.random.PCG64(mix_seed(self.seed, self.epoch, 0x5A3)))
         return draws[rng.permutation(len(draws))]
 

@@ -1,7 +1,9 @@
 """Which samples each rank reads, in which order, batch by batch: one plain definition shared by
 the raw, reference and (CPU) DALI paths so that they agree sample for sample.
 
-- Order: a permutation drawn from (seed, epoch) when shuffling, else 0..N-1.
+- Order: a permutation drawn from (seed, epoch) when shuffling, else 0..N-1. With a `subset`
+  (data.views, data.label_fraction: fasttrain.data.subset) the same order is drawn over the
+  subset's N positions and mapped through it.
 - DDP: rank r takes positions r, r + W, r + 2W, ... of that order (torch's DistributedSampler
   rule), so the ranks are disjoint and together cover the split. With drop_last (training) the
   order is first cut to a multiple of W, so every rank has the same number of samples (DDP needs
@@ -41,7 +43,11 @@ def block_permutation(n: int, block: int, rng: np.random.Generator) -> np.ndarra
 
 class EpochSampler:
     def __init__(self, num_samples: int, batch_size: int, *, shuffle: bool, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, drop_last: bool = False, block: int = 0):
+                 rank: int = 0, world_size: int = 1, drop_last: bool = False, block: int = 0,
+                 subset: np.ndarray | None = None):
+        self.subset = None if subset is None else np.asarray(subset, dtype=np.int64)  # [num_samples] positions
+        if self.subset is not None and len(self.subset) != num_samples:
+            raise ValueError(f"subset of {len(self.subset)} positions for num_samples {num_samples}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if batch_size < 1:
@@ -70,7 +76,13 @@ class EpochSampler:
         return -(-self.shard_size // self.batch_size)
 
     def order(self) -> np.ndarray:
-        """The whole split's order for the current epoch, int64 [N]."""
+        """The whole split's order for the current epoch, int64 [N] (positions of the subset's images
+        when there is one)."""
+        base = self.base_order()
+        return base if self.subset is None else self.subset[base]
+
+    def base_order(self) -> np.ndarray:
+        """The order over 0..num_samples-1 for the current epoch, int64 [num_samples]."""
         if not self.shuffle:
             return np.arange(self.num_samples, dtype=np.int64)
         rng = np.random.Generator(np.random.PCG64(mix_seed(self.seed, self.epoch, 0x5A3)))

@@ -131,6 +131,9 @@ def score_split(model, cfg, ckpt, data, split: str, dev, trained_labels, *, seed
     # the training run's mixture weights do not apply here: evaluation reads every image once
     cfg.data.path, cfg.data.weights, cfg.data.samples_per_epoch = data, None, None
     cfg.data.train_split = split
+    # every image of the split, in its order (the run's view filter and label fraction chose what it
+    # trained on, not what is scored; scores_<split>.npy rows match the split's ids and metadata)
+    cfg.data.views, cfg.data.label_fraction = None, 1.0
     loader = build_loader(cfg.data, split, train=False, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans,
                           device=dev, dtype=torch.float32, seed=seed, batch_size=batch_size)
     names = list(loader.label_names)

@@ -1,0 +1,101 @@
+"""data.views and data.label_fraction: the subset a loader reads, the same on every call for a
+seed, patient-disjoint (whole patients), every label's positives kept or a named error, in the
+provenance; across raw / reference loaders and mixtures."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fasttrain.config import DataConfig
+from fasttrain.data import build_loader
+from fasttrain.data.base import LoaderError
+from fasttrain.data.packed import open_packed
+from fasttrain.data.sampler import EpochSampler
+from fasttrain.data.subset import fraction_subset
+from fixtures_runs import packed_phantoms
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    return packed_phantoms(tmp_path_factory.mktemp("subset"), 300, seed=2, size=16)
+
+
+def _positions(cfg, split="train", train=True, seed=0, **kw):
+    ld = build_loader(cfg, split, train, img_size=16, in_chans=1, seed=seed, **kw)
+    ld.set_epoch(0)
+    return ld, np.sort(np.concatenate([i for _, i in ld.sampler.batches()]))
+
+
+def test_views_filter_reads_only_those_views(packed):
+    ps = open_packed(packed, "train")
+    cfg = DataConfig(path=str(packed), batch_size=4, loader="raw", views="PA")
+    ld, pos = _positions(cfg, train=False)
+    assert pos.tolist() == np.flatnonzero(ps.metadata["view"] == "PA").tolist()
+    # the batches carry those images' labels
+    labels = torch.cat([y for _, y in ld]).numpy()
+    assert np.array_equal(labels, ps.labels[ps.metadata["view"] == "PA"])
+    with pytest.raises(LoaderError, match=r"data.views=\['LL'\]: no image of split 'train'"):
+        _positions(DataConfig(path=str(packed), batch_size=4, loader="raw", views=["LL"]))
+
+
+def test_label_fraction_is_patient_disjoint_deterministic_and_in_provenance(packed):
+    ps = open_packed(packed, "train")
+    patients = ps.metadata["patient"]
+    cfg = DataConfig(path=str(packed), batch_size=4, loader="raw", label_fraction=0.5)
+    ld, pos = _positions(cfg, drop_last=False, seed=7)
+    ld2, pos2 = _positions(cfg, drop_last=False, seed=7)
+    assert np.array_equal(pos, pos2) and ld.packed.subset_info["ids"] == [ps.ids[i] for i in pos]
+    assert 0.5 * ps.count <= len(pos) < 0.5 * ps.count + 5  # whole patients: at most one over
+    inside = set(patients[pos])
+    outside = set(patients[np.setdiff1d(np.arange(ps.count), pos)])
+    assert not inside & outside  # no patient split between the subset and the rest
+    _, other = _positions(cfg, drop_last=False, seed=8)
+    assert not np.array_equal(pos, other)  # another seed, another subset
+    # the same subset as the plain rule: patients in a seeded permutation of their sorted ids
+    uniq = np.unique(patients.astype(str))
+    order = np.random.Generator(np.random.PCG64(7)).permutation(len(uniq))
+    taken, n = [], 0
+    for k in order:
+        if n >= np.ceil(0.5 * ps.count):
+            break
+        taken.append(uniq[k])
+        n += int((patients == uniq[k]).sum())
+    assert pos.tolist() == np.flatnonzero(np.isin(patients.astype(str), taken)).tolist()
+    parts = ld.data_parts()
+    assert parts[0]["subset"]["label_fraction"] == 0.5 and parts[0]["subset"]["count"] == len(pos)
+    # the validation loader reads its whole split
+    _, val = _positions(cfg, split="val", train=False)
+    assert len(val) == open_packed(packed, "val").count
+
+
+def test_too_small_a_fraction_names_the_label():
+    labels = np.array([[1, 0], [0, 0], [0, 1], [0, 0]], np.float32)
+    patients = np.array(["a", "b", "c", "d"], dtype=object)
+    with pytest.raises(LoaderError, match=r"no positive for label\(s\) \['(x|y)'"):
+        for seed in range(20):  # some seed keeps one patient without one of the labels
+            fraction_subset(patients, labels, ["x", "y"], 0.25, seed, np.arange(4))
+    assert fraction_subset(patients, labels, ["x", "y"], 1.0, 0, np.arange(4)).tolist() == [0, 1, 2, 3]
+    with pytest.raises(LoaderError, match=r"label_fraction must be in \(0, 1\]"):
+        fraction_subset(patients, labels, ["x", "y"], 0.0, 0, np.arange(4))
+
+
+def test_mixture_subset_maps_through_every_part(packed, tmp_path):
+    ps = open_packed(packed, "train")
+    n = ps.count
+    cfg = DataConfig(path=f"{packed},{packed}", batch_size=4, loader="raw", views="AP")
+    _, pos = _positions(cfg, train=False)
+    ap = np.flatnonzero(ps.metadata["view"] == "AP")
+    assert pos.tolist() == ap.tolist() + (ap + n).tolist()
+    w = DataConfig(path=f"{packed},{packed}", batch_size=4, loader="raw", views="AP", weights=[1, 1],
+                   samples_per_epoch=40)
+    _, drawn = _positions(w, drop_last=False)
+    assert len(drawn) == 40 and set(drawn % n) <= set(ap)
+
+
+def test_sampler_subset_maps_the_same_order():
+    s = EpochSampler(5, 2, shuffle=True, seed=3, subset=np.array([10, 20, 30, 40, 50]))
+    plain = EpochSampler(5, 2, shuffle=True, seed=3)
+    assert (s.order() == np.array([10, 20, 30, 40, 50])[plain.order()]).all()

@@ -91,8 +91,9 @@ class DataConfig:
     # keep only images whose packed 'view' metadata is one of these ("PA,AP" or [PA, AP]), in every split a
     # run reads (train and val; evaluate scores whole splits); None = every image
     views: Optional[typing.Union[str, list[str]]] = None
-    # label efficiency (MGCA / BenchX 1% / 10% / 100%): train on this fraction of the training split's
-    # patients (whole patients, seeded by run.seed: the same ids on any machine); 1.0 = all of it
+    # label efficiency (MGCA / BenchX 1% / 10% / 100%): fine-tune (and probe) on this fraction of the
+    # training split's patients (whole patients, seeded by run.seed: the same ids on any machine); MAE
+    # pre-training reads no label and always reads every image; 1.0 = all of it
     label_fraction: float = 1.0
 
 

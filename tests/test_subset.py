@@ -99,3 +99,9 @@ def test_sampler_subset_maps_the_same_order():
     s = EpochSampler(5, 2, shuffle=True, seed=3, subset=np.array([10, 20, 30, 40, 50]))
     plain = EpochSampler(5, 2, shuffle=True, seed=3)
     assert (s.order() == np.array([10, 20, 30, 40, 50])[plain.order()]).all()
+
+
+def test_pretraining_reads_every_image_whatever_the_fraction(packed):
+    cfg = DataConfig(path=str(packed), batch_size=4, loader="raw", label_fraction=0.5)
+    _, pos = _positions(cfg, drop_last=False, need_labels=False)
+    assert len(pos) == open_packed(packed, "train").count

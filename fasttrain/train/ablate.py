@@ -5,7 +5,9 @@
         --stages pretrain,probe,finetune,evaluate --data.path=PACKED
 
 Every arm x seed is a set of normal run folders (ABL/<arm>/seed<k>/pretrain, .../finetune), so
-`fasttrain plot` and `evaluate` work on them. ABL/ablation.json and ABL/ablation.md hold, per arm
+`fasttrain plot` and `evaluate` work on them. A one-key grid of numbers, e.g.
+`--grid data.label_fraction=0.01,0.1,1.0` (the label-efficiency curve), also gets ABL/curve.png:
+test mAUC against the value, mean over seeds with a bootstrap 95% CI. ABL/ablation.json and ABL/ablation.md hold, per arm
 and metric, the mean and standard deviation over seeds and every seed's value, the wall time and
 images/s of each stage, and for every pair of arms the paired difference (same seeds, same test
 images) with a bootstrap 95% CI: the test images are resampled once per bootstrap draw, the same
@@ -301,11 +303,42 @@ class Ablation:
                 pairs.append({"metric": m, "a": names[a], "b": names[b], **res})
         report = {"grid": self.grid, "seeds": self.seeds, "stages": self.stages, "arms": arms_out, "pairs": pairs,
                   "synthetic": self._synthetic()}
+        curve = self.curve(labels)
+        if curve is not None:
+            report["curve"] = curve
+            report["curve"]["plot"] = str(plot_curve(curve, self.out / "curve.png", report["synthetic"]))
         _write_json(self.out / "ablation.json", report)
         tmp = self.out / "ablation.md.tmp"
         tmp.write_text(format_markdown(report))
         tmp.replace(self.out / "ablation.md")
         return report
+
+    def curve(self, labels: Optional[np.ndarray]) -> Optional[dict]:
+        """A one-key grid of numbers (data.label_fraction=0.01,0.1,1.0: the label-efficiency curve)
+        -> per value and test metric, the mean over seeds and its bootstrap 95% CI (the test images
+        resampled, the same draw for every seed, the seeds' mAUC averaged on each draw)."""
+        if len(self.grid) != 1 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                          for v in self.grid[0][1]):
+            return None
+        key = self.grid[0][0]
+        test_split = self._data_cfg().test_split
+        points = {}
+        for m, (stage, rel) in METRICS.items():
+            if rel is None or stage not in self.stages:
+                continue
+            rel = rel.format(split=test_split)
+            rows = []
+            for arm in self.arms:
+                files = [self.run_dir(arm, s) / rel for s in range(self.seeds)]
+                if not all(f.is_file() for f in files):
+                    continue
+                if labels is None:
+                    labels = self._test_labels()
+                mean, ci = seed_mean_ci(labels, [np.load(f) for f in files], n_boot=self.n_boot, seed=0)
+                rows.append({"value": arm[key], "arm": arm_name(arm), "mean": mean, "ci95": ci, "seeds": self.seeds})
+            if rows:
+                points[m] = sorted(rows, key=lambda r: r["value"])
+        return {"key": key, "points": points} if points else None
 
     def _data_cfg(self):
         return build_config(self.ft_base or self.base, self.common).data
@@ -324,6 +357,59 @@ class Ablation:
             return bool(open_mixture(d.path, d.test_split, None, train_split=d.test_split).synthetic)
         except Exception:
             return False
+
+
+def seed_mean_ci(labels: np.ndarray, scores: list[np.ndarray], *, n_boot: int, seed: int,
+                 level: float = 0.95) -> tuple[Optional[float], Optional[list[float]]]:
+    """Mean over seeds of the test mAUC, and its percentile bootstrap CI: every seed's scores are
+    resampled with the same image draw (bootstrap_auc_matrix with one seed), the seeds' mAUCs
+    averaged on each draw."""
+    from fasttrain.metrics import bootstrap_auc_matrix, mean_auc
+    labels = np.asarray(labels, np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        point = [mean_auc(labels, np.asarray(s, np.float64), [str(j) for j in range(labels.shape[1])])
+                 for s in scores]
+        if any(p is None for p in point):
+            return None, None
+        per_seed = [np.nanmean(bootstrap_auc_matrix(labels, np.asarray(s, np.float64), range(labels.shape[1]),
+                                                    n_boot=n_boot, seed=seed), axis=1) for s in scores]  # [B] each
+        draws = np.mean(per_seed, axis=0)  # [B]
+    draws = draws[~np.isnan(draws)]
+    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    ci = [float(np.percentile(draws, lo)), float(np.percentile(draws, hi))] if draws.size else None
+    return float(np.mean(point)), ci
+
+
+def plot_curve(curve: dict, path: Path, synthetic: bool) -> Path:
+    """The metric against the grid value with its 95% CI (log x for a fraction grid spanning >= 10x)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    values = []
+    for m, rows in curve["points"].items():
+        x = np.array([r["value"] for r in rows], np.float64)
+        y = np.array([r["mean"] if r["mean"] is not None else np.nan for r in rows])
+        lo = np.array([r["ci95"][0] if r["ci95"] else np.nan for r in rows])
+        hi = np.array([r["ci95"][1] if r["ci95"] else np.nan for r in rows])
+        ax.errorbar(x, y, yerr=[y - lo, hi - y], marker="o", capsize=3, label=f"{m} (95% CI)")
+        values += x.tolist()
+    if values and min(values) > 0 and max(values) / min(values) >= 10:
+        ax.set_xscale("log")
+    key = curve["key"]
+    ax.set_xlabel(key + (" (share of the training split's patients)" if key == "data.label_fraction" else ""))
+    ax.set_ylabel("mAUC")
+    what = "label efficiency" if key == "data.label_fraction" else f"mAUC against {key}"
+    ax.set_title(("SYNTHETIC phantoms: " if synthetic else "") + what, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
 
 
 def _fmt(v, digits=4) -> str:
@@ -348,6 +434,13 @@ def format_markdown(r: dict) -> str:
         cells = [f"{_fmt(a['stages'][s]['wall_s']['mean'], 1)} | {_fmt(a['stages'][s]['images_per_s']['mean'], 0)}"
                  for s in r["stages"]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if r.get("curve"):
+        lines += ["", f"Curve over {r['curve']['key']} (mean over seeds, bootstrap 95% CI over test images): "
+                      f"{r['curve']['plot']}", "", "| metric | value | mean | 95% CI |", "|---|---|---|---|"]
+        for m, rows in r["curve"]["points"].items():
+            for row in rows:
+                ci = f"[{row['ci95'][0]:.4f}, {row['ci95'][1]:.4f}]" if row["ci95"] else "-"
+                lines.append(f"| {m} | {row['value']:g} | {_fmt(row['mean'])} | {ci} |")
     if r["pairs"]:
         lines += ["", "Paired differences (a - b; same seeds, same test images; bootstrap 95% CI over test images):", "",
                   "| metric | a | b | mean diff | 95% CI | per seed |", "|---|---|---|---|---|---|"]

@@ -140,8 +140,17 @@ def test_reproduce_end_to_end_on_phantoms_with_interruption(inputs, monkeypatch,
                 "figures/finetune_nih/auc_bars.png", "figures/finetune_chexpert/auc_bars.png"):
         assert rel in doc["figures"] and (out / rel).is_file(), rel
     stages = {s["stage"]: s for s in doc["stages"]}
-    assert len(stages) == 11 and doc["gpu_hours_total"] > 0
+    assert len(stages) == 15 and doc["gpu_hours_total"] > 0
     assert all(s["images_per_s"] for s in stages.values())
+    # external validation: each fine-tune scored on the other dataset's test split, shared labels only
+    tr = {(t["key"], t["trained_on"], t["scored_on"]): t for t in doc["transfer"]}
+    assert set(tr) == {(r, a, b) for r in ("s", "teacher_s") for a, b in (("nih", "chexpert"), ("chexpert", "nih"))}
+    for t in tr.values():
+        assert sorted(t["shared_labels"]) == ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema",
+                                              "Pleural Effusion"]
+        assert 0 <= t["mauc"] <= 100 and t["ci95"][0] <= t["mauc"] <= t["ci95"][1]
+    assert "Hernia" in tr[("s", "nih", "chexpert")]["not_scored"] and tr[("s", "chexpert", "nih")]["not_scored"] == []
+    assert "Transfer: fine-tuned on one dataset, scored on the other" in table
     # the CheXpert fine-tune picked best.pt on its carved val split, never on valid.csv
     ev = json.loads((out / "runs" / "finetune_s_chexpert" / "eval" / "results_test.json").read_text())
     test_count = json.loads((out / "packed" / "chexpert" / "manifest.json").read_text())["splits"]["test"]["count"]
@@ -150,7 +159,7 @@ def test_reproduce_end_to_end_on_phantoms_with_interruption(inputs, monkeypatch,
     # 3rd invocation: everything done, nothing re-runs, the table is rewritten identically.
     assert main(argv) == 0
     text = capsys.readouterr().out
-    assert text.count("done earlier, skipped") == 11
+    assert text.count("done earlier, skipped") == 15
     assert json.loads((out / "table2.json").read_text())["rows"] == doc["rows"]
 
 

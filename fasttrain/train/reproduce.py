@@ -11,6 +11,8 @@ student on CheXpert; 3 / 4 = ViT-T distilled from ViT-B on NIH / CheXpert. The s
   pretrain_s, pretrain_b            configs/paper/pretrain_vit{s,b}_to_vitt.yaml on NIH + CheXpert train
   finetune_{s,b}_{nih,chexpert}     configs/paper/finetune_{nih,chexpert}.yaml from the student
   evaluate_*                        NIH's official test list / CheXpert's valid.csv, bootstrap CIs
+  transfer_*                        each fine-tune scored on the other dataset's test split, on the
+                                    labels both name (fasttrain.labelmap): NIH -> CheXpert and back
   (+ finetune_teacher_{s,b}_* and their evaluations with --with-teachers)
 
 Every stage is resumable: a finished stage leaves DIR/stages/NAME.json and is skipped; an
@@ -349,6 +351,7 @@ class Plan:
                 if not any(EXPERIMENTS[e] == (row.replace("teacher_", ""), d) for e in self.experiments):
                     continue
                 self._finetune_and_eval(row, d, teachers)
+            self._transfer(row)
 
     def _finetune_and_eval(self, row: str, d: str, teachers: dict) -> None:
         from fasttrain.config import load_yaml
@@ -376,6 +379,22 @@ class Plan:
                 "--seed", str(self.args.seed), "--json"]
         self.stages.append(Stage(ev, "evaluate", argv, run_dir=run, images=self.sources[d].splits["test"],
                                  needs=[name], config=cfg))
+
+    def _transfer(self, row: str) -> None:
+        """External validation (Zech et al. 2018): the model fine-tuned on one dataset scored on the
+        other's test split, on the labels both name (fasttrain.labelmap), when both fine-tunes run."""
+        names = {st.name for st in self.stages}
+        for src, dst in (("nih", "chexpert"), ("chexpert", "nih")):
+            ft = f"finetune_{row}_{src}"
+            if ft not in names or f"finetune_{row}_{dst}" not in names:
+                continue
+            run = self.out / "runs" / ft
+            argv = ["evaluate", "--ckpt", str(run / "checkpoints" / "best.pt"), "--data", str(self.packed[dst]),
+                    "--split", "test", "--out", str(run / f"eval_on_{dst}"), "--bootstrap", str(self.args.bootstrap),
+                    "--seed", str(self.args.seed), "--json"]
+            self.stages.append(Stage(f"transfer_{row}_{src}_to_{dst}", "evaluate", argv, run_dir=run,
+                                     images=self.sources[dst].splits["test"], needs=[ft, f"convert_{dst}"],
+                                     config=self.stage(ft).config))
 
     def _train_stage(self, name, kind, argv, run, cfg, images, needs) -> Stage:
         global_batch = cfg.data.batch_size * cfg.optim.accum_steps * self.gpus
@@ -641,7 +660,7 @@ def run_stage(plan: Plan, st: Stage) -> dict:
         rec.update(images_per_s=summary.get("images_per_s"), steps=summary.get("steps"),
                    best_val_mauc=summary.get("best_val_mauc"))
     elif st.kind == "evaluate":
-        res = json.loads((st.run_dir / "eval" / "results_test.json").read_text())
+        res = json.loads((Path(argv[argv.index("--out") + 1]) / "results_test.json").read_text())
         rec.update(images_per_s=res.get("images_per_s"), mauc=res.get("mauc"), checkpoint=res.get("checkpoint"))
     else:
         m = json.loads((plan.packed[st.name.split("_", 1)[1]] / "manifest.json").read_text())
@@ -704,6 +723,19 @@ def write_table(plan: Plan) -> dict:
                         "paper": PAPER[row][d], "diff": (ours - PAPER[row][d]) if ours is not None else None,
                         "n_images": res.get("n_images") if res else None, "synthetic": synthetic}
         rows.append(entry)
+    transfer = []  # external validation: one dataset's fine-tune scored on the other's test split
+    for st in plan.stages:
+        if not st.name.startswith("transfer_"):
+            continue
+        row, src, _, dst = st.name[len("transfer_"):].rsplit("_", 3)
+        f = out / "runs" / f"finetune_{row}_{src}" / f"eval_on_{dst}" / "results_test.json"
+        res = json.loads(f.read_text()) if f.is_file() else None
+        transfer.append({"row": PAPER[row]["row"], "key": row, "trained_on": src, "scored_on": dst,
+                         "mauc": 100 * res["mauc"] if res and res.get("mauc") is not None else None,
+                         "ci95": [100 * c for c in res["mauc_ci95"]] if res and res.get("mauc_ci95") else None,
+                         "shared_labels": list(res["label_map"]["shared"]) if res else None,
+                         "not_scored": res["label_map"]["not_scored_model_labels"] if res else None,
+                         "n_images": res.get("n_images") if res else None, "result": res})
     stages = []
     for st in plan.stages:
         f = st.marker(out)
@@ -712,6 +744,7 @@ def write_table(plan: Plan) -> dict:
             stages.append({k: r.get(k) for k in ("stage", "wall_s", "gpu_hours", "images_per_s", "steps", "resumed", "gpus")})
     figures = make_figures(plan)
     doc = {"synthetic": synthetic, "rows": rows, "stages": stages,
+           "transfer": [{k: v for k, v in t.items() if k != "result"} for t in transfer],
            "gpu_hours_total": sum(s["gpu_hours"] or 0 for s in stages),
            "figures": [str(p.relative_to(out)) for p in figures], "notes": list(dict.fromkeys(plan.notes)),
            "per_label": {f"{r}/{d}": {n: e for n, e in res["labels"].items()} for (r, d), res in results.items() if res},
@@ -736,6 +769,14 @@ def write_table(plan: Plan) -> dict:
         md.append(f"| {e['row']} | " + " | ".join(cells) + " |")
     for n in dict.fromkeys(plan.notes):
         md += ["", f"Note: {n}"]
+    if transfer:
+        where = {"nih": "NIH ChestX-ray14 test", "chexpert": "CheXpert valid.csv"}
+        md += ["", f"## {tag}Transfer: fine-tuned on one dataset, scored on the other (shared labels)", "",
+               "| model | fine-tuned on | scored on | mAUC (%) [95% CI] | shared labels | not scored |",
+               "| --- | --- | --- | --- | --- | --- |"]
+        for t in transfer:
+            md.append(f"| {t['row']} | {where[t['trained_on']]} | {where[t['scored_on']]} | {_fmt_auc(t['result'])} | "
+                      f"{', '.join(t['shared_labels'] or []) or '-'} | {', '.join(t['not_scored'] or []) or '-'} |")
     for d in DATASETS:
         keyed = [(e, results.get((e["key"], d))) for e in rows if results.get((e["key"], d))]
         if not keyed:

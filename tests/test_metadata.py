@@ -8,8 +8,10 @@ import math
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from fasttrain.converters.chexpert import convert_chexpert
+from fasttrain.converters.cli import main
 from fasttrain.converters.common import ConvertError, parse_age, parse_sex, parse_view
 from fasttrain.converters.dicom import convert_mimic_jpg
 from fasttrain.converters.images import convert_images
@@ -100,7 +102,6 @@ def test_mimic_view_and_demographics_csv(tmp_path):
 
 
 def test_images_meta_cols(tmp_path):
-    from PIL import Image
     src = tmp_path / "s"
     (src / "img").mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -163,3 +164,22 @@ def test_synthetic_subgroup_effect_scales_the_signs():
     faint = np.abs(draw_phantom(5, idx, 64, FEMALE_SIGN_CONTRAST).image.astype(float) - base).sum()
     assert full > 0 and faint / full == pytest.approx(FEMALE_SIGN_CONTRAST, abs=0.1)
     assert np.array_equal(draw_phantom(5, idx, 64).image, draw_phantom(5, idx, 64, 1.0).image)
+
+
+def test_cli_flags_reach_the_converters(tmp_path, capsys):
+    src = write_nih(tmp_path / "src")
+    assert main(["nih", "--src", str(src.root), "--out", str(tmp_path / "pa"), "--size", "16", "--workers", "0",
+                 "--no-progress", "--views", "PA"]) == 0
+    assert set(open_packed(tmp_path / "pa", "train").metadata["view"]) == {"PA"}
+    assert json.loads((tmp_path / "pa" / "manifest.json").read_text())["nih"]["views"] == ["PA"]
+    img = tmp_path / "img"
+    (img / "i").mkdir(parents=True)
+    Image.fromarray(gray_pattern(np.random.default_rng(0), 16, 16, 0), "L").save(img / "i" / "0.png")
+    (img / "l.csv").write_text("file,Mass,Gender\ni/0.png,1,Female\n")
+    assert main(["images", "--src", str(img), "--labels-csv", str(img / "l.csv"), "--out", str(tmp_path / "o"),
+                 "--path-col", "file", "--label-cols", "Mass", "--meta-cols", "sex=Gender", "--size", "16",
+                 "--workers", "0", "--no-progress"]) == 0
+    assert open_packed(tmp_path / "o", "train").metadata["sex"].tolist() == ["F"]
+    assert main(["images", "--src", str(img), "--labels-csv", str(img / "l.csv"), "--out", str(tmp_path / "o2"),
+                 "--path-col", "file", "--label-cols", "Mass", "--meta-cols", "sex", "--size", "16"]) == 1
+    assert "--meta-cols 'sex': expected NAME=COLUMN" in capsys.readouterr().err

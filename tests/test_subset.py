@@ -3,8 +3,6 @@ seed, patient-disjoint (whole patients), every label's positives kept or a named
 provenance; across raw / reference loaders and mixtures."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch

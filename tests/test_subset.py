@@ -103,3 +103,19 @@ def test_pretraining_reads_every_image_whatever_the_fraction(packed):
     cfg = DataConfig(path=str(packed), batch_size=4, loader="raw", label_fraction=0.5)
     _, pos = _positions(cfg, drop_last=False, need_labels=False)
     assert len(pos) == open_packed(packed, "train").count
+
+
+def test_ffcv_loader_reads_the_subset(tmp_path):
+    pytest.importorskip("ffcv")
+    from fasttrain.converters.nih import convert_nih
+    from fasttrain.converters.synthetic import generate_phantoms
+    generate_phantoms(tmp_path / "src", 80, seed=1, size=16, workers=1, progress=False)
+    out = convert_nih(tmp_path / "src", tmp_path / "p", formats=("raw", "ffcv"), size=16, workers=1, progress=False)
+    ps = open_packed(out, "train")
+    want = np.flatnonzero(ps.metadata["view"] == "PA")
+    for train in (False, True):
+        cfg = DataConfig(path=str(out), batch_size=4, loader="ffcv", views="PA", num_workers=1)
+        ld = build_loader(cfg, "train", train, img_size=16, in_chans=1, drop_last=False)
+        ld.set_epoch(0)
+        seen = np.sort(np.concatenate([i.numpy() for _, _, i in ld.iter_with_index()]))
+        assert seen.tolist() == want.tolist()

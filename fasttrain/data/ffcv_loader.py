@@ -68,6 +68,8 @@ class FFCVLoader(BaseLoader):
                                   f"torch.distributed's {dist.get_rank()}/{dist.get_world_size()}")
         O = f["OrderOption"]
         common = self._loader_args(distributed, self.drop_last)
+        if getattr(packed, "subset", None) is not None:  # data.views / label_fraction: FFCV orders the subset
+            common["indices"] = packed.subset
         if not self.train:
             order = O.SEQUENTIAL
         elif distributed:

@@ -84,10 +84,10 @@ def build_loader(data_cfg, split: str, train: bool, *, img_size: int, in_chans: 
                               samples_per_epoch=data_cfg.samples_per_epoch, need_labels=need_labels)
         # data.views / data.label_fraction: the positions the sampler draws from (None: all)
         packed.subset = select_subset(packed, data_cfg, split, train, seed, need_labels)
-        if packed.subset is not None and kind in ("ffcv", "dali") and not hasattr(packed, "parts"):
-            raise LoaderError(f"data.views / data.label_fraction read a subset of '{split}', which the {kind} loader "
-                              "of a single dataset cannot (it orders its own reads); use data.loader=raw or "
-                              "reference, or convert with --views")
+        if packed.subset is not None and kind == "dali" and not hasattr(packed, "parts"):
+            raise LoaderError(f"data.views / data.label_fraction read a subset of '{split}', which the dali loader "
+                              "of a single dataset cannot (its reader orders whole shards); use data.loader=raw, "
+                              "ffcv or reference, or convert with --views")
         if kind == "raw":
             return RawLoader(packed, **kw)
         if kind == "ffcv":

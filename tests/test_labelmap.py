@@ -84,11 +84,14 @@ def test_evaluate_nih_model_on_chexpert_layout(tmp_path, capsys):
     assert res["label_map"]["shared"]["Pleural Effusion"] == {"model": "Effusion", "data": "Pleural Effusion"}
     assert "Hernia" in res["label_map"]["not_scored_model_labels"]
     assert "No Finding" in res["label_map"]["not_scored_data_labels"]
-    scores = np.load(tmp_path / "ev" / "scores_test.npy").astype(np.float64)  # [N, 14] the model's outputs
+    scores = np.load(tmp_path / "ev" / "scores_test.npy").astype(np.float64)  # [N, 7] the shared labels' scores
+    assert scores.shape[1] == 7
     test = open_packed(cx, "test")
-    j_data, j_model = CHEXPERT_ALL.index("Pleural Effusion"), NIH_LABELS.index("Effusion")
-    y = test.labels[:, j_data]
-    keep = ~np.isnan(y)
-    if len(np.unique(y[keep])) == 2:
-        assert res["labels"]["Pleural Effusion"]["auc"] == pytest.approx(
-            roc_auc_score(y[keep], scores[keep, j_model]), abs=1e-6)
+    for k, name in enumerate(res["labels"]):  # columns in the JSON's label order, each the model's output
+        y = test.labels[:, CHEXPERT_ALL.index(res["label_map"]["shared"][name]["data"])]
+        keep = ~np.isnan(y)
+        if len(np.unique(y[keep])) == 2:
+            assert res["labels"][name]["auc"] == pytest.approx(roc_auc_score(y[keep], scores[keep, k]), abs=1e-6)
+        else:
+            assert res["labels"][name]["auc"] is None
+    assert list(res["labels"])[2] == "Pleural Effusion" and NIH_LABELS[2] == "Effusion"

@@ -119,3 +119,20 @@ def test_ffcv_loader_reads_the_subset(tmp_path):
         ld.set_epoch(0)
         seen = np.sort(np.concatenate([i.numpy() for _, _, i in ld.iter_with_index()]))
         assert seen.tolist() == want.tolist()
+
+
+def test_dali_loader_reads_the_subset(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    from fasttrain.converters.nih import convert_nih
+    from fasttrain.converters.synthetic import generate_phantoms
+    generate_phantoms(tmp_path / "src", 80, seed=1, size=16, workers=1, progress=False)
+    out = convert_nih(tmp_path / "src", tmp_path / "p", formats=("raw", "dali"), size=16, workers=1, progress=False)
+    ps = open_packed(out, "train")
+    want = np.flatnonzero(ps.metadata["view"] == "AP")
+    for train in (False, True):
+        cfg = DataConfig(path=str(out), batch_size=4, loader="dali", views="AP", num_workers=1)
+        ld = build_loader(cfg, "train", train, img_size=16, in_chans=1, drop_last=False)
+        ld.set_epoch(0)
+        seen = np.sort(np.concatenate([np.asarray(i) for _, _, i in ld.iter_with_index()]))
+        assert seen.tolist() == want.tolist()
+        assert ld.data_parts()[0]["subset"]["views"] == ["AP"]

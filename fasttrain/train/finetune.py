@@ -19,6 +19,7 @@ import torch
 
 from fasttrain.config import ConfigError, config_from_dict
 from fasttrain.train import loop
+from fasttrain.models.classifier import NO_WEIGHT_DECAY
 from fasttrain.train.builders import build_classifier, init_classifier
 from fasttrain.train.checkpoint import load_checkpoint
 from fasttrain.train.dist import DistInfo, cleanup
@@ -88,7 +89,7 @@ def run_finetune(cfg, resume=None) -> dict:
             from fasttrain.models import param_groups_layer_decay
             groups = param_groups_layer_decay(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
         else:
-            groups = param_groups_weight_decay(model, cfg.optim.weight_decay)
+            groups = param_groups_weight_decay(model, cfg.optim.weight_decay, NO_WEIGHT_DECAY)
         validate = None
         if cfg.data.val_split is not None:
             val_loader = build_loader(cfg.data, cfg.data.val_split, train=False, **common)

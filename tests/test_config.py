@@ -86,3 +86,25 @@ def test_paper_recipes():
     for f in (nih, chx):
         assert (f.optim.blr, f.optim.layer_decay, f.optim.weight_decay, f.model.drop_path, f.optim.warmup_epochs,
                 f.optim.betas, f.optim.epochs) == (2.5e-4, 0.55, 0.05, 0.2, 5.0, [0.9, 0.999], 100)
+
+
+ALL_CONFIGS = sorted(CONFIGS.rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_training_crop_is_bicubic_unless_a_config_says_why(path):
+    """MAE's and Xiao et al.'s pre-training crop is RandomResizedCrop(..., interpolation=3) and
+    Xiao's fine-tuning create_transform(interpolation='bicubic'): every shipped config resolves
+    to bicubic, or its line choosing bilinear carries a comment saying why."""
+    cfg = build_config(path)
+    if cfg.data.interpolation == "bicubic":
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip().startswith("interpolation:")]
+    assert lines and all("#" in ln for ln in lines), f"{path}: bilinear crop without a reason"
+
+
+def test_default_training_crop_is_bicubic():
+    assert Config().data.interpolation == "bicubic"
+    for name in ("pretrain_vits_to_vitt.yaml", "pretrain_vitb_to_vitt.yaml"):
+        assert build_config(CONFIGS / "paper" / name).data.interpolation == "bicubic"
+        assert build_config(CONFIGS / name).data.interpolation == "bicubic"

@@ -88,7 +88,7 @@ class DataConfig:
     # Fine-tuning augmentation (issue #11): Xiao et al. fine-tune through timm's create_transform.
     # training crop filter: bicubic, as MAE's and Xiao et al.'s pre-training RandomResizedCrop(interpolation=3)
     # and Xiao's fine-tuning create_transform(interpolation='bicubic'); bilinear only where a config says why.
-    # Evaluation stays bilinear (Xiao's eval Resize(256) keeps torchvision's default).
+    # Evaluation resizes bilinear whatever this says (MAE's and Xiao's eval Resize(256) is bicubic).
     interpolation: str = "bicubic"  # bicubic | bilinear
     randaug: Optional[str] = None  # timm RandAugment policy after crop + flip, e.g. "rand-m6-mstd0.5-inc1" (Xiao); None = off
 

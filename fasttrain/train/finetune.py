@@ -81,7 +81,7 @@ def run_finetune(cfg, resume=None) -> dict:
         loader = build_loader(cfg.data, cfg.data.train_split, train=True, **common)
         model = build_classifier(cfg, num_labels=len(loader.label_names))  # label-count check first
         if cfg.model.init is not None:
-            init_classifier(model, cfg.model.init)
+            init_classifier(model, cfg.model.init, cfg.data.norm)
         else:
             log.warning("fine-tuning from random init (no --init student checkpoint)")
         model.to(info.device)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from fasttrain.converters.decode import DICOM_SUFFIXES, RASTER_SUFFIXES
+from fasttrain.data.mixture import MixtureError, part_manifests
 
 
 class PredictError(ValueError):
@@ -50,10 +51,7 @@ def load_for_inference(ckpt: str | Path, size: Optional[int] = None, ck: Optiona
         raise PredictError(f"{ckpt}: no classifier head (a {ck.get('kind')!r} checkpoint); predict and ONNX export "
                            f"need a fine-tuned classifier: RUN/checkpoints/best.pt of a `fasttrain finetune` run")
     model, cfg, names = load_classifier(ckpt, ck=ck)
-    manifest = None
-    if cfg.data.path and (Path(cfg.data.path) / "manifest.json").is_file():
-        from fasttrain.data.packed import read_manifest
-        manifest = read_manifest(cfg.data.path)
+    manifest = training_manifest(cfg.data.path)
     if names is None:
         names = list(manifest["label_names"]) if manifest else [f"label_{j}" for j in range(model.num_classes)]
     if len(names) != model.num_classes:
@@ -67,6 +65,18 @@ def load_for_inference(ckpt: str | Path, size: Optional[int] = None, ck: Optiona
     if size < cfg.model.img_size:
         raise PredictError(f"--size {size} is smaller than the model's input {cfg.model.img_size} px")
     return model, cfg, list(names), int(size)
+
+
+def training_manifest(path) -> Optional[dict]:
+    """The manifest of the packed data a classifier was fine-tuned on (data.path: one dataset or a
+    mixture's parts, whose label names and packed size are one; its first part's), or None when
+    that data is not on this machine."""
+    if not path:
+        return None
+    try:
+        return part_manifests(path)[0][1]
+    except MixtureError:
+        return None
 
 
 # ----------------------------------------------------------------------------- the inputs

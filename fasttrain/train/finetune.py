@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from fasttrain.config import ConfigError, config_from_dict
-from fasttrain.train import loop
+from fasttrain.data.mixture import packed_resize_mode
 from fasttrain.models.classifier import NO_WEIGHT_DECAY
+from fasttrain.train import loop
 from fasttrain.train.builders import build_classifier, init_classifier
 from fasttrain.train.checkpoint import load_checkpoint
 from fasttrain.train.dist import DistInfo, cleanup
@@ -98,7 +99,9 @@ def run_finetune(cfg, resume=None) -> dict:
         trainer = loop.Trainer(cfg, "finetune", model, loader, info, groups=groups, resume=resume, validate=validate,
                                extra_state={"label_names": list(loader.label_names),
                                             # packed size: what `fasttrain predict` resizes new files to
-                                            "image_size": list(loader.image_size)})
+                                            "image_size": list(loader.image_size),
+                                            # ... and how it fits them to the square (convert --resize)
+                                            "resize": packed_resize_mode(cfg.data.path)})
         return trainer.fit()
     finally:
         cleanup(info)

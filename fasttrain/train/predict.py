@@ -5,7 +5,8 @@
 
 Each file goes through exactly what a training image went through:
   decode   converters.decode.decode_file (the converter's grey conversion, bit depth, DICOM VOI,
-           area resize to the packed size the model was trained on), uint8 [S, S]
+           area resize to the packed size the model was trained on, fitted to the square as the
+           packed data was: the manifest's `resize`), uint8 [S, S]
   batch    uint8 [B, S, S] to the device
   eval     data.gpu_augment.BatchAugment(train=False): the checkpoint's Resize(eval_resize) +
            CenterCrop(img_size) + normalisation, the transform `fasttrain evaluate` applies
@@ -20,6 +21,7 @@ PRED.csv.json beside the CSV records the checkpoint, the transform and the prove
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import os
 import sys
@@ -79,6 +81,13 @@ def training_manifest(path) -> Optional[dict]:
         return None
 
 
+def packed_resize(ck: dict, cfg) -> str:
+    """How the training images were fitted to the square (the converter's --resize), which
+    `predict` repeats: the checkpoint's record, else its packed data's manifest; squash for data
+    packed without the key (the only fitting then)."""
+    return ck.get("resize") or (training_manifest(cfg.data.path) or {}).get("resize") or "squash"
+
+
 # ----------------------------------------------------------------------------- the inputs
 
 IMAGE_SUFFIXES = RASTER_SUFFIXES + DICOM_SUFFIXES
@@ -123,13 +132,15 @@ def read_list(csv_path: str | Path, path_col: str = "path") -> list[tuple[str, s
 
 # ----------------------------------------------------------------------------- decoding
 
-def decoded(paths: Sequence[str], size: int, workers: int, chunk: int = 16
+def decoded(paths: Sequence[str], size: int, workers: int, chunk: int = 16, resize: str = "squash"
             ) -> Iterator[tuple[int, Optional[np.ndarray], Optional[str]]]:
     """(position, uint8 [size, size] | None, error | None) in input order, decoded by the
-    converters' own worker function (same decoder, same error text) in spawned processes."""
+    converters' own worker function (same decoder, same error text, the packed data's `resize`
+    fitting) in spawned processes."""
     from fasttrain.converters.common import _decode_chunk
     from fasttrain.converters.decode import decode_file
-    tasks = [(decode_file, size, list(zip(range(s, min(s + chunk, len(paths))), paths[s:s + chunk])))
+    fit = functools.partial(decode_file, resize=resize)
+    tasks = [(fit, size, list(zip(range(s, min(s + chunk, len(paths))), paths[s:s + chunk])))
              for s in range(0, len(paths), chunk)]
     if workers <= 1:
         for t in tasks:
@@ -204,7 +215,10 @@ def predict_files(ckpt: str | Path, items: list[tuple[str, str]], out: str | Pat
     out = Path(out)
     if not out.parent.is_dir():
         raise PredictError(f"--out {out}: folder {out.parent} does not exist")
-    model, cfg, names, size = load_for_inference(ckpt, size)
+    from fasttrain.train.checkpoint import load_checkpoint
+    ck = load_checkpoint(ckpt)
+    model, cfg, names, size = load_for_inference(ckpt, size, ck=ck)
+    resize = packed_resize(ck, cfg)
     dev = resolve_device(device)
     predictor = Predictor(model, cfg, size, dev)
     if workers is None:  # all cores, but no more than one per 64 files: spawning costs ~1 s a worker
@@ -222,7 +236,7 @@ def predict_files(ckpt: str | Path, items: list[tuple[str, str]], out: str | Pat
 
     t0 = time.perf_counter()
     bar = tqdm(total=len(items), desc="predict", unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    for i, img, err in decoded([p for _, p in items], size, workers):
+    for i, img, err in decoded([p for _, p in items], size, workers, resize=resize):
         if err is not None:
             errors[i] = err
         else:
@@ -236,20 +250,20 @@ def predict_files(ckpt: str | Path, items: list[tuple[str, str]], out: str | Pat
     seconds = time.perf_counter() - t0  # decode + transform + model: what evaluate's images_per_s times
     _write_csv(out, items, names, probs, errors)
     n_bad = sum(e is not None for e in errors)
-    _write_provenance(out, ckpt, cfg, size, len(items), n_bad, dev, seconds)
+    _write_provenance(out, ckpt, cfg, size, resize, len(items), n_bad, dev, seconds)
     return {"out": str(out), "images": len(items), "predicted": len(items) - n_bad, "unreadable": n_bad,
             "labels": names, "device": str(dev), "size": size, "workers": workers, "seconds": seconds,
             "images_per_s": len(items) / max(seconds, 1e-9), "probs": probs, "errors": errors}
 
 
-def _write_provenance(out: Path, ckpt, cfg, size: int, n: int, n_bad: int, dev, seconds: float) -> None:
+def _write_provenance(out: Path, ckpt, cfg, size: int, resize: str, n: int, n_bad: int, dev, seconds: float) -> None:
     """PRED.csv.json beside the CSV: which model, which transform, which code produced it."""
     import json
 
     from fasttrain.provenance import provenance
     from fasttrain.train.engine import cfg_amp_dtype
     info = {"checkpoint": str(Path(ckpt).absolute()), "images": n, "unreadable": n_bad, "seconds": round(seconds, 2),
-            "decode": f"converters.decode.decode_file -> uint8 {size}x{size}",
+            "decode": f"converters.decode.decode_file -> uint8 {size}x{size}, resize={resize}",
             "eval_transform": {"img_size": cfg.model.img_size, "in_chans": cfg.model.in_chans,
                                "eval_resize": cfg.data.eval_resize, "norm": cfg.data.norm,
                                "autocast": str(cfg_amp_dtype(cfg, dev))},

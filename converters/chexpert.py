@@ -167,10 +167,11 @@ def build_items(src: Path, labels: str, uncertain: str, views: str, problems: Pr
 def convert_chexpert(src, out, formats: Sequence[str] = ("raw",), size: int = 256, uncertain: str = "paper",
                      labels: str = "competition", views: str = "frontal", val_fraction: float = 0.0,
                      on_error: str = "fail", workers: Optional[int] = None, seed: int = 0, jpeg_quality: int = 95,
-                     shard_size: int = 4096, progress: bool = True) -> Path:
-    """Pack a CheXpert release folder into `out`; return `out`."""
+                     shard_size: int = 4096, progress: bool = True, resize: str = "crop") -> Path:
+    """Pack a CheXpert release folder into `out`; return `out`. resize: crop (default) keeps the
+    portrait frames undistorted (decode.RESIZE_MODES)."""
     src, opts, problems = begin(src, formats=tuple(formats), size=size, workers=workers, on_error=on_error,
-                                jpeg_quality=jpeg_quality, shard_size=shard_size, progress=progress)
+                                jpeg_quality=jpeg_quality, shard_size=shard_size, progress=progress, resize=resize)
     root, splits, sources, names = build_items(src, labels, uncertain, views, problems)
     if val_fraction:
         splits["train"], splits["val"] = patient_disjoint_split(splits["train"], val_fraction, seed)

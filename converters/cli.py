@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from .common import FORMATS, ConvertError
+from .decode import RESIZE_MODES
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -14,6 +15,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", nargs="+", default=["raw"], choices=FORMATS, dest="formats",
                    help="packed formats to write, several in one pass (default: raw)")
     p.add_argument("--size", type=int, default=256, help="square output size (default 256, as the paper)")
+    p.add_argument("--resize", choices=RESIZE_MODES, default=None,
+                   help="fitting a frame to the square: crop = shorter side to --size, centre crop; squash = "
+                        "whole frame to --size x --size; pad = longer side to --size on black (default: crop "
+                        "for chexpert / mimic-jpg / dicom, squash for nih (square frames) and images)")
     p.add_argument("--val-fraction", type=float, default=0.0,
                    help="carve a patient-disjoint 'val' split of this fraction from train")
     p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
@@ -189,7 +194,8 @@ def _run(args, progress: bool) -> int:
             return 0
         common = dict(formats=args.formats, size=args.size, val_fraction=args.val_fraction, on_error=args.on_error,
                       workers=args.workers, seed=args.seed, jpeg_quality=args.jpeg_quality,
-                      shard_size=args.shard_size, progress=progress)
+                      shard_size=args.shard_size, progress=progress,
+                      **({"resize": args.resize} if args.resize else {}))  # else the converter's default
         if args.source == "nih":
             from .nih import convert_nih
             out = convert_nih(args.src, args.out, split_dir=args.split_dir, views=args.views, **common)

@@ -21,6 +21,8 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from .decode import RESIZE_MODES
+
 FORMATS = ("raw", "ffcv", "dali")
 MANIFEST_VERSION = 1
 # Reading order of the formats when `open_packed(format=None)`: raw reads at memcpy speed.
@@ -222,6 +224,7 @@ SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "va
 
 # ----------------------------------------------------------------------------- the pool
 
+# (path, size) -> uint8 [size, size]; the decoders in decode.py also take resize= (RESIZE_MODES)
 DecodeFn = Callable[[str, int], np.ndarray]
 
 
@@ -405,6 +408,7 @@ def write_json_atomic(path: Path, obj) -> None:
 class PackOptions:
     formats: tuple[str, ...] = ("raw",)
     size: int = 256  # the paper resizes every image to 256x256
+    resize: str = "squash"  # fitting a frame to the square: crop | squash | pad (decode.RESIZE_MODES)
     workers: Optional[int] = None  # decode processes; None = all cores
     on_error: str = "fail"
     jpeg_quality: int = 95  # DALI shards: q95 keeps mean |diff| < 2 grey levels (tested)
@@ -420,6 +424,8 @@ class PackOptions:
         self.formats = fmts
         if not 8 <= int(self.size) <= 4096:
             raise ConvertError(f"--size must be in 8..4096, got {self.size}")
+        if self.resize not in RESIZE_MODES:
+            raise ConvertError(f"--resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
         if not 1 <= int(self.jpeg_quality) <= 100:
             raise ConvertError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
         if self.shard_size < 1:

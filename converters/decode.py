@@ -1,4 +1,4 @@
-"""Image decoding for the converters: any source file -> uint8 grey [size, size].
+"""Image decoding for the converters: any source file -> uint8 grey [size, size] (RESIZE_MODES).
 
 One place for the pixels, so every converter (and `predict`) turns a file into the same image:
 grey conversion, bit depth, resize and quantisation are decided here.
@@ -11,28 +11,53 @@ from typing import Optional
 import numpy as np
 
 
-def to_uint8_resized(img: np.ndarray, size: int, full_scale: Optional[float] = None) -> np.ndarray:
-    """Resize a 2-D grey image to [size, size] with area interpolation and quantise to uint8.
+# How a frame is fitted to the square [size, size]: crop = shorter side to size, centre square
+# (no distortion; Xiao et al.'s Resize + CenterCrop); squash = whole frame to size x size (aspect
+# changed); pad = longer side to size, centred on black. A square frame is the same under each.
+RESIZE_MODES = ("crop", "squash", "pad")
+
+
+def to_uint8_resized(img: np.ndarray, size: int, full_scale: Optional[float] = None,
+                     resize: str = "squash") -> np.ndarray:
+    """Fit a 2-D grey image to [size, size] (`resize`, see RESIZE_MODES) with area interpolation
+    and quantise to uint8.
 
     uint8 input is resized directly (cv2's INTER_AREA on uint8 rounds correctly and is 3x faster
     than going through float). Other inputs are resized in float32 first, then mapped to 0..255
     with `full_scale` (the value that becomes 255), so quantisation happens once, at the end.
+    crop takes the centre square of side min(H, W) before resizing (the same pixels as resizing
+    the shorter side to `size` and then centre-cropping, up to the sub-pixel offset of the crop).
     """
     import cv2
     if img.ndim != 2:
         raise ValueError(f"expected a 2-D image, got shape {img.shape}")
     if img.shape[0] < 1 or img.shape[1] < 1:
         raise ValueError(f"empty image {img.shape}")
-    interp = cv2.INTER_AREA if (img.shape[0] >= size and img.shape[1] >= size) else cv2.INTER_LINEAR
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    h, w = img.shape
+    out_h = out_w = size
+    if resize == "crop" and h != w:
+        m = min(h, w)
+        img = img[(h - m) // 2:(h - m) // 2 + m, (w - m) // 2:(w - m) // 2 + m]  # [m, m] centre square
+    elif resize == "pad" and h != w:
+        out_h, out_w = max(1, round(h * size / max(h, w))), max(1, round(w * size / max(h, w)))
+    interp = cv2.INTER_AREA if (img.shape[0] >= out_h and img.shape[1] >= out_w) else cv2.INTER_LINEAR
     if img.dtype == np.uint8:
-        if img.shape == (size, size):
-            return np.ascontiguousarray(img)
-        return cv2.resize(img, (size, size), interpolation=interp)
-    x = img.astype(np.float32, copy=False)  # (a float32 image is resized in place of a 31 MB copy)
-    if img.shape != (size, size):
-        x = cv2.resize(x, (size, size), interpolation=interp)
-    scale = 255.0 / float(full_scale if full_scale is not None else 1.0)
-    return np.clip(np.rint(x * scale), 0, 255).astype(np.uint8)
+        x = np.ascontiguousarray(img) if img.shape == (out_h, out_w) else \
+            cv2.resize(img, (out_w, out_h), interpolation=interp)
+    else:
+        x = img.astype(np.float32, copy=False)  # (a float32 image is resized in place of a 31 MB copy)
+        if img.shape != (out_h, out_w):
+            x = cv2.resize(x, (out_w, out_h), interpolation=interp)
+        scale = 255.0 / float(full_scale if full_scale is not None else 1.0)
+        x = np.clip(np.rint(x * scale), 0, 255).astype(np.uint8)
+    if (out_h, out_w) == (size, size):
+        return x
+    canvas = np.zeros((size, size), np.uint8)  # pad: black around the centred frame
+    top, left = (size - out_h) // 2, (size - out_w) // 2
+    canvas[top:top + out_h, left:left + out_w] = x
+    return canvas
 
 
 def png_significant_bits(path: str) -> Optional[int]:
@@ -41,7 +66,7 @@ def png_significant_bits(path: str) -> Optional[int]:
         return _sbit_from_bytes(f.read())
 
 
-def decode_raster_pil(path: str, size: int, data: Optional[bytes] = None) -> np.ndarray:
+def decode_raster_pil(path: str, size: int, data: Optional[bytes] = None, resize: str = "squash") -> np.ndarray:
     """The plain reference for PNG / JPEG (and the path for every form the fast decoders do not
     take): PIL decodes the whole image, then the same grey conversion and resize.
 
@@ -61,20 +86,20 @@ def decode_raster_pil(path: str, size: int, data: Optional[bytes] = None) -> np.
             arr = np.asarray(im)
             if mode == "I" and arr.max(initial=0) > 65535:
                 raise ValueError(f"32-bit integer image with values up to {arr.max()}")
-            return _sixteen_bit(arr, _sbit_from_bytes(data), size)
+            return _sixteen_bit(arr, _sbit_from_bytes(data), size, resize)
         if mode == "F":
             raise ValueError("floating-point images are not supported")
         if mode != "L":
             im = im.convert("L")
         arr = np.asarray(im)
-    return to_uint8_resized(arr, size)
+    return to_uint8_resized(arr, size, resize=resize)
 
 
-def _sixteen_bit(arr: np.ndarray, bits: Optional[int], size: int) -> np.ndarray:
+def _sixteen_bit(arr: np.ndarray, bits: Optional[int], size: int, resize: str = "squash") -> np.ndarray:
     # a 12-bit radiograph saved as 16-bit PNG declares it in sBIT; 0..65535 would make it
     # nearly black (max 16/255)
     full = float(2 ** bits - 1) if bits and 8 <= bits < 16 else 65535.0
-    return to_uint8_resized(arr.astype(np.float32), size, full_scale=full)
+    return to_uint8_resized(arr.astype(np.float32), size, full_scale=full, resize=resize)
 
 
 # ----------------------------------------------------------------------------- fast raster paths
@@ -165,7 +190,7 @@ def _sbit_from_bytes(data: bytes) -> Optional[int]:
     return None
 
 
-def decode_png_fast(data: bytes, size: int) -> Optional[np.ndarray]:
+def decode_png_fast(data: bytes, size: int, resize: str = "squash") -> Optional[np.ndarray]:
     """8- or 16-bit greyscale PNG bytes -> uint8 [size, size] through imagecodecs (libpng, with
     libpng's own inflate and unfilter: 1.6x PIL on 8-bit, 2.3x on 16-bit 1024-px images here),
     or None for every other PNG form (PIL then decodes: those are rare, and PIL's colour-to-grey
@@ -186,12 +211,13 @@ def decode_png_fast(data: bytes, size: int) -> Optional[np.ndarray]:
     if arr.ndim != 2:  # a tRNS chunk expanded to grey + alpha: leave it to PIL
         return None
     if arr.dtype == np.uint8:
-        return to_uint8_resized(arr, size)  # [size, size]
-    return _sixteen_bit(arr, _sbit_from_bytes(data), size)
+        return to_uint8_resized(arr, size, resize=resize)  # [size, size]
+    return _sixteen_bit(arr, _sbit_from_bytes(data), size, resize)
 
 
-def decode_raster(path: str, size: int) -> np.ndarray:
-    """Decode a PNG (8 / 16 bit, grey / RGB / RGBA / palette) or JPEG file to uint8 [size, size].
+def decode_raster(path: str, size: int, resize: str = "squash") -> np.ndarray:
+    """Decode a PNG (8 / 16 bit, grey / RGB / RGBA / palette) or JPEG file to uint8 [size, size]
+    (fitted by `resize`, see RESIZE_MODES).
 
     The format is read from the file's first bytes, not its suffix. Fast paths: JPEG decoded at
     the smallest DCT scale that keeps both sides >= size (within 1 grey level mean |diff| of full
@@ -204,12 +230,12 @@ def decode_raster(path: str, size: int) -> np.ndarray:
     if data.startswith(JPEG_SIGNATURE):
         img = decode_jpeg_scaled(data, size)
         if img is not None:
-            return to_uint8_resized(img, size)
+            return to_uint8_resized(img, size, resize=resize)
     elif data.startswith(PNG_SIGNATURE):
-        img = decode_png_fast(data, size)
+        img = decode_png_fast(data, size, resize)
         if img is not None:
             return img
-    return decode_raster_pil(path, size, data)
+    return decode_raster_pil(path, size, data, resize)
 
 
 # ----------------------------------------------------------------------------- DICOM
@@ -536,7 +562,7 @@ def dicom_reduction(h: int, w: int, size: int) -> int:
     return k
 
 
-def decode_dicom_reduced(ds, arr: np.ndarray, size: int) -> Optional[np.ndarray]:
+def decode_dicom_reduced(ds, arr: np.ndarray, size: int, resize: str = "squash") -> Optional[np.ndarray]:
     """uint8 [size, size] from stored values [H, W], box-reduced by `dicom_reduction` before the
     VOI mapping, or None where that is not (nearly) the same image (see DICOM_REDUCED_NOTE).
 
@@ -568,7 +594,7 @@ def decode_dicom_reduced(ds, arr: np.ndarray, size: int) -> Optional[np.ndarray]
         return None  # a stored value is > 1/8 grey level: the integer means' rounding would show
     moving = np.flatnonzero(lut != lut[0])
     if moving.size == 0:  # one value (or all in one clipped end): a flat image
-        return np.full((size, size), np.uint8(np.clip(np.rint(lut[0] * 255.0), 0, 255)))
+        return to_uint8_resized(np.full((h // k, w // k), lut[0], np.float32), size, full_scale=1.0, resize=resize)
     a = lo + max(int(moving[0]) - 1, 0)  # the last value of the low flat end
     b = lo + min(int(np.flatnonzero(lut != lut[-1])[-1]) + 1, lut.size - 1)  # the first of the high one
     x = arr
@@ -580,19 +606,19 @@ def decode_dicom_reduced(ds, arr: np.ndarray, size: int) -> Optional[np.ndarray]
         x = cv2.resize(x, (x.shape[1] // 2, x.shape[0] // 2), interpolation=cv2.INTER_AREA)
         k //= 2
     u = _lookup(vl, x)  # [H/k, W/k] float32 in [0, 1]
-    return to_uint8_resized(u, size, full_scale=1.0)
+    return to_uint8_resized(u, size, full_scale=1.0, resize=resize)
 
 
-def decode_dicom(path: str, size: int) -> np.ndarray:
+def decode_dicom(path: str, size: int, resize: str = "squash") -> np.ndarray:
     """DICOM file -> uint8 [size, size] (VOI-mapped, MONOCHROME1 inverted, area-resized): the
     reduced path where the mapping is linear, else every pixel mapped before the resize; a JPEG
     2000 frame decoded at reduced resolution."""
     ds, arr, k = dicom_stored(path, size)
     if k == 1:
-        img = decode_dicom_reduced(ds, arr, size)
+        img = decode_dicom_reduced(ds, arr, size, resize)
         if img is not None:
             return img
-    return to_uint8_resized(_unit(path, ds, arr), size, full_scale=1.0)
+    return to_uint8_resized(_unit(path, ds, arr), size, full_scale=1.0, resize=resize)
 
 
 # ----------------------------------------------------------------------------- preload
@@ -623,14 +649,14 @@ DICOM_SUFFIXES = (".dcm", ".dicom")
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-def decode_file(path: str, size: int) -> np.ndarray:
+def decode_file(path: str, size: int, resize: str = "squash") -> np.ndarray:
     """Any supported source file -> uint8 grey [size, size], chosen by suffix: DICOM (.dcm,
     .dicom, or no suffix: archives often drop it) or raster (PNG 8/16-bit, JPEG). The one decoder
     for sources whose layout we do not know (the generic converter, `fasttrain predict`)."""
     suffix = Path(path).suffix.lower()
     if suffix in RASTER_SUFFIXES:
-        return decode_raster(path, size)
+        return decode_raster(path, size, resize)
     if suffix in DICOM_SUFFIXES or suffix == "":
-        return decode_dicom(path, size)
+        return decode_dicom(path, size, resize)
     raise ValueError(f"unsupported file type {suffix!r}; expected one of "
                      f"{', '.join(RASTER_SUFFIXES + DICOM_SUFFIXES)} (or a DICOM file without suffix)")

@@ -232,11 +232,12 @@ def convert_dicom(src, labels_csv, out, formats: Sequence[str] = ("raw",), size:
                   uncertain: str = "paper", labels: str = "competition", val_fraction: float = 0.0,
                   on_error: str = "fail", workers: Optional[int] = None, seed: int = 0, jpeg_quality: int = 95,
                   shard_size: int = 4096, progress: bool = True, views: str = "frontal",
-                  metadata_csv=None, split_csv=None, demographics_csv=None) -> Path:
-    """Pack a folder of DICOMs labelled by `labels_csv` into `out`; return `out`."""
+                   metadata_csv=None, split_csv=None, demographics_csv=None, resize: str = "crop") -> Path:
+    """Pack a folder of DICOMs labelled by `labels_csv` into `out`; return `out`. resize: crop
+    (default) keeps portrait frames undistorted (decode.RESIZE_MODES)."""
     labels_csv = Path(labels_csv)
     src, opts, problems = begin(src, formats=tuple(formats), size=size, workers=workers, on_error=on_error,
-                                jpeg_quality=jpeg_quality, shard_size=shard_size, progress=progress)
+                                jpeg_quality=jpeg_quality, shard_size=shard_size, progress=progress, resize=resize)
     splits, names, file_col, sources = build_items(src, labels_csv, labels, uncertain, problems, views=views,
                                                    metadata_csv=metadata_csv, split_csv=split_csv,
                                                    demographics_csv=demographics_csv)
@@ -256,7 +257,7 @@ def convert_mimic_jpg(src, out, labels_csv=None, formats: Sequence[str] = ("raw"
                       uncertain: str = "paper", labels: str = "competition", val_fraction: float = 0.0,
                       on_error: str = "fail", workers: Optional[int] = None, seed: int = 0, jpeg_quality: int = 95,
                       shard_size: int = 4096, progress: bool = True, views: str = "frontal",
-                      metadata_csv=None, split_csv=None, demographics_csv=None) -> Path:
+                      metadata_csv=None, split_csv=None, demographics_csv=None, resize: str = "crop") -> Path:
     """Pack MIMIC-CXR-JPG as published into `out`; return `out`.
 
     `src` is the release folder: `files/pNN/pNNNNNNNN/sNNNNNNNN/<dicom_id>.jpg` and the CSVs
@@ -264,14 +265,15 @@ def convert_mimic_jpg(src, out, labels_csv=None, formats: Sequence[str] = ("raw"
     as MIMIC-CXR DICOM (`convert_dicom` with the published CSVs): labels per study from
     `labels_csv` (default: the chexpert labeler's CSV in `src`; pass the negbio one to use that
     labeler), dicom_id -> study and ViewPosition from the metadata CSV, train / validate / test
-    from the split CSV. Pixels: 8-bit grey JPEG, decoded at the smallest DCT scale >= `size`."""
+    from the split CSV. Pixels: 8-bit grey JPEG, decoded at the smallest DCT scale >= `size`,
+    fitted to the square by `resize` (crop by default: no distortion of the portrait frames)."""
     src_path = Path(src)
     labels_csv = Path(labels_csv) if labels_csv else _beside(src_path / MIMIC_CHEXPERT, MIMIC_CHEXPERT)
     if not labels_csv.is_file():
         raise ConvertError(f"{src_path}: no {MIMIC_CHEXPERT}[.gz] (MIMIC-CXR-JPG ships it at the top of the release); "
                            f"pass --labels-csv")
     src, opts, problems = begin(src, formats=tuple(formats), size=size, workers=workers, on_error=on_error,
-                                jpeg_quality=jpeg_quality, shard_size=shard_size, progress=progress)
+                                jpeg_quality=jpeg_quality, shard_size=shard_size, progress=progress, resize=resize)
     header, _ = read_csv(labels_csv, [])
     if not {"subject_id", "study_id"} <= set(header):
         raise ConvertError(f"{labels_csv}: MIMIC-CXR-JPG labels are per study: expected subject_id and study_id "

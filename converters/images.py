@@ -332,10 +332,10 @@ def convert_images(src, labels_csv, out, *, path_col: str, label_cols: Optional[
                    meta_cols: Optional[dict[str, str]] = None, test_fraction: float = 0.0, val_fraction: float = 0.0,
                    dataset: str = "images", formats: Sequence[str] = ("raw",), size: int = 256,
                    on_error: str = "fail", workers: Optional[int] = None, seed: int = 0, jpeg_quality: int = 95,
-                   shard_size: int = 4096, progress: bool = True) -> Path:
+                   shard_size: int = 4096, progress: bool = True, resize: str = "squash") -> Path:
     """Pack the images named by `labels_csv` (one path or several `[SPLIT=]PATH`) into `out`."""
     src, opts, problems = begin(src, formats=tuple(formats), size=size, workers=workers, on_error=on_error,
-                                jpeg_quality=jpeg_quality, shard_size=shard_size, progress=progress)
+                                jpeg_quality=jpeg_quality, shard_size=shard_size, progress=progress, resize=resize)
     csvs = parse_csv_args(labels_csv)
     spec = LabelSpec(label_cols=list(label_cols) if label_cols else None, multi_col=multi_col, sep=sep,
                      none_values=tuple(none_values), unlisted=unlisted, positive=tuple(positive),

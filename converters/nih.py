@@ -208,11 +208,11 @@ def build_items(src: Path, split_dir: Optional[Path], val_fraction: float, seed:
 def convert_nih(src, out, formats: Sequence[str] = ("raw",), size: int = 256, val_fraction: float = 0.0,
                 split_dir=None, on_error: str = "fail", workers: Optional[int] = None, seed: int = 0,
                 jpeg_quality: int = 95, shard_size: int = 4096, progress: bool = True,
-                views: Optional[str] = None) -> Path:
+                views: Optional[str] = None, resize: str = "squash") -> Path:
     """Pack an NIH ChestX-ray14 source folder into `out`; return `out`. `views` ('PA,AP'): keep only
     images whose View Position is one of them (None: all)."""
     src, opts, problems = begin(src, formats=tuple(formats), size=size, workers=workers, on_error=on_error,
-                                jpeg_quality=jpeg_quality, shard_size=shard_size, progress=progress)
+                                jpeg_quality=jpeg_quality, shard_size=shard_size, progress=progress, resize=resize)
     splits, sources, info = build_items(src, Path(split_dir) if split_dir else None, val_fraction, seed, problems,
                                         views=views)
     synthetic = (src / "README.txt").is_file() and "SYNTHETIC" in (src / "README.txt").read_text()[:200]

@@ -7,6 +7,7 @@ A converter (nih.py, chexpert.py, dicom.py) only turns its source layout into `I
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import time
@@ -82,7 +83,9 @@ def pack(*, dataset: str, source: Path, out: Path, splits: dict[str, list[Item]]
         # one set of metadata columns for every split (a split whose images all lack an age still has
         # the column, all missing)
         meta_names = metadata_names(it for items in splits.values() for it in items)
-        written = raw_writer.write_splits(tmp, splits, decode, size, workers, opts.progress, problems)
+        # the decoders fit by squashing unless told otherwise (decode.RESIZE_MODES)
+        fit = decode if opts.resize == "squash" else functools.partial(decode, resize=opts.resize)
+        written = raw_writer.write_splits(tmp, splits, fit, size, workers, opts.progress, problems)
         rates["decode_images_per_s"] = round(sum(map(len, splits.values())) / max(time.perf_counter() - t0, 1e-9), 1)
         for name, items in splits.items():
             kept, skipped = written[name]
@@ -140,12 +143,16 @@ def pack(*, dataset: str, source: Path, out: Path, splits: dict[str, list[Item]]
             "label_names": list(label_names),
             "num_labels": len(label_names),
             "image_size": [size, size],
+            "resize": opts.resize,  # how each frame was fitted to the square (what `predict` repeats)
             "formats": [f for f in FORMAT_PREFERENCE if f in opts.formats],
             "splits": split_meta,
             "format_details": details,
             "preprocessing": {
                 "grayscale": "ITU-R 601 luma for colour inputs, alpha dropped",
-                "resize": f"whole image to {size}x{size}, cv2.INTER_AREA (INTER_LINEAR when upsampling)",
+                "resize": {"crop": f"centre square of side min(H, W), resized to {size}x{size}",
+                           "squash": f"whole image to {size}x{size} (aspect not kept)",
+                           "pad": f"longer side to {size}, centred on black to {size}x{size}"}[opts.resize]
+                          + ", cv2.INTER_AREA (INTER_LINEAR when upsampling)",
                 "dtype": "uint8",
                 "bit_depth": "16-bit PNG: 0..65535 -> 0..255 (0..2^b-1 when sBIT declares b bits); DICOM: see dicom section",
                 **({"jpeg_quality": opts.jpeg_quality} if "dali" in opts.formats else {}),

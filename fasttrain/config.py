@@ -86,7 +86,10 @@ class DataConfig:
     prefetch: int = 2  # batches prefetched by the raw loader's background thread
     reference_images: Optional[str] = None  # reference loader: folder of <id>.png packed images; None = source files
     # Fine-tuning augmentation (issue #11): Xiao et al. fine-tune through timm's create_transform.
-    interpolation: str = "bilinear"  # training crop filter: bilinear (MAE pre-training) | bicubic (Xiao's fine-tuning); eval stays bilinear
+    # training crop filter: bicubic, as MAE's and Xiao et al.'s pre-training RandomResizedCrop(interpolation=3)
+    # and Xiao's fine-tuning create_transform(interpolation='bicubic'); bilinear only where a config says why.
+    # Evaluation resizes bilinear whatever this says (MAE's and Xiao's eval Resize(256) is bicubic).
+    interpolation: str = "bicubic"  # bicubic | bilinear
     randaug: Optional[str] = None  # timm RandAugment policy after crop + flip, e.g. "rand-m6-mstd0.5-inc1" (Xiao); None = off
     # keep only images whose packed 'view' metadata is one of these ("PA,AP" or [PA, AP]), in every split a
     # run reads (train and val; evaluate scores whole splits); None = every image

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fasttrain.models import ETMAE, create_model
-from fasttrain.models.checkpoints import (CheckpointError, export_timm, load_encoder, load_into, load_mae,
+from fasttrain.models.checkpoints import (CheckpointError, convert_in_chans, export_timm, load_encoder, load_into, load_mae,
                                           load_teacher, read_checkpoint, read_state_dict)
 from fasttrain.models.vit import sincos_pos_embed_2d
 
@@ -389,3 +389,74 @@ def test_teacher_from_encoder_only_checkpoint_logs_one_line(tmp_path, caplog):
                          patch_size=8, depth=2)
     assert t.load_report.ok and "it has no decoder" in caplog.text
     assert "left at init" not in caplog.text and "decoder_blocks.0" not in caplog.text
+
+
+# ----------------------------------------------------------------------------- RGB <-> grey, normalised
+
+def block_features(m, x: torch.Tensor, k: int) -> torch.Tensor:
+    """Output of blocks[k] of the full (unmasked) encoder: [N, 1+L, D]."""
+    t = m.patch_embed(x) + m.pos_embed[:, 1:]  # [N, L, D]
+    t = torch.cat([m.embed_cls(t.shape[0]), t], dim=1)  # [N, 1+L, D]
+    return m.run_blocks(t, [k], stop_after=k)[1][k]
+
+
+def grey_inputs(n: int = 2, size: int = 32, seed: int = 0):
+    """A grey image g in [0, 1] as the 3-channel model sees it (replicated, ImageNet mean/std per
+    channel) and as the 1-channel model sees it ((g - 0.449) / 0.226)."""
+    from fasttrain.data.gpu_augment import norm_stats
+    g = torch.rand(n, 1, size, size, generator=torch.Generator().manual_seed(seed))
+    (m3, s3), (m1, s1) = norm_stats("imagenet", 3), norm_stats("imagenet", 1)
+    x3 = (g.expand(-1, 3, -1, -1) - torch.tensor(m3).view(1, 3, 1, 1)) / torch.tensor(s3).view(1, 3, 1, 1)
+    return x3, (g - m1[0]) / s1[0]
+
+
+def test_rgb_teacher_folded_to_grey_is_exact_on_imagenet_normalised_input(tmp_path):
+    """Xiao et al.'s RGB teacher, loaded by `fasttrain pretrain` for a 1-channel student: its
+    block-8 features on the student's input equal the RGB teacher's on the same grey image
+    replicated and ImageNet-normalised (summing the RGB filters alone is off by the per-channel
+    scale and mean)."""
+    from fasttrain.config import build_config
+    from fasttrain.train.builders import build_pretrain_model
+    torch.manual_seed(0)
+    arch = dict(img_size=32, patch_size=8, embed_dim=24, depth=9, num_heads=2)
+    t3 = create_model("mae_vit_small_patch16", in_chans=3, decoder_depth=1, **arch).eval()
+    with torch.no_grad():
+        t3.patch_embed.proj.weight.add_(torch.randn_like(t3.patch_embed.proj.weight) * 0.2)
+        t3.patch_embed.proj.bias.normal_(0, 0.5)
+    path = tmp_path / "vit-s_CXR_0.3M_mae.pth"
+    torch.save({"model": t3.state_dict()}, path)
+    cfg = build_config(None, ["--model.img_size=32", "--model.patch_size=8", "--model.in_chans=1", "--model.depth=9",
+                              "--distill.teacher=mae_vit_small_patch16", f"--distill.teacher_ckpt={path}",
+                              "--distill.teacher_embed_dim=24", "--distill.teacher_depth=9",
+                              "--distill.teacher_num_heads=2", "--distill.student_blocks=[8]",
+                              "--distill.teacher_blocks=[8]", "--data.norm=imagenet"])
+    t1 = build_pretrain_model(cfg).teacher
+    assert t1.in_chans == 1
+    x3, x1 = grey_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(block_features(t1, x1, 8), block_features(t3, x3, 8), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("c_from,c_to", [(3, 1), (1, 3)])
+def test_classifier_init_across_channels_is_exact_on_normalised_input(tmp_path, c_from, c_to):
+    """`finetune --init` / `probe` of an encoder with other input channels: the classifier's
+    features on its own normalised input equal the source's on the same grey image."""
+    from fasttrain.train.builders import init_classifier
+    torch.manual_seed(1)
+    src = tiny(in_chans=c_from).eval()
+    with torch.no_grad():
+        src.patch_embed.proj.bias.normal_(0, 0.5)
+    path = tmp_path / "student.pth"
+    torch.save({"model": src.state_dict()}, path)
+    dst = tiny("vit_tiny_patch16", in_chans=c_to, num_classes=3).eval()
+    init_classifier(dst, str(path), "imagenet")
+    x3, x1 = grey_inputs()
+    x_src, x_dst = (x3, x1) if c_from == 3 else (x1, x3)
+    with torch.no_grad():
+        torch.testing.assert_close(dst.forward_tokens(x_dst), src.forward_tokens(x_src), atol=1e-4, rtol=1e-4)
+
+
+def test_in_chans_conversion_needs_both_channel_counts_normalisation():
+    w, b = torch.randn(4, 3, 2, 2), torch.zeros(4)
+    with pytest.raises(CheckpointError, match="normalisation of 1 channels"):
+        convert_in_chans(w, b, 1, "patch_embed.proj.weight", {3: ((0.5,) * 3, (0.2,) * 3)})

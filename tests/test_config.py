@@ -2,6 +2,7 @@
 config loads."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,67 @@ def test_paper_recipes():
     for f in (nih, chx):
         assert (f.optim.blr, f.optim.layer_decay, f.optim.weight_decay, f.model.drop_path, f.optim.warmup_epochs,
                 f.optim.betas, f.optim.epochs) == (2.5e-4, 0.55, 0.05, 0.2, 5.0, [0.9, 0.999], 100)
+
+
+ALL_CONFIGS = sorted(CONFIGS.rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_training_crop_is_bicubic_unless_a_config_says_why(path):
+    """MAE's and Xiao et al.'s pre-training crop is RandomResizedCrop(..., interpolation=3) and
+    Xiao's fine-tuning create_transform(interpolation='bicubic'): every shipped config resolves
+    to bicubic, or its line choosing bilinear carries a comment saying why."""
+    cfg = build_config(path)
+    if cfg.data.interpolation == "bicubic":
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip().startswith("interpolation:")]
+    assert lines and all("#" in ln for ln in lines), f"{path}: bilinear crop without a reason"
+
+
+def test_default_training_crop_is_bicubic():
+    assert Config().data.interpolation == "bicubic"
+    for name in ("pretrain_vits_to_vitt.yaml", "pretrain_vitb_to_vitt.yaml"):
+        assert build_config(CONFIGS / "paper" / name).data.interpolation == "bicubic"
+        assert build_config(CONFIGS / name).data.interpolation == "bicubic"
+
+
+# Xiao et al.'s ViT fine-tuning command (medical_mae FINETUNE.md): config key -> its value there
+XIAO_FINETUNE_MD = {"epochs": 75, "batch_size": 128, "min_lr": 1e-5, "eval_every": 10, "blr": 2.5e-4,
+                    "layer_decay": 0.55, "weight_decay": 0.05, "warmup_epochs": 5, "drop_path": 0.2}
+SETTING = re.compile(r"^\s*(\w+):\s*([^#\s][^#]*?)\s*#(.*)$")
+
+
+QUOTED = re.compile(r"FINETUNE\.md(?::| passes)\s*(?:--\w+\s+)?([0-9.e+-]+)")
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_settings_credited_to_xiao_have_finetune_md_values(path):
+    """A setting whose comment credits Xiao et al. has the value of Xiao's FINETUNE.md command, and
+    every value a comment quotes from FINETUNE.md is the one there."""
+    for line in path.read_text().splitlines():
+        m = SETTING.match(line)
+        if not m or m.group(1) not in XIAO_FINETUNE_MD:
+            continue
+        key, value, comment = m.group(1), float(m.group(2)), m.group(3).strip()
+        if comment.startswith("Xiao"):
+            assert value == XIAO_FINETUNE_MD[key], f"{path}: {line}"
+        for quoted in QUOTED.findall(comment):
+            assert float(quoted) == XIAO_FINETUNE_MD[key], f"{path}: {line}"
+
+
+def test_paper_finetune_keeps_the_papers_values():
+    for name in ("finetune_nih.yaml", "finetune_chexpert.yaml"):
+        cfg = build_config(CONFIGS / "paper" / name)
+        assert (cfg.optim.epochs, cfg.data.batch_size) == (100, 32)  # the paper's, not Xiao's 75 x 128
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "paper").glob("pretrain_*.yaml")), ids=lambda p: p.name)
+def test_decoder_named_in_comments_is_the_models(path):
+    from fasttrain.models import create_model
+    cfg = build_config(path)
+    model = create_model(cfg.model.name)
+    named = re.findall(r"decoder (\d+)-d x (\d+)", path.read_text())
+    if path.name == "pretrain_vits_to_vitt.yaml":
+        assert named
+    for dim, depth in named:
+        assert (int(dim), int(depth)) == (model.decoder_embed_dim, model.decoder_depth), path

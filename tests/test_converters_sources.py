@@ -14,6 +14,7 @@ from fasttrain.converters.common import ConvertError
 from fasttrain.converters.dicom import convert_dicom
 from fasttrain.converters.decode import decode_raster
 from fasttrain.data import open_packed
+from fasttrain.data.packed import read_manifest
 
 from fixtures_datasets import (CHEXPERT_COLUMNS, block_mean, chexpert_path, write_chexpert, write_dicom)
 
@@ -66,13 +67,14 @@ def test_chexpert_all_labels_all_views_and_pixels(tmp_path):
     assert dict(zip(ps.label_names, ps.labels[4]))["Lung Opacity"] == 0
     assert dict(zip(ps.label_names, ps.labels[4]))["Support Devices"] == 1
     assert ps.ids[1].endswith("view2_lateral.jpg")
-    for i, ident in enumerate(ps.ids):  # non-square 48x32 JPEG -> 16x16
-        # row i is image i as decode_raster makes it (DCT-scaled to 24x16, then area-resized) ...
-        np.testing.assert_array_equal(ps.image(i), decode_raster(str(w.files[ident]), 16))
-        # ... close to the block means of 3x2 of the full decode; on these tiny, very noisy images (white
-        # noise sigma 20 at 48 px) the half-scale IDCT's low-pass differs more from a box filter than
-        # on real sizes, where the bound is 1 grey level (test_decode_fast.py)
-        ref = block_mean(np.asarray(Image.open(w.files[ident]).convert("L"), np.float64), 16)
+    assert read_manifest(out)["resize"] == "crop"  # convert chexpert's default: portrait frames undistorted
+    for i, ident in enumerate(ps.ids):  # non-square 48x32 JPEG -> centre 32x32 -> 16x16
+        # row i is image i as decode_raster makes it (DCT-scaled to 24x16, centre 16x16) ...
+        np.testing.assert_array_equal(ps.image(i), decode_raster(str(w.files[ident]), 16, "crop"))
+        # ... close to the 2x2 block means of the full decode's centre square; on these tiny, very noisy
+        # images (white noise sigma 20 at 48 px) the half-scale IDCT's low-pass differs more from a box
+        # filter than on real sizes, where the bound is 1 grey level (test_decode_fast.py)
+        ref = block_mean(np.asarray(Image.open(w.files[ident]).convert("L"), np.float64)[8:40], 16)
         assert np.abs(ps.image(i).astype(float) - ref).mean() <= 3.0
         dali = open_packed(out, "train", "dali").image(i).astype(float)
         assert np.abs(dali - ps.image(i)).mean() < 2.0

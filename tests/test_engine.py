@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from fasttrain.config import OptimConfig
-from fasttrain.models import ETMAE, create_model
+from fasttrain.models import ETMAE, create_model, param_groups_layer_decay
+from fasttrain.models.classifier import NO_WEIGHT_DECAY
 from fasttrain.train.engine import TrainStep, bce_masked
 from fasttrain.train.optim import build_optimizer, param_groups_weight_decay
 
@@ -90,6 +91,39 @@ def hand_losses(model: ETMAE, imgs, noise):
     v = model.proj[0](s_feat)
     loss_dist = (v / v.norm(dim=-1, keepdim=True) - u / u.norm(dim=-1, keepdim=True)).abs().mean()
     return loss_mae, loss_dist
+
+
+def decay_of(groups) -> dict[int, float]:
+    return {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+
+
+def test_pretrain_weight_decay_is_mae_add_weight_decay():
+    """MAE's and Xiao et al.'s main_pretrain.py call timm's add_weight_decay(model, wd) with no
+    skip list: no decay for 1-d tensors and biases, decay for every other trainable tensor
+    (cls_token and mask_token are [1, 1, D]); the frozen sin-cos pos-embeds are in no group."""
+    model = tiny_etmae()
+    for part in (model.student, model.proj):
+        wd = decay_of(param_groups_weight_decay(part, 0.05))
+        for name, p in part.named_parameters():
+            if not p.requires_grad:
+                assert id(p) not in wd, name
+                continue
+            assert wd[id(p)] == (0.0 if p.ndim == 1 or name.endswith(".bias") else 0.05), name
+    wd = decay_of(param_groups_weight_decay(model.student, 0.05))
+    assert wd[id(model.student.cls_token)] == 0.05 and wd[id(model.student.mask_token)] == 0.05
+    assert id(model.student.pos_embed) not in wd and id(model.student.decoder_pos_embed) not in wd
+
+
+def test_finetune_weight_decay_skips_mae_no_weight_decay_list():
+    """Without layer decay, fine-tuning keeps MAE's no_weight_decay() names (pos_embed,
+    cls_token) out of decay, as param_groups_lrd does with layer_decay 1."""
+    clf = create_model("vit_tiny_patch16", **{k: TINY[k] for k in ("img_size", "patch_size", "in_chans",
+                                                                    "embed_dim", "depth", "num_heads")},
+                       num_classes=3)
+    wd = decay_of(param_groups_weight_decay(clf, 0.05, NO_WEIGHT_DECAY))
+    assert wd == decay_of(param_groups_layer_decay(clf, 0.05, 1.0))
+    assert wd[id(clf.cls_token)] == 0.0 and wd[id(clf.pos_embed)] == 0.0
+    assert all(g["lr_scale"] == 1.0 for g in param_groups_weight_decay(clf, 0.05))
 
 
 def test_one_kd_step_equals_hand_computation():

@@ -169,3 +169,18 @@ def test_normalise_u8_gray_table_equals_elementwise(dtype):
         assert fast.dtype == dtype and fast.shape == (5, 3, 9, 7)
         assert fast.stride() == plain.stride() and fast.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(fast, plain)
+
+
+def test_pretraining_crop_is_bicubic_in_every_loader(pack):
+    """MAE's and Xiao et al.'s pre-training transform: RandomResizedCrop(scale (0.2, 1),
+    interpolation=3) + flip, no RandAugment: the reference loader runs that torchvision transform,
+    the packed loaders' BatchAugment the same filter."""
+    import torchvision.transforms as T
+    plain = dict(path=pack["path"], batch_size=8, num_workers=0)
+    ref = build_loader(DataConfig(loader="reference", reference_images=pack["png"], **plain), "train", True,
+                       img_size=48, in_chans=1)
+    assert "PIL + torchvision" in ref.describe()
+    rrc = next(t for t in ref.transform.transforms if isinstance(t, T.RandomResizedCrop))
+    assert rrc.interpolation == T.InterpolationMode.BICUBIC and tuple(rrc.scale) == (0.2, 1.0)
+    raw = build_loader(DataConfig(loader="raw", **plain), "train", True, img_size=48, in_chans=1)
+    assert raw.augment.interpolation == "bicubic" and raw.augment.randaug is None

@@ -101,7 +101,8 @@ def test_eval_same_pixels_across_loaders(phantoms):
 
 def test_training_batches_same_pixels_raw_vs_reference(phantoms):
     """Crop/flip semantics: the raw loader's batch equals the reference transform applied with the
-    same crop boxes (our draws are batched, so compare through the drawn parameters)."""
+    same crop boxes (our draws are batched, so compare through the drawn parameters), with the
+    default crop filter: bicubic, MAE's RandomResizedCrop(interpolation=3)."""
     import torchvision.transforms as T
     import torchvision.transforms.functional as TF
     ld = build_loader(_cfg(phantoms["path"], "raw", norm="nih"), "train", True, img_size=48, in_chans=1)
@@ -115,7 +116,7 @@ def test_training_batches_same_pixels_raw_vs_reference(phantoms):
     for b in range(len(idx)):
         im = Image.fromarray(packed.image(int(idx[b]))).convert("RGB")
         r = TF.resized_crop(im, int(p.top[b]), int(p.left[b]), int(p.height[b]), int(p.width[b]), [48, 48],
-                            T.InterpolationMode.BILINEAR)
+                            T.InterpolationMode.BICUBIC)
         r = TF.to_tensor(TF.hflip(r) if p.flip[b] else r)[0]
         got = x[b, 0] * 0.252 + 0.5056
         assert (got - r).abs().max().item() <= GREY + 1e-5

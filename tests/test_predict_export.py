@@ -254,3 +254,25 @@ def test_predict_on_cuda_matches_cpu(trained, tmp_path):
     b = predict_files(ckpt, items, tmp_path / "gpu.csv", device="cuda", batch_size=7, progress=False)
     assert a["errors"] == b["errors"] == [None] * len(items)
     assert np.abs(a["probs"] - b["probs"]).mean() < 1e-2 and np.abs(a["probs"] - b["probs"]).max() < 0.05
+
+
+def test_predict_and_export_a_mixture_trained_classifier(trained, tmp_path):
+    """Fine-tuning on a mixture saves data.path as a list of parts: predict and export read its
+    manifest (label names, packed size) and give the single-dataset checkpoint's results."""
+    from fasttrain.train.checkpoint import save_atomic
+    from fasttrain.train.export import main as export_main
+    from fasttrain.train.predict import load_for_inference
+    from fasttrain.train.predict import main as predict_main
+    packed, ckpt, _, src = trained
+    ck = torch.load(ckpt, map_location="cpu", weights_only=True)
+    ck["config"]["data"]["path"] = [f"{packed}:train", f"{packed}:test"]
+    del ck["image_size"], ck["label_names"]  # so the size and names come from the parts' manifest
+    save_atomic(ck, tmp_path / "mix.pt")
+    _, cfg, names, size = load_for_inference(tmp_path / "mix.pt")
+    assert isinstance(cfg.data.path, list) and names == LABELS and size == SIZE
+    for name, c in (("one", ckpt), ("mix", tmp_path / "mix.pt")):
+        assert predict_main(["--ckpt", str(c), "--images", str(src), "--out", str(tmp_path / f"{name}.csv"),
+                             "--workers", "1", "--no-progress"]) == 0
+    assert (tmp_path / "mix.csv").read_text() == (tmp_path / "one.csv").read_text()
+    assert export_main(["--ckpt", str(tmp_path / "mix.pt"), "--format", "timm",
+                        "--out", str(tmp_path / "mix.safetensors")]) == 0

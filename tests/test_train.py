@@ -332,11 +332,11 @@ def test_finetune_init_from_ours_and_from_exported_safetensors(tiny_yaml, packed
     export_timm(student, tmp_path / "student.safetensors", in_chans=None)
     ft = build_config(tiny_yaml, ["--model.name=vit_tiny_patch16", "--model.num_classes=14"])
     a, b = build_classifier(ft), build_classifier(ft)
-    init_classifier(a, str(tmp_path / "last.pt"))
-    init_classifier(b, str(tmp_path / "student.safetensors"))
+    init_classifier(a, str(tmp_path / "last.pt"), "imagenet")
+    init_classifier(b, str(tmp_path / "student.safetensors"), "imagenet")
     for k in ("patch_embed.proj.weight", "blocks.1.mlp.fc2.weight", "cls_token"):
         assert torch.equal(a.state_dict()[k], student.state_dict()[k])
         assert torch.allclose(b.state_dict()[k], student.state_dict()[k])
     save_atomic({"kind": "finetune", "model": a.state_dict(), "config": ft.to_dict()}, tmp_path / "ft.pt")
     with pytest.raises(CheckpointError, match="a fine-tuned classifier"):
-        init_classifier(build_classifier(ft), str(tmp_path / "ft.pt"))
+        init_classifier(build_classifier(ft), str(tmp_path / "ft.pt"), "imagenet")

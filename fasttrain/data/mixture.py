@@ -313,6 +313,12 @@ def part_manifests(path) -> list[tuple[PartSpec, dict]]:
     return out
 
 
+def packed_resize_mode(path) -> str:
+    """How data.path's frames were fitted to the square (the converter's --resize; a mixture's
+    first part, as its label names and size); squash for data packed without the key."""
+    return part_manifests(path)[0][1].get("resize", "squash")
+
+
 def missing_split(path, split: str, train_split: str = "train") -> list[str]:
     """Parts of data.path that lack `split` (their ':SPLIT' for the training split), as
     'PATH (has a, b)' strings; [] when every part has it."""

@@ -2,11 +2,11 @@
 oracle for the augmentation semantics.
 
 Per sample, in torch DataLoader workers: PIL `Image.open`, `.convert('RGB')`, then torchvision
-    train: RandomResizedCrop(img_size, scale, ratio, BILINEAR) -> RandomHorizontalFlip(hflip)
+    train: RandomResizedCrop(img_size, scale, ratio, data.interpolation) -> RandomHorizontalFlip(hflip)
     eval:  Resize(R) -> CenterCrop(img_size)      (R = gpu_augment.eval_resize_size, as the fast loaders)
     -> ToTensor -> Normalize(mean, std)            (3 channels; 1-channel models keep channel 0,
                                                     normalised with the 1-channel stats)
-    fine-tuning (data.randaug set or data.interpolation bicubic): timm's own
+    fine-tuning with RandAugment (data.randaug set): timm's own
     `create_transform(is_training=True, scale, ratio, hflip, interpolation, auto_augment=randaug,
     color_jitter=None, re_prob=0, mean, std)`, as Xiao et al. ran it: the oracle for
     fasttrain.data.randaug and the fine-tuning benchmark's baseline.
@@ -164,7 +164,7 @@ class ReferenceLoader(SampledLoader):
         if cfg.interpolation not in modes:
             raise LoaderError(f"data.interpolation must be one of {tuple(modes)}, got {cfg.interpolation!r}")
         bil = modes[cfg.interpolation]
-        self.finetune_aug = self.train and (cfg.randaug is not None or cfg.interpolation != "bilinear")
+        self.finetune_aug = self.train and cfg.randaug is not None
         if self.finetune_aug:
             self.transform = T.Compose([self._timm_transform(cfg, mean3, std3), _FirstChannels(self.in_chans)])
         elif self.train:

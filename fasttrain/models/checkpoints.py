@@ -42,6 +42,7 @@ WRAPPER_SEGMENTS = ("module", "_orig_mod")
 DECODER_PREFIXES = ("decoder_", "mask_token")  # the MAE decoder (a teacher never runs it)
 POS_EMBED_KEYS = ("pos_embed", "decoder_pos_embed")
 PATCH_WEIGHT = "patch_embed.proj.weight"
+PATCH_BIAS = "patch_embed.proj.bias"
 
 
 class CheckpointError(RuntimeError):
@@ -193,18 +194,52 @@ def convert_pos_embed(value: torch.Tensor, target: torch.Tensor, key: str, what:
     return new, f"{key}: learned table resampled bicubic {g_old}x{g_old} -> {g_new}x{g_new}"
 
 
-def convert_in_chans(value: torch.Tensor, target_chans: int, key: str) -> tuple[torch.Tensor, str]:
-    """patch_embed.proj.weight [D, C, p, p] between 1 and 3 input channels.
+# Input normalisation per input-channel count: {1: (mean, std), 3: (mean, std)}, one value per
+# channel in [0, 1] pixel units (fasttrain.data.gpu_augment.norm_stats gives both for a data.norm).
+InputNorm = Mapping[int, tuple[tuple[float, ...], tuple[float, ...]]]
 
-    3 -> 1 sums over channels: a gray image x fed as (x, x, x) to the RGB model gives exactly the
-    same response as x to the summed filter. 1 -> 3 repeats and divides by 3, the reverse.
+
+def convert_in_chans(weight: torch.Tensor, bias: torch.Tensor | None, target_chans: int, key: str,
+                     input_norm: InputNorm | None = None) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+    """patch_embed.proj (weight [D, C, p, p], bias [D]) between 1 and 3 input channels, exact on
+    a grey image g in [0, 1]: the converted model on g normalised with input_norm[target] gives
+    the source model's response to g replicated and normalised with input_norm[C].
+
+    The source sees channel c = (g - m_c) / s_c; the target's 1 channel x = (g - m) / s. So
+      3 -> 1:  W' = sum_c W_c s / s_c,         b' = b + sum_c sum(W_c) (m - m_c) / s_c
+      1 -> 3:  W'_c = W s_c / (3 s),           b' = b + sum(W) (mean_c m_c - m) / s
+    (sum(W) over the p x p taps: the response to a constant image). input_norm None: the pixels
+    are not normalised per channel (s = 1, m = 0): RGB filters summed / repeated and divided by 3.
     """
-    c = value.shape[1]
-    if c == 3 and target_chans == 1:
-        return value.sum(dim=1, keepdim=True), f"{key}: 3 -> 1 input channels (weights summed over RGB)"
-    if c == 1 and target_chans == 3:
-        return value.repeat(1, 3, 1, 1) / 3, f"{key}: 1 -> 3 input channels (weights repeated, divided by 3)"
-    raise CheckpointError(f"{key}: cannot convert {c} input channels to {target_chans}")
+    c = weight.shape[1]
+    if sorted((c, target_chans)) != [1, 3]:
+        raise CheckpointError(f"{key}: cannot convert {c} input channels to {target_chans}")
+    folded = input_norm is not None
+    if input_norm is None:
+        input_norm = {1: ((0.0,), (1.0,)), 3: ((0.0,) * 3, (1.0,) * 3)}
+    for n in (c, target_chans):
+        if n not in input_norm or any(len(v) != n for v in input_norm[n]):
+            raise CheckpointError(f"{key}: converting {c} -> {target_chans} input channels needs the input "
+                                  f"normalisation of {n} channels (mean, std per channel), got {input_norm.get(n)}")
+    w = weight.double()
+    ms, ss = (torch.tensor(v, dtype=torch.float64) for v in input_norm[c])  # [C] source
+    mt, st = (torch.tensor(v, dtype=torch.float64) for v in input_norm[target_chans])  # [C'] target
+    taps = w.sum(dim=(2, 3))  # [D, C] response to a constant 1 image
+    if target_chans == 1:
+        new_w = (w * (st / ss).view(1, -1, 1, 1)).sum(dim=1, keepdim=True)  # [D, 1, p, p]
+        shift = (taps * ((mt - ms) / ss).view(1, -1)).sum(dim=1)  # [D]
+        how = "RGB filters x s/s_c summed"
+    else:
+        new_w = w.repeat(1, 3, 1, 1) * (st / (3 * ss)).view(1, -1, 1, 1)  # [D, 3, p, p]
+        shift = taps[:, 0] * (mt.mean() - ms[0]) / ss[0]  # [D]
+        how = "filter repeated over RGB x s_c/(3 s)"
+    if bias is None and bool(shift.abs().max() > 0):
+        raise CheckpointError(f"{key}: the {c} -> {target_chans} channel conversion shifts the patch bias, "
+                              "but the checkpoint has no patch_embed.proj.bias")
+    new_b = None if bias is None else (bias.double() + shift).to(bias.dtype)
+    note = (f"{key}: {c} -> {target_chans} input channels ({how}"
+            + (", bias shifted: the input normalisation folded in)" if folded else ")"))
+    return new_w.to(weight.dtype), new_b, note
 
 
 def convert_pred_chans(w: torch.Tensor, b: torch.Tensor | None, p: int, c_old: int, c_new: int):
@@ -294,7 +329,8 @@ def describe_model(model: nn.Module) -> str:
 
 def load_into(model: nn.Module, state: Any, strict: bool = True, ignore_prefixes: Iterable[str] = (),
               allow_missing: Iterable[str] = (), what: str | None = None, allow_pickle: bool = False,
-              log_ignored: bool = True, explained: Iterable[str] = ()) -> LoadReport:
+              log_ignored: bool = True, explained: Iterable[str] = (), input_norm: InputNorm | None = None
+              ) -> LoadReport:
     """Load `state` (path, checkpoint dict or state dict) into `model`, strictly.
 
     ignore_prefixes: checkpoint keys starting with these are dropped (and reported as ignored);
@@ -302,6 +338,8 @@ def load_into(model: nn.Module, state: Any, strict: bool = True, ignore_prefixes
     embeddings and input channels are converted when they differ (logged). With strict=True any
     other difference raises CheckpointError listing every missing, unexpected and mismatched key;
     with strict=False the matching tensors are loaded and the report lists the rest.
+    input_norm: the input normalisation per channel count, which makes a 3 <-> 1 channel
+    conversion exact (convert_in_chans); None = un-normalised pixels.
     """
     if isinstance(state, (str, os.PathLike)) or not _is_flat_tensor_dict(state):
         state, meta = read_checkpoint(state, allow_pickle)
@@ -325,7 +363,7 @@ def load_into(model: nn.Module, state: Any, strict: bool = True, ignore_prefixes
             report.ignored.append(k)
             del state[k]
 
-    _convert(model, state, target, report)
+    _convert(model, state, target, report, input_norm)
 
     allow_missing = tuple(allow_missing)
     for k, v in target.items():
@@ -374,7 +412,8 @@ def _is_flat_tensor_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def _convert(model: nn.Module, state: dict, target: dict, report: LoadReport) -> None:
+def _convert(model: nn.Module, state: dict, target: dict, report: LoadReport,
+             input_norm: InputNorm | None = None) -> None:
     """In-place: position-embedding grids and input channels (everything else must match)."""
     for key in POS_EMBED_KEYS:
         if key in state and key in target and state[key].shape != target[key].shape \
@@ -385,7 +424,10 @@ def _convert(model: nn.Module, state: dict, target: dict, report: LoadReport) ->
         w, tw = state[PATCH_WEIGHT], target[PATCH_WEIGHT]
         if w.dim() == 4 and w.shape[1] != tw.shape[1] and w.shape[0] == tw.shape[0] and w.shape[2:] == tw.shape[2:]:
             c_old = w.shape[1]
-            state[PATCH_WEIGHT], note = convert_in_chans(w, tw.shape[1], PATCH_WEIGHT)
+            state[PATCH_WEIGHT], bias, note = convert_in_chans(w, state.get(PATCH_BIAS), tw.shape[1], PATCH_WEIGHT,
+                                                               input_norm)
+            if bias is not None:
+                state[PATCH_BIAS] = bias
             report.notes.append(note)
             p = w.shape[-1]
             pw = state.get("decoder_pred.weight")
@@ -401,12 +443,13 @@ def _convert(model: nn.Module, state: dict, target: dict, report: LoadReport) ->
 # ----------------------------------------------------------------------------- entry points
 
 def load_teacher(name: str, path: Any, img_size: int = 224, in_chans: int = 3, allow_pickle: bool = False,
-                 **overrides) -> nn.Module:
+                 input_norm: InputNorm | None = None, **overrides) -> nn.Module:
     """Registry model `name` with the weights of `path`, frozen, in eval mode.
 
     The decoder keys (and a classifier head, if any) are ignored, and the log says so: the
     teacher never runs its decoder for its features. Everything else must fit strictly, so a
-    ViT-B checkpoint for a ViT-S teacher fails here, before any training.
+    ViT-B checkpoint for a ViT-S teacher fails here, before any training. `input_norm`: see
+    load_into (an RGB checkpoint loaded as a 1-channel teacher).
     """
     from fasttrain.models import create_model
 
@@ -417,7 +460,7 @@ def load_teacher(name: str, path: Any, img_size: int = 224, in_chans: int = 3, a
         log.warning("%s was saved by a run of model '%s'; loading as '%s'", what, meta["args_model"], name)
     ignore = DECODER_PREFIXES + ("head.", "fc_norm.")
     report = load_into(model, state, strict=True, ignore_prefixes=ignore, allow_missing=DECODER_PREFIXES, what=what,
-                       log_ignored=False, explained=DECODER_PREFIXES)
+                       log_ignored=False, explained=DECODER_PREFIXES, input_norm=input_norm)
     n_dec = sum(k.startswith(DECODER_PREFIXES) for k in report.ignored)
     log.warning("%s: loaded %d encoder tensors; %s", what, len(report.loaded),
                 f"ignored its {n_dec} decoder keys (the teacher runs its encoder only; its decoder stays at init)"
@@ -430,12 +473,13 @@ def load_teacher(name: str, path: Any, img_size: int = 224, in_chans: int = 3, a
     return model
 
 
-def load_encoder(model: ViTEncoder, source: Any, what: str | None = None, allow_pickle: bool = False) -> LoadReport:
+def load_encoder(model: ViTEncoder, source: Any, what: str | None = None, allow_pickle: bool = False,
+                 input_norm: InputNorm | None = None) -> LoadReport:
     """Encoder weights (MAE / ETMAE student / timm) into a classifier or MAE-shaped encoder.
 
     Decoder keys are ignored, and for a model without a final `norm` (the mean-pool classifier,
     which uses fc_norm) the checkpoint's `norm.*` is ignored too; fc_norm/head keep their init
-    when absent. Everything the encoder has must be present.
+    when absent. Everything the encoder has must be present. `input_norm`: see load_into.
     """
     state, meta = read_checkpoint(source, allow_pickle)
     what = what or meta["what"]
@@ -446,7 +490,8 @@ def load_encoder(model: ViTEncoder, source: Any, what: str | None = None, allow_
     if not any(k.startswith("head.") for k in target):
         ignore += ["head.", "fc_norm."]
     report = load_into(model, state, strict=True, ignore_prefixes=tuple(ignore),
-                       allow_missing=("fc_norm.", "head.", *DECODER_PREFIXES), what=what, log_ignored=False)
+                       allow_missing=("fc_norm.", "head.", *DECODER_PREFIXES), what=what, log_ignored=False,
+                       input_norm=input_norm)
     if report.ignored:
         log.warning("%s: not used by %s: %s", what, type(model).__name__,
                     ", ".join(sorted({k.split('.')[0] for k in report.ignored})))
@@ -478,7 +523,8 @@ def timm_name_for(enc: ViTEncoder) -> str | None:
     return name if name in timm.list_models(name) else None
 
 
-def export_timm(model: nn.Module, path: str | os.PathLike, in_chans: int | None = 3) -> Path:
+def export_timm(model: nn.Module, path: str | os.PathLike, in_chans: int | None = 3,
+                input_norm: InputNorm | None = None) -> Path:
     """Write the (student) encoder as a plain timm ViT state dict (.safetensors), atomically.
 
     `model`: an MAE, an ETMAE (its student is exported) or a ViTEncoder with a final norm. The
@@ -490,7 +536,10 @@ def export_timm(model: nn.Module, path: str | os.PathLike, in_chans: int | None 
     in_chans: 3 (default, timm's own default) so that plain `timm.create_model(<timm_model>,
     num_classes=0)` loads the file as is; a grayscale (1-channel) student's patch filter is then
     repeated over RGB and divided by 3, which gives exactly its features on the grey image fed
-    as three equal channels (what every RGB pipeline does). None keeps the model's channels.
+    as three equal channels (what every RGB pipeline does); with `input_norm` (the run's
+    normalisation, convert_in_chans) the filter is scaled per channel and the bias shifted, so
+    the features are exact on the grey image replicated and normalised per channel as the run's
+    3-channel input. None keeps the model's channels.
     """
     for attr in ("module", "_orig_mod"):  # DDP / torch.compile wrappers
         model = getattr(model, attr, model)
@@ -506,7 +555,10 @@ def export_timm(model: nn.Module, path: str | os.PathLike, in_chans: int | None 
              for k, v in enc.state_dict().items() if is_encoder_key(k)}
     cfg = enc.encoder_config()
     if in_chans is not None and in_chans != cfg["in_chans"]:
-        state[PATCH_WEIGHT], note = convert_in_chans(state[PATCH_WEIGHT], in_chans, PATCH_WEIGHT)
+        state[PATCH_WEIGHT], bias, note = convert_in_chans(state[PATCH_WEIGHT], state.get(PATCH_BIAS), in_chans,
+                                                           PATCH_WEIGHT, input_norm)
+        if bias is not None:
+            state[PATCH_BIAS] = bias
         cfg["in_chans"] = in_chans
         log.info("export %s: %s", path, note)
     name = timm_name_for(enc)

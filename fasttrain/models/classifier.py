@@ -55,15 +55,16 @@ class ViTClassifier(ViTEncoder):
         """imgs [N, C, H, W] -> logits [N, num_classes] (multi-label: train with BCE-with-logits)."""
         return self.forward_head(self.forward_features(imgs))
 
-    def load_pretrained(self, source, what: str | None = None):
+    def load_pretrained(self, source, what: str | None = None, input_norm=None):
         """Load the encoder from an MAE / ETMAE / timm checkpoint (path or state dict).
 
         Decoder keys and the MAE's final `norm` are not used (said in the log); fc_norm and head
         keep their fresh init when the checkpoint has none. Everything else must match (pos-embed
-        grid and in_chans are converted). Returns the LoadReport.
+        grid and in_chans are converted, exactly under `input_norm`: see load_into). Returns the
+        LoadReport.
         """
         from fasttrain.models.checkpoints import load_encoder
-        return load_encoder(self, source, what=what)
+        return load_encoder(self, source, what=what, input_norm=input_norm)
 
 
 def param_groups_layer_decay(model: nn.Module, weight_decay: float = 0.05, layer_decay: float = 0.75,

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from fasttrain.config import ConfigError
+from fasttrain.data.gpu_augment import norm_stats
 from fasttrain.models import ETMAE, create_model
 from fasttrain.models.checkpoints import CheckpointError, load_into, load_teacher, read_checkpoint
 
@@ -42,6 +43,13 @@ def _check_name(name: str, prefix: str, key: str) -> None:
     if not name.startswith(prefix):
         raise ConfigError(f"config key '{key}': '{name}' is not a{'n MAE' if prefix == 'mae_' else ' classifier'} "
                           f"model; use a name starting with '{prefix}' (e.g. {prefix}vit_tiny_patch16)")
+
+
+def input_norms(norm: str) -> dict[int, tuple[tuple[float, ...], tuple[float, ...]]]:
+    """data.norm -> its (mean, std) for 1 and 3 input channels: what makes loading an RGB
+    checkpoint into a 1-channel model (or back) exact on the grey images fasttrain feeds
+    (models.checkpoints.convert_in_chans)."""
+    return {c: tuple(map(tuple, norm_stats(norm, c))) for c in (1, 3)}
 
 
 def build_student(cfg) -> nn.Module:
@@ -84,10 +92,14 @@ def build_teacher(cfg, student: nn.Module) -> nn.Module:
                                   "use the last.pt of a `fasttrain pretrain` run")
         tm = raw["config"]["model"]
         over = {k: tm[k] for k in _ARCH_KEYS + _DECODER_KEYS if tm.get(k) is not None}
-        over.update(img_size=student.img_size, in_chans=tm["in_chans"])
+        over.update(img_size=student.img_size, in_chans=student.in_chans)
         teacher = create_model(tm["name"], **over)
         state, _ = read_checkpoint(raw)
-        load_into(teacher, state, strict=True, what=f"teacher checkpoint {path}")  # (ETMAE: takes `student.*`)
+        # the teacher's channels as it was trained (its run's data.norm), the student's as fed now
+        t_norm = raw["config"].get("data", {}).get("norm", cfg.data.norm)
+        norms = {**input_norms(cfg.data.norm), tm["in_chans"]: input_norms(t_norm)[tm["in_chans"]]}
+        load_into(teacher, state, strict=True, what=f"teacher checkpoint {path}",  # (ETMAE: takes `student.*`)
+                  input_norm=norms)
         teacher.requires_grad_(False).eval()
         log.info("teacher: %s from fasttrain run checkpoint %s (step %s)", tm["name"], path, raw.get("step", {}).get("opt_step"))
     else:
@@ -99,9 +111,11 @@ def build_teacher(cfg, student: nn.Module) -> nn.Module:
                 if getattr(d, f"teacher_{k}") is not None}
         if cfg.model.patch_size is not None:
             over["patch_size"] = cfg.model.patch_size
-        # A 3-channel RGB teacher takes the gray image repeated; load it as 1-channel (summed patch
-        # weights, same function) so the teacher's patch embedding reads one channel.
-        teacher = load_teacher(d.teacher, str(path), img_size=student.img_size, in_chans=student.in_chans, **over)
+        # An RGB teacher saw the grey image replicated and normalised per channel (data.norm's
+        # 3-channel stats); loaded as a 1-channel teacher, its patch embedding folds that
+        # normalisation in, so it reads the student's 1-channel input with the same response.
+        teacher = load_teacher(d.teacher, str(path), img_size=student.img_size, in_chans=student.in_chans,
+                               input_norm=input_norms(cfg.data.norm), **over)
         log.info("teacher: %s from %s", d.teacher, path)
     return teacher
 
@@ -130,9 +144,10 @@ def build_classifier(cfg, num_labels: int | None = None) -> nn.Module:
     return create_model(m.name, **classifier_overrides(m))
 
 
-def init_classifier(model: nn.Module, path: str) -> None:
+def init_classifier(model: nn.Module, path: str, norm: str) -> None:
     """Encoder weights from a student checkpoint: ours (pretrain last.pt/best.pt), an exported
-    timm safetensors, or any MAE checkpoint. Strict on the encoder keys."""
+    timm safetensors, or any MAE checkpoint. Strict on the encoder keys. `norm`: the data.norm
+    the classifier is fed (an RGB checkpoint into a 1-channel classifier folds it in)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"--init checkpoint not found: {p}")
@@ -140,5 +155,5 @@ def init_classifier(model: nn.Module, path: str) -> None:
     if is_fasttrain_checkpoint(raw) and raw["kind"] != "pretrain":
         raise CheckpointError(f"{p}: a fine-tuned classifier; --init takes a pre-trained student "
                               "(the last.pt of a `fasttrain pretrain` run or an exported .safetensors)")
-    report = model.load_pretrained(raw if raw is not None else str(p), what=str(p))
+    report = model.load_pretrained(raw if raw is not None else str(p), what=str(p), input_norm=input_norms(norm))
     log.info("fine-tuning init: %d tensors from %s", len(report.loaded), p)

@@ -56,7 +56,7 @@ def default_out(ckpt: str | Path, fmt: str) -> Path:
 def export_timm_checkpoint(ckpt: str | Path, out: Path) -> dict:
     from fasttrain.config import config_from_dict
     from fasttrain.models.checkpoints import export_timm, load_into
-    from fasttrain.train.builders import build_student
+    from fasttrain.train.builders import build_student, input_norms
     from fasttrain.train.checkpoint import load_checkpoint
     ck = load_checkpoint(ckpt)
     if out.suffix != ".safetensors":
@@ -65,7 +65,7 @@ def export_timm_checkpoint(ckpt: str | Path, out: Path) -> dict:
         cfg = config_from_dict(ck["config"])
         student = build_student(cfg)
         load_into(student, ck["model"], strict=True, what=str(ckpt))  # ETMAE: the student, not the projection head
-        export_timm(student, out)
+        export_timm(student, out, input_norm=input_norms(cfg.data.norm))  # exact on the run's RGB normalisation
         return {"format": "timm", "out": str(out), "what": "pre-trained encoder (num_classes=0)"}
     if ck.get("kind") != "finetune":
         raise PredictError(f"{ckpt}: not a fasttrain pretrain or finetune checkpoint (kind={ck.get('kind')!r})")

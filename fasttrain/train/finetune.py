@@ -19,6 +19,8 @@ import torch
 
 from fasttrain.config import ConfigError, config_from_dict
 from fasttrain.labelmap import match_labels
+from fasttrain.data.mixture import packed_resize_mode
+from fasttrain.models.classifier import NO_WEIGHT_DECAY
 from fasttrain.train import loop
 from fasttrain.train.builders import build_classifier, init_classifier
 from fasttrain.train.calibration import (apply_temperature, calibration_report, fit_temperature, plot_reliability,
@@ -84,7 +86,7 @@ def run_finetune(cfg, resume=None) -> dict:
         loader = build_loader(cfg.data, cfg.data.train_split, train=True, **common)
         model = build_classifier(cfg, num_labels=len(loader.label_names))  # label-count check first
         if cfg.model.init is not None:
-            init_classifier(model, cfg.model.init)
+            init_classifier(model, cfg.model.init, cfg.data.norm)
         else:
             log.warning("fine-tuning from random init (no --init student checkpoint)")
         model.to(info.device)
@@ -92,7 +94,7 @@ def run_finetune(cfg, resume=None) -> dict:
             from fasttrain.models import param_groups_layer_decay
             groups = param_groups_layer_decay(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
         else:
-            groups = param_groups_weight_decay(model, cfg.optim.weight_decay)
+            groups = param_groups_weight_decay(model, cfg.optim.weight_decay, NO_WEIGHT_DECAY)
         validate = None
         if cfg.data.val_split is not None:
             val_loader = build_loader(cfg.data, cfg.data.val_split, train=False, **common)
@@ -101,7 +103,9 @@ def run_finetune(cfg, resume=None) -> dict:
         trainer = loop.Trainer(cfg, "finetune", model, loader, info, groups=groups, resume=resume, validate=validate,
                                extra_state={"label_names": list(loader.label_names),
                                             # packed size: what `fasttrain predict` resizes new files to
-                                            "image_size": list(loader.image_size)})
+                                            "image_size": list(loader.image_size),
+                                            # ... and how it fits them to the square (convert --resize)
+                                            "resize": packed_resize_mode(cfg.data.path)})
         return trainer.fit()
     finally:
         cleanup(info)

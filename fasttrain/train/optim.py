@@ -12,6 +12,7 @@ import math
 from typing import Iterable
 
 import torch
+from timm.optim import param_groups_weight_decay as timm_param_groups_weight_decay
 
 log = logging.getLogger("fasttrain.train")
 
@@ -23,19 +24,18 @@ def absolute_lr(optim_cfg, eff_batch: int) -> float:
     return optim_cfg.blr * eff_batch / 256
 
 
-def param_groups_weight_decay(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Pre-training groups (MAE): no weight decay on biases, norms and 1-d tensors
-    (pos-embed is a fixed buffer; cls/mask tokens are excluded by name as MAE does)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or name.endswith(".bias") or any(k in name for k in ("cls_token", "mask_token", "pos_embed")):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
-            {"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0}]
+def param_groups_weight_decay(model: torch.nn.Module, weight_decay: float,
+                              no_weight_decay: Iterable[str] = ()) -> list[dict]:
+    """AdamW groups without layer decay: timm's `param_groups_weight_decay` (the successor of
+    the `add_weight_decay` that MAE's and Xiao et al.'s main_pretrain.py call), each group
+    with lr_scale 1.
+
+    No decay on 1-d tensors, biases and the names in `no_weight_decay`; decay on the rest.
+    Pre-training passes no names, as the anchors do, so `cls_token` and `mask_token`
+    ([1, 1, D], not 1-d) are decayed; the sin-cos `pos_embed` is frozen and so in no group.
+    Fine-tuning passes the classifier's NO_WEIGHT_DECAY (MAE's `no_weight_decay()` list)."""
+    groups = timm_param_groups_weight_decay(model, weight_decay, no_weight_decay_list=tuple(no_weight_decay))
+    return [{**g, "lr_scale": 1.0} for g in groups]
 
 
 def build_optimizer(groups: Iterable[dict], lr: float, optim_cfg, *, reference: bool = False,

@@ -5,7 +5,8 @@
 
 Each file goes through exactly what a training image went through:
   decode   converters.decode.decode_file (the converter's grey conversion, bit depth, DICOM VOI,
-           area resize to the packed size the model was trained on), uint8 [S, S]
+           area resize to the packed size the model was trained on, fitted to the square as the
+           packed data was: the manifest's `resize`), uint8 [S, S]
   batch    uint8 [B, S, S] to the device
   eval     data.gpu_augment.BatchAugment(train=False): the checkpoint's Resize(eval_resize) +
            CenterCrop(img_size) + normalisation, the transform `fasttrain evaluate` applies
@@ -20,6 +21,7 @@ PRED.csv.json beside the CSV records the checkpoint, the transform and the prove
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import os
 import sys
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 
 from fasttrain.converters.decode import DICOM_SUFFIXES, RASTER_SUFFIXES
+from fasttrain.data.mixture import MixtureError, part_manifests
 
 
 class PredictError(ValueError):
@@ -50,10 +53,7 @@ def load_for_inference(ckpt: str | Path, size: Optional[int] = None, ck: Optiona
         raise PredictError(f"{ckpt}: no classifier head (a {ck.get('kind')!r} checkpoint); predict and ONNX export "
                            f"need a fine-tuned classifier: RUN/checkpoints/best.pt of a `fasttrain finetune` run")
     model, cfg, names = load_classifier(ckpt, ck=ck)
-    manifest = None
-    if cfg.data.path and (Path(cfg.data.path) / "manifest.json").is_file():
-        from fasttrain.data.packed import read_manifest
-        manifest = read_manifest(cfg.data.path)
+    manifest = training_manifest(cfg.data.path)
     if names is None:
         names = list(manifest["label_names"]) if manifest else [f"label_{j}" for j in range(model.num_classes)]
     if len(names) != model.num_classes:
@@ -67,6 +67,25 @@ def load_for_inference(ckpt: str | Path, size: Optional[int] = None, ck: Optiona
     if size < cfg.model.img_size:
         raise PredictError(f"--size {size} is smaller than the model's input {cfg.model.img_size} px")
     return model, cfg, list(names), int(size)
+
+
+def training_manifest(path) -> Optional[dict]:
+    """The manifest of the packed data a classifier was fine-tuned on (data.path: one dataset or a
+    mixture's parts, whose label names and packed size are one; its first part's), or None when
+    that data is not on this machine."""
+    if not path:
+        return None
+    try:
+        return part_manifests(path)[0][1]
+    except MixtureError:
+        return None
+
+
+def packed_resize(ck: dict, cfg) -> str:
+    """How the training images were fitted to the square (the converter's --resize), which
+    `predict` repeats: the checkpoint's record, else its packed data's manifest; squash for data
+    packed without the key (the only fitting then)."""
+    return ck.get("resize") or (training_manifest(cfg.data.path) or {}).get("resize") or "squash"
 
 
 # ----------------------------------------------------------------------------- the inputs
@@ -113,13 +132,15 @@ def read_list(csv_path: str | Path, path_col: str = "path") -> list[tuple[str, s
 
 # ----------------------------------------------------------------------------- decoding
 
-def decoded(paths: Sequence[str], size: int, workers: int, chunk: int = 16
+def decoded(paths: Sequence[str], size: int, workers: int, chunk: int = 16, resize: str = "squash"
             ) -> Iterator[tuple[int, Optional[np.ndarray], Optional[str]]]:
     """(position, uint8 [size, size] | None, error | None) in input order, decoded by the
-    converters' own worker function (same decoder, same error text) in spawned processes."""
+    converters' own worker function (same decoder, same error text, the packed data's `resize`
+    fitting) in spawned processes."""
     from fasttrain.converters.common import _decode_chunk
     from fasttrain.converters.decode import decode_file
-    tasks = [(decode_file, size, list(zip(range(s, min(s + chunk, len(paths))), paths[s:s + chunk])))
+    fit = functools.partial(decode_file, resize=resize)
+    tasks = [(fit, size, list(zip(range(s, min(s + chunk, len(paths))), paths[s:s + chunk])))
              for s in range(0, len(paths), chunk)]
     if workers <= 1:
         for t in tasks:
@@ -194,7 +215,10 @@ def predict_files(ckpt: str | Path, items: list[tuple[str, str]], out: str | Pat
     out = Path(out)
     if not out.parent.is_dir():
         raise PredictError(f"--out {out}: folder {out.parent} does not exist")
-    model, cfg, names, size = load_for_inference(ckpt, size)
+    from fasttrain.train.checkpoint import load_checkpoint
+    ck = load_checkpoint(ckpt)
+    model, cfg, names, size = load_for_inference(ckpt, size, ck=ck)
+    resize = packed_resize(ck, cfg)
     dev = resolve_device(device)
     predictor = Predictor(model, cfg, size, dev)
     if workers is None:  # all cores, but no more than one per 64 files: spawning costs ~1 s a worker
@@ -212,7 +236,7 @@ def predict_files(ckpt: str | Path, items: list[tuple[str, str]], out: str | Pat
 
     t0 = time.perf_counter()
     bar = tqdm(total=len(items), desc="predict", unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    for i, img, err in decoded([p for _, p in items], size, workers):
+    for i, img, err in decoded([p for _, p in items], size, workers, resize=resize):
         if err is not None:
             errors[i] = err
         else:
@@ -226,20 +250,20 @@ def predict_files(ckpt: str | Path, items: list[tuple[str, str]], out: str | Pat
     seconds = time.perf_counter() - t0  # decode + transform + model: what evaluate's images_per_s times
     _write_csv(out, items, names, probs, errors)
     n_bad = sum(e is not None for e in errors)
-    _write_provenance(out, ckpt, cfg, size, len(items), n_bad, dev, seconds)
+    _write_provenance(out, ckpt, cfg, size, resize, len(items), n_bad, dev, seconds)
     return {"out": str(out), "images": len(items), "predicted": len(items) - n_bad, "unreadable": n_bad,
             "labels": names, "device": str(dev), "size": size, "workers": workers, "seconds": seconds,
             "images_per_s": len(items) / max(seconds, 1e-9), "probs": probs, "errors": errors}
 
 
-def _write_provenance(out: Path, ckpt, cfg, size: int, n: int, n_bad: int, dev, seconds: float) -> None:
+def _write_provenance(out: Path, ckpt, cfg, size: int, resize: str, n: int, n_bad: int, dev, seconds: float) -> None:
     """PRED.csv.json beside the CSV: which model, which transform, which code produced it."""
     import json
 
     from fasttrain.provenance import provenance
     from fasttrain.train.engine import cfg_amp_dtype
     info = {"checkpoint": str(Path(ckpt).absolute()), "images": n, "unreadable": n_bad, "seconds": round(seconds, 2),
-            "decode": f"converters.decode.decode_file -> uint8 {size}x{size}",
+            "decode": f"converters.decode.decode_file -> uint8 {size}x{size}, resize={resize}",
             "eval_transform": {"img_size": cfg.model.img_size, "in_chans": cfg.model.in_chans,
                                "eval_resize": cfg.data.eval_resize, "norm": cfg.data.norm,
                                "autocast": str(cfg_amp_dtype(cfg, dev))},

@@ -100,7 +100,7 @@ def build_encoder(cfg, num_labels: int, ckpt: Optional[str], random_init: bool, 
     torch.manual_seed(seed)
     model = build_classifier(cfg, num_labels=num_labels)
     if not random_init:
-        init_classifier(model, ckpt)  # every checkpoint `finetune --init` accepts; strict on the encoder
+        init_classifier(model, ckpt, cfg.data.norm)  # every checkpoint `finetune --init` accepts; strict on the encoder
     return model.requires_grad_(False).eval()
 
 

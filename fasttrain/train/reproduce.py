@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from fasttrain.converters.decode import RESIZE_MODES
+
 log = logging.getLogger("fasttrain.reproduce")
 
 # The paper's Table 2 (mAUC in %, NIH ChestX-ray14 official test / CheXpert valid.csv).
@@ -321,7 +323,7 @@ class Plan:
             if s.packed:
                 continue
             argv = ["convert", d, "--src", str(s.path), "--out", str(self.packed[d]), "--format", *self.args.formats,
-                    "--size", str(self.args.pack_size), "--seed", str(self.args.seed)]
+                    "--size", str(self.args.pack_size), "--resize", self.args.resize, "--seed", str(self.args.seed)]
             if d == "nih" and self.args.nih_split_dir:
                 argv += ["--split-dir", str(self.args.nih_split_dir)]
             else:
@@ -885,6 +887,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--nih-split-dir", help="Xiao et al.'s train/val/test_official.txt (default: a 13%% val carve)")
     p.add_argument("--formats", nargs="+", default=["raw"], help="packed formats (default raw: the fastest loader)")
     p.add_argument("--pack-size", type=int, default=PACK_SIZE, help="packed image size (default 256 as the paper; tests shrink it)")
+    p.add_argument("--resize", choices=RESIZE_MODES, default="crop",
+                   help="fitting each frame to the square when packing (convert --resize): crop (default) keeps "
+                        "CheXpert's portrait frames undistorted, as Xiao et al.'s Resize + CenterCrop; NIH's are square")
     p.add_argument("--bench-steps", type=int, default=2,
                    help="measured steps per training stage for the plan's estimates (0: FLOPs at an assumed MFU)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")

@@ -321,3 +321,22 @@ def test_banded_resample_bad_input_is_a_clear_error():
         resample_band_u8(torch.zeros(3, 20, 20, dtype=torch.uint8), plan.ry, plan.rxt)
     with pytest.raises(ValueError, match="outside the image"):
         resample_band_u8(torch.zeros(4, 12, 12, dtype=torch.uint8), plan.ry, plan.rxt)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_three_channel_randaug_on_gray_equals_three_channel_path(dtype):
+    """With ImageNet's colour fill on 3 channels, BatchAugment runs RandAugment on the gray image
+    (RandAugment.apply_gray) and normalises gray and colour samples apart: the same output as
+    RandAugment on the 3-channel copy, then the per-channel normalisation."""
+    from fasttrain.data.band_resample import resample_band_u8
+    aug = BatchAugment((40, 52), 32, 3, train=True, scale=(0.08, 1.0), interpolation="bicubic",
+                       randaug="rand-m9-mstd0.5-inc1", norm="imagenet", dtype=dtype)
+    assert aug.ra_chans == 3
+    x = torch.from_numpy(_images(24, 40, 52, seed=9))
+    for seed in (1, 2):
+        plan = aug.plan(24, np.random.default_rng(seed))
+        u = resample_band_u8(x, plan.ry, plan.rxt).unsqueeze(1)  # [24, 1, 32, 32]
+        want = aug.normalise_u8(aug.randaug.apply(u.expand(24, 3, 32, 32), plan.randaug))
+        got = aug.apply(x, plan)
+        assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(got, want), seed

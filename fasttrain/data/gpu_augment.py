@@ -289,8 +289,9 @@ class BatchAugment:
     The uint8 path (timm's fine-tuning order, used when `randaug` is set or `interpolation` is
     bicubic): crop + flip to uint8 exactly as Pillow resamples (horizontal pass first, each pass
     rounded half up and clipped to 0..255: bicubic overshoots, and RandAugment's ops read uint8),
-    then RandAugment on uint8 [B, C', h, w] (C' = 1 when the fill colour is gray: every op then
-    acts on the replicated channels alike), then float and normalise:
+    then RandAugment on the gray uint8 [B, 1, h, w] (every op acts on replicated channels alike;
+    with a colour fill, ImageNet's mean on 3 channels, a sample moves to C channels at its first
+    geometric op: RandAugment.apply_gray), then float and normalise:
         t = round(x @ Rx^T)      [B, H, w]      (Pillow's intermediate uint8 image)
         u = round(Ry @ t)        [B, h, w]      uint8
     (on CUDA as two dense batched matmuls; on the CPU the same sums over each row's K taps only,
@@ -321,7 +322,7 @@ class BatchAugment:
         self.fill = tuple(min(255, round(255 * m)) for m in mean)  # [C]
         self.randaug = None if (randaug is None or not train) else RandAugment(
             randaug, img_mean=self.fill, translate_const=int(self.img_size * 0.45), interpolation=interpolation)
-        self.ra_chans = 1 if len(set(self.fill)) == 1 else self.in_chans  # channels RandAugment needs
+        self.ra_chans = 1 if len(set(self.fill)) == 1 else self.in_chans  # channels of RandAugment's fill
         # the uint8 path (see above), training only: evaluation keeps its bilinear Resize + CenterCrop,
         # the transform `fasttrain predict` / `export` apply and describe (data.interpolation is the crop's)
         self.u8 = self.train and (randaug is not None or interpolation != "bilinear")
@@ -482,6 +483,16 @@ class BatchAugment:
         out = torch.addcmul(self._b, y, self._a255)  # [B, h, w, C]
         return out.to(self.dtype).permute(0, 3, 1, 2)  # [B, C, h, w], channels-last strides
 
+    def normalise_mixed(self, gray: torch.Tensor, colour: np.ndarray, col: torch.Tensor) -> torch.Tensor:
+        """RandAugment.apply_gray's result -> normalised [B, C, h, w] channels-last: the gray table
+        for every sample, then the colour samples' rows (col [B, C, h, w], where `colour` [B])."""
+        out = self.normalise_u8(gray)  # [B, C, h, w] channels-last
+        idx = np.flatnonzero(colour)
+        if idx.size:
+            it = torch.from_numpy(idx).to(self.device, non_blocking=True)
+            out.index_copy_(0, it, self.normalise_u8(col.index_select(0, it)))
+        return out
+
     def normalise(self, y: torch.Tensor) -> torch.Tensor:
         """[B, h, w] in [0, 1] -> [B, C, h, w] channels-last in `dtype` (for batches that arrive
         already cropped: DALI's GPU pipeline)."""
@@ -508,7 +519,10 @@ class BatchAugment:
             if self.randaug is not None:
                 if plan.randaug is None:
                     raise ValueError("RandAugment needs the batch's plan (BatchAugment.plan)")
-                u = self.randaug.apply(u.expand(b, self.ra_chans, s, s), plan.randaug)  # [B, C', h, w] uint8
+                if self.ra_chans > 1:  # a colour fill: gray until a sample's first geometric op
+                    gray, colour, col = self.randaug.apply_gray(u, plan.randaug, self.ra_chans)
+                    return self.normalise_mixed(gray, colour, col)
+                u = self.randaug.apply(u, plan.randaug)  # [B, 1, h, w] uint8
             return self.normalise_u8(u)
         # shared eval matrices [h, H], [W+1, w*C]: the matmul broadcasts over the batch
         ry, rxt = self.matrices(plan) if self.train else self._eval_mats

@@ -269,6 +269,31 @@ def test_prefetcher_forwards_errors_and_stops_early():
     assert not p._thread.is_alive()
 
 
+def test_raw_loader_reuses_batch_buffers_on_cpu(phantoms):
+    """The CPU raw loader reuses spent uint8 batch buffers (a fresh buffer per batch costs a page
+    fault per 4 KiB): a handful allocated over six epochs, and every batch still holds the
+    sampler's images; a batch from feed() stays intact until two more have been taken."""
+    ld = build_loader(DataConfig(path=phantoms["path"], loader="raw", batch_size=4, num_workers=1), "train", True,
+                      img_size=48, in_chans=1)
+    images = open_packed(phantoms["path"], "train").images
+    batches = 0
+    for epoch in range(6):
+        ld.set_epoch(epoch)
+        want = [np.sort(idx) for _, idx in ld.sampler.batches()]
+        prev = None
+        for k, (x, _) in enumerate(ld.feed()):
+            assert np.array_equal(x.numpy(), images[want[k]])
+            if prev is not None:  # the batch before is still what it was
+                assert np.array_equal(prev.numpy(), images[want[k - 1]])
+            prev = x
+            batches += 1
+        for out, _, pos in ld.iter_with_index():  # the augmenting path recycles too
+            assert out.shape[0] == len(pos)
+    # the batches in flight (queue, producer, consumer, the one held back) plus, per feed epoch,
+    # its last batch, which the consumer may still hold when the epoch ends
+    assert batches >= 24 and ld.buffers_allocated <= DataConfig().prefetch + 4 + 6 < 2 * batches
+
+
 # ----------------------------------------------------------------------------- bench
 
 def test_bench_loader_json(phantoms, capsys):

@@ -315,19 +315,21 @@ def test_bench_loader_json(phantoms, capsys):
 
 def test_bench_loader_plan_windows_and_budget(phantoms, capsys):
     """The run prints its plan and a line per window (stderr), and a timing that would overrun its
-    share of --budget stops with a note in its row instead of running on."""
+    share of --budget stops (after one timed window: every loader has a figure) with a note in its
+    row instead of running on."""
     from fasttrain.data.bench import main
     rc = main(["--data", phantoms["path"], "--batch-size", "4", "--seconds", "0.05", "--windows", "2",
                "--img-size", "48", "--workers", "1", "--loaders", "reference,raw", "--budget", "0.01", "--json"])
     assert rc == 0
     out, err = capsys.readouterr()
     assert err.startswith("plan: 2 loaders (reference, raw), 3 timings") and "batch 4" in err
-    lines = err.splitlines()
-    assert sum(ln.startswith("warm-up") for ln in lines) == 3 and "window 1/2" not in err  # warm-up, then stopped
+    lines = err.splitlines()  # each timing: its warm-up, one timed window (a figure), then stopped
+    assert sum(ln.startswith("warm-up") for ln in lines) == 3 and sum(ln.startswith("window 1/2") for ln in lines) == 3
+    assert "window 2/2" not in err
     recs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     for r in recs:
-        assert r["images_per_s"] is None and r["ratio_vs_reference"] is None
-        assert "stopped after 0 of 2 windows" in r["note"] and r["budget_s"] == 0.01
+        assert r["images_per_s"] > 0 and len(r["windows"]) == 1 and r["ratio_vs_reference"] is not None
+        assert "stopped after 1 of 2 windows" in r["note"] and r["budget_s"] == 0.01
     # without a budget every window runs, and each prints its line
     assert main(["--data", phantoms["path"], "--batch-size", "4", "--seconds", "0.05", "--windows", "2",
                  "--img-size", "48", "--workers", "1", "--loaders", "reference,raw", "--budget", "0", "--json"]) == 0

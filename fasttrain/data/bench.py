@@ -26,8 +26,8 @@ source folder exists, else a PNG export of the packed split in a temp folder; th
 Run time: the defaults (batch 128, 1 warm-up + 3 windows of 1 s, a 150 s budget for the timing
 loop) end within about 3 minutes on 2 cores; the plan is printed first and a line per window as it
 goes (stderr). Each timing (a loader's whole pipeline, or its feed) gets an equal share of the
-budget; one whose next window would overrun its share stops there, and its row says after how many
-windows (`note`). `--full` is the long run (batch 256, 5 windows of 3 s, no budget); explicit
+budget; one whose next window would overrun its share stops there (after one timed window at
+least), and its row says after how many windows (`note`). `--full` is the long run (batch 256, 5 windows of 3 s, no budget); explicit
 flags override either.
 """
 from __future__ import annotations
@@ -170,7 +170,8 @@ def run_windows(cycles: dict[str, _Cycle], windows: int, seconds: float, batches
     """Interleaved windows (machine noise hits every timing alike; window 0 warms up), a line per
     window on stderr. With a budget, each timing may spend budget / len(cycles) wall seconds (its
     epoch start-ups and untimed batches included); one whose next window, estimated by its longest
-    so far, would overrun that share stops. Returns ({name: images/s per timed window},
+    so far, would overrun that share stops, after its first timed window (so that every loader,
+    the reference above all, has a figure). Returns ({name: images/s per timed window},
     {name: why it stopped early})."""
     rates: dict[str, list[float]] = {k: [] for k in cycles}
     spent = dict.fromkeys(cycles, 0.0)
@@ -182,7 +183,7 @@ def run_windows(cycles: dict[str, _Cycle], windows: int, seconds: float, batches
         for name, cyc in cycles.items():
             if name in stopped:
                 continue
-            if spent[name] + longest[name] > share:
+            if rates[name] and spent[name] + longest[name] > share:
                 stopped[name] = (f"stopped after {len(rates[name])} of {windows} windows: one takes "
                                  f"~{longest[name]:.3g} s, over its {share:.3g} s share of the {budget:g} s "
                                  f"budget (--budget, --full)")

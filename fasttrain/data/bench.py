@@ -27,8 +27,8 @@ Run time: the defaults (batch 128, 1 warm-up + 3 windows of 1 s, a 150 s budget 
 loop) end within about 3 minutes on 2 cores; the plan is printed first and a line per window as it
 goes (stderr). Each timing (a loader's whole pipeline, or its feed) gets an equal share of the
 budget; one whose next window would overrun its share stops there (after one timed window at
-least), and its row says after how many windows (`note`). `--full` is the long run (batch 256, 5 windows of 3 s, no budget); explicit
-flags override either.
+least), and its row says after how many windows (`note`). `--full` is the long run (batch 256,
+5 windows of 3 s, no budget); explicit flags override either.
 """
 from __future__ import annotations
 

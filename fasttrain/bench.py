@@ -90,7 +90,8 @@ def summarize(records: list[dict]) -> str:
             eff = f"{r['pct_of_copy']:.0f}%" if r.get("pct_of_copy") is not None else "-"
         else:
             what = str(r.get("mode"))
-            fig = f"{r.get('images_per_s', float('nan')):,.1f} img/s"
+            ips = r.get("images_per_s")
+            fig = f"{ips:,.1f} img/s" if ips is not None else "stopped"
             if r.get("ratio_vs_step_only") is not None:
                 vs = f"{r['ratio_vs_step_only']:.2f}x step-only"
             elif r.get("ratio_vs_reference") is not None:

@@ -290,3 +290,53 @@ def test_device_tap_path_equals_host_path_uint8_bicubic():
         plan = dev.plan(6, np.random.default_rng(seed))
         assert isinstance(plan.ry[0], torch.Tensor)
         torch.testing.assert_close(dev.apply(x, plan), a, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("h,w,size,interp", [(64, 64, 56, "bicubic"), (37, 29, 48, "bicubic"), (40, 52, 31, "bilinear"),
+                                             (17, 23, 1, "bicubic"), (5, 7, 3, "bilinear")])
+def test_banded_resample_equals_dense_matmul_path(h, w, size, interp):
+    """The CPU's banded crop (band_resample, K taps per pixel) is the dense-matmul uint8 path's twin:
+    the same taps, passes and roundings, so within 1 grey level and nearly always identical
+    (float sums in another order can land on the other side of a .5); any thread count alike."""
+    from fasttrain.data.band_resample import resample_band_u8
+    x = torch.from_numpy(_images(12, h, w, seed=size))
+    aug = BatchAugment((h, w), size, 1, train=True, scale=(0.08, 1.0), interpolation=interp, randaug="rand-m6-p0")
+    plan = aug.plan(12, np.random.default_rng(size))
+    plan.params.flip[:2] = [True, False]
+    dense = aug.resample_u8(x, *aug.matrices(plan))  # [12, size, size]
+    band = resample_band_u8(x, plan.ry, plan.rxt, threads=1)
+    assert band.dtype == torch.uint8 and band.shape == dense.shape
+    d = (band.int() - dense.int()).abs()
+    assert d.max().item() <= 1 and (d > 0).float().mean().item() < 0.01
+    assert torch.equal(resample_band_u8(x, plan.ry, plan.rxt, threads=5), band)
+
+
+def test_banded_resample_bad_input_is_a_clear_error():
+    from fasttrain.data.band_resample import resample_band_u8
+    aug = BatchAugment((20, 20), 16, 1, train=True, interpolation="bicubic")
+    plan = aug.plan(4, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="uint8"):
+        resample_band_u8(torch.zeros(4, 20, 20), plan.ry, plan.rxt)
+    with pytest.raises(ValueError, match="taps for 4"):
+        resample_band_u8(torch.zeros(3, 20, 20, dtype=torch.uint8), plan.ry, plan.rxt)
+    with pytest.raises(ValueError, match="outside the image"):
+        resample_band_u8(torch.zeros(4, 12, 12, dtype=torch.uint8), plan.ry, plan.rxt)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_three_channel_randaug_on_gray_equals_three_channel_path(dtype):
+    """With ImageNet's colour fill on 3 channels, BatchAugment runs RandAugment on the gray image
+    (RandAugment.apply_gray) and normalises gray and colour samples apart: the same output as
+    RandAugment on the 3-channel copy, then the per-channel normalisation."""
+    from fasttrain.data.band_resample import resample_band_u8
+    aug = BatchAugment((40, 52), 32, 3, train=True, scale=(0.08, 1.0), interpolation="bicubic",
+                       randaug="rand-m9-mstd0.5-inc1", norm="imagenet", dtype=dtype)
+    assert aug.ra_chans == 3
+    x = torch.from_numpy(_images(24, 40, 52, seed=9))
+    for seed in (1, 2):
+        plan = aug.plan(24, np.random.default_rng(seed))
+        u = resample_band_u8(x, plan.ry, plan.rxt).unsqueeze(1)  # [24, 1, 32, 32]
+        want = aug.normalise_u8(aug.randaug.apply(u.expand(24, 3, 32, 32), plan.randaug))
+        got = aug.apply(x, plan)
+        assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(got, want), seed

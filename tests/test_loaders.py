@@ -270,6 +270,31 @@ def test_prefetcher_forwards_errors_and_stops_early():
     assert not p._thread.is_alive()
 
 
+def test_raw_loader_reuses_batch_buffers_on_cpu(phantoms):
+    """The CPU raw loader reuses spent uint8 batch buffers (a fresh buffer per batch costs a page
+    fault per 4 KiB): a handful allocated over six epochs, and every batch still holds the
+    sampler's images; a batch from feed() stays intact until two more have been taken."""
+    ld = build_loader(DataConfig(path=phantoms["path"], loader="raw", batch_size=4, num_workers=1), "train", True,
+                      img_size=48, in_chans=1)
+    images = open_packed(phantoms["path"], "train").images
+    batches = 0
+    for epoch in range(6):
+        ld.set_epoch(epoch)
+        want = [np.sort(idx) for _, idx in ld.sampler.batches()]
+        prev = None
+        for k, (x, _) in enumerate(ld.feed()):
+            assert np.array_equal(x.numpy(), images[want[k]])
+            if prev is not None:  # the batch before is still what it was
+                assert np.array_equal(prev.numpy(), images[want[k - 1]])
+            prev = x
+            batches += 1
+        for out, _, pos in ld.iter_with_index():  # the augmenting path recycles too
+            assert out.shape[0] == len(pos)
+    # the batches in flight (queue, producer, consumer, the one held back) plus, per feed epoch,
+    # its last batch, which the consumer may still hold when the epoch ends
+    assert batches >= 24 and ld.buffers_allocated <= DataConfig().prefetch + 4 + 6 < 2 * batches
+
+
 # ----------------------------------------------------------------------------- bench
 
 def test_bench_loader_json(phantoms, capsys):
@@ -287,6 +312,32 @@ def test_bench_loader_json(phantoms, capsys):
         assert set(r["provenance"]) >= {"git_sha", "versions", "device", "cpu_cores"}
     assert recs[0]["ratio_vs_reference"] == 1.0 and "source files" in recs[0]["source"]
     assert recs[3]["decode_ceiling_images_per_s"] == recs[3]["decode_one_core_images_per_s"]  # x 1 worker
+
+
+def test_bench_loader_plan_windows_and_budget(phantoms, capsys):
+    """The run prints its plan and a line per window (stderr), and a timing that would overrun its
+    share of --budget stops (after one timed window: every loader has a figure) with a note in its
+    row instead of running on."""
+    from fasttrain.data.bench import main
+    rc = main(["--data", phantoms["path"], "--batch-size", "4", "--seconds", "0.05", "--windows", "2",
+               "--img-size", "48", "--workers", "1", "--loaders", "reference,raw", "--budget", "0.01", "--json"])
+    assert rc == 0
+    out, err = capsys.readouterr()
+    assert err.startswith("plan: 2 loaders (reference, raw), 3 timings") and "batch 4" in err
+    lines = err.splitlines()  # each timing: its warm-up, one timed window (a figure), then stopped
+    assert sum(ln.startswith("warm-up") for ln in lines) == 3 and sum(ln.startswith("window 1/2") for ln in lines) == 3
+    assert "window 2/2" not in err
+    recs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    for r in recs:
+        assert r["images_per_s"] > 0 and len(r["windows"]) == 1 and r["ratio_vs_reference"] is not None
+        assert "stopped after 1 of 2 windows" in r["note"] and r["budget_s"] == 0.01
+    # without a budget every window runs, and each prints its line
+    assert main(["--data", phantoms["path"], "--batch-size", "4", "--seconds", "0.05", "--windows", "2",
+                 "--img-size", "48", "--workers", "1", "--loaders", "reference,raw", "--budget", "0", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert sum(ln.startswith("window 2/2") for ln in err.splitlines()) == 3
+    recs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert all(r["note"] is None and len(r["windows"]) == 2 and r["images_per_s"] > 0 for r in recs)
 
 
 def test_bench_loader_bad_input(tmp_path, capsys):

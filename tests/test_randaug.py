@@ -221,3 +221,25 @@ def test_batch_apply_equals_per_op_apply():
                                 torch.tensor([plan.negate[layer, b]]), img_mean=(114, 114, 114), translate_const=13,
                                 interpolation="bicubic")
         assert torch.equal(out[b:b + 1], y), b
+
+
+@pytest.mark.parametrize("policy", ["rand-m6-mstd0.5-inc1", "rand-m9-n3-p1-mstd0.5"])
+def test_gray_apply_with_colour_fill_equals_three_channel_apply(policy):
+    """RandAugment on the gray image with a per-channel fill (ImageNet's mean: 124, 116, 104) gives
+    exactly the 3-channel result on its RGB copy: gray until a sample's first geometric op, which
+    writes each channel's fill outside the image, then 3 channels for its later ops (pixel ops on
+    colour samples included: autocontrast / equalize per channel, colour, contrast on luma)."""
+    aug = ra.RandAugment(policy, img_mean=(124, 116, 104), translate_const=14, interpolation="bicubic")
+    x = torch.from_numpy(_images(32, 33, 31, c=1)).permute(0, 3, 1, 2).contiguous()  # [32, 1, 33, 31]
+    turned = 0
+    for seed in range(4):
+        plan = aug.sample(32, np.random.default_rng(seed))
+        want = aug.apply(x.expand(32, 3, 33, 31), plan)  # [32, 3, 33, 31]
+        gray, colour, col = aug.apply_gray(x, plan, 3)
+        got = torch.where(torch.from_numpy(colour).view(-1, 1, 1, 1), col, gray.expand(32, 3, 33, 31))
+        assert torch.equal(got, want), seed
+        assert not (want[~torch.from_numpy(colour)].diff(dim=1) != 0).any()  # gray ones are gray
+        turned += int(colour.sum())
+    assert 0 < turned < 4 * 32
+    with pytest.raises(ValueError, match="gray batch"):
+        aug.apply_gray(x.expand(32, 3, 33, 31), plan, 3)

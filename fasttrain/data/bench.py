@@ -22,10 +22,18 @@ use) and a memcpy of the raw bytes (numpy copy of whole batches).
 
 The reference reads `--reference-images DIR` if given, else the source files when the manifest's
 source folder exists, else a PNG export of the packed split in a temp folder; the record says which.
+
+Run time: the defaults (batch 128, 1 warm-up + 3 windows of 1 s, a 150 s budget for the timing
+loop) end within about 3 minutes on 2 cores; the plan is printed first and a line per window as it
+goes (stderr). Each timing (a loader's whole pipeline, or its feed) gets an equal share of the
+budget; one whose next window would overrun its share stops there (after one timed window at
+least), and its row says after how many windows (`note`). `--full` is the long run (batch 256,
+5 windows of 3 s, no budget); explicit flags override either.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -38,7 +46,10 @@ import torch
 from fasttrain.bench import median, print_records, record
 
 COLUMNS = ["loader", "images_per_s", "ratio_vs_reference", "feed_images_per_s", "feed_ratio_vs_reference",
-           "epoch_startup_s", "device"]
+           "epoch_startup_s", "device", "note"]
+# (batch size, windows, seconds per window, budget s) of the default run and of --full; budget 0: none
+QUICK = dict(batch_size=128, windows=3, seconds=1.0, budget=150.0)
+FULL = dict(batch_size=256, windows=5, seconds=3.0, budget=0.0)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 # DataConfig overrides per transform; finetune is Xiao et al.'s create_transform (configs/finetune_*.yaml)
 TRANSFORMS = {"pretrain": {}, "eval": {},
@@ -51,13 +62,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="packed dataset folder (written by `fasttrain convert`); repeat it (--data A --data B) "
                         "or give A,B to time a mixture (each part PATH or PATH:SPLIT)")
     p.add_argument("--split", default="train")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--seconds", type=float, default=3.0, help="timed seconds per window (steady state)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 128 (--full: 256)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="timed seconds per window, steady state (default 1; --full: 3)")
     p.add_argument("--batches", type=int, default=None,
                    help="timed batches per window instead of --seconds (fixed count)")
     p.add_argument("--skip", type=int, default=None,
                    help="untimed batches at each epoch's start (default: prefetch depth + 1)")
-    p.add_argument("--windows", type=int, default=5, help="timed windows per loader (after 1 warm-up window)")
+    p.add_argument("--windows", type=int, default=None,
+                   help="timed windows per loader, after 1 warm-up window (default 3; --full: 5)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds for the whole timing loop, shared equally by the timings; a timing that "
+                        "would overrun its share stops with a note (default 150; --full: 0 = no budget)")
+    p.add_argument("--full", action="store_true",
+                   help="the long run docs/benchmarks.md quotes: batch 256, 5 windows of 3 s, no budget")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--in-chans", type=int, default=1)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="output dtype (the autocast dtype)")
@@ -126,6 +144,64 @@ class _Cycle:
         return images, timed
 
 
+def _ratio(x: float | None, ref: float) -> float | None:
+    return None if x is None or not math.isfinite(ref) else x / ref
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None  # nan: a timing stopped before its first window
+
+
+def _print_plan(args, names: list[str], loaders: dict, packed, skip: int) -> None:
+    """What the run will time and for how long at most (stderr, before any timing)."""
+    per_epoch = len(next(iter(loaders.values())))
+    size = "x".join(str(v) for v in packed.image_size)
+    window = f"{args.batches} batches" if args.batches else f"{args.seconds:g} s timed"
+    budget = (f"budget {args.budget:g} s ({args.budget / len(names):.0f} s per timing)" if args.budget
+              else "no budget")
+    print(f"plan: {len(loaders)} loaders ({', '.join(loaders)}), {len(names)} timings (whole pipeline, and feed "
+          f"for the packed loaders) x (1 warm-up + {args.windows} windows) x {window}; batch {args.batch_size}; "
+          f"{len(packed):,} images {size} ({per_epoch} batches/epoch, {skip} untimed at each epoch's start); "
+          f"{budget}", file=sys.stderr, flush=True)
+
+
+def run_windows(cycles: dict[str, _Cycle], windows: int, seconds: float, batches: int | None,
+                budget: float) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Interleaved windows (machine noise hits every timing alike; window 0 warms up), a line per
+    window on stderr. With a budget, each timing may spend budget / len(cycles) wall seconds (its
+    epoch start-ups and untimed batches included); one whose next window, estimated by its longest
+    so far, would overrun that share stops, after its first timed window (so that every loader,
+    the reference above all, has a figure). Returns ({name: images/s per timed window},
+    {name: why it stopped early})."""
+    rates: dict[str, list[float]] = {k: [] for k in cycles}
+    spent = dict.fromkeys(cycles, 0.0)
+    longest = dict.fromkeys(cycles, 0.0)
+    stopped: dict[str, str] = {}
+    share = budget / len(cycles) if budget else math.inf
+    width = max(len(k) for k in cycles)
+    for w in range(1 + windows):
+        for name, cyc in cycles.items():
+            if name in stopped:
+                continue
+            if rates[name] and spent[name] + longest[name] > share:
+                stopped[name] = (f"stopped after {len(rates[name])} of {windows} windows: one takes "
+                                 f"~{longest[name]:.3g} s, over its {share:.3g} s share of the {budget:g} s "
+                                 f"budget (--budget, --full)")
+                print(f"  {name:<{width}}  {stopped[name]}", file=sys.stderr, flush=True)
+                continue
+            t0 = time.perf_counter()
+            n, dt = cyc.window(seconds, batches)
+            wall = time.perf_counter() - t0
+            spent[name] += wall
+            longest[name] = max(longest[name], wall)
+            label = f"window {w}/{windows}" if w else "warm-up   "
+            print(f"{label}  {name:<{width}}  {n / dt:>10,.0f} img/s  ({n} images in {dt:.2f} s timed, "
+                  f"{wall:.1f} s wall)", file=sys.stderr, flush=True)
+            if w:
+                rates[name].append(n / dt)
+    return rates, stopped
+
+
 def _decode_ceiling(packed_root: Path, split: str, seconds: float = 1.5) -> float | None:
     """simplejpeg decode-only images/s on one core over the split's JPEGs (None without DALI shards)."""
     try:
@@ -165,6 +241,9 @@ def _memcpy_ceiling(packed_root: Path, split: str, batch: int, seconds: float = 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    for key, value in (FULL if args.full else QUICK).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     from fasttrain.config import DataConfig
     from fasttrain.provenance import provenance
 
@@ -239,13 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     skip = args.skip if args.skip is not None else max(1, int(DataConfig().prefetch)) + 1
     cycles = {name: _Cycle(ld, False, skip, sync) for name, ld in loaders.items()}
     cycles.update({f"{name}/feed": _Cycle(ld, True, skip, sync) for name, ld in loaders.items() if name != "reference"})
-    rates: dict[str, list[float]] = {k: [] for k in cycles}
+    _print_plan(args, list(cycles), loaders, packed, skip)
     try:
-        for w in range(1 + args.windows):  # interleaved, so machine noise hits every loader alike; window 0 warms up
-            for name, cyc in cycles.items():
-                n, dt = cyc.window(args.seconds, args.batches)
-                if w:
-                    rates[name].append(n / dt)
+        rates, stopped = run_windows(cycles, args.windows, args.seconds, args.batches, args.budget)
     except RuntimeError as e:
         print(f"fasttrain bench loader: {e}", file=sys.stderr)
         return 2
@@ -257,16 +332,19 @@ def main(argv: list[str] | None = None) -> int:
     for name, ld in loaders.items():
         ips = median(rates[name])
         fps = ips if name == "reference" else median(rates[f"{name}/feed"])
+        note = "; ".join(f"{k}: {stopped[k]}" for k in (name, f"{name}/feed") if k in stopped) or None
         startup = median(cycles[name].startups[1:] or cycles[name].startups)  # drop the first (cold) epoch
+        ips, fps = _finite(ips), _finite(fps)
         jpeg_threads = workers if name.startswith("dali") else None
         records.append(record(
             "loader", name, loader=name, images_per_s=ips, feed_images_per_s=fps,
-            ratio_vs_reference=ips / ref, feed_ratio_vs_reference=fps / ref,
+            ratio_vs_reference=_ratio(ips, ref), feed_ratio_vs_reference=_ratio(fps, ref), note=note,
             windows=rates[name], feed_windows=None if name == "reference" else rates[f"{name}/feed"],
             decode_ceiling_images_per_s=(decode * jpeg_threads) if (decode and jpeg_threads) else None,
             decode_one_core_images_per_s=decode, memcpy_ceiling_images_per_s=memcpy,
             epoch_startup_s=startup, batches_per_epoch=len(ld), skipped_batches_per_epoch=skip,
-            seconds_per_window=None if args.batches else args.seconds,
+            seconds_per_window=None if args.batches else args.seconds, windows_planned=args.windows,
+            budget_s=args.budget or None,
             source=ld.describe(), split=args.split, batch_size=args.batch_size, batches_per_window=args.batches,
             img_size=args.img_size, in_chans=args.in_chans, dtype=args.dtype, workers=workers,
             torch_threads=torch.get_num_threads(),

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .band_resample import resample_band_u8
 from .randaug import RandAugment, RandAugPlan
 
 # The paper normalises with ImageNet statistics; Xiao et al. use NIH statistics (one value for
@@ -150,16 +151,14 @@ def _pil_filter(x, xp, name: str):
     return xp.where(x < 1.0, near, xp.where(x < 2.0, far, xp.zeros_like(x)))
 
 
-def pil_taps(box0, box1, in_len: int, out_len: int, flip=None, gain: float = 1.0,
-             transposed: bool = False, strides: tuple[int, int, int] | None = None, filter: str = "bilinear"):
-    """PIL's resampling weights, compact: for each output pixel K taps (K = 2 * ceil(support) + 1).
+def pil_band(box0, box1, in_len: int, out_len: int, flip=None, gain: float = 1.0, filter: str = "bilinear"):
+    """PIL's resampling weights as a band: for each output pixel K consecutive taps
+    (K = 2 * ceil(support * in_len / out_len) + 1, the widest a crop of this axis can need).
 
     Resamples pixels [box0, box1) of an axis of length in_len to out_len pixels (reversed output
-    order where `flip`), rows summing to `gain`. Returns (flat, w): flat positions [B * out * K]
-    of the taps in a dense [B, out_len, in_len] matrix (or [B, in_len, out_len] when `transposed`,
-    or any layout given as element `strides` (batch, output pixel, input pixel)) and their float32
-    weights. Works on numpy arrays (host) or torch tensors (device) alike.
-    Computing the dense triangle over all in_len inputs would cost more than the matmul itself.
+    order where `flip`), rows summing to `gain`. Returns (j0, w): the first tap's input index
+    [B, out_len] (int64) and the K weights from it [B, out_len, K] (float32; taps past the filter's
+    support weigh 0). Works on numpy arrays (host) or torch tensors (device) alike.
     `filter`: "bilinear" (triangle, support 1) or "bicubic" (a = -0.5, support 2), each widened by
     the downscale factor as Pillow does (its antialias).
     """
@@ -191,14 +190,34 @@ def pil_taps(box0, box1, in_len: int, out_len: int, flip=None, gain: float = 1.0
     w = w * ((j >= box0[:, None, None]) & (j < box1[:, None, None]))  # [B, out, K] inside the box
     sums = w.sum(-1, keepdim=True) if t else w.sum(-1, keepdims=True)
     w = w * (gain / sums)  # rows sum to gain (PIL normalises the same way)
-    ji = j.long() if t else j.astype(np.int64)
+    return (j0.long() if t else j0.astype(np.int64)), w
+
+
+def band_positions(j0, k: int, in_len: int, transposed: bool = False,
+                   strides: tuple[int, int, int] | None = None):
+    """Flat positions [B * out * K] of a band's taps (pil_band's j0 [B, out]) in a dense
+    [B, out, in_len] matrix ([B, in_len, out] when `transposed`, or any layout given as element
+    `strides` (batch, output pixel, input pixel)); numpy or torch like j0."""
+    t = isinstance(j0, torch.Tensor)
+    xp = torch if t else np
+    kw = {"device": j0.device} if t else {}
+    b, out_len = j0.shape
     bi = xp.arange(b, **kw)[:, None, None]  # [B, 1, 1]
     o = xp.arange(out_len, **kw)[None, :, None]  # [1, out, 1]
+    ji = j0[..., None] + xp.arange(k, **kw)  # [B, out, K] input pixel index
     if strides is None:  # dense [B, out, in] or [B, in, out]
         strides = (in_len * out_len, 1, out_len) if transposed else (in_len * out_len, in_len, 1)
     sb, so, si = strides
-    flat = bi * sb + o * so + ji * si  # [B, out, K]
-    return flat.reshape(-1), w.reshape(-1)
+    return (bi * sb + o * so + ji * si).reshape(-1)  # [B * out * K]
+
+
+def pil_taps(box0, box1, in_len: int, out_len: int, flip=None, gain: float = 1.0,
+             transposed: bool = False, strides: tuple[int, int, int] | None = None, filter: str = "bilinear"):
+    """PIL's resampling weights, compact, for a dense matrix: (flat, w), the flat positions
+    [B * out * K] of pil_band's taps (see band_positions for the layouts) and their float32 weights.
+    Computing the dense triangle over all in_len inputs would cost more than the matmul itself."""
+    j0, w = pil_band(box0, box1, in_len, out_len, flip, gain, filter)
+    return band_positions(j0, w.shape[-1], in_len, transposed, strides), w.reshape(-1)
 
 
 def dense_from_taps(flat, w, shape: tuple[int, ...], dtype, device, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -227,8 +246,8 @@ class AugPlan:
     """Everything random about one batch, decided before the pixels arrive: the crop boxes, the
     compact interpolation taps for Ry and Rx^T (flip folded in) and the RandAugment draws."""
     params: CropParams
-    ry: tuple  # (flat, w) for [B, h, H] (x 1/255 on the fused path)
-    rxt: tuple  # (flat, w) for [B, W+1, w*C] (fused path) or [B, W, w] (uint8 path)
+    ry: tuple  # fused path: (flat, w) for [B, h, H] x 1/255; uint8 path: the band (y0 [B, h], w [B, h, K])
+    rxt: tuple  # fused path: (flat, w) for [B, W+1, w*C]; uint8 path: the band (x0 [B, w], w [B, w, K])
     randaug: RandAugPlan | None = None  # [L, B] draws, None without RandAugment
 
 
@@ -270,10 +289,13 @@ class BatchAugment:
     The uint8 path (timm's fine-tuning order, used when `randaug` is set or `interpolation` is
     bicubic): crop + flip to uint8 exactly as Pillow resamples (horizontal pass first, each pass
     rounded half up and clipped to 0..255: bicubic overshoots, and RandAugment's ops read uint8),
-    then RandAugment on uint8 [B, C', h, w] (C' = 1 when the fill colour is gray: every op then
-    acts on the replicated channels alike), then float and normalise:
+    then RandAugment on the gray uint8 [B, 1, h, w] (every op acts on replicated channels alike;
+    with a colour fill, ImageNet's mean on 3 channels, a sample moves to C channels at its first
+    geometric op: RandAugment.apply_gray), then float and normalise:
         t = round(x @ Rx^T)      [B, H, w]      (Pillow's intermediate uint8 image)
         u = round(Ry @ t)        [B, h, w]      uint8
+    (on CUDA as two dense batched matmuls; on the CPU the same sums over each row's K taps only,
+    band_resample.resample_band_u8: 6x the dense matmuls at 256 -> 224 px)
         u = RandAugment(u)       [B, C', h, w]  uint8
         out = u * gain_c + bias_c                [B, h, w, C] channels-last
     """
@@ -300,7 +322,7 @@ class BatchAugment:
         self.fill = tuple(min(255, round(255 * m)) for m in mean)  # [C]
         self.randaug = None if (randaug is None or not train) else RandAugment(
             randaug, img_mean=self.fill, translate_const=int(self.img_size * 0.45), interpolation=interpolation)
-        self.ra_chans = 1 if len(set(self.fill)) == 1 else self.in_chans  # channels RandAugment needs
+        self.ra_chans = 1 if len(set(self.fill)) == 1 else self.in_chans  # channels of RandAugment's fill
         # the uint8 path (see above), training only: evaluation keeps its bilinear Resize + CenterCrop,
         # the transform `fasttrain predict` / `export` apply and describe (data.interpolation is the crop's)
         self.u8 = self.train and (randaug is not None or interpolation != "bilinear")
@@ -361,8 +383,8 @@ class BatchAugment:
                                        for a in (p.top, p.left, p.height, p.width, p.flip))
         f = self.interpolation
         if self.u8:
-            ry = pil_taps(top, top + hh, self.H, s, filter=f)  # [B, h, H]
-            rxt = pil_taps(left, left + ww, self.W, s, flip=flip, transposed=True, filter=f)  # [B, W, w]
+            ry = pil_band(top, top + hh, self.H, s, filter=f)  # [B, h], [B, h, K]
+            rxt = pil_band(left, left + ww, self.W, s, flip=flip, filter=f)  # [B, w], [B, w, K]
             return AugPlan(p, ry, rxt, ra)
         ry = pil_taps(top, top + hh, self.H, s, gain=1 / 255, filter=f)  # [B, h, H]
         rxt = pil_taps(left, left + ww, self.W, s, flip=flip,  # [B, W+1, w*C]: (batch, out j, in k)
@@ -374,8 +396,11 @@ class BatchAugment:
         in reused buffers."""
         b = len(plan.params)
         if self.u8:
-            return (self._dense("ry8", plan.ry, (b, self.img_size, self.H), torch.float32),
-                    self._dense("rxt8", plan.rxt, (b, self.W, self.img_size), torch.float32))
+            (y0, wy), (x0, wx) = plan.ry, plan.rxt
+            ry = (band_positions(y0, wy.shape[-1], self.H), wy.reshape(-1))
+            rxt = (band_positions(x0, wx.shape[-1], self.W, transposed=True), wx.reshape(-1))
+            return (self._dense("ry8", ry, (b, self.img_size, self.H), torch.float32),
+                    self._dense("rxt8", rxt, (b, self.W, self.img_size), torch.float32))
         return self._dense("ry", plan.ry, (b, self.img_size, self.H)), self._dense("rxt", plan.rxt, self._rxt_shape(b))
 
     def _dense(self, name: str, taps: tuple, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -458,6 +483,16 @@ class BatchAugment:
         out = torch.addcmul(self._b, y, self._a255)  # [B, h, w, C]
         return out.to(self.dtype).permute(0, 3, 1, 2)  # [B, C, h, w], channels-last strides
 
+    def normalise_mixed(self, gray: torch.Tensor, colour: np.ndarray, col: torch.Tensor) -> torch.Tensor:
+        """RandAugment.apply_gray's result -> normalised [B, C, h, w] channels-last: the gray table
+        for every sample, then the colour samples' rows (col [B, C, h, w], where `colour` [B])."""
+        out = self.normalise_u8(gray)  # [B, C, h, w] channels-last
+        idx = np.flatnonzero(colour)
+        if idx.size:
+            it = torch.from_numpy(idx).to(self.device, non_blocking=True)
+            out.index_copy_(0, it, self.normalise_u8(col.index_select(0, it)))
+        return out
+
     def normalise(self, y: torch.Tensor) -> torch.Tensor:
         """[B, h, w] in [0, 1] -> [B, C, h, w] channels-last in `dtype` (for batches that arrive
         already cropped: DALI's GPU pipeline)."""
@@ -474,17 +509,23 @@ class BatchAugment:
         if self.train:
             if plan is None or len(plan.params) != x.shape[0]:
                 raise ValueError("training augmentation needs the batch's plan (BatchAugment.plan)")
-            ry, rxt = self.matrices(plan)
-        else:
-            ry, rxt = self._eval_mats  # shared [h, H], [W+1, w*C]: matmul broadcasts over the batch
         b, s = x.shape[0], self.img_size
         if self.u8:
-            u = self.resample_u8(x, ry, rxt).unsqueeze(1)  # [B, 1, h, w] uint8
+            if self.device.type == "cpu":  # K taps per pixel, compiled (see band_resample)
+                u = resample_band_u8(x, plan.ry, plan.rxt)  # [B, h, w] uint8
+            else:  # two dense batched matmuls: what a GPU does fastest
+                u = self.resample_u8(x, *self.matrices(plan))
+            u = u.unsqueeze(1)  # [B, 1, h, w] uint8
             if self.randaug is not None:
                 if plan.randaug is None:
                     raise ValueError("RandAugment needs the batch's plan (BatchAugment.plan)")
-                u = self.randaug.apply(u.expand(b, self.ra_chans, s, s), plan.randaug)  # [B, C', h, w] uint8
+                if self.ra_chans > 1:  # a colour fill: gray until a sample's first geometric op
+                    gray, colour, col = self.randaug.apply_gray(u, plan.randaug, self.ra_chans)
+                    return self.normalise_mixed(gray, colour, col)
+                u = self.randaug.apply(u, plan.randaug)  # [B, 1, h, w] uint8
             return self.normalise_u8(u)
+        # shared eval matrices [h, H], [W+1, w*C]: the matmul broadcasts over the batch
+        ry, rxt = self.matrices(plan) if self.train else self._eval_mats
         out = self.resample(x, ry, rxt).view(b, s, s, self.in_chans)  # [B, h, w, C]
         return out.to(self.dtype).permute(0, 3, 1, 2)  # [B, C, h, w], channels-last strides
 

@@ -237,8 +237,9 @@ def warp_affine(x: torch.Tensor, coeffs: torch.Tensor, fill: torch.Tensor, bicub
     """Pillow `Image.transform(size, AFFINE, (a, b, c, d, e, f), resample, fillcolor)` on a batch.
 
     x uint8 [n, C, H, W]; coeffs [n, 6] float64 (output pixel centre (x+0.5, y+0.5) -> input
-    point); fill [C] uint8 colour for input points outside [0, W) x [0, H); bicubic [n] bool
-    (else bilinear). Taps are edge-clamped (Pillow's XCLIP/YCLIP), bilinear has 2x2 taps, bicubic
+    point); fill [C] uint8 colour for input points outside [0, W) x [0, H) (a gray image, C = 1, with
+    a 3-channel fill gives [n, 3, H, W]: the gray result where inside, each channel's fill outside,
+    what the 3-channel copy of the gray image gives); bicubic [n] bool (else bilinear). Taps are edge-clamped (Pillow's XCLIP/YCLIP), bilinear has 2x2 taps, bicubic
     4x4; the result is clipped and truncated to uint8 as Pillow's filters do.
     One 4x4 gather pass for both filters (bilinear = the middle 2x2 with the outer weights 0), so a
     batch with mixed filters is still one set of tensor ops.
@@ -275,7 +276,7 @@ def warp_affine(x: torch.Tensor, coeffs: torch.Tensor, fill: torch.Tensor, bicub
             row += wx[j].view(n, 1, h * w) * torch.gather(xp, 2, idx)
         acc += wy[i].view(n, 1, h * w) * row
     out = acc.clamp_(0, 255).to(torch.uint8).view(n, c, h, w)  # truncation, as Pillow's (UINT8)v
-    return torch.where(inside.view(n, 1, h, w), out, fill.to(dev, torch.uint8).view(1, c, 1, 1))
+    return torch.where(inside.view(n, 1, h, w), out, fill.to(dev, torch.uint8).view(1, -1, 1, 1))
 
 
 def warp_rows(x: torch.Tensor, shift: torch.Tensor, fill: torch.Tensor, bicubic: torch.Tensor) -> torch.Tensor:
@@ -305,7 +306,7 @@ def warp_rows(x: torch.Tensor, shift: torch.Tensor, fill: torch.Tensor, bicubic:
         idx = (x0 + off).clamp_(0, w - 1).unsqueeze(1).expand(n, c, h, w)  # edge-clamped (XCLIP)
         acc.addcmul_(torch.gather(src, 3, idx), ws[k].view(n, 1, h, 1))
     out = acc.clamp_(0, 255).to(torch.uint8)  # truncation, as Pillow's (UINT8)v
-    return torch.where(inside.unsqueeze(1), out, fill.to(dev, torch.uint8).view(1, c, 1, 1))
+    return torch.where(inside.unsqueeze(1), out, fill.to(dev, torch.uint8).view(1, -1, 1, 1))
 
 
 def row_shifts(name: str, arg: np.ndarray, height: int, width: int) -> tuple[np.ndarray, bool]:
@@ -392,13 +393,15 @@ def _bicubic_draw(interpolation: str, n: int, rng: np.random.Generator | None) -
 
 
 def _run_op(name: str, x: torch.Tensor, magnitude: np.ndarray, negate: np.ndarray, bicubic: np.ndarray,
-            hparams: dict) -> torch.Tensor:
-    """One op on a sub-batch; magnitude / negate / bicubic are host arrays [n]."""
+            hparams: dict, fill_channels: int | None = None) -> torch.Tensor:
+    """One op on a sub-batch; magnitude / negate / bicubic are host arrays [n]. `fill_channels`:
+    the geometric ops' fill colour has this many channels (default: the image's; a gray image with
+    3 gives the 3-channel result, see warp_affine)."""
     arg = level_to_arg(name, magnitude, negate, hparams)
     if name in GEOMETRIC:
         # every host -> device copy of an op's arguments is non-blocking (a blocking one waits for
         # the stream: one sync per geometric op of every batch)
-        fill = _fill(hparams, x.shape[1]).to(x.device, non_blocking=True)
+        fill = _fill(hparams, fill_channels or x.shape[1]).to(x.device, non_blocking=True)
         bic = torch.from_numpy(np.ascontiguousarray(bicubic)).to(x.device, non_blocking=True)
         if name == "Rotate":
             coeffs = torch.from_numpy(affine_coeffs(name, arg, x.shape[2], x.shape[3]))
@@ -564,6 +567,50 @@ class RandAugment:
                               plan.bicubic[layer, idx], self.hparams)
                 out.index_copy_(0, it, res)
         return out
+
+    def apply_gray(self, x: torch.Tensor, plan: RandAugPlan, channels: int) -> tuple[torch.Tensor, np.ndarray,
+                                                                                       torch.Tensor]:
+        """What `apply(x.expand(B, channels, H, W), plan)` gives, for a gray uint8 batch x [B, 1, H, W]
+        whose `channels`-channel fill colour need not be gray (timm's ImageNet mean), on 1 channel
+        wherever that is exact. A sample's channels stay equal, so every op may run on its one
+        channel, until a geometric op fills pixels with the colour: that op writes the gray result
+        inside and each channel's fill outside (the per-channel fill mask, warp_affine), and the
+        sample's later ops run on its `channels` channels.
+
+        Returns (gray [B, 1, H, W] uint8, colour [B] bool host mask, col [B, channels, H, W] uint8):
+        sample b's result is col[b] where colour[b], else gray[b] on every channel."""
+        _check_images(x)
+        if x.shape[1] != 1:
+            raise ValueError(f"apply_gray takes a gray batch [B, 1, H, W], got {tuple(x.shape)}")
+        if len(plan) != x.shape[0]:
+            raise ValueError(f"RandAugment plan for {len(plan)} samples, batch of {x.shape[0]}")
+        gray_fill = len(set(_fill(self.hparams, channels).tolist())) == 1
+        b, _, h, w = x.shape
+        gray = x.clone()
+        colour = np.zeros(b, bool)
+        col = torch.empty((b, channels, h, w), dtype=torch.uint8, device=x.device)
+        for layer in range(plan.op.shape[0]):
+            mag, neg, bic = plan.magnitude[layer], plan.negate[layer], plan.bicubic[layer]  # [B] each
+            for k, name in enumerate(self.ops):
+                drew = plan.applied[layer] & (plan.op[layer] == k)
+                idx = np.flatnonzero(drew & colour)  # already colour: all channels
+                if idx.size:
+                    it = torch.from_numpy(idx).to(x.device, non_blocking=True)
+                    res = _run_op(name, col.index_select(0, it), mag[idx], neg[idx], bic[idx], self.hparams)
+                    col.index_copy_(0, it, res)
+                idx = np.flatnonzero(drew & ~colour)  # still gray: one channel
+                if idx.size == 0:
+                    continue
+                it = torch.from_numpy(idx).to(x.device, non_blocking=True)
+                turns = name in GEOMETRIC and not gray_fill  # [n, channels, H, W]: the sample turns colour
+                res = _run_op(name, gray.index_select(0, it), mag[idx], neg[idx], bic[idx], self.hparams,
+                              fill_channels=channels if turns else 1 if gray_fill else None)
+                if turns:
+                    col.index_copy_(0, it, res)
+                    colour[idx] = True
+                else:
+                    gray.index_copy_(0, it, res)
+        return gray, colour, col
 
     def __call__(self, x: torch.Tensor, rng: np.random.Generator | None = None) -> torch.Tensor:
         return self.apply(x, self.sample(x.shape[0], rng))

@@ -311,6 +311,7 @@ class Trainer:
             self.ddp = wrap_ddp(model, info)  # the frozen teacher stays outside DDP
         self.step = make_step(cfg, model, self.optimizer, kind=kind, schedule=self.schedule, rank=info.rank,
                               ddp=self.ddp, device=info.device)
+        seed_rank(cfg.run.seed, info.rank)  # after the init every rank shares (resume restores per rank)
         self.last_path = Path(cfg.run.out) / "checkpoints" / "last.pt"
         self.best_path = Path(cfg.run.out) / "checkpoints" / "best.pt"
         self.preempt_signals = parse_signals(cfg.run.preempt_signals)

@@ -140,6 +140,9 @@ class RunConfig:
     bootstrap: int = 1000  # evaluation: bootstrap resamples of the test images for the 95% CI
     # Cluster survival (README "Clusters"): one command line for the first launch and every requeue.
     resume: Union[bool, str] = False  # false: fresh; true: continue from last.pt (--resume); "auto": resume if last.pt exists
+    # a resume on another world size keeps the global batch by changing accum_steps; true: it may also lower
+    # data.batch_size (per device) when no accum_steps fits (off by default: the batch is the user's memory budget)
+    resume_rebatch: bool = False
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # SLURM's kill warning and --signal=USR1@T
     preempt_check_every: int = 1  # steps between the ranks' agreement on a signal (one tiny gloo all-reduce each)
     preempt_exit_code: int = 75  # EX_TEMPFAIL ("try again"): a pre-empted run saved last.pt; requeue it

@@ -551,3 +551,158 @@ def test_sbatch_pretrain_runs_on_one_node_slurm_and_requeues_after_usr1(mini_slu
     assert state() == "COMPLETED", log[-4000:]
     assert "pre-empted at step" in log and "requeueing job" in log, log[-4000:]
     assert "resuming from" in log and (run / "summary.json").is_file(), log[-4000:]
+
+
+# ----------------------------------------------------------------------------- another world size
+
+class _Recording:
+    """The trainer's loader, recording (epoch, optimiser step, split positions) of every batch the
+    loop consumes; on the rank given `signal_at`, SIGUSR1 to itself when step `signal_at` starts."""
+
+    def __init__(self, inner, trainer, reads: list, signal_at=None):
+        self.inner, self.trainer, self.reads, self.signal_at = inner, trainer, reads, signal_at
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch = epoch
+        self.inner.set_epoch(epoch, start_step)
+
+    def __iter__(self):
+        for x, y, pos in self.inner.iter_with_index():
+            step = self.trainer.step.opt_step
+            self.reads.append([self.epoch, step, pos.tolist()])
+            if step == self.signal_at:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            yield x, y
+
+
+def _layout_rank(rank: int, world: int, port: int, cfg_yaml: str, overrides: list, signal_at, outdir: str) -> None:
+    """One spawned rank of `_run_ranks`: the trainer `fasttrain pretrain --resume auto` builds, its
+    loader recorded; writes outdir/rank<r>.json."""
+    import json
+
+    from fasttrain.train import loop
+    from fasttrain.train.dist import cleanup
+    from fasttrain.train.pretrain import build_trainer, check_config
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    cfg = build_config(cfg_yaml, overrides)
+    check_config(cfg)
+    info = loop.setup(cfg)
+    try:
+        trainer = build_trainer(cfg, info, "auto")[0]
+        reads: list = []
+        trainer.loader = _Recording(trainer.loader, trainer, reads, signal_at if rank == world - 1 else None)
+        code = 0
+        try:
+            trainer.fit()
+        except loop.Preempted as e:
+            code = e.exit_code
+        Path(outdir, f"rank{rank}.json").write_text(json.dumps(
+            {"reads": reads, "code": code, "steps": trainer.step.opt_step, "lr": trainer.step.last_lr,
+             "batch": cfg.data.batch_size, "accum": trainer.accum}))
+    finally:
+        cleanup(info)
+
+
+def _run_ranks(world: int, cfg_yaml: Path, overrides: list, outdir: Path, signal_at=None) -> list[dict]:
+    """`world` real gloo ranks (spawned: see fixtures_runs.gloo_positions) -> each rank's record."""
+    import json
+
+    import torch.multiprocessing as mp
+    outdir.mkdir(parents=True, exist_ok=True)
+    mp.start_processes(_layout_rank, args=(world, free_port(), str(cfg_yaml), overrides, signal_at, str(outdir)), nprocs=world,
+                       join=True, start_method="spawn")
+    return [json.loads((outdir / f"rank{k}.json").read_text()) for k in range(world)]
+
+
+def _by_step(records: list[dict]) -> dict[int, list[int]]:
+    """Optimiser step -> the sorted split positions every rank read for it."""
+    out: dict[int, list[int]] = {}
+    for rec in records:
+        for _, step, pos in rec["reads"]:
+            out.setdefault(step, []).extend(pos)
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def test_preempted_on_two_ranks_resumes_exactly_on_one_and_on_four(cfg_yaml, packed, tmp_path):
+    """2 ranks x 4 images x accum 2 (global batch 16), SIGUSR1 mid-epoch 1 of 3, then resumed with
+    the same command on 1 rank (accum 4) and on 4 ranks (accum 1): each optimiser step reads the
+    same 16 images as in the uninterrupted 2-rank run, so every image of the interrupted epoch is
+    read exactly once, and the step count and the final lr are the uninterrupted run's."""
+    args = lambda out: [f"--data.path={packed}", f"--run.out={out}", "--optim.epochs=3",  # noqa: E731
+                        "--optim.accum_steps=2", "--optim.warmup_epochs=1", "--run.ckpt_every=0", "--run.log_every=2"]
+    full = _run_ranks(2, cfg_yaml, args(tmp_path / "full"), tmp_path / "rec-full")
+    ref = _by_step(full)
+    per_epoch = len(ref) // 3  # the train split's images // 16
+    assert per_epoch >= 3 and sorted(ref) == list(range(3 * per_epoch)) and all(len(v) == 16 for v in ref.values())
+    cut = _run_ranks(2, cfg_yaml, args(tmp_path / "cut"), tmp_path / "rec-cut", signal_at=per_epoch)
+    assert all(r["code"] == 75 for r in cut)
+    stopped = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
+    at = per_epoch + 1  # the signal arrived in the first step of epoch 1; the ranks stopped after it
+    assert (stopped["step"]["opt_step"], stopped["epoch"], stopped["epoch_step"]) == (at, 1, 2)  # mid-epoch
+    assert stopped["layout"] == {"world_size": 2, "batch_size": 4, "accum_steps": 2, "global_batch": 16,
+                                 "epoch_samples": 16, "samples": 16 * at}
+    shutil.copytree(tmp_path / "cut", tmp_path / "cut4")
+    for world, accum, out in ((1, 4, "cut"), (4, 1, "cut4")):
+        resumed = _run_ranks(world, cfg_yaml, args(tmp_path / out), tmp_path / f"rec-{out}-resumed")
+        assert all(r["accum"] == accum and r["batch"] == 4 and r["code"] == 0 for r in resumed)
+        assert resumed[0]["steps"] == full[0]["steps"] == 3 * per_epoch
+        assert resumed[0]["lr"] == pytest.approx(full[0]["lr"], rel=1e-9, abs=0)
+        got = {**{s: v for s, v in _by_step(cut).items() if s < at}, **_by_step(resumed)}
+        assert got == ref, f"{world} rank(s): the optimiser steps read other images than the uninterrupted run"
+        epoch1 = [p for s in range(per_epoch, 2 * per_epoch) for p in got[s]]
+        assert len(epoch1) == len(set(epoch1)) == 16 * per_epoch  # the interrupted epoch: each image once
+        ck = load_checkpoint(tmp_path / out / "checkpoints" / "last.pt")
+        assert ck["layout"]["world_size"] == world and ck["layout"]["global_batch"] == 16
+        assert ck["step"]["opt_step"] == 3 * per_epoch and ck["step"]["micro_step"] == 3 * per_epoch * accum
+        assert _steps(tmp_path / out) == _steps(tmp_path / "full")  # the logged steps: one run, no gap
+
+
+def test_resume_layout_keeps_the_global_batch_or_refuses_naming_both_world_sizes():
+    from fasttrain.train.loop import Layout, ResumeLayoutError, resume_layout
+    old = Layout(2, 4, 1)  # global batch 8
+    assert resume_layout(old, 2, 4, 1, rebatch=False) == old
+    assert resume_layout(old, 1, 4, 1, rebatch=False) == Layout(1, 4, 2)  # accum_steps takes the slack
+    assert resume_layout(old, 1, 4, 7, rebatch=False) == Layout(1, 4, 2)  # whatever accum the command line says
+    assert resume_layout(old, 4, 4, 1, rebatch=True) == Layout(4, 2, 1)  # the per-rank batch, where allowed
+    assert resume_layout(old, 1, 3, 1, rebatch=True) == Layout(1, 2, 4)  # the largest batch <= 3 dividing 8
+    with pytest.raises(ResumeLayoutError, match=r"last\.pt was written by 2 rank\(s\) x 4 images x accum 1 = global "
+                       r"batch 8; on 4 rank\(s\) with data.batch_size=4 .*run on 1 or 2 rank\(s\).*divisor of 2.*"
+                       r"resume_rebatch=true"):
+        resume_layout(old, 4, 4, 1, rebatch=False, path="RUN/checkpoints/last.pt")
+    with pytest.raises(ResumeLayoutError, match=r"on 3 rank\(s\).*run on 1 or 2 rank\(s\); or start a new run"):
+        resume_layout(old, 3, 4, 1, rebatch=True)  # 8 images never split evenly over 3 ranks
+
+
+def test_resume_onto_an_unreachable_global_batch_is_refused_before_any_work(cfg_yaml, packed, tmp_path, caplog):
+    """A checkpoint written by 2 ranks x 4 images (global batch 8) resumed on 1 rank with
+    data.batch_size=3: refused before the model or a loader is built; with run.resume_rebatch it
+    continues as 1 rank x 2 images x accum 4, and says so."""
+    out = tmp_path / "run"
+    _trainer(cfg_yaml, packed, out, "--run.max_steps=2", "--run.ckpt_every=0").fit()
+    last = out / "checkpoints" / "last.pt"
+    ck = load_checkpoint(last)
+    ck.pop("checksum")
+    ck["layout"].update(world_size=2, global_batch=8, epoch_samples=16, samples=16)
+    ck["rng"] = ck["rng"] * 2
+    ckpt_io.save_atomic(ck, last)
+    before = last.stat().st_mtime_ns
+    from fasttrain.train import loop
+    with pytest.raises(loop.ResumeLayoutError, match=r"written by 2 rank\(s\) .* global batch 8; on 1 rank\(s\) "
+                       r"with data.batch_size=3"):
+        _trainer(cfg_yaml, packed, out, "--data.batch_size=3", "--run.max_steps=4", resume="auto")
+    assert last.stat().st_mtime_ns == before and _steps(out) == [1, 2]
+    caplog.set_level("INFO", logger="fasttrain.train")
+    tr = _trainer(cfg_yaml, packed, out, "--data.batch_size=3", "--run.max_steps=4", "--run.resume_rebatch=true",
+                  resume="auto")
+    assert (tr.cfg.data.batch_size, tr.accum, tr.eff_batch, tr.epoch_step) == (2, 4, 8, 8)
+    assert "data.batch_size 3 -> 2, optim.accum_steps 1 -> 4" in caplog.text
+    assert "RNG re-derived from (seed 0, step 2, rank)" in caplog.text
+    tr.fit()
+    ck = load_checkpoint(last)
+    assert ck["step"]["opt_step"] == 4 and ck["layout"]["batch_size"] == 2 and ck["layout"]["accum_steps"] == 4

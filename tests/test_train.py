@@ -340,3 +340,51 @@ def test_finetune_init_from_ours_and_from_exported_safetensors(tiny_yaml, packed
     save_atomic({"kind": "finetune", "model": a.state_dict(), "config": ft.to_dict()}, tmp_path / "ft.pt")
     with pytest.raises(CheckpointError, match="a fine-tuned classifier"):
         init_classifier(build_classifier(ft), str(tmp_path / "ft.pt"), "imagenet")
+
+
+# ----------------------------------------------------------------------------- per-rank randomness
+
+def _drop_path_rank(rank: int, world: int, port: int, yaml_path: str, overrides: list, outdir: str) -> None:
+    """One spawned gloo rank: the fine-tuning Trainer, then one drop-path mask drawn from the
+    global RNG as the model's forward draws it; writes outdir/rank<r>.json."""
+    from fasttrain.data import build_loader
+    from fasttrain.train import loop
+    from fasttrain.train.builders import build_classifier
+    from fasttrain.train.dist import cleanup
+    from fasttrain.train.engine import unwrap
+    from fasttrain.train.optim import param_groups_weight_decay
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    cfg = build_config(yaml_path, overrides)
+    info = loop.setup(cfg)
+    try:
+        loader = build_loader(cfg.data, cfg.data.train_split, train=True, img_size=cfg.model.img_size,
+                              in_chans=cfg.model.in_chans, rank=rank, world_size=world, device=info.device,
+                              dtype=torch.float32, seed=cfg.run.seed)
+        model = build_classifier(cfg, num_labels=len(loader.label_names)).to(info.device)
+        tr = loop.Trainer(cfg, "finetune", model, loader, info, groups=param_groups_weight_decay(model, 0.05))
+        net = unwrap(tr.model).train()
+        with torch.no_grad():  # the last block has the full rate (timm's rates grow with depth)
+            mask = net.blocks[-1].drop_path1(torch.ones(256, 1, 1)).flatten().ne(0).tolist()  # [256] kept samples
+            weights = float(sum(p.double().sum() for p in net.parameters()))
+        Path(outdir, f"rank{rank}.json").write_text(json.dumps({"mask": mask, "weights": weights}))
+    finally:
+        cleanup(info)
+
+
+def test_drop_path_masks_differ_between_ranks(packed, tmp_path):
+    """2 gloo ranks build the fine-tuning Trainer from one seed: the same weights on both (DDP), but
+    each rank draws its own drop-path mask (a mask shared by every rank correlates the
+    regularisation across the global batch)."""
+    import torch.multiprocessing as mp
+
+    from fixtures_runs import free_port
+    from fixtures_runs import tiny_yaml as make_yaml
+    yaml_path = tmp_path / "vit.yaml"
+    yaml_path.write_text(make_yaml("vit", model={"drop_path": 0.5, "num_classes": 14}))
+    mp.start_processes(_drop_path_rank, args=(2, free_port(), str(yaml_path), [f"--data.path={packed}",
+                       f"--run.out={tmp_path / 'run'}"], str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    r0, r1 = (json.loads((tmp_path / f"rank{k}.json").read_text()) for k in range(2))
+    assert r0["weights"] == r1["weights"]
+    assert 0 < sum(r0["mask"]) < 256 and r0["mask"] != r1["mask"]

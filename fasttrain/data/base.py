@@ -7,6 +7,7 @@ imports upwards.
 """
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from typing import Iterator
@@ -15,6 +16,8 @@ import torch
 
 from .gpu_augment import BatchAugment
 from .sampler import EpochSampler
+
+log = logging.getLogger("fasttrain.data")
 
 LOADERS = ("raw", "ffcv", "dali", "reference")
 INSTALL_HINT = {
@@ -43,11 +46,17 @@ class Prefetcher:
 
     Exceptions raised in the thread re-raise in the consumer; the end of the generator is a
     sentinel, so the consumer never waits on a thread that is gone (it also checks liveness);
-    closing the consumer early stops the producer (it puts with a timeout and checks the stop flag),
-    and the thread is a daemon, so it can never keep the process alive.
+    closing the consumer early stops the producer (it puts with a timeout and checks the stop flag)
+    and waits for it to finish the item in hand: a daemon thread still inside a torch op when the
+    interpreter exits is killed as it re-takes the GIL, and that unwinds through C++ frames that
+    may not throw ("terminate called without an active exception", exit -6 after a finished run).
+    The thread is a daemon all the same, so one stuck past `join_timeout_s` cannot keep the
+    process alive.
     Why not a torch DataLoader: batches are produced by one vectorised gather each (numpy releases
     the GIL), so worker processes would only add IPC copies.
     """
+
+    join_timeout_s = 60.0  # longer than any one batch takes to produce
 
     def __init__(self, gen: Iterator, depth: int = 2, name: str = "fasttrain-prefetch"):
         self._q: queue.Queue = queue.Queue(maxsize=max(1, int(depth)))
@@ -96,12 +105,18 @@ class Prefetcher:
             self.close()
 
     def close(self) -> None:
+        """Stop the producer and wait until its thread has ended (see the class docstring)."""
         self._stop.set()
         try:  # unblock a producer waiting on a full queue
             while True:
                 self._q.get_nowait()
         except queue.Empty:
             pass
+        if self._thread is not threading.current_thread():
+            self._thread.join(self.join_timeout_s)
+            if self._thread.is_alive():
+                log.warning("%s: the prefetch thread is still producing after %.0f s", self._thread.name,
+                            self.join_timeout_s)
 
 
 # ----------------------------------------------------------------------------- common base

@@ -81,6 +81,7 @@ def run_finetune(cfg, resume=None) -> dict:
     info = loop.setup(cfg)
     try:
         from fasttrain.data import build_loader
+        point = loop.plan_resume(cfg, info, resume)  # may set the per-rank batch: before any loader
         common = dict(img_size=cfg.model.img_size, in_chans=cfg.model.in_chans, rank=info.rank,
                       world_size=info.world_size, device=info.device, dtype=torch.float32, seed=cfg.run.seed)
         loader = build_loader(cfg.data, cfg.data.train_split, train=True, **common)
@@ -100,7 +101,7 @@ def run_finetune(cfg, resume=None) -> dict:
             val_loader = build_loader(cfg.data, cfg.data.val_split, train=False, **common)
             amp = cfg_amp_dtype(cfg, info.device)
             validate = lambda m: val_metrics(m, val_loader, info, amp)  # noqa: E731
-        trainer = loop.Trainer(cfg, "finetune", model, loader, info, groups=groups, resume=resume, validate=validate,
+        trainer = loop.Trainer(cfg, "finetune", model, loader, info, groups=groups, resume=point, validate=validate,
                                extra_state={"label_names": list(loader.label_names),
                                             # packed size: what `fasttrain predict` resizes new files to
                                             "image_size": list(loader.image_size),

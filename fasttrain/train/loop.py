@@ -8,6 +8,15 @@ grad scaler, every RNG and the loader position (epoch, batch within the epoch), 
 at any point and resumed ends where the uninterrupted run ends (bit-identical on CPU with
 run.deterministic=true).
 
+Resume onto another world size (a requeue onto a node with another GPU count): the checkpoint
+records its layout (world size, per-rank batch, accum_steps, global batch, samples of the epoch
+consumed). Every optimiser step reads the next `global batch` positions of the epoch's global
+order (rank r takes positions r, r + W, ... of it), so a resume that keeps the global batch
+continues the epoch, the lr schedule and the step count exactly in samples: `resume_layout`
+changes accum_steps (or, with run.resume_rebatch, the per-rank batch) to keep it, and refuses,
+before any work, when no layout on the new world size gives it. The per-rank RNG states of the
+old ranks do not map onto the new ones, so they are re-derived from (seed, step, rank).
+
 Clusters (README "Clusters"): `run.resume: auto` resumes when last.pt exists and starts fresh
 otherwise, so one command line serves the first launch, every requeue and every torchrun restart.
 A pre-emption signal (run.preempt_signals) only sets a flag; at the next optimiser-step boundary
@@ -26,6 +35,7 @@ import random
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -33,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from fasttrain.data.sampler import mix_seed
 from fasttrain.train import checkpoint as ckpt_io
 from fasttrain.train.dist import (DistInfo, all_reduce_mean, any_rank, broadcast_object, init_distributed,
                                   wrap_ddp)
@@ -99,7 +110,138 @@ def require_run_and_data(cfg) -> None:
 def seed_everything(seed: int, rank: int = 0) -> None:
     random.seed(seed + rank)
     np.random.seed((seed + rank) % 2**32)
-    torch.manual_seed(seed)  # same init on every rank (DDP broadcasts too, but resume relies on it)
+    torch.manual_seed(seed)  # the same model init on every rank; seed_rank splits the ranks after it
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """Per-rank python, numpy and torch (CPU and CUDA) streams, once the model is built and DDP has
+    broadcast rank 0's weights: drop path and every other random op in the model then draw
+    differently on each rank instead of repeating one mask across the global batch."""
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+
+
+class ResumeLayoutError(ValueError):
+    """A checkpoint whose global batch no layout on this world size reproduces."""
+
+
+@dataclass
+class Layout:
+    """How a global batch is split: world_size ranks x batch_size images x accum_steps micro-batches."""
+    world_size: int
+    batch_size: int
+    accum_steps: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.world_size * self.batch_size * self.accum_steps
+
+    def __str__(self) -> str:
+        return (f"{self.world_size} rank(s) x {self.batch_size} images x accum {self.accum_steps} "
+                f"= global batch {self.global_batch}")
+
+
+def saved_layout(ck: dict) -> Layout:
+    """The layout a checkpoint was written with (from its resolved config and its per-rank RNG
+    list where it has no "layout" record)."""
+    rec = ck.get("layout")
+    if rec is not None:
+        return Layout(int(rec["world_size"]), int(rec["batch_size"]), int(rec["accum_steps"]))
+    c = ck.get("config", {})
+    return Layout(len(ck.get("rng") or [None]), int(c.get("data", {}).get("batch_size", 0)),
+                  int(c.get("optim", {}).get("accum_steps", 1)))
+
+
+def resume_layout(old: Layout, world_size: int, batch_size: int, accum_steps: int, *, rebatch: bool,
+                  path: str | Path = "checkpoint") -> Layout:
+    """The layout on `world_size` ranks that keeps `old`'s global batch: the configured one when it
+    already does, else the configured per-rank batch with another accum_steps, else (`rebatch`) the
+    largest per-rank batch <= the configured one that divides global / world. Raises
+    ResumeLayoutError (naming both world sizes and the ways out) when none does."""
+    g = old.global_batch
+    if world_size * batch_size * accum_steps == g:
+        return Layout(world_size, batch_size, accum_steps)
+    if g % (world_size * batch_size) == 0:
+        return Layout(world_size, batch_size, g // (world_size * batch_size))
+    if rebatch and g % world_size == 0:
+        per_rank = g // world_size
+        b = max(d for d in range(1, min(batch_size, per_rank) + 1) if per_rank % d == 0)
+        return Layout(world_size, b, per_rank // b)
+    fits = [w for w in range(1, g + 1) if g % (w * batch_size) == 0]
+    ways = [f"run on {' or '.join(map(str, fits))} rank(s)" if fits else None,
+            f"set --data.batch_size to a divisor of {g // world_size}" if g % world_size == 0 else None,
+            "pass --run.resume_rebatch=true to let fasttrain pick that per-rank batch" if g % world_size == 0
+            and not rebatch else None,
+            "or start a new run (another --out, or --resume false)"]
+    raise ResumeLayoutError(
+        f"{path} was written by {old}; on {world_size} rank(s) with data.batch_size={batch_size} no "
+        f"accum_steps gives a global batch of {g}, so the run cannot continue exactly (same samples, "
+        f"steps and lr). Ways out: " + "; ".join(w for w in ways if w))
+
+
+def fit_checkpoint_layout(cfg, info: DistInfo, ck: dict, path: str | Path, *, loader_batch: Optional[int] = None) -> Layout:
+    """Set cfg.optim.accum_steps (and cfg.data.batch_size under run.resume_rebatch) so that this
+    world size continues `ck`'s global batch; logs what changed. `loader_batch`: the per-rank
+    batch of a loader already built, which can no longer change."""
+    old = saved_layout(ck)
+    new = resume_layout(old, info.world_size, cfg.data.batch_size, cfg.optim.accum_steps,
+                        rebatch=cfg.run.resume_rebatch and loader_batch is None, path=path)
+    if loader_batch is not None and new.batch_size != loader_batch:
+        raise ResumeLayoutError(f"{path}: the loader was built with {loader_batch} images per rank, "
+                                f"resuming needs {new.batch_size}")
+    if (new.batch_size, new.accum_steps) != (cfg.data.batch_size, cfg.optim.accum_steps):
+        log.warning("resume: %s was written by %s; continuing on %s (data.batch_size %d -> %d, "
+                    "optim.accum_steps %d -> %d) so samples, steps and lr continue exactly",
+                    path, old, new, cfg.data.batch_size, new.batch_size, cfg.optim.accum_steps, new.accum_steps)
+        cfg.data.batch_size, cfg.optim.accum_steps = new.batch_size, new.accum_steps
+    return new
+
+
+@dataclass
+class ResumePoint:
+    """The checkpoint a run continues from (path and loaded dict), or none: a decision taken once,
+    before the loaders are built (a resume may change the per-rank batch)."""
+    path: Optional[Path] = None
+    ck: Optional[dict] = None
+
+
+def pick_resume(cfg, resume=None) -> ResumePoint:
+    """Which checkpoint to resume from (ResumePoint() to start fresh), saying which and why."""
+    mode = resume_mode(cfg, resume)
+    if mode is False:
+        return ResumePoint()
+    last = Path(cfg.run.out) / "checkpoints" / "last.pt"
+    flag = "--resume auto" if mode == "auto" else "--resume"
+    path, ck, problems = ckpt_io.find_resumable(last)
+    if path is None and not problems:
+        if mode == "auto":
+            log.info("%s: no %s yet; starting fresh", flag, last)
+        else:
+            log.warning("--resume: no %s yet; starting from scratch", last)
+        return ResumePoint()
+    if path is None:
+        raise ckpt_io.CheckpointCorrupt(f"{flag}: no checkpoint in {last.parent} verifies: " + "; ".join(problems))
+    if path != last:
+        why = problems[0] if problems else f"{last}: missing"
+        if mode != "auto":
+            raise ckpt_io.CheckpointCorrupt(
+                f"{why}. The previous kept checkpoint {path} (step {ck['step']['opt_step']}) verifies: "
+                f"resume from it with --resume auto, or copy it over {last}")
+        log.warning("--resume auto: %s; resuming from the previous kept checkpoint %s (step %d) instead",
+                    why, path, ck["step"]["opt_step"])
+    else:
+        log.info("%s: resuming from %s", flag, path)
+    return ResumePoint(path, ck)
+
+
+def plan_resume(cfg, info: DistInfo, resume=None) -> ResumePoint:
+    """pick_resume, then fit cfg's per-rank batch / accum_steps to the checkpoint's global batch:
+    what the trainers call before building their loaders."""
+    point = pick_resume(cfg, resume)
+    if point.ck is not None:
+        fit_checkpoint_layout(cfg, info, point.ck, point.path)
+    return point
 
 
 def setup(cfg) -> DistInfo:
@@ -133,9 +275,15 @@ class Trainer:
     def __init__(self, cfg, kind: str, model: nn.Module, loader, info: DistInfo, *, groups: list[dict],
                  resume=None, validate: Optional[Callable[[nn.Module], dict]] = None,
                  extra_state: Optional[dict] = None):
+        """`resume`: a ResumePoint (plan_resume, before the loader was built) or a resume mode
+        (None, False, True, "auto"), picked here."""
         self.cfg, self.kind, self.info = cfg, kind, info
         self.model, self.loader, self.validate = model, loader, validate
         self.extra_state = extra_state or {}
+        point = resume if isinstance(resume, ResumePoint) else pick_resume(cfg, resume)
+        if point.ck is not None:  # accum_steps (never the loader's batch) may still change here
+            fit_checkpoint_layout(cfg, info, point.ck, point.path,
+                                  loader_batch=getattr(loader, "batch_size", cfg.data.batch_size))
         o, d = cfg.optim, cfg.data
         self.accum = o.accum_steps
         self.batches_per_epoch = len(loader)
@@ -163,12 +311,13 @@ class Trainer:
             self.ddp = wrap_ddp(model, info)  # the frozen teacher stays outside DDP
         self.step = make_step(cfg, model, self.optimizer, kind=kind, schedule=self.schedule, rank=info.rank,
                               ddp=self.ddp, device=info.device)
+        seed_rank(cfg.run.seed, info.rank)  # after the init every rank shares (resume restores per rank)
         self.last_path = Path(cfg.run.out) / "checkpoints" / "last.pt"
         self.best_path = Path(cfg.run.out) / "checkpoints" / "best.pt"
         self.preempt_signals = parse_signals(cfg.run.preempt_signals)
         self._signal: Optional[int] = None  # set by the handler; read at step boundaries
         self._preempted = False
-        resume_from = self._pick_resume(resume_mode(cfg, resume))
+        resume_from = (point.path, point.ck) if point.ck is not None else None
         data_parts = loader.data_parts() if hasattr(loader, "data_parts") else None  # every dataset read
         self.run = RunLog(cfg.run.out, enabled=info.is_main, cfg=cfg, device=str(info.device),
                           tensorboard=cfg.run.tensorboard, resume=resume_from is not None, data=data_parts)
@@ -202,6 +351,11 @@ class Trainer:
         return {"kind": self.kind, "model": unwrap(self.model).state_dict(),
                 "optimizer": self.optimizer.state_dict(), "step": self.step.state_dict(),
                 "epoch": self.epoch, "epoch_step": self.epoch_step, "rng": rngs, "best": self.best,
+                "layout": {"world_size": self.info.world_size, "batch_size": self.cfg.data.batch_size,
+                           "accum_steps": self.accum, "global_batch": self.eff_batch,
+                           # global position: samples of `epoch`'s order consumed, of the whole run
+                           "epoch_samples": self.epoch_step // self.accum * self.eff_batch,
+                           "samples": self.step.opt_step * self.eff_batch},
                 "config": self.cfg.to_dict(), **self.extra_state}
 
     def save(self, path: Path, metrics: Optional[dict] = None) -> None:
@@ -226,33 +380,6 @@ class Trainer:
         if err is not None:
             raise ckpt_io.CheckpointWriteError(err)
 
-    def _pick_resume(self, mode) -> Optional[tuple[Path, dict]]:
-        """Which checkpoint to resume from (None: start fresh), saying which and why."""
-        if mode is False:
-            return None
-        flag = "--resume auto" if mode == "auto" else "--resume"
-        path, ck, problems = ckpt_io.find_resumable(self.last_path)
-        if path is None and not problems:
-            if mode == "auto":
-                log.info("%s: no %s yet; starting fresh", flag, self.last_path)
-            else:
-                log.warning("--resume: no %s yet; starting from scratch", self.last_path)
-            return None
-        if path is None:
-            raise ckpt_io.CheckpointCorrupt(f"{flag}: no checkpoint in {self.last_path.parent} verifies: "
-                                            + "; ".join(problems))
-        if path != self.last_path:
-            why = problems[0] if problems else f"{self.last_path}: missing"
-            if mode != "auto":
-                raise ckpt_io.CheckpointCorrupt(
-                    f"{why}. The previous kept checkpoint {path} (step {ck['step']['opt_step']}) verifies: "
-                    f"resume from it with --resume auto, or copy it over {self.last_path}")
-            log.warning("--resume auto: %s; resuming from the previous kept checkpoint %s (step %d) instead",
-                        why, path, ck["step"]["opt_step"])
-        else:
-            log.info("%s: resuming from %s", flag, path)
-        return path, ck
-
     def _resume(self, path: Path, ck: dict) -> None:
         if ck.get("kind") != self.kind:
             raise ValueError(f"{path}: a {ck.get('kind')} checkpoint, cannot resume a {self.kind} run")
@@ -260,12 +387,29 @@ class Trainer:
         self.optimizer.load_state_dict(ck["optimizer"])
         self.step.load_state_dict(ck["step"])
         self.epoch, self.epoch_step, self.best = ck["epoch"], ck["epoch_step"], ck.get("best")
+        old = saved_layout(ck)
+        if (old.batch_size, old.accum_steps) != (self.cfg.data.batch_size, self.accum):
+            # positions in micro-batches of the new layout; the optimiser step and the samples of
+            # the epoch consumed (epoch_step / accum x global batch) are unchanged
+            if self.epoch_step % old.accum_steps:
+                raise ResumeLayoutError(f"{path}: written mid-accumulation (batch {self.epoch_step} of the epoch, "
+                                        f"accum {old.accum_steps}); resume it with its own layout ({old})")
+            self.epoch_step = self.epoch_step // old.accum_steps * self.accum
+            self.step.micro_step = self.step.opt_step * self.accum
         rngs = ck["rng"]
-        ckpt_io.restore_rng(rngs[self.info.rank] if self.info.rank < len(rngs) else rngs[0])
+        if len(rngs) == self.info.world_size:
+            ckpt_io.restore_rng(rngs[self.info.rank])
+        else:
+            # the old ranks' streams have no counterpart here: fresh per-rank ones, a function of
+            # (seed, step, rank), so the resumed run is still reproducible
+            seed_rank(mix_seed(self.cfg.run.seed, self.step.opt_step) % 2**32, self.info.rank)
+            log.warning("resume: %s holds the RNG states of %d rank(s), this run has %d: every rank's "
+                        "python/numpy/torch RNG re-derived from (seed %d, step %d, rank)", path, len(rngs),
+                        self.info.world_size, self.cfg.run.seed, self.step.opt_step)
         self.last_good = (str(path), self.step.opt_step)
         self.run.truncate_after(self.step.opt_step)
-        log.info("resumed from %s: step %d, epoch %d, batch %d of the epoch", path,
-                 self.step.opt_step, self.epoch, self.epoch_step)
+        log.info("resumed from %s: step %d, epoch %d, batch %d of the epoch (%d samples of its order consumed)",
+                 path, self.step.opt_step, self.epoch, self.epoch_step, self.epoch_step // self.accum * self.eff_batch)
 
     # -- logging -----------------------------------------------------------------------------
 
@@ -375,6 +519,16 @@ class Trainer:
             return
         self.loader.set_epoch(self.epoch, start_step=self.epoch_step)
         it = iter(self.loader)
+        try:
+            self._consume(it, n_micro, batch, log_micro)
+        finally:
+            # the epoch may end before the loader does (accum, max_steps, pre-emption, an error):
+            # closing stops and joins its prefetch thread now, not at garbage collection
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    def _consume(self, it, n_micro: int, batch: int, log_micro: int) -> None:
         while self.epoch_step < n_micro and self.step.opt_step < self.total_steps:
             try:
                 images, labels = next(it)

@@ -75,6 +75,7 @@ def build_trainer(cfg, info, resume=None):
     """What `run_pretrain` trains with, on an initialised `info`: (Trainer, train loader, kNN
     monitor or None). Input errors (teacher checkpoint, data) surface here, before any step."""
     from fasttrain.data import build_loader
+    point = loop.plan_resume(cfg, info, resume)  # may set the per-rank batch: before any loader
     model = build_pretrain_model(cfg)  # teacher checkpoint errors surface here, before data or steps
     loader = build_loader(cfg.data, cfg.data.train_split, train=True, img_size=cfg.model.img_size,
                           in_chans=cfg.model.in_chans, rank=info.rank, world_size=info.world_size,
@@ -92,7 +93,7 @@ def build_trainer(cfg, info, resume=None):
                                   device=info.device, dtype=torch.float32, seed=cfg.run.seed, need_labels=False)
         knn = knn_monitor(cfg, info, val_loader)
         validate = lambda m: {**val_losses(m, val_loader, info, cfg), **(knn(m) if knn else {})}  # noqa: E731
-    trainer = loop.Trainer(cfg, "pretrain", model, loader, info, groups=groups, resume=resume,
+    trainer = loop.Trainer(cfg, "pretrain", model, loader, info, groups=groups, resume=point,
                            validate=validate, extra_state={"label_names": list(loader.label_names)})
     if knn is not None:
         knn.trainer = trainer  # epoch, last step, progress line

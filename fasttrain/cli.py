@@ -14,7 +14,7 @@ COMMANDS = {
     "convert": ("fasttrain.converters.cli", "main", "pack a dataset (nih, chexpert, mimic-jpg, dicom, images, synthetic) into raw/ffcv/dali"),
     "pretrain": ("fasttrain.train.commands", "pretrain_main", "MAE pre-training, with distillation when a teacher is given"),
     "finetune": ("fasttrain.train.commands", "finetune_main", "fine-tune a pre-trained encoder for multi-label classification"),
-    "evaluate": ("fasttrain.train.commands", "evaluate_main", "per-label AUC and mAUC with bootstrap CIs"),
+    "evaluate": ("fasttrain.train.commands", "evaluate_main", "per-label AUC and mAUC with bootstrap CIs, calibration, subgroups"),
     "predict": ("fasttrain.train.predict", "main", "probabilities per label for new image files (PNG/JPEG/DICOM) -> CSV"),
     "export": ("fasttrain.train.export", "main", "a checkpoint as timm safetensors or ONNX (checked with ONNX Runtime)"),
     "probe": ("fasttrain.train.probe", "main", "linear probe of a frozen encoder on cached features (mAUC + CIs)"),

@@ -215,30 +215,31 @@ def bootstrap_ece_matrix(y_true: np.ndarray, y_prob: np.ndarray, *, n_boot: int,
     of that label on the resample). The resamples are bootstrap_auc_matrix's for the same seed.
 
     With multiplicities c of the images, ECE = sum_b |sum_{i in b} c_i (y_i - p_i)| / sum_i c_i:
-    one sparse [bins, N] matrix of (y - p) per label turns every resample's ECE into a product.
+    one sparse [C * bins, N] matrix of (y - p) (row j * bins + b: label j's bin b) turns every
+    label's per-bin sums on a chunk of resamples into one product.
     """
     from scipy import sparse
     y_true = np.asarray(y_true, dtype=np.float64)
     y_prob = np.asarray(y_prob, dtype=np.float64)
     n, c = y_true.shape
-    signed, known = [], []
+    rows, cols, vals = [], [], []
     for j in range(c):
-        rows = np.flatnonzero(~np.isnan(y_true[:, j]))  # [K] known rows
-        bins = calibration_bins(y_prob[rows, j], n_bins)
-        signed.append(sparse.csr_matrix((y_true[rows, j] - y_prob[rows, j], (bins, rows)), shape=(n_bins, n)))
-        mask = np.zeros(n)
-        mask[rows] = 1.0
-        known.append(mask)
-    known_m = np.stack(known)  # [C, N]
+        known = np.flatnonzero(~np.isnan(y_true[:, j]))  # [K] known rows of label j
+        rows.append(j * n_bins + calibration_bins(y_prob[known, j], n_bins))
+        cols.append(known)
+        vals.append(y_true[known, j] - y_prob[known, j])
+    signed = sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                               shape=(c * n_bins, n))  # [C * bins, N]
+    known_m = sparse.csr_matrix((~np.isnan(y_true.T)).astype(np.float64))  # [C, N]
     out = np.full((n_boot, c), np.nan)  # [B, C]
     rng = np.random.default_rng(seed)
     done = 0
     for counts in resample_counts(rng, n, n_boot, chunk):  # [N, b]
         b = counts.shape[1]
-        totals = known_m @ counts  # [C, b] known rows drawn per label
-        for j in range(c):
-            err = np.abs(np.asarray(signed[j] @ counts, dtype=np.float64)).sum(axis=0)  # [b]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                out[done:done + b, j] = np.where(totals[j] > 0, err / totals[j], np.nan)
+        totals = np.asarray(known_m @ counts, dtype=np.float64)  # [C, b] known rows drawn per label
+        per_bin = np.asarray(signed @ counts, dtype=np.float64).reshape(c, n_bins, b)  # [C, bins, b]
+        err = np.abs(per_bin).sum(axis=1)  # [C, b]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[done:done + b] = np.where(totals > 0, err / totals, np.nan).T
         done += b
     return out

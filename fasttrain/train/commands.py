@@ -111,11 +111,13 @@ def finetune_main(argv: list[str]) -> int:
 
 def evaluate_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="fasttrain evaluate", description=(
-        "Per-label AUC and mAUC with 95%% bootstrap CIs (seeded resampling of the test images)."))
+        "Per-label AUC and mAUC with 95% bootstrap CIs (seeded resampling of the test images), calibration "
+        "(ECE, Brier, reliability diagram), subgroups (--by) and other datasets' shared labels."))
     p.add_argument("--ckpt", required=True, help="fine-tuned checkpoint (RUN/checkpoints/best.pt)")
     p.add_argument("--data", required=True, help="packed dataset folder")
     p.add_argument("--split", default="test", help="split to evaluate (NIH: official test list; CheXpert: valid.csv)")
-    p.add_argument("--out", help="folder for results_<split>.json and roc_<split>.png (default RUN/eval)")
+    p.add_argument("--out", help="folder for results_<split>.json, roc_<split>.png, reliability_<split>.png and "
+                                 "scores_<split>.npy (default RUN/eval)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
     p.add_argument("--batch-size", type=int, default=None)

@@ -273,6 +273,12 @@ def open_mixture(path, split: str, fmt: Optional[str], *, train_split: str = "tr
     return PackedMixture(parts, w, samples_per_epoch, need_labels)
 
 
+def as_mixture(packed) -> PackedMixture:
+    """A PackedSplit as a mixture of one part (a mixture as is): the FFCV and DALI loaders read
+    every dataset through our sampler's global order, so one dataset gets the raw loader's order."""
+    return packed if isinstance(packed, PackedMixture) else PackedMixture([packed], None, None, need_labels=True)
+
+
 def part_manifests(path) -> list[tuple[PartSpec, dict]]:
     """(spec, manifest) per part; a missing or unreadable part is an error naming it."""
     out = []

@@ -340,3 +340,32 @@ def test_finetune_init_from_ours_and_from_exported_safetensors(tiny_yaml, packed
     save_atomic({"kind": "finetune", "model": a.state_dict(), "config": ft.to_dict()}, tmp_path / "ft.pt")
     with pytest.raises(CheckpointError, match="a fine-tuned classifier"):
         init_classifier(build_classifier(ft), str(tmp_path / "ft.pt"), "imagenet")
+
+
+def test_validation_counts_each_image_once(tiny_yaml, packed):
+    """val mAUC over a loader that repeats an image (as FFCV's distributed order padded) is refused:
+    the scores would count that image twice."""
+    from fasttrain.data import build_loader
+    from fasttrain.train.builders import build_classifier
+    from fasttrain.train.dist import DistInfo
+    from fasttrain.train.finetune import val_metrics
+    cfg = build_config(tiny_yaml, [f"--data.path={packed}", "--model.name=vit_tiny_patch16",
+                                   "--model.num_classes=14"])
+    ld = build_loader(cfg.data, "val", False, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans)
+    model = build_classifier(cfg)
+    assert set(val_metrics(model, ld, DistInfo(), None)) == {"mauc", "auc", "loss"}  # each image once: scored
+
+    class Padded:  # the last image twice
+        label_names, dataset_size = ld.label_names, ld.dataset_size
+
+        def describe(self):
+            return "padded"
+
+        def __iter__(self):
+            last = None
+            for x, y in ld:
+                last = (x[-1:], y[-1:])
+                yield x, y
+            yield last
+    with pytest.raises(RuntimeError, match=r"validation scored (\d+) images of a \d+-image split .*each image must count once"):
+        val_metrics(model, Padded(), DistInfo(), None)

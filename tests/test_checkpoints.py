@@ -10,10 +10,13 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fasttrain.config import build_config
+from fasttrain.data.gpu_augment import norm_stats
 from fasttrain.models import ETMAE, create_model
-from fasttrain.models.checkpoints import (CheckpointError, convert_in_chans, export_timm, load_encoder, load_into, load_mae,
-                                          load_teacher, read_checkpoint, read_state_dict)
+from fasttrain.models.checkpoints import (CheckpointError, convert_in_chans, export_timm, load_encoder, load_into,
+                                          load_mae, load_teacher, read_checkpoint, read_state_dict)
 from fasttrain.models.vit import sincos_pos_embed_2d
+from fasttrain.train.builders import build_pretrain_model, init_classifier
 
 
 def xiao_layout(D, depth, Dd, ddepth, L=196, p=16, c=3):
@@ -403,7 +406,6 @@ def block_features(m, x: torch.Tensor, k: int) -> torch.Tensor:
 def grey_inputs(n: int = 2, size: int = 32, seed: int = 0):
     """A grey image g in [0, 1] as the 3-channel model sees it (replicated, ImageNet mean/std per
     channel) and as the 1-channel model sees it ((g - 0.449) / 0.226)."""
-    from fasttrain.data.gpu_augment import norm_stats
     g = torch.rand(n, 1, size, size, generator=torch.Generator().manual_seed(seed))
     (m3, s3), (m1, s1) = norm_stats("imagenet", 3), norm_stats("imagenet", 1)
     x3 = (g.expand(-1, 3, -1, -1) - torch.tensor(m3).view(1, 3, 1, 1)) / torch.tensor(s3).view(1, 3, 1, 1)
@@ -415,8 +417,6 @@ def test_rgb_teacher_folded_to_grey_is_exact_on_imagenet_normalised_input(tmp_pa
     block-8 features on the student's input equal the RGB teacher's on the same grey image
     replicated and ImageNet-normalised (summing the RGB filters alone is off by the per-channel
     scale and mean)."""
-    from fasttrain.config import build_config
-    from fasttrain.train.builders import build_pretrain_model
     torch.manual_seed(0)
     arch = dict(img_size=32, patch_size=8, embed_dim=24, depth=9, num_heads=2)
     t3 = create_model("mae_vit_small_patch16", in_chans=3, decoder_depth=1, **arch).eval()
@@ -441,7 +441,6 @@ def test_rgb_teacher_folded_to_grey_is_exact_on_imagenet_normalised_input(tmp_pa
 def test_classifier_init_across_channels_is_exact_on_normalised_input(tmp_path, c_from, c_to):
     """`finetune --init` / `probe` of an encoder with other input channels: the classifier's
     features on its own normalised input equal the source's on the same grey image."""
-    from fasttrain.train.builders import init_classifier
     torch.manual_seed(1)
     src = tiny(in_chans=c_from).eval()
     with torch.no_grad():

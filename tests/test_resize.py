@@ -20,11 +20,12 @@ from fasttrain.converters.decode import RESIZE_MODES, decode_file, to_uint8_resi
 from fasttrain.converters.dicom import convert_dicom, convert_mimic_jpg
 from fasttrain.converters.images import convert_images
 from fasttrain.converters.nih import convert_nih
+from fasttrain.converters.synthetic import generate_phantoms
 from fasttrain.data.packed import open_packed, read_manifest
 from fasttrain.train.builders import build_classifier
 from fasttrain.train.checkpoint import save_atomic
 from fasttrain.train.predict import Predictor, predict_files
-from fasttrain.train.reproduce import parser
+from fasttrain.train.reproduce import packed_resize_note, parser
 from fixtures_runs import tiny_yaml
 
 H, W, SIZE = 78, 64, 32  # a portrait frame (CheXpert-small is ~390 x 320)
@@ -136,3 +137,13 @@ def test_predict_fits_new_files_as_the_manifest_says(portrait, tmp_path):
     np.testing.assert_allclose(res["probs"], want, atol=1e-6)
     info = json.loads(Path(str(tmp_path / "pred.csv") + ".json").read_text())
     assert "resize=crop" in info["decode"]
+
+
+def test_reproduce_notes_a_packed_set_fitted_otherwise(tmp_path):
+    """`reproduce --chexpert PACKED` reuses a packed set as is: its plan says when that set was fitted
+    otherwise than --resize asks."""
+    src = generate_phantoms(tmp_path / "src", 24, seed=1, size=32, layout="chexpert", progress=False)
+    squashed = convert_chexpert(src, tmp_path / "squash", size=32, resize="squash", workers=1, progress=False)
+    cropped = convert_chexpert(src, tmp_path / "crop", size=32, workers=1, progress=False)
+    assert "packed earlier with --resize squash, not crop" in packed_resize_note("chexpert", squashed, "crop")
+    assert packed_resize_note("chexpert", cropped, "crop") is None

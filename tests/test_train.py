@@ -388,3 +388,32 @@ def test_drop_path_masks_differ_between_ranks(packed, tmp_path):
     r0, r1 = (json.loads((tmp_path / f"rank{k}.json").read_text()) for k in range(2))
     assert r0["weights"] == r1["weights"]
     assert 0 < sum(r0["mask"]) < 256 and r0["mask"] != r1["mask"]
+
+
+def test_validation_counts_each_image_once(tiny_yaml, packed):
+    """val mAUC over a loader that repeats an image (as FFCV's distributed order padded) is refused:
+    the scores would count that image twice."""
+    from fasttrain.data import build_loader
+    from fasttrain.train.builders import build_classifier
+    from fasttrain.train.dist import DistInfo
+    from fasttrain.train.finetune import val_metrics
+    cfg = build_config(tiny_yaml, [f"--data.path={packed}", "--model.name=vit_tiny_patch16",
+                                   "--model.num_classes=14"])
+    ld = build_loader(cfg.data, "val", False, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans)
+    model = build_classifier(cfg)
+    assert set(val_metrics(model, ld, DistInfo(), None)) == {"mauc", "auc", "loss"}  # each image once: scored
+
+    class Padded:  # the last image twice
+        label_names, dataset_size = ld.label_names, ld.dataset_size
+
+        def describe(self):
+            return "padded"
+
+        def __iter__(self):
+            last = None
+            for x, y in ld:
+                last = (x[-1:], y[-1:])
+                yield x, y
+            yield last
+    with pytest.raises(RuntimeError, match=r"validation scored (\d+) images of a \d+-image split .*each image must count once"):
+        val_metrics(model, Padded(), DistInfo(), None)

@@ -6,22 +6,17 @@ then the shared normalise (and gray -> C expansion) in torch.
 CPU (no CUDA): `device_id=None` pipeline that decodes on the CPU threads, then the same batched
 BatchAugment as the raw and FFCV loaders (one op per batch, not DALI's per-sample CPU operators).
 
-Order and sharding: `fn.readers.webdataset(shard_id, num_shards, pad_last_batch, name="Reader")`,
-the iterator reads the epoch size from the reader (`reader_name`). DALI's shuffle is a buffer
-shuffle seeded by the pipeline seed, so we build one pipeline per epoch with
-seed = mix(seed, epoch): the order is fixed by (seed, epoch). When training with drop_last the ranks
-rotate over the shards (shard_id = (rank + epoch) % world_size, stick_to_shard): disjoint and
-covering every epoch, a different contiguous slice each epoch; every rank runs the same number of
-batches (that of the smallest shard). Evaluation reads shard `rank`, in order, keeping every sample
-(the reader pads the last batch; the iterator's PARTIAL policy trims the padding).
-Mid-epoch resume: DALI readers cannot seek, so the first start_step batches are run and dropped
-(they cost their decode time; batch start_step onwards is identical to the uninterrupted epoch).
-
-Mixtures (several packed datasets, fasttrain.data.mixture): DALI's webdataset reader takes no
-external order, so a mixture feeds the JPEG bytes through `fn.external_source` in the order of our
-MixtureSampler (the raw loader's global order, DDP shards and resume, which then skips batches
-without decoding them); the bytes are slices of the memory-mapped shards (positioned by the index
-files), decoding and augmentation are the same DALI operators as for one dataset.
+Order: ours, as the raw loader's. One dataset reads as a mixture of one part (mixture.as_mixture):
+the JPEG bytes go through `fn.external_source` in the order of our EpochSampler / MixtureSampler
+(one permutation per (seed, epoch), page-aware blocks only with data.block_shuffle, DDP shards of
+it, evaluation reading every image once), as slices of the memory-mapped webdataset shards
+(positioned by the index files). DALI's own webdataset reader would instead shuffle through a
+buffer of <= 4096 samples over a sequential read of shards written in file (patient) order: each
+batch from a window of neighbouring files, the coarse order repeating every epoch, and under DDP
+each rank one contiguous slice. Decoding and augmentation are DALI's operators as before.
+Mid-epoch resume: the source starts at batch start_step without decoding the skipped batches,
+unless DALI draws the crops (its random stream starts at batch 0 of the epoch's seed: the skipped
+batches then run and are dropped; batch start_step onwards is identical to the uninterrupted epoch).
 """
 from __future__ import annotations
 
@@ -31,6 +26,7 @@ import numpy as np
 import torch
 
 from .base import INSTALL_HINT, BaseLoader, LoaderError
+from .mixture import as_mixture
 from .sampler import batch_rng, mix_seed
 
 
@@ -42,11 +38,6 @@ def _import_dali():
         raise LoaderError(f"the dali loader needs NVIDIA DALI, which failed to import ({e}); install it with "
                           f"{INSTALL_HINT['dali']}") from e
     return fn, pipeline_def, types, DALIGenericIterator, LastBatchPolicy
-
-
-def shard_sizes(n: int, world_size: int) -> list[int]:
-    """DALI's reader shards: shard k holds samples [floor(n k / W), floor(n (k + 1) / W))."""
-    return [n * (k + 1) // world_size - n * k // world_size for k in range(world_size)]
 
 
 class _JpegTable:
@@ -83,19 +74,15 @@ class DALILoader(BaseLoader):
     name = "dali"
 
     def __init__(self, packed, *, gpu: bool | None = None, **kw):
-        super().__init__(packed, **kw)
+        super().__init__(as_mixture(packed), **kw)
         self._dali = _import_dali()
         self.gpu = (self.device.type == "cuda") if gpu is None else bool(gpu)
         if self.gpu and self.device.type != "cuda":
             raise LoaderError("the DALI GPU pipeline needs a CUDA device")
         self.name = "dali-gpu" if self.gpu else "dali-cpu"
-        self.sampler = None
-        if hasattr(packed, "parts"):  # a mixture: our order through external_source
-            self.sampler = self.make_sampler(packed)
-            self._tables = [_jpeg_table(p) for p in packed.parts]
-            self._labels = np.ascontiguousarray(packed.labels, dtype=np.float32)  # [N, L]
-        self.sizes = shard_sizes(len(packed), self.world_size)
-        self.rotate = self.train and self.drop_last and self.world_size > 1
+        self.sampler = self.make_sampler(self.packed)  # our order, through external_source
+        self._tables = [_jpeg_table(p) for p in self.packed.parts]
+        self._labels = np.ascontiguousarray(self.packed.labels, dtype=np.float32)  # [N, L]
         # crop/flip/resize inside DALI on the GPU (then only `normalise` in torch); on the CPU
         # pipeline BatchAugment does them, one op per batch instead of DALI's per-sample operators.
         # Fine-tuning (RandAugment or bicubic): BatchAugment on the GPU after nvJPEG decode, because
@@ -105,29 +92,22 @@ class DALILoader(BaseLoader):
         self._pipe = self._iter = None
 
     def __len__(self) -> int:
-        if self.sampler is not None:
-            return len(self.sampler)
-        if self.drop_last:
-            return min(self.sizes) // self.batch_size
-        return -(-self.sizes[self.rank] // self.batch_size)
+        return len(self.sampler)
 
     @property
     def num_samples(self) -> int:
-        if self.sampler is not None:
-            return self.sampled_num_samples()
-        return len(self) * self.batch_size if self.drop_last else self.sizes[self.rank]
+        return self.sampled_num_samples()
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         super().set_epoch(epoch, start_step)
-        if self.sampler is not None:
-            self.sampler.set_epoch(epoch, start_step)
+        self.sampler.set_epoch(epoch, start_step)
 
     def _source_start(self) -> int:
-        """The batch a mixture's source starts at: start_step, unless DALI draws the crops (its random
+        """The batch the source starts at: start_step, unless DALI draws the crops (its random
         stream starts at batch 0 of the epoch's seed: the skipped batches run and are dropped)."""
         return 0 if self.dali_augment else self.start_step
 
-    def _mixture_source(self):
+    def _source(self):
         """Batches _source_start().. of this rank's shard: (JPEG bytes, labels [L], global index [1]) per sample."""
         b, s = self.batch_size, self.sampler
         shard = s.shard()
@@ -137,10 +117,7 @@ class DALILoader(BaseLoader):
             jpgs = [self._tables[k].bytes(j) for k, j in zip(part.tolist(), local.tolist())]
             yield jpgs, list(self._labels[sel]), list(sel.reshape(-1, 1))
 
-    def _shard_id(self) -> int:
-        return (self.rank + self.epoch) % self.world_size if self.rotate else self.rank
-
-    def _graph(self, seed: int):
+    def _graph(self):
         """The pipeline body (call inside a DALI pipeline): DataNodes (images, labels, positions).
 
         gpu: nvJPEG decode (`device="mixed"`). dali_augment (on with gpu): crop/flip or eval
@@ -148,17 +125,11 @@ class DALILoader(BaseLoader):
         [0, 1]); off: uint8 [H, W, 1] for BatchAugment. Tests run dali_augment on CPU operators
         (same arguments) and define the GPU graph without a GPU."""
         fn, _, types, _, _ = self._dali
-        p, cfg, s = self.packed, self.cfg, self.img_size
+        cfg, s = self.cfg, self.img_size
         from .gpu_augment import eval_resize_size
-        if self.sampler is not None:  # a mixture: our global order (see the module docstring)
-            jpg, lbl, idx = fn.external_source(source=self._mixture_source, num_outputs=3, batch=True,
-                                               dtype=[types.UINT8, types.FLOAT, types.INT64], cycle="raise")
-        else:
-            jpg, lbl, idx = fn.readers.webdataset(
-                paths=p.shards, index_paths=p.index_files, ext=["jpg", "lbl", "idx"],
-                dtypes=[types.UINT8, types.FLOAT, types.INT64], shard_id=self._shard_id(),
-                num_shards=self.world_size, stick_to_shard=True, random_shuffle=self.train,
-                initial_fill=min(4096, max(self.sizes)), pad_last_batch=True, name="Reader", seed=seed)
+        # our global order (see the module docstring)
+        jpg, lbl, idx = fn.external_source(source=self._source, num_outputs=3, batch=True,
+                                           dtype=[types.UINT8, types.FLOAT, types.INT64], cycle="raise")
         img = fn.decoders.image(jpg, device="mixed" if self.gpu else "cpu",
                                 output_type=types.GRAY)  # [H, W, 1] uint8 (on the GPU when mixed)
         if not self.dali_augment:
@@ -187,20 +158,16 @@ class DALILoader(BaseLoader):
 
         @pipeline_def
         def pipe():
-            return self._graph(seed)
+            return self._graph()
 
         device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
             if self.gpu else None
         self._pipe = pipe(batch_size=self.batch_size, num_threads=max(1, int(cfg.num_workers)),
                           device_id=device_id, seed=seed, prefetch_queue_depth=max(1, int(cfg.prefetch)))
         self._pipe.build()
-        if self.sampler is not None:  # the source ends the epoch (StopIteration), its batches already cut
-            self._iter = DALIGenericIterator(self._pipe, ["images", "labels", "index"],
-                                             last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
-            return
-        policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
-        self._iter = DALIGenericIterator(self._pipe, ["images", "labels", "index"], reader_name="Reader",
-                                         last_batch_policy=policy, auto_reset=False)
+        # the source ends the epoch (StopIteration), its batches already cut
+        self._iter = DALIGenericIterator(self._pipe, ["images", "labels", "index"],
+                                         last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
 
     def close(self) -> None:
         self._iter = self._pipe = None
@@ -210,7 +177,7 @@ class DALILoader(BaseLoader):
         """(step, images uint8 [b, H, W, 1] or float [b, s, s, 1], labels [b, L], index [b])."""
         self._build()
         n = len(self)
-        step0 = self._source_start() if self.sampler is not None else 0  # where a mixture's source starts
+        step0 = self._source_start()  # where the source starts
         for j, out in enumerate(self._iter):
             step = step0 + j
             if step >= n:
@@ -241,7 +208,6 @@ class DALILoader(BaseLoader):
             yield self._finish(step, x), y.clone().to(self.device, non_blocking=True)
 
     def describe(self) -> str:
-        if self.sampler is not None:
-            return f"{self.name} external_source in the global mixture order: {self.packed.describe()}"
-        return (f"{self.name} {len(self.packed.shards)} webdataset shard(s) under {self.packed.root}/dali "
-                f"({'nvJPEG mixed decode + DALI GPU crop' if self.gpu else 'CPU decode + BatchAugment'})")
+        return (f"{self.name} external_source in our sampler's order "
+                f"({'nvJPEG mixed decode + DALI GPU crop' if self.gpu else 'CPU decode + BatchAugment'}): "
+                f"{self.packed.describe()}")

@@ -49,7 +49,7 @@ def build_loader(data_cfg, split: str, train: bool, *, img_size: int, in_chans: 
     data_cfg.batch_size (per rank). need_labels=False (pre-training, benchmarks) lets a mixture's
     parts carry different label names.
     """
-    from .mixture import MixtureError, PackedMixture, open_mixture, part_manifests, part_splits, shared_formats
+    from .mixture import MixtureError, open_mixture, part_manifests, part_splits, shared_formats
     from .packed import PackedError
 
     if not data_cfg.path:
@@ -84,11 +84,6 @@ def build_loader(data_cfg, split: str, train: bool, *, img_size: int, in_chans: 
                               samples_per_epoch=data_cfg.samples_per_epoch, need_labels=need_labels)
         # data.views / data.label_fraction: the positions the sampler draws from (None: all)
         subset = select_subset(packed, data_cfg, split, train, seed, need_labels)
-        if subset is not None and kind == "dali" and not hasattr(packed, "parts"):
-            # DALI's own reader orders whole shards; its mixture path reads our sampler's order
-            info = packed.subset_info
-            packed = PackedMixture([packed], None, None, need_labels)
-            packed.subset_info = info
         packed.subset = subset
         if kind == "raw":
             return RawLoader(packed, **kw)

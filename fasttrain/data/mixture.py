@@ -301,6 +301,19 @@ def open_mixture(path, split: str, fmt: Optional[str], *, train_split: str = "tr
     return PackedMixture(parts, w, samples_per_epoch, need_labels)
 
 
+def as_mixture(packed) -> PackedMixture:
+    """A PackedSplit as a mixture of one part (a mixture as is): the FFCV and DALI loaders read
+    every dataset through our sampler's global order, so one dataset gets the raw loader's order."""
+    if isinstance(packed, PackedMixture):
+        return packed
+    one = PackedMixture([packed], None, None, need_labels=True)
+    # data.views / data.label_fraction chose positions of the one part: the same positions of the mixture
+    for attr in ("subset", "subset_info"):
+        if getattr(packed, attr, None) is not None:
+            setattr(one, attr, getattr(packed, attr))
+    return one
+
+
 def part_manifests(path) -> list[tuple[PartSpec, dict]]:
     """(spec, manifest) per part; a missing or unreadable part is an error naming it."""
     out = []

@@ -58,6 +58,9 @@ def val_metrics(model, loader, info: DistInfo, amp_dtype) -> dict:
     from fasttrain.metrics import mean_of_defined, per_label_auc
     scores, labels = predict(model, loader, info.device, amp_dtype)
     scores, labels = gather_predictions(scores, labels, info)
+    if len(scores) != loader.dataset_size:  # the ranks' shards: each image once, none repeated or dropped
+        raise RuntimeError(f"validation scored {len(scores)} images of a {loader.dataset_size}-image split over "
+                           f"{info.world_size} rank(s) ({loader.describe()}): each image must count once")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # undefined labels: reported as None below
         aucs = per_label_auc(labels, scores, loader.label_names)

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Optional
 
 from fasttrain.converters.decode import RESIZE_MODES
+from fasttrain.data.packed import read_manifest
 
 log = logging.getLogger("fasttrain.reproduce")
 
@@ -105,8 +106,17 @@ def _is_synthetic_source(path: Path) -> bool:
     return False
 
 
+def packed_resize_note(name: str, path: Path, wanted: str) -> Optional[str]:
+    """A plan note when a dataset packed earlier fitted its frames to the square otherwise than
+    --resize asks (data packed before the manifest said were squashed); None when they agree."""
+    mode = read_manifest(path).get("resize", "squash")
+    if mode == wanted:
+        return None
+    return (f"{name}: packed earlier with --resize {mode}, not {wanted}: its frames are fitted otherwise "
+            f"(convert it again to follow --resize)")
+
+
 def _packed_source(name: str, path: Path) -> Source:
-    from fasttrain.data.packed import read_manifest
     m = read_manifest(path)
     if not str(m.get("dataset", "")).startswith("nih" if name == "nih" else "chexpert"):
         raise ReproduceError(f"--{name} {path}: a packed '{m.get('dataset')}' dataset, not {name}")
@@ -321,6 +331,9 @@ class Plan:
         for d in DATASETS:
             s = self.sources[d]
             if s.packed:
+                note = packed_resize_note(d, s.path, self.args.resize)
+                if note:
+                    self.notes.append(note)
                 continue
             argv = ["convert", d, "--src", str(s.path), "--out", str(self.packed[d]), "--format", *self.args.formats,
                     "--size", str(self.args.pack_size), "--resize", self.args.resize, "--seed", str(self.args.seed)]

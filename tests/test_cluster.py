@@ -637,7 +637,8 @@ def test_preempted_on_two_ranks_resumes_exactly_on_one_and_on_four(cfg_yaml, pac
     same 16 images as in the uninterrupted 2-rank run, so every image of the interrupted epoch is
     read exactly once, and the step count and the final lr are the uninterrupted run's."""
     args = lambda out: [f"--data.path={packed}", f"--run.out={out}", "--optim.epochs=3",  # noqa: E731
-                        "--optim.accum_steps=2", "--optim.warmup_epochs=1", "--run.ckpt_every=0", "--run.log_every=2"]
+                        "--optim.accum_steps=2", "--optim.warmup_epochs=1", "--run.ckpt_every=0", "--run.log_every=2",
+                        "--run.dist_timeout_s=300"]  # 4 ranks importing torch on 2 busy cores: a slow rendezvous
     full = _run_ranks(2, cfg_yaml, args(tmp_path / "full"), tmp_path / "rec-full")
     ref = _by_step(full)
     per_epoch = len(ref) // 3  # the train split's images // 16

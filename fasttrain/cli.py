@@ -7,7 +7,6 @@ dispatches, importing the stage lazily so `fasttrain convert` never imports the 
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 
 COMMANDS = {
@@ -55,13 +54,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    rc = main()
-    if rc not in (0, 1, 2) and os.environ.get("TORCHELASTIC_RUN_ID"):
-        # a pre-empted rank under torchrun (run.preempt_exit_code): its checkpoint and logs are
-        # closed and its process group destroyed, but gloo's threads can still abort the
-        # interpreter's teardown ("terminate called without an active exception": exit -6, not
-        # the code the job script requeues on). Leave without the teardown.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(rc)
-    sys.exit(rc)
+    sys.exit(main())

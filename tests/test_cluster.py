@@ -1,6 +1,7 @@
 """Runs that survive a cluster (issue #13): --resume auto, pre-emption signals, elastic restarts
 under torchrun, two "nodes" on 127.0.0.1, checkpoint safety (ENOSPC, checksums, kept step
-checkpoints), a packed file that vanishes or shrinks under a running job, and the SLURM scripts.
+checkpoints), a packed file that vanishes or shrinks under a running job, the SLURM scripts, and
+a resume on another number of ranks (spawned gloo ranks running the real trainer).
 
 The multi-process tests launch torchrun with the tiny deterministic MAE below on gloo; every
 launch gets free ports (bound to port 0 first) and a timeout, so parallel runs never collide and
@@ -579,7 +580,8 @@ class _Recording:
             yield x, y
 
 
-def _layout_rank(rank: int, world: int, port: int, cfg_yaml: str, overrides: list, signal_at, outdir: str) -> None:
+def _layout_rank(rank: int, world: int, port: int, cfg_yaml: str, overrides: list, signal_at,
+                 outdir: str) -> None:
     """One spawned rank of `_run_ranks`: the trainer `fasttrain pretrain --resume auto` builds, its
     loader recorded; writes outdir/rank<r>.json."""
     import json
@@ -615,8 +617,8 @@ def _run_ranks(world: int, cfg_yaml: Path, overrides: list, outdir: Path, signal
 
     import torch.multiprocessing as mp
     outdir.mkdir(parents=True, exist_ok=True)
-    mp.start_processes(_layout_rank, args=(world, free_port(), str(cfg_yaml), overrides, signal_at, str(outdir)), nprocs=world,
-                       join=True, start_method="spawn")
+    mp.start_processes(_layout_rank, args=(world, free_port(), str(cfg_yaml), overrides, signal_at, str(outdir)),
+                       nprocs=world, join=True, start_method="spawn")
     return [json.loads((outdir / f"rank{k}.json").read_text()) for k in range(world)]
 
 
@@ -635,7 +637,8 @@ def test_preempted_on_two_ranks_resumes_exactly_on_one_and_on_four(cfg_yaml, pac
     same 16 images as in the uninterrupted 2-rank run, so every image of the interrupted epoch is
     read exactly once, and the step count and the final lr are the uninterrupted run's."""
     args = lambda out: [f"--data.path={packed}", f"--run.out={out}", "--optim.epochs=3",  # noqa: E731
-                        "--optim.accum_steps=2", "--optim.warmup_epochs=1", "--run.ckpt_every=0", "--run.log_every=2"]
+                        "--optim.accum_steps=2", "--optim.warmup_epochs=1", "--run.ckpt_every=0", "--run.log_every=2",
+                        "--run.dist_timeout_s=300"]  # 4 ranks importing torch on 2 busy cores: a slow rendezvous
     full = _run_ranks(2, cfg_yaml, args(tmp_path / "full"), tmp_path / "rec-full")
     ref = _by_step(full)
     per_epoch = len(ref) // 3  # the train split's images // 16

@@ -1,10 +1,12 @@
 """Trainer: schedule, checkpoints, resume (kill -9 then --resume == uninterrupted), NaN stop,
-bad-input errors before training, evaluation with bootstrap CIs."""
+bad-input errors before training, evaluation with bootstrap CIs, per-rank randomness, and a clean
+exit (code 0, no thread left) of every finished run."""
 from __future__ import annotations
 
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -417,3 +419,89 @@ def test_validation_counts_each_image_once(tiny_yaml, packed):
             yield last
     with pytest.raises(RuntimeError, match=r"validation scored (\d+) images of a \d+-image split .*each image must count once"):
         val_metrics(model, Padded(), DistInfo(), None)
+
+
+# ----------------------------------------------------------------------------- clean exit
+
+LEAVE_EARLY = """
+import torch
+from fasttrain.data.base import Prefetcher
+
+def batches():  # torch work with the GIL released, as the loaders' gather + augmentation plan
+    while True:
+        x = torch.randn(256, 256)
+        for _ in range(20):
+            x = torch.mm(x, x).clamp_(-1, 1)
+        yield x
+
+prefetched = Prefetcher(batches(), 2)
+for i, _ in enumerate(prefetched):
+    if i == 1:
+        break  # as the kNN bank stops at knn_train_images
+assert not prefetched._thread.is_alive(), "the producer still runs after the consumer left"
+"""
+
+
+def test_leaving_a_prefetched_loader_early_then_exiting_exits_zero(tmp_path):
+    """A consumer that leaves early, then the interpreter exits at once: the prefetch thread must
+    be gone by then (a daemon thread killed inside a torch op aborts the process: 'terminate called
+    without an active exception', exit -6, after the work was done)."""
+    script = tmp_path / "leave_early.py"
+    script.write_text(LEAVE_EARLY)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for _ in range(3):
+        r = subprocess.run([PY, str(script)], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and "terminate called" not in r.stderr, (r.returncode, r.stderr[-2000:])
+
+
+AT_EXIT = """
+import atexit, os, runpy, sys
+
+def threads_at_exit():  # after non-daemon Python threads are joined, before the interpreter's teardown
+    names = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+    print(f"threads at exit on rank {os.environ.get('RANK')}: {len(names)} {names}", file=sys.stderr, flush=True)
+
+atexit.register(threads_at_exit)
+sys.argv[0] = "fasttrain"
+runpy.run_module("fasttrain.cli", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("rounds", [1, pytest.param(6, marks=pytest.mark.slow)])
+def test_torchrun_runs_exit_zero_every_time_under_load(tiny_yaml, packed, tmp_path, rounds):
+    """2-rank distilling pre-training with the kNN monitor every epoch, then 2-rank fine-tuning,
+    `rounds` times in a row beside two busy loops: every finished run exits 0 (a job script or
+    SLURM counts anything else as a failure), and when the interpreter's teardown begins each rank
+    has one thread left (no gloo run loop, tcp loop or prefetch thread that the teardown could kill
+    inside C++)."""
+    teacher = tmp_path / "teacher"
+    _pretrain(tiny_yaml, packed, teacher, "--optim.epochs=1")
+    cli = tmp_path / "cli_at_exit.py"
+    cli.write_text(AT_EXIT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(cli)]
+    busy = [subprocess.Popen([PY, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        for i in range(rounds):
+            out = tmp_path / f"round{i}"
+            pre = subprocess.run(run + ["pretrain", "--config", str(tiny_yaml), "--out", str(out / "pre"),
+                                        "--teacher", str(teacher / "checkpoints" / "last.pt"), f"--data.path={packed}",
+                                        "--distill.student_blocks=[1]", "--distill.teacher_blocks=[1]",
+                                        "--data.batch_size=4", "--optim.epochs=1", "--eval.knn_every=1",
+                                        "--eval.knn_train_images=8"],  # the monitor leaves its bank loader early
+                                 env=env, capture_output=True, text=True, timeout=300)
+            assert pre.returncode == 0, f"round {i}: pretrain exit {pre.returncode}\n{pre.stderr[-3000:]}"
+            assert "knn_mauc" in pre.stderr
+            ft = subprocess.run(run + ["finetune", "--config", str(tiny_yaml), "--out", str(out / "ft"),
+                                       "--init", str(out / "pre" / "checkpoints" / "last.pt"), f"--data.path={packed}",
+                                       "--model.name=vit_tiny_patch16", "--model.num_classes=14",
+                                       "--data.batch_size=4", "--optim.epochs=1"],
+                                env=env, capture_output=True, text=True, timeout=300)
+            assert ft.returncode == 0, f"round {i}: finetune exit {ft.returncode}\n{ft.stderr[-3000:]}"
+            for r in (pre, ft):
+                left = re.findall(r"threads at exit on rank (\d): (\d+) \[", r.stderr)  # ranks share stderr
+                assert sorted(k for k, _ in left) == ["0", "1"] and all(n == "1" for _, n in left), r.stderr[-3000:]
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()

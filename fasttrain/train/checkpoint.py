@@ -4,8 +4,11 @@ A checkpoint is one torch file: {"model": state dict (what create_model builds; 
 prefixed "student." / "proj." and no teacher, which is frozen and reloaded from its own file),
 "optimizer", "scaler", "step" (optimiser steps), "epoch", "epoch_step" (batches of `epoch`
 already consumed), "rng" (python, numpy, torch CPU and CUDA), "config" (resolved dict),
-"kind" ("pretrain" | "finetune"), plus "metrics" for best.pt, and "checksum": a SHA-256 over
-every tensor's name, dtype, shape and bytes, verified on load}.
+"kind" ("pretrain" | "finetune"), "layout" (world_size, per-rank batch_size, accum_steps,
+global_batch, and the global sample position: epoch_samples of `epoch`'s order and samples of the
+run consumed; a resume on another world size keeps the global batch from it), plus "metrics" for
+best.pt, and "checksum": a SHA-256 over every tensor's name, dtype, shape and bytes, verified on
+load}.
 
 Step checkpoints: with run.keep_checkpoints = K > 0, each save also leaves
 `checkpoints/step_NNNNNNNN.pt` (a hard link to the same bytes as last.pt, so no second write) and

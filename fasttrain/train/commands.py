@@ -31,6 +31,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 
 def _run(prog: str, fn) -> int:
+    from fasttrain.train.dist import release_process_groups
     from fasttrain.train.loop import Preempted
     try:
         fn()
@@ -45,6 +46,8 @@ def _run(prog: str, fn) -> int:
             print(f"fasttrain {prog}: error: {e}", file=sys.stderr)
             return 2
         raise
+    finally:  # after the handlers: the exception (and the trainer its traceback holds) is gone
+        release_process_groups()
     return 0
 
 

@@ -18,6 +18,7 @@ and exits (and torchrun restarts the group) instead of waiting torch's default 3
 """
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -126,5 +127,18 @@ def broadcast_object(obj, info: DistInfo):
 
 
 def cleanup(info: DistInfo) -> None:
+    """Destroy the process groups (release_process_groups then frees their C++ side)."""
+    info.cpu_group = None
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def release_process_groups() -> None:
+    """Free the destroyed process groups' objects now, so that their threads (gloo's two worker run
+    loops and its tcp loop per group) are joined while the interpreter is whole.
+    destroy_process_group only unregisters a group: its threads live on while any Python object
+    refers to it (the DDP wrapper, in the trainer <-> kNN monitor reference cycle, or in a
+    traceback), which can be into interpreter teardown, where a thread that needs the GIL is
+    killed mid-C++ and aborts the process after the run has finished. Call it once the trainer
+    and any exception holding it are gone."""
+    gc.collect()

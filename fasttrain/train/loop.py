@@ -180,7 +180,8 @@ def resume_layout(old: Layout, world_size: int, batch_size: int, accum_steps: in
         f"steps and lr). Ways out: " + "; ".join(w for w in ways if w))
 
 
-def fit_checkpoint_layout(cfg, info: DistInfo, ck: dict, path: str | Path, *, loader_batch: Optional[int] = None) -> Layout:
+def fit_checkpoint_layout(cfg, info: DistInfo, ck: dict, path: str | Path, *,
+                          loader_batch: Optional[int] = None) -> Layout:
     """Set cfg.optim.accum_steps (and cfg.data.batch_size under run.resume_rebatch) so that this
     world size continues `ck`'s global batch; logs what changed. `loader_batch`: the per-rank
     batch of a loader already built, which can no longer change."""

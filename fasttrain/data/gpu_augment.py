@@ -11,6 +11,9 @@ two batched matmuls. Ry/Rx hold the bilinear weights of the crop box; a horizont
 the rows of Rx, 1/255 is folded into Ry, and the per-channel normalisation and the expansion of
 gray to C channels (at the very last moment) are folded into the second matmul, which writes the
 channels-last output directly (see BatchAugment). Nothing else touches the pixels.
+That is the device (CUDA) path; on the CPU the same weights run as a compiled banded resampler
+(band_resample: only the K taps of each output pixel, ~50x fewer multiply-adds than the dense
+matmuls, which the CPU pays in full), and the matmuls stay its plain twin.
 
 The weights are PIL's bilinear filter (Pillow `ImagingResample`: triangle kernel whose support
 widens by the downscale factor, i.e. antialiased when shrinking), so the result equals

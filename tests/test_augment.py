@@ -340,3 +340,20 @@ def test_three_channel_randaug_on_gray_equals_three_channel_path(dtype):
         got = aug.apply(x, plan)
         assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(got, want), seed
+
+
+@pytest.mark.parametrize("c,norm", [(1, "imagenet"), (3, "imagenet"), (1, "nih")])
+def test_banded_float_crop_equals_dense_matmul_path(c, norm):
+    """The CPU's pre-training crop (band_resample.resample_band_float: K taps per pixel, normalised)
+    against the dense fused matmuls over the same plan, fp32: equal up to float rounding."""
+    from fasttrain.data.band_resample import resample_band_float
+    h, w, size = 45, 39, 32
+    aug = BatchAugment((h, w), size, c, train=True, norm=norm)  # bilinear: the fused path
+    assert not aug.u8
+    x = torch.from_numpy(_images(9, h, w, seed=c))
+    plan = aug.plan(9, np.random.default_rng(c))
+    plan.params.flip[:2] = [True, False]
+    dense = aug.resample(x, *aug.matrices(plan)).view(9, size, size, c)  # [9, h, w, C]
+    band = resample_band_float(x, plan.ry, plan.rxt, [g / 255 for g in aug.gains], aug.biases, threads=2)
+    torch.testing.assert_close(band, dense, rtol=0, atol=1e-4)
+    torch.testing.assert_close(aug.apply(x, plan), band.permute(0, 3, 1, 2), rtol=0, atol=0)

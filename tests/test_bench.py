@@ -33,6 +33,18 @@ def test_bench_step_json(capsys):
     assert recs[1]["flops_per_image"] > recs[2]["flops_per_image"]
 
 
+def test_bench_step_cpu_defaults_eager_with_a_plan(capsys):
+    """On the CPU the fused step is timed eager unless --compile (compiling costs minutes on a few
+    cores), over 3 windows; the plan is printed first (stderr)."""
+    assert step_main(["--img-size", "32", "--batch-size", "2", "--steps", "1", "--teacher", "none",
+                      "--device", "cpu", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert err.startswith("plan: fused x (1 warm-up + 3 windows) x 1 steps of batch 2 at 32 px on cpu")
+    assert "fused step eager" in err
+    recs = _records(out)
+    assert [r["mode"] for r in recs] == ["fused"] and recs[0]["compiled"] is False and len(recs[0]["windows"]) == 3
+
+
 def test_step_flops_paper_shapes():
     """ViT-T student (+512x2 decoder) and ViT-B teacher to block 8 at 224 px, counted by hand."""
     from fasttrain.models.distill import build_etmae

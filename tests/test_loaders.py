@@ -320,6 +320,18 @@ def test_raw_loader_reuses_batch_buffers_on_cpu(phantoms):
     assert batches >= 24 and ld.buffers_allocated <= DataConfig().prefetch + 4 + 6 < 2 * batches
 
 
+def test_raw_loader_index_out_of_range_is_a_clear_error(phantoms):
+    """The gather runs np.take in mode "clip" (no temporary copy), so an out-of-range index would be
+    clamped silently: the loader checks the batch's bounds itself and names the file."""
+    from fasttrain.data.base import LoaderError
+    ld = build_loader(DataConfig(path=phantoms["path"], loader="raw", batch_size=2, num_workers=1), "train", True,
+                      img_size=48, in_chans=1)
+    n = len(open_packed(phantoms["path"], "train"))
+    ld.sampler.batches = lambda: iter([(0, np.array([0, n]))])
+    with pytest.raises(LoaderError, match=f"image index 0..{n} outside the {n} images of raw memmap"):
+        next(iter(ld.feed()))
+
+
 # ----------------------------------------------------------------------------- bench
 
 def test_bench_loader_json(phantoms, capsys):

@@ -71,6 +71,49 @@ def _resample_slice(x, x0, wx, y0, wy, out, lo, hi):  # pragma: no cover - compi
                 out[b, i, j] = np.uint8(min(max(math.floor(acc[j] + np.float32(0.5)), 0.0), 255.0))
 
 
+@numba.njit(nogil=True, cache=True)
+def _resample_slice_float(x, x0, wx, y0, wy, gains, biases, out, lo, hi):  # pragma: no cover - compiled
+    """The float twin of _resample_slice (no rounding between or after the passes), normalised:
+    out float32 [B, h, w, C] channels-last = (vertical(horizontal(x)) * gains[c] + biases[c])."""
+    kx, w = wx.shape[1], wx.shape[2]
+    h, ky = wy.shape[1], wy.shape[2]
+    width, nc = x.shape[2], gains.shape[0]
+    acc = np.empty(w, np.float32)
+    for b in range(lo, hi):
+        r0 = y0[b, 0]
+        r1 = y0[b, 0] + ky
+        for i in range(h):
+            r0 = min(r0, y0[b, i])
+            r1 = max(r1, y0[b, i] + ky)
+        n = r1 - r0
+        xt = np.empty((width, n), np.float32)
+        for r in range(n):
+            for c in range(width):
+                xt[c, r] = x[b, r0 + r, c]
+        tt = np.zeros((w, n), np.float32)
+        for j in range(w):
+            for k in range(kx):
+                wk = wx[b, k, j]
+                if wk != 0.0:
+                    src = xt[x0[b, j] + k]
+                    dst = tt[j]
+                    for r in range(n):
+                        dst[r] += src[r] * wk
+        t = np.ascontiguousarray(tt.T)  # [rows, w]
+        for i in range(h):
+            for j in range(w):
+                acc[j] = 0.0
+            for k in range(ky):
+                wk = wy[b, i, k]
+                if wk != 0.0:
+                    row = t[y0[b, i] + k - r0]
+                    for j in range(w):
+                        acc[j] += row[j] * wk
+            for j in range(w):
+                for c in range(nc):
+                    out[b, i, j, c] = acc[j] * gains[c] + biases[c]
+
+
 _POOLS: dict[int, ThreadPoolExecutor] = {}  # one pool per thread count, made on first use
 
 
@@ -89,9 +132,20 @@ def resample_band_u8(x: torch.Tensor, band_y: tuple, band_x: tuple, threads: int
     """uint8 [B, H, W] (CPU) -> uint8 [B, h, w]: crop + resize with pil_band's taps, band_y =
     (y0 [B, h], wy [B, h, Ky]) and band_x = (x0 [B, w], wx [B, w, Kx]) (numpy or torch), over
     `threads` slices of the batch (default: torch's intra-op thread count)."""
+    return _run(x, band_y, band_x, threads, None)
+
+
+def resample_band_float(x: torch.Tensor, band_y: tuple, band_x: tuple, gains, biases,
+                        threads: int | None = None) -> torch.Tensor:
+    """uint8 [B, H, W] (CPU) -> float32 [B, h, w, C] channels-last: the same crop + resize without
+    rounding, then per channel c: value * gains[c] + biases[c] (the normalisation; C = len(gains))."""
+    return _run(x, band_y, band_x, threads, (np.asarray(gains, np.float32), np.asarray(biases, np.float32)))
+
+
+def _run(x: torch.Tensor, band_y: tuple, band_x: tuple, threads: int | None, norm) -> torch.Tensor:
     if x.device.type != "cpu" or x.dtype != torch.uint8 or x.dim() != 3:
-        raise ValueError(f"resample_band_u8 takes a CPU uint8 [B, H, W] batch, got {x.dtype} {tuple(x.shape)} "
-                         f"on {x.device}")
+        raise ValueError(f"the banded resampler takes a CPU uint8 [B, H, W] batch, got {x.dtype} "
+                         f"{tuple(x.shape)} on {x.device}")
     y0, wy = _np(band_y[0], np.int64), _np(band_y[1], np.float32)  # [B, h], [B, h, Ky]
     x0, wx = _np(band_x[0], np.int64), _np(band_x[1], np.float32)  # [B, w], [B, w, Kx]
     b, hh, ww = x.shape
@@ -102,14 +156,20 @@ def resample_band_u8(x: torch.Tensor, band_y: tuple, band_x: tuple, threads: int
         raise ValueError("resample_band_u8: taps outside the image")
     wxt = np.ascontiguousarray(wx.transpose(0, 2, 1))  # [B, Kx, w]
     xn = np.ascontiguousarray(x.numpy())
-    out = np.empty((b, y0.shape[1], x0.shape[1]), np.uint8)
+    if norm is None:
+        out = np.empty((b, y0.shape[1], x0.shape[1]), np.uint8)
+        args = (xn, x0, wxt, y0, wy, out)
+        kernel = _resample_slice
+    else:
+        out = np.empty((b, y0.shape[1], x0.shape[1], len(norm[0])), np.float32)
+        args = (xn, x0, wxt, y0, wy, norm[0], norm[1], out)
+        kernel = _resample_slice_float
     n = max(1, min(b, threads or torch.get_num_threads()))
     cuts = np.linspace(0, b, n + 1).astype(int)
     if n == 1:
-        _resample_slice(xn, x0, wxt, y0, wy, out, 0, b)
+        kernel(*args, 0, b)
     else:
-        jobs = [_pool(n).submit(_resample_slice, xn, x0, wxt, y0, wy, out, int(lo), int(hi))
-                for lo, hi in zip(cuts[:-1], cuts[1:])]
+        jobs = [_pool(n).submit(kernel, *args, int(lo), int(hi)) for lo, hi in zip(cuts[:-1], cuts[1:])]
         for j in jobs:
             j.result()
     return torch.from_numpy(out)

@@ -11,6 +11,9 @@ two batched matmuls. Ry/Rx hold the bilinear weights of the crop box; a horizont
 the rows of Rx, 1/255 is folded into Ry, and the per-channel normalisation and the expansion of
 gray to C channels (at the very last moment) are folded into the second matmul, which writes the
 channels-last output directly (see BatchAugment). Nothing else touches the pixels.
+That is the device (CUDA) path; on the CPU the same weights run as a compiled banded resampler
+(band_resample: only the K taps of each output pixel, ~50x fewer multiply-adds than the dense
+matmuls, which the CPU pays in full), and the matmuls stay its plain twin.
 
 The weights are PIL's bilinear filter (Pillow `ImagingResample`: triangle kernel whose support
 widens by the downscale factor, i.e. antialiased when shrinking), so the result equals
@@ -34,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .band_resample import resample_band_u8
+from .band_resample import resample_band_float, resample_band_u8
 from .randaug import RandAugment, RandAugPlan
 
 # The paper normalises with ImageNet statistics; Xiao et al. use NIH statistics (one value for
@@ -246,8 +249,10 @@ class AugPlan:
     """Everything random about one batch, decided before the pixels arrive: the crop boxes, the
     compact interpolation taps for Ry and Rx^T (flip folded in) and the RandAugment draws."""
     params: CropParams
-    ry: tuple  # fused path: (flat, w) for [B, h, H] x 1/255; uint8 path: the band (y0 [B, h], w [B, h, K])
-    rxt: tuple  # fused path: (flat, w) for [B, W+1, w*C]; uint8 path: the band (x0 [B, w], w [B, w, K])
+    # CUDA fused path: (flat, w) of the dense Ry [B, h, H] x 1/255 and R' [B, W+1, w*C];
+    # the uint8 path and the CPU: the bands (y0 [B, h], w [B, h, K]) and (x0 [B, w], w [B, w, K])
+    ry: tuple
+    rxt: tuple
     randaug: RandAugPlan | None = None  # [L, B] draws, None without RandAugment
 
 
@@ -382,7 +387,7 @@ class BatchAugment:
             top, left, hh, ww, flip = (torch.from_numpy(np.ascontiguousarray(a)).to(dev, non_blocking=True)
                                        for a in (p.top, p.left, p.height, p.width, p.flip))
         f = self.interpolation
-        if self.u8:
+        if self.u8 or self.device.type == "cpu":  # the banded resamplers' taps (CPU: both paths)
             ry = pil_band(top, top + hh, self.H, s, filter=f)  # [B, h], [B, h, K]
             rxt = pil_band(left, left + ww, self.W, s, flip=flip, filter=f)  # [B, w], [B, w, K]
             return AugPlan(p, ry, rxt, ra)
@@ -401,7 +406,14 @@ class BatchAugment:
             rxt = (band_positions(x0, wx.shape[-1], self.W, transposed=True), wx.reshape(-1))
             return (self._dense("ry8", ry, (b, self.img_size, self.H), torch.float32),
                     self._dense("rxt8", rxt, (b, self.W, self.img_size), torch.float32))
-        return self._dense("ry", plan.ry, (b, self.img_size, self.H)), self._dense("rxt", plan.rxt, self._rxt_shape(b))
+        ry, rxt = plan.ry, plan.rxt
+        if ry[0].ndim == 2:  # a CPU plan's bands: the same taps laid out for the dense matrices
+            (y0, wy), (x0, wx) = ry, rxt
+            s, c = self.img_size, self.in_chans
+            ry = (band_positions(y0, wy.shape[-1], self.H), wy.reshape(-1) / 255)
+            rxt = self._channel_taps(band_positions(x0, wx.shape[-1], self.W,
+                                                    strides=((self.W + 1) * s * c, c, s * c)), wx.reshape(-1))
+        return self._dense("ry", ry, (b, self.img_size, self.H)), self._dense("rxt", rxt, self._rxt_shape(b))
 
     def _dense(self, name: str, taps: tuple, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
         """Scatter taps into a reused, mostly-zero buffer. Only the previous batch's taps are reset
@@ -524,6 +536,9 @@ class BatchAugment:
                     return self.normalise_mixed(gray, colour, col)
                 u = self.randaug.apply(u, plan.randaug)  # [B, 1, h, w] uint8
             return self.normalise_u8(u)
+        if self.train and self.device.type == "cpu":  # K taps per pixel, normalised, compiled
+            out = resample_band_float(x, plan.ry, plan.rxt, [g / 255 for g in self.gains], self.biases)
+            return out.to(self.dtype).permute(0, 3, 1, 2)  # [B, C, h, w], channels-last strides
         # shared eval matrices [h, H], [W+1, w*C]: the matmul broadcasts over the batch
         ry, rxt = self.matrices(plan) if self.train else self._eval_mats
         out = self.resample(x, ry, rxt).view(b, s, s, self.in_chans)  # [B, h, w, C]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import sys
 import tempfile
 from pathlib import Path
 
@@ -87,10 +88,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--in-chans", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=None, help="default: 256 on CUDA, 16 on CPU")
     p.add_argument("--steps", type=int, default=None, help="steps per timing window (default: 10 CUDA, 2 CPU)")
-    p.add_argument("--windows", type=int, default=5, help="timed windows per mode, interleaved")
+    p.add_argument("--windows", type=int, default=None,
+                   help="timed windows per mode, interleaved (default: 5 CUDA, 3 CPU)")
     p.add_argument("--kd-block", type=int, default=8)
     p.add_argument("--mask-ratio", type=float, default=0.75)
-    p.add_argument("--no-compile", action="store_true", help="fused mode without torch.compile")
+    p.add_argument("--no-compile", action="store_true", help="fused mode without torch.compile (the CPU default)")
+    p.add_argument("--compile", action="store_true",
+                   help="fused mode with torch.compile on the CPU too (minutes of compiling on a few cores)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="one JSON object per measurement")
 
@@ -100,6 +104,11 @@ def _defaults(args, device: torch.device) -> None:
         args.batch_size = 256 if device.type == "cuda" else 16
     if args.steps is None:
         args.steps = 10 if device.type == "cuda" else 2
+    if args.windows is None:
+        args.windows = 5 if device.type == "cuda" else 3
+    # compiling the fused step costs 1.5-3 minutes on a 2-core CPU, and eager measured faster
+    # there (docs/benchmarks.md): compiled by default on CUDA only
+    args.no_compile = args.no_compile or (device.type != "cuda" and not getattr(args, "compile", False))
     args.teacher = None if str(args.teacher).lower() == "none" else args.teacher
 
 
@@ -117,6 +126,10 @@ def run_step_bench(args) -> list[dict]:
     shape = (args.batch_size, args.in_chans, args.img_size, args.img_size)
     images = torch.randn(shape, device=device)
     modes = {"reference": "reference", "fused": "fused"} if args.teacher else {"fused": "fused"}
+    extra = ["mae_only"] if args.teacher and not args.skip_mae else []
+    print(f"plan: {', '.join(list(modes) + extra)} x (1 warm-up + {args.windows} windows) x {args.steps} steps of "
+          f"batch {args.batch_size} at {args.img_size} px on {device}; fused step "
+          f"{'eager' if args.no_compile else 'compiled'}", file=sys.stderr, flush=True)
     fns, flops = {}, {}
     for label, mode in modes.items():
         step, model = build_bench_step(mode, args, device, args.teacher)

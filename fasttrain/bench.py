@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import statistics
 import sys
 import time
@@ -44,6 +45,65 @@ def interleaved_windows(fns: dict[str, Callable[[], int]], windows: int = 5, war
             if w >= warmup:
                 rates[name].append(n / dt)
     return rates
+
+
+def budgeted_windows(fns: dict[str, Callable[[], int | tuple[int, float]]], windows: int, warmup: int = 1,
+                     budget: float = 0.0, sync: Callable[[], None] | None = None, unit: str = "items/s",
+                     log=None) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Interleaved timing windows (machine noise hits every fn alike), a line per window on `log`
+    (stderr by default), under an optional wall-clock budget.
+
+    Each fn runs one window and returns the items it processed (timed over its whole call) or
+    (items, timed seconds) when it times only part of its call (a loader leaving its epoch
+    start-up untimed). The first `warmup` windows are not kept. With a budget, each fn may spend
+    budget / len(fns) wall seconds (warm-up included); one whose next window, estimated by its
+    longest so far, would overrun that share stops there, after one kept window at least, so that
+    every fn (the baseline above all) has a figure. Returns ({name: items/s per kept window},
+    {name: why it stopped early})."""
+    log = log or sys.stderr
+    rates: dict[str, list[float]] = {k: [] for k in fns}
+    spent = dict.fromkeys(fns, 0.0)
+    longest = dict.fromkeys(fns, 0.0)
+    stopped: dict[str, str] = {}
+    share = budget / len(fns) if budget else math.inf
+    width = max(len(k) for k in fns)
+    for w in range(warmup + windows):
+        for name, fn in fns.items():
+            if name in stopped:
+                continue
+            if rates[name] and spent[name] + longest[name] > share:
+                stopped[name] = (f"stopped after {len(rates[name])} of {windows} windows: one takes "
+                                 f"~{longest[name]:.3g} s, over its {share:.3g} s share of the {budget:g} s "
+                                 f"budget (--budget, --full)")
+                print(f"  {name:<{width}}  {stopped[name]}", file=log, flush=True)
+                continue
+            if sync:
+                sync()
+            t0 = time.perf_counter()
+            out = fn()
+            if sync:
+                sync()
+            wall = time.perf_counter() - t0
+            n, dt = out if isinstance(out, tuple) else (out, wall)
+            spent[name] += wall
+            longest[name] = max(longest[name], wall)
+            label = f"window {w - warmup + 1}/{windows}" if w >= warmup else "warm-up   "
+            print(f"{label}  {name:<{width}}  {_fmt(n / dt):>10} {unit}  ({n} in {dt:.2f} s timed, "
+                  f"{wall:.1f} s wall)", file=log, flush=True)
+            if w >= warmup:
+                rates[name].append(n / dt)
+    return rates, stopped
+
+
+def print_plan(text: str) -> None:
+    """The plan of a benchmark run (what it times, how often, how long at most), on stderr before
+    any timing, so that a long run says so at once."""
+    print(f"plan: {text}", file=sys.stderr, flush=True)
+
+
+def budget_text(budget: float, parts: int) -> str:
+    """How the plan line states a budget shared by `parts` timings."""
+    return f"budget {budget:g} s ({budget / parts:.3g} s per timing)" if budget else "no budget"
 
 
 def median(xs: list[float]) -> float:

@@ -12,19 +12,27 @@ bandwidth (read + write of a large tensor), the practical ceiling for these memo
 
 CUDA: medians of triton.testing.do_bench. CPU: Triton is skipped (the interpreter checks
 correctness, it is not a speed path) and eager vs compiled are timed with interleaved
-time.perf_counter windows (fasttrain.bench.interleaved_windows), so `--shapes small` makes a
-quick smoke test. Kernel default on CUDA: kernels.DEFAULT_BACKEND (see its comment).
+time.perf_counter windows (fasttrain.bench.budgeted_windows). Kernel default on CUDA:
+kernels.DEFAULT_BACKEND (see its comment).
+
+Run time: the plan is printed first and a line per op and pass as it goes (stderr). On CUDA the
+default is the paper's shapes, compiled references included. On the CPU the default is
+`--shapes small` without torch.compile (compiling the references costs minutes on a few cores),
+20 windows per implementation under a 60 s budget shared by the ops (an implementation whose next
+window would overrun its share stops with a note): seconds. `--full`: the paper's shapes with the
+compiled references and no budget (minutes on a CPU).
 """
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 import time
 from typing import Callable
 
 import torch
 
-from fasttrain.bench import interleaved_windows, median, print_records, record
+from fasttrain.bench import budget_text, budgeted_windows, median, print_plan, print_records, record
 
 from . import HAS_TRITON, use_backend
 from .l1_align import l1_align, l1_align_reference
@@ -39,13 +47,17 @@ SHAPES = {
     "small": dict(N=8, L=196, K=49, dims=(192,)),
 }
 OPS = ("masked_gather", "unshuffle_with_mask_token", "l1_align")
-COLUMNS = ["op", "pass", "D", "impl", "ms", "gb_per_s", "pct_of_copy", "vs_eager"]
+COLUMNS = ["op", "pass", "D", "impl", "ms", "gb_per_s", "pct_of_copy", "vs_eager", "note"]
+# the CPU's default (quick) run: shapes, whether to compile, budget s of timing windows (0: none)
+QUICK_CPU = dict(shapes="small", compile=False, budget=60.0)
+FULL = dict(shapes="paper", compile=True, budget=0.0)
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fasttrain bench kernels", description=__doc__.split("\n")[0])
     p.add_argument("--json", action="store_true", help="one JSON object per measurement")
-    p.add_argument("--shapes", choices=sorted(SHAPES), default="paper")
+    p.add_argument("--shapes", choices=sorted(SHAPES), default=None,
+                   help="default: paper on CUDA and with --full, small on the CPU")
     p.add_argument("--dims", type=str, default=None,
                    help="comma-separated widths (default: those of --shapes)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
@@ -54,6 +66,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                    help="comma-separated subset of " + ", ".join(OPS))
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the references")
     p.add_argument("--reps", type=int, default=20, help="timing windows on CPU")
+    p.add_argument("--budget", type=float, default=None,
+                   help="CPU: seconds for the timing windows, shared equally by every op, pass and width "
+                        "(default 60; --full or CUDA: 0 = no budget)")
+    p.add_argument("--full", action="store_true",
+                   help="the paper's shapes with compiled references and no budget (the long run on a CPU)")
     args = p.parse_args(argv)
     unknown = set(args.ops.split(",")) - set(OPS)
     if unknown:
@@ -144,20 +161,28 @@ def _time_cuda(fns: dict[str, Callable[[], None]], leaves: list[torch.Tensor]) -
             for name, fn in fns.items()}
 
 
-def _time_cpu(fns: dict[str, Callable[[], None]], reps: int) -> dict[str, float]:
+def _time_cpu(fns: dict[str, Callable[[], None]], reps: int, budget: float) -> tuple[dict[str, float], dict[str, str]]:
+    """(ms per call, median of `reps` windows after 2 warm-ups; {impl: why it stopped early}).
+    The per-window lines are not printed (hundreds of sub-millisecond windows): the caller prints
+    one line per op and pass."""
     def once(fn):
         def window() -> int:
             fn()
             return 1
         return window
-    rates = interleaved_windows({k: once(f) for k, f in fns.items()}, windows=reps, warmup=2)
-    return {k: 1e3 / median(r) for k, r in rates.items()}
+    rates, stopped = budgeted_windows({k: once(f) for k, f in fns.items()}, reps, warmup=2, budget=budget,
+                                      log=io.StringIO())
+    return {k: 1e3 / median(r) for k, r in rates.items()}, stopped
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(list(sys.argv[1:] if argv is None else argv))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    shape = SHAPES[args.shapes]
+    cpu_quick = device != "cuda" and not args.full
+    shapes = args.shapes or ("small" if cpu_quick else "paper")
+    compile_refs = not args.no_compile and not cpu_quick
+    budget = args.budget if args.budget is not None else (QUICK_CPU["budget"] if cpu_quick else 0.0)
+    shape = SHAPES[shapes]
     dims = tuple(int(d) for d in args.dims.split(",")) if args.dims else shape["dims"]
     dtype_name = args.dtype or ("bf16" if device == "cuda" else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
@@ -167,33 +192,45 @@ def main(argv: list[str] | None = None) -> int:
         why = "no CUDA device" if device != "cuda" else "triton is not installed"
         print(f"[bench kernels] Triton skipped ({why}): timing eager vs compiled references only",
               file=note)
-    if args.no_compile:
-        print("[bench kernels] torch.compile skipped (--no-compile)", file=note)
+    if not compile_refs:
+        why = "--no-compile" if args.no_compile else "the CPU's quick run; --full compiles"
+        print(f"[bench kernels] torch.compile skipped ({why})", file=note)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     copy_bw = _copy_gb_per_s(device)
     print(f"[bench kernels] device copy bandwidth {copy_bw:,.1f} GB/s; N={shape['N']} L={shape['L']} "
           f"K={shape['K']} dtype={dtype_name}", file=note)
 
+    ops = args.ops.split(",")
+    impls = ["eager"] + (["compiled"] if compile_refs else []) + (["triton"] if use_triton_impl else [])
+    groups = len(dims) * len(ops) * 2
+    print_plan(f"{len(ops)} ops x {len(dims)} widths ({','.join(map(str, dims))}) x fwd, fwd+bwd x "
+               f"{', '.join(impls)} on {device}; N={shape['N']} L={shape['L']} K={shape['K']} {dtype_name}; "
+               + ("triton.testing.do_bench medians" if device == "cuda" else
+                  f"2 warm-up + {args.reps} windows per implementation; "
+                  f"{budget_text(budget, groups * len(impls))}"))
     records = []
     for D in dims:
-        for op in args.ops.split(","):
+        for op in ops:
             prob = Problem(op, shape["N"], shape["L"], shape["K"], D, dtype, device)
             ref, entry = prob.fns
             for pass_ in ("fwd", "fwd+bwd"):
                 fns = {"eager": prob.runner(ref, pass_)}
-                if not args.no_compile:
+                if compile_refs:
                     fns["compiled"] = prob.runner(torch.compile(ref, dynamic=False), pass_)
                 if use_triton_impl:
                     fns["triton"] = prob.runner(entry, pass_)
                 with use_backend("triton" if use_triton_impl else "torch"):
                     if device == "cuda":
-                        ms = _time_cuda(fns, prob.leaves)
+                        ms, stopped = _time_cuda(fns, prob.leaves), {}
                     else:
-                        ms = _time_cpu(fns, args.reps)
+                        ms, stopped = _time_cpu(fns, args.reps, budget / groups)
+                print(f"{op} {pass_} D={D}: " + ", ".join(f"{k} {v:.3g} ms" for k, v in ms.items())
+                      + "".join(f"; {k} {v}" for k, v in stopped.items()), file=sys.stderr, flush=True)
                 for impl, t in ms.items():
                     gbs = prob.bytes[pass_] / (t * 1e-3) / 1e9
                     records.append(record(
                         "kernels", impl, op=op, impl=impl, **{"pass": pass_}, D=D, N=shape["N"],
+                        note=stopped.get(impl), shapes=shapes, budget_s=budget or None,
                         L=shape["L"], K=shape["K"], dtype=dtype_name,
                         ms=t, bytes=prob.bytes[pass_], gb_per_s=gbs, copy_gb_per_s=copy_bw,
                         pct_of_copy=100.0 * gbs / copy_bw, vs_eager=ms["eager"] / t, device=device))

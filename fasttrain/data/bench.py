@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fasttrain.bench import median, print_records, record
+from fasttrain.bench import budget_text, budgeted_windows, median, print_plan, print_records, record
 
 COLUMNS = ["loader", "images_per_s", "ratio_vs_reference", "feed_images_per_s", "feed_ratio_vs_reference",
            "epoch_startup_s", "device", "note"]
@@ -157,49 +157,11 @@ def _print_plan(args, names: list[str], loaders: dict, packed, skip: int) -> Non
     per_epoch = len(next(iter(loaders.values())))
     size = "x".join(str(v) for v in packed.image_size)
     window = f"{args.batches} batches" if args.batches else f"{args.seconds:g} s timed"
-    budget = (f"budget {args.budget:g} s ({args.budget / len(names):.0f} s per timing)" if args.budget
-              else "no budget")
-    print(f"plan: {len(loaders)} loaders ({', '.join(loaders)}), {len(names)} timings (whole pipeline, and feed "
-          f"for the packed loaders) x (1 warm-up + {args.windows} windows) x {window}; batch {args.batch_size}; "
-          f"{len(packed):,} images {size} ({per_epoch} batches/epoch, {skip} untimed at each epoch's start); "
-          f"{budget}", file=sys.stderr, flush=True)
-
-
-def run_windows(cycles: dict[str, _Cycle], windows: int, seconds: float, batches: int | None,
-                budget: float) -> tuple[dict[str, list[float]], dict[str, str]]:
-    """Interleaved windows (machine noise hits every timing alike; window 0 warms up), a line per
-    window on stderr. With a budget, each timing may spend budget / len(cycles) wall seconds (its
-    epoch start-ups and untimed batches included); one whose next window, estimated by its longest
-    so far, would overrun that share stops, after its first timed window (so that every loader,
-    the reference above all, has a figure). Returns ({name: images/s per timed window},
-    {name: why it stopped early})."""
-    rates: dict[str, list[float]] = {k: [] for k in cycles}
-    spent = dict.fromkeys(cycles, 0.0)
-    longest = dict.fromkeys(cycles, 0.0)
-    stopped: dict[str, str] = {}
-    share = budget / len(cycles) if budget else math.inf
-    width = max(len(k) for k in cycles)
-    for w in range(1 + windows):
-        for name, cyc in cycles.items():
-            if name in stopped:
-                continue
-            if rates[name] and spent[name] + longest[name] > share:
-                stopped[name] = (f"stopped after {len(rates[name])} of {windows} windows: one takes "
-                                 f"~{longest[name]:.3g} s, over its {share:.3g} s share of the {budget:g} s "
-                                 f"budget (--budget, --full)")
-                print(f"  {name:<{width}}  {stopped[name]}", file=sys.stderr, flush=True)
-                continue
-            t0 = time.perf_counter()
-            n, dt = cyc.window(seconds, batches)
-            wall = time.perf_counter() - t0
-            spent[name] += wall
-            longest[name] = max(longest[name], wall)
-            label = f"window {w}/{windows}" if w else "warm-up   "
-            print(f"{label}  {name:<{width}}  {n / dt:>10,.0f} img/s  ({n} images in {dt:.2f} s timed, "
-                  f"{wall:.1f} s wall)", file=sys.stderr, flush=True)
-            if w:
-                rates[name].append(n / dt)
-    return rates, stopped
+    budget = budget_text(args.budget, len(names))
+    print_plan(f"{len(loaders)} loaders ({', '.join(loaders)}), {len(names)} timings (whole pipeline, and feed "
+               f"for the packed loaders) x (1 warm-up + {args.windows} windows) x {window}; batch {args.batch_size}; "
+               f"{len(packed):,} images {size} ({per_epoch} batches/epoch, {skip} untimed at each epoch's start); "
+               f"{budget}")
 
 
 def _decode_ceiling(packed_root: Path, split: str, seconds: float = 1.5) -> float | None:
@@ -320,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     cycles.update({f"{name}/feed": _Cycle(ld, True, skip, sync) for name, ld in loaders.items() if name != "reference"})
     _print_plan(args, list(cycles), loaders, packed, skip)
     try:
-        rates, stopped = run_windows(cycles, args.windows, args.seconds, args.batches, args.budget)
+        rates, stopped = budgeted_windows(
+            {name: (lambda c=cyc: c.window(args.seconds, args.batches)) for name, cyc in cycles.items()},
+            args.windows, warmup=1, budget=args.budget, unit="img/s")
     except RuntimeError as e:
         print(f"fasttrain bench loader: {e}", file=sys.stderr)
         return 2

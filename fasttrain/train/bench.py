@@ -22,12 +22,14 @@ from pathlib import Path
 
 import torch
 
-from fasttrain.bench import interleaved_windows, median, print_records, record
+from fasttrain.bench import budget_text, budgeted_windows, median, print_plan, print_records, record
 from fasttrain.config import build_config
 from fasttrain.train.flops import etmae_step_flops, known_peak, measured_matmul_peak
 
 COLUMNS = ["bench", "mode", "images_per_s", "ratio_vs_reference", "gflops_per_image", "mfu", "batch_size",
-           "device"]
+           "device", "note"]
+# seconds of timing windows in the default (quick) run, shared by the modes; --full has none
+QUICK_BUDGET = 120.0
 
 
 def _device(name: str) -> torch.device:
@@ -87,9 +89,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--in-chans", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=None, help="default: 256 on CUDA, 16 on CPU")
-    p.add_argument("--steps", type=int, default=None, help="steps per timing window (default: 10 CUDA, 2 CPU)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="steps per timing window (default: 10 CUDA, 1 CPU; --full on the CPU: 2)")
     p.add_argument("--windows", type=int, default=None,
-                   help="timed windows per mode, interleaved (default: 5 CUDA, 3 CPU)")
+                   help="timed windows per mode, interleaved, after 1 warm-up window (default 3; --full: 5)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds for the timing windows, shared equally by the modes; a mode whose next window "
+                        "would overrun its share stops with a note (default 120; --full: 0 = no budget)")
+    p.add_argument("--full", action="store_true",
+                   help="the long run docs/benchmarks.md quotes: 5 windows (of 2 steps on the CPU), no budget")
     p.add_argument("--kd-block", type=int, default=8)
     p.add_argument("--mask-ratio", type=float, default=0.75)
     p.add_argument("--no-compile", action="store_true", help="fused mode without torch.compile (the CPU default)")
@@ -100,12 +108,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _defaults(args, device: torch.device) -> None:
+    """The quick run (about 3 minutes on 2 busy cores at 224 px) unless --full; explicit flags win."""
+    cuda = device.type == "cuda"
     if args.batch_size is None:
-        args.batch_size = 256 if device.type == "cuda" else 16
+        args.batch_size = 256 if cuda else 16
     if args.steps is None:
-        args.steps = 10 if device.type == "cuda" else 2
+        args.steps = 10 if cuda else (2 if args.full else 1)
     if args.windows is None:
-        args.windows = 5 if device.type == "cuda" else 3
+        args.windows = 5 if args.full else 3
+    if args.budget is None:
+        args.budget = 0.0 if args.full else QUICK_BUDGET
     # compiling the fused step costs 1.5-3 minutes on a 2-core CPU, and eager measured faster
     # there (docs/benchmarks.md): compiled by default on CUDA only
     args.no_compile = args.no_compile or (device.type != "cuda" and not getattr(args, "compile", False))
@@ -127,9 +139,10 @@ def run_step_bench(args) -> list[dict]:
     images = torch.randn(shape, device=device)
     modes = {"reference": "reference", "fused": "fused"} if args.teacher else {"fused": "fused"}
     extra = ["mae_only"] if args.teacher and not args.skip_mae else []
-    print(f"plan: {', '.join(list(modes) + extra)} x (1 warm-up + {args.windows} windows) x {args.steps} steps of "
-          f"batch {args.batch_size} at {args.img_size} px on {device}; fused step "
-          f"{'eager' if args.no_compile else 'compiled'}", file=sys.stderr, flush=True)
+    names = list(modes) + extra
+    print_plan(f"{', '.join(names)} x (1 warm-up + {args.windows} windows) x {args.steps} steps of batch "
+               f"{args.batch_size} at {args.img_size} px on {device}; fused step "
+               f"{'eager' if args.no_compile else 'compiled'}; {budget_text(args.budget, len(names))}")
     fns, flops = {}, {}
     for label, mode in modes.items():
         step, model = build_bench_step(mode, args, device, args.teacher)
@@ -141,7 +154,8 @@ def run_step_bench(args) -> list[dict]:
         step(images)
         fns["mae_only"] = _runner(step, images, args.steps)
         flops["mae_only"] = step_flops(model, args)
-    rates = interleaved_windows(fns, windows=args.windows, warmup=1, sync=_sync(device))
+    rates, stopped = budgeted_windows(fns, args.windows, warmup=1, budget=args.budget, sync=_sync(device),
+                                      unit="img/s")
     peak, peak_src = _peak(device)
     ref = median(rates["reference"]) if "reference" in rates else None
     records = []
@@ -154,7 +168,8 @@ def run_step_bench(args) -> list[dict]:
             mfu=ips * flops[label] / peak, peak_flops=peak, peak_source=peak_src,
             windows=[round(r, 3) for r in rs], batch_size=args.batch_size, img_size=args.img_size,
             student=args.student, teacher=args.teacher if label != "mae_only" else None,
-            compiled=(label != "reference" and not args.no_compile), device=str(device)))
+            compiled=(label != "reference" and not args.no_compile), windows_planned=args.windows,
+            budget_s=args.budget or None, note=stopped.get(label), device=str(device)))
     return records
 
 
@@ -205,19 +220,24 @@ def run_e2e_bench(args) -> list[dict]:
             n += batch.shape[0]
         return n
 
-    rates = interleaved_windows({"step_only": _runner(step, fixed, args.steps), "e2e": e2e},
-                                windows=args.windows, warmup=1, sync=_sync(device))
+    print_plan(f"step_only, e2e x (1 warm-up + {args.windows} windows) x {args.steps} steps of batch "
+               f"{args.batch_size} at {args.img_size} px on {device}; {type(loader).__name__} over {args.data} "
+               f"split {args.split} ({len(loader)} batches/epoch); fused step "
+               f"{'eager' if args.no_compile else 'compiled'}; {budget_text(args.budget, 2)}")
+    rates, stopped = budgeted_windows({"step_only": _runner(step, fixed, args.steps), "e2e": e2e}, args.windows,
+                                      warmup=1, budget=args.budget, sync=_sync(device), unit="img/s")
     flops = step_flops(model, args)
     peak, peak_src = _peak(device)
     s, e = median(rates["step_only"]), median(rates["e2e"])
     common = dict(flops_per_image=flops, gflops_per_image=flops / 1e9, peak_flops=peak, peak_source=peak_src,
                   batch_size=args.batch_size, img_size=args.img_size, student=args.student, teacher=args.teacher,
-                  loader=type(loader).__name__, data=str(args.data), device=str(device))
+                  loader=type(loader).__name__, data=str(args.data), windows_planned=args.windows,
+                  budget_s=args.budget or None, device=str(device))
     return [
         record("e2e", "step_only", images_per_s=s, ratio_vs_reference=None, mfu=s * flops / peak,
-               windows=[round(r, 3) for r in rates["step_only"]], **common),
+               windows=[round(r, 3) for r in rates["step_only"]], note=stopped.get("step_only"), **common),
         record("e2e", "loader+step", images_per_s=e, ratio_vs_step_only=e / s, ratio_vs_reference=None,
-               mfu=e * flops / peak, windows=[round(r, 3) for r in rates["e2e"]],
+               mfu=e * flops / peak, windows=[round(r, 3) for r in rates["e2e"]], note=stopped.get("e2e"),
                bound="compute" if e / s >= 0.9 else "loading", **common),
     ]
 
@@ -256,10 +276,12 @@ def make_synthetic_packed(root: Path, n: int, size: int) -> Path:
 
 def all_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="fasttrain bench all",
-                                description="loader, kernels, step and e2e benchmarks in one run")
+                                description="loader, kernels, step and e2e benchmarks in one run; the default "
+                                            "run shares --budget equally between loader, step and e2e")
     _add_common(p)
     p.add_argument("--data", default=None, help="packed dataset (default: make a synthetic one in a temp dir)")
-    p.add_argument("--n-images", type=int, default=2048, help="size of the synthetic set when --data is absent")
+    p.add_argument("--n-images", type=int, default=None,
+                   help="size of the synthetic set when --data is absent (default 512; --full: 2048)")
     p.add_argument("--loader-batches", type=int, default=4)
     p.add_argument("--skip", default="", help="comma-separated subset of loader,kernels,step,e2e to skip")
     args = p.parse_args(argv)
@@ -267,19 +289,25 @@ def all_main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING)
     device = _device(args.device)
     _defaults(args, device)
+    if args.n_images is None:
+        args.n_images = 2048 if args.full else 512
+    parts = [b for b in ("loader", "step", "e2e") if b not in skip]
+    total = args.budget
+    args.budget = total / max(1, len(parts))  # each part's windows get an equal share
+    print_plan(f"{', '.join(b for b in ('loader', 'kernels', 'step', 'e2e') if b not in skip)} in turn on "
+               f"{device}; data {args.data or f'{args.n_images} synthetic images at 256 px'}; "
+               + (f"budget {total:g} s ({args.budget:.3g} s each for {', '.join(parts)})" if total else "no budget")
+               + "; each part prints its own plan")
     with tempfile.TemporaryDirectory(prefix="fasttrain-bench-") as tmp:
         data = Path(args.data) if args.data else make_synthetic_packed(Path(tmp), args.n_images, 256)
         if "loader" not in skip:
             from fasttrain.data.bench import main as loader_main
             loader_main(["--data", str(data), "--batch-size", str(args.batch_size), "--img-size",
-                         str(args.img_size), "--batches", str(args.loader_batches)]
-                        + (["--json"] if args.json else []))
+                         str(args.img_size), "--batches", str(args.loader_batches), "--windows", str(args.windows),
+                         "--budget", str(args.budget)] + (["--json"] if args.json else []))
         if "kernels" not in skip:
             from fasttrain.kernels.bench import main as kernels_main
-            kargs = ["--shapes", "paper" if device.type == "cuda" else "small"]
-            if device.type != "cuda":
-                kargs.append("--no-compile")  # compiling the references on 2 cores costs minutes
-            kernels_main(kargs + (["--json"] if args.json else []))
+            kernels_main((["--full"] if args.full else []) + (["--json"] if args.json else []))
         if "step" not in skip:
             args.skip_mae = False
             print_records(run_step_bench(args), args.json, COLUMNS)

@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from fasttrain.bench import budgeted_windows
 from fasttrain.train.bench import all_main, e2e_main, make_synthetic_packed, step_main
 from fasttrain.train.flops import etmae_step_flops
 
@@ -40,9 +41,59 @@ def test_bench_step_cpu_defaults_eager_with_a_plan(capsys):
                       "--device", "cpu", "--json"]) == 0
     out, err = capsys.readouterr()
     assert err.startswith("plan: fused x (1 warm-up + 3 windows) x 1 steps of batch 2 at 32 px on cpu")
+    assert "budget 120 s (120 s per timing)" in err
     assert "fused step eager" in err
     recs = _records(out)
     assert [r["mode"] for r in recs] == ["fused"] and recs[0]["compiled"] is False and len(recs[0]["windows"]) == 3
+
+
+def test_budgeted_windows_stop_a_timing_that_would_overrun_its_share(monkeypatch):
+    """Each fn gets budget / len(fns) wall seconds (warm-up included); one whose next window,
+    judged by its longest so far, would overrun that share stops after one kept window at least,
+    with a note; a fn returning (items, timed s) is rated on its timed seconds. A fake clock makes
+    the window lengths exact."""
+    import io
+
+    import fasttrain.bench as fb
+    clock = [0.0]
+    monkeypatch.setattr(fb.time, "perf_counter", lambda: clock[0])
+
+    def takes(seconds, items=10, timed=None):
+        def fn():
+            clock[0] += seconds
+            return (items, timed) if timed else items
+        return fn
+
+    log = io.StringIO()
+    rates, stopped = budgeted_windows({"slow": takes(4.0), "fast": takes(1.0, timed=0.5)}, windows=3,
+                                      warmup=1, budget=12.0, log=log)
+    # share 6 s: slow spends 4 (warm-up) + 4 (window 1), then 8 + 4 > 6 stops it; fast runs all 4
+    assert rates == {"slow": [2.5], "fast": [20.0, 20.0, 20.0]}
+    assert list(stopped) == ["slow"] and stopped["slow"].startswith("stopped after 1 of 3 windows: one takes ~4 s")
+    lines = log.getvalue().splitlines()
+    assert lines[0].startswith("warm-up") and "window 3/3  fast" in lines[-1]
+    assert any("slow  stopped after 1 of 3" in ln for ln in lines)
+    # a share smaller than one window still keeps one window; no budget keeps them all
+    rates, stopped = budgeted_windows({"slow": takes(4.0)}, windows=3, budget=1.0, log=io.StringIO())
+    assert rates == {"slow": [2.5]} and "slow" in stopped
+    rates, stopped = budgeted_windows({"slow": takes(4.0)}, windows=3, budget=0.0, log=io.StringIO())
+    assert rates == {"slow": [2.5] * 3} and stopped == {}
+
+
+def test_bench_step_budget_note_and_full(capsys):
+    """A budget too small for a second window stops each mode after one with a note in its row;
+    --full keeps every window (no budget) and plans 5 of them."""
+    base = ["--img-size", "32", "--batch-size", "2", "--teacher", "none", "--device", "cpu", "--json"]
+    assert step_main(base + ["--windows", "2", "--budget", "1e-9"]) == 0
+    out, err = capsys.readouterr()
+    assert "1 steps of batch 2" in err and "budget 1e-09 s" in err and "window 1/2  fused" in err
+    rec = _records(out)[0]
+    assert len(rec["windows"]) == 1 and rec["note"].startswith("stopped after 1 of 2 windows")
+    assert step_main(base + ["--full"]) == 0
+    out, err = capsys.readouterr()
+    assert "(1 warm-up + 5 windows) x 2 steps" in err and "no budget" in err
+    rec = _records(out)[0]
+    assert len(rec["windows"]) == 5 and rec["note"] is None and rec["budget_s"] is None
 
 
 def test_step_flops_paper_shapes():

@@ -666,3 +666,24 @@ def test_inductor_compiles_kernels(dev, gen, monkeypatch):
     for g, r in zip(grads, ref_grads):
         _close(g, r, torch.float32, "compiled grad", gen)
     torch._dynamo.reset()
+
+
+def test_bench_kernels_cpu_default_is_quick_with_a_plan_and_budget(capsys):
+    """On the CPU the default run is the small shapes without torch.compile; the plan comes first,
+    a line per op and pass follows, and a budget too small for a second window stops every
+    implementation after one kept window with a note in its row."""
+    from fasttrain.kernels import bench
+    assert bench.main(["--json", "--ops", "l1_align", "--reps", "3", "--budget", "1e-9"]) == 0
+    out, err = capsys.readouterr()
+    plan = [ln for ln in err.splitlines() if ln.startswith("plan: ")]
+    assert len(plan) == 1 and "1 ops x 1 widths (192)" in plan[0] and "N=8 L=196 K=49" in plan[0]
+    assert "eager on cpu" in plan[0] and "2 warm-up + 3 windows" in plan[0] and "budget 1e-09 s" in plan[0]
+    assert "l1_align fwd D=192: eager" in err and "l1_align fwd+bwd D=192: eager" in err
+    records = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
+    assert [(r["pass"], r["impl"]) for r in records] == [("fwd", "eager"), ("fwd+bwd", "eager")]
+    for r in records:
+        assert r["shapes"] == "small" and r["N"] == 8 and r["note"].startswith("stopped after 1 of 3 windows")
+    # no budget: every window kept, no note
+    assert bench.main(["--json", "--ops", "l1_align", "--reps", "2", "--budget", "0"]) == 0
+    records = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+    assert records and all(r["note"] is None and r["budget_s"] is None for r in records)

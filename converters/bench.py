@@ -18,10 +18,16 @@ Each reports images/s, MB/s of source read, the ratio to the reference, the shar
 decode-only ceiling, and the peak RSS of the whole process tree (parent + workers, sampled).
 Sources sit in the page cache (just written): this measures CPU work, not the disk. The
 estimate for a 32-core node scales the per-process rate (images/s / workers) to 32 processes.
+
+Run time: the plan is printed first and a line per round and mode as it goes (stderr). The
+rounds share a 120 s budget equally between the modes (writing the sources is outside it): a
+mode whose next round would overrun its share stops after one round, with a note in its row.
+`--full`: no budget (the runs docs/benchmarks.md quotes name their --n and --repeats).
 """
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import shutil
 import sys
@@ -32,6 +38,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+
+from fasttrain.bench import budget_text, budgeted_windows, print_plan
 
 from .common import Item, Problems, bounded_imap, default_workers
 
@@ -343,14 +351,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="processes for every mode (default: all cores)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the median is reported")
     p.add_argument("--dir", default=None, help="keep the sources here and reuse them next time (default: a temp dir, removed)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds for the timed rounds, shared equally by the modes; a mode whose next round "
+                        "would overrun its share stops with a note (default 120; --full: 0 = no budget)")
+    p.add_argument("--full", action="store_true", help="no budget: every mode runs every round")
     p.add_argument("--json", action="store_true", help="one JSON object per mode")
     return p
 
 
+QUICK_BUDGET = 120.0
+
+
 def run(kind: str, n: int, size: int = 256, workers: Optional[int] = None, repeats: int = 2,
-        src_dir: Optional[Path] = None, log: Callable[[str], None] = lambda s: None) -> list[dict]:
-    """Write the sources (or reuse them), time every mode `repeats` times interleaved; return one
-    dict per mode (medians) without provenance."""
+        src_dir: Optional[Path] = None, log: Callable[[str], None] = lambda s: None,
+        budget: float = 0.0) -> list[dict]:
+    """Write the sources (or reuse them), time every mode `repeats` times interleaved under
+    `budget` seconds (0: none; see the module docstring); return one dict per mode (medians)
+    without provenance."""
     k = KINDS[kind]
     workers = default_workers(workers)
     tmp = Path(tempfile.mkdtemp(prefix="fasttrain-bench-convert-"))
@@ -378,11 +395,13 @@ def run(kind: str, n: int, size: int = 256, workers: Optional[int] = None, repea
         }
         times: dict[str, list[float]] = {m: [] for m in modes}
         peaks: dict[str, int] = {m: 0 for m in modes}
-        for r in range(repeats):
-            for m, fn in modes.items():
+
+        def timed_round(m: str) -> Callable[[], int]:
+            def one() -> int:
+                r = len(times[m])
                 with PeakRSS() as rss:
                     t0 = time.perf_counter()
-                    done = fn(r)
+                    done = modes[m](r)
                     dt = time.perf_counter() - t0
                 if done != n:
                     raise RuntimeError(f"bench convert {kind}: mode {m} processed {done} of {n} images")
@@ -391,6 +410,14 @@ def run(kind: str, n: int, size: int = 256, workers: Optional[int] = None, repea
                 log(f"round {r + 1}/{repeats} {m:<13} {n / dt:8.1f} img/s  peak RSS {rss.peak / 2**20:6.0f} MiB")
                 shutil.rmtree(tmp / f"out{r}", ignore_errors=True)
                 shutil.rmtree(tmp / f"pipe{r}", ignore_errors=True)
+                return n
+            return one
+
+        # the round lines above carry the peak RSS: the generic window lines are not printed
+        _, stopped = budgeted_windows({m: timed_round(m) for m in modes}, repeats, warmup=0, budget=budget,
+                                      log=io.StringIO())
+        for m, why in stopped.items():
+            log(f"{m}: {why}")
         rate = {m: n / float(np.median(ts)) for m, ts in times.items()}
         out = []
         for m in modes:
@@ -399,7 +426,8 @@ def run(kind: str, n: int, size: int = 256, workers: Optional[int] = None, repea
                 "mode": m, "kind": kind, "images": n, "workers": workers, "size": size, "source_hw": [k.h, k.w],
                 "bits": k.bits, "source_mb_per_image": round(mb / n, 3), "synthetic": True,
                 "images_per_s": round(rate[m], 2), "mb_per_s": round(rate[m] * mb / n, 1),
-                "images_per_s_runs": [round(n / t, 2) for t in times[m]],
+                "images_per_s_runs": [round(n / t, 2) for t in times[m]], "note": stopped.get(m),
+                "rounds_planned": repeats, "budget_s": budget or None,
                 "ratio_vs_reference": round(rate[m] / rate["reference"], 3),
                 "pct_of_decode_only": round(100 * rate[m] / rate["decode-only"], 1),
                 "peak_rss_mib": round(peaks[m] / 2**20),
@@ -418,13 +446,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("fasttrain bench convert: --n must be >= 2 (a train and a test image)", file=sys.stderr)
         return 2
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    budget = args.budget if args.budget is not None else (0.0 if args.full else QUICK_BUDGET)
+    k = KINDS[args.kind]
+    print_plan(f"{n} SYNTHETIC {args.kind} sources ({k.w}x{k.h}, {k.bits}-bit) written first (or reused from "
+               f"--dir), then 4 modes (reference, fasttrain, decode-only, pipeline-only) x {args.repeats} "
+               f"interleaved rounds of all {n} images to {args.size} px on {default_workers(args.workers)} "
+               f"processes; {budget_text(budget, 4)}")
     res = run(args.kind, n, args.size, args.workers, args.repeats, Path(args.dir) if args.dir else None,
-              log=lambda s: print(f"bench convert: {s}", file=sys.stderr))
+              log=lambda s: print(f"bench convert: {s}", file=sys.stderr), budget=budget)
     # provenance imports torch: only after every forked pool is done (libgomp is not fork-safe)
     from fasttrain.bench import print_records, record
     records = [record("convert", r.pop("mode"), device="cpu", **r) for r in res]
     print_records(records, args.json, ["mode", "kind", "images_per_s", "mb_per_s", "ratio_vs_reference",
-                                       "pct_of_decode_only", "peak_rss_mib", f"hours_on_{NODE_CORES}_cores"])
+                                       "pct_of_decode_only", "peak_rss_mib", f"hours_on_{NODE_CORES}_cores",
+                                       "note"])
     if not args.json:
         print(f"SYNTHETIC sources: {n} x {KINDS[args.kind].w}x{KINDS[args.kind].h} {KINDS[args.kind].bits}-bit, "
               f"{res[0]['source_mb_per_image']} MB each; {res[0]['workers']} processes; medians of "

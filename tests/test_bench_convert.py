@@ -50,3 +50,23 @@ def test_bench_sources_convert_and_match_reference(tmp_path):
     ref = B.reference_decode(str(paths[0]), 64).astype(float)
     assert np.abs(img - ref).mean() < 8.0  # window vs min..max and resize filters differ; same picture
     assert B.decode_only(str(paths[0]), 64) == B.KINDS["dicom"].h * B.KINDS["dicom"].w
+
+
+def test_bench_convert_plan_and_budget(capsys, tmp_path):
+    """The plan comes first (stderr); a budget too small for a second round stops every mode after
+    one, with a note in its row; --full keeps every round."""
+    from fasttrain.bench import main
+    base = ["convert", "--kind", "nih-png", "--n", "2", "--repeats", "2", "--workers", "1", "--json",
+            "--dir", str(tmp_path / "src")]
+    assert main(base + ["--budget", "1e-9"]) == 0
+    out, err = capsys.readouterr()
+    assert err.startswith("plan: 2 SYNTHETIC nih-png sources (1024x1024, 8-bit)")
+    assert "x 2 interleaved rounds" in err and "budget 1e-09 s" in err
+    recs = _records(out)
+    assert len(recs) == 4
+    for r in recs:
+        assert len(r["images_per_s_runs"]) == 1 and r["note"].startswith("stopped after 1 of 2 windows")
+    assert main(base + ["--full"]) == 0
+    out, err = capsys.readouterr()
+    assert "no budget" in err
+    assert all(len(r["images_per_s_runs"]) == 2 and r["note"] is None for r in _records(out))

@@ -125,3 +125,21 @@ def test_bench_e2e_and_all_json(tmp_path, capsys):
                             "--loader-batches", "1"]) == 0
     benches = {r["bench"] for r in _records(capsys.readouterr().out)}
     assert {"step", "e2e"} <= benches and len(benches) >= 3
+
+
+def test_bench_bootstrap_plan_and_budget(capsys):
+    """bench bootstrap prints its plan and a line per repeat; a budget too small for a second
+    repeat keeps one, with a note; the vectorised values still match the loop's."""
+    from fasttrain.bench import main
+    base = ["bootstrap", "--images", "200", "--labels", "3", "--resamples", "20", "--reference-resamples", "2",
+            "--repeats", "3", "--json"]
+    assert main(base + ["--budget", "1e-9"]) == 0
+    out, err = capsys.readouterr()
+    assert err.startswith("plan: vectorised x 3 repeats, then the sklearn loop x 1 run of 2 resamples")
+    assert "window 1/3  vectorised" in err and "sklearn loop: 2 resamples" in err
+    rec = _records(out)[0]
+    assert len(rec["vectorised_s"]) == 1 and rec["note"].startswith("stopped after 1 of 3 windows")
+    assert rec["same_values_as_loop"] is True
+    assert main(base + ["--full"]) == 0
+    rec = _records(capsys.readouterr().out)[0]
+    assert len(rec["vectorised_s"]) == 3 and rec["note"] is None and rec["budget_s"] is None

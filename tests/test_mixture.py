@@ -353,3 +353,22 @@ def test_paper_pretraining_configs_name_nih_and_chexpert_train():
         assert part_splits(specs, cfg.data.train_split, cfg.data.train_split) == ["train", "train"]
         over = build_config(root / name, ["--data.path=/x/nih:train,/x/cx:train"])
         assert parse_parts(over.data.path) == [PartSpec("/x/nih", "train"), PartSpec("/x/cx", "train")]
+
+
+def test_mixture_bench_plan_and_budget(parts, capsys):
+    """mixture_bench prints its plan and a line per window; a budget too small for a second
+    window stops each timing after one, with a note; --full plans 5 windows and no budget."""
+    from fasttrain.data.mixture_bench import main
+    base = ["--parts", parts["nih"], parts["cx"], "--single", parts["nih2"], "--loaders", "raw", "--modes", "feed",
+            "--batch-size", "8", "--batches", "1", "--img-size", "24", "--workers", "1", "--json"]
+    assert main(base + ["--windows", "2", "--budget", "1e-9"]) == 0
+    out, err = capsys.readouterr()
+    assert err.startswith("plan: 1 loaders (raw) x mixture, single x feed = 2 timings x (1 warm-up + 2 windows)")
+    assert "budget 1e-09 s" in err and "window 1/2  mixture/feed" in err
+    rec = json.loads(out.splitlines()[0])
+    assert len(rec["windows"]["mixture/feed"]) == 1 and "stopped after 1 of 2 windows" in rec["note"]
+    assert main(base + ["--full"]) == 0
+    out, err = capsys.readouterr()
+    assert "(1 warm-up + 5 windows) x 1 batches of 8" in err and "no budget" in err
+    rec = json.loads(out.splitlines()[0])
+    assert len(rec["windows"]["single/feed"]) == 5 and rec["note"] is None

@@ -11,6 +11,12 @@ images/s of each and their ratio (mixture / single). `feed` is the host side alo
 for the device), `whole` adds the batched augmentation (on the CPU here). `--make` writes two
 SYNTHETIC phantom sources (NIH and CheXpert layouts, n each, packed by their real converters) and
 a single NIH-layout source of 2n images packed the same way (raw + ffcv + dali where importable).
+
+Run time: the plan is printed first and a line per window as it goes (stderr). The default
+(batch 128, 1 warm-up + 3 windows of 4 batches) shares a 120 s budget equally between the
+timings of every loader (mixture and single, per mode): a timing whose next window would overrun
+its share stops after one window, with a note in its record. `--full`: batch 256, 5 windows of
+6 batches, no budget. `--make` (writing the packs) is outside the budget.
 """
 from __future__ import annotations
 
@@ -24,7 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fasttrain.bench import interleaved_windows, median
+from fasttrain.bench import budget_text, budgeted_windows, median, print_plan
+
+
+# (batch size, batches per window, windows, budget s) of the default run and of --full; budget 0: none
+QUICK = dict(batch_size=128, batches=4, windows=3, budget=120.0)
+FULL = dict(batch_size=256, batches=6, windows=5, budget=0.0)
 
 
 def make_packs(root: Path, n: int, size: int, workers: int) -> tuple[list[str], str]:
@@ -103,6 +114,9 @@ def cold_main(argv: list[str]) -> int:
                    help="ADVICE:BLOCK pairs (data.raw_advice : data.block_shuffle)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    for key, value in (FULL if args.full else QUICK).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     from fasttrain.config import DataConfig
     from fasttrain.provenance import provenance
 
@@ -180,14 +194,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=4096, help="--make: images per part")
     p.add_argument("--size", type=int, default=256, help="--make: packed size")
     p.add_argument("--loaders", default="raw,ffcv,dali-cpu")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--batches", type=int, default=6, help="batches per window")
-    p.add_argument("--windows", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=None, help="default 128 (--full: 256)")
+    p.add_argument("--batches", type=int, default=None, help="batches per window (default 4; --full: 6)")
+    p.add_argument("--windows", type=int, default=None, help="timed windows after 1 warm-up (default 3; --full: 5)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds for all the windows, shared equally by the timings; a timing that would "
+                        "overrun its share stops with a note (default 120; --full: 0 = no budget)")
+    p.add_argument("--full", action="store_true", help="batch 256, 5 windows of 6 batches, no budget")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--modes", default="feed,whole", help="feed (host side) and/or whole (with augmentation)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    for key, value in (FULL if args.full else QUICK).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     from fasttrain.config import DataConfig
     from fasttrain.provenance import provenance
 
@@ -198,8 +219,13 @@ def main(argv: list[str] | None = None) -> int:
         args.parts, args.single = make_packs(Path(args.make), args.n, args.size, workers)
     if not args.parts or not args.single:
         p.error("give --parts A B ... and --single C, or --make DIR")
+    loaders = [x for x in args.loaders.split(",") if x]
+    timings = 2 * len(modes) * len(loaders)
+    print_plan(f"{len(loaders)} loaders ({', '.join(loaders)}) x mixture, single x {', '.join(modes)} = {timings} "
+               f"timings x (1 warm-up + {args.windows} windows) x {args.batches} batches of {args.batch_size}; "
+               f"mixture {' + '.join(map(str, args.parts))}, single {args.single}; {budget_text(args.budget, timings)}")
     records = []
-    for name in [x for x in args.loaders.split(",") if x]:
+    for name in loaders:
         kind = name.split("-")[0]
         lds = {}
         for tag, path in (("mixture", list(args.parts)), ("single", args.single)):
@@ -208,14 +234,18 @@ def main(argv: list[str] | None = None) -> int:
                                     dtype=torch.bfloat16, need_labels=False)
         fns = {f"{t}/{mode}": _Window(ld, mode == "feed", args.batches)
                for mode in modes for t, ld in lds.items()}
-        rates = interleaved_windows(fns, windows=args.windows, warmup=1)
+        rates, stopped = budgeted_windows(fns, args.windows, warmup=1, budget=args.budget / len(loaders),
+                                          unit="img/s")
         for mode in modes:
             mix, one = median(rates[f"mixture/{mode}"]), median(rates[f"single/{mode}"])
             records.append(dict(loader=name, mode=mode, mixture_images_per_s=mix, single_images_per_s=one,
                                 ratio_mixture_vs_single=mix / one, windows={k: v for k, v in rates.items()
                                                                             if k.endswith(mode)},
                                 mixture=lds["mixture"].data_parts(), single=lds["single"].data_parts(),
-                                batch_size=args.batch_size, batches_per_window=args.batches, workers=workers))
+                                batch_size=args.batch_size, batches_per_window=args.batches, workers=workers,
+                                windows_planned=args.windows, budget_s=args.budget or None,
+                                note="; ".join(f"{k}: {v}" for k, v in stopped.items() if k.endswith(mode))
+                                or None))
         for ld in lds.values():
             if hasattr(ld, "close"):
                 ld.close()

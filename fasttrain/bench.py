@@ -27,26 +27,6 @@ SUBCOMMANDS = {
 }
 
 
-def interleaved_windows(fns: dict[str, Callable[[], int]], windows: int = 5, warmup: int = 1,
-                        sync: Callable[[], None] | None = None) -> dict[str, list[float]]:
-    """Time each fn over `windows` rounds, alternating between fns so that machine noise hits
-    them alike. Each fn runs one window and returns how many items it processed.
-    Returns {name: [items/s per window]} (warm-up windows dropped)."""
-    rates: dict[str, list[float]] = {k: [] for k in fns}
-    for w in range(warmup + windows):
-        for name, fn in fns.items():
-            if sync:
-                sync()
-            t0 = time.perf_counter()
-            n = fn()
-            if sync:
-                sync()
-            dt = time.perf_counter() - t0
-            if w >= warmup:
-                rates[name].append(n / dt)
-    return rates
-
-
 def budgeted_windows(fns: dict[str, Callable[[], int | tuple[int, float]]], windows: int, warmup: int = 1,
                      budget: float = 0.0, sync: Callable[[], None] | None = None, unit: str = "items/s",
                      log=None) -> tuple[dict[str, list[float]], dict[str, str]]:

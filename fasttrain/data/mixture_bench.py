@@ -6,7 +6,7 @@
     python -m fasttrain.data.mixture_bench cold --data BIG [BIG2]    # root: cold page cache feed rates
 
 For each loader kind, the mixture A+B and the single dataset C are timed in interleaved windows
-(fasttrain.bench.interleaved_windows: machine noise hits both alike); the figure is the median
+(fasttrain.bench.budgeted_windows: machine noise hits both alike); the figure is the median
 images/s of each and their ratio (mixture / single). `feed` is the host side alone (uint8 batches
 for the device), `whole` adds the batched augmentation (on the CPU here). `--make` writes two
 SYNTHETIC phantom sources (NIH and CheXpert layouts, n each, packed by their real converters) and

@@ -8,6 +8,10 @@
   same run: a ratio near 1 means compute bounds the run, well below 1 means loading does.
 - all: loader, kernels, step and e2e in one go (makes a small synthetic packed set if no --data).
 
+Run time: each prints its plan first and a line per window (stderr); the windows share a 120 s
+budget equally between the modes, and a mode whose next window would overrun its share stops with
+a note in its row. `--full`: 5 windows (of 2 steps on the CPU), no budget.
+
 MFU = images/s x analytic FLOPs per image (fasttrain.train.flops) / device peak (datasheet bf16
 peak for known GPUs, else a measured bf16 matmul rate, named in the output).
 """
@@ -107,7 +111,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _defaults(args, device: torch.device) -> None:
-    """The quick run (about 3 minutes on 2 busy cores at 224 px) unless --full; explicit flags win."""
+    """The quick run (within 3 minutes on 2 busy cores at 224 px) unless --full; explicit flags win."""
     cuda = device.type == "cuda"
     if args.batch_size is None:
         args.batch_size = 256 if cuda else 16

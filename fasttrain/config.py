@@ -153,10 +153,12 @@ class RunConfig:
 @dataclass
 class EvalConfig:
     # kNN monitor in pre-training (fasttrain/train/knn.py, issue #12): a val mAUC while pre-training runs
-    knn_every: int = 5  # epochs between kNN evaluations (0 = off); est. ~1.3% of an NIH-sized run, 5.0-5.2% measured on 1.5k phantoms
+    knn_every: int = 5  # epochs between kNN evaluations (0 = off); est. ~1.2% of an NIH-sized run, 3.7% measured at the demo's scale
     knn_k: int = 20  # neighbours that vote (DINO's k-NN eval uses 20)
     knn_temperature: float = 0.07  # vote weight exp(cos / T) (DINO, InstDisc)
-    knn_train_images: int = 2000  # memory bank: N train images (eval transform; each rank its 1/world); cost grows with it
+    # memory bank: N train images (eval transform; each rank its 1/world); cost grows with it. 1,000 keeps the
+    # monitor under 5% of the demo-scale pre-training (2,000: 7.1%) for -0.017 kNN mAUC (docs/benchmarks.md)
+    knn_train_images: int = 1000
 
 
 @dataclass

@@ -398,9 +398,10 @@ def generate_phantoms(out_dir, n: int, seed: int = 0, size: int = 256, test_frac
         train = [nm for nm, row in zip(plan.names, plan.rows) if row[3] not in plan.test_patients]
         (tmp / "train_val_list.txt").write_text("".join(x + "\n" for x in train))
         (tmp / "test_list.txt").write_text("".join(x + "\n" for x in test))
-        signs = getattr(draw, "signs", SIGNS)  # a drawing function may carry its own descriptions
+        fn = getattr(draw, "func", draw)  # a functools.partial draws with its function's signs
+        signs = getattr(fn, "signs", SIGNS)  # a drawing function may carry its own descriptions
         (tmp / "README.txt").write_text(README.format(n=n, seed=seed, size=size) +
-                                        f"\nSigns drawn per finding ({draw.__name__}):\n" +
+                                        f"\nSigns drawn per finding ({getattr(fn, '__name__', fn)}):\n" +
                                         "".join(f"  {k} ({PREVALENCE[k]:.0%}): {signs[k]}\n" for k in NIH_LABELS))
     dt = time.perf_counter() - t0
     if progress:

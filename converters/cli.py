@@ -72,8 +72,8 @@ def parser() -> argparse.ArgumentParser:
                    help="nih: Data_Entry CSV + images/ + split lists; chexpert: CheXpert-v1.0-small/ with "
                         "train.csv, valid.csv (the test patients) and patientNNNNN/studyN/viewN_*.jpg")
     p.add_argument("--difficulty", choices=("easy", "hard"), default="easy",
-                   help="easy: large contrasty signs (a random encoder separates them); hard: small, "
-                        "low-contrast, shape-defined signs under strong label-independent nuisance")
+                   help="easy: large contrasty signs (a random encoder separates them); hard: small or "
+                        "shape-defined signs under strong label-independent nuisance")
     p.add_argument("--n", type=int, required=True, help="number of images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=256)

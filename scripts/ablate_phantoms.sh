@@ -6,7 +6,7 @@
 #   calibrate  the hard family's figures: random-init, MAE-only student, weak and strong teacher
 #              probes at the demo's scale (64 px, 8-px patches; configs/demo/*.yaml)
 #   study      on the hard family, 3 seeds: MAE-only vs distilled from the strong vs the weak
-#              teacher, then distill.alpha 0.5 / 1 / 2 with the strong teacher (needs calibrate first)
+#              teacher, then distill.alpha 0.5 / 1 / 2 / 10 with the strong teacher (needs calibrate first)
 # Usage: DIFFICULTY=easy|hard scripts/ablate_phantoms.sh OUT [MODE]
 #   OUT/packed and OUT/teacher are made first if missing; DIFFICULTY picks the phantom family
 #   (`fasttrain convert synthetic --difficulty`, default easy: the recorded tables of the easy family).
@@ -47,7 +47,7 @@ case "$MODE" in
     $PY -m fasttrain.cli ablate --config configs/demo/student.yaml --finetune-config configs/demo/finetune.yaml \
       --grid "distill.teacher_ckpt=null,$S,$W" --seeds 3 --out "$OUT/study_teacher" --data.path="$OUT/packed"
     $PY -m fasttrain.cli ablate --config configs/demo/student.yaml --finetune-config configs/demo/finetune.yaml \
-      --grid "distill.alpha=0.5,1.0,2.0" --seeds 3 --out "$OUT/study_alpha" --data.path="$OUT/packed" \
+      --grid "distill.alpha=0.5,1.0,2.0,10.0" --seeds 3 --out "$OUT/study_alpha" --data.path="$OUT/packed" \
       --distill.teacher_ckpt="$S"
     exit 0 ;;
 esac

@@ -23,9 +23,10 @@ if [ ! -f "$OUT/packed/manifest.json" ]; then
     --workers 1 --no-progress
   $PY -m fasttrain.cli convert nih --src "$OUT/src" --out "$OUT/packed" --format raw --size 64 --val-fraction 0.1
 fi
-probe() {  # probe NAME ARGS...: linear probe (fasttrain probe defaults), its mAUC line
-  $PY -m fasttrain.cli probe --data "$OUT/packed" --out "$OUT/probe_$1" --bootstrap 1000 "${@:2}" | grep mAUC \
-    | sed "s/^/$1: /"
+probe() {  # probe NAME ARGS...: linear probe (fasttrain probe defaults); table in OUT/probe_NAME.txt
+  echo "== $1"
+  $PY -m fasttrain.cli probe --data "$OUT/packed" --out "$OUT/probe_$1" --bootstrap 1000 "${@:2}" \
+    | tee "$OUT/probe_$1.txt"
 }
 teacher() {  # teacher NAME EPOCHS: the demo teacher architecture pre-trained (MAE) for EPOCHS
   [ -f "$OUT/$1/summary.json" ] || $PY -m fasttrain.cli pretrain --config configs/demo/teacher.yaml --out "$OUT/$1" \

@@ -90,20 +90,20 @@ def _line(U, V, pts, width):
     return np.clip(1.0 - d / width, 0.0, 1.0)
 
 
-def _devices(rng, U, V, Ui, Vi, dx) -> np.ndarray:
+def _devices(rng, U, V, Ui, Vi) -> np.ndarray:
     """Support devices, each present with its own probability and drawn independently of the
-    findings: bright lines and rings in patient (U, V) or image (Ui, Vi) coordinates."""
+    findings: bright lines and rings in patient (U, V; midline at U = 0) or image (Ui, Vi) coordinates."""
     out = np.zeros_like(U)
     if rng.random() < 0.3:  # endotracheal tube: down the midline to above the carina
         tip = rng.uniform(-0.55, -0.35)
-        out += rng.uniform(0.25, 0.45) * _line(U, V, [(dx, -1.2), (dx + rng.uniform(-0.03, 0.03), tip)], 0.025)
+        out += rng.uniform(0.25, 0.45) * _line(U, V, [(0.0, -1.2), (rng.uniform(-0.03, 0.03), tip)], 0.025)
     if rng.random() < 0.2:  # nasogastric tube: midline, then left under the diaphragm
-        out += rng.uniform(0.2, 0.4) * _line(U, V, [(dx - 0.02, -1.2), (dx - 0.01, 0.45),
-                                                    (dx + rng.uniform(0.15, 0.3), 0.75)], 0.018)
+        out += rng.uniform(0.2, 0.4) * _line(U, V, [(-0.02, -1.2), (-0.01, 0.45),
+                                                    (rng.uniform(0.15, 0.3), 0.75)], 0.018)
     if rng.random() < 0.25:  # central venous line from one shoulder
         s = rng.choice([-1.0, 1.0])
         out += rng.uniform(0.25, 0.45) * _line(U, V, [(s * 0.75, -0.75), (s * 0.3, -0.55),
-                                                      (dx + s * 0.05, rng.uniform(-0.25, -0.05))], 0.015)
+                                                      (s * 0.05, rng.uniform(-0.25, -0.05))], 0.015)
     if rng.random() < 0.4:  # ECG electrodes (rings) with their wires, in image coordinates
         for _ in range(rng.integers(2, 6)):
             cu, cv = rng.uniform(-0.85, 0.85), rng.uniform(-0.9, 0.6)
@@ -132,7 +132,6 @@ def draw_hard_phantom(seed: int, index: int, size: int = 256, sign_contrast: flo
     ca, sa = np.cos(rot), np.sin(rot)
     U = ((Ui - px) * ca + (Vi - py) * sa) / scale  # [W, W]
     V = (-(Ui - px) * sa + (Vi - py) * ca) / scale
-    dx = 0.0
 
     lung_rx, lung_ry = rng.uniform(0.22, 0.30), rng.uniform(0.52, 0.64)
     lung_gap = rng.uniform(0.09, 0.13)  # mediastinum half-width
@@ -250,7 +249,7 @@ def draw_hard_phantom(seed: int, index: int, size: int = 256, sign_contrast: flo
         air = np.clip((cy - 0.01 - V) / 0.01, 0, 1)
         sign += disk * (0.1 - 0.35 * air)
     img += sign_contrast * SIGN_GAIN * sign
-    img += _devices(rng, U, V, Ui, Vi, dx)
+    img += _devices(rng, U, V, Ui, Vi)
 
     # ---- acquisition (nuisance): exposure gradient, gain/offset, contrast curve, blur, noise
     g_ang = rng.uniform(0, 2 * np.pi)

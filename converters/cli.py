@@ -81,6 +81,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=("nih", "chexpert"), default="nih",
                    help="nih: Data_Entry CSV + images/ + split lists; chexpert: CheXpert-v1.0-small/ with "
                         "train.csv, valid.csv (the test patients) and patientNNNNN/studyN/viewN_*.jpg")
+    p.add_argument("--difficulty", choices=("easy", "hard"), default="easy",
+                   help="easy: large contrasty signs (a random encoder separates them); hard: small or "
+                        "shape-defined signs under strong label-independent nuisance")
     p.add_argument("--n", type=int, required=True, help="number of images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=256)
@@ -186,8 +189,10 @@ def _run(args, progress: bool) -> int:
     try:
         if args.source == "synthetic":
             from .synthetic import generate_phantoms
+            from .synthetic_hard import drawer
             out = generate_phantoms(args.out, args.n, seed=args.seed, size=args.size, layout=args.layout,
-                                    test_fraction=args.test_fraction, workers=args.workers, progress=progress)
+                                    test_fraction=args.test_fraction, workers=args.workers, progress=progress,
+                                    draw=drawer(args.difficulty))
             name = "NIH" if args.layout == "nih" else "CheXpert"
             print(f"SYNTHETIC {name}-layout source written: {out}\n"
                   f"next: fasttrain convert {args.layout} --src {out} --out PACKED --format raw ffcv")

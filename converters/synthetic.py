@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -81,7 +81,7 @@ Never report results on them as results on real data.
 
 
 @lru_cache(maxsize=4)
-def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+def grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     """Pixel-centre coordinates in [-1, 1]: U horizontal (image right = patient's left), V down."""
     c = (np.arange(size, dtype=np.float32) + 0.5) / size * 2 - 1
     return c[None, :].repeat(size, 0), c[:, None].repeat(size, 1)  # [S, S] each
@@ -96,7 +96,7 @@ def _box(size: int, cx: float, cy: float, rx: float, ry: float):
     return slice(y0, max(y0, y1)), slice(x0, max(x0, x1))
 
 
-def _ellipse(U, V, cx, cy, rx, ry, soft, angle=0.0):
+def ellipse(U, V, cx, cy, rx, ry, soft, angle=0.0):
     """Soft ellipse mask in [0, 1]: 1 inside, falling to 0 over `soft` (relative radius)."""
     du, dv = U - cx, V - cy
     if angle:
@@ -106,7 +106,7 @@ def _ellipse(U, V, cx, cy, rx, ry, soft, angle=0.0):
     return np.clip((1.0 - r) / soft + 0.5, 0.0, 1.0)
 
 
-def _gauss(U, V, cx, cy, sx, sy):
+def gauss(U, V, cx, cy, sx, sy):
     return np.exp(-0.5 * (((U - cx) / sx) ** 2 + ((V - cy) / sy) ** 2))
 
 
@@ -124,7 +124,7 @@ class Phantom:
 
 
 @lru_cache(maxsize=2)
-def _noise_bank(size: int) -> np.ndarray:
+def noise_bank(size: int) -> np.ndarray:
     """A fixed [2S, 2S] bank of unit Gaussian noise; each phantom takes a random window of it.
     Drawing fresh noise costs ~1.4 ms per 256-px image, more than the whole drawing."""
     return np.random.default_rng(0x0150).standard_normal((2 * size, 2 * size), dtype=np.float32)
@@ -141,7 +141,7 @@ def draw_phantom(seed: int, index: int, size: int = 256, sign_contrast: float = 
     import cv2
     rng = np.random.default_rng([int(seed), int(index), 0x9E3779B1])
     work = min(size, DRAW_RES)
-    U, V = _grid(work)  # [W, W] each
+    U, V = grid(work)  # [W, W] each
     y = np.array([rng.random() < PREVALENCE[name] for name in NIH_LABELS], np.float32)  # [14]
     has = dict(zip(NIH_LABELS, y.astype(bool)))
 
@@ -154,7 +154,7 @@ def draw_phantom(seed: int, index: int, size: int = 256, sign_contrast: float = 
         lung_rx, lung_ry = lung_rx * 1.08, lung_ry * 1.12
     lcx = np.array([-0.38, 0.38], np.float32) * (body_w / 0.9) + dx  # lung centres (image left, right)
 
-    img = 0.06 + 0.50 * _ellipse(U, V, dx, 0.12 + dy, body_w, 1.15, 0.08)  # body soft tissue
+    img = 0.06 + 0.50 * ellipse(U, V, dx, 0.12 + dy, body_w, 1.15, 0.08)  # body soft tissue
     img += 0.10 * np.clip(1.0 - np.abs(U - dx) / 0.10, 0, 1)  # spine / mediastinum
 
     # diaphragm domes: lung ends below at v = dome(u); emphysema flattens and lowers them
@@ -162,7 +162,7 @@ def draw_phantom(seed: int, index: int, size: int = 256, sign_contrast: float = 
     dome_curv = 0.35 if not has["Emphysema"] else 0.08
     lungs = np.zeros_like(U)
     for cx in lcx:
-        lung = _ellipse(U, V, cx, lung_cy, lung_rx, lung_ry, 0.06)
+        lung = ellipse(U, V, cx, lung_cy, lung_rx, lung_ry, 0.06)
         dome = dome_base - dome_curv * np.clip(1 - ((U - cx) / lung_rx) ** 2, 0, 1) * lung_ry * 0.35
         lungs += lung * np.clip((dome - V) / 0.02 + 0.5, 0, 1)
     lungs = np.clip(lungs, 0, 1)
@@ -185,7 +185,7 @@ def draw_phantom(seed: int, index: int, size: int = 256, sign_contrast: float = 
         shrink = rng.uniform(0.55, 0.66)
         # collapsed lung: a smaller ellipse pulled toward the hilum; beyond it, air only
         lateral_sign = side * 2 - 1  # image-left lung's lateral wall is at -u
-        inner = _ellipse(U, V, cx - lateral_sign * lung_rx * (1 - shrink) * 0.9,
+        inner = ellipse(U, V, cx - lateral_sign * lung_rx * (1 - shrink) * 0.9,
                          lung_cy + lung_ry * (1 - shrink) * 0.6, lung_rx * shrink, lung_ry * shrink * 1.05, 0.03)
         side_mask = (U - dx) * (side * 2 - 1) > 0  # only the chosen lung
         ptx_mask = np.where(side_mask, lungs * (1 - inner), 0).astype(np.float32)
@@ -202,7 +202,7 @@ def draw_phantom(seed: int, index: int, size: int = 256, sign_contrast: float = 
     hcx, hcy = dx + 0.10 + (0.06 if has["Cardiomegaly"] else 0.0), lung_cy + lung_ry * 0.42
     # the heart is soft tissue: where it overlaps a lung it replaces the lung's darkness
     sl = _box(work, hcx, hcy, heart_rx * 1.1, heart_ry * 1.1)
-    img[sl] += _ellipse(U[sl], V[sl], hcx, hcy, heart_rx, heart_ry, 0.10) * (0.12 + lung_dark * lungs[sl])
+    img[sl] += ellipse(U[sl], V[sl], hcx, hcy, heart_rx, heart_ry, 0.10) * (0.12 + lung_dark * lungs[sl])
 
     def lung_point(side, vlo, vhi, margin=0.7):
         """A random point inside lung `side` between relative heights vlo..vhi."""
@@ -219,7 +219,7 @@ def draw_phantom(seed: int, index: int, size: int = 256, sign_contrast: float = 
         cx += (side * 2 - 1) * lung_rx * 0.25  # lateral: clear of the heart
         ang = rng.uniform(-0.35, 0.35)
         _add_local(img, U, V, cx, cy, 0.22, 0.22,
-                   lambda u, v: 0.38 * _ellipse(u, v, cx, cy, 0.22, 0.05, 0.3, ang))
+                   lambda u, v: 0.38 * ellipse(u, v, cx, cy, 0.22, 0.05, 0.3, ang))
     if has["Effusion"]:
         side = rng.integers(2)
         cx = lcx[side]
@@ -233,26 +233,26 @@ def draw_phantom(seed: int, index: int, size: int = 256, sign_contrast: float = 
             side = rng.integers(2)
             cx, cy = lung_point(side, -0.6, 0.6)
             s = rng.uniform(0.06, 0.09)
-            _add_local(img, U, V, cx, cy, 3 * s, 3 * s, lambda u, v: 0.24 * _gauss(u, v, cx, cy, s, s))
+            _add_local(img, U, V, cx, cy, 3 * s, 3 * s, lambda u, v: 0.24 * gauss(u, v, cx, cy, s, s))
     if has["Mass"]:
         side = rng.integers(2)
         cx, cy = lung_point(side, -0.5, 0.4, 0.5)
         r = rng.uniform(0.12, 0.17)
         _add_local(img, U, V, cx, cy, r * 1.3, r * 1.3,
-                   lambda u, v: 0.42 * _ellipse(u, v, cx, cy, r, r * rng.uniform(0.85, 1.1), 0.25))
+                   lambda u, v: 0.42 * ellipse(u, v, cx, cy, r, r * rng.uniform(0.85, 1.1), 0.25))
     if has["Nodule"]:
         for _ in range(rng.integers(2, 5)):
             side = rng.integers(2)
             cx, cy = lung_point(side, -0.7, 0.5)
             r = rng.uniform(0.055, 0.07)
             _add_local(img, U, V, cx, cy, r * 1.5, r * 1.5,
-                       lambda u, v: 0.48 * _ellipse(u, v, cx, cy, r, r, 0.35))
+                       lambda u, v: 0.48 * ellipse(u, v, cx, cy, r, r, 0.35))
     if has["Pneumonia"]:
         side = rng.integers(2)
         cx, cy = lung_point(side, 0.15, 0.45, 0.3)
         s = rng.uniform(0.14, 0.18)
         _add_local(img, U, V, cx, cy, 3 * s, 3 * s,
-                   lambda u, v: 0.42 * _gauss(u, v, cx, cy, s, s * 0.8) * lungs[_box(work, cx, cy, 3 * s, 3 * s)])
+                   lambda u, v: 0.42 * gauss(u, v, cx, cy, s, s * 0.8) * lungs[_box(work, cx, cy, 3 * s, 3 * s)])
     if has["Consolidation"]:
         side = rng.integers(2)
         fissure = lung_cy + lung_ry * rng.uniform(-0.35, -0.1)
@@ -264,7 +264,7 @@ def draw_phantom(seed: int, index: int, size: int = 256, sign_contrast: float = 
         for cx in (dx - 0.24, dx + 0.24):
             cy = lung_cy + lung_ry * 0.1
             _add_local(img, U, V, cx, cy, 3 * s, 3 * s,
-                       lambda u, v: 0.36 * _gauss(u, v, cx, cy, s, s * 1.3) * lungs[_box(work, cx, cy, 3 * s, 3 * s)])
+                       lambda u, v: 0.36 * gauss(u, v, cx, cy, s, s * 1.3) * lungs[_box(work, cx, cy, 3 * s, 3 * s)])
     if has["Fibrosis"]:
         period = 0.12
         net = (np.abs(np.sin(np.pi * (U - dx) / period)) < 0.35) | (np.abs(np.sin(np.pi * V / period)) < 0.35)
@@ -283,7 +283,7 @@ def draw_phantom(seed: int, index: int, size: int = 256, sign_contrast: float = 
         r = rng.uniform(0.11, 0.13)
 
         def hernia(u, v):
-            disk = _ellipse(u, v, cx, cy, r, r * 0.9, 0.2)
+            disk = ellipse(u, v, cx, cy, r, r * 0.9, 0.2)
             air = np.clip((cy - 0.01 - v) / 0.01, 0, 1)  # gas above the fluid level
             return disk * (0.15 - 0.60 * air)
         _add_local(img, U, V, cx, cy, r * 1.3, r * 1.3, hernia)
@@ -299,7 +299,7 @@ def draw_phantom(seed: int, index: int, size: int = 256, sign_contrast: float = 
     sigma = rng.uniform(0.01, 0.02)
     if size <= 1024:
         oy, ox = rng.integers(0, size, 2)
-        img += _noise_bank(size)[oy:oy + size, ox:ox + size] * sigma
+        img += noise_bank(size)[oy:oy + size, ox:ox + size] * sigma
     else:
         img += rng.standard_normal((size, size), dtype=np.float32) * sigma
     out = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
@@ -338,10 +338,10 @@ def _plan(n: int, seed: int, size: int, test_fraction: float) -> _PatientPlan:
 def _draw_and_write(args) -> np.ndarray:
     """Draw phantoms `indices` and write each to its file (PNG or JPEG by suffix) under `root`."""
     import cv2
-    seed, indices, size, root, rels, jpeg_quality, contrasts = args
+    seed, indices, size, root, rels, jpeg_quality, contrasts, draw = args
     labels = []
     for i, rel, contrast in zip(indices, rels, contrasts):
-        ph = draw_phantom(seed, i, size, contrast)
+        ph = draw(seed, i, size, contrast)
         path = os.path.join(root, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         if rel.endswith(".jpg"):
@@ -354,20 +354,32 @@ def _draw_and_write(args) -> np.ndarray:
     return np.stack(labels)
 
 
+def has_subgroup_effect(draw: Callable) -> bool:
+    """Whether phantoms drawn by `draw` carry the deliberate subgroup effect: the easy family does; a
+    family may opt out with a `subgroup_effect = False` attribute (its figures calibrated without one)."""
+    return bool(getattr(getattr(draw, "func", draw), "subgroup_effect", True))
+
+
+def subgroup_effect_text(draw: Callable) -> str:
+    return SUBGROUP_EFFECT if has_subgroup_effect(draw) else "none (every patient's signs at full contrast)"
+
+
 def sign_contrast(sex: str) -> float:
     """The deliberate subgroup effect: signs' contrast for a patient of `sex` ('F' / 'Female' fainter)."""
     return FEMALE_SIGN_CONTRAST if sex in ("F", "Female") else 1.0
 
 
 def _draw_all(seed: int, size: int, root: Path, rels: list[str], workers: Optional[int], progress: bool,
-              sexes: list[str], jpeg_quality: int = 95) -> np.ndarray:
-    """Draw phantom i (of a patient of sex sexes[i]) into root/rels[i] for every i, in chunks over
-    `workers` processes: labels [n, 14]."""
+              sexes: list[str], jpeg_quality: int = 95, draw: Callable = draw_phantom) -> np.ndarray:
+    """Draw phantom i (of a patient of sex sexes[i]) into root/rels[i] for every i with `draw` (a
+    module-level function, so that worker processes can take it), in chunks over `workers`
+    processes: labels [n, 14]."""
     from .common import progress as bar_of
     n, chunk = len(rels), 64
-    contrasts = [sign_contrast(x) for x in sexes]
+    effect = has_subgroup_effect(draw)
+    contrasts = [sign_contrast(x) if effect else 1.0 for x in sexes]
     tasks = ((seed, range(s, min(s + chunk, n)), size, str(root), rels[s:s + chunk], jpeg_quality,
-              contrasts[s:s + chunk])
+              contrasts[s:s + chunk], draw)
              for s in range(0, n, chunk))
     labels = []
     bar = bar_of(n, "phantoms (SYNTHETIC)", progress)
@@ -391,12 +403,14 @@ LAYOUTS = ("nih", "chexpert")
 
 
 def generate_phantoms(out_dir, n: int, seed: int = 0, size: int = 256, test_fraction: float = 0.2,
-                      workers: Optional[int] = 1, progress: bool = True, layout: str = "nih") -> Path:
+                      workers: Optional[int] = 1, progress: bool = True, layout: str = "nih",
+                      draw: Callable = draw_phantom) -> Path:
     """Write `n` SYNTHETIC phantoms in the NIH (or, layout="chexpert", the CheXpert) source layout
-    under `out_dir` (which must not exist)."""
+    under `out_dir` (which must not exist), drawn by `draw` (draw_phantom: the easy family;
+    synthetic_hard.drawer(difficulty) picks a family by name)."""
     if layout == "chexpert":
         return generate_chexpert_layout(out_dir, n, seed=seed, size=size, test_fraction=test_fraction,
-                                        workers=workers, progress=progress)
+                                        workers=workers, progress=progress, draw=draw)
     if layout != "nih":
         raise ConvertError(f"--layout must be one of {list(LAYOUTS)}, got {layout!r}")
     from .common import AtomicDir
@@ -406,7 +420,7 @@ def generate_phantoms(out_dir, n: int, seed: int = 0, size: int = 256, test_frac
     with AtomicDir(Path(out_dir)) as tmp:
         (tmp / "images").mkdir()
         labels = _draw_all(seed, size, tmp, [f"images/{nm}" for nm in plan.names], workers, progress,
-                           [row[5] for row in plan.rows])
+                           [row[5] for row in plan.rows], draw=draw)
         with open(tmp / "Data_Entry_2017_v2020.csv", "w", newline="") as f:
             f.write(CSV_HEADER + "\n")
             w = csv.writer(f, lineterminator="\n")
@@ -418,9 +432,12 @@ def generate_phantoms(out_dir, n: int, seed: int = 0, size: int = 256, test_frac
         train = [nm for nm, row in zip(plan.names, plan.rows) if row[3] not in plan.test_patients]
         (tmp / "train_val_list.txt").write_text("".join(x + "\n" for x in train))
         (tmp / "test_list.txt").write_text("".join(x + "\n" for x in test))
-        (tmp / "README.txt").write_text(README.format(n=n, seed=seed, size=size, effect=SUBGROUP_EFFECT) +
-                                        "\nSigns drawn per finding:\n" +
-                                        "".join(f"  {k} ({PREVALENCE[k]:.0%}): {SIGNS[k]}\n" for k in NIH_LABELS))
+        fn = getattr(draw, "func", draw)  # a functools.partial draws with its function's signs
+        signs = getattr(fn, "signs", SIGNS)  # a drawing function may carry its own descriptions
+        readme = README.format(n=n, seed=seed, size=size, effect=subgroup_effect_text(draw))
+        (tmp / "README.txt").write_text(readme +
+                                        f"\nSigns drawn per finding ({getattr(fn, '__name__', fn)}):\n" +
+                                        "".join(f"  {k} ({PREVALENCE[k]:.0%}): {signs[k]}\n" for k in NIH_LABELS))
     dt = time.perf_counter() - t0
     if progress:
         print(f"wrote {n} SYNTHETIC phantoms to {out_dir} in {dt:.1f} s ({n / dt:.0f} img/s)")
@@ -494,7 +511,8 @@ def _chexpert_cells(y_nih: np.ndarray, rng: np.random.Generator, valid: bool) ->
 
 
 def generate_chexpert_layout(out_dir, n: int, seed: int = 0, size: int = 256, test_fraction: float = 0.2,
-                             workers: Optional[int] = 1, progress: bool = True) -> Path:
+                             workers: Optional[int] = 1, progress: bool = True,
+                             draw: Callable = draw_phantom) -> Path:
     """Write `n` SYNTHETIC phantoms as `out_dir/CheXpert-v1.0-small/` (train.csv, valid.csv, train/,
     valid/, README.txt); the valid patients (`test_fraction` of them) go to valid.csv.
     Returns `out_dir` (what `fasttrain convert chexpert --src` takes)."""
@@ -509,7 +527,8 @@ def generate_chexpert_layout(out_dir, n: int, seed: int = 0, size: int = 256, te
     with AtomicDir(Path(out_dir)) as tmp:
         root = tmp / CHEXPERT_RELEASE
         root.mkdir()
-        labels = _draw_all(seed, size, root, rels, workers, progress, [r["sex"] for r in rows])  # [n, 14] NIH findings
+        labels = _draw_all(seed, size, root, rels, workers, progress, [r["sex"] for r in rows],
+                           draw=draw)  # [n, 14] NIH findings
         header = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CHEXPERT_COLUMNS]
         rng = np.random.default_rng([int(seed), 0xCE11])
         study_cells: dict = {}
@@ -525,7 +544,7 @@ def generate_chexpert_layout(out_dir, n: int, seed: int = 0, size: int = 256, te
                 (wv if valid else wt).writerow(
                     [f"{CHEXPERT_RELEASE}/{rel}", r["sex"], r["age"], r["kind"].capitalize(),
                      r["ap"] if r["kind"] == "frontal" else "", *study_cells[key]])
-        (root / "README.txt").write_text(CHEXPERT_README.format(n=n, seed=seed, size=size, effect=SUBGROUP_EFFECT))
+        (root / "README.txt").write_text(CHEXPERT_README.format(n=n, seed=seed, size=size, effect=subgroup_effect_text(draw)))
     dt = time.perf_counter() - t0
     if progress:
         print(f"wrote {n} SYNTHETIC phantoms (CheXpert layout) to {out_dir} in {dt:.1f} s ({n / dt:.0f} img/s)")

@@ -1,21 +1,62 @@
 #!/usr/bin/env bash
-# Issue #12: the two SYNTHETIC phantom ablations of docs/results.md (shared 2-core CPU machine).
-#   1. distillation on/off: student MAE-only vs distilled from the small phantom teacher, equal steps
-#   2. engine.mode fused vs reference (distilled student), same seeds
-# Usage: scripts/ablate_phantoms.sh OUT   (OUT/packed and OUT/teacher made first if missing)
+# SYNTHETIC phantom ablations of docs/results.md (shared 2-core CPU machine).
+#   distill    student MAE-only vs distilled from the small phantom teacher, equal steps
+#   engine     engine.mode fused vs reference (distilled student), same seeds
+#   both       distill, then engine (the default)
+#   calibrate  the hard family's figures: random-init, MAE-only student, weak and strong teacher
+#              probes at the demo's scale (64 px, 8-px patches; configs/demo/*.yaml)
+#   study      on the hard family, 3 seeds: MAE-only vs distilled from the strong vs the weak
+#              teacher, then distill.alpha 0.5 / 1 / 2 / 10 with the strong teacher (needs calibrate first)
+# Usage: DIFFICULTY=easy|hard scripts/ablate_phantoms.sh OUT [MODE]
+#   OUT/packed and OUT/teacher are made first if missing; DIFFICULTY picks the phantom family
+#   (`fasttrain convert synthetic --difficulty`, default easy: the recorded tables of the easy family).
 set -euo pipefail
-OUT=${1:-/tmp/issue12-abl}
+OUT=${1:-/tmp/phantom-abl}
+MODE=${2:-both}
 PY=${PY:-.venv/bin/python}
+DIFFICULTY=${DIFFICULTY:-easy}
+STRONG_EPOCHS=${STRONG_EPOCHS:-30}  # the strong teacher: configs/demo/teacher.yaml (128-d x 6) this long
+WEAK_EPOCHS=${WEAK_EPOCHS:-2}  # the weak teacher: the same architecture, barely trained
 export OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1
 if [ ! -f "$OUT/packed/manifest.json" ]; then
-  $PY -c "from fasttrain.converters.synthetic import generate_phantoms as g; g('$OUT/src', 2000, seed=0, size=128, workers=1, progress=False)"
+  $PY -m fasttrain.cli convert synthetic --difficulty "$DIFFICULTY" --out "$OUT/src" --n 2000 --seed 0 --size 128 \
+    --workers 1 --no-progress
   $PY -m fasttrain.cli convert nih --src "$OUT/src" --out "$OUT/packed" --format raw --size 64 --val-fraction 0.1
 fi
+probe() {  # probe NAME ARGS...: linear probe (fasttrain probe defaults); table in OUT/probe_NAME.txt
+  echo "== $1"
+  $PY -m fasttrain.cli probe --data "$OUT/packed" --out "$OUT/probe_$1" --bootstrap 1000 "${@:2}" \
+    | tee "$OUT/probe_$1.txt"
+}
+teacher() {  # teacher NAME EPOCHS: the demo teacher architecture pre-trained (MAE) for EPOCHS
+  [ -f "$OUT/$1/summary.json" ] || $PY -m fasttrain.cli pretrain --config configs/demo/teacher.yaml --out "$OUT/$1" \
+    --data.path="$OUT/packed" --optim.epochs="$2" --run.progress=false
+}
+case "$MODE" in
+  calibrate)
+    probe random_init --random-init --config configs/demo/teacher.yaml
+    [ -f "$OUT/student_mae/summary.json" ] || $PY -m fasttrain.cli pretrain --config configs/demo/student.yaml \
+      --out "$OUT/student_mae" --data.path="$OUT/packed" --run.progress=false
+    probe student_mae --ckpt "$OUT/student_mae/checkpoints/last.pt"
+    teacher teacher_weak "$WEAK_EPOCHS"
+    probe teacher_weak --ckpt "$OUT/teacher_weak/checkpoints/last.pt"
+    teacher teacher_strong "$STRONG_EPOCHS"
+    probe teacher_strong --ckpt "$OUT/teacher_strong/checkpoints/last.pt"
+    exit 0 ;;
+  study)
+    S="$OUT/teacher_strong/checkpoints/last.pt" W="$OUT/teacher_weak/checkpoints/last.pt"
+    $PY -m fasttrain.cli ablate --config configs/demo/student.yaml --finetune-config configs/demo/finetune.yaml \
+      --grid "distill.teacher_ckpt=null,$S,$W" --seeds 3 --out "$OUT/study_teacher" --data.path="$OUT/packed"
+    $PY -m fasttrain.cli ablate --config configs/demo/student.yaml --finetune-config configs/demo/finetune.yaml \
+      --grid "distill.alpha=0.5,1.0,2.0,10.0" --seeds 3 --out "$OUT/study_alpha" --data.path="$OUT/packed" \
+      --distill.teacher_ckpt="$S"
+    exit 0 ;;
+esac
 if [ ! -f "$OUT/teacher/summary.json" ]; then
   $PY -m fasttrain.cli pretrain --config configs/ablate/teacher.yaml --out "$OUT/teacher" --data.path="$OUT/packed"
 fi
 T="$OUT/teacher/checkpoints/last.pt"
-case "${2:-both}" in
+case "$MODE" in
   distill|both)
     $PY -m fasttrain.cli ablate --config configs/ablate/student.yaml --finetune-config configs/ablate/finetune.yaml \
       --grid "distill.teacher_ckpt=null,$T" --seeds 3 --out "$OUT/distill" --data.path="$OUT/packed" ;;&

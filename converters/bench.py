@@ -27,7 +27,9 @@ mode whose next round would overrun its share stops after one round, with a note
 from __future__ import annotations
 
 import argparse
+import inspect
 import io
+import json
 import os
 import shutil
 import sys
@@ -206,27 +208,39 @@ def write_sources(kind: str, n: int, root: Path, workers: int) -> list[Path]:
 
 # ----------------------------------------------------------------------------- the modes
 
+def _converter(kind: str) -> Callable:
+    if kind == "nih-png":
+        from .nih import convert_nih
+        return convert_nih
+    if kind == "chexpert-jpg":
+        from .chexpert import convert_chexpert
+        return convert_chexpert
+    if kind == "mimic-jpg":
+        from .dicom import convert_mimic_jpg
+        return convert_mimic_jpg
+    from .dicom import convert_dicom
+    return convert_dicom
+
+
+def default_resize(kind: str) -> str:
+    """How `kind`'s converter fits a frame to the square by default (its --resize default): the
+    baseline fits the same way, so both produce the same picture."""
+    return inspect.signature(_converter(kind)).parameters["resize"].default
+
+
 def convert_fasttrain(kind: str, src: Path, out: Path, size: int, workers: int) -> int:
     """The real converter on `src`; returns the number of images packed."""
     common = dict(size=size, workers=workers, progress=False)
-    if kind == "nih-png":
-        from .nih import convert_nih
-        convert_nih(src, out, **common)
-    elif kind == "chexpert-jpg":
-        from .chexpert import convert_chexpert
-        convert_chexpert(src, out, **common)
-    elif kind == "mimic-jpg":
-        from .dicom import convert_mimic_jpg
-        convert_mimic_jpg(src, out, **common)
+    if kind == "dicom":
+        _converter(kind)(src, src / "mimic-cxr-2.0.0-chexpert.csv", out, **common)
     else:
-        from .dicom import convert_dicom
-        convert_dicom(src, src / "mimic-cxr-2.0.0-chexpert.csv", out, **common)
-    import json
+        _converter(kind)(src, out, **common)
     return json.loads((out / "manifest.json").read_text())["conversion"]["images"]
 
 
-def reference_decode(path: str, size: int) -> np.ndarray:
-    """The naive baseline: what a PIL-based loader does with one file."""
+def reference_decode(path: str, size: int, resize: str = "squash") -> np.ndarray:
+    """The naive baseline: what a PIL-based loader does with one file (`resize` squash: the whole
+    frame to size x size; crop: its centre square, as Resize + CenterCrop)."""
     from PIL import Image
     if path.endswith(".dcm"):
         import pydicom
@@ -237,6 +251,12 @@ def reference_decode(path: str, size: int) -> np.ndarray:
         im = Image.fromarray(x.astype(np.uint8))
     else:
         im = Image.open(path).convert("L")
+    if resize == "crop":
+        m = min(im.size)
+        left, top = (im.width - m) // 2, (im.height - m) // 2
+        im = im.crop((left, top, left + m, top + m))
+    elif resize != "squash":
+        raise ValueError(f"the reference baseline fits by squash or crop, not {resize!r}")
     return np.asarray(im.resize((size, size), Image.BILINEAR))  # torchvision Resize on a PIL image
 
 
@@ -261,20 +281,20 @@ def decode_only(path: str, size: int) -> int:
 
 
 def _run_chunk(args) -> int:
-    _, size, paths = args
+    _, size, paths, _ = args
     for p in paths:
         decode_only(p, size)
     return len(paths)
 
 
 def _run_chunk_ref(args) -> list:
-    _, size, paths = args
-    return [reference_decode(p, size) for p in paths]
+    _, size, paths, resize = args
+    return [reference_decode(p, size, resize) for p in paths]
 
 
-def pool_run(mode: str, paths: list[Path], size: int, workers: int, chunk: int = 4) -> int:
+def pool_run(mode: str, paths: list[Path], size: int, workers: int, chunk: int = 4, resize: str = "squash") -> int:
     """`mode` over `paths` in the converters' own bounded process pool (same processes as fasttrain)."""
-    tasks = [(mode, size, [str(p) for p in paths[s:s + chunk]]) for s in range(0, len(paths), chunk)]
+    tasks = [(mode, size, [str(p) for p in paths[s:s + chunk]], resize) for s in range(0, len(paths), chunk)]
     if mode == "reference":
         images = np.empty((len(paths), size, size), np.uint8)  # the baseline's results land in one array too
         i = 0
@@ -388,7 +408,7 @@ def run(kind: str, n: int, size: int = 256, workers: Optional[int] = None, repea
         from .decode import preload
         preload()  # every mode's workers fork with the decoders already imported (as `pack` does)
         modes: dict[str, Callable[[int], int]] = {
-            "reference": lambda r: pool_run("reference", paths, size, workers),
+            "reference": lambda r: pool_run("reference", paths, size, workers, resize=default_resize(kind)),
             "fasttrain": lambda r: convert_fasttrain(kind, root, tmp / f"out{r}", size, workers),
             "decode-only": lambda r: pool_run("decode-only", paths, size, workers),
             "pipeline-only": lambda r: pipeline_only(paths, tmp / f"pipe{r}", size, workers),

@@ -47,8 +47,11 @@ def test_bench_sources_convert_and_match_reference(tmp_path):
     assert B.convert_fasttrain("dicom", tmp_path / "src", tmp_path / "out", 64, 0) == 2
     from fasttrain.data import open_packed
     img = open_packed(tmp_path / "out", "train").image(0).astype(float)
-    ref = B.reference_decode(str(paths[0]), 64).astype(float)
+    assert B.default_resize("dicom") == "crop"  # the converter's default: the baseline fits the same way
+    ref = B.reference_decode(str(paths[0]), 64, "crop").astype(float)
     assert np.abs(img - ref).mean() < 8.0  # window vs min..max and resize filters differ; same picture
+    squashed = B.reference_decode(str(paths[0]), 64, "squash").astype(float)
+    assert np.abs(img - squashed).mean() > np.abs(img - ref).mean()  # a portrait frame: crop is not squash
     assert B.decode_only(str(paths[0]), 64) == B.KINDS["dicom"].h * B.KINDS["dicom"].w
 
 

@@ -101,7 +101,7 @@ def test_subgroup_aucs_match_sklearn_and_undefined_is_omitted():
     rep = subgroup_report(y, s, NAMES, meta, ["sex", "age", "view"], age_bins=(0, 40, 60, 80), thresholds=thr,
                           n_boot=40, seed=1)
     assert set(rep["groups"]["sex"]) == {"M", "F"} and rep["missing"]["sex"] == 7
-    assert set(rep["groups"]["age"]) == {"[0,40)", "[40,60)", "[60,80)", "80+"} and rep["missing"]["age"] == 3
+    assert list(rep["groups"]["age"]) == ["[0,40)", "[40,60)", "[60,80)", "80+"] and rep["missing"]["age"] == 3  # youngest first
     groups = {"sex": sex, "view": view,
               "age": np.array([None if np.isnan(a) else ("[0,40)" if a < 40 else "[40,60)" if a < 60 else
                                                          "[60,80)" if a < 80 else "80+") for a in age], dtype=object)}

@@ -41,9 +41,14 @@ def parse_age_bins(text) -> tuple[float, ...]:
     return edges
 
 
+def age_bin_names(edges: Sequence[float]) -> list[str]:
+    """The age groups' names, youngest first: '[0,40)', ..., '80+'."""
+    return [f"[{a:g},{b:g})" for a, b in zip(edges, edges[1:])] + [f"{edges[-1]:g}+"]
+
+
 def age_groups(age: np.ndarray, edges: Sequence[float]) -> np.ndarray:
     """Ages [N] (NaN = missing) -> group names [N] ('[0,40)', ..., '80+'; None = missing or below edges[0])."""
-    names = [f"[{a:g},{b:g})" for a, b in zip(edges, edges[1:])] + [f"{edges[-1]:g}+"]
+    names = age_bin_names(edges)
     k = np.searchsorted(np.asarray(edges), age, side="right") - 1  # [N] bin, -1 below the first edge
     out = np.empty(len(age), dtype=object)
     for i, (a, kk) in enumerate(zip(age, k)):
@@ -117,7 +122,8 @@ def subgroup_report(y_true: np.ndarray, y_score: np.ndarray, label_names: list[s
         present = np.array([v is not None for v in g], dtype=bool)
         out["missing"][c] = int((~present).sum())
         groups = {}
-        for name in sorted({v for v in g[present]}, key=str):
+        rank = {n: k for k, n in enumerate(age_bin_names(age_bins))} if c == "age" else {}  # ages youngest first
+        for name in sorted({v for v in g[present]}, key=lambda v: (rank.get(v, 0), str(v))):
             rows = np.flatnonzero(present & (g == name))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # undefined labels: listed below

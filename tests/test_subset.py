@@ -136,3 +136,31 @@ def test_dali_loader_reads_the_subset(tmp_path):
         seen = np.sort(np.concatenate([np.asarray(i) for _, _, i in ld.iter_with_index()]))
         assert seen.tolist() == want.tolist()
         assert ld.data_parts()[0]["subset"]["views"] == ["AP"]
+
+
+def test_subset_loaders_count_only_the_subset_and_zero_is_an_error(packed):
+    """A loader's dataset_size is what it reads (validation checks every image is scored once
+    against it); label_fraction 0 is refused, not read as 'all'; the fraction applies to the
+    training split's unaugmented reads too (the probe's features), never to other splits."""
+    ps = open_packed(packed, "train")
+    views = DataConfig(path=str(packed), batch_size=4, loader="raw", views="PA")
+    ld = build_loader(views, "train", False, img_size=16, in_chans=1)
+    assert ld.dataset_size == int((ps.metadata["view"] == "PA").sum()) == sum(len(y) for _, y in ld)
+    frac = DataConfig(path=str(packed), batch_size=4, loader="raw", label_fraction=0.5)
+    ld = build_loader(frac, "train", False, img_size=16, in_chans=1, seed=7)
+    _, pos = _positions(frac, drop_last=False, seed=7)
+    assert ld.dataset_size == len(pos) < ps.count  # unaugmented reads of train: the same subset
+    assert build_loader(frac, "test", False, img_size=16, in_chans=1, seed=7).dataset_size == \
+        open_packed(packed, "test").count
+    with pytest.raises(LoaderError, match=r"label_fraction must be in \(0, 1\], got 0.0"):
+        build_loader(DataConfig(path=str(packed), batch_size=4, loader="raw", label_fraction=0),
+                     "train", True, img_size=16, in_chans=1)
+
+
+def test_weighted_mixture_epoch_defaults_to_the_subset(packed):
+    """Without data.samples_per_epoch a weighted mixture's epoch draws as many images as the subset
+    holds (not the whole mixture's count: 1% of the labels must not mean 100 passes over them)."""
+    w = DataConfig(path=f"{packed},{packed}", batch_size=4, loader="raw", views="AP", weights=[1, 1])
+    _, drawn = _positions(w, drop_last=False)
+    n_ap = int((open_packed(packed, "train").metadata["view"] == "AP").sum())
+    assert len(drawn) == 2 * n_ap

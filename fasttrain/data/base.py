@@ -145,7 +145,8 @@ class BaseLoader:
         self.drop_last = bool(drop_last)
         self.cfg = cfg
         self.label_names: list[str] = list(packed.label_names)
-        self.dataset_size: int = len(packed)
+        subset = getattr(packed, "subset", None)  # data.views / label_fraction: the images this loader reads
+        self.dataset_size: int = len(packed) if subset is None else len(subset)
         self.image_size: tuple[int, int] = tuple(packed.image_size)
         self.epoch, self.start_step = 0, 0
         self.pin = self.device.type == "cuda"

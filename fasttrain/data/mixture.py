@@ -148,6 +148,7 @@ class PackedMixture:
         self.ids = [i for p in parts for i in p.ids]
         self.synthetic = any(p.synthetic for p in parts)
         self.samples_per_epoch = self._epoch_size(samples_per_epoch)
+        self.epoch_size_given = samples_per_epoch is not None  # else an epoch is every image (of the subset) once
         self.root = Path(parts[0].root)  # for messages that name "the" dataset; describe() names all
         self.split = "+".join(p.split for p in parts)
         self.manifest = {"dataset": " + ".join(str(p.manifest.get("dataset")) for p in parts),
@@ -203,8 +204,9 @@ class PackedMixture:
         subset = getattr(self, "subset", None)
         n = self.count if subset is None else len(subset)
         weighted = self.weights is not None and shuffle
+        draws = self.samples_per_epoch if weighted and self.epoch_size_given else n
         return MixtureSampler([len(p) for p in self.parts], self.weights if shuffle else None,
-                              self.samples_per_epoch if weighted else n, batch_size, shuffle=shuffle,
+                              draws, batch_size, shuffle=shuffle,
                               seed=seed, rank=rank, world_size=world_size, drop_last=drop_last, block=block,
                               subset=subset)
 

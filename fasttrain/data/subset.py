@@ -93,12 +93,14 @@ def fraction_subset(patients: np.ndarray, labels: np.ndarray, label_names: list[
 
 
 def select(packed, data_cfg, split: str, train: bool, seed: int, need_labels: bool = True) -> Optional[np.ndarray]:
-    """The positions a loader of `split` reads (None: all), from data.views and, for the training
-    split of a labelled run (fine-tuning, the probe; never MAE pre-training, which reads no label),
-    data.label_fraction; records what it chose on `packed.subset_info` for provenance."""
+    """The positions a loader of `split` reads (None: all), from data.views and, for every labelled
+    read of the training split (fine-tuning's batches, the probe's features, whether augmented or
+    not; never MAE pre-training, which reads no label), data.label_fraction; records what it chose
+    on `packed.subset_info` for provenance."""
     views = parse_views(getattr(data_cfg, "views", None))
-    fraction = float(getattr(data_cfg, "label_fraction", 1.0) or 1.0)
-    use_fraction = train and need_labels and split == data_cfg.train_split and fraction != 1.0
+    fraction = getattr(data_cfg, "label_fraction", 1.0)
+    fraction = 1.0 if fraction is None else float(fraction)
+    use_fraction = need_labels and split == data_cfg.train_split and fraction != 1.0
     if not 0.0 < fraction <= 1.0:
         raise LoaderError(f"data.label_fraction must be in (0, 1], got {fraction}")
     if views is None and not use_fraction:

@@ -135,7 +135,9 @@ def cache_key(ckpt_hash: str, manifest_hash: str, split: str, pool: str, cfg) ->
     m, d = cfg.model, cfg.data
     desc = dict(v=CACHE_VERSION, ckpt=ckpt_hash, manifest=manifest_hash, split=split, pool=pool,
                 name=m.name, img_size=m.img_size, in_chans=m.in_chans, patch=m.patch_size, dim=m.embed_dim,
-                depth=m.depth, heads=m.num_heads, eval_resize=d.eval_resize, norm=d.norm)
+                depth=m.depth, heads=m.num_heads, eval_resize=d.eval_resize, norm=d.norm,
+                views=d.views, label_fraction=d.label_fraction,
+                subset_seed=cfg.run.seed if d.label_fraction not in (None, 1.0) else None)
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -151,7 +153,7 @@ def cached_features(model, cfg, split: str, pool: str, ckpt_hash: str, cache_dir
         with np.load(path) as z:
             return z["features"], z["labels"], True
     loader = build_loader(cfg.data, split, train=False, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans,
-                          device=device, dtype=torch.float32, batch_size=batch_size)
+                          device=device, dtype=torch.float32, seed=cfg.run.seed, batch_size=batch_size)
     feats, labels = extract(model, loader, pool, device)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.npz")
@@ -280,6 +282,7 @@ def run_probe(ckpt: Optional[str], data: str | Path, *, train_split: str = "trai
     cfg.data.path = str(data)
     # the probe reads one packed dataset: a pre-training mixture's sampling settings do not apply
     cfg.data.weights, cfg.data.samples_per_epoch = None, None
+    cfg.run.seed = s.seed  # draws data.label_fraction's patients for the cached features and --compare alike
     dev = resolve_device(device)
     model = build_encoder(cfg, len(names), ckpt, random_init, seed=s.seed).to(dev)
     ckpt_hash = file_sha256(ckpt) if ckpt is not None else f"random-init-seed{s.seed}"

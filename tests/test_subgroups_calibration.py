@@ -187,3 +187,15 @@ def test_evaluate_by_and_calibrate_end_to_end(finetuned, tmp_path, capsys):
     assert main(["evaluate", "--ckpt", str(ckpt), "--data", str(packed), "--out", str(tmp_path),
                  "--bootstrap", "5", "--by", "race"]) == 2
     assert "--by race" in capsys.readouterr().err
+
+
+def test_underdiagnosis_ignores_no_finding():
+    """A 'No Finding' output (CheXpert / MIMIC label sets) is neither a finding nor a call: a study
+    with Edema whose only score above threshold is 'No Finding' is underdiagnosed."""
+    from fasttrain.train.subgroups import underdiagnosis
+    names = ["No Finding", "Edema", "Cardiomegaly"]
+    y = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=np.float64)
+    s = np.array([[0.9, 0.1, 0.1], [0.9, 0.1, 0.1], [0.1, 0.1, 0.8]])
+    r = underdiagnosis(y, s, names, {n: 0.5 for n in names})
+    assert r["n_positive_studies"] == 2 and r["n_underdiagnosed"] == 1 and r["rate"] == 0.5
+    assert set(r["fnr"]) == {"Edema", "Cardiomegaly"}

@@ -18,7 +18,10 @@ from typing import Optional, Sequence
 import numpy as np
 from sklearn.metrics import roc_curve
 
+from fasttrain.labelmap import canonical
 from fasttrain.train.evaluate import bootstrap_auc
+
+NO_FINDING = "No Finding"  # the canonical name (fasttrain.labelmap) of the label that says 'none'
 
 DEFAULT_AGE_BINS = (0.0, 40.0, 60.0, 80.0)
 
@@ -87,8 +90,11 @@ def youden_thresholds(y_true: np.ndarray, y_score: np.ndarray, label_names: list
 def underdiagnosis(y_true: np.ndarray, y_score: np.ndarray, label_names: list[str],
                    thresholds: dict[str, Optional[float]]) -> dict:
     """{"rate", "n_positive_studies", "n_underdiagnosed", "fnr": {label: rate | None}} over the
-    labels with a threshold (a label without one is neither a positive nor a call)."""
-    cols = [j for j, n in enumerate(label_names) if thresholds.get(n) is not None]
+    labels with a threshold (a label without one is neither a positive nor a call). "No Finding"
+    (CheXpert / MIMIC) is neither: a study is underdiagnosed when it has a finding and no finding
+    label is called (Seyyed-Kalantari et al. 2021)."""
+    cols = [j for j, n in enumerate(label_names)
+            if thresholds.get(n) is not None and canonical(n) != NO_FINDING]
     thr = np.array([thresholds[label_names[j]] for j in cols])  # [K]
     y = y_true[:, cols]  # [N, K]
     called = y_score[:, cols] >= thr  # [N, K]

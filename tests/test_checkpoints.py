@@ -17,6 +17,7 @@ from fasttrain.models.checkpoints import (CheckpointError, convert_in_chans, exp
                                           load_mae, load_teacher, read_checkpoint, read_state_dict)
 from fasttrain.models.vit import sincos_pos_embed_2d
 from fasttrain.train.builders import build_pretrain_model, init_classifier
+from fasttrain.train.checkpoint import save_atomic
 
 
 def xiao_layout(D, depth, Dd, ddepth, L=196, p=16, c=3):
@@ -453,6 +454,26 @@ def test_classifier_init_across_channels_is_exact_on_normalised_input(tmp_path, 
     x_src, x_dst = (x3, x1) if c_from == 3 else (x1, x3)
     with torch.no_grad():
         torch.testing.assert_close(dst.forward_tokens(x_dst), src.forward_tokens(x_src), atol=1e-4, rtol=1e-4)
+
+
+def test_classifier_init_folds_with_the_source_runs_own_norm(tmp_path):
+    """A fasttrain pre-training checkpoint of 3 channels fed ImageNet stats, fine-tuned as a
+    1-channel classifier under data.norm=nih: the fold uses the source run's norm for its
+    channels and ours for the classifier's, so the features on the same grey image agree."""
+    torch.manual_seed(2)
+    src = tiny(in_chans=3).eval()
+    with torch.no_grad():
+        src.patch_embed.proj.bias.normal_(0, 0.5)
+    path = tmp_path / "last.pt"
+    save_atomic({"kind": "pretrain", "model": src.state_dict(),
+                 "config": {"model": {"in_chans": 3}, "data": {"norm": "imagenet"}}}, path)
+    dst = tiny("vit_tiny_patch16", in_chans=1, num_classes=3).eval()
+    init_classifier(dst, str(path), "nih")
+    x3, _ = grey_inputs()
+    (m1,), (s1,) = norm_stats("nih", 1)
+    g = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))  # grey_inputs' image
+    with torch.no_grad():
+        torch.testing.assert_close(dst.forward_tokens((g - m1) / s1), src.forward_tokens(x3), atol=1e-4, rtol=1e-4)
 
 
 def test_in_chans_conversion_needs_both_channel_counts_normalisation():

@@ -155,5 +155,10 @@ def init_classifier(model: nn.Module, path: str, norm: str) -> None:
     if is_fasttrain_checkpoint(raw) and raw["kind"] != "pretrain":
         raise CheckpointError(f"{p}: a fine-tuned classifier; --init takes a pre-trained student "
                               "(the last.pt of a `fasttrain pretrain` run or an exported .safetensors)")
-    report = model.load_pretrained(raw if raw is not None else str(p), what=str(p), input_norm=input_norms(norm))
+    norms = input_norms(norm)
+    if is_fasttrain_checkpoint(raw):  # its channels as its run fed them (that run's data.norm), ours as fed now
+        src = raw["config"]
+        src_chans, src_norm = src["model"].get("in_chans", 1), src.get("data", {}).get("norm", norm)
+        norms = {**norms, src_chans: input_norms(src_norm)[src_chans]}
+    report = model.load_pretrained(raw if raw is not None else str(p), what=str(p), input_norm=norms)
     log.info("fine-tuning init: %d tensors from %s", len(report.loaded), p)

@@ -2,10 +2,9 @@
 'view' metadata) and `data.label_fraction` (a patient-disjoint share of the training split).
 
 The subset is a sorted array of positions in the split's (or mixture's) index space; the samplers
-draw from it (EpochSampler / MixtureSampler `subset`), a single dataset's FFCV Loader takes it as
-`indices`, DALI reads it through its mixture path (our sampler's order), and the run's provenance
-lists it. The
-fraction is drawn per whole patient: patients (sorted ids, a mixture's prefixed by their part)
+draw from it (EpochSampler / MixtureSampler `subset`; FFCV and DALI read one dataset as a mixture
+of one part, so the same sampler), and the run's provenance lists it. The fraction is drawn per
+whole patient: patients (sorted ids, a mixture's prefixed by their part)
 are permuted by numpy's PCG64 seeded with run.seed, the same permutation on every machine, and
 taken in that order until the share of images is reached.
 """

@@ -19,7 +19,7 @@ import torch
 
 from fasttrain.config import ConfigError, config_from_dict
 from fasttrain.labelmap import match_labels
-from fasttrain.data.mixture import packed_resize_mode
+from fasttrain.data.mixture import missing_split, packed_resize_mode
 from fasttrain.models.classifier import NO_WEIGHT_DECAY
 from fasttrain.train import loop
 from fasttrain.train.builders import build_classifier, init_classifier
@@ -36,7 +36,6 @@ log = logging.getLogger("fasttrain.train")
 
 
 def _check_split(path, split: str, key: str, train_split: str = "train") -> None:
-    from fasttrain.data.mixture import missing_split
     missing = missing_split(path, split, train_split)  # every part of a mixture needs it
     if missing:
         raise ConfigError(f"config key '{key}': split '{split}' is not in {'; '.join(missing)}; "
@@ -199,7 +198,6 @@ def evaluate_checkpoint(ckpt: str | Path, data: str | Path, split: str = "test",
     result["calibration"] = calibration_report(labels, scores, names, n_boot=n_boot, seed=seed)
     val = None
     if calibrate or by:
-        from fasttrain.data.mixture import missing_split
         if not missing_split(data, val_split, val_split):
             val = select_shared(*score_split(model, cfg, ckpt, data, val_split, dev, trained_labels, seed=seed,
                                              batch_size=batch_size)[:2], mapping)

@@ -135,6 +135,20 @@ def noise_bank(size: int) -> np.ndarray:
 DRAW_RES = 128
 
 
+def finish(img: np.ndarray, size: int, work: int, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """A phantom drawn at `work` px (float, ~0..1) -> uint8 [size, size]: resized, film noise of
+    std `sigma` (a window of the shared noise bank up to 1024 px), quantised. Draws from `rng`."""
+    import cv2
+    if size != work:
+        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)  # [S, S]
+    if size <= 1024:
+        oy, ox = rng.integers(0, size, 2)
+        img += noise_bank(size)[oy:oy + size, ox:ox + size] * sigma
+    else:
+        img += rng.standard_normal((size, size), dtype=np.float32) * sigma
+    return np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
 def draw_phantom(seed: int, index: int, size: int = 256, sign_contrast: float = 1.0) -> Phantom:
     """Draw phantom `index` of the set with `seed`: same (seed, index, size, sign_contrast) -> same
     pixels. `sign_contrast` scales what the localised finding signs add to the anatomy."""
@@ -294,16 +308,7 @@ def draw_phantom(seed: int, index: int, size: int = 256, sign_contrast: float = 
     gain, offset = rng.uniform(0.9, 1.05), rng.uniform(-0.03, 0.03)
     img = img * gain + offset
     img = cv2.GaussianBlur(img, (0, 0), sigmaX=0.6)
-    if size != work:
-        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)  # [S, S]
-    sigma = rng.uniform(0.01, 0.02)
-    if size <= 1024:
-        oy, ox = rng.integers(0, size, 2)
-        img += noise_bank(size)[oy:oy + size, ox:ox + size] * sigma
-    else:
-        img += rng.standard_normal((size, size), dtype=np.float32) * sigma
-    out = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    return Phantom(image=out, labels=y)
+    return Phantom(image=finish(img, size, work, rng.uniform(0.01, 0.02), rng), labels=y)
 
 
 @dataclass

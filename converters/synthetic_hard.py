@@ -27,7 +27,7 @@ from scipy.stats import norm
 
 from .common import ConvertError
 from .nih import NIH_LABELS
-from .synthetic import DRAW_RES, PREVALENCE, Phantom, draw_phantom, ellipse, gauss, grid, noise_bank
+from .synthetic import DRAW_RES, PREVALENCE, Phantom, draw_phantom, ellipse, finish, gauss, grid
 
 HARD_SALT = 0x4A5D  # separates the hard family's random streams from the easy family's
 # Every sign's amplitude below is multiplied by this. Calibrated on 2,000 phantoms at the demo's
@@ -256,16 +256,7 @@ def draw_hard_phantom(seed: int, index: int, size: int = 256, sign_contrast: flo
     img *= 1.0 + rng.uniform(0.0, 0.25) * (Ui * np.cos(g_ang) + Vi * np.sin(g_ang))
     img = np.clip(img * rng.uniform(0.7, 1.3) + rng.uniform(-0.1, 0.1), 0.0, 1.0) ** rng.uniform(0.65, 1.5)
     img = cv2.GaussianBlur(img.astype(np.float32), (0, 0), sigmaX=rng.uniform(0.5, 1.0))
-    if size != work:
-        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)  # [S, S]
-    sigma = rng.uniform(0.015, 0.045)
-    if size <= 1024:
-        oy, ox = rng.integers(0, size, 2)
-        img += noise_bank(size)[oy:oy + size, ox:ox + size] * sigma
-    else:
-        img += rng.standard_normal((size, size), dtype=np.float32) * sigma
-    out = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    return Phantom(image=out, labels=y)
+    return Phantom(image=finish(img, size, work, rng.uniform(0.015, 0.045), rng), labels=y)
 
 
 draw_hard_phantom.signs = SIGNS_HARD  # what generate_phantoms writes into the source's README.txt

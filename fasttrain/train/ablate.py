@@ -32,6 +32,7 @@ from typing import Optional
 import numpy as np
 
 from fasttrain.config import ConfigError, build_config, parse_overrides
+from fasttrain.train.runlog import save_figure
 
 log = logging.getLogger("fasttrain.train")
 
@@ -405,11 +406,7 @@ def plot_curve(curve: dict, path: Path, synthetic: bool) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def _fmt(v, digits=4) -> str:

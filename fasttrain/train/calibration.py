@@ -17,6 +17,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 
 from fasttrain.metrics import ECE_BINS, bootstrap_ece_matrix, brier_score, calibration_bins, expected_calibration_error
+from fasttrain.train.runlog import save_figure
 
 LOGIT_CLIP = 1e-7  # scores are float32 sigmoids: clip before the logit so 0 / 1 stay finite
 TEMPERATURE_RANGE = (0.05, 20.0)  # log-spaced search bounds: beyond them a label is degenerate
@@ -149,12 +150,7 @@ def plot_reliability(y_true: np.ndarray, y_prob: np.ndarray, label_names: list[s
     axh.set_ylabel("images x labels")
     axh.set_xlim(0, 1)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def format_calibration(cal: dict) -> str:

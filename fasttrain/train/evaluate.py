@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
+from fasttrain.train.runlog import save_figure
 
 
 def bootstrap_auc(y_true: np.ndarray, y_score: np.ndarray, label_names: list[str], *,
@@ -104,12 +105,7 @@ def plot_roc(y_true: np.ndarray, y_score: np.ndarray, label_names: list[str], pa
     ax.set_title(title)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def format_table(result: dict, title: str = "") -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fasttrain.train.runlog import read_metrics
+from fasttrain.train.runlog import read_metrics, save_figure
 
 
 def _plt():
@@ -21,13 +21,6 @@ def _plt():
     matplotlib.use("Agg")  # files only, never a display
     import matplotlib.pyplot as plt
     return plt
-
-
-def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
-    return path
 
 
 def _series(records: list[dict], phase: str, key: str) -> tuple[list, list]:
@@ -62,8 +55,7 @@ def plot_runs(runs: list[str | Path], out: str | Path | None = None) -> list[Pat
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
         fig.tight_layout()
-        written.append(_save(fig, out / "losses.png"))
-        plt.close(fig)
+        written.append(save_figure(fig, out / "losses.png"))
 
     fin = {r: m for r, m in data.items() if any(x.get("phase") == "val" and "mauc" in x for x in m)
            or (any(x.get("phase") == "train" for x in m) and r not in pre)}
@@ -83,8 +75,7 @@ def plot_runs(runs: list[str | Path], out: str | Path | None = None) -> list[Pat
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
         fig.tight_layout()
-        written.append(_save(fig, out / "finetune.png"))
-        plt.close(fig)
+        written.append(save_figure(fig, out / "finetune.png"))
 
     results = []
     for r in runs:
@@ -116,8 +107,7 @@ def plot_runs(runs: list[str | Path], out: str | Path | None = None) -> list[Pat
         ax.set_ylabel("AUC (95% bootstrap CI)")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        written.append(_save(fig, out / "auc_bars.png"))
-        plt.close(fig)
+        written.append(save_figure(fig, out / "auc_bars.png"))
     for r in pre:
         if (r / "checkpoints" / "last.pt").is_file():
             written.append(plot_reconstructions(r, out / f"recon_{r.name}.png"))
@@ -203,6 +193,5 @@ def plot_reconstructions(run: str | Path, path: str | Path, n_images: int = 6, s
     fig.suptitle(f"{tag}{Path(run).name}: MAE reconstructions of fixed val images", fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    _save(fig, path)
-    plt.close(fig)
+    save_figure(fig, path)
     return path

@@ -122,3 +122,17 @@ def read_metrics(run: str | Path) -> list[dict]:
                 continue  # a run killed mid-write leaves a partial last line
             raise ValueError(f"{path}:{i}: not valid JSON") from None
     return out
+
+
+def save_figure(fig, path) -> Path:
+    """A matplotlib figure written atomically as PNG (temp file, rename: a killed run leaves no
+    half image) and closed."""
+    import matplotlib.pyplot as plt  # optional, heavy: only to close the figure
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    try:
+        fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
+    tmp.replace(path)
+    return path

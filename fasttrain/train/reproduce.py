@@ -850,8 +850,8 @@ def make_figures(plan: Plan) -> list[Path]:
 def plot_finetune_losses(runs: list[Path], path: Path, synthetic: bool) -> Path:
     """Fine-tuning BCE per epoch, train (mean of the epoch's logged steps) and validation, one colour
     per run: the paper's fine-tuning loss figure."""
-    from fasttrain.train.plots import _plt, _save
-    from fasttrain.train.runlog import read_metrics
+    from fasttrain.train.plots import _plt
+    from fasttrain.train.runlog import read_metrics, save_figure
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, run in enumerate(runs):
@@ -873,9 +873,7 @@ def plot_finetune_losses(runs: list[Path], path: Path, synthetic: bool) -> Path:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- main

@@ -7,6 +7,7 @@ dispatches, importing the stage lazily so `fasttrain convert` never imports the 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -54,4 +55,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    if rc not in (0, 1, 2) and os.environ.get("TORCHELASTIC_RUN_ID"):
+        # a pre-empted rank under torchrun (run.preempt_exit_code): its checkpoint and logs are
+        # closed and its process groups destroyed, yet a pre-empted rank's interpreter teardown
+        # still aborted now and then ("terminate called without an active exception": exit -6,
+        # not the code the job script requeues on). Leave without the teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)

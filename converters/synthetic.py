@@ -135,6 +135,17 @@ def noise_bank(size: int) -> np.ndarray:
 DRAW_RES = 128
 
 
+def lung_fields(U, V, lcx, lung_cy, lung_rx, lung_ry, dome_base, dome_curv) -> np.ndarray:
+    """Both lung fields [W, W] in 0..1: ellipses centred at x in `lcx`, cut below by domed
+    diaphragms (dome height at each lung's centre `dome_base`, curvature `dome_curv`)."""
+    lungs = np.zeros_like(U)
+    for cx in lcx:
+        lung = ellipse(U, V, cx, lung_cy, lung_rx, lung_ry, 0.06)
+        dome = dome_base - dome_curv * np.clip(1 - ((U - cx) / lung_rx) ** 2, 0, 1) * lung_ry * 0.35
+        lungs += lung * np.clip((dome - V) / 0.02 + 0.5, 0, 1)
+    return np.clip(lungs, 0, 1)
+
+
 def finish(img: np.ndarray, size: int, work: int, sigma: float, rng: np.random.Generator) -> np.ndarray:
     """A phantom drawn at `work` px (float, ~0..1) -> uint8 [size, size]: resized, film noise of
     std `sigma` (a window of the shared noise bank up to 1024 px), quantised. Draws from `rng`."""
@@ -174,12 +185,7 @@ def draw_phantom(seed: int, index: int, size: int = 256, sign_contrast: float = 
     # diaphragm domes: lung ends below at v = dome(u); emphysema flattens and lowers them
     dome_base = lung_cy + lung_ry * (0.80 if not has["Emphysema"] else 0.98)
     dome_curv = 0.35 if not has["Emphysema"] else 0.08
-    lungs = np.zeros_like(U)
-    for cx in lcx:
-        lung = ellipse(U, V, cx, lung_cy, lung_rx, lung_ry, 0.06)
-        dome = dome_base - dome_curv * np.clip(1 - ((U - cx) / lung_rx) ** 2, 0, 1) * lung_ry * 0.35
-        lungs += lung * np.clip((dome - V) / 0.02 + 0.5, 0, 1)
-    lungs = np.clip(lungs, 0, 1)
+    lungs = lung_fields(U, V, lcx, lung_cy, lung_rx, lung_ry, dome_base, dome_curv)
 
     # vessel markings: smooth noise, stronger toward the hila; absent beyond a pneumothorax edge
     small = rng.standard_normal((8, 8)).astype(np.float32)

@@ -27,7 +27,7 @@ from scipy.stats import norm
 
 from .common import ConvertError
 from .nih import NIH_LABELS
-from .synthetic import DRAW_RES, PREVALENCE, Phantom, draw_phantom, ellipse, finish, gauss, grid
+from .synthetic import DRAW_RES, PREVALENCE, Phantom, draw_phantom, ellipse, finish, gauss, grid, lung_fields
 
 HARD_SALT = 0x4A5D  # separates the hard family's random streams from the easy family's
 # Every sign's amplitude below is multiplied by this. Calibrated on 2,000 phantoms at the demo's
@@ -144,12 +144,7 @@ def draw_hard_phantom(seed: int, index: int, size: int = 256, sign_contrast: flo
 
     dome_base = lung_cy + lung_ry * (0.80 if not has["Emphysema"] else 0.95)
     dome_curv = rng.uniform(0.3, 0.4) if not has["Emphysema"] else rng.uniform(0.02, 0.08)
-    lungs = np.zeros_like(U)
-    for cx in lcx:
-        lung = ellipse(U, V, cx, lung_cy, lung_rx, lung_ry, 0.06)
-        dome = dome_base - dome_curv * np.clip(1 - ((U - cx) / lung_rx) ** 2, 0, 1) * lung_ry * 0.35
-        lungs += lung * np.clip((dome - V) / 0.02 + 0.5, 0, 1)
-    lungs = np.clip(lungs, 0, 1)
+    lungs = lung_fields(U, V, lcx, lung_cy, lung_rx, lung_ry, dome_base, dome_curv)
 
     small = rng.standard_normal((10, 10)).astype(np.float32)
     markings = cv2.resize(small, (work, work), interpolation=cv2.INTER_CUBIC)

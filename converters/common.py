@@ -270,7 +270,7 @@ def bounded_imap(fn: Callable, tasks: Iterable, workers: int, window: Optional[i
     window = window or 4 * workers
     # cv2's thread pool is not fork-safe: once this process ran a large cv2 op (a converter with
     # workers=0, a test), a forked worker's first parallel cv2 call waits forever on threads that
-    # did not fork (measured: a hang, reproduced in tests/test_decode_fast.py). One cv2 thread here
+    # did not fork (measured: a hang, reproduced in tests/converters/test_decode.py). One cv2 thread here
     # while the pool lives tears that pool down before forking; the setting is restored after.
     import cv2
     cv2_threads = cv2.getNumThreads()

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from . import decode as decode_mod
-from . import raw as raw_writer
+from fasttrain.format import raw as raw_writer
 from .common import (FORMAT_PREFERENCE, MANIFEST_VERSION, AtomicDir, ConvertError, DecodeFn, Item, PackOptions,
                      Problems, default_workers, metadata_columns, metadata_names, sha256_file, write_json_atomic)
 
@@ -63,10 +63,10 @@ def pack(*, dataset: str, source: Path, out: Path, splits: dict[str, list[Item]]
     # fail fast: a missing writer library is found before decoding, not after
     t_setup = time.perf_counter()
     if "ffcv" in opts.formats:
-        from . import ffcv_writer
+        from fasttrain.format import ffcv as ffcv_writer
         ffcv_writer.require()
     if "dali" in opts.formats:
-        from . import dali_writer
+        from fasttrain.format import dali as dali_writer
         dali_writer.require()
     workers = default_workers(opts.workers)
     size = int(opts.size)
@@ -116,13 +116,13 @@ def pack(*, dataset: str, source: Path, out: Path, splits: dict[str, list[Item]]
                 split_meta[name]["metadata_missing"] = {c: sum(v is None for v in vals) for c, vals in columns.items()}
         details["raw"] = raw_writer.details(split_meta, size)
         if "ffcv" in opts.formats:
-            from . import ffcv_writer
+            from fasttrain.format import ffcv as ffcv_writer
             t0 = time.perf_counter()
             details["ffcv"] = ffcv_writer.write(tmp, split_meta, size, len(label_names), opts)
             rates["ffcv_images_per_s"] = round(sum(m["count"] for m in split_meta.values())
                                                / max(time.perf_counter() - t0, 1e-9), 1)
         if "dali" in opts.formats:
-            from . import dali_writer
+            from fasttrain.format import dali as dali_writer
             t0 = time.perf_counter()
             details["dali"] = dali_writer.write(tmp, split_meta, size, len(label_names), opts, workers)
             rates["dali_images_per_s"] = round(sum(m["count"] for m in split_meta.values())

@@ -12,17 +12,17 @@ import sys
 
 COMMANDS = {
     "convert": ("fasttrain.converters.cli", "main", "pack a dataset (nih, chexpert, mimic-jpg, dicom, images, synthetic) into raw/ffcv/dali"),
-    "pretrain": ("fasttrain.train.commands", "pretrain_main", "MAE pre-training, with distillation when a teacher is given"),
-    "finetune": ("fasttrain.train.commands", "finetune_main", "fine-tune a pre-trained encoder for multi-label classification"),
-    "evaluate": ("fasttrain.train.commands", "evaluate_main", "per-label AUC and mAUC with bootstrap CIs, calibration, subgroups"),
-    "predict": ("fasttrain.train.predict", "main", "probabilities per label for new image files (PNG/JPEG/DICOM) -> CSV"),
-    "export": ("fasttrain.train.export", "main", "a checkpoint as timm safetensors or ONNX (checked with ONNX Runtime)"),
-    "probe": ("fasttrain.train.probe", "main", "linear probe of a frozen encoder on cached features (mAUC + CIs)"),
-    "ablate": ("fasttrain.train.ablate", "main", "grid x seeds through chosen stages; mean/std and paired CIs"),
-    "plot": ("fasttrain.train.commands", "plot_main", "loss curves and AUC figures of one or more runs"),
+    "pretrain": ("fasttrain.commands", "pretrain_main", "MAE pre-training, with distillation when a teacher is given"),
+    "finetune": ("fasttrain.commands", "finetune_main", "fine-tune a pre-trained encoder for multi-label classification"),
+    "evaluate": ("fasttrain.commands", "evaluate_main", "per-label AUC and mAUC with bootstrap CIs, calibration, subgroups"),
+    "predict": ("fasttrain.serve.predict", "main", "probabilities per label for new image files (PNG/JPEG/DICOM) -> CSV"),
+    "export": ("fasttrain.serve.export", "main", "a checkpoint as timm safetensors or ONNX (checked with ONNX Runtime)"),
+    "probe": ("fasttrain.eval.probe", "main", "linear probe of a frozen encoder on cached features (mAUC + CIs)"),
+    "ablate": ("fasttrain.workflows.ablate", "main", "grid x seeds through chosen stages; mean/std and paired CIs"),
+    "plot": ("fasttrain.commands", "plot_main", "loss curves and AUC figures of one or more runs"),
     "bench": ("fasttrain.bench", "main", "throughput benchmarks against the reference path"),
-    "demo": ("fasttrain.train.demo", "main", "the whole pipeline on synthetic phantoms (make demo)"),
-    "reproduce": ("fasttrain.train.reproduce", "main", "the paper's four experiments end to end, ending in its Table 2"),
+    "demo": ("fasttrain.workflows.demo", "main", "the whole pipeline on synthetic phantoms (make demo)"),
+    "reproduce": ("fasttrain.workflows.reproduce", "main", "the paper's four experiments end to end, ending in its Table 2"),
 }
 
 

@@ -61,7 +61,7 @@ def test_evaluate_nih_model_on_chexpert_layout(tmp_path, capsys):
     from fasttrain.config import build_config
     from fasttrain.converters.chexpert import convert_chexpert
     from fasttrain.converters.synthetic import generate_phantoms
-    from fasttrain.data.packed import open_packed
+    from fasttrain.format.packed import open_packed
     from fasttrain.train.checkpoint import save_atomic
     from fasttrain.train.finetune import run_finetune
     from fixtures_runs import packed_phantoms, tiny_yaml

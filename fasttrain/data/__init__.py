@@ -6,7 +6,7 @@ packed split into device batches. Nothing here reads a source dataset.
 
 
 def open_packed(*args, **kwargs):
-    from .packed import open_packed as _open_packed
+    from fasttrain.format.packed import open_packed as _open_packed
     return _open_packed(*args, **kwargs)
 
 

@@ -53,7 +53,7 @@ class _JpegTable:
 
 
 def _jpeg_table(p) -> _JpegTable:
-    from fasttrain.converters.dali_writer import read_index
+    from fasttrain.format.dali import read_index
     from pathlib import Path
     shard, offset, size = [], [], []
     for k, idx in enumerate(p.index_files):

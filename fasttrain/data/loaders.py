@@ -50,7 +50,7 @@ def build_loader(data_cfg, split: str, train: bool, *, img_size: int, in_chans: 
     parts carry different label names.
     """
     from .mixture import MixtureError, open_mixture, part_manifests, part_splits, shared_formats
-    from .packed import PackedError
+    from fasttrain.format.packed import PackedError
 
     if not data_cfg.path:
         raise LoaderError("data.path is not set: point it at a packed dataset (written by `fasttrain convert`)")

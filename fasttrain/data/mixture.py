@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .packed import PackedError, PackedSplit, open_packed, read_manifest
+from fasttrain.format.packed import PackedError, PackedSplit, open_packed, read_manifest
 from .sampler import EpochSampler, mix_seed
 
 log = logging.getLogger(__name__)

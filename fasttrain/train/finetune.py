@@ -23,14 +23,14 @@ from fasttrain.data.mixture import missing_split, packed_resize_mode
 from fasttrain.models.classifier import NO_WEIGHT_DECAY
 from fasttrain.train import loop
 from fasttrain.train.builders import build_classifier, init_classifier
-from fasttrain.train.calibration import (apply_temperature, calibration_report, fit_temperature, plot_reliability,
+from fasttrain.eval.calibration import (apply_temperature, calibration_report, fit_temperature, plot_reliability,
                                          save_temperature)
 from fasttrain.train.checkpoint import load_checkpoint
 from fasttrain.train.dist import DistInfo, cleanup
 from fasttrain.train.engine import cfg_amp_dtype
-from fasttrain.train.evaluate import bootstrap_auc, format_table, plot_roc, predict
+from fasttrain.eval.evaluate import bootstrap_auc, format_table, plot_roc, predict
 from fasttrain.train.optim import param_groups_weight_decay
-from fasttrain.train.subgroups import DEFAULT_AGE_BINS, group_column, parse_age_bins, subgroup_report, youden_thresholds
+from fasttrain.eval.subgroups import DEFAULT_AGE_BINS, group_column, parse_age_bins, subgroup_report, youden_thresholds
 
 log = logging.getLogger("fasttrain.train")
 

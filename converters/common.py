@@ -228,7 +228,7 @@ SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "va
 DecodeFn = Callable[[str, int], np.ndarray]
 
 
-def _decode_chunk(args) -> list:
+def decode_chunk(args) -> list:
     """Worker: decode a chunk of (position, path); return [(position, image | None, error | None)]."""
     decode, size, chunk = args
     out = []
@@ -248,13 +248,13 @@ def _decode_chunk(args) -> list:
     return out
 
 
-def _worker_init() -> None:
+def worker_init() -> None:
     import cv2
     cv2.setNumThreads(1)  # one image per process: threads inside cv2 only oversubscribe
 
 
 def bounded_imap(fn: Callable, tasks: Iterable, workers: int, window: Optional[int] = None,
-                 initializer: Optional[Callable] = _worker_init) -> Iterator:
+                 initializer: Optional[Callable] = worker_init) -> Iterator:
     """Ordered `map(fn, tasks)` over a process pool with at most `window` tasks in flight.
 
     `Pool.imap` / `Executor.map` queue every result the workers produce even when the consumer
@@ -319,7 +319,7 @@ def decode_stream(paths: Sequence[str], decode: DecodeFn, size: int, workers: in
         chunk = max(1, min(32, len(paths) // (8 * max(1, workers))))
     tasks = ((decode, size, list(zip(range(s, min(s + chunk, len(paths))), paths[s:s + chunk])))
              for s in range(0, len(paths), chunk))
-    for res in bounded_imap(_decode_chunk, tasks, workers):
+    for res in bounded_imap(decode_chunk, tasks, workers):
         yield from res
 
 

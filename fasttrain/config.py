@@ -230,7 +230,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
+def apply_updates(obj: Any, updates: dict, prefix: str = "") -> None:
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for k, v in updates.items():
@@ -242,12 +242,12 @@ def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
         if dataclasses.is_dataclass(current):
             if not isinstance(v, dict):
                 raise ConfigError(f"config key '{key}': expected a mapping of sub-keys, got {v!r}")
-            _apply(current, v, prefix=f"{key}.")
+            apply_updates(current, v, prefix=f"{key}.")
         else:
             setattr(obj, k, _check_value(key, v, hints[k]))
 
 
-def _parse_scalar(text: str) -> Any:
+def parse_scalar(text: str) -> Any:
     """Parse a CLI override value with YAML rules (1e-4 -> float, true -> bool, [1,2] -> list)."""
     value = yaml.safe_load(text) if text != "" else ""
     # YAML 1.1 reads '1e-4' as a string; accept it as a float.
@@ -275,7 +275,7 @@ def parse_overrides(args: list[str]) -> dict:
             d = d.setdefault(p, {})
             if not isinstance(d, dict):
                 raise ConfigError(f"override '{a}' conflicts with an earlier override of '{p}'")
-        d[parts[-1]] = _parse_scalar(text)
+        d[parts[-1]] = parse_scalar(text)
     return nested
 
 
@@ -310,17 +310,17 @@ def build_config(yaml_path: str | Path | None = None, overrides: list[str] | dic
     cfg = Config()
     if yaml_path is not None:
         try:
-            _apply(cfg, load_yaml(yaml_path))
+            apply_updates(cfg, load_yaml(yaml_path))
         except ConfigError as e:
             raise ConfigError(f"{yaml_path}: {e}") from None
     if overrides:
-        _apply(cfg, overrides if isinstance(overrides, dict) else parse_overrides(list(overrides)))
+        apply_updates(cfg, overrides if isinstance(overrides, dict) else parse_overrides(list(overrides)))
     return cfg
 
 
 def config_from_dict(d: dict) -> Config:
     cfg = Config()
-    _apply(cfg, d)
+    apply_updates(cfg, d)
     return cfg
 
 

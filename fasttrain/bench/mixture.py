@@ -42,8 +42,8 @@ def make_packs(root: Path, n: int, size: int, workers: int) -> tuple[list[str], 
     from fasttrain.converters.chexpert import convert_chexpert
     from fasttrain.converters.nih import convert_nih
     from fasttrain.converters.synthetic import generate_phantoms
-    from fasttrain.bench.step import _importable
-    formats = tuple(["raw"] + [f for f, m in (("ffcv", "ffcv"), ("dali", "nvidia.dali")) if _importable(m)])
+    from fasttrain.bench.step import importable
+    formats = tuple(["raw"] + [f for f, m in (("ffcv", "ffcv"), ("dali", "nvidia.dali")) if importable(m)])
     kw = dict(formats=formats, size=size, progress=False, workers=workers)
     # a CheXpert source of n images holds ~14% lateral views (dropped by the converter) and a valid
     # split: write more so its train split is about n frontal images

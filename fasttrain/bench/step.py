@@ -258,7 +258,7 @@ def e2e_main(argv: list[str]) -> int:
     return 0
 
 
-def _importable(module: str) -> bool:
+def importable(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:  # parent package missing
@@ -272,7 +272,7 @@ def make_synthetic_packed(root: Path, n: int, size: int) -> Path:
 
     src, out = root / "phantoms_src", root / "phantoms_packed"
     generate_phantoms(src, n, seed=0, size=size, progress=False)
-    formats = ["raw"] + [fmt for fmt, mod in (("ffcv", "ffcv"), ("dali", "nvidia.dali")) if _importable(mod)]
+    formats = ["raw"] + [fmt for fmt, mod in (("ffcv", "ffcv"), ("dali", "nvidia.dali")) if importable(mod)]
     convert_nih(src, out, formats=tuple(formats), size=size, progress=False)
     return out
 

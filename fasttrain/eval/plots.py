@@ -16,7 +16,7 @@ from pathlib import Path
 from fasttrain.train.runlog import read_metrics, save_figure
 
 
-def _plt():
+def pyplot():
     import matplotlib
     matplotlib.use("Agg")  # files only, never a display
     import matplotlib.pyplot as plt
@@ -35,7 +35,7 @@ def plot_runs(runs: list[str | Path], out: str | Path | None = None) -> list[Pat
             raise FileNotFoundError(f"{r}: not a fasttrain run directory (no metrics.jsonl)")
     out = Path(out) if out is not None else (runs[0] / "plots")
     out.mkdir(parents=True, exist_ok=True)
-    plt = _plt()
+    plt = pyplot()
     written: list[Path] = []
     data = {r: read_metrics(r) for r in runs}
 
@@ -173,7 +173,7 @@ def plot_reconstructions(run: str | Path, path: str | Path, n_images: int = 6, s
     from fasttrain.data.mixture import part_manifests
     imgs, masked, recon, pasted, m, cfg = reconstruct(run, n_images, seed)
     synthetic = any(bool(mf.get("synthetic", False)) for _, mf in part_manifests(cfg.data.path))
-    plt = _plt()
+    plt = pyplot()
     n = imgs.shape[0]
     fig, axes = plt.subplots(n, 4, figsize=(8, 2.1 * n), squeeze=False)
     titles = ("original", f"masked ({cfg.model.mask_ratio:.0%})", "reconstruction", "reconstruction + visible")

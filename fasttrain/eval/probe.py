@@ -83,8 +83,8 @@ def probe_config(ckpt: Optional[str], config: Optional[str], overrides: Optional
         if config is not None:
             raise ProbeError(f"{ckpt} carries its own config; drop --config (dotted overrides still apply)")
         if overrides:
-            from fasttrain.config import _apply, parse_overrides
-            _apply(cfg, overrides if isinstance(overrides, dict) else parse_overrides(list(overrides)))
+            from fasttrain.config import apply_updates, parse_overrides
+            apply_updates(cfg, overrides if isinstance(overrides, dict) else parse_overrides(list(overrides)))
     else:
         cfg = build_config(config, overrides)
     if cfg.model.name.startswith("mae_"):
@@ -269,7 +269,7 @@ def run_probe(ckpt: Optional[str], data: str | Path, *, train_split: str = "trai
     from fasttrain.format.packed import read_manifest
     from fasttrain.train.dist import resolve_device
     from fasttrain.eval.evaluate import bootstrap_auc
-    from fasttrain.train.runlog import _write_json_atomic
+    from fasttrain.io import write_json_atomic
     s = settings or ProbeSettings()
     if pool not in POOLS:
         raise ProbeError(f"--pool {pool!r}: choose one of {', '.join(POOLS)}")
@@ -315,7 +315,7 @@ def run_probe(ckpt: Optional[str], data: str | Path, *, train_split: str = "trai
     np.save(out / f"scores_{test_split}.npy", scores.astype(np.float32))
     path = out / f"probe_{test_split}.json"
     result["paths"] = {"results": str(path), "scores": str(out / f"scores_{test_split}.npy")}
-    _write_json_atomic(path, result)
+    write_json_atomic(path, result)
     return result
 
 

@@ -51,7 +51,7 @@ class CheckpointError(RuntimeError):
 
 # ----------------------------------------------------------------------------- reading
 
-def _safe_globals() -> list:
+def safe_globals() -> list:
     """Non-tensor objects MAE-style checkpoints carry next to the weights (MAE's save_model
     pickles the argparse Namespace and numpy scalars); allowed for weights_only loading."""
     g: list = [argparse.Namespace]
@@ -122,7 +122,7 @@ def _load_file(path: Path, allow_pickle: bool) -> Any:
         except Exception as e:
             raise CheckpointError(f"{path}: unreadable safetensors file: {e}") from e
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
+        with torch.serialization.safe_globals(safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's message opens with generic advice; the line that matters is the unpickler's own

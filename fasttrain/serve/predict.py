@@ -137,31 +137,31 @@ def decoded(paths: Sequence[str], size: int, workers: int, chunk: int = 16, resi
     """(position, uint8 [size, size] | None, error | None) in input order, decoded by the
     converters' own worker function (same decoder, same error text, the packed data's `resize`
     fitting) in spawned processes."""
-    from fasttrain.converters.common import _decode_chunk
+    from fasttrain.converters.common import decode_chunk
     from fasttrain.converters.decode import decode_file
     fit = functools.partial(decode_file, resize=resize)
     tasks = [(fit, size, list(zip(range(s, min(s + chunk, len(paths))), paths[s:s + chunk])))
              for s in range(0, len(paths), chunk)]
     if workers <= 1:
         for t in tasks:
-            yield from _decode_chunk(t)
+            yield from decode_chunk(t)
         return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
-    from fasttrain.converters.common import _worker_init
+    from fasttrain.converters.common import worker_init
     # spawn, not fork: this process has run torch (libgomp's thread pool does not survive a fork);
     # ProcessPoolExecutor raises on a dead worker instead of waiting for it forever.
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool:
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=worker_init) as pool:
         window = 4 * workers  # bounded: at most this many chunks decoded ahead of the model
-        pending = [pool.submit(_decode_chunk, t) for t in tasks[:window]]
+        pending = [pool.submit(decode_chunk, t) for t in tasks[:window]]
         nxt = len(pending)
         try:
             while pending:
                 res = pending.pop(0).result()
                 if nxt < len(tasks):
-                    pending.append(pool.submit(_decode_chunk, tasks[nxt]))
+                    pending.append(pool.submit(decode_chunk, tasks[nxt]))
                     nxt += 1
                 yield from res
         except BrokenProcessPool as e:

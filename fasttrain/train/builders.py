@@ -62,8 +62,8 @@ def peek_checkpoint(path: Path):
     if path.suffix == ".safetensors":
         return None
     try:
-        from fasttrain.models.checkpoints import _safe_globals
-        with torch.serialization.safe_globals(_safe_globals()):
+        from fasttrain.models.checkpoints import safe_globals
+        with torch.serialization.safe_globals(safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
         return None

@@ -228,8 +228,8 @@ def evaluate_checkpoint(ckpt: str | Path, data: str | Path, split: str = "test",
                   synthetic=synthetic, images_per_s=ips, dataset=manifest.get("dataset"))
     out = Path(out) if out is not None else Path(ckpt).resolve().parent.parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    from fasttrain.train.runlog import _write_json_atomic
-    _write_json_atomic(out / f"results_{split}.json", result)
+    from fasttrain.io import write_json_atomic
+    write_json_atomic(out / f"results_{split}.json", result)
     tag = "SYNTHETIC phantoms - " if synthetic else ""
     plot_roc(labels, scores, names, out / f"roc_{split}.png",
              title=title or f"{tag}ROC, {manifest.get('dataset', '')} {split} (mAUC {result['mauc'] or float('nan'):.3f})")

@@ -51,7 +51,7 @@ class AblationError(ValueError):
 
 def parse_grid(items: list[str]) -> list[tuple[str, list]]:
     """['distill.alpha=0,1'] -> [('distill.alpha', [0, 1])] (values parsed like dotted overrides)."""
-    from fasttrain.config import _parse_scalar
+    from fasttrain.config import parse_scalar
     if not items:
         raise AblationError("an empty grid: give at least one --grid KEY=V1,V2")
     grid = []
@@ -62,7 +62,7 @@ def parse_grid(items: list[str]) -> list[tuple[str, list]]:
         key = key.lstrip("-")
         if len(key.split(".")) < 2:
             raise AblationError(f"--grid {item!r}: the key must be section.key (e.g. distill.alpha)")
-        values = [_parse_scalar(v) for v in text.split(",") if v != ""]
+        values = [parse_scalar(v) for v in text.split(",") if v != ""]
         if not values:
             raise AblationError(f"--grid {item!r} has no values")
         if any(k == key for k, _ in grid):
@@ -151,9 +151,9 @@ def _read_json(path: Path) -> Optional[dict]:
 
 
 def _write_json(path: Path, obj) -> None:
-    from fasttrain.train.runlog import _write_json_atomic
+    from fasttrain.io import write_json_atomic
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(path, obj)
+    write_json_atomic(path, obj)
 
 
 class Ablation:

@@ -850,9 +850,9 @@ def make_figures(plan: Plan) -> list[Path]:
 def plot_finetune_losses(runs: list[Path], path: Path, synthetic: bool) -> Path:
     """Fine-tuning BCE per epoch, train (mean of the epoch's logged steps) and validation, one colour
     per run: the paper's fine-tuning loss figure."""
-    from fasttrain.eval.plots import _plt
+    from fasttrain.eval.plots import pyplot
     from fasttrain.train.runlog import read_metrics, save_figure
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, run in enumerate(runs):
         recs = read_metrics(run)

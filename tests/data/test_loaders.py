@@ -438,7 +438,7 @@ def test_dali_gpu_augmentation_semantics_on_cpu_operators(coded, phantoms):
 
 # ----------------------------------------------------------------------------- CUDA (scripts/gpu_check.sh)
 
-def _importable(module: str) -> bool:
+def importable(module: str) -> bool:
     import importlib
     try:
         importlib.import_module(module)
@@ -455,7 +455,7 @@ def phantoms_gpu(tmp_path_factory):
     root = tmp_path_factory.mktemp("phantoms_gpu")
     src = generate_phantoms(root / "src", 24, seed=2, size=64, progress=False)
     needs = (("ffcv", ("ffcv.loader",)), ("dali", ("nvidia.dali", "simplejpeg")))
-    formats = ["raw"] + [f for f, mods in needs if all(_importable(m) for m in mods)]
+    formats = ["raw"] + [f for f, mods in needs if all(importable(m) for m in mods)]
     return {"path": str(_convert(src, root / "packed", 64, formats=tuple(formats))), "formats": formats}
 
 

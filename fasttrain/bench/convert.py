@@ -27,11 +27,13 @@ mode whose next round would overrun its share stops after one round, with a note
 from __future__ import annotations
 
 import argparse
+import csv
 import inspect
 import io
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,10 +42,18 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+from PIL import Image
 
-from fasttrain.bench import budget_text, budgeted_windows, print_plan
-
+from fasttrain.bench.timing import (add_run_length_args, budget_text, budgeted_windows, fill_presets, print_plan,
+                                    print_records, record)
+from fasttrain.converters import decode as D
+from fasttrain.converters.chexpert import CHEXPERT_ALL, convert_chexpert
 from fasttrain.converters.common import Item, Problems, bounded_imap, default_workers
+from fasttrain.converters.decode import preload
+from fasttrain.converters.dicom import convert_dicom, convert_mimic_jpg
+from fasttrain.converters.nih import convert_nih
+from fasttrain.converters.synthetic import draw_phantom
+from fasttrain.format.raw import write_split
 
 
 @dataclass(frozen=True)
@@ -80,7 +90,6 @@ def radiograph(index: int, h: int, w: int, noise: float, bits: int = 8) -> np.nd
     """A SYNTHETIC radiograph-like image [h, w]: phantom anatomy (drawn at 256 px) upsampled,
     plus per-pixel mottle and a coarser grain, so the compressed size is near real files'."""
     import cv2
-    from fasttrain.converters.synthetic import draw_phantom
     base = cv2.resize(draw_phantom(1234, index, 256).image.astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
     rng = np.random.default_rng(index)
     fine = rng.standard_normal((h, w), dtype=np.float32) * noise  # [h, w]
@@ -103,7 +112,7 @@ def j2k_codestream(stored: np.ndarray, bits: int, levels: Optional[int] = None) 
 def _write_dicom(path: Path, stored: np.ndarray, bits: int, j2k: bool) -> None:
     import pydicom
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import JPEG2000Lossless, ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -128,7 +137,6 @@ def _write_dicom(path: Path, stored: np.ndarray, bits: int, j2k: bool) -> None:
 
 def _write_one(args) -> int:
     kind_name, index, path = args
-    from PIL import Image
     k = KINDS[kind_name]
     img = radiograph(index, k.h, k.w, k.noise, k.bits)
     path = Path(path)
@@ -148,7 +156,6 @@ MIMIC_LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleura
 def write_sources(kind: str, n: int, root: Path, workers: int) -> list[Path]:
     """N SYNTHETIC files of `kind` in the real dataset's layout under `root` (+ its CSVs / lists);
     returns the image paths in order. A README.txt says SYNTHETIC."""
-    import csv
     root.mkdir(parents=True, exist_ok=True)
     (root / "README.txt").write_text(f"SYNTHETIC {kind} sources written by `fasttrain bench convert`; not radiographs\n")
     paths, rows = [], []
@@ -180,7 +187,6 @@ def write_sources(kind: str, n: int, root: Path, workers: int) -> list[Path]:
         (root / "train_val_list.txt").write_text("".join(r + "\n" for r in rows[:-n_test]))
         (root / "test_list.txt").write_text("".join(r + "\n" for r in rows[-n_test:]))
     elif kind == "chexpert-jpg":
-        from fasttrain.converters.chexpert import CHEXPERT_ALL
         for fname, part in (("train.csv", rows[:-n_test]), ("valid.csv", rows[-n_test:])):
             with open(root / "CheXpert-v1.0" / fname, "w", newline="") as f:
                 wr = csv.writer(f, lineterminator="\n")
@@ -210,15 +216,11 @@ def write_sources(kind: str, n: int, root: Path, workers: int) -> list[Path]:
 
 def _converter(kind: str) -> Callable:
     if kind == "nih-png":
-        from fasttrain.converters.nih import convert_nih
         return convert_nih
     if kind == "chexpert-jpg":
-        from fasttrain.converters.chexpert import convert_chexpert
         return convert_chexpert
     if kind == "mimic-jpg":
-        from fasttrain.converters.dicom import convert_mimic_jpg
         return convert_mimic_jpg
-    from fasttrain.converters.dicom import convert_dicom
     return convert_dicom
 
 
@@ -241,7 +243,6 @@ def convert_fasttrain(kind: str, src: Path, out: Path, size: int, workers: int) 
 def reference_decode(path: str, size: int, resize: str = "squash") -> np.ndarray:
     """The naive baseline: what a PIL-based loader does with one file (`resize` squash: the whole
     frame to size x size; crop: its centre square, as Resize + CenterCrop)."""
-    from PIL import Image
     if path.endswith(".dcm"):
         import pydicom
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -262,7 +263,6 @@ def reference_decode(path: str, size: int, resize: str = "squash") -> np.ndarray
 
 def decode_only(path: str, size: int) -> int:
     """The ceiling: read + the chosen decoder at the chosen scale, nothing after. Returns pixels."""
-    from fasttrain.converters import decode as D
     if path.endswith(D.DICOM_SUFFIXES):  # what decode_dicom decodes with (it reads the file itself)
         return int(D.dicom_stored(path, size)[1].size)
     with open(path, "rb") as f:
@@ -312,7 +312,6 @@ def _zeros(path: str, size: int) -> np.ndarray:
 
 def pipeline_only(paths: list[Path], out: Path, size: int, workers: int) -> int:
     """The converter's pool + raw memmap writer with a decoder that does nothing: the writer's rate."""
-    from fasttrain.format.raw import write_split
     items = [Item(id=str(i), path=str(p), labels=np.zeros(1, np.float32), where=f"item {i}") for i, p in enumerate(paths)]
     out.mkdir(parents=True)
     kept, _ = write_split(out, "x", items, _zeros, size, workers, False, Problems("fail"))
@@ -351,7 +350,6 @@ class PeakRSS:
         self.peak = 0
 
     def __enter__(self):
-        import subprocess
         self._proc = subprocess.Popen([sys.executable, "-c", _SAMPLER, str(os.getpid())], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, text=True)
         return self
@@ -371,10 +369,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="processes for every mode (default: all cores)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the median is reported")
     p.add_argument("--dir", default=None, help="keep the sources here and reuse them next time (default: a temp dir, removed)")
-    p.add_argument("--budget", type=float, default=None,
-                   help="seconds for the timed rounds, shared equally by the modes; a mode whose next round "
-                        "would overrun its share stops with a note (default 120; --full: 0 = no budget)")
-    p.add_argument("--full", action="store_true", help="no budget: every mode runs every round")
+    add_run_length_args(p, budget=QUICK_BUDGET, shared_by="the modes", full="no budget: every mode runs every round")
     p.add_argument("--json", action="store_true", help="one JSON object per mode")
     return p
 
@@ -405,7 +400,6 @@ def run(kind: str, n: int, size: int = 256, workers: Optional[int] = None, repea
             stamp.write_text("".join(f"{p}\n" for p in paths))
             log(f"wrote {n} SYNTHETIC {kind} sources ({k.w}x{k.h}, {k.bits}-bit) in {time.perf_counter() - t0:.0f} s")
         mb = sum(p.stat().st_size for p in paths) / 1e6
-        from fasttrain.converters.decode import preload
         preload()  # every mode's workers fork with the decoders already imported (as `pack` does)
         modes: dict[str, Callable[[int], int]] = {
             "reference": lambda r: pool_run("reference", paths, size, workers, resize=default_resize(kind)),
@@ -466,7 +460,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("fasttrain bench convert: --n must be >= 2 (a train and a test image)", file=sys.stderr)
         return 2
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    budget = args.budget if args.budget is not None else (0.0 if args.full else QUICK_BUDGET)
+    fill_presets(args, {"budget": QUICK_BUDGET}, {"budget": 0.0})
+    budget = args.budget
     k = KINDS[args.kind]
     print_plan(f"{n} SYNTHETIC {args.kind} sources ({k.w}x{k.h}, {k.bits}-bit) written first (or reused from "
                f"--dir), then 4 modes (reference, fasttrain, decode-only, pipeline-only) x {args.repeats} "
@@ -475,7 +470,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     res = run(args.kind, n, args.size, args.workers, args.repeats, Path(args.dir) if args.dir else None,
               log=lambda s: print(f"bench convert: {s}", file=sys.stderr), budget=budget)
     # provenance imports torch: only after every forked pool is done (libgomp is not fork-safe)
-    from fasttrain.bench import print_records, record
     records = [record("convert", r.pop("mode"), device="cpu", **r) for r in res]
     print_records(records, args.json, ["mode", "kind", "images_per_s", "mb_per_s", "ratio_vs_reference",
                                        "pct_of_decode_only", "peak_rss_mib", f"hours_on_{NODE_CORES}_cores",

@@ -32,12 +32,11 @@ from typing import Callable
 
 import torch
 
-from fasttrain.bench import budget_text, budgeted_windows, median, print_plan, print_records, record
-
+from fasttrain.bench.timing import budget_text, budgeted_windows, median, print_plan, print_records, record
 from fasttrain.kernels import HAS_TRITON, use_backend
 from fasttrain.kernels.l1_align import l1_align, l1_align_reference
 from fasttrain.kernels.masked_gather import (masked_gather, masked_gather_reference, unshuffle_with_mask_token,
-                            unshuffle_with_mask_token_reference)
+                                             unshuffle_with_mask_token_reference)
 
 SHAPES = {
     # The paper's pre-training: batch 256, 224 px / 16 = 196 patches, 75% masked -> 49 kept;

@@ -43,7 +43,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fasttrain.bench import budget_text, budgeted_windows, median, print_plan, print_records, record
+from fasttrain.bench.timing import (add_run_length_args, budget_text, budgeted_windows, fill_presets, median,
+                                    print_plan, print_records, record)
+from fasttrain.config import DataConfig
+from fasttrain.data.dali_loader import DALILoader
+from fasttrain.data.loaders import LoaderError, build_loader
+from fasttrain.data.mixture import MixtureError, open_mixture, parse_parts, part_manifests, shared_formats
+from fasttrain.data.reference import export_png
+from fasttrain.format.packed import PackedError, open_packed
+from fasttrain.provenance import provenance
 
 COLUMNS = ["loader", "images_per_s", "ratio_vs_reference", "feed_images_per_s", "feed_ratio_vs_reference",
            "epoch_startup_s", "device", "note"]
@@ -71,11 +79,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="untimed batches at each epoch's start (default: prefetch depth + 1)")
     p.add_argument("--windows", type=int, default=None,
                    help="timed windows per loader, after 1 warm-up window (default 3; --full: 5)")
-    p.add_argument("--budget", type=float, default=None,
-                   help="seconds for the whole timing loop, shared equally by the timings; a timing that "
-                        "would overrun its share stops with a note (default 150; --full: 0 = no budget)")
-    p.add_argument("--full", action="store_true",
-                   help="the long run docs/benchmarks.md quotes: batch 256, 5 windows of 3 s, no budget")
+    add_run_length_args(p, budget=QUICK["budget"], shared_by="the timings",
+                        full="the long run docs/benchmarks.md quotes: batch 256, 5 windows of 3 s, no budget")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--in-chans", type=int, default=1)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="output dtype (the autocast dtype)")
@@ -169,7 +174,6 @@ def _decode_ceiling(packed_root: Path, split: str, seconds: float = 1.5) -> floa
     try:
         import simplejpeg
 
-        from fasttrain.format.packed import open_packed
         ps = open_packed(packed_root, split, "dali")
     except Exception:  # noqa: BLE001 - no DALI shards or no simplejpeg: no ceiling to report
         return None
@@ -185,7 +189,6 @@ def _decode_ceiling(packed_root: Path, split: str, seconds: float = 1.5) -> floa
 def _memcpy_ceiling(packed_root: Path, split: str, batch: int, seconds: float = 1.0) -> float | None:
     """images/s of copying whole contiguous batches of raw bytes (page cache -> RAM)."""
     try:
-        from fasttrain.format.packed import open_packed
         images = open_packed(packed_root, split, "raw").images
     except Exception:  # noqa: BLE001 - raw not written
         return None
@@ -203,15 +206,8 @@ def _memcpy_ceiling(packed_root: Path, split: str, batch: int, seconds: float = 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    for key, value in (FULL if args.full else QUICK).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    from fasttrain.config import DataConfig
-    from fasttrain.provenance import provenance
+    fill_presets(args, QUICK, FULL)
 
-    from fasttrain.data.loaders import LoaderError, build_loader
-    from fasttrain.data.mixture import MixtureError, open_mixture, parse_parts
-    from fasttrain.format.packed import PackedError
 
     # one packed dataset, or several (--data A --data B, or --data A,B) timed as one mixture
     try:
@@ -232,7 +228,6 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype]
     transform = "eval" if args.eval else args.transform
     train = transform != "eval"
-    from fasttrain.data.mixture import part_manifests, shared_formats
     formats = shared_formats(part_manifests(data_path))  # the formats every part has
     wanted = ["reference"] + [f for f in ("raw", "ffcv") if f in formats]
     if "dali" in formats:
@@ -243,7 +238,6 @@ def main(argv: list[str] | None = None) -> int:
     tmp = None
     ref_images = args.reference_images
     if "reference" in wanted and ref_images is None and not Path(manifest.get("source") or "/nonexistent").is_dir():
-        from fasttrain.data.reference import export_png
         tmp = tempfile.TemporaryDirectory(prefix="fasttrain-bench-png-")
         print(f"exporting {len(packed)} packed images as PNG for the reference loader -> {tmp.name}", file=sys.stderr)
         ref_images = str(export_png(packed, tmp.name))
@@ -256,7 +250,6 @@ def main(argv: list[str] | None = None) -> int:
                          **TRANSFORMS[transform])
         try:
             if kind == "dali":
-                from fasttrain.data.dali_loader import DALILoader
                 ld = build_loader(cfg, args.split, train, img_size=args.img_size, in_chans=args.in_chans,
                                   device=device if name == "dali-gpu" else "cpu", dtype=dtype, need_labels=False)
                 assert isinstance(ld, DALILoader)

@@ -30,8 +30,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fasttrain.bench import budget_text, budgeted_windows, median, print_plan
-
+from fasttrain.bench.step import importable
+from fasttrain.bench.timing import add_run_length_args, budget_text, budgeted_windows, fill_presets, median, print_plan
+from fasttrain.config import DataConfig
+from fasttrain.converters.chexpert import convert_chexpert
+from fasttrain.converters.common import AtomicDir
+from fasttrain.converters.nih import convert_nih
+from fasttrain.converters.synthetic import generate_phantoms
+from fasttrain.data.loaders import build_loader
+from fasttrain.format.packed import open_packed, read_manifest
+from fasttrain.provenance import provenance
 
 # (batch size, batches per window, windows, budget s) of the default run and of --full; budget 0: none
 QUICK = dict(batch_size=128, batches=4, windows=3, budget=120.0)
@@ -39,10 +47,6 @@ FULL = dict(batch_size=256, batches=6, windows=5, budget=0.0)
 
 
 def make_packs(root: Path, n: int, size: int, workers: int) -> tuple[list[str], str]:
-    from fasttrain.converters.chexpert import convert_chexpert
-    from fasttrain.converters.nih import convert_nih
-    from fasttrain.converters.synthetic import generate_phantoms
-    from fasttrain.bench.step import importable
     formats = tuple(["raw"] + [f for f, m in (("ffcv", "ffcv"), ("dali", "nvidia.dali")) if importable(m)])
     kw = dict(formats=formats, size=size, progress=False, workers=workers)
     # a CheXpert source of n images holds ~14% lateral views (dropped by the converter) and a valid
@@ -51,7 +55,6 @@ def make_packs(root: Path, n: int, size: int, workers: int) -> tuple[list[str], 
                                       progress=False), root / "nih", **kw)
     b = convert_chexpert(generate_phantoms(root / "src_cx", int(n * 1.2), seed=2, size=size, workers=workers,
                                            layout="chexpert", test_fraction=0.01, progress=False), root / "cx", **kw)
-    from fasttrain.format.packed import open_packed
     total = len(open_packed(a, "train")) + len(open_packed(b, "train"))
     # the single dataset: the same number of train images (test_fraction tuned so train ~= total)
     c = convert_nih(generate_phantoms(root / "src_single", int(total / 0.99) + 2, seed=3, size=size, workers=workers,
@@ -63,9 +66,7 @@ def tile_raw(src, out, copies: int, split: str = "train") -> Path:
     """A raw-only packed dataset whose `split` is `copies` back-to-back copies of src's split (ids
     suffixed '#k'): a set bigger than memory in the minutes it takes to write the bytes, for cold
     page-cache measurements. Its images repeat; the page cache cannot tell. Written atomically."""
-    from fasttrain.converters.common import AtomicDir
 
-    from fasttrain.format.packed import open_packed, read_manifest
     p = open_packed(src, split, "raw")
     m = read_manifest(src)
     with AtomicDir(Path(out)) as tmp:
@@ -114,13 +115,8 @@ def cold_main(argv: list[str]) -> int:
                    help="ADVICE:BLOCK pairs (data.raw_advice : data.block_shuffle)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    for key, value in (FULL if args.full else QUICK).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    from fasttrain.config import DataConfig
-    from fasttrain.provenance import provenance
+    fill_presets(args, QUICK, FULL)
 
-    from fasttrain.data.loaders import build_loader
     path = args.data if len(args.data) > 1 else args.data[0]
     records = []
     variants = [(v.split(":")[0], int(v.split(":")[1])) for v in args.variants.split(",") if v]
@@ -197,22 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="default 128 (--full: 256)")
     p.add_argument("--batches", type=int, default=None, help="batches per window (default 4; --full: 6)")
     p.add_argument("--windows", type=int, default=None, help="timed windows after 1 warm-up (default 3; --full: 5)")
-    p.add_argument("--budget", type=float, default=None,
-                   help="seconds for all the windows, shared equally by the timings; a timing that would "
-                        "overrun its share stops with a note (default 120; --full: 0 = no budget)")
-    p.add_argument("--full", action="store_true", help="batch 256, 5 windows of 6 batches, no budget")
+    add_run_length_args(p, budget=QUICK["budget"], shared_by="the timings", full="batch 256, 5 windows of 6 batches, no budget")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--modes", default="feed,whole", help="feed (host side) and/or whole (with augmentation)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    for key, value in (FULL if args.full else QUICK).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    from fasttrain.config import DataConfig
-    from fasttrain.provenance import provenance
+    fill_presets(args, QUICK, FULL)
 
-    from fasttrain.data.loaders import build_loader
     modes = [m for m in args.modes.split(",") if m]
     workers = args.workers or os.cpu_count() or 1
     if args.make:

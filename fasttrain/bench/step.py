@@ -1,6 +1,6 @@
-"""`fasttrain bench step | e2e | all`: the pre-training step against the seed-semantics baseline.
+"""`fasttrain bench step | e2e | all`: the pre-training step against the baseline step.
 
-- step: images/s of the reference step (seed semantics: eager, full teacher + decoder, fp32 on
+- step: images/s of the reference step (the baseline: eager, full teacher + decoder, fp32 on
   CPU / fp16 on CUDA, for-loop AdamW) and the fused step (compiled, bf16, truncated bf16 teacher,
   channels-last, fused AdamW), same models, same run, interleaved timing windows, median. Also a
   student-only MAE step for context. Synthetic device tensors: compute only, no loading.
@@ -25,9 +25,20 @@ from pathlib import Path
 
 import torch
 
-from fasttrain.bench import budget_text, budgeted_windows, median, print_plan, print_records, record
-from fasttrain.config import build_config
 from fasttrain.bench.flops import etmae_step_flops, known_peak, measured_matmul_peak
+from fasttrain.bench.kernels import main as kernels_main
+from fasttrain.bench.loader import main as loader_main
+from fasttrain.bench.timing import (add_run_length_args, budget_text, budgeted_windows, fill_presets, median,
+                                    print_plan, print_records, record)
+from fasttrain.config import build_config
+from fasttrain.converters.nih import convert_nih
+from fasttrain.converters.synthetic import generate_phantoms
+from fasttrain.data import build_loader
+from fasttrain.models import create_model
+from fasttrain.models.distill import build_etmae
+from fasttrain.provenance import device_name
+from fasttrain.train.engine import make_step
+from fasttrain.train.optim import build_optimizer, param_groups_weight_decay
 
 COLUMNS = ["bench", "mode", "images_per_s", "ratio_vs_reference", "gflops_per_image", "mfu", "batch_size",
            "device", "note"]
@@ -46,7 +57,6 @@ def _sync(device: torch.device):
 
 
 def _peak(device: torch.device) -> tuple[float, str]:
-    from fasttrain.provenance import device_name
     name = device_name(str(device))
     peak = known_peak(name) if device.type == "cuda" else None
     if peak is not None:
@@ -56,10 +66,6 @@ def _peak(device: torch.device) -> tuple[float, str]:
 
 def build_bench_step(mode: str, args, device: torch.device, teacher: str | None):
     """A fresh model + optimizer + step for one mode (the fused step converts its teacher in place)."""
-    from fasttrain.models import create_model
-    from fasttrain.models.distill import build_etmae
-    from fasttrain.train.engine import make_step
-    from fasttrain.train.optim import build_optimizer, param_groups_weight_decay
 
     overrides = {
         "model": {"name": args.student, "img_size": args.img_size, "in_chans": args.in_chans},
@@ -96,11 +102,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="steps per timing window (default: 10 CUDA, 1 CPU; --full on the CPU: 2)")
     p.add_argument("--windows", type=int, default=None,
                    help="timed windows per mode, interleaved, after 1 warm-up window (default 3; --full: 5)")
-    p.add_argument("--budget", type=float, default=None,
-                   help="seconds for the timing windows, shared equally by the modes; a mode whose next window "
-                        "would overrun its share stops with a note (default 120; --full: 0 = no budget)")
-    p.add_argument("--full", action="store_true",
-                   help="the long run docs/benchmarks.md quotes: 5 windows (of 2 steps on the CPU), no budget")
+    add_run_length_args(p, budget=QUICK_BUDGET, shared_by="the modes",
+                        full="the long run docs/benchmarks.md quotes: 5 windows (of 2 steps on the CPU), no budget")
     p.add_argument("--kd-block", type=int, default=8)
     p.add_argument("--mask-ratio", type=float, default=0.75)
     p.add_argument("--no-compile", action="store_true", help="fused mode without torch.compile (the CPU default)")
@@ -119,8 +122,7 @@ def _defaults(args, device: torch.device) -> None:
         args.steps = 10 if cuda else (2 if args.full else 1)
     if args.windows is None:
         args.windows = 5 if args.full else 3
-    if args.budget is None:
-        args.budget = 0.0 if args.full else QUICK_BUDGET
+    fill_presets(args, {"budget": QUICK_BUDGET}, {"budget": 0.0})
     # compiling the fused step costs 1.5-3 minutes on a 2-core CPU, and eager measured faster
     # there (docs/benchmarks.md): compiled by default on CUDA only
     args.no_compile = args.no_compile or (device.type != "cuda" and not getattr(args, "compile", False))
@@ -188,7 +190,6 @@ def step_main(argv: list[str]) -> int:
 
 
 def run_e2e_bench(args) -> list[dict]:
-    from fasttrain.data import build_loader
 
     device = _device(args.device)
     _defaults(args, device)
@@ -267,8 +268,6 @@ def importable(module: str) -> bool:
 
 def make_synthetic_packed(root: Path, n: int, size: int) -> Path:
     """Phantoms -> NIH converter into every format this machine can write (SYNTHETIC data)."""
-    from fasttrain.converters.nih import convert_nih
-    from fasttrain.converters.synthetic import generate_phantoms
 
     src, out = root / "phantoms_src", root / "phantoms_packed"
     generate_phantoms(src, n, seed=0, size=size, progress=False)
@@ -304,12 +303,10 @@ def all_main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="fasttrain-bench-") as tmp:
         data = Path(args.data) if args.data else make_synthetic_packed(Path(tmp), args.n_images, 256)
         if "loader" not in skip:
-            from fasttrain.bench.loader import main as loader_main
             loader_main(["--data", str(data), "--batch-size", str(args.batch_size), "--img-size",
                          str(args.img_size), "--batches", str(args.loader_batches), "--windows", str(args.windows),
                          "--budget", str(args.budget)] + (["--json"] if args.json else []))
         if "kernels" not in skip:
-            from fasttrain.bench.kernels import main as kernels_main
             kernels_main((["--full"] if args.full else []) + (["--json"] if args.json else []))
         if "step" not in skip:
             args.skip_mae = False

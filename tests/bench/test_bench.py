@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from fasttrain.bench import budgeted_windows
+from fasttrain.bench.timing import budgeted_windows
 from fasttrain.bench.step import all_main, e2e_main, make_synthetic_packed, step_main
 from fasttrain.bench.flops import etmae_step_flops
 
@@ -27,7 +27,7 @@ def test_bench_step_json(capsys):
     assert recs[0]["ratio_vs_reference"] == 1.0
     assert recs[1]["ratio_vs_reference"] == pytest.approx(recs[1]["images_per_s"] / recs[0]["images_per_s"])
     assert recs[2]["ratio_vs_reference"] is None
-    from fasttrain.bench import summarize
+    from fasttrain.bench.summary import summarize
     table = summarize(recs).splitlines()
     assert len(table) == 1 + len(recs) + 1 and "x reference" in table[2] and "img/s" in table[1]
     # The distillation step does more work than the student alone, by the teacher's forward.
@@ -54,7 +54,7 @@ def test_budgeted_windows_stop_a_timing_that_would_overrun_its_share(monkeypatch
     the window lengths exact."""
     import io
 
-    import fasttrain.bench as fb
+    import fasttrain.bench.timing as fb
     clock = [0.0]
     monkeypatch.setattr(fb.time, "perf_counter", lambda: clock[0])
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import FORMATS, ConvertError
+from fasttrain.format.manifest import FORMATS
+
+from .common import ConvertError
 from .decode import RESIZE_MODES
 
 

@@ -312,7 +312,7 @@ def _zeros(path: str, size: int) -> np.ndarray:
 
 def pipeline_only(paths: list[Path], out: Path, size: int, workers: int) -> int:
     """The converter's pool + raw memmap writer with a decoder that does nothing: the writer's rate."""
-    from fasttrain.format.raw import write_split
+    from fasttrain.converters.pack import write_raw_split as write_split
     items = [Item(id=str(i), path=str(p), labels=np.zeros(1, np.float32), where=f"item {i}") for i, p in enumerate(paths)]
     out.mkdir(parents=True)
     kept, _ = write_split(out, "x", items, _zeros, size, workers, False, Problems("fail"))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import INSTALL_HINT, BaseLoader, LoaderError
-from fasttrain.format.ffcv_threads import keep_torch_threads
+from fasttrain.format.ffcv import keep_torch_threads
 from .mixture import as_mixture
 
 

@@ -20,7 +20,7 @@ over that space, so DDP sharding, batching and mid-epoch resume are EpochSampler
   the order is still a function of (seed, epoch) alone. The S draws are then shuffled together.
   Evaluation loaders (no shuffle) ignore weights: every image of every part once, in order.
 
-Imports: packed <- mixture <- base (the sampler choice) <- loaders; nothing here imports a loader.
+Imports: format (manifest, packed) <- mixture <- base (the sampler choice) <- loaders; nothing here imports a loader.
 """
 from __future__ import annotations
 
@@ -34,7 +34,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from fasttrain.format.packed import PackedError, PackedSplit, open_packed, read_manifest
+from fasttrain.format.manifest import FORMAT_PREFERENCE, PackedError, read_manifest
+from fasttrain.format.packed import PackedSplit, open_packed
+
 from .sampler import EpochSampler, mix_seed
 
 log = logging.getLogger(__name__)
@@ -345,7 +347,6 @@ def missing_split(path, split: str, train_split: str = "train") -> list[str]:
 
 def shared_formats(mans) -> list[str]:
     """The packed formats every part (part_manifests) has, best first (raw > ffcv > dali)."""
-    from fasttrain.converters.common import FORMAT_PREFERENCE
     have = [set(m.get("formats", [])) for _, m in mans]
     return [f for f in FORMAT_PREFERENCE if all(f in h for h in have)]
 

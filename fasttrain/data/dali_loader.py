@@ -6,7 +6,7 @@ then the shared normalise (and gray -> C expansion) in torch.
 CPU (no CUDA): `device_id=None` pipeline that decodes on the CPU threads, then the same batched
 BatchAugment as the raw and FFCV loaders (one op per batch, not DALI's per-sample CPU operators).
 
-Order: ours, as the raw loader's. One dataset reads as a mixture of one part (mixture.as_mixture):
+Order: ours, as the raw loader's. One dataset reads as a mixture of one part (mixture.open_mixture):
 the JPEG bytes go through `fn.external_source` in the order of our EpochSampler / MixtureSampler
 (one permutation per (seed, epoch), page-aware blocks only with data.block_shuffle, DDP shards of
 it, evaluation reading every image once), as slices of the memory-mapped webdataset shards
@@ -25,8 +25,7 @@ import gc
 import numpy as np
 import torch
 
-from .base import INSTALL_HINT, BaseLoader, LoaderError
-from .mixture import as_mixture
+from .base import INSTALL_HINT, BaseLoader, LoaderError, LoaderSpec
 from .sampler import batch_rng, mix_seed
 
 
@@ -73,8 +72,8 @@ def _jpeg_table(p) -> _JpegTable:
 class DALILoader(BaseLoader):
     name = "dali"
 
-    def __init__(self, packed, *, gpu: bool | None = None, **kw):
-        super().__init__(as_mixture(packed), **kw)
+    def __init__(self, packed, spec: LoaderSpec, gpu: bool | None = None):
+        super().__init__(packed, spec)
         self._dali = _import_dali()
         self.gpu = (self.device.type == "cuda") if gpu is None else bool(gpu)
         if self.gpu and self.device.type != "cuda":

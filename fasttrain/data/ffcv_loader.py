@@ -2,7 +2,7 @@
 the OS cache or FFCV's own cache), then the shared batched device augmentation.
 
 Order: ours, not FFCV's traversal orders. One dataset reads as a mixture of one part
-(mixture.as_mixture), so every FFCV read follows the raw loader's EpochSampler / MixtureSampler:
+(mixture.open_mixture), so every FFCV read follows the raw loader's EpochSampler / MixtureSampler:
 one permutation per (seed, epoch) (page-aware blocks only with data.block_shuffle), DDP shards of
 it without torch.distributed and without padding (evaluation scores every image once), and
 mid-epoch resume that never reads the skipped batches. FFCV's own orders differ: QUASI_RANDOM (its
@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import INSTALL_HINT, BaseLoader, LoaderError
+from .base import INSTALL_HINT, BaseLoader, LoaderError, LoaderSpec
 from fasttrain.format.ffcv import keep_torch_threads
-from .mixture import as_mixture
 
 
 def _import_ffcv():
@@ -41,8 +40,8 @@ def _import_ffcv():
 class FFCVLoader(BaseLoader):
     name = "ffcv"
 
-    def __init__(self, packed, **kw):
-        super().__init__(as_mixture(packed), **kw)
+    def __init__(self, packed, spec: LoaderSpec):
+        super().__init__(packed, spec)
         f = self._ffcv = _import_ffcv()
         self.sampler = self.make_sampler(self.packed)
         self.loaders = []  # one per part

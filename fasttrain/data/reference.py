@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from .gpu_augment import eval_resize_size, norm_stats
-from .base import LoaderError, SampledLoader
+from .base import LoaderError, LoaderSpec, SampledLoader
 from .sampler import EpochSampler, mix_seed
 
 
@@ -141,8 +141,8 @@ class _EpochBatches:
 class ReferenceLoader(SampledLoader):
     name = "reference"
 
-    def __init__(self, packed, **kw):
-        super().__init__(packed, **kw)
+    def __init__(self, packed, spec: LoaderSpec):
+        super().__init__(packed, spec)
         import torchvision.transforms as T
         cfg = self.cfg
         if cfg.reference_images:
@@ -154,9 +154,9 @@ class ReferenceLoader(SampledLoader):
                                   f"e.g. {missing[0]} (write them with fasttrain.data.reference.export_png)")
             self.source = f"PNG folder of the packed images {folder}"
         else:
-            parts = getattr(packed, "parts", [packed])  # a mixture: each part's files, in the global index order
-            self.files = [f for p in parts for f in resolve_source_files(p)]
-            self.source = "source files under " + ", ".join(str(p.manifest.get("source")) for p in parts)
+            # each part's files, in the global index order
+            self.files = [f for p in packed.parts for f in resolve_source_files(p)]
+            self.source = "source files under " + ", ".join(str(p.manifest.get("source")) for p in packed.parts)
         self.labels = np.array(packed.labels, dtype=np.float32)  # [N, L] writable copy
         mean, std = norm_stats(cfg.norm, self.in_chans)
         mean3, std3 = (mean * 3, std * 3) if self.in_chans == 1 else (mean, std)

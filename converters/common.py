@@ -11,7 +11,6 @@ import contextlib
 import csv
 import gzip
 import hashlib
-import json
 import os
 import shutil
 import sys
@@ -323,16 +322,6 @@ class AtomicDir:
     def _unlock(self) -> None:
         self.lock_path.unlink(missing_ok=True)
         self.lock.close()  # closing releases the flock
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- pack

@@ -21,11 +21,12 @@ from fasttrain.format import dali as dali_writer
 from fasttrain.format import ffcv as ffcv_writer
 from fasttrain.format import raw as raw_writer
 from fasttrain.format.manifest import FORMAT_PREFERENCE, MANIFEST_VERSION, split_paths, write_manifest
+from fasttrain.io import write_json_atomic
 from fasttrain.pool import default_workers, progress
 
 from . import decode as decode_mod
 from .common import (AtomicDir, ConvertError, DecodeFn, Item, PackOptions, Problems, convert_errors, decode_stream,
-                     metadata_columns, metadata_names, sha256_file, write_json_atomic)
+                     metadata_columns, metadata_names, sha256_file)
 
 
 def begin(src, **options) -> tuple[Path, PackOptions, Problems]:

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fasttrain.io import write_atomic_with
+
 from .gpu_augment import eval_resize_size, norm_stats
 from .base import LoaderError, LoaderSpec, SampledLoader
 from .sampler import EpochSampler, mix_seed
@@ -46,10 +48,8 @@ def export_png(packed, out_dir) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for i, sid in enumerate(packed.ids):
-        dst = out / png_name(sid)
-        tmp = dst.with_name("." + dst.name + ".tmp")
-        Image.fromarray(packed.image(i)).save(tmp, format="PNG", compress_level=1)
-        os.replace(tmp, dst)
+        img = Image.fromarray(packed.image(i))
+        write_atomic_with(out / png_name(sid), lambda f: img.save(f, format="PNG", compress_level=1))
     return out
 
 

@@ -9,7 +9,7 @@ Loaders (data.loader, or `auto`: raw > ffcv > dali among the formats written, el
   ffcv       FFCV's compiled Loader over the .beton -> uint8 batches -> BatchAugment
   dali       DALI pipeline over the webdataset shards (GPU decode + augment on CUDA; CPU decode +
              BatchAugment otherwise)
-  reference  PIL + torch DataLoader + torchvision transforms per sample (the seed's path): the
+  reference  PIL + torch DataLoader + torchvision transforms per sample (the baseline's path): the
              benchmark's baseline and the oracle for the augmentation semantics
 
 Every loader also offers `feed()`: the host side alone, yielding the uint8 batches that would go

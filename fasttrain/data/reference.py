@@ -1,4 +1,4 @@
-"""The reference loader: the seed's per-sample path, kept as the benchmark baseline and as the
+"""The reference loader: the per-sample path of the baseline code, kept as the benchmark baseline and as the
 oracle for the augmentation semantics.
 
 Per sample, in torch DataLoader workers: PIL `Image.open`, `.convert('RGB')`, then torchvision
@@ -14,7 +14,7 @@ Images come from one of two places, and `describe()` says which:
   - a folder of PNGs of the packed images (`data.reference_images`, written by `export_png`): the
     same pixels the packed loaders read, so outputs are comparable image for image;
   - the source files of the packed ids (manifest "source" + `splits/<split>.files.txt`; see
-    resolve_source_files): the seed's exact inputs (e.g. 1024-px NIH PNGs).
+    resolve_source_files): the baseline's exact inputs (e.g. 1024-px NIH PNGs).
 Workers are persistent (forked at the first epoch): the epoch travels with each index.
 Determinism: each sample's augmentation draws come from torch's RNG seeded with
 (seed, epoch, rank, position in the split), so they do not depend on the worker count or on where
@@ -56,7 +56,7 @@ def export_png(packed, out_dir) -> Path:
 def resolve_source_files(packed) -> list[str]:
     """Each id's source image file: `splits/<split>.files.txt` (paths relative to the manifest's
     source folder, written by the converters), else `<source>/<id>`, else a file-name lookup under
-    the source folder (packs written before files.txt existed)."""
+    the source folder (packs without files.txt)."""
     src = Path(packed.manifest.get("source") or "")
     meta = packed.manifest["splits"][packed.split]
     hint = "set data.reference_images to a PNG folder (fasttrain.data.reference.export_png writes one)"
@@ -106,7 +106,7 @@ class ReferenceDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]):
         epoch, i = key
         with Image.open(self.files[i]) as im:
-            img = im.convert("RGB")  # the seed's path: gray replicated to 3 channels
+            img = im.convert("RGB")  # the baseline's path: gray replicated to 3 channels
         # per-sample draws from (seed, epoch, rank, i); fork_rng leaves the caller's RNG alone.
         # timm's transforms draw from Python's `random` and numpy's global RNG: seeded (and restored) too
         s = mix_seed(self.seed, epoch, self.rank, i, 0x4EF)

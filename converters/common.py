@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fcntl
 import gzip
 import hashlib
 import os
@@ -287,7 +288,6 @@ class AtomicDir:
         self.tmp = incomplete_path(self.out)
 
     def __enter__(self) -> Path:
-        import fcntl
         self.out.parent.mkdir(parents=True, exist_ok=True)
         # Two conversions to the same --out would otherwise share (and delete) one temporary
         # folder, and the first to finish would rename a mix of both: a lock held for the whole

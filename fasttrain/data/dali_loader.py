@@ -21,11 +21,16 @@ batches then run and are dropped; batch start_step onwards is identical to the u
 from __future__ import annotations
 
 import gc
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from fasttrain.format.dali import read_index
+
 from .base import INSTALL_HINT, BaseLoader, LoaderError, LoaderSpec
+from .gpu_augment import eval_resize_size
+from .raw_loader import map_advised
 from .sampler import batch_rng, mix_seed
 
 
@@ -52,8 +57,6 @@ class _JpegTable:
 
 
 def _jpeg_table(p) -> _JpegTable:
-    from fasttrain.format.dali import read_index
-    from pathlib import Path
     shard, offset, size = [], [], []
     for k, idx in enumerate(p.index_files):
         for comps in read_index(Path(idx)):
@@ -63,7 +66,6 @@ def _jpeg_table(p) -> _JpegTable:
             size.append(n)
     if len(shard) != len(p):
         raise LoaderError(f"{p.root}: DALI index files list {len(shard)} samples, the manifest says {len(p)}")
-    from .raw_loader import map_advised
     # random slices: MADV_RANDOM, so a cold page fault reads its pages, not a readahead window
     maps = [map_advised(f, (-1,), "random") for f in p.shards]
     return _JpegTable(np.array(shard), np.array(offset, np.int64), np.array(size, np.int64), maps)
@@ -125,7 +127,6 @@ class DALILoader(BaseLoader):
         (same arguments) and define the GPU graph without a GPU."""
         fn, _, types, _, _ = self._dali
         cfg, s = self.cfg, self.img_size
-        from .gpu_augment import eval_resize_size
         # our global order (see the module docstring)
         jpg, lbl, idx = fn.external_source(source=self._source, num_outputs=3, batch=True,
                                            dtype=[types.UINT8, types.FLOAT, types.INT64], cycle="raise")

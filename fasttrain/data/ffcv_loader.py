@@ -16,9 +16,12 @@ copy), so every batch is the one the raw loader yields (its images grouped by pa
 from __future__ import annotations
 
 import numpy as np
+import torch
+
+from fasttrain.format.ffcv import keep_torch_threads
 
 from .base import INSTALL_HINT, BaseLoader, LoaderError, LoaderSpec
-from fasttrain.format.ffcv import keep_torch_threads
+from .sampler import batch_rng
 
 
 def _import_ffcv():
@@ -89,7 +92,6 @@ class FFCVLoader(BaseLoader):
 
     def _epoch_iterator(self):
         """Batches start_step.. of this rank's shard of the global order: (images, labels, global index)."""
-        import torch
         b, s = self.batch_size, self.sampler
         sel = s.shard()[self.start_step * b: len(s) * b]  # global positions, reading order
         part, local = self.packed.locate(sel)
@@ -150,7 +152,6 @@ class FFCVLoader(BaseLoader):
             step += 1
 
     def _rng(self, step: int) -> np.random.Generator:
-        from .sampler import batch_rng
         return batch_rng(self.seed, self.epoch, self.rank, step)
 
     def describe(self) -> str:

@@ -21,9 +21,15 @@ from typing import Optional
 
 import torch
 
+from fasttrain.format.packed import PackedError
+
 # the registry sits above the format loaders (imports run base -> *_loader -> loaders)
 from .base import LOADERS, LoaderError, LoaderSpec, device_with_index
+from .dali_loader import DALILoader
+from .ffcv_loader import FFCVLoader
+from .mixture import MixtureError, open_mixture, part_manifests, part_splits, shared_formats
 from .raw_loader import RawLoader
+from .reference import ReferenceLoader
 from .subset import select as select_subset
 
 
@@ -49,9 +55,6 @@ def build_loader(data_cfg, split: str, train: bool, *, img_size: int, in_chans: 
     data_cfg.batch_size (per rank). need_labels=False (pre-training, benchmarks) lets a mixture's
     parts carry different label names.
     """
-    from .mixture import MixtureError, open_mixture, part_manifests, part_splits, shared_formats
-    from fasttrain.format.packed import PackedError
-
     if not data_cfg.path:
         raise LoaderError("data.path is not set: point it at a packed dataset (written by `fasttrain convert`)")
     try:
@@ -88,12 +91,9 @@ def build_loader(data_cfg, split: str, train: bool, *, img_size: int, in_chans: 
         if kind == "raw":
             return RawLoader(packed, spec)
         if kind == "ffcv":
-            from .ffcv_loader import FFCVLoader
             return FFCVLoader(packed, spec)
         if kind == "dali":
-            from .dali_loader import DALILoader
             return DALILoader(packed, spec)
-        from .reference import ReferenceLoader
         return ReferenceLoader(packed, spec)
     except (PackedError, MixtureError) as e:
         raise LoaderError(str(e)) from None

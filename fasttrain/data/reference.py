@@ -32,8 +32,9 @@ from PIL import Image
 
 from fasttrain.io import write_atomic_with
 
-from .gpu_augment import eval_resize_size, norm_stats
 from .base import LoaderError, LoaderSpec, SampledLoader
+from .gpu_augment import eval_resize_size, norm_stats
+from .randaug import parse_policy
 from .sampler import EpochSampler, mix_seed
 
 
@@ -143,7 +144,7 @@ class ReferenceLoader(SampledLoader):
 
     def __init__(self, packed, spec: LoaderSpec):
         super().__init__(packed, spec)
-        import torchvision.transforms as T
+        import torchvision.transforms as T  # heavy: only the reference loader needs torchvision
         cfg = self.cfg
         if cfg.reference_images:
             folder = Path(cfg.reference_images)
@@ -180,9 +181,8 @@ class ReferenceLoader(SampledLoader):
 
     def _timm_transform(self, cfg, mean3, std3):
         """timm's training transform with our settings (Xiao et al.'s create_transform call)."""
-        from timm.data import create_transform
+        from timm.data import create_transform  # heavy: only fine-tuning's reference path needs timm
         if cfg.randaug is not None:
-            from .randaug import parse_policy
             try:
                 parse_policy(cfg.randaug)  # the same errors as the packed loaders (timm would assert)
             except ValueError as e:

@@ -52,8 +52,8 @@ from fasttrain.converters.common import Item, Problems, bounded_imap, default_wo
 from fasttrain.converters.decode import preload
 from fasttrain.converters.dicom import convert_dicom, convert_mimic_jpg
 from fasttrain.converters.nih import convert_nih
+from fasttrain.converters.pack import write_raw_split
 from fasttrain.converters.synthetic import draw_phantom
-from fasttrain.format.raw import write_split
 
 
 @dataclass(frozen=True)
@@ -314,7 +314,7 @@ def pipeline_only(paths: list[Path], out: Path, size: int, workers: int) -> int:
     """The converter's pool + raw memmap writer with a decoder that does nothing: the writer's rate."""
     items = [Item(id=str(i), path=str(p), labels=np.zeros(1, np.float32), where=f"item {i}") for i, p in enumerate(paths)]
     out.mkdir(parents=True)
-    kept, _ = write_split(out, "x", items, _zeros, size, workers, False, Problems("fail"))
+    kept, _ = write_raw_split(out, "x", items, _zeros, size, workers, False, Problems("fail"))
     return len(kept)
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from fasttrain.format import raw
-from fasttrain.converters.common import ConvertError, PackOptions, bounded_imap, progress
+from fasttrain.format.manifest import WriteError, split_paths
+from fasttrain.pool import bounded_imap, progress
 
 INDEX_VERSION = "v1.2"
 EXTENSIONS = ("jpg", "lbl", "idx")
@@ -70,25 +71,29 @@ def require() -> None:
     try:
         import simplejpeg  # noqa: F401
     except ImportError as e:
-        raise ConvertError(f"--format dali needs simplejpeg: pip install simplejpeg ({e})") from e
+        raise WriteError(f"--format dali needs simplejpeg: pip install simplejpeg ({e})") from e
 
 
-def write(root: Path, split_meta: dict, size: int, num_labels: int, opts: PackOptions, workers: int) -> dict:
+def write(root: Path, split_meta: dict, size: int, *, jpeg_quality: int, shard_size: int, workers: int,
+          show_progress: bool) -> dict:
+    """Webdataset shards of `shard_size` samples + their index files per split of `split_meta`
+    ({split: {"count": N}}), JPEG-encoded at `jpeg_quality` by `workers` processes from the raw
+    memmaps already under `root`. Returns the manifest's details."""
     (root / "dali").mkdir(exist_ok=True)
     shards: dict[str, list[str]] = {}
     indexes: dict[str, list[str]] = {}
     for split, meta in split_meta.items():
         count = meta["count"]
-        labels = np.load(root / "splits" / f"{split}.labels.npy").astype("<f4")  # [N, C]
+        labels = np.load(root / split_paths(split)["labels"]).astype("<f4")  # [N, C]
         chunk = 128
-        tasks = ((str(root), split, count, size, s, min(s + chunk, count), opts.jpeg_quality)
+        tasks = ((str(root), split, count, size, s, min(s + chunk, count), jpeg_quality)
                  for s in range(0, count, chunk))
         jpegs = (j for res in bounded_imap(_encode_chunk, tasks, workers) for j in res)
         shards[split], indexes[split] = [], []
-        bar = progress(count, f"dali {split}", opts.progress)
+        bar = progress(count, f"dali {split}", show_progress)
         try:
-            for k, start in enumerate(range(0, count, opts.shard_size)):
-                stop = min(start + opts.shard_size, count)
+            for k, start in enumerate(range(0, count, shard_size)):
+                stop = min(start + shard_size, count)
                 tar_path, idx_path = root / shard_name(split, k), root / index_name(split, k)
                 lines = []
                 with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tf:
@@ -111,9 +116,9 @@ def write(root: Path, split_meta: dict, size: int, num_labels: int, opts: PackOp
         "shards": shards,
         "index_files": indexes,
         "index_format": f"DALI webdataset index {INDEX_VERSION}",
-        "jpeg_quality": opts.jpeg_quality,
+        "jpeg_quality": jpeg_quality,
         "jpeg": "baseline, 1 channel (GRAY), simplejpeg / libjpeg-turbo",
-        "shard_size": opts.shard_size,
+        "shard_size": shard_size,
         "components": {"jpg": "JPEG uint8 [H, W]", "lbl": "little-endian float32 [C]",
                        "idx": "little-endian int64 position in split"},
         "key_format": "%09d (position in split)",

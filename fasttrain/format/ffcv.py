@@ -8,19 +8,39 @@ position in the split, so loaders can prove label alignment).
 FFCV's DatasetWriter spins forever when one of its worker processes dies. Two guards: every image
 was already decoded and validated by our pool (the workers only copy bytes out of a memmap), and
 a watchdog raises if the workers are gone while the writer still waits.
+
+FFCV changes torch's thread count behind the caller's back: importing `ffcv.pipeline.compiler`
+calls `torch.set_num_threads(1)`, and each FFCV epoch iterator sets it to the loader's worker
+count. A process that converts or reads FFCV and then trains would silently run its matmuls on one
+core. Everything in fasttrain that imports FFCV does it inside `keep_torch_threads()`.
 """
 from __future__ import annotations
 
+import _thread
 import contextlib
+import functools
 import multiprocessing as mp
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from fasttrain.format import raw
-from fasttrain.converters.common import ConvertError, PackOptions
+from fasttrain.format.manifest import WriteError, split_paths
+
+
+@contextlib.contextmanager
+def keep_torch_threads():
+    """Restore torch's intra-op thread count on exit, whatever FFCV set meanwhile."""
+    import torch  # heavy: a conversion without FFCV never imports it
+    n = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
 
 
 def path_of(split: str) -> str:
@@ -32,7 +52,7 @@ class _RawSplit:
 
     def __init__(self, root: Path, split: str, count: int, size: int):
         self.args = (Path(root), split, count, (size, size))
-        self.labels = np.load(Path(root) / "splits" / f"{split}.labels.npy")  # [N, C] float32
+        self.labels = np.load(Path(root) / split_paths(split)["labels"])  # [N, C] float32
         self._images = None
 
     def __len__(self) -> int:
@@ -45,21 +65,22 @@ class _RawSplit:
 
 
 def require():
-    """Import FFCV or raise a ConvertError saying how to install it. Called before decoding starts,
+    """Import FFCV or raise a WriteError saying how to install it. Called before decoding starts,
     so a missing FFCV fails in seconds, not after an hour of decoding (the import itself takes
     ~5-8 s: torch + numba)."""
-    from fasttrain.format.ffcv_threads import keep_torch_threads
     try:
         with keep_torch_threads():
             from ffcv.fields import IntField, NDArrayField
             from ffcv.writer import DatasetWriter
     except ImportError as e:
-        raise ConvertError(f"--format ffcv needs FFCV: pip install -e .[ffcv] "
+        raise WriteError(f"--format ffcv needs FFCV: pip install -e .[ffcv] "
                            f"(after apt-get install -y pkg-config libturbojpeg0-dev libopencv-dev): {e}") from e
     return IntField, NDArrayField, DatasetWriter
 
 
-def write(root: Path, split_meta: dict, size: int, num_labels: int, opts: PackOptions) -> dict:
+def write(root: Path, split_meta: dict, size: int, num_labels: int, *, workers: int, show_progress: bool) -> dict:
+    """One .beton per split of `split_meta` ({split: {"count": N}}), read from the raw memmaps
+    already under `root`; `workers` DatasetWriter processes. Returns the manifest's details."""
     IntField, NDArrayField, DatasetWriter = require()
     (root / "ffcv").mkdir(exist_ok=True)
     for split, meta in split_meta.items():
@@ -76,8 +97,8 @@ def write(root: Path, split_meta: dict, size: int, num_labels: int, opts: PackOp
         while page < 2 * sample_bytes:
             page <<= 1
         writer = DatasetWriter(str(fname), fields, page_size=page,
-                               num_workers=max(1, min(opts.ffcv_workers, len(ds))))
-        with _ffcv_progress(opts.progress, f"ffcv {split}"):
+                               num_workers=max(1, min(workers, len(ds))))
+        with _ffcv_progress(show_progress, f"ffcv {split}"):
             _run_with_watchdog(lambda: writer.from_indexed_dataset(ds, chunksize=256), fname)
     return {
         "files": {s: path_of(s) for s in split_meta},
@@ -94,10 +115,7 @@ def write(root: Path, split_meta: dict, size: int, num_labels: int, opts: PackOp
 def _ffcv_progress(enabled: bool, desc: str):
     """FFCV's writer draws its own tqdm bar with no way to turn it off or name it; swap the name
     its module looks up, so --no-progress (CI logs) is quiet and the bar says which split it is."""
-    import functools
-
     import ffcv.writer as fw
-    from tqdm import tqdm
     old = fw.tqdm
     fw.tqdm = functools.partial(tqdm, disable=not enabled, desc=desc, unit="img")
     try:
@@ -113,7 +131,6 @@ def _run_with_watchdog(fn, fname: Path, grace_s: float = 20.0) -> None:
     The writer stays on the main thread because it forks its workers, and numba's TBB layer is
     unsafe to fork from any other thread.
     """
-    import _thread
     before = {p.pid for p in mp.active_children()}
     done = threading.Event()
     crashed = threading.Event()
@@ -137,11 +154,11 @@ def _run_with_watchdog(fn, fname: Path, grace_s: float = 20.0) -> None:
         fn()
     except KeyboardInterrupt:
         if crashed.is_set():
-            raise ConvertError(f"{fname}: FFCV's DatasetWriter workers exited but the writer kept waiting "
+            raise WriteError(f"{fname}: FFCV's DatasetWriter workers exited but the writer kept waiting "
                                f"(a worker crashed); the output was not written") from None
         raise
     except Exception as e:
-        raise ConvertError(f"{fname}: FFCV writer failed: {e!r}") from e
+        raise WriteError(f"{fname}: FFCV writer failed: {e!r}") from e
     finally:
         done.set()
         th.join()

@@ -13,11 +13,9 @@ from typing import Optional
 
 import numpy as np
 
-from fasttrain.converters.common import FORMAT_PREFERENCE, MANIFEST_VERSION
-
-
-class PackedError(ValueError):
-    """A packed dataset that is missing, incomplete, or lacks the requested split / format."""
+from fasttrain.format import dali, ffcv, raw
+# PackedError and read_manifest are part of this module's interface (its callers catch / call them here)
+from fasttrain.format.manifest import FORMAT_PREFERENCE, PackedError, read_manifest
 
 
 def metadata_arrays(columns: dict[str, list], count: int, where: str) -> dict[str, np.ndarray]:
@@ -62,7 +60,6 @@ class PackedSplit:
         self.shards: list[str] = []
         self.index_files: list[str] = []
         if fmt == "raw":
-            from fasttrain.format import raw
             try:
                 self.images = raw.open_images(root, split, self.count, self.image_size)  # [N, H, W] uint8
             except (OSError, ValueError) as e:
@@ -149,8 +146,7 @@ class PackedSplit:
     # ffcv: the NDArrayField's metadata is the file offset of each sample's bytes
     def _ffcv_image(self, i: int) -> np.ndarray:
         if self._ffcv_ptrs is None:
-            from fasttrain.format.ffcv_threads import keep_torch_threads
-            with keep_torch_threads():
+            with ffcv.keep_torch_threads():
                 from ffcv.reader import Reader
             r = Reader(self.beton)
             if r.num_samples != self.count:
@@ -169,11 +165,10 @@ class PackedSplit:
         return simplejpeg.decode_jpeg(data, colorspace="GRAY")[:, :, 0]
 
     def dali_component(self, i: int, ext: str) -> bytes:
-        from fasttrain.format.dali import read_index
         if self._dali_where is None:
             where = []
             for k, idx in enumerate(self.index_files):
-                where += [(k, s) for s in read_index(Path(idx))]
+                where += [(k, s) for s in dali.read_index(Path(idx))]
             if len(where) != self.count:
                 raise PackedError(f"{self.root}: DALI index files list {len(where)} samples, manifest says {self.count}")
             self._dali_where = where
@@ -182,22 +177,6 @@ class PackedSplit:
         with open(self.shards[k], "rb") as f:
             f.seek(off)
             return f.read(n)
-
-
-def read_manifest(path) -> dict:
-    root = Path(path)
-    mpath = root / "manifest.json"
-    if not mpath.is_file():
-        hint = ""
-        partial = root.parent / f".{root.name}.incomplete"
-        if partial.exists():
-            hint = f" ({partial} is an interrupted conversion: re-run `fasttrain convert`)"
-        raise PackedError(f"{root}: no manifest.json, not a packed dataset (write one with `fasttrain convert`){hint}")
-    manifest = json.loads(mpath.read_text())
-    if manifest.get("fasttrain_manifest") != MANIFEST_VERSION:
-        raise PackedError(f"{mpath}: manifest version {manifest.get('fasttrain_manifest')!r}, "
-                          f"this fasttrain reads {MANIFEST_VERSION}")
-    return manifest
 
 
 def open_packed(path, split: str = "train", format: Optional[str] = None) -> PackedSplit:

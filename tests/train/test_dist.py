@@ -212,7 +212,7 @@ def test_packed_file_that_disappears_names_it_and_keeps_last_checkpoint(cfg_yaml
     packed = _make_packed(tmp_path / "data", n=48)
     out = tmp_path / "run"
     tr = _trainer(cfg_yaml, packed, out, "--run.ckpt_every=2", "--data.prefetch=1")
-    raw = Path(tr.loader.packed._raw_path)
+    raw = Path(tr.loader.packed.parts[0]._raw_path)
     real_iter = type(tr.loader).__iter__
 
     def vanish_after_3(self):

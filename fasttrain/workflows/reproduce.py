@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from typing import Optional
 
 from fasttrain.converters.decode import RESIZE_MODES
 from fasttrain.format.packed import read_manifest
+from fasttrain.workflows.stages import StageRunner, run_fasttrain
 
 log = logging.getLogger("fasttrain.reproduce")
 
@@ -66,6 +66,7 @@ PACK_SIZE = 256  # paper: images resized to 256 px, trained on 224 crops (--pack
 # utilisation of the dense bf16 peak. An assumption, not a measurement (no GPU has run fasttrain yet):
 # ViT-B training commonly reaches 35-45% on H100s; ViT-T's 192-wide matmuls reach less, so 25%.
 ASSUMED_MFU = 0.25
+RERUN = "fasttrain reproduce"  # the command a failed stage's message says to re-run
 
 
 class ReproduceError(ValueError):
@@ -251,8 +252,9 @@ class Stage:
     needs: list[str] = field(default_factory=list)
     config: Optional[object] = None  # the resolved Config (training stages)
 
-    def marker(self, out: Path) -> Path:
-        return out / "stages" / f"{self.name}.json"
+    @property
+    def trains(self) -> bool:
+        return self.kind in ("pretrain", "finetune")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -301,6 +303,8 @@ class Plan:
         self.packed = {d: (s.path if s.packed else self.out / "packed" / d) for d, s in sources.items()}
         self.notes: list[str] = []
         self.stages: list[Stage] = []
+        # DIR/stages/NAME.json once a stage finished (skipped when re-run)
+        self.runner = StageRunner(self.out / "stages", say=lambda line: print(f"\n=== {line}", flush=True))
         self.pretrain_data = self._pretrain_data()
         self._build()
 
@@ -602,7 +606,7 @@ def format_plan(plan: Plan, info: dict) -> str:
     lines.append(f"  pre-training data: {plan.pretrain_data}")
     for n in dict.fromkeys(plan.notes):
         lines.append(f"  NOTE: {n}")
-    done = {st.name for st in plan.stages if st.marker(plan.out).is_file()}
+    done = {st.name for st in plan.stages if plan.runner.is_done(st.name)}
     lines.append("")
     lines.append(f"{'stage':<28} {'images':>10} {'epochs':>6} {'steps':>9} {'batch':>6} {'est. wall':>10} "
                  f"{'GPU-h':>7}  status")
@@ -610,8 +614,7 @@ def format_plan(plan: Plan, info: dict) -> str:
     for st in plan.stages:
         status = "done" if st.name in done else ("resume" if st.run_dir and (st.run_dir / "checkpoints" / "last.pt").is_file()
                                                   and st.kind != "evaluate" else "todo")
-        gpus = {"pretrain": plan.gpus, "finetune": plan.gpus, "evaluate": 1}.get(st.kind, 0)  # convert: CPUs only
-        gpu_h = (st.est_s or 0) * gpus / 3600
+        gpu_h = (st.est_s or 0) * stage_gpus(plan, st) / 3600
         if st.name not in done:
             total_wall += st.est_s or 0
             total_gpu_h += gpu_h
@@ -641,73 +644,43 @@ def _write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
+def stage_gpus(plan: Plan, st: Stage) -> int:
+    """GPUs a stage holds: the training stages all of --gpus, an evaluation one, a conversion none."""
+    return {"pretrain": plan.gpus, "finetune": plan.gpus, "evaluate": 1}.get(st.kind, 0)
+
+
 def run_stage(plan: Plan, st: Stage) -> dict:
-    """Run one stage as a `fasttrain` command; resume a training stage from its last.pt."""
+    """Run one stage as a `fasttrain` command through the plan's stage runner (skipped when it
+    finished earlier); a training stage resumes from its last.pt. Raises StageFailed."""
     argv = list(st.argv)
-    resumed = False
-    if st.kind in ("pretrain", "finetune"):
+    if st.trains:
         # an interrupted stage continues from its newest checkpoint that verifies (a corrupt
         # last.pt falls back to a kept step checkpoint); a new one starts fresh
-        resumed = (st.run_dir / "checkpoints" / "last.pt").is_file()
         argv += ["--resume", "auto"]
     if st.kind == "evaluate":
         best = st.run_dir / "checkpoints" / "best.pt"
         if not best.is_file():  # no val split: the last checkpoint (never chosen on the test set)
             argv[argv.index("--ckpt") + 1] = str(st.run_dir / "checkpoints" / "last.pt")
-    print(f"\n=== {st.name}{' (resuming)' if resumed else ''}: fasttrain {' '.join(argv)}", flush=True)
-    attempts = _earlier_attempts(plan, st)
-    _write_json(_running(plan, st), {"start": time.time(), "attempts": attempts})
-    t0 = time.perf_counter()
-    if st.distributed and st.kind in ("pretrain", "finetune"):
-        rc = subprocess.call(torchrun_prefix(plan.gpus) + argv)
-    else:
-        from fasttrain.cli import main as cli_main
-        rc = cli_main(argv)
-    wall = time.perf_counter() - t0
-    if rc != 0:
-        raise RuntimeError(f"stage {st.name} failed (exit {rc}); fix the cause and re-run the same "
-                           f"`fasttrain reproduce` command: finished stages are skipped, this one resumes")
-    gpus = {"pretrain": plan.gpus, "finetune": plan.gpus, "evaluate": 1}.get(st.kind, 0)  # convert: CPUs only
-    rec = {"stage": st.name, "kind": st.kind, "argv": argv, "wall_s": wall + sum(attempts), "resumed": resumed,
-           "attempts_wall_s": attempts + [wall], "gpus": gpus, "finished": time.time()}
-    if st.kind in ("pretrain", "finetune"):
+
+    def work() -> dict:
+        prefix = torchrun_prefix(plan.gpus) if st.distributed and st.trains else ()
+        run_fasttrain(st.name, argv, RERUN, prefix)
+        return {"kind": st.kind, "argv": argv, "gpus": stage_gpus(plan, st), **stage_facts(plan, st, argv)}
+    return plan.runner.run(st.name, work, run_dir=st.run_dir if st.trains else None,
+                           what=f"fasttrain {' '.join(argv)}")
+
+
+def stage_facts(plan: Plan, st: Stage, argv: list[str]) -> dict:
+    """What a finished stage left behind: images/s, and the steps (training) or mAUC (evaluation)."""
+    if st.trains:
         summary = json.loads((st.run_dir / "summary.json").read_text())
-        rec.update(images_per_s=summary.get("images_per_s"), steps=summary.get("steps"),
-                   best_val_mauc=summary.get("best_val_mauc"))
-    elif st.kind == "evaluate":
+        return {"images_per_s": summary.get("images_per_s"), "steps": summary.get("steps"),
+                "best_val_mauc": summary.get("best_val_mauc")}
+    if st.kind == "evaluate":
         res = json.loads((Path(argv[argv.index("--out") + 1]) / "results_test.json").read_text())
-        rec.update(images_per_s=res.get("images_per_s"), mauc=res.get("mauc"), checkpoint=res.get("checkpoint"))
-    else:
-        m = json.loads((plan.packed[st.name.split("_", 1)[1]] / "manifest.json").read_text())
-        rec.update(images_per_s=m["conversion"].get("images_per_s"))
-    rec["gpu_hours"] = rec["wall_s"] * rec["gpus"] / 3600
-    _write_json(st.marker(plan.out), rec)
-    _running(plan, st).unlink(missing_ok=True)
-    return rec
-
-
-def _running(plan: Plan, st: Stage) -> Path:
-    return plan.out / "stages" / f"{st.name}.running.json"
-
-
-def _earlier_attempts(plan: Plan, st: Stage) -> list[float]:
-    """Wall seconds of the interrupted attempts of this stage: each from its start to the last
-    record it logged (a killed process says nothing when it dies; its metrics.jsonl does)."""
-    f = _running(plan, st)
-    if not f.is_file():
-        return []
-    prev = json.loads(f.read_text())
-    attempts = list(prev.get("attempts", []))
-    last = None
-    if st.run_dir is not None and (st.run_dir / "metrics.jsonl").is_file():
-        for line in (st.run_dir / "metrics.jsonl").read_text().splitlines():
-            try:
-                last = json.loads(line).get("time", last)
-            except json.JSONDecodeError:  # a line cut by the kill
-                continue
-    if last is not None and last > prev["start"]:
-        attempts.append(last - prev["start"])
-    return attempts
+        return {"images_per_s": res.get("images_per_s"), "mauc": res.get("mauc"), "checkpoint": res.get("checkpoint")}
+    m = json.loads((plan.packed[st.name.split("_", 1)[1]] / "manifest.json").read_text())
+    return {"images_per_s": m["conversion"].get("images_per_s")}
 
 
 # ----------------------------------------------------------------------------- Table 2
@@ -753,10 +726,10 @@ def write_table(plan: Plan) -> dict:
                          "n_images": res.get("n_images") if res else None, "result": res})
     stages = []
     for st in plan.stages:
-        f = st.marker(out)
-        if f.is_file():
-            r = json.loads(f.read_text())
-            stages.append({k: r.get(k) for k in ("stage", "wall_s", "gpu_hours", "images_per_s", "steps", "resumed", "gpus")})
+        r = plan.runner.record(st.name)
+        if r is not None:
+            stages.append({**{k: r.get(k) for k in ("stage", "wall_s", "images_per_s", "steps", "resumed", "gpus")},
+                           "gpu_hours": r["wall_s"] * r["gpus"] / 3600})
     figures = make_figures(plan)
     doc = {"synthetic": synthetic, "rows": rows, "stages": stages,
            "transfer": [{k: v for k, v in t.items() if k != "result"} for t in transfer],
@@ -946,9 +919,6 @@ def reproduce(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan.txt").write_text(text + "\n")
     for st in plan.stages:
-        if st.marker(out).is_file():
-            print(f"=== {st.name}: done earlier, skipped", flush=True)
-            continue
         run_stage(plan, st)
     doc = write_table(plan)
     print(f"\n{(out / 'table2.md').read_text()}")
@@ -957,18 +927,9 @@ def reproduce(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    from fasttrain.config import ConfigError
-    try:
-        return reproduce(args)
-    except (ReproduceError, ConfigError) as e:
-        print(f"fasttrain reproduce: error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        if str(e).startswith("stage "):
-            print(f"fasttrain reproduce: {e}", file=sys.stderr)
-            return 1
-        raise
+    """Bad input raises ReproduceError / ConfigError (exit 2), a failed stage StageFailed (exit 1):
+    the `fasttrain` command's exception table turns them into the exit code."""
+    return reproduce(parse_args(list(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 
 import numpy as np
@@ -79,7 +80,7 @@ def test_ablate_end_to_end_reuses_finished_and_resumes_interrupted(tmp_path, mon
 
     # interrupt one run: its stage record and summary gone, its last.pt kept -> it resumes, others are reused
     run = tmp_path / "abl" / "blr=0.01" / "seed1"
-    (run / "stages.json").unlink()
+    shutil.rmtree(run / "stages")
     (run / "pretrain" / "summary.json").unlink()
     calls = []
     real = pretrain.run_pretrain
@@ -95,7 +96,8 @@ def test_ablate_end_to_end_reuses_finished_and_resumes_interrupted(tmp_path, mon
     assert calls == [(str(run / "pretrain"), "auto")]
     assert f"--resume auto: resuming from {run / 'pretrain' / 'checkpoints' / 'last.pt'}" in caplog.text
     assert again["arms"]["blr=0.01"]["complete"]
-    assert json.loads((run / "stages.json").read_text())["probe"]["done"]
+    assert json.loads((run / "stages" / "probe.json").read_text())["probe_mauc"] is not None
+    assert json.loads((run / "stages" / "pretrain.json").read_text())["resumed"] is True
 
 
 def test_seed_mean_ci_matches_a_plain_resampling_loop():

@@ -163,39 +163,42 @@ def test_reproduce_end_to_end_on_phantoms_with_interruption(inputs, monkeypatch,
     assert json.loads((out / "table2.json").read_text())["rows"] == doc["rows"]
 
 
-def test_bad_inputs_fail_before_any_work(inputs, tmp_path, capsys, monkeypatch):
+def test_bad_inputs_fail_before_any_work(inputs, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    base = cmd(inputs, out, "--experiments", "3", "--dry-run")
+    base = cmd(inputs, out, "--experiments", "3", "--dry-run")[1:]
 
-    def run(argv):
-        rc = main(argv)
-        return rc, capsys.readouterr().err
+    def fails(argv, match: str):
+        with pytest.raises(rp.ReproduceError, match=match):
+            rp.main(argv)
 
     # a teacher checkpoint of the wrong size (S given for B): strict load names the flag and keys
     argv = [a if a != str(inputs["b"]) else str(inputs["s"]) for a in base]
-    rc, err = run(argv)
-    assert rc == 2 and "--teacher-b" in err and str(inputs["s"]) in err and "shape" in err.lower()
+    with pytest.raises(rp.ReproduceError) as e:
+        rp.main(argv)
+    assert "--teacher-b" in str(e.value) and str(inputs["s"]) in str(e.value) and "shape" in str(e.value).lower()
     # missing teacher
-    argv = [a if a != str(inputs["b"]) else str(tmp_path / "nope.pth") for a in base]
-    rc, err = run(argv)
-    assert rc == 2 and "--teacher-b" in err and "not found" in err
-    argv = [a for a in base if a not in ("--teacher-b", str(inputs["b"]))]
-    rc, err = run(argv)
-    assert rc == 2 and "--teacher-b is required for experiments 3" in err
+    fails([a if a != str(inputs["b"]) else str(tmp_path / "nope.pth") for a in base], "--teacher-b .*not found")
+    fails([a for a in base if a not in ("--teacher-b", str(inputs["b"]))], "--teacher-b is required for experiments 3")
     # datasets swapped, and a folder that is no release
-    argv = [str(inputs["chexpert"]) if a == str(inputs["nih"]) else str(inputs["nih"]) if a == str(inputs["chexpert"])
-            else a for a in base]
-    rc, err = run(argv)
-    assert rc == 2 and "--nih" in err and "pass it as --chexpert" in err
+    fails([str(inputs["chexpert"]) if a == str(inputs["nih"]) else str(inputs["nih"]) if a == str(inputs["chexpert"])
+           else a for a in base], "--nih .*pass it as --chexpert")
     (tmp_path / "empty").mkdir()
-    argv = [str(tmp_path / "empty") if a == str(inputs["chexpert"]) else a for a in base]
-    rc, err = run(argv)
-    assert rc == 2 and "--chexpert" in err and "not the CheXpert v1.0 release" in err
+    fails([str(tmp_path / "empty") if a == str(inputs["chexpert"]) else a for a in base],
+          "--chexpert .*not the CheXpert v1.0 release")
     # not enough disk: the figure needed is named, and nothing was written
     monkeypatch.setattr(rp, "disk_free", lambda path: 1000)
-    rc, err = run(base)
-    assert rc == 2 and "not enough disk" in err and "GB" in err and "1000 bytes" not in err and "0.0 GB free" in err
+    with pytest.raises(rp.ReproduceError, match="not enough disk") as e:
+        rp.main(base)
+    assert "GB" in str(e.value) and "1000 bytes" not in str(e.value) and "0.0 GB free" in str(e.value)
     assert not out.exists()
+
+
+def test_bad_input_exits_2_with_one_line(inputs, tmp_path, capsys):
+    """Through the `fasttrain` command: ReproduceError -> exit 2 and its message (cli's exception table)."""
+    argv = [a for a in cmd(inputs, tmp_path / "out", "--experiments", "3", "--dry-run")
+            if a not in ("--teacher-b", str(inputs["b"]))]
+    assert main(argv) == 2
+    assert "--teacher-b is required for experiments 3" in capsys.readouterr().err
 
 
 def _fake_release(root: Path) -> tuple[Path, Path]:

@@ -11,6 +11,7 @@ import pytest
 
 from fasttrain.cli import main
 from fasttrain.workflows import reproduce as rp
+from fasttrain.workflows import reproduce_estimate, reproduce_plan
 from fixtures_datasets import CHEXPERT_COLUMNS, NIH_HEADER
 from test_checkpoints import save_mae_style, synth_state, xiao_layout
 
@@ -128,7 +129,7 @@ def test_reproduce_end_to_end_on_phantoms_with_interruption(inputs, monkeypatch,
         for d in ("nih", "chexpert"):
             e = r[d]
             assert 0 <= e["mauc"] <= 100 and e["ci95"][0] <= e["mauc"] <= e["ci95"][1]
-            assert e["paper"] == rp.PAPER[r["key"]][d] and abs(e["diff"] - (e["mauc"] - e["paper"])) < 1e-9
+            assert e["paper"] == reproduce_plan.PAPER[r["key"]][d] and abs(e["diff"] - (e["mauc"] - e["paper"])) < 1e-9
     assert "| ViT-T distilled from ViT-S |" in table and "78.1" in table and "86.9" in table and "82.3" in table
     assert "Per-label AUC (%), NIH" in table and "Pleural Effusion" in table and "Pneumothorax" in table
     assert set(doc["per_label"]) == {"s/nih", "s/chexpert", "teacher_s/nih", "teacher_s/chexpert"}
@@ -168,12 +169,12 @@ def test_bad_inputs_fail_before_any_work(inputs, tmp_path, monkeypatch):
     base = cmd(inputs, out, "--experiments", "3", "--dry-run")[1:]
 
     def fails(argv, match: str):
-        with pytest.raises(rp.ReproduceError, match=match):
+        with pytest.raises(reproduce_plan.ReproduceError, match=match):
             rp.main(argv)
 
     # a teacher checkpoint of the wrong size (S given for B): strict load names the flag and keys
     argv = [a if a != str(inputs["b"]) else str(inputs["s"]) for a in base]
-    with pytest.raises(rp.ReproduceError) as e:
+    with pytest.raises(reproduce_plan.ReproduceError) as e:
         rp.main(argv)
     assert "--teacher-b" in str(e.value) and str(inputs["s"]) in str(e.value) and "shape" in str(e.value).lower()
     # missing teacher
@@ -186,8 +187,8 @@ def test_bad_inputs_fail_before_any_work(inputs, tmp_path, monkeypatch):
     fails([str(tmp_path / "empty") if a == str(inputs["chexpert"]) else a for a in base],
           "--chexpert .*not the CheXpert v1.0 release")
     # not enough disk: the figure needed is named, and nothing was written
-    monkeypatch.setattr(rp, "disk_free", lambda path: 1000)
-    with pytest.raises(rp.ReproduceError, match="not enough disk") as e:
+    monkeypatch.setattr(reproduce_plan, "disk_free", lambda path: 1000)
+    with pytest.raises(reproduce_plan.ReproduceError, match="not enough disk") as e:
         rp.main(base)
     assert "GB" in str(e.value) and "1000 bytes" not in str(e.value) and "0.0 GB free" in str(e.value)
     assert not out.exists()
@@ -226,7 +227,7 @@ def test_dry_run_plan_at_the_real_sizes(inputs, tmp_path, capsys, monkeypatch):
     """The paper's configs at full size, 8 GPUs: images and steps from the releases' counts, the
     GPU-hours from FLOPs at the assumed MFU (no step measured), torchrun named; nothing written."""
     nih, chex = _fake_release(tmp_path)
-    monkeypatch.setattr(rp, "disk_free", lambda path: 10 ** 12)
+    monkeypatch.setattr(reproduce_plan, "disk_free", lambda path: 10 ** 12)
     out = tmp_path / "out"
     # the real architectures: fake ViT-S/B teachers in Xiao's full layout (what --teacher-s/-b load)
     s = save_mae_style(tmp_path / "s.pth", synth_state(xiao_layout(384, 12, 512, 8), seed=1), "mae_vit_small_patch16")
@@ -257,16 +258,17 @@ def test_dry_run_plan_at_the_real_sizes(inputs, tmp_path, capsys, monkeypatch):
         m = build_etmae("mae_vit_tiny_patch16", teacher, student_blocks=[8], teacher_blocks=[8], img_size=224, in_chans=3)
         flops = etmae_step_flops(m.student, m.teacher, 0.75, 8, m.proj).per_image
         images = 100 * ((nih_train + chex_train) // 256) * 256
-        assert gpu_h[f"pretrain_{t}"] == pytest.approx(images * flops / (rp.ASSUMED_MFU * known_peak("H100")) / 3600,
+        mfu = reproduce_estimate.ASSUMED_MFU
+        assert gpu_h[f"pretrain_{t}"] == pytest.approx(images * flops / (mfu * known_peak("H100")) / 3600,
                                                        abs=0.06)
     assert gpu_h["pretrain_s"] < gpu_h["pretrain_b"]
 
 
 def test_overrides_reach_the_stages_their_glob_names():
-    over = rp.parse_user_overrides(["--model.depth=2", "--finetune_teacher_*:model.embed_dim=48",
+    over = reproduce_plan.parse_user_overrides(["--model.depth=2", "--finetune_teacher_*:model.embed_dim=48",
                                     "pretrain_b:distill.teacher_depth=4"])
     assert over == [("*", "model.depth", "2"), ("finetune_teacher_*", "model.embed_dim", "48"),
                     ("pretrain_b", "distill.teacher_depth", "4")]
     for bad in ("--model=2", "--finetune_*:depth=2", "--model.depth"):
-        with pytest.raises(rp.ReproduceError, match="section.key=value"):
-            rp.parse_user_overrides([bad])
+        with pytest.raises(reproduce_plan.ReproduceError, match="section.key=value"):
+            reproduce_plan.parse_user_overrides([bad])

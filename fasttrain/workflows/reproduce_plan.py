@@ -8,7 +8,6 @@ wall-time estimates of fasttrain.workflows.reproduce_estimate.
 """
 from __future__ import annotations
 
-import csv
 import fnmatch
 import json
 import shutil
@@ -17,6 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from fasttrain.converters.chexpert import chexpert_release_facts, chexpert_release_root
+from fasttrain.converters.common import ConvertError
+from fasttrain.converters.nih import find_csv, nih_release_facts, xiao_split_counts
 from fasttrain.format.packed import read_manifest
 from fasttrain.workflows.stages import StageRunner
 
@@ -102,11 +104,6 @@ def _packed_source(name: str, path: Path) -> Source:
     return Source(name, path, True, sum(splits.values()), splits, synthetic, note="packed earlier, reused")
 
 
-def _count_lines(path: Path) -> int:
-    with open(path, errors="replace") as f:
-        return sum(1 for line in f if line.strip())
-
-
 def inspect_nih(path: Path, split_dir: Optional[Path] = None) -> Source:
     """An NIH ChestX-ray14 release folder (or a packed one): its image counts, or a clear error."""
     path = Path(path)
@@ -114,54 +111,23 @@ def inspect_nih(path: Path, split_dir: Optional[Path] = None) -> Source:
         raise ReproduceError(f"--nih {path}: folder not found")
     if (path / "manifest.json").is_file():
         return _packed_source("nih", path)
-    from fasttrain.converters.nih import CSV_NAMES, LIST_NAMES, REQUIRED_COLUMNS, XIAO_NAMES, find_csv
-    csv_path = find_csv(path)
-    if csv_path is None:
-        hint = " (it looks like CheXpert: pass it as --chexpert)" if _find_chexpert_root(path) else ""
-        raise ReproduceError(f"--nih {path}: not the NIH ChestX-ray14 release: no {' or '.join(CSV_NAMES)}{hint}")
-    with open(csv_path, newline="", errors="replace") as f:
-        header = next(csv.reader(f), [])
-    missing = [c for c in REQUIRED_COLUMNS if c not in [h.strip() for h in header]]
-    if missing:
-        raise ReproduceError(f"--nih {csv_path}: not NIH's Data_Entry CSV: columns {missing} are missing")
-    if not (path / "images").is_dir() and not any(path.glob("images_*/images")):
-        raise ReproduceError(f"--nih {path}: no images/ or images_NNN/images/ folder (the NIH archive layout)")
-    lists = {s: path / n for s, n in LIST_NAMES.items()}
-    for s, p in lists.items():
-        if not p.is_file():
-            raise ReproduceError(f"--nih {path}: {p.name} is missing (NIH's official patient-wise split)")
-    images = _count_lines(csv_path) - 1
-    train_val, test = _count_lines(lists["train"]), _count_lines(lists["test"])
+    try:
+        facts = nih_release_facts(path)
+    except ConvertError as e:
+        hint = (" (it looks like CheXpert: pass it as --chexpert)"
+                if find_csv(path) is None and chexpert_release_root(path) is not None else "")
+        raise ReproduceError(f"--nih {e}{hint}") from None
     if split_dir is not None:
-        xs = {s: Path(split_dir) / n for s, n in XIAO_NAMES.items()}
-        for s, p in xs.items():
-            if not p.is_file():
-                raise ReproduceError(f"--nih-split-dir {split_dir}: {p.name} is missing (Xiao et al.'s split files)")
-        splits = {s: _count_lines(p) for s, p in xs.items()}
+        try:
+            splits = xiao_split_counts(Path(split_dir))
+        except ConvertError as e:
+            raise ReproduceError(f"--nih-split-dir {e}") from None
     else:
-        val = round(train_val * VAL_FRACTION["nih"])
-        splits = {"train": train_val - val, "val": val, "test": test}
+        val = round(facts["train_val"] * VAL_FRACTION["nih"])
+        splits = {"train": facts["train_val"] - val, "val": val, "test": facts["test"]}
+    images = facts["images"]
     note = "" if images == RELEASE_IMAGES["nih"] else f"{images:,} images (the release has {RELEASE_IMAGES['nih']:,})"
     return Source("nih", path, False, images, splits, _is_synthetic_source(path), note)
-
-
-def _find_chexpert_root(path: Path) -> Optional[Path]:
-    from fasttrain.converters.chexpert import RELEASE_PREFIXES
-    for root in (path, *(path / n for n in RELEASE_PREFIXES)):
-        if (root / "train.csv").is_file() and (root / "valid.csv").is_file():
-            return root
-    return None
-
-
-def _frontal_rows(csv_path: Path, what: str) -> int:
-    from fasttrain.converters.chexpert import COMPETITION
-    with open(csv_path, newline="", errors="replace") as f:
-        rows = csv.DictReader(f)
-        cols = rows.fieldnames or []
-        missing = [c for c in ["Path", "Frontal/Lateral", *COMPETITION] if c not in cols]
-        if missing:
-            raise ReproduceError(f"--chexpert {csv_path}: not CheXpert v1.0's {what}: columns {missing} are missing")
-        return sum(1 for r in rows if (r.get("Frontal/Lateral") or "").strip().lower() == "frontal")
 
 
 def inspect_chexpert(path: Path) -> Source:
@@ -171,19 +137,18 @@ def inspect_chexpert(path: Path) -> Source:
         raise ReproduceError(f"--chexpert {path}: folder not found")
     if (path / "manifest.json").is_file():
         return _packed_source("chexpert", path)
-    root = _find_chexpert_root(path)
-    if root is None:
-        from fasttrain.converters.nih import find_csv
-        hint = " (it looks like NIH ChestX-ray14: pass it as --nih)" if find_csv(path) else ""
-        raise ReproduceError(f"--chexpert {path}: not the CheXpert v1.0 release: no train.csv and valid.csv here or in "
-                             f"CheXpert-v1.0-small/ or CheXpert-v1.0/{hint}")
-    train = _frontal_rows(root / "train.csv", "train.csv")
-    test = _frontal_rows(root / "valid.csv", "valid.csv")
+    try:
+        facts = chexpert_release_facts(path)
+    except ConvertError as e:
+        hint = (" (it looks like NIH ChestX-ray14: pass it as --nih)"
+                if chexpert_release_root(path) is None and find_csv(path) else "")
+        raise ReproduceError(f"--chexpert {e}{hint}") from None
+    train, test = facts["train_frontal"], facts["valid_frontal"]
     val = round(train * VAL_FRACTION["chexpert"])
-    rows = _count_lines(root / "train.csv") - 1
+    rows = facts["train_rows"]
     note = "" if rows == RELEASE_IMAGES["chexpert"] else f"{rows:,} train.csv rows (the release has {RELEASE_IMAGES['chexpert']:,})"
     return Source("chexpert", path, False, train + test, {"train": train - val, "val": val, "test": test},
-                  _is_synthetic_source(path) or _is_synthetic_source(root), note)
+                  _is_synthetic_source(path) or _is_synthetic_source(facts["root"]), note)
 
 
 def disk_free(path: Path) -> int:

@@ -202,6 +202,35 @@ def test_bad_input_exits_2_with_one_line(inputs, tmp_path, capsys):
     assert "--teacher-b is required for experiments 3" in capsys.readouterr().err
 
 
+def test_release_checks_name_the_file_that_is_wrong(tmp_path):
+    """The converters' release checks (files, columns, split lists) reach the plan as --nih /
+    --chexpert / --nih-split-dir errors naming the file."""
+    nih = tmp_path / "nih"
+    (nih / "images").mkdir(parents=True)
+    (nih / "Data_Entry_2017.csv").write_text("Image Index,Finding Labels\n")
+    with pytest.raises(reproduce_plan.ReproduceError, match=r"--nih .*Data_Entry_2017.csv: not NIH's Data_Entry "
+                                                           r"CSV: columns \['Patient ID'\] are missing"):
+        reproduce_plan.inspect_nih(nih)
+    (nih / "Data_Entry_2017.csv").write_text(NIH_HEADER + "\n" + "a.png,No Finding,0,1,50,M,PA,1,1,1,1\n" * 5)
+    (nih / "train_val_list.txt").write_text("a.png\n" * 4)
+    with pytest.raises(reproduce_plan.ReproduceError, match=r"--nih .*test_list.txt is missing"):
+        reproduce_plan.inspect_nih(nih)
+    (nih / "test_list.txt").write_text("a.png\n\n")
+    src = reproduce_plan.inspect_nih(nih)
+    assert src.images == 5 and src.splits == {"train": 3, "val": 1, "test": 1} and "5 images" in src.note
+    (tmp_path / "xiao").mkdir()
+    (tmp_path / "xiao" / "train_official.txt").write_text("a.png\n")
+    with pytest.raises(reproduce_plan.ReproduceError, match=r"--nih-split-dir .*val_official.txt is missing"):
+        reproduce_plan.inspect_nih(nih, tmp_path / "xiao")
+    chex = tmp_path / "chex" / "CheXpert-v1.0-small"
+    chex.mkdir(parents=True)
+    (chex / "train.csv").write_text(",".join(CHEXPERT_COLUMNS) + "\n")
+    (chex / "valid.csv").write_text("Path,Sex\n")
+    with pytest.raises(reproduce_plan.ReproduceError, match=r"--chexpert .*valid.csv: not CheXpert v1.0's "
+                                                           r"valid.csv: columns .*'Frontal/Lateral'"):
+        reproduce_plan.inspect_chexpert(tmp_path / "chex")
+
+
 def _fake_release(root: Path) -> tuple[Path, Path]:
     """CSV-only folders with the real releases' row counts: what the plan reads (no images)."""
     nih = root / "NIH"

@@ -33,6 +33,7 @@ from typing import Optional
 import numpy as np
 
 from fasttrain.config import ConfigError, build_config, parse_overrides
+from fasttrain.io import write_atomic, write_json_atomic
 from fasttrain.train.runlog import save_figure
 from fasttrain.workflows.stages import StageRunner
 
@@ -152,12 +153,6 @@ def _read_json(path: Path) -> Optional[dict]:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _write_json(path: Path, obj) -> None:
-    from fasttrain.io import write_json_atomic
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, obj)
-
-
 class Ablation:
     def __init__(self, out: str | Path, base: str, grid: list[tuple[str, list]], seeds: int, stages: list[str],
                  finetune_config: Optional[str] = None, overrides: Optional[list[str]] = None,
@@ -211,9 +206,9 @@ class Ablation:
 
     def run_all(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
-        _write_json(self.out / "plan.json", {"grid": self.grid, "seeds": self.seeds, "stages": self.stages,
-                                             "config": self.base, "finetune_config": self.ft_base,
-                                             "overrides": self.common})
+        write_json_atomic(self.out / "plan.json", {"grid": self.grid, "seeds": self.seeds, "stages": self.stages,
+                                                   "config": self.base, "finetune_config": self.ft_base,
+                                                   "overrides": self.common})
         for seed in range(self.seeds):  # seed-major: an interrupted grid has every arm at the same seeds
             for arm in self.arms:
                 self.run_one(arm, seed)
@@ -313,10 +308,8 @@ class Ablation:
         if curve is not None:
             report["curve"] = curve
             report["curve"]["plot"] = str(plot_curve(curve, self.out / "curve.png", report["synthetic"]))
-        _write_json(self.out / "ablation.json", report)
-        tmp = self.out / "ablation.md.tmp"
-        tmp.write_text(format_markdown(report))
-        tmp.replace(self.out / "ablation.md")
+        write_json_atomic(self.out / "ablation.json", report)
+        write_atomic(self.out / "ablation.md", format_markdown(report))
         return report
 
     def curve(self, labels: Optional[np.ndarray]) -> Optional[dict]:

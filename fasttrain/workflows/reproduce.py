@@ -34,6 +34,7 @@ import sys
 from pathlib import Path
 
 from fasttrain.converters.decode import RESIZE_MODES
+from fasttrain.io import write_atomic
 from fasttrain.workflows.reproduce_estimate import estimate
 from fasttrain.workflows.reproduce_plan import (EXPERIMENTS, PACK_SIZE, Plan, Stage, check_disk, check_teachers,
                                                 format_plan, inspect_chexpert, inspect_nih, stage_gpus,
@@ -146,7 +147,7 @@ def reproduce(args) -> int:
     if args.dry_run:
         return 0
     out.mkdir(parents=True, exist_ok=True)
-    (out / "plan.txt").write_text(text + "\n")
+    write_atomic(out / "plan.txt", text + "\n")
     for st in plan.stages:
         run_stage(plan, st)
     doc = write_table(plan)

@@ -7,14 +7,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from fasttrain.io import write_atomic, write_json_atomic
 from fasttrain.workflows.reproduce_plan import DATASETS, PAPER, Plan, format_duration
-
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
-
 
 def _fmt_auc(res: Optional[dict]) -> str:
     if not res or res.get("mauc") is None:
@@ -126,10 +120,8 @@ def write_table(plan: Plan) -> dict:
               "until the last record it logged).")
     if figures:
         md += ["", f"## {tag}Figures", ""] + [f"- [{p.relative_to(out)}]({p.relative_to(out)})" for p in figures]
-    _write_json(out / "table2.json", doc)
-    tmp = out / "table2.md.tmp"
-    tmp.write_text("\n".join(md) + "\n")
-    tmp.replace(out / "table2.md")
+    write_json_atomic(out / "table2.json", doc)
+    write_atomic(out / "table2.md", "\n".join(md) + "\n")
     return doc
 
 

@@ -32,8 +32,14 @@ from typing import Optional
 
 import numpy as np
 
-from fasttrain.config import ConfigError, build_config, parse_overrides
+from fasttrain.config import ConfigError, build_config, parse_overrides, parse_scalar
+from fasttrain.data.mixture import open_mixture
+from fasttrain.eval.plots import pyplot
+from fasttrain.eval.probe import ProbeSettings, run_probe
 from fasttrain.io import write_atomic, write_json_atomic
+from fasttrain.metrics import bootstrap_auc_matrix, mean_auc, mean_of_defined, per_label_auc
+from fasttrain.train.finetune import evaluate_checkpoint, run_finetune
+from fasttrain.train.pretrain import run_pretrain
 from fasttrain.train.runlog import save_figure
 from fasttrain.workflows.stages import StageRunner
 
@@ -54,7 +60,6 @@ class AblationError(ValueError):
 
 def parse_grid(items: list[str]) -> list[tuple[str, list]]:
     """['distill.alpha=0,1'] -> [('distill.alpha', [0, 1])] (values parsed like dotted overrides)."""
-    from fasttrain.config import parse_scalar
     if not items:
         raise AblationError("an empty grid: give at least one --grid KEY=V1,V2")
     grid = []
@@ -117,7 +122,6 @@ def paired_difference(labels: np.ndarray, scores_a: list[np.ndarray], scores_b: 
 
     labels [N, C] (NaN = unknown); scores_a / scores_b: one [N, C] per seed, in seed order.
     mAUC = mean over the labels defined on the whole test set (as evaluate's)."""
-    from fasttrain.metrics import bootstrap_auc_matrix, mean_of_defined, per_label_auc
     if len(scores_a) != len(scores_b) or not scores_a:
         raise ValueError(f"paired difference needs the same seeds in both arms, got {len(scores_a)} and {len(scores_b)}")
     labels = np.asarray(labels, dtype=np.float64)
@@ -232,9 +236,7 @@ class Ablation:
             return done
         # a killed run continues (from the newest checkpoint that verifies); a new one starts fresh
         if kind == "pretrain":
-            from fasttrain.train.pretrain import run_pretrain
             return run_pretrain(cfg, resume="auto")
-        from fasttrain.train.finetune import run_finetune
         return run_finetune(cfg, resume="auto")
 
     def _pretrain(self, d: Path, over: dict, seed: int) -> dict:
@@ -242,7 +244,6 @@ class Ablation:
         return {"images_per_s": s.get("images_per_s"), "last": s["last"]}
 
     def _probe(self, d: Path, over: dict, seed: int) -> dict:
-        from fasttrain.eval.probe import ProbeSettings, run_probe
         cfg = build_config(self.base, over)
         s = self.probe_settings or ProbeSettings()
         s = type(s)(**{**s.__dict__, "seed": seed})
@@ -261,7 +262,6 @@ class Ablation:
                 "finetune_val_mauc": s.get("best_val_mauc"), "best": s.get("best") or s.get("last")}
 
     def _evaluate(self, d: Path, over: dict, seed: int) -> dict:
-        from fasttrain.train.finetune import evaluate_checkpoint
         cfg = build_config(self.ft_base, over)
         ft = self.stage_runner(d).record("finetune")
         res = evaluate_checkpoint(ft["best"], cfg.data.path, cfg.data.test_split, d / "finetune" / "eval",
@@ -345,12 +345,10 @@ class Ablation:
     def _test_labels(self) -> np.ndarray:
         """The test split's labels [N, C], in the order the probe and evaluate scored it (one packed
         dataset or a mixture's parts)."""
-        from fasttrain.data.mixture import open_mixture
         d = self._data_cfg()
         return np.asarray(open_mixture(d.path, d.test_split, None, train_split=d.test_split).labels, np.float64)
 
     def _synthetic(self) -> bool:
-        from fasttrain.data.mixture import open_mixture
         d = self._data_cfg()
         try:
             return bool(open_mixture(d.path, d.test_split, None, train_split=d.test_split).synthetic)
@@ -363,7 +361,6 @@ def seed_mean_ci(labels: np.ndarray, scores: list[np.ndarray], *, n_boot: int, s
     """Mean over seeds of the test mAUC, and its percentile bootstrap CI: every seed's scores are
     resampled with the same image draw (bootstrap_auc_matrix with one seed), the seeds' mAUCs
     averaged on each draw."""
-    from fasttrain.metrics import bootstrap_auc_matrix, mean_auc
     labels = np.asarray(labels, np.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -382,9 +379,7 @@ def seed_mean_ci(labels: np.ndarray, scores: list[np.ndarray], *, n_boot: int, s
 
 def plot_curve(curve: dict, path: Path, synthetic: bool) -> Path:
     """The metric against the grid value with its 95% CI (log x for a fraction grid spanning >= 10x)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     values = []
     for m, rows in curve["points"].items():
@@ -462,7 +457,6 @@ def main(argv: list[str]) -> int:
     bad = [a for a in rest if not (a.startswith("--") and "." in a.split("=", 1)[0] and "=" in a)]
     if bad:
         p.error(f"unrecognised arguments: {' '.join(bad)} (config overrides look like --section.key=value)")
-    from fasttrain.eval.probe import ProbeSettings
     abl = Ablation(args.out, args.config, parse_grid(args.grid), args.seeds, args.stages.split(","),
                    finetune_config=args.finetune_config, overrides=rest,
                    probe_settings=ProbeSettings(epochs=args.probe_epochs), n_boot=args.bootstrap)

@@ -10,6 +10,13 @@ import dataclasses
 import os
 import time
 
+import torch
+
+from fasttrain.bench.flops import encoder_flops, etmae_step_flops, known_peak, measured_matmul_peak
+from fasttrain.converters.decode import decode_file
+from fasttrain.train.builders import build_classifier
+from fasttrain.train.engine import make_step
+from fasttrain.train.optim import build_optimizer, param_groups_weight_decay
 from fasttrain.workflows.reproduce_plan import Plan, Source, Stage
 
 # GPU-hour estimates without a measurement (README, --bench-steps 0): an assumed model FLOPs
@@ -19,16 +26,12 @@ ASSUMED_MFU = 0.25
 
 
 def _device():
-    import torch
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def measure_images_per_s(stage: Stage, model, steps: int, batch: int) -> float:
     """Images/s of `steps` timed steps (after one warm-up) of this stage's model and step, on random
     images at the configured size, uncompiled: the same TrainStep the trainers run."""
-    import torch
-    from fasttrain.train.engine import make_step
-    from fasttrain.train.optim import build_optimizer, param_groups_weight_decay
     cfg = stage.config
     cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, compile=False))
     dev = _device()
@@ -56,7 +59,6 @@ def measure_images_per_s(stage: Stage, model, steps: int, batch: int) -> float:
 
 def stage_flops(stage: Stage, model) -> float:
     """Analytic training FLOPs per image (fasttrain.bench.flops): the ETMAE step, or 3x the classifier forward."""
-    from fasttrain.bench.flops import encoder_flops, etmae_step_flops
     if stage.kind == "pretrain":
         student, teacher = getattr(model, "student", model), getattr(model, "teacher", None)
         d = stage.config.distill
@@ -70,7 +72,6 @@ def estimate(plan: Plan, models: dict, bench_steps: int) -> dict:
     machine (or, with bench_steps=0, FLOPs at ASSUMED_MFU of the device's bf16 peak); the
     evaluation at a third of its fine-tuning step per image (forward only); the conversion from
     a measured decode of a few source images. N GPUs are assumed to scale linearly."""
-    from fasttrain.train.builders import build_classifier
     dev = _device()
     info = {"device": str(dev), "bench_steps": bench_steps, "assumptions": []}
     ips_of: dict[str, float] = {}
@@ -110,10 +111,8 @@ def estimate(plan: Plan, models: dict, bench_steps: int) -> dict:
 
 
 def _assumed_ips(stage: Stage, model, dev) -> float:
-    from fasttrain.bench.flops import known_peak, measured_matmul_peak
     peak = None
     if dev.type == "cuda":
-        import torch
         peak = known_peak(torch.cuda.get_device_name(dev))
     if peak is None:
         peak = known_peak("H100") if dev.type == "cpu" else measured_matmul_peak(dev)
@@ -122,7 +121,6 @@ def _assumed_ips(stage: Stage, model, dev) -> float:
 
 def _decode_seconds(source: Source) -> float:
     """Measured seconds to decode + resize one source image (a few of them, one core)."""
-    from fasttrain.converters.decode import decode_file
     if source.packed:
         return 0.0
     files = []

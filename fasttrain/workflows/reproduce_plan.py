@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from fasttrain.config import build_config, load_yaml
 from fasttrain.converters.chexpert import chexpert_release_facts, chexpert_release_root
 from fasttrain.converters.common import ConvertError
 from fasttrain.converters.nih import find_csv, nih_release_facts, xiao_split_counts
 from fasttrain.format.packed import read_manifest
+from fasttrain.train.builders import build_pretrain_model
 from fasttrain.workflows.stages import StageRunner
 
 # The paper's Table 2 (mAUC in %, NIH ChestX-ray14 official test / CheXpert valid.csv).
@@ -261,7 +263,6 @@ class Plan:
     @staticmethod
     def _config(yaml_name: str, over: list[str]):
         """The stage's resolved Config, exactly as its command will build it."""
-        from fasttrain.config import build_config
         return build_config(configs_dir() / yaml_name, over)
 
     # -- the stages ----------------------------------------------------------------------------
@@ -308,7 +309,6 @@ class Plan:
             self._transfer(row)
 
     def _finetune_and_eval(self, row: str, d: str, teachers: dict) -> None:
-        from fasttrain.config import load_yaml
         name = f"finetune_{row}_{d}"
         run = self.out / "runs" / name
         over = [f"--data.path={self.packed[d]}", f"--run.seed={self.args.seed}"]
@@ -369,7 +369,6 @@ def check_teachers(plan: Plan) -> dict[str, object]:
     """Load each teacher the plan needs strictly, exactly as its pre-training will (builders.py):
     a missing or wrong-size checkpoint fails here, before any conversion or step. Returns the
     built pre-training models (reused by the step measurement)."""
-    from fasttrain.train.builders import build_pretrain_model
     models = {}
     for t, flag in (("s", "--teacher-s"), ("b", "--teacher-b")):
         if t not in plan.students:  # --with-teachers fine-tunes only the teachers of the students run

@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from fasttrain.eval.plots import plot_runs, pyplot
 from fasttrain.io import write_atomic, write_json_atomic
+from fasttrain.train.runlog import read_metrics, save_figure
 from fasttrain.workflows.reproduce_plan import DATASETS, PAPER, Plan, format_duration
 
 def _fmt_auc(res: Optional[dict]) -> str:
@@ -128,7 +130,6 @@ def write_table(plan: Plan) -> dict:
 def make_figures(plan: Plan) -> list[Path]:
     """The paper's figures from the run logs: pre-training loss curves (L_MAE, L_dist), fine-tuning
     train loss and val mAUC (fasttrain plot), fine-tuning train/val loss per epoch, per-label AUC bars."""
-    from fasttrain.eval.plots import plot_runs
     figs: list[Path] = []
     pre = [st.run_dir for st in plan.stages if st.kind == "pretrain" and (st.run_dir / "metrics.jsonl").is_file()]
     if pre:
@@ -146,8 +147,6 @@ def make_figures(plan: Plan) -> list[Path]:
 def plot_finetune_losses(runs: list[Path], path: Path, synthetic: bool) -> Path:
     """Fine-tuning BCE per epoch, train (mean of the epoch's logged steps) and validation, one colour
     per run: the paper's fine-tuning loss figure."""
-    from fasttrain.eval.plots import pyplot
-    from fasttrain.train.runlog import read_metrics, save_figure
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, run in enumerate(runs):

@@ -57,7 +57,6 @@ def test_bad_grids_fail_before_any_run(tmp_path):
 
 @pytest.mark.slow
 def test_ablate_end_to_end_reuses_finished_and_resumes_interrupted(tmp_path, monkeypatch, caplog):
-    from fasttrain.train import pretrain
     packed = packed_phantoms(tmp_path, 60)
     (tmp_path / "t.yaml").write_text(TINY)
     from fasttrain.eval.probe import ProbeSettings
@@ -83,12 +82,12 @@ def test_ablate_end_to_end_reuses_finished_and_resumes_interrupted(tmp_path, mon
     shutil.rmtree(run / "stages")
     (run / "pretrain" / "summary.json").unlink()
     calls = []
-    real = pretrain.run_pretrain
+    real = ab.run_pretrain
 
     def spy(cfg, resume=False):
         calls.append((cfg.run.out, resume))
         return real(cfg, resume=resume)
-    monkeypatch.setattr(pretrain, "run_pretrain", spy)
+    monkeypatch.setattr(ab, "run_pretrain", spy)
     caplog.set_level("INFO", logger="fasttrain.train")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

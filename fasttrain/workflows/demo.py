@@ -111,7 +111,7 @@ def run_demo(args) -> int:
                                  seed=args.seed, progress=not args.quiet)
     # Pre-training reads both parts as one mixture (NIH 14 labels, CheXpert 5: MAE ignores them).
     # Weights 3:1 and an epoch the size of NIH's train split keep the demo's pre-training cost
-    # where it was with NIH alone while every batch mixes both sources.
+    # that of NIH alone while every batch mixes both sources.
     n_train = len(open_packed(packed, "train"))
     mixture = [f"--data.path={packed},{packed_cx}", "--data.weights=[3,1]", f"--data.samples_per_epoch={n_train}"]
     # The demo's models are tiny, so a step is bound by per-op overhead, not FLOPs: one intra-op

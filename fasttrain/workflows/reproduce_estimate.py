@@ -20,7 +20,7 @@ from fasttrain.train.optim import build_optimizer, param_groups_weight_decay
 from fasttrain.workflows.reproduce_plan import Plan, Source, Stage
 
 # GPU-hour estimates without a measurement (README, --bench-steps 0): an assumed model FLOPs
-# utilisation of the dense bf16 peak. An assumption, not a measurement (no GPU has run fasttrain yet):
+# utilisation of the dense bf16 peak. An assumption, not a measurement:
 # ViT-B training commonly reaches 35-45% on H100s; ViT-T's 192-wide matmuls reach less, so 25%.
 ASSUMED_MFU = 0.25
 

@@ -83,7 +83,7 @@ def _is_synthetic_source(path: Path) -> bool:
 
 def packed_resize_note(name: str, path: Path, wanted: str) -> Optional[str]:
     """A plan note when a dataset packed earlier fitted its frames to the square otherwise than
-    --resize asks (data packed before the manifest said were squashed); None when they agree."""
+    --resize asks (a manifest without a 'resize' entry means squashed); None when they agree."""
     mode = read_manifest(path).get("resize", "squash")
     if mode == wanted:
         return None
@@ -222,7 +222,7 @@ def parse_user_overrides(items: list[str]) -> list[tuple[str, str, str]]:
 
 
 def mixture_spec(parts: list[Path]) -> str:
-    """data.path of the paper's pre-training: NIH train + CheXpert train (issue #10's PATH:SPLIT list)."""
+    """data.path of the paper's pre-training: NIH train + CheXpert train (a list of PATH:SPLIT parts)."""
     return ",".join(f"{p}:train" for p in parts)
 
 

@@ -1,4 +1,4 @@
-"""Issue #12: `fasttrain ablate` -- paired CIs on hand-made results, resume, bad grids."""
+"""`fasttrain ablate`: paired CIs on hand-made results, resume, bad grids."""
 from __future__ import annotations
 
 import json

@@ -32,7 +32,7 @@ from fasttrain.eval.subgroups import format_subgroups
 from fasttrain.train.finetune import evaluate_checkpoint, run_finetune
 from fasttrain.train.pretrain import run_pretrain
 
-MARKER = ".fasttrain-demo"  # only a folder holding this is ever deleted by --fresh
+MARKER = ".fasttrain-demo"  # only a folder holding this is ever deleted (a re-run starts clean)
 
 
 def configs_dir() -> Path:

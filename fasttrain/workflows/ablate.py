@@ -34,11 +34,12 @@ import numpy as np
 
 from fasttrain.config import ConfigError, build_config, parse_overrides, parse_scalar
 from fasttrain.data.mixture import open_mixture
+from fasttrain.eval.evaluate import evaluate_checkpoint
 from fasttrain.eval.plots import pyplot
 from fasttrain.eval.probe import ProbeSettings, run_probe
 from fasttrain.io import write_atomic, write_json_atomic
 from fasttrain.metrics import bootstrap_auc_matrix, mean_auc, mean_of_defined, per_label_auc
-from fasttrain.train.finetune import evaluate_checkpoint, run_finetune
+from fasttrain.train.finetune import run_finetune
 from fasttrain.train.pretrain import run_pretrain
 from fasttrain.train.runlog import save_figure
 from fasttrain.workflows.stages import StageRunner

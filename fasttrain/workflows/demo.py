@@ -25,11 +25,11 @@ from fasttrain.converters.nih import convert_nih
 from fasttrain.converters.synthetic import SUBGROUP_EFFECT, generate_phantoms
 from fasttrain.data import open_packed
 from fasttrain.eval.calibration import format_calibration
-from fasttrain.eval.evaluate import format_table
+from fasttrain.eval.evaluate import evaluate_checkpoint, format_table
 from fasttrain.eval.plots import plot_runs
 from fasttrain.eval.probe import ProbeSettings, run_probe
 from fasttrain.eval.subgroups import format_subgroups
-from fasttrain.train.finetune import evaluate_checkpoint, run_finetune
+from fasttrain.train.finetune import run_finetune
 from fasttrain.train.pretrain import run_pretrain
 
 MARKER = ".fasttrain-demo"  # only a folder holding this is ever deleted (a re-run starts clean)

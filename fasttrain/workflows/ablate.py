@@ -13,26 +13,36 @@ images/s of each stage, and for every pair of arms the paired difference (same s
 images) with a bootstrap 95% CI: the test images are resampled once per bootstrap draw, the same
 draw for every run, and the mean over seeds of the per-seed mAUC differences is taken on each.
 
-Resumable: a stage whose result file exists is reused; a training run with a last.pt but no
-summary.json (killed) resumes from it; re-running the same command finishes the grid.
+Resumable (fasttrain.workflows.stages): a finished stage leaves ABL/<arm>/seed<k>/stages/STAGE.json
+and is reused; a training run with a last.pt but no summary.json (killed) resumes from it;
+re-running the same command finishes the grid.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import logging
 import math
 import re
-import time
 import warnings
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from fasttrain.config import ConfigError, build_config, parse_overrides
+from fasttrain.config import ConfigError, build_config, parse_overrides, parse_scalar
+from fasttrain.data.mixture import open_mixture
+from fasttrain.eval.evaluate import evaluate_checkpoint
+from fasttrain.eval.plots import pyplot
+from fasttrain.eval.probe import ProbeSettings, run_probe
+from fasttrain.io import write_atomic, write_json_atomic
+from fasttrain.metrics import bootstrap_auc_matrix, mean_auc, mean_of_defined, per_label_auc
+from fasttrain.train.finetune import run_finetune
+from fasttrain.train.pretrain import run_pretrain
 from fasttrain.train.runlog import save_figure
+from fasttrain.workflows.stages import StageRunner
 
 log = logging.getLogger("fasttrain.train")
 
@@ -51,7 +61,6 @@ class AblationError(ValueError):
 
 def parse_grid(items: list[str]) -> list[tuple[str, list]]:
     """['distill.alpha=0,1'] -> [('distill.alpha', [0, 1])] (values parsed like dotted overrides)."""
-    from fasttrain.config import parse_scalar
     if not items:
         raise AblationError("an empty grid: give at least one --grid KEY=V1,V2")
     grid = []
@@ -114,7 +123,6 @@ def paired_difference(labels: np.ndarray, scores_a: list[np.ndarray], scores_b: 
 
     labels [N, C] (NaN = unknown); scores_a / scores_b: one [N, C] per seed, in seed order.
     mAUC = mean over the labels defined on the whole test set (as evaluate's)."""
-    from fasttrain.metrics import bootstrap_auc_matrix, mean_of_defined, per_label_auc
     if len(scores_a) != len(scores_b) or not scores_a:
         raise ValueError(f"paired difference needs the same seeds in both arms, got {len(scores_a)} and {len(scores_b)}")
     labels = np.asarray(labels, dtype=np.float64)
@@ -148,12 +156,6 @@ def summarize(values: list[Optional[float]]) -> dict:
 
 def _read_json(path: Path) -> Optional[dict]:
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _write_json(path: Path, obj) -> None:
-    from fasttrain.io import write_json_atomic
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, obj)
 
 
 class Ablation:
@@ -197,31 +199,36 @@ class Ablation:
     def run_dir(self, arm: dict, seed: int) -> Path:
         return self.out / arm_name(arm) / f"seed{seed}"
 
+    @staticmethod
+    def stage_runner(d: Path) -> StageRunner:
+        """The stage records of one arm x seed: d/stages/STAGE.json once a stage finished."""
+        return StageRunner(d / "stages", say=lambda line: log.info("ablate: %s/%s: %s", d.parent.name, d.name, line))
+
+    def records(self, arm: dict, seed: int) -> dict:
+        """stage -> its record, for the stages of this arm x seed that finished."""
+        runner = self.stage_runner(self.run_dir(arm, seed))
+        return {st: r for st in self.stages if (r := runner.record(st)) is not None}
+
     def run_all(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
-        _write_json(self.out / "plan.json", {"grid": self.grid, "seeds": self.seeds, "stages": self.stages,
-                                             "config": self.base, "finetune_config": self.ft_base,
-                                             "overrides": self.common})
+        write_json_atomic(self.out / "plan.json", {"grid": self.grid, "seeds": self.seeds, "stages": self.stages,
+                                                   "config": self.base, "finetune_config": self.ft_base,
+                                                   "overrides": self.common})
         for seed in range(self.seeds):  # seed-major: an interrupted grid has every arm at the same seeds
             for arm in self.arms:
                 self.run_one(arm, seed)
         return self.report()
 
     def run_one(self, arm: dict, seed: int) -> dict:
+        """Every stage of one arm x seed (those finished earlier are reused); stage -> record."""
         d = self.run_dir(arm, seed)
-        rec_path = d / "stages.json"
-        rec = _read_json(rec_path) or {}
+        runner = self.stage_runner(d)
         over = _merge(self.common, _merge(_nested(arm), {"run": {"seed": seed}}))
+        recs = {}
         for stage in self.stages:
-            if stage in rec and rec[stage].get("done"):
-                continue  # finished earlier: reused
-            log.info("ablate: %s seed %d: %s", arm_name(arm), seed, stage)
-            t0 = time.perf_counter()
-            res = getattr(self, f"_{stage}")(d, over, seed)
-            res.update(done=True, wall_s=res.get("wall_s") or time.perf_counter() - t0)
-            rec[stage] = res
-            _write_json(rec_path, rec)
-        return rec
+            work = functools.partial(getattr(self, f"_{stage}"), d, over, seed)
+            recs[stage] = runner.run(stage, work, run_dir=d / stage if stage in ("pretrain", "finetune") else None)
+        return recs
 
     def _train(self, kind: str, yaml: str, run: Path, over: dict) -> dict:
         cfg = build_config(yaml, _merge(over, {"run": {"out": str(run)}}))
@@ -230,18 +237,14 @@ class Ablation:
             return done
         # a killed run continues (from the newest checkpoint that verifies); a new one starts fresh
         if kind == "pretrain":
-            from fasttrain.train.pretrain import run_pretrain
             return run_pretrain(cfg, resume="auto")
-        from fasttrain.train.finetune import run_finetune
         return run_finetune(cfg, resume="auto")
 
     def _pretrain(self, d: Path, over: dict, seed: int) -> dict:
-        t0 = time.perf_counter()
         s = self._train("pretrain", self.base, d / "pretrain", over)
-        return {"wall_s": time.perf_counter() - t0, "images_per_s": s.get("images_per_s"), "last": s["last"]}
+        return {"images_per_s": s.get("images_per_s"), "last": s["last"]}
 
     def _probe(self, d: Path, over: dict, seed: int) -> dict:
-        from fasttrain.eval.probe import ProbeSettings, run_probe
         cfg = build_config(self.base, over)
         s = self.probe_settings or ProbeSettings()
         s = type(s)(**{**s.__dict__, "seed": seed})
@@ -252,18 +255,16 @@ class Ablation:
                 "time_s": res["time_s"]}
 
     def _finetune(self, d: Path, over: dict, seed: int) -> dict:
-        t0 = time.perf_counter()
         init = d / "pretrain" / "checkpoints" / "last.pt"
         if "pretrain" in self.stages:
             over = _merge(over, {"model": {"init": str(init)}})
         s = self._train("finetune", self.ft_base, d / "finetune", over)
-        return {"wall_s": time.perf_counter() - t0, "images_per_s": s.get("images_per_s"),
+        return {"images_per_s": s.get("images_per_s"),
                 "finetune_val_mauc": s.get("best_val_mauc"), "best": s.get("best") or s.get("last")}
 
     def _evaluate(self, d: Path, over: dict, seed: int) -> dict:
-        from fasttrain.train.finetune import evaluate_checkpoint
         cfg = build_config(self.ft_base, over)
-        ft = _read_json(d / "stages.json")["finetune"]
+        ft = self.stage_runner(d).record("finetune")
         res = evaluate_checkpoint(ft["best"], cfg.data.path, cfg.data.test_split, d / "finetune" / "eval",
                                   n_boot=self.n_boot, seed=0)
         return {"test_mauc": res["mauc"], "images_per_s": res["images_per_s"]}
@@ -274,7 +275,7 @@ class Ablation:
         arms_out = {}
         for arm in self.arms:
             name = arm_name(arm)
-            recs = [_read_json(self.run_dir(arm, s) / "stages.json") or {} for s in range(self.seeds)]
+            recs = [self.records(arm, s) for s in range(self.seeds)]
             metrics = {}
             for m, (stage, _) in METRICS.items():
                 if stage in self.stages:
@@ -283,7 +284,7 @@ class Ablation:
                            "images_per_s": summarize([r.get(st, {}).get("images_per_s") for r in recs])}
                       for st in self.stages}
             arms_out[name] = {"assign": arm, "metrics": metrics, "stages": stages,
-                              "complete": all(all(r.get(st, {}).get("done") for st in self.stages) for r in recs)}
+                              "complete": all(st in r for r in recs for st in self.stages)}
         pairs = []
         names = list(arms_out)
         labels = None
@@ -308,10 +309,8 @@ class Ablation:
         if curve is not None:
             report["curve"] = curve
             report["curve"]["plot"] = str(plot_curve(curve, self.out / "curve.png", report["synthetic"]))
-        _write_json(self.out / "ablation.json", report)
-        tmp = self.out / "ablation.md.tmp"
-        tmp.write_text(format_markdown(report))
-        tmp.replace(self.out / "ablation.md")
+        write_json_atomic(self.out / "ablation.json", report)
+        write_atomic(self.out / "ablation.md", format_markdown(report))
         return report
 
     def curve(self, labels: Optional[np.ndarray]) -> Optional[dict]:
@@ -347,12 +346,10 @@ class Ablation:
     def _test_labels(self) -> np.ndarray:
         """The test split's labels [N, C], in the order the probe and evaluate scored it (one packed
         dataset or a mixture's parts)."""
-        from fasttrain.data.mixture import open_mixture
         d = self._data_cfg()
         return np.asarray(open_mixture(d.path, d.test_split, None, train_split=d.test_split).labels, np.float64)
 
     def _synthetic(self) -> bool:
-        from fasttrain.data.mixture import open_mixture
         d = self._data_cfg()
         try:
             return bool(open_mixture(d.path, d.test_split, None, train_split=d.test_split).synthetic)
@@ -365,7 +362,6 @@ def seed_mean_ci(labels: np.ndarray, scores: list[np.ndarray], *, n_boot: int, s
     """Mean over seeds of the test mAUC, and its percentile bootstrap CI: every seed's scores are
     resampled with the same image draw (bootstrap_auc_matrix with one seed), the seeds' mAUCs
     averaged on each draw."""
-    from fasttrain.metrics import bootstrap_auc_matrix, mean_auc
     labels = np.asarray(labels, np.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -384,9 +380,7 @@ def seed_mean_ci(labels: np.ndarray, scores: list[np.ndarray], *, n_boot: int, s
 
 def plot_curve(curve: dict, path: Path, synthetic: bool) -> Path:
     """The metric against the grid value with its 95% CI (log x for a fraction grid spanning >= 10x)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     values = []
     for m, rows in curve["points"].items():
@@ -449,7 +443,8 @@ def format_markdown(r: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from fasttrain.commands import _run
+    """A bad grid raises AblationError (exit 2); a stage's own error propagates: the `fasttrain`
+    command's exception table turns each into its exit code."""
     p = argparse.ArgumentParser(prog="fasttrain ablate", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="pre-training YAML of every arm")
     p.add_argument("--finetune-config", help="fine-tuning YAML (stages finetune/evaluate)")
@@ -463,13 +458,10 @@ def main(argv: list[str]) -> int:
     bad = [a for a in rest if not (a.startswith("--") and "." in a.split("=", 1)[0] and "=" in a)]
     if bad:
         p.error(f"unrecognised arguments: {' '.join(bad)} (config overrides look like --section.key=value)")
-
-    def go():
-        from fasttrain.eval.probe import ProbeSettings
-        abl = Ablation(args.out, args.config, parse_grid(args.grid), args.seeds, args.stages.split(","),
-                       finetune_config=args.finetune_config, overrides=rest,
-                       probe_settings=ProbeSettings(epochs=args.probe_epochs), n_boot=args.bootstrap)
-        abl.run_all()
-        print((Path(args.out) / "ablation.md").read_text())
-        print(f"{Path(args.out) / 'ablation.json'}")
-    return _run("ablate", go)
+    abl = Ablation(args.out, args.config, parse_grid(args.grid), args.seeds, args.stages.split(","),
+                   finetune_config=args.finetune_config, overrides=rest,
+                   probe_settings=ProbeSettings(epochs=args.probe_epochs), n_boot=args.bootstrap)
+    abl.run_all()
+    print((Path(args.out) / "ablation.md").read_text())
+    print(f"{Path(args.out) / 'ablation.json'}")
+    return 0

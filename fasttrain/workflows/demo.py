@@ -20,8 +20,19 @@ from pathlib import Path
 import torch
 
 from fasttrain.config import build_config
+from fasttrain.converters.chexpert import convert_chexpert
+from fasttrain.converters.nih import convert_nih
+from fasttrain.converters.synthetic import SUBGROUP_EFFECT, generate_phantoms
+from fasttrain.data import open_packed
+from fasttrain.eval.calibration import format_calibration
+from fasttrain.eval.evaluate import evaluate_checkpoint, format_table
+from fasttrain.eval.plots import plot_runs
+from fasttrain.eval.probe import ProbeSettings, run_probe
+from fasttrain.eval.subgroups import format_subgroups
+from fasttrain.train.finetune import run_finetune
+from fasttrain.train.pretrain import run_pretrain
 
-MARKER = ".fasttrain-demo"  # only a folder holding this is ever deleted by --fresh
+MARKER = ".fasttrain-demo"  # only a folder holding this is ever deleted (a re-run starts clean)
 
 
 def configs_dir() -> Path:
@@ -65,16 +76,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_demo(args) -> int:
-    from fasttrain.converters.chexpert import convert_chexpert
-    from fasttrain.converters.nih import convert_nih
-    from fasttrain.converters.synthetic import generate_phantoms
-    from fasttrain.converters.synthetic import SUBGROUP_EFFECT
-    from fasttrain.eval.calibration import format_calibration
-    from fasttrain.eval.evaluate import format_table
-    from fasttrain.eval.subgroups import format_subgroups
-    from fasttrain.train.finetune import evaluate_checkpoint, run_finetune
-    from fasttrain.eval.plots import plot_runs
-    from fasttrain.train.pretrain import run_pretrain
 
     t_all, cpu_all = time.perf_counter(), time.process_time()
     out = Path(args.out)
@@ -110,8 +111,7 @@ def run_demo(args) -> int:
                                  seed=args.seed, progress=not args.quiet)
     # Pre-training reads both parts as one mixture (NIH 14 labels, CheXpert 5: MAE ignores them).
     # Weights 3:1 and an epoch the size of NIH's train split keep the demo's pre-training cost
-    # where it was with NIH alone while every batch mixes both sources.
-    from fasttrain.data import open_packed
+    # that of NIH alone while every batch mixes both sources.
     n_train = len(open_packed(packed, "train"))
     mixture = [f"--data.path={packed},{packed_cx}", "--data.weights=[3,1]", f"--data.samples_per_epoch={n_train}"]
     # The demo's models are tiny, so a step is bound by per-op overhead, not FLOPs: one intra-op
@@ -148,7 +148,6 @@ def run_demo(args) -> int:
     res = evaluate_checkpoint(best, packed, "test", out / "finetune" / "eval", n_boot=args.bootstrap, seed=args.seed,
                               by=["sex", "age", "view"], calibrate=True)
     rows.append(("evaluate (test)", f"{res['images_per_s']:,.0f}", f"{res['n_images']} images"))
-    from fasttrain.eval.probe import ProbeSettings, run_probe
     probe = run_probe(student["last"], packed, out=out / "student" / "probe", n_boot=args.bootstrap,
                       settings=ProbeSettings(seed=args.seed))
     rows.append(("linear probe (student)", "-", f"test mAUC {probe['mauc'] or float('nan'):.3f}"))

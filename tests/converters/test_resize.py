@@ -25,7 +25,8 @@ from fasttrain.format.packed import open_packed, read_manifest
 from fasttrain.train.builders import build_classifier
 from fasttrain.train.checkpoint import save_atomic
 from fasttrain.serve.predict import Predictor, predict_files
-from fasttrain.workflows.reproduce import packed_resize_note, parser
+from fasttrain.workflows.reproduce import parser
+from fasttrain.workflows.reproduce_plan import packed_resize_note
 from fixtures_runs import tiny_yaml
 
 H, W, SIZE = 78, 64, 32  # a portrait frame (CheXpert-small is ~390 x 320)

@@ -1,7 +1,8 @@
-"""Issue #12: `fasttrain ablate` -- paired CIs on hand-made results, resume, bad grids."""
+"""`fasttrain ablate`: paired CIs on hand-made results, resume, bad grids."""
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 
 import numpy as np
@@ -56,7 +57,6 @@ def test_bad_grids_fail_before_any_run(tmp_path):
 
 @pytest.mark.slow
 def test_ablate_end_to_end_reuses_finished_and_resumes_interrupted(tmp_path, monkeypatch, caplog):
-    from fasttrain.train import pretrain
     packed = packed_phantoms(tmp_path, 60)
     (tmp_path / "t.yaml").write_text(TINY)
     from fasttrain.eval.probe import ProbeSettings
@@ -79,15 +79,15 @@ def test_ablate_end_to_end_reuses_finished_and_resumes_interrupted(tmp_path, mon
 
     # interrupt one run: its stage record and summary gone, its last.pt kept -> it resumes, others are reused
     run = tmp_path / "abl" / "blr=0.01" / "seed1"
-    (run / "stages.json").unlink()
+    shutil.rmtree(run / "stages")
     (run / "pretrain" / "summary.json").unlink()
     calls = []
-    real = pretrain.run_pretrain
+    real = ab.run_pretrain
 
     def spy(cfg, resume=False):
         calls.append((cfg.run.out, resume))
         return real(cfg, resume=resume)
-    monkeypatch.setattr(pretrain, "run_pretrain", spy)
+    monkeypatch.setattr(ab, "run_pretrain", spy)
     caplog.set_level("INFO", logger="fasttrain.train")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -95,7 +95,8 @@ def test_ablate_end_to_end_reuses_finished_and_resumes_interrupted(tmp_path, mon
     assert calls == [(str(run / "pretrain"), "auto")]
     assert f"--resume auto: resuming from {run / 'pretrain' / 'checkpoints' / 'last.pt'}" in caplog.text
     assert again["arms"]["blr=0.01"]["complete"]
-    assert json.loads((run / "stages.json").read_text())["probe"]["done"]
+    assert json.loads((run / "stages" / "probe.json").read_text())["probe_mauc"] is not None
+    assert json.loads((run / "stages" / "pretrain.json").read_text())["resumed"] is True
 
 
 def test_seed_mean_ci_matches_a_plain_resampling_loop():

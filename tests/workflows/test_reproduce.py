@@ -11,6 +11,7 @@ import pytest
 
 from fasttrain.cli import main
 from fasttrain.workflows import reproduce as rp
+from fasttrain.workflows import reproduce_estimate, reproduce_plan
 from fixtures_datasets import CHEXPERT_COLUMNS, NIH_HEADER
 from test_checkpoints import save_mae_style, synth_state, xiao_layout
 
@@ -128,7 +129,7 @@ def test_reproduce_end_to_end_on_phantoms_with_interruption(inputs, monkeypatch,
         for d in ("nih", "chexpert"):
             e = r[d]
             assert 0 <= e["mauc"] <= 100 and e["ci95"][0] <= e["mauc"] <= e["ci95"][1]
-            assert e["paper"] == rp.PAPER[r["key"]][d] and abs(e["diff"] - (e["mauc"] - e["paper"])) < 1e-9
+            assert e["paper"] == reproduce_plan.PAPER[r["key"]][d] and abs(e["diff"] - (e["mauc"] - e["paper"])) < 1e-9
     assert "| ViT-T distilled from ViT-S |" in table and "78.1" in table and "86.9" in table and "82.3" in table
     assert "Per-label AUC (%), NIH" in table and "Pleural Effusion" in table and "Pneumothorax" in table
     assert set(doc["per_label"]) == {"s/nih", "s/chexpert", "teacher_s/nih", "teacher_s/chexpert"}
@@ -163,39 +164,71 @@ def test_reproduce_end_to_end_on_phantoms_with_interruption(inputs, monkeypatch,
     assert json.loads((out / "table2.json").read_text())["rows"] == doc["rows"]
 
 
-def test_bad_inputs_fail_before_any_work(inputs, tmp_path, capsys, monkeypatch):
+def test_bad_inputs_fail_before_any_work(inputs, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    base = cmd(inputs, out, "--experiments", "3", "--dry-run")
+    base = cmd(inputs, out, "--experiments", "3", "--dry-run")[1:]
 
-    def run(argv):
-        rc = main(argv)
-        return rc, capsys.readouterr().err
+    def fails(argv, match: str):
+        with pytest.raises(reproduce_plan.ReproduceError, match=match):
+            rp.main(argv)
 
     # a teacher checkpoint of the wrong size (S given for B): strict load names the flag and keys
     argv = [a if a != str(inputs["b"]) else str(inputs["s"]) for a in base]
-    rc, err = run(argv)
-    assert rc == 2 and "--teacher-b" in err and str(inputs["s"]) in err and "shape" in err.lower()
+    with pytest.raises(reproduce_plan.ReproduceError) as e:
+        rp.main(argv)
+    assert "--teacher-b" in str(e.value) and str(inputs["s"]) in str(e.value) and "shape" in str(e.value).lower()
     # missing teacher
-    argv = [a if a != str(inputs["b"]) else str(tmp_path / "nope.pth") for a in base]
-    rc, err = run(argv)
-    assert rc == 2 and "--teacher-b" in err and "not found" in err
-    argv = [a for a in base if a not in ("--teacher-b", str(inputs["b"]))]
-    rc, err = run(argv)
-    assert rc == 2 and "--teacher-b is required for experiments 3" in err
+    fails([a if a != str(inputs["b"]) else str(tmp_path / "nope.pth") for a in base], "--teacher-b .*not found")
+    fails([a for a in base if a not in ("--teacher-b", str(inputs["b"]))], "--teacher-b is required for experiments 3")
     # datasets swapped, and a folder that is no release
-    argv = [str(inputs["chexpert"]) if a == str(inputs["nih"]) else str(inputs["nih"]) if a == str(inputs["chexpert"])
-            else a for a in base]
-    rc, err = run(argv)
-    assert rc == 2 and "--nih" in err and "pass it as --chexpert" in err
+    fails([str(inputs["chexpert"]) if a == str(inputs["nih"]) else str(inputs["nih"]) if a == str(inputs["chexpert"])
+           else a for a in base], "--nih .*pass it as --chexpert")
     (tmp_path / "empty").mkdir()
-    argv = [str(tmp_path / "empty") if a == str(inputs["chexpert"]) else a for a in base]
-    rc, err = run(argv)
-    assert rc == 2 and "--chexpert" in err and "not the CheXpert v1.0 release" in err
+    fails([str(tmp_path / "empty") if a == str(inputs["chexpert"]) else a for a in base],
+          "--chexpert .*not the CheXpert v1.0 release")
     # not enough disk: the figure needed is named, and nothing was written
-    monkeypatch.setattr(rp, "disk_free", lambda path: 1000)
-    rc, err = run(base)
-    assert rc == 2 and "not enough disk" in err and "GB" in err and "1000 bytes" not in err and "0.0 GB free" in err
+    monkeypatch.setattr(reproduce_plan, "disk_free", lambda path: 1000)
+    with pytest.raises(reproduce_plan.ReproduceError, match="not enough disk") as e:
+        rp.main(base)
+    assert "GB" in str(e.value) and "1000 bytes" not in str(e.value) and "0.0 GB free" in str(e.value)
     assert not out.exists()
+
+
+def test_bad_input_exits_2_with_one_line(inputs, tmp_path, capsys):
+    """Through the `fasttrain` command: ReproduceError -> exit 2 and its message (cli's exception table)."""
+    argv = [a for a in cmd(inputs, tmp_path / "out", "--experiments", "3", "--dry-run")
+            if a not in ("--teacher-b", str(inputs["b"]))]
+    assert main(argv) == 2
+    assert "--teacher-b is required for experiments 3" in capsys.readouterr().err
+
+
+def test_release_checks_name_the_file_that_is_wrong(tmp_path):
+    """The converters' release checks (files, columns, split lists) reach the plan as --nih /
+    --chexpert / --nih-split-dir errors naming the file."""
+    nih = tmp_path / "nih"
+    (nih / "images").mkdir(parents=True)
+    (nih / "Data_Entry_2017.csv").write_text("Image Index,Finding Labels\n")
+    with pytest.raises(reproduce_plan.ReproduceError, match=r"--nih .*Data_Entry_2017.csv: not NIH's Data_Entry "
+                                                           r"CSV: columns \['Patient ID'\] are missing"):
+        reproduce_plan.inspect_nih(nih)
+    (nih / "Data_Entry_2017.csv").write_text(NIH_HEADER + "\n" + "a.png,No Finding,0,1,50,M,PA,1,1,1,1\n" * 5)
+    (nih / "train_val_list.txt").write_text("a.png\n" * 4)
+    with pytest.raises(reproduce_plan.ReproduceError, match=r"--nih .*test_list.txt is missing"):
+        reproduce_plan.inspect_nih(nih)
+    (nih / "test_list.txt").write_text("a.png\n\n")
+    src = reproduce_plan.inspect_nih(nih)
+    assert src.images == 5 and src.splits == {"train": 3, "val": 1, "test": 1} and "5 images" in src.note
+    (tmp_path / "xiao").mkdir()
+    (tmp_path / "xiao" / "train_official.txt").write_text("a.png\n")
+    with pytest.raises(reproduce_plan.ReproduceError, match=r"--nih-split-dir .*val_official.txt is missing"):
+        reproduce_plan.inspect_nih(nih, tmp_path / "xiao")
+    chex = tmp_path / "chex" / "CheXpert-v1.0-small"
+    chex.mkdir(parents=True)
+    (chex / "train.csv").write_text(",".join(CHEXPERT_COLUMNS) + "\n")
+    (chex / "valid.csv").write_text("Path,Sex\n")
+    with pytest.raises(reproduce_plan.ReproduceError, match=r"--chexpert .*valid.csv: not CheXpert v1.0's "
+                                                           r"valid.csv: columns .*'Frontal/Lateral'"):
+        reproduce_plan.inspect_chexpert(tmp_path / "chex")
 
 
 def _fake_release(root: Path) -> tuple[Path, Path]:
@@ -223,7 +256,7 @@ def test_dry_run_plan_at_the_real_sizes(inputs, tmp_path, capsys, monkeypatch):
     """The paper's configs at full size, 8 GPUs: images and steps from the releases' counts, the
     GPU-hours from FLOPs at the assumed MFU (no step measured), torchrun named; nothing written."""
     nih, chex = _fake_release(tmp_path)
-    monkeypatch.setattr(rp, "disk_free", lambda path: 10 ** 12)
+    monkeypatch.setattr(reproduce_plan, "disk_free", lambda path: 10 ** 12)
     out = tmp_path / "out"
     # the real architectures: fake ViT-S/B teachers in Xiao's full layout (what --teacher-s/-b load)
     s = save_mae_style(tmp_path / "s.pth", synth_state(xiao_layout(384, 12, 512, 8), seed=1), "mae_vit_small_patch16")
@@ -254,16 +287,17 @@ def test_dry_run_plan_at_the_real_sizes(inputs, tmp_path, capsys, monkeypatch):
         m = build_etmae("mae_vit_tiny_patch16", teacher, student_blocks=[8], teacher_blocks=[8], img_size=224, in_chans=3)
         flops = etmae_step_flops(m.student, m.teacher, 0.75, 8, m.proj).per_image
         images = 100 * ((nih_train + chex_train) // 256) * 256
-        assert gpu_h[f"pretrain_{t}"] == pytest.approx(images * flops / (rp.ASSUMED_MFU * known_peak("H100")) / 3600,
+        mfu = reproduce_estimate.ASSUMED_MFU
+        assert gpu_h[f"pretrain_{t}"] == pytest.approx(images * flops / (mfu * known_peak("H100")) / 3600,
                                                        abs=0.06)
     assert gpu_h["pretrain_s"] < gpu_h["pretrain_b"]
 
 
 def test_overrides_reach_the_stages_their_glob_names():
-    over = rp.parse_user_overrides(["--model.depth=2", "--finetune_teacher_*:model.embed_dim=48",
+    over = reproduce_plan.parse_user_overrides(["--model.depth=2", "--finetune_teacher_*:model.embed_dim=48",
                                     "pretrain_b:distill.teacher_depth=4"])
     assert over == [("*", "model.depth", "2"), ("finetune_teacher_*", "model.embed_dim", "48"),
                     ("pretrain_b", "distill.teacher_depth", "4")]
     for bad in ("--model=2", "--finetune_*:depth=2", "--model.depth"):
-        with pytest.raises(rp.ReproduceError, match="section.key=value"):
-            rp.parse_user_overrides([bad])
+        with pytest.raises(reproduce_plan.ReproduceError, match="section.key=value"):
+            reproduce_plan.parse_user_overrides([bad])

@@ -1,54 +1,16 @@
 """`fasttrain pretrain | finetune | evaluate | plot`: argument parsing and clean error reporting.
 
 Dotted overrides follow the named flags: `fasttrain pretrain --config C --out RUN --optim.blr=1e-4`.
-Known input errors (config, checkpoint, dataset, divergence, a failed checkpoint write) print one
-clear line and exit 2. A pre-empted run (SIGTERM / SIGUSR1, see run.preempt_signals) writes
-last.pt and exits with run.preempt_exit_code (default 75).
+Errors are raised; `fasttrain.cli` turns the known ones (config, checkpoint, dataset, divergence, a
+failed checkpoint write, a pre-emption) into one line and an exit code (cli.EXIT_CODES).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 
-from fasttrain.config import ConfigError, build_config, parse_overrides
-
-
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from fasttrain.models.checkpoints import CheckpointError
-    from fasttrain.train.engine import CompileError
-    from fasttrain.train.checkpoint import CheckpointWriteError
-    from fasttrain.train.loop import TrainingDiverged
-    errs: list = [ConfigError, CheckpointError, FileNotFoundError, TrainingDiverged, CompileError, ValueError,
-                  CheckpointWriteError]
-    try:
-        from fasttrain.format.packed import PackedError
-        errs.append(PackedError)
-    except ImportError:
-        pass
-    return tuple(errs)
-
-
-def _run(prog: str, fn) -> int:
-    from fasttrain.train.dist import release_process_groups
-    from fasttrain.train.loop import Preempted
-    try:
-        fn()
-    except Preempted as e:
-        print(f"fasttrain {prog}: {e}", file=sys.stderr)
-        return e.exit_code
-    except _known_errors() as e:
-        print(f"fasttrain {prog}: error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:  # OOM and other messages we wrote for the user
-        if "out of memory" in str(e):
-            print(f"fasttrain {prog}: error: {e}", file=sys.stderr)
-            return 2
-        raise
-    finally:  # after the handlers: the exception (and the trainer its traceback holds) is gone
-        release_process_groups()
-    return 0
+from fasttrain.config import build_config, parse_overrides
 
 
 def _print_main(obj: dict) -> None:
@@ -87,29 +49,27 @@ def _train_parser(prog: str, init: bool) -> argparse.ArgumentParser:
 def pretrain_main(argv: list[str]) -> int:
     args, over = _split_overrides(_train_parser("pretrain", init=False), argv)
 
-    def go():
-        from fasttrain.train.pretrain import run_pretrain
-        cfg = build_config(args.config, over)
-        cfg.run.out = args.out
-        if args.teacher:
-            cfg.distill.teacher_ckpt = args.teacher
-        summary = run_pretrain(cfg, resume=args.resume)
-        _print_main({k: summary[k] for k in ("steps", "images_per_s", "last", "final")})
-    return _run("pretrain", go)
+    from fasttrain.train.pretrain import run_pretrain
+    cfg = build_config(args.config, over)
+    cfg.run.out = args.out
+    if args.teacher:
+        cfg.distill.teacher_ckpt = args.teacher
+    summary = run_pretrain(cfg, resume=args.resume)
+    _print_main({k: summary[k] for k in ("steps", "images_per_s", "last", "final")})
+    return 0
 
 
 def finetune_main(argv: list[str]) -> int:
     args, over = _split_overrides(_train_parser("finetune", init=True), argv)
 
-    def go():
-        from fasttrain.train.finetune import run_finetune
-        cfg = build_config(args.config, over)
-        cfg.run.out = args.out
-        if args.init:
-            cfg.model.init = args.init
-        summary = run_finetune(cfg, resume=args.resume)
-        _print_main({k: summary[k] for k in ("steps", "images_per_s", "last", "best", "best_val_mauc")})
-    return _run("finetune", go)
+    from fasttrain.train.finetune import run_finetune
+    cfg = build_config(args.config, over)
+    cfg.run.out = args.out
+    if args.init:
+        cfg.model.init = args.init
+    summary = run_finetune(cfg, resume=args.resume)
+    _print_main({k: summary[k] for k in ("steps", "images_per_s", "last", "best", "best_val_mauc")})
+    return 0
 
 
 def evaluate_main(argv: list[str]) -> int:
@@ -140,38 +100,37 @@ def evaluate_main(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="print the results JSON instead of the table")
     args = p.parse_args(argv)
 
-    def go():
-        from fasttrain.labelmap import parse_label_map
-        from fasttrain.train.finetune import evaluate_checkpoint
-        from fasttrain.eval.evaluate import format_table
-        from fasttrain.eval.calibration import format_calibration
-        from fasttrain.eval.subgroups import format_subgroups
-        by = [c.strip() for c in args.by.split(",") if c.strip()] if args.by else None
-        res = evaluate_checkpoint(args.ckpt, args.data, args.split, args.out, n_boot=args.bootstrap, seed=args.seed,
-                                  batch_size=args.batch_size, device=args.device, by=by, age_bins=args.age_bins,
-                                  calibrate=args.calibrate, val_split=args.val_split,
-                                  label_map=parse_label_map(args.label_map))
-        if args.json:
-            print(json.dumps(res, default=str))
-        else:
-            tag = "SYNTHETIC phantoms: " if res["synthetic"] else ""
-            print(format_table(res, f"{tag}{res['dataset']} {args.split}, {res['n_images']} images, "
-                                    f"95% CI from {args.bootstrap} bootstrap resamples"))
-            lm = res["label_map"]
-            if not lm["identical"]:
-                print(f"label map: scored {len(lm['shared'])} shared labels "
-                      + ", ".join(f"{k} (model {v['model']!r} = data {v['data']!r})" for k, v in lm["shared"].items())
-                      + f"; cannot score the model's {lm['not_scored_model_labels']} (not in the data) "
-                        f"nor the data's {lm['not_scored_data_labels']} (no model output)")
-            print("\n" + format_calibration(res["calibration"]))
-            if "subgroups" in res:
-                src = res["subgroups"]["thresholds_from"]
-                print(f"\nsubgroups (underdiagnosis: a positive study with every label below its "
-                      + (f"Youden threshold on '{src}')" if src else "threshold: no validation split, not computed)"))
-                print(format_subgroups(res["subgroups"]))
-            print(f"results: {res['paths']['results']}\nROC curves: {res['paths']['roc']}\n"
-                  f"reliability diagram: {res['paths']['reliability']}")
-    return _run("evaluate", go)
+    from fasttrain.labelmap import parse_label_map
+    from fasttrain.train.finetune import evaluate_checkpoint
+    from fasttrain.eval.evaluate import format_table
+    from fasttrain.eval.calibration import format_calibration
+    from fasttrain.eval.subgroups import format_subgroups
+    by = [c.strip() for c in args.by.split(",") if c.strip()] if args.by else None
+    res = evaluate_checkpoint(args.ckpt, args.data, args.split, args.out, n_boot=args.bootstrap, seed=args.seed,
+                              batch_size=args.batch_size, device=args.device, by=by, age_bins=args.age_bins,
+                              calibrate=args.calibrate, val_split=args.val_split,
+                              label_map=parse_label_map(args.label_map))
+    if args.json:
+        print(json.dumps(res, default=str))
+    else:
+        tag = "SYNTHETIC phantoms: " if res["synthetic"] else ""
+        print(format_table(res, f"{tag}{res['dataset']} {args.split}, {res['n_images']} images, "
+                                f"95% CI from {args.bootstrap} bootstrap resamples"))
+        lm = res["label_map"]
+        if not lm["identical"]:
+            print(f"label map: scored {len(lm['shared'])} shared labels "
+                  + ", ".join(f"{k} (model {v['model']!r} = data {v['data']!r})" for k, v in lm["shared"].items())
+                  + f"; cannot score the model's {lm['not_scored_model_labels']} (not in the data) "
+                    f"nor the data's {lm['not_scored_data_labels']} (no model output)")
+        print("\n" + format_calibration(res["calibration"]))
+        if "subgroups" in res:
+            src = res["subgroups"]["thresholds_from"]
+            print(f"\nsubgroups (underdiagnosis: a positive study with every label below its "
+                  + (f"Youden threshold on '{src}')" if src else "threshold: no validation split, not computed)"))
+            print(format_subgroups(res["subgroups"]))
+        print(f"results: {res['paths']['results']}\nROC curves: {res['paths']['roc']}\n"
+              f"reliability diagram: {res['paths']['reliability']}")
+    return 0
 
 
 def plot_main(argv: list[str]) -> int:
@@ -180,8 +139,7 @@ def plot_main(argv: list[str]) -> int:
     p.add_argument("--out", help="output folder (default FIRST_RUN/plots)")
     args = p.parse_args(argv)
 
-    def go():
-        from fasttrain.eval.plots import plot_runs
-        for path in plot_runs(args.runs, args.out):
-            print(path)
-    return _run("plot", go)
+    from fasttrain.eval.plots import plot_runs
+    for path in plot_runs(args.runs, args.out):
+        print(path)
+    return 0

@@ -367,7 +367,6 @@ def compare_reference(model, cfg, names, s: ProbeSettings, dev, train_split: str
 
 def main(argv: list[str]) -> int:
     import argparse
-    from fasttrain.commands import _run
     p = argparse.ArgumentParser(prog="fasttrain probe", description=(
         "Linear probe (BatchNorm + Linear, 90 epochs, as MAE's) of a frozen encoder on features "
         "extracted once and cached; per-label AUC and mAUC with bootstrap CIs. Dotted config overrides "
@@ -395,26 +394,25 @@ def main(argv: list[str]) -> int:
     if bad:
         p.error(f"unrecognised arguments: {' '.join(bad)} (config overrides look like --section.key=value)")
 
-    def go():
-        from fasttrain.eval.evaluate import format_table
-        s = ProbeSettings(epochs=args.epochs, batch_size=args.batch_size, blr=args.blr, seed=args.seed)
-        res = run_probe(args.ckpt, args.data, train_split=args.train_split, test_split=args.test_split, pool=args.pool,
-                        random_init=args.random_init, config=args.config, overrides=rest or None, out=args.out,
-                        cache_dir=args.cache, settings=s, n_boot=args.bootstrap, device=args.device, compare=args.compare)
-        if args.json:
-            print(json.dumps(res, default=str))
-            return
-        tag = "SYNTHETIC phantoms: " if res["synthetic"] else ""
-        src = "random init" if res["random_init"] else res["checkpoint"]
-        print(format_table(res, f"{tag}linear probe ({args.pool} pool) of {src} on {res['dataset']} {args.test_split}, "
-                                f"{res['n_images']} images, 95% CI from {args.bootstrap} bootstrap resamples"))
-        print(f"features: {res['cache']['dir']} (train {'cached' if res['cache']['train_hit'] else 'extracted'}, "
-              f"test {'cached' if res['cache']['test_hit'] else 'extracted'}); "
-              f"time: features {res['time_s']['features']:.1f} s, head {res['time_s']['head']:.1f} s")
-        if "compare" in res:
-            c = res["compare"]
-            print(f"compare ({c['epochs']} epochs): encoder every epoch {c['reference_s']:.1f} s, mAUC "
-                  f"{c['reference_mauc']:.4f}; cached features {c['cached_s']:.1f} s, mAUC {c['cached_mauc']:.4f}; "
-                  f"{c['speedup']:.1f}x less time")
-        print(f"results: {res['paths']['results']}")
-    return _run("probe", go)
+    from fasttrain.eval.evaluate import format_table
+    s = ProbeSettings(epochs=args.epochs, batch_size=args.batch_size, blr=args.blr, seed=args.seed)
+    res = run_probe(args.ckpt, args.data, train_split=args.train_split, test_split=args.test_split, pool=args.pool,
+                    random_init=args.random_init, config=args.config, overrides=rest or None, out=args.out,
+                    cache_dir=args.cache, settings=s, n_boot=args.bootstrap, device=args.device, compare=args.compare)
+    if args.json:
+        print(json.dumps(res, default=str))
+        return 0
+    tag = "SYNTHETIC phantoms: " if res["synthetic"] else ""
+    src = "random init" if res["random_init"] else res["checkpoint"]
+    print(format_table(res, f"{tag}linear probe ({args.pool} pool) of {src} on {res['dataset']} {args.test_split}, "
+                            f"{res['n_images']} images, 95% CI from {args.bootstrap} bootstrap resamples"))
+    print(f"features: {res['cache']['dir']} (train {'cached' if res['cache']['train_hit'] else 'extracted'}, "
+          f"test {'cached' if res['cache']['test_hit'] else 'extracted'}); "
+          f"time: features {res['time_s']['features']:.1f} s, head {res['time_s']['head']:.1f} s")
+    if "compare" in res:
+        c = res["compare"]
+        print(f"compare ({c['epochs']} epochs): encoder every epoch {c['reference_s']:.1f} s, mAUC "
+              f"{c['reference_mauc']:.4f}; cached features {c['cached_s']:.1f} s, mAUC {c['cached_mauc']:.4f}; "
+              f"{c['speedup']:.1f}x less time")
+    print(f"results: {res['paths']['results']}")
+    return 0

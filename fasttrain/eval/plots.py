@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -195,3 +196,13 @@ def plot_reconstructions(run: str | Path, path: str | Path, n_images: int = 6, s
     path = Path(path)
     save_figure(fig, path)
     return path
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="fasttrain plot", description="Loss curves and per-label AUC bars as PNGs.")
+    p.add_argument("runs", nargs="+", help="run directories (several are overlaid)")
+    p.add_argument("--out", help="output folder (default FIRST_RUN/plots)")
+    args = p.parse_args(argv)
+    for path in plot_runs(args.runs, args.out):
+        print(path)
+    return 0

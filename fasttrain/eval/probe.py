@@ -268,7 +268,7 @@ def run_probe(ckpt: Optional[str], data: str | Path, *, train_split: str = "trai
     entry point of `fasttrain probe` (used by `fasttrain ablate` and the reproduction pipeline)."""
     from fasttrain.format.packed import read_manifest
     from fasttrain.train.dist import resolve_device
-    from fasttrain.eval.evaluate import bootstrap_auc
+    from fasttrain.metrics import bootstrap_auc
     from fasttrain.io import write_json_atomic
     s = settings or ProbeSettings()
     if pool not in POOLS:

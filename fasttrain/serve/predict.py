@@ -34,6 +34,7 @@ import torch
 
 from fasttrain.converters.decode import DICOM_SUFFIXES, RASTER_SUFFIXES
 from fasttrain.data.mixture import MixtureError, part_manifests
+from fasttrain.train.engine import autocast, cfg_amp_dtype
 
 
 class PredictError(ValueError):
@@ -178,7 +179,6 @@ class Predictor:
 
     def __init__(self, model, cfg, size: int, device: torch.device):
         from fasttrain.data.gpu_augment import BatchAugment
-        from fasttrain.train.engine import cfg_amp_dtype
         self.model = model.to(device).eval()
         self.device = device
         self.amp = cfg_amp_dtype(cfg, device)  # what `evaluate` runs under, so the scores match it
@@ -193,11 +193,8 @@ class Predictor:
         if self.device.type == "cuda":
             x = x.pin_memory()
         x = self.augment(x.to(self.device, non_blocking=True))  # [B, C, h, w] normalised
-        if self.amp is not None:
-            with torch.autocast(self.device.type, dtype=self.amp):
-                logits = self.model(x)  # [B, num_classes]
-        else:
-            logits = self.model(x)
+        with autocast(self.device, self.amp):
+            logits = self.model(x)  # [B, num_classes]
         return torch.sigmoid(logits.float()).cpu().double().numpy()  # [B, C]
 
 
@@ -261,7 +258,6 @@ def _write_provenance(out: Path, ckpt, cfg, size: int, resize: str, n: int, n_ba
     import json
 
     from fasttrain.provenance import provenance
-    from fasttrain.train.engine import cfg_amp_dtype
     info = {"checkpoint": str(Path(ckpt).absolute()), "images": n, "unreadable": n_bad, "seconds": round(seconds, 2),
             "decode": f"converters.decode.decode_file -> uint8 {size}x{size}, resize={resize}",
             "eval_transform": {"img_size": cfg.model.img_size, "in_chans": cfg.model.in_chans,

@@ -58,6 +58,14 @@ def cfg_amp_dtype(cfg, device) -> Optional[torch.dtype]:
     return step_amp_dtype(cfg.engine.mode, cfg.engine.amp, device)
 
 
+def autocast(device, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
+    """torch.autocast on `device` (a torch.device or its name) in `dtype`; with dtype None (fp32)
+    a context that changes nothing, so an enclosing autocast region stays as it is."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
 MODES = ("fused", "reference")
 
 
@@ -179,17 +187,12 @@ class TrainStep:
     def _net(self) -> nn.Module:
         return self.ddp if self.ddp is not None else self.model
 
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
     def _forward_pretrain(self, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
+        with autocast(self.device, self.amp_dtype):
             return pretrain_terms(self._net(), images, noise, self.teacher_mode, self.decoder)  # [3]
 
     def _forward_finetune(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
+        with autocast(self.device, self.amp_dtype):
             return finetune_terms(self._net(), images, labels)  # [1]
 
     def mask_noise(self, batch: int) -> torch.Tensor:

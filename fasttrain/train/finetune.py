@@ -22,7 +22,7 @@ from fasttrain.train import loop
 from fasttrain.train.builders import build_classifier, init_classifier
 from fasttrain.train.checkpoint import load_checkpoint
 from fasttrain.train.dist import DistInfo, cleanup
-from fasttrain.train.engine import cfg_amp_dtype
+from fasttrain.train.engine import autocast, cfg_amp_dtype
 from fasttrain.train.optim import param_groups_weight_decay
 
 log = logging.getLogger("fasttrain.train")
@@ -43,22 +43,13 @@ def predict_scores(model: torch.nn.Module, loader, device, amp_dtype=None) -> tu
     scores, labels = [], []
     for images, y in loader:
         images = images.to(device, non_blocking=True)
-        ctx = torch.autocast(torch.device(device).type, dtype=amp_dtype) if amp_dtype else _null()
-        with ctx:
+        with autocast(device, amp_dtype):
             logits = model(images)  # [B, C]
         scores.append(torch.sigmoid(logits.float()).cpu())
         labels.append(y.float().cpu())
     if not scores:
         raise ValueError("evaluation split is empty")
     return torch.cat(scores).double().numpy(), torch.cat(labels).double().numpy()
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def gather_predictions(scores: np.ndarray, labels: np.ndarray, info: DistInfo) -> tuple[np.ndarray, np.ndarray]:

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fasttrain.train.engine import autocast
+
 log = logging.getLogger("fasttrain.train")
 
 
@@ -51,7 +53,7 @@ def encoder_features(student, loader, device, amp_dtype=None, limit: int | None 
     feats, labels, n = [], [], 0
     for images, y in loader:
         images = images.to(device, non_blocking=True)
-        with torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             x = student.forward_features(images)  # [B, 1+L, D]
         feats.append(x[:, 1:].mean(dim=1).float().cpu())  # [B, D]
         labels.append(y.float().cpu())

@@ -34,7 +34,7 @@ def val_losses(model, loader, info, cfg) -> dict:
     """L, L_MAE and L_dist on the validation split (eval transform, masks from a fixed seed, so
     epochs are comparable), averaged over batches and ranks: the val curves of `fasttrain plot`."""
     from fasttrain.train.dist import all_reduce_mean
-    from fasttrain.train.engine import cfg_amp_dtype, pretrain_terms
+    from fasttrain.train.engine import autocast, cfg_amp_dtype, pretrain_terms
     model.eval()
     student = model.student if hasattr(model, "student") else model
     gen = torch.Generator(device=info.device).manual_seed(cfg.run.seed + 0x5EED)
@@ -44,7 +44,7 @@ def val_losses(model, loader, info, cfg) -> dict:
     for images, _ in loader:
         images = images.to(info.device, non_blocking=True)
         noise = torch.rand(images.shape[0], student.num_patches, generator=gen, device=info.device)
-        with torch.autocast(info.device.type, dtype=amp, enabled=amp is not None):
+        with autocast(info.device, amp):
             total += pretrain_terms(model, images, noise, mode)
         n += 1
     mean = all_reduce_mean(total / max(n, 1), info).tolist()

@@ -11,7 +11,7 @@ from typing import Callable
 import torch.nn as nn
 
 from fasttrain.models.classifier import ViTClassifier, param_groups_layer_decay
-from fasttrain.models.distill import ETMAE, DistillOutput, build_etmae
+from fasttrain.models.distill import ETMAE, DistillOutput, build_etmae, student_of
 from fasttrain.models.mae import EncoderOutput, MaskedAutoencoderViT, Masking
 
 # Encoder shapes (timm's vit_{tiny,small,base}_patch16_224 / DeiT).

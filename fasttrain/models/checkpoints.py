@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from fasttrain.models.distill import student_of
 from fasttrain.models.vit import ViTEncoder, is_encoder_key, sincos_pos_embed_2d
 
 log = logging.getLogger(__name__)
@@ -543,7 +544,7 @@ def export_timm(model: nn.Module, path: str | os.PathLike, in_chans: int | None 
     """
     for attr in ("module", "_orig_mod"):  # DDP / torch.compile wrappers
         model = getattr(model, attr, model)
-    enc = getattr(model, "student", model)
+    enc = student_of(model)
     enc = getattr(enc, "_orig_mod", enc)
     if Path(path).suffix != ".safetensors":
         raise ValueError(f"export_timm writes safetensors: name the file *.safetensors, got {path}")

@@ -192,6 +192,12 @@ def _forgive_missing_teacher(module: ETMAE, incompatible_keys) -> None:
     missing[:] = [k for k in missing if not (k.startswith("teacher.") or ".teacher." in k)]
 
 
+def student_of(model: nn.Module) -> nn.Module:
+    """The model that learns and is saved as the run's encoder: an ETMAE's student, any other
+    model itself. DDP / torch.compile wrappers are the caller's to unwrap (engine.unwrap)."""
+    return model.student if isinstance(model, ETMAE) else model
+
+
 def build_etmae(student_name: str = "mae_vit_tiny_patch16", teacher_name: str | None = "mae_vit_base_patch16",
                 teacher_ckpt: str | None = None, student_blocks: Sequence[int] = (8,),
                 teacher_blocks: Sequence[int] = (8,), alpha: float = 1.0, proj: str = "linear",

@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fasttrain.models.distill import student_of
+
 log = logging.getLogger("fasttrain.train")
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -198,7 +200,7 @@ class TrainStep:
     def mask_noise(self, batch: int) -> torch.Tensor:
         """[B, L] uniform noise for this micro-step, reproducible from (seed, rank, micro_step)."""
         m = unwrap(self.model)
-        L = (m.student if hasattr(m, "student") else m).num_patches
+        L = student_of(m).num_patches
         self._gen.manual_seed((self.seed * 1_000_003 + self.rank) * 1_000_003 + self.micro_step)
         return torch.rand(batch, L, generator=self._gen, device=self.device)  # [B, L]
 

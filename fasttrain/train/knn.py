@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fasttrain.models.distill import student_of
 from fasttrain.train.engine import autocast
 
 log = logging.getLogger("fasttrain.train")
@@ -87,7 +88,7 @@ class KnnMonitor:
         from fasttrain.metrics import mean_of_defined, per_label_auc
         from fasttrain.train.finetune import gather_predictions
         t0 = time.perf_counter()
-        student = model.student if hasattr(model, "student") else model
+        student = student_of(model)
         student.eval()
         dev = self.info.device
         # each rank reads its shard of the train split: 1/world of the bank each, so that the

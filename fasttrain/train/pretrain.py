@@ -9,6 +9,7 @@ import logging
 import torch
 
 from fasttrain.config import ConfigError
+from fasttrain.models.distill import student_of
 from fasttrain.train import loop
 from fasttrain.train.builders import build_pretrain_model
 from fasttrain.train.dist import cleanup
@@ -36,7 +37,7 @@ def val_losses(model, loader, info, cfg) -> dict:
     from fasttrain.train.dist import all_reduce_mean
     from fasttrain.train.engine import autocast, cfg_amp_dtype, pretrain_terms
     model.eval()
-    student = model.student if hasattr(model, "student") else model
+    student = student_of(model)
     gen = torch.Generator(device=info.device).manual_seed(cfg.run.seed + 0x5EED)
     amp = cfg_amp_dtype(cfg, info.device)
     mode = "full" if cfg.engine.mode == "reference" else "truncated"
@@ -82,7 +83,7 @@ def build_trainer(cfg, info, resume=None):
                           device=info.device, dtype=torch.float32, seed=cfg.run.seed,
                           need_labels=False)  # MAE ignores labels: mixture parts may name them differently
     model.to(info.device)
-    trainable = model.student if hasattr(model, "student") else model
+    trainable = student_of(model)
     groups = param_groups_weight_decay(trainable, cfg.optim.weight_decay)
     if hasattr(model, "proj"):  # the projection heads train with the student (decay on matrices only)
         groups += param_groups_weight_decay(model.proj, cfg.optim.weight_decay)

@@ -16,6 +16,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from fasttrain.io import write_atomic
+
 
 class ConfigError(ValueError):
     """A config key that does not exist, or a value of the wrong type."""
@@ -176,10 +178,7 @@ class Config:
 
     def save(self, path: str | Path) -> None:
         """Write the resolved config as YAML (atomically)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        tmp.replace(path)
+        write_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 # ----------------------------------------------------------------------------- type checking

@@ -27,7 +27,7 @@ from fasttrain.eval.calibration import (apply_temperature, calibration_report, f
                                          plot_reliability, save_temperature)
 from fasttrain.eval.subgroups import (DEFAULT_AGE_BINS, format_subgroups, group_column, parse_age_bins,
                                        subgroup_report, youden_thresholds)
-from fasttrain.io import write_json_atomic
+from fasttrain.io import write_atomic_with, write_json_atomic
 from fasttrain.labelmap import match_labels, parse_label_map
 from fasttrain.metrics import bootstrap_auc
 from fasttrain.train.dist import resolve_device
@@ -191,7 +191,7 @@ def evaluate_checkpoint(ckpt: str | Path, data: str | Path, split: str = "test",
     plot_reliability(labels, scores, names, out / f"reliability_{split}.png", calibrated=calibrated,
                      title=f"{tag}reliability, {manifest.get('dataset', '')} {split} "
                            f"(ECE {ece if ece is not None else float('nan'):.3f})")
-    np.save(out / f"scores_{split}.npy", scores.astype(np.float32))
+    write_atomic_with(out / f"scores_{split}.npy", lambda f: np.save(f, scores.astype(np.float32)))
     result["paths"] = {"results": str(out / f"results_{split}.json"), "roc": str(out / f"roc_{split}.png"),
                        "reliability": str(out / f"reliability_{split}.png"), "scores": str(out / f"scores_{split}.npy")}
     return result

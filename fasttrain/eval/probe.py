@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fasttrain.io import write_atomic_with, write_json_atomic
 from fasttrain.train.engine import bce_masked
 from fasttrain.train.optim import lr_at
 
@@ -156,9 +157,7 @@ def cached_features(model, cfg, split: str, pool: str, ckpt_hash: str, cache_dir
                           device=device, dtype=torch.float32, seed=cfg.run.seed, batch_size=batch_size)
     feats, labels = extract(model, loader, pool, device)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, features=feats, labels=labels)
-    tmp.replace(path)
+    write_atomic_with(path, lambda f: np.savez(f, features=feats, labels=labels))
     return feats, labels, False
 
 
@@ -269,7 +268,6 @@ def run_probe(ckpt: Optional[str], data: str | Path, *, train_split: str = "trai
     from fasttrain.format.packed import read_manifest
     from fasttrain.train.dist import resolve_device
     from fasttrain.metrics import bootstrap_auc
-    from fasttrain.io import write_json_atomic
     s = settings or ProbeSettings()
     if pool not in POOLS:
         raise ProbeError(f"--pool {pool!r}: choose one of {', '.join(POOLS)}")
@@ -312,7 +310,7 @@ def run_probe(ckpt: Optional[str], data: str | Path, *, train_split: str = "trai
                                               cached_s=t_extract + t_head, cached_mauc=result["mauc"],
                                               cached_features_hit=hit_tr and hit_te, batch_size=batch_size)
     out.mkdir(parents=True, exist_ok=True)
-    np.save(out / f"scores_{test_split}.npy", scores.astype(np.float32))
+    write_atomic_with(out / f"scores_{test_split}.npy", lambda f: np.save(f, scores.astype(np.float32)))
     path = out / f"probe_{test_split}.json"
     result["paths"] = {"results": str(path), "scores": str(out / f"scores_{test_split}.npy")}
     write_json_atomic(path, result)

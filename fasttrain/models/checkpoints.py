@@ -22,7 +22,6 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from fasttrain.io import write_atomic
 from fasttrain.models.distill import student_of
 from fasttrain.models.vit import ViTEncoder, is_encoder_key, sincos_pos_embed_2d
 
@@ -550,7 +550,7 @@ def export_timm(model: nn.Module, path: str | os.PathLike, in_chans: int | None 
         raise ValueError(f"export_timm writes safetensors: name the file *.safetensors, got {path}")
     if not isinstance(enc, ViTEncoder) or not hasattr(enc, "norm"):
         raise ValueError(f"export_timm needs an MAE / ETMAE / ViT encoder with a final norm, got {type(model).__name__}")
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
 
     state = {k: v.detach().to("cpu", torch.float32).contiguous().clone()
              for k, v in enc.state_dict().items() if is_encoder_key(k)}
@@ -567,13 +567,6 @@ def export_timm(model: nn.Module, path: str | os.PathLike, in_chans: int | None 
             "timm_kwargs": json.dumps({"num_classes": 0, **cfg}), "exported_by": "fasttrain"}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, safetensors_bytes(state, metadata=meta))
     log.info("exported %d encoder tensors to %s (timm: %s)", len(state), path, name or f"VisionTransformer(**{cfg})")
     return path

@@ -34,6 +34,7 @@ import torch
 
 from fasttrain.converters.decode import DICOM_SUFFIXES, RASTER_SUFFIXES
 from fasttrain.data.mixture import MixtureError, part_manifests
+from fasttrain.io import write_atomic, write_json_atomic
 from fasttrain.train.engine import autocast, cfg_amp_dtype
 
 
@@ -255,8 +256,6 @@ def predict_files(ckpt: str | Path, items: list[tuple[str, str]], out: str | Pat
 
 def _write_provenance(out: Path, ckpt, cfg, size: int, resize: str, n: int, n_bad: int, dev, seconds: float) -> None:
     """PRED.csv.json beside the CSV: which model, which transform, which code produced it."""
-    import json
-
     from fasttrain.provenance import provenance
     info = {"checkpoint": str(Path(ckpt).absolute()), "images": n, "unreadable": n_bad, "seconds": round(seconds, 2),
             "decode": f"converters.decode.decode_file -> uint8 {size}x{size}, resize={resize}",
@@ -264,21 +263,17 @@ def _write_provenance(out: Path, ckpt, cfg, size: int, resize: str, n: int, n_ba
                                "eval_resize": cfg.data.eval_resize, "norm": cfg.data.norm,
                                "autocast": str(cfg_amp_dtype(cfg, dev))},
             "provenance": provenance(str(dev))}
-    tmp = out.with_name(f".{out.name}.json.tmp")
-    tmp.write_text(json.dumps(info, indent=2, default=str) + "\n")
-    os.replace(tmp, out.with_name(out.name + ".json"))
+    write_json_atomic(out.with_name(out.name + ".json"), info)
 
 
 def _write_csv(out: Path, items, names, probs, errors) -> None:
-    """Temp file + rename: a reader never sees half a CSV."""
+    """Written atomically: a reader never sees half a CSV."""
     text = io.StringIO()
     w = csv.writer(text, lineterminator="\n")
     w.writerow(["id", "path", *names, "error"])
     for (ident, path), p, e in zip(items, probs, errors):
         w.writerow([ident, path, *([""] * len(names) if e else [f"{v:.6f}" for v in p]), e or ""])
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text.getvalue())
-    os.replace(tmp, out)
+    write_atomic(out, text.getvalue())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,8 @@ import os
 import sys
 from typing import NamedTuple
 
+from fasttrain import __version__
+
 COMMANDS = {
     "convert": ("fasttrain.converters.cli", "main", "pack a dataset (nih, chexpert, mimic-jpg, dicom, images, synthetic) into raw/ffcv/dali"),
     "pretrain": ("fasttrain.commands", "pretrain_main", "MAE pre-training, with distillation when a teacher is given"),
@@ -100,7 +102,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd in ("-V", "--version"):
-        from fasttrain import __version__
         print(__version__)
         return 0
     if cmd not in COMMANDS:

@@ -1,8 +1,8 @@
 """Per-label ROC AUC and their mean, for multi-label chest X-ray classification.
 
 A label whose evaluated targets hold a single class has no ROC curve: its AUC is undefined,
-reported as None, warned about, and left out of the mean -- never counted as 0 (the seed did,
-which drags the mean down by 1/C per such label).
+reported as None, warned about, and left out of the mean -- never counted as 0, which would drag
+the mean down by 1/C per such label.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import warnings
 from typing import Iterator, Sequence
 
 import numpy as np
+from scipy import sparse
 from sklearn.metrics import roc_auc_score
 
 
@@ -105,7 +106,6 @@ class RankedLabel:
     """
 
     def __init__(self, y: np.ndarray, s: np.ndarray):
-        from scipy import sparse
         neg = np.flatnonzero(y == 0)  # NaN compares False: unknown rows are neither
         self.pos = np.flatnonzero(y == 1)  # [P] rows of the positives
         neg = neg[np.argsort(s[neg], kind="mergesort")]  # [M] negatives, ascending score
@@ -259,7 +259,6 @@ def bootstrap_ece_matrix(y_true: np.ndarray, y_prob: np.ndarray, *, n_boot: int,
     one sparse [C * bins, N] matrix of (y - p) (row j * bins + b: label j's bin b) turns every
     label's per-bin sums on a chunk of resamples into one product.
     """
-    from scipy import sparse
     y_true = np.asarray(y_true, dtype=np.float64)
     y_prob = np.asarray(y_prob, dtype=np.float64)
     n, c = y_true.shape

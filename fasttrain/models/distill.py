@@ -120,11 +120,11 @@ class ETMAE(nn.Module):
     @torch.no_grad()
     def teacher_features_full(self, imgs: torch.Tensor, masking: Masking,
                               blocks: Sequence[int] | None = None) -> dict[int, torch.Tensor]:
-        """The seed's teacher: full encoder and decoder on the visible tokens, features read at
+        """The baseline's teacher: full encoder and decoder on the visible tokens, features read at
         the aligned blocks. Same features as teacher_features, more compute (reference mode)."""
         blocks = self.teacher_blocks if blocks is None else list(blocks)
         enc = self.teacher.forward_encoder(self._teacher_input(imgs), masking=masking, return_blocks=blocks)
-        self.teacher.forward_decoder(enc.latent, enc.ids_restore)  # computed and discarded, as the seed did
+        self.teacher.forward_decoder(enc.latent, enc.ids_restore)  # computed and discarded, as the baseline does
         return enc.feats
 
     # -- forward -----------------------------------------------------------------------------
@@ -205,6 +205,7 @@ def build_etmae(student_name: str = "mae_vit_tiny_patch16", teacher_name: str | 
     """Student from the registry (+ overrides); teacher from the registry at the student's
     img_size/in_chans/patch_size, loaded strictly from `teacher_ckpt` when given (a wrong-size
     checkpoint fails here, before any training)."""
+    # cycles: fasttrain.models imports this module, and models.checkpoints imports student_of from it
     from fasttrain.models import create_model
     from fasttrain.models.checkpoints import load_teacher
 

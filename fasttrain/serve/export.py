@@ -16,17 +16,27 @@ Every file is written (atomically: fasttrain.io.write_atomic) only after its che
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional
 
+import timm
 import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_bytes
 
+from fasttrain.config import config_from_dict
+from fasttrain.data.gpu_augment import eval_resize_size, norm_stats
 from fasttrain.io import write_atomic
+from fasttrain.models.checkpoints import CheckpointError, export_timm, load_into, timm_name_for
 from fasttrain.provenance import provenance
-from fasttrain.serve.predict import PredictError
+from fasttrain.serve.predict import PredictError, load_for_inference
+from fasttrain.train.builders import build_student, input_norms
+from fasttrain.train.checkpoint import load_checkpoint
 
 ONNX_TOL = 1e-4  # fp32: ORT and PyTorch differ by kernel order only (~1e-6 seen on ViT-T)
 FORMATS = ("timm", "onnx")
@@ -47,10 +57,6 @@ def default_out(ckpt: str | Path, fmt: str) -> Path:
 # ----------------------------------------------------------------------------- timm
 
 def export_timm_checkpoint(ckpt: str | Path, out: Path) -> dict:
-    from fasttrain.config import config_from_dict
-    from fasttrain.models.checkpoints import export_timm, load_into
-    from fasttrain.train.builders import build_student, input_norms
-    from fasttrain.train.checkpoint import load_checkpoint
     ck = load_checkpoint(ckpt)
     if out.suffix != ".safetensors":
         raise PredictError(f"--out {out}: a timm export is a .safetensors file")
@@ -62,7 +68,6 @@ def export_timm_checkpoint(ckpt: str | Path, out: Path) -> dict:
         return {"format": "timm", "out": str(out), "what": "pre-trained encoder (num_classes=0)"}
     if ck.get("kind") != "finetune":
         raise PredictError(f"{ckpt}: not a fasttrain pretrain or finetune checkpoint (kind={ck.get('kind')!r})")
-    from fasttrain.serve.predict import load_for_inference
     model, cfg, names, size = load_for_inference(ckpt, ck=ck)
     return export_timm_classifier(model, out, names)
 
@@ -73,11 +78,7 @@ def timm_classifier_kwargs(model) -> dict:
 
 def export_timm_classifier(model, out: Path, label_names: list[str]) -> dict:
     """Our ViTClassifier -> timm VisionTransformer(global_pool='avg') state dict, checked in timm."""
-    import timm
-    from safetensors.torch import load as safetensors_load
-    from safetensors.torch import save as safetensors_bytes
 
-    from fasttrain.models.checkpoints import timm_name_for
     state = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in model.state_dict().items()}
     kwargs = timm_classifier_kwargs(model)
     name = timm_name_for(model)
@@ -128,7 +129,6 @@ EXPORTERS = ("dynamo", "torchscript")
 
 
 def export_onnx(ckpt: str | Path, out: Path, opset: int = 18, check: bool = True, exporter: str = "dynamo") -> dict:
-    from fasttrain.serve.predict import load_for_inference
     if out.suffix != ".onnx":
         raise PredictError(f"--out {out}: an ONNX export is a .onnx file")
     if exporter not in EXPORTERS:
@@ -154,14 +154,12 @@ def export_onnx(ckpt: str | Path, out: Path, opset: int = 18, check: bool = True
             prog.save(str(tmp))
         else:
             # the TorchScript tracer: deprecated by torch but ~1 s, and needs no onnxscript
-            import warnings
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning, torch.jit.TracerWarning))
                 torch.onnx.export(net, (probes[0],), str(tmp), dynamo=False, input_names=["image"],
                                   output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
                                   opset_version=opset)
         proto = onnx.load(str(tmp))
-        from fasttrain.data.gpu_augment import eval_resize_size, norm_stats
         mean, std = norm_stats(cfg.data.norm, cfg.model.in_chans)
         meta = {"label_names": json.dumps(names), "exported_by": "fasttrain", "checkpoint": str(ckpt),
                 "input": (f"float32 [batch, {cfg.model.in_chans}, {cfg.model.img_size}, {cfg.model.img_size}]: "
@@ -211,7 +209,6 @@ def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
     p = argparse.ArgumentParser(prog="fasttrain export", description=(
         "timm: a pre-trained encoder or a fine-tuned classifier as a timm safetensors state dict; "
         "onnx: a fine-tuned classifier (dynamic batch), checked with ONNX Runtime against PyTorch."))
@@ -222,7 +219,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exporter", choices=EXPORTERS, default="dynamo",
                    help="onnx: dynamo (torch.export + onnxscript, default) or torchscript (the older tracer, faster)")
     args = p.parse_args(argv)
-    from fasttrain.models.checkpoints import CheckpointError
     try:
         res = export_checkpoint(args.ckpt, args.format, args.out, check=not args.no_check, exporter=args.exporter)
     except (PredictError, CheckpointError, FileNotFoundError, ValueError) as e:

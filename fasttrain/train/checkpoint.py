@@ -21,6 +21,7 @@ import hashlib
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -173,8 +174,7 @@ def _link_or_copy(src: str | Path, dst: Path) -> None:
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
             raise
-        import shutil  # a filesystem without hard links: a copy (fsynced) instead
-        try:
+        try:  # a filesystem without hard links: a copy (fsynced) instead
             shutil.copyfile(src, tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())

@@ -14,9 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from fasttrain.config import ConfigError, config_from_dict
+from fasttrain.data import build_loader
 from fasttrain.data.mixture import missing_split, packed_resize_mode
+from fasttrain.metrics import mean_of_defined, per_label_auc
+from fasttrain.models import param_groups_layer_decay
 from fasttrain.models.classifier import NO_WEIGHT_DECAY
 from fasttrain.train import loop
 from fasttrain.train.builders import build_classifier, init_classifier
@@ -56,7 +60,6 @@ def gather_predictions(scores: np.ndarray, labels: np.ndarray, info: DistInfo) -
     """Concatenate every rank's (scores, labels) shard (DDP validation)."""
     if not info.enabled:
         return scores, labels
-    import torch.distributed as dist
     parts = [None] * info.world_size
     dist.all_gather_object(parts, (scores, labels))
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
@@ -64,7 +67,6 @@ def gather_predictions(scores: np.ndarray, labels: np.ndarray, info: DistInfo) -
 
 def val_metrics(model, loader, info: DistInfo, amp_dtype) -> dict:
     """Per-label AUC and mAUC on the validation loader (no bootstrap: it runs every epoch)."""
-    from fasttrain.metrics import mean_of_defined, per_label_auc
     scores, labels = predict_scores(model, loader, info.device, amp_dtype)
     scores, labels = gather_predictions(scores, labels, info)
     if len(scores) != loader.dataset_size:  # the ranks' shards: each image once, none repeated or dropped
@@ -92,7 +94,6 @@ def run_finetune(cfg, resume=None) -> dict:
     check_split(cfg.data.path, cfg.data.train_split, "data.train_split", cfg.data.train_split)
     info = loop.setup(cfg)
     try:
-        from fasttrain.data import build_loader
         point = loop.plan_resume(cfg, info, resume)  # may set the per-rank batch: before any loader
         common = dict(img_size=cfg.model.img_size, in_chans=cfg.model.in_chans, rank=info.rank,
                       world_size=info.world_size, device=info.device, dtype=torch.float32, seed=cfg.run.seed)
@@ -104,7 +105,6 @@ def run_finetune(cfg, resume=None) -> dict:
             log.warning("fine-tuning from random init (no --init student checkpoint)")
         model.to(info.device)
         if cfg.optim.layer_decay is not None:
-            from fasttrain.models import param_groups_layer_decay
             groups = param_groups_layer_decay(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
         else:
             groups = param_groups_weight_decay(model, cfg.optim.weight_decay, NO_WEIGHT_DECAY)

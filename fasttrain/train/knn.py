@@ -17,8 +17,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fasttrain.metrics import mean_of_defined, per_label_auc
 from fasttrain.models.distill import student_of
 from fasttrain.train.engine import autocast
+from fasttrain.train.finetune import gather_predictions
 
 log = logging.getLogger("fasttrain.train")
 
@@ -85,8 +87,6 @@ class KnnMonitor:
     def __call__(self, model) -> dict:
         if not self.due():
             return {}
-        from fasttrain.metrics import mean_of_defined, per_label_auc
-        from fasttrain.train.finetune import gather_predictions
         t0 = time.perf_counter()
         student = student_of(model)
         student.eval()

@@ -41,8 +41,12 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from tqdm import tqdm
 
+from fasttrain import kernels
+from fasttrain.config import ConfigError
 from fasttrain.data.sampler import mix_seed
 from fasttrain.train import checkpoint as ckpt_io
 from fasttrain.train.dist import (DistInfo, all_reduce_mean, any_rank, broadcast_object, init_distributed,
@@ -76,7 +80,6 @@ def resume_mode(cfg, resume=None):
     if isinstance(mode, str):
         mode = {"auto": "auto", "true": True, "false": False, "never": False}.get(mode.lower(), mode)
     if mode not in (False, True, "auto"):
-        from fasttrain.config import ConfigError
         raise ConfigError(f"config key 'run.resume': expected true, false or auto, got {mode!r}")
     return mode
 
@@ -89,10 +92,8 @@ def parse_signals(names: list[str]) -> list[signal.Signals]:
         try:
             sig = signal.Signals(int(key)) if key.isdigit() else signal.Signals[key if key.startswith("SIG") else "SIG" + key]
         except (KeyError, ValueError):
-            from fasttrain.config import ConfigError
             raise ConfigError(f"config key 'run.preempt_signals': unknown signal {n!r} (e.g. SIGTERM, SIGUSR1)") from None
         if sig in (signal.SIGKILL, signal.SIGSTOP):
-            from fasttrain.config import ConfigError
             raise ConfigError(f"config key 'run.preempt_signals': {sig.name} cannot be caught")
         out.append(sig)
     return out
@@ -100,7 +101,6 @@ def parse_signals(names: list[str]) -> list[signal.Signals]:
 
 def require_run_and_data(cfg) -> None:
     """Both trainers need a run directory and a packed dataset: say which is missing, before any work."""
-    from fasttrain.config import ConfigError
     if cfg.run.out is None:
         raise ConfigError("no run directory: pass --out RUN")
     if cfg.data.path is None:
@@ -253,7 +253,6 @@ def setup(cfg) -> DistInfo:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
-    from fasttrain import kernels
     kernels.set_backend(cfg.engine.kernels)
     seed_everything(cfg.run.seed, info.rank)
     return info
@@ -346,7 +345,6 @@ class Trainer:
     def state(self) -> dict:
         rngs = [ckpt_io.capture_rng()]
         if self.info.enabled:
-            import torch.distributed as dist
             rngs = [None] * self.info.world_size
             dist.all_gather_object(rngs, ckpt_io.capture_rng())
         return {"kind": self.kind, "model": unwrap(self.model).state_dict(),
@@ -460,7 +458,6 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
 
     def fit(self) -> dict:
-        from tqdm import tqdm
         cfg = self.cfg
         total_micro = self.total_steps * self.accum
         show = self.info.is_main and cfg.run.progress

@@ -9,10 +9,14 @@ import logging
 import torch
 
 from fasttrain.config import ConfigError
+from fasttrain.data import build_loader
+from fasttrain.data.mixture import missing_split
 from fasttrain.models.distill import student_of
 from fasttrain.train import loop
 from fasttrain.train.builders import build_pretrain_model
-from fasttrain.train.dist import cleanup
+from fasttrain.train.dist import all_reduce_mean, cleanup
+from fasttrain.train.engine import autocast, cfg_amp_dtype, pretrain_terms
+from fasttrain.train.knn import KnnMonitor
 from fasttrain.train.optim import param_groups_weight_decay
 
 log = logging.getLogger("fasttrain.train")
@@ -26,7 +30,6 @@ def check_config(cfg) -> None:
 
 def _has_split(path, split: str, train_split: str = "train") -> bool:
     """Every part of data.path (one packed dataset or a mixture) has `split`."""
-    from fasttrain.data.mixture import missing_split
     return not missing_split(path, split, train_split)
 
 
@@ -34,8 +37,6 @@ def _has_split(path, split: str, train_split: str = "train") -> bool:
 def val_losses(model, loader, info, cfg) -> dict:
     """L, L_MAE and L_dist on the validation split (eval transform, masks from a fixed seed, so
     epochs are comparable), averaged over batches and ranks: the val curves of `fasttrain plot`."""
-    from fasttrain.train.dist import all_reduce_mean
-    from fasttrain.train.engine import autocast, cfg_amp_dtype, pretrain_terms
     model.eval()
     student = student_of(model)
     gen = torch.Generator(device=info.device).manual_seed(cfg.run.seed + 0x5EED)
@@ -57,9 +58,6 @@ def knn_monitor(cfg, info, val_loader):
     val split; None when off."""
     if cfg.eval.knn_every <= 0:
         return None
-    from fasttrain.data import build_loader
-    from fasttrain.train.engine import cfg_amp_dtype
-    from fasttrain.train.knn import KnnMonitor
     bank = build_loader(cfg.data, cfg.data.train_split, train=False, img_size=cfg.model.img_size,
                         in_chans=cfg.model.in_chans, rank=info.rank, world_size=info.world_size,
                         device=info.device, dtype=torch.float32, seed=cfg.run.seed, need_labels=False)
@@ -75,7 +73,6 @@ def knn_monitor(cfg, info, val_loader):
 def build_trainer(cfg, info, resume=None):
     """What `run_pretrain` trains with, on an initialised `info`: (Trainer, train loader, kNN
     monitor or None). Input errors (teacher checkpoint, data) surface here, before any step."""
-    from fasttrain.data import build_loader
     point = loop.plan_resume(cfg, info, resume)  # may set the per-rank batch: before any loader
     model = build_pretrain_model(cfg)  # teacher checkpoint errors surface here, before data or steps
     loader = build_loader(cfg.data, cfg.data.train_split, train=True, img_size=cfg.model.img_size,

@@ -48,7 +48,7 @@ class RunLog:
         self._metrics = open(self.dir / "metrics.jsonl", "a" if resume else "w")
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # heavy: only when run.tensorboard
                 self._tb = SummaryWriter(str(self.dir / "tb"))
             except ImportError as e:  # tensorboard is a dependency, but never fail a run over logs
                 log.warning("TensorBoard disabled: %s", e)

@@ -56,6 +56,7 @@ EXIT_CODES: tuple[ExitCode, ...] = (
     ExitCode("fasttrain.train.loop", "TrainingDiverged", 2, ERROR),
     ExitCode("fasttrain.train.engine", "CompileError", 2, ERROR),
     ExitCode("fasttrain.format.packed", "PackedError", 2, ERROR),
+    ExitCode("fasttrain.train.loop", "OutOfMemory", 2, ERROR),  # the trainer's OOM, with how to fit
     ExitCode("torch", "OutOfMemoryError", 2, ERROR),
     ExitCode("builtins", "FileNotFoundError", 2, ERROR),
     # the input errors of every stage derive from it (ConvertError, LoaderError, PredictError, ...)

@@ -19,7 +19,7 @@ from fasttrain.serve.predict import PredictError
 from fasttrain.train import dist
 from fasttrain.train.checkpoint import CheckpointWriteError
 from fasttrain.train.engine import CompileError
-from fasttrain.train.loop import Preempted, TrainingDiverged
+from fasttrain.train.loop import OutOfMemory, Preempted, TrainingDiverged
 
 
 @pytest.fixture
@@ -68,6 +68,7 @@ ERRORS = [
     CheckpointWriteError("cannot write last.pt"),
     PackedError("manifest version 9"),
     torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    OutOfMemory("out of memory at step 3 with 64 images per device (OutOfMemoryError); lower --data.batch_size"),
 ]
 
 

@@ -64,6 +64,11 @@ class TrainingDiverged(RuntimeError):
     """A NaN/Inf loss: names the step and the last good checkpoint."""
 
 
+class OutOfMemory(RuntimeError):
+    """The step ran out of device (or host) memory: names the step, the per-device batch and how
+    to fit (the CLI prints it as one line and exits 2)."""
+
+
 class Preempted(Exception):
     """A pre-emption signal stopped the run at a step boundary after last.pt was written; the CLI
     exits with `exit_code` (run.preempt_exit_code) so a job script can tell it apart and requeue."""
@@ -539,7 +544,7 @@ class Trainer:
                 terms = self.step(images, labels) if self.kind == "finetune" else self.step(images)
             except Exception as e:
                 if _is_oom(e):
-                    raise RuntimeError(oom_message(e, batch, self.step.opt_step)) from e
+                    raise OutOfMemory(oom_message(e, batch, self.step.opt_step)) from e
                 raise
             self._buf.append(terms)
             self.epoch_step += 1

@@ -1,54 +1,18 @@
-"""`fasttrain pretrain | finetune | evaluate | plot`: argument parsing and clean error reporting.
+"""`fasttrain pretrain | finetune`: argument parsing, the resolved config, the closing JSON line.
 
 Dotted overrides follow the named flags: `fasttrain pretrain --config C --out RUN --optim.blr=1e-4`.
-Known input errors (config, checkpoint, dataset, divergence, a failed checkpoint write) print one
-clear line and exit 2. A pre-empted run (SIGTERM / SIGUSR1, see run.preempt_signals) writes
-last.pt and exits with run.preempt_exit_code (default 75).
+Errors are raised; `fasttrain.cli` turns the known ones (config, checkpoint, dataset, divergence, a
+failed checkpoint write, a pre-emption) into one line and an exit code (cli.EXIT_CODES).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 
-from fasttrain.config import ConfigError, build_config, parse_overrides
-
-
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from fasttrain.models.checkpoints import CheckpointError
-    from fasttrain.train.engine import CompileError
-    from fasttrain.train.checkpoint import CheckpointWriteError
-    from fasttrain.train.loop import TrainingDiverged
-    errs: list = [ConfigError, CheckpointError, FileNotFoundError, TrainingDiverged, CompileError, ValueError,
-                  CheckpointWriteError]
-    try:
-        from fasttrain.format.packed import PackedError
-        errs.append(PackedError)
-    except ImportError:
-        pass
-    return tuple(errs)
-
-
-def _run(prog: str, fn) -> int:
-    from fasttrain.train.dist import release_process_groups
-    from fasttrain.train.loop import Preempted
-    try:
-        fn()
-    except Preempted as e:
-        print(f"fasttrain {prog}: {e}", file=sys.stderr)
-        return e.exit_code
-    except _known_errors() as e:
-        print(f"fasttrain {prog}: error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:  # OOM and other messages we wrote for the user
-        if "out of memory" in str(e):
-            print(f"fasttrain {prog}: error: {e}", file=sys.stderr)
-            return 2
-        raise
-    finally:  # after the handlers: the exception (and the trainer its traceback holds) is gone
-        release_process_groups()
-    return 0
+from fasttrain.config import build_config, parse_overrides
+from fasttrain.train.finetune import run_finetune
+from fasttrain.train.pretrain import run_pretrain
 
 
 def _print_main(obj: dict) -> None:
@@ -86,102 +50,21 @@ def _train_parser(prog: str, init: bool) -> argparse.ArgumentParser:
 
 def pretrain_main(argv: list[str]) -> int:
     args, over = _split_overrides(_train_parser("pretrain", init=False), argv)
-
-    def go():
-        from fasttrain.train.pretrain import run_pretrain
-        cfg = build_config(args.config, over)
-        cfg.run.out = args.out
-        if args.teacher:
-            cfg.distill.teacher_ckpt = args.teacher
-        summary = run_pretrain(cfg, resume=args.resume)
-        _print_main({k: summary[k] for k in ("steps", "images_per_s", "last", "final")})
-    return _run("pretrain", go)
+    cfg = build_config(args.config, over)
+    cfg.run.out = args.out
+    if args.teacher:
+        cfg.distill.teacher_ckpt = args.teacher
+    summary = run_pretrain(cfg, resume=args.resume)
+    _print_main({k: summary[k] for k in ("steps", "images_per_s", "last", "final")})
+    return 0
 
 
 def finetune_main(argv: list[str]) -> int:
     args, over = _split_overrides(_train_parser("finetune", init=True), argv)
-
-    def go():
-        from fasttrain.train.finetune import run_finetune
-        cfg = build_config(args.config, over)
-        cfg.run.out = args.out
-        if args.init:
-            cfg.model.init = args.init
-        summary = run_finetune(cfg, resume=args.resume)
-        _print_main({k: summary[k] for k in ("steps", "images_per_s", "last", "best", "best_val_mauc")})
-    return _run("finetune", go)
-
-
-def evaluate_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="fasttrain evaluate", description=(
-        "Per-label AUC and mAUC with 95% bootstrap CIs (seeded resampling of the test images), calibration "
-        "(ECE, Brier, reliability diagram), subgroups (--by) and other datasets' shared labels."))
-    p.add_argument("--ckpt", required=True, help="fine-tuned checkpoint (RUN/checkpoints/best.pt)")
-    p.add_argument("--data", required=True, help="packed dataset folder")
-    p.add_argument("--split", default="test", help="split to evaluate (NIH: official test list; CheXpert: valid.csv)")
-    p.add_argument("--out", help="folder for results_<split>.json, roc_<split>.png, reliability_<split>.png and "
-                                 "scores_<split>.npy (default RUN/eval)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--by", default=None, metavar="COL[,COL...]",
-                   help="subgroup table over these metadata columns (sex, age, view, ...): per-group AUC and mAUC "
-                        "with CIs, worst group, gap, underdiagnosis rate")
-    p.add_argument("--age-bins", default="0,40,60,80", help="edges of the age groups for --by age (years)")
-    p.add_argument("--calibrate", action="store_true",
-                   help="fit one temperature per label on --val-split, store it beside the checkpoint "
-                        "(CKPT.temperature.json) and report the ECE after it")
-    p.add_argument("--val-split", default="val",
-                   help="split that picks the underdiagnosis thresholds and fits --calibrate (default val)")
-    p.add_argument("--label-map", default=None, metavar="NAME=CANONICAL[,...]",
-                   help="extra spellings for the canonical label vocabulary when the data's labels differ from the "
-                        "model's (README: Label vocabulary)")
-    p.add_argument("--json", action="store_true", help="print the results JSON instead of the table")
-    args = p.parse_args(argv)
-
-    def go():
-        from fasttrain.labelmap import parse_label_map
-        from fasttrain.train.finetune import evaluate_checkpoint
-        from fasttrain.eval.evaluate import format_table
-        from fasttrain.eval.calibration import format_calibration
-        from fasttrain.eval.subgroups import format_subgroups
-        by = [c.strip() for c in args.by.split(",") if c.strip()] if args.by else None
-        res = evaluate_checkpoint(args.ckpt, args.data, args.split, args.out, n_boot=args.bootstrap, seed=args.seed,
-                                  batch_size=args.batch_size, device=args.device, by=by, age_bins=args.age_bins,
-                                  calibrate=args.calibrate, val_split=args.val_split,
-                                  label_map=parse_label_map(args.label_map))
-        if args.json:
-            print(json.dumps(res, default=str))
-        else:
-            tag = "SYNTHETIC phantoms: " if res["synthetic"] else ""
-            print(format_table(res, f"{tag}{res['dataset']} {args.split}, {res['n_images']} images, "
-                                    f"95% CI from {args.bootstrap} bootstrap resamples"))
-            lm = res["label_map"]
-            if not lm["identical"]:
-                print(f"label map: scored {len(lm['shared'])} shared labels "
-                      + ", ".join(f"{k} (model {v['model']!r} = data {v['data']!r})" for k, v in lm["shared"].items())
-                      + f"; cannot score the model's {lm['not_scored_model_labels']} (not in the data) "
-                        f"nor the data's {lm['not_scored_data_labels']} (no model output)")
-            print("\n" + format_calibration(res["calibration"]))
-            if "subgroups" in res:
-                src = res["subgroups"]["thresholds_from"]
-                print(f"\nsubgroups (underdiagnosis: a positive study with every label below its "
-                      + (f"Youden threshold on '{src}')" if src else "threshold: no validation split, not computed)"))
-                print(format_subgroups(res["subgroups"]))
-            print(f"results: {res['paths']['results']}\nROC curves: {res['paths']['roc']}\n"
-                  f"reliability diagram: {res['paths']['reliability']}")
-    return _run("evaluate", go)
-
-
-def plot_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="fasttrain plot", description="Loss curves and per-label AUC bars as PNGs.")
-    p.add_argument("runs", nargs="+", help="run directories (several are overlaid)")
-    p.add_argument("--out", help="output folder (default FIRST_RUN/plots)")
-    args = p.parse_args(argv)
-
-    def go():
-        from fasttrain.eval.plots import plot_runs
-        for path in plot_runs(args.runs, args.out):
-            print(path)
-    return _run("plot", go)
+    cfg = build_config(args.config, over)
+    cfg.run.out = args.out
+    if args.init:
+        cfg.model.init = args.init
+    summary = run_finetune(cfg, resume=args.resume)
+    _print_main({k: summary[k] for k in ("steps", "images_per_s", "last", "best", "best_val_mauc")})
+    return 0

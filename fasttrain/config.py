@@ -16,6 +16,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from fasttrain.io import write_atomic
+
 
 class ConfigError(ValueError):
     """A config key that does not exist, or a value of the wrong type."""
@@ -85,7 +87,7 @@ class DataConfig:
     os_cache: bool = True  # ffcv: read through the OS page cache (dataset fits in RAM at 256 px)
     prefetch: int = 2  # batches prefetched by the raw loader's background thread
     reference_images: Optional[str] = None  # reference loader: folder of <id>.png packed images; None = source files
-    # Fine-tuning augmentation (issue #11): Xiao et al. fine-tune through timm's create_transform.
+    # Fine-tuning augmentation: Xiao et al. fine-tune through timm's create_transform.
     # training crop filter: bicubic, as MAE's and Xiao et al.'s pre-training RandomResizedCrop(interpolation=3)
     # and Xiao's fine-tuning create_transform(interpolation='bicubic'); bilinear only where a config says why.
     # Evaluation resizes bilinear whatever this says (MAE's and Xiao's eval Resize(256) is bicubic).
@@ -117,11 +119,11 @@ class OptimConfig:
 
 @dataclass
 class EngineConfig:
-    mode: str = "fused"  # fused (compiled, bf16, truncated teacher) | reference (seed semantics)
+    mode: str = "fused"  # fused (compiled, bf16, truncated teacher) | reference (the baseline's semantics)
     compile: bool = True  # torch.compile the step (costs 90-180 s cold on 2 CPU cores for ViT-T+ViT-B)
     amp: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16, else fp32: emulated bf16 is ~20x slower) | bf16 | fp16 | fp32 autocast dtype (fused mode)
     channels_last: bool = True  # NHWC input: faster conv patch embedding on GPUs and on oneDNN
-    teacher_mode: str = "auto"  # auto (fused: truncated at the aligned block; reference: full, as the seed) | truncated | full
+    teacher_mode: str = "auto"  # auto (fused: truncated at the aligned block; reference: full, as the baseline) | truncated | full
     kernels: str = "auto"  # fasttrain.kernels backend: auto (Triton on CUDA) | torch | triton
 
 
@@ -152,7 +154,7 @@ class RunConfig:
 
 @dataclass
 class EvalConfig:
-    # kNN monitor in pre-training (fasttrain/train/knn.py, issue #12): a val mAUC while pre-training runs
+    # kNN monitor in pre-training (fasttrain/train/knn.py): a val mAUC while pre-training runs
     knn_every: int = 5  # epochs between kNN evaluations (0 = off); est. ~1.2% of an NIH-sized run, 3.7% measured at the demo's scale
     knn_k: int = 20  # neighbours that vote (DINO's k-NN eval uses 20)
     knn_temperature: float = 0.07  # vote weight exp(cos / T) (DINO, InstDisc)
@@ -176,10 +178,7 @@ class Config:
 
     def save(self, path: str | Path) -> None:
         """Write the resolved config as YAML (atomically)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        tmp.replace(path)
+        write_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 # ----------------------------------------------------------------------------- type checking

@@ -8,14 +8,13 @@ checkpoint (`<ckpt>.temperature.json`) for whoever serves the model.
 """
 from __future__ import annotations
 
-import json
-import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 from scipy.optimize import minimize_scalar
 
+from fasttrain.io import write_json_atomic
 from fasttrain.metrics import ECE_BINS, bootstrap_ece_matrix, brier_score, calibration_bins, expected_calibration_error
 from fasttrain.train.runlog import save_figure
 
@@ -101,12 +100,8 @@ def temperature_path(ckpt) -> Path:
 
 def save_temperature(ckpt, temperatures: dict[str, float], fitted_on: dict) -> Path:
     """Write `<ckpt>.temperature.json` atomically: {"temperature": {label: T}, "fitted_on": ...}."""
-    path = temperature_path(ckpt)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"temperature": temperatures, "fitted_on": fitted_on,
-                               "apply": "p = sigmoid(logit / T) per label"}, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(temperature_path(ckpt), {"temperature": temperatures, "fitted_on": fitted_on,
+                                                       "apply": "p = sigmoid(logit / T) per label"})
 
 
 def plot_reliability(y_true: np.ndarray, y_prob: np.ndarray, label_names: list[str], path, *, title: str,

@@ -10,9 +10,21 @@
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from fasttrain.config import config_from_dict
+from fasttrain.data import build_loader
+from fasttrain.data.mixture import parse_parts, part_manifests
+from fasttrain.format.packed import read_manifest
+from fasttrain.models.checkpoints import load_into
+from fasttrain.train.builders import build_student
+from fasttrain.train.checkpoint import load_checkpoint
 from fasttrain.train.runlog import read_metrics, save_figure
 
 
@@ -125,16 +137,7 @@ def reconstruct(run: str | Path, n_images: int = 6, seed: int = 0, split: str | 
     all in the loader's normalised pixel space; with norm_pix_loss the prediction is mapped back
     with each target patch's own mean and variance (as MAE-style visualisations of such models do:
     a removed patch's brightness and contrast then come from the original, its structure from the model)."""
-    import torch
-    from fasttrain.config import config_from_dict
-    import dataclasses
 
-    from fasttrain.data import build_loader
-    from fasttrain.data.mixture import parse_parts
-    from fasttrain.format.packed import read_manifest
-    from fasttrain.models.checkpoints import load_into
-    from fasttrain.train.builders import build_student
-    from fasttrain.train.checkpoint import load_checkpoint
     ck = load_checkpoint(Path(run) / "checkpoints" / "last.pt")
     if ck.get("kind") != "pretrain":
         raise ValueError(f"{run}: reconstructions need a pre-training run (kind={ck.get('kind')!r})")
@@ -169,8 +172,6 @@ def reconstruct(run: str | Path, n_images: int = 6, seed: int = 0, split: str | 
 def plot_reconstructions(run: str | Path, path: str | Path, n_images: int = 6, seed: int = 0) -> Path:
     """Rows: images; columns: original | masked (removed patches grey) | reconstruction |
     reconstruction + visible (MAE's figure). One grey scale per row, from the original's range."""
-    import numpy as np
-    from fasttrain.data.mixture import part_manifests
     imgs, masked, recon, pasted, m, cfg = reconstruct(run, n_images, seed)
     synthetic = any(bool(mf.get("synthetic", False)) for _, mf in part_manifests(cfg.data.path))
     plt = pyplot()
@@ -195,3 +196,13 @@ def plot_reconstructions(run: str | Path, path: str | Path, n_images: int = 6, s
     path = Path(path)
     save_figure(fig, path)
     return path
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="fasttrain plot", description="Loss curves and per-label AUC bars as PNGs.")
+    p.add_argument("runs", nargs="+", help="run directories (several are overlaid)")
+    p.add_argument("--out", help="output folder (default FIRST_RUN/plots)")
+    args = p.parse_args(argv)
+    for path in plot_runs(args.runs, args.out):
+        print(path)
+    return 0

@@ -17,6 +17,7 @@ reports both times and mAUCs.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -31,6 +32,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fasttrain.config import apply_updates, build_config, config_from_dict, parse_overrides
+from fasttrain.data import build_loader
+from fasttrain.eval.evaluate import format_table
+from fasttrain.format.packed import read_manifest
+from fasttrain.io import write_atomic_with, write_json_atomic
+from fasttrain.metrics import bootstrap_auc, mean_auc
+from fasttrain.train.builders import build_classifier, init_classifier, is_fasttrain_checkpoint, peek_checkpoint
+from fasttrain.train.dist import resolve_device
 from fasttrain.train.engine import bce_masked
 from fasttrain.train.optim import lr_at
 
@@ -72,8 +81,6 @@ def probe_config(ckpt: Optional[str], config: Optional[str], overrides: Optional
     A fasttrain pretrain checkpoint carries its own (the MAE name becomes the classifier's); any
     other checkpoint (MAE, Xiao et al., timm export) or --random-init takes --config + overrides
     (default: the ViT-T/16 classifier at 224 px)."""
-    from fasttrain.config import build_config, config_from_dict
-    from fasttrain.train.builders import is_fasttrain_checkpoint, peek_checkpoint
     raw = peek_checkpoint(Path(ckpt)) if ckpt is not None else None
     if is_fasttrain_checkpoint(raw):
         if raw["kind"] != "pretrain":
@@ -83,7 +90,6 @@ def probe_config(ckpt: Optional[str], config: Optional[str], overrides: Optional
         if config is not None:
             raise ProbeError(f"{ckpt} carries its own config; drop --config (dotted overrides still apply)")
         if overrides:
-            from fasttrain.config import apply_updates, parse_overrides
             apply_updates(cfg, overrides if isinstance(overrides, dict) else parse_overrides(list(overrides)))
     else:
         cfg = build_config(config, overrides)
@@ -95,7 +101,6 @@ def probe_config(ckpt: Optional[str], config: Optional[str], overrides: Optional
 
 def build_encoder(cfg, num_labels: int, ckpt: Optional[str], random_init: bool, seed: int = 0) -> nn.Module:
     """A ViTClassifier (the fine-tuning model: same pooling) with its encoder from `ckpt`, frozen."""
-    from fasttrain.train.builders import build_classifier, init_classifier
     cfg.model.num_classes = num_labels
     torch.manual_seed(seed)
     model = build_classifier(cfg, num_labels=num_labels)
@@ -145,7 +150,6 @@ def cached_features(model, cfg, split: str, pool: str, ckpt_hash: str, cache_dir
                     batch_size: Optional[int] = None) -> tuple[np.ndarray, np.ndarray, bool]:
     """(features, labels, hit): read from cache_dir when the key matches, else extract and write
     atomically (a killed extraction leaves no half file)."""
-    from fasttrain.data import build_loader
     manifest_hash = file_sha256(Path(cfg.data.path) / "manifest.json")
     key = cache_key(ckpt_hash, manifest_hash, split, pool, cfg)
     path = cache_dir / f"{split}-{pool}-{key}.npz"
@@ -156,9 +160,7 @@ def cached_features(model, cfg, split: str, pool: str, ckpt_hash: str, cache_dir
                           device=device, dtype=torch.float32, seed=cfg.run.seed, batch_size=batch_size)
     feats, labels = extract(model, loader, pool, device)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, features=feats, labels=labels)
-    tmp.replace(path)
+    write_atomic_with(path, lambda f: np.savez(f, features=feats, labels=labels))
     return feats, labels, False
 
 
@@ -235,7 +237,6 @@ def head_scores(head: LinearProbe, feats: np.ndarray, device) -> np.ndarray:
 
 def check_splits(data: str | Path, splits: list[str]) -> list[str]:
     """Label names of the packed dataset; every split present and with that label count."""
-    from fasttrain.format.packed import read_manifest
     manifest = read_manifest(data)
     names = list(manifest["label_names"])
     have = manifest.get("splits", {})
@@ -266,10 +267,6 @@ def run_probe(ckpt: Optional[str], data: str | Path, *, train_split: str = "trai
               compare: bool = False) -> dict:
     """Linear probe of a frozen encoder -> results dict (also OUT/probe_<test>.json). The Python
     entry point of `fasttrain probe` (used by `fasttrain ablate` and the reproduction pipeline)."""
-    from fasttrain.format.packed import read_manifest
-    from fasttrain.train.dist import resolve_device
-    from fasttrain.eval.evaluate import bootstrap_auc
-    from fasttrain.io import write_json_atomic
     s = settings or ProbeSettings()
     if pool not in POOLS:
         raise ProbeError(f"--pool {pool!r}: choose one of {', '.join(POOLS)}")
@@ -312,7 +309,7 @@ def run_probe(ckpt: Optional[str], data: str | Path, *, train_split: str = "trai
                                               cached_s=t_extract + t_head, cached_mauc=result["mauc"],
                                               cached_features_hit=hit_tr and hit_te, batch_size=batch_size)
     out.mkdir(parents=True, exist_ok=True)
-    np.save(out / f"scores_{test_split}.npy", scores.astype(np.float32))
+    write_atomic_with(out / f"scores_{test_split}.npy", lambda f: np.save(f, scores.astype(np.float32)))
     path = out / f"probe_{test_split}.json"
     result["paths"] = {"results": str(path), "scores": str(out / f"scores_{test_split}.npy")}
     write_json_atomic(path, result)
@@ -325,8 +322,6 @@ def compare_reference(model, cfg, names, s: ProbeSettings, dev, train_split: str
                       cached_s: float, cached_mauc, cached_features_hit: bool, batch_size=None) -> dict:
     """The anchors' probe: the frozen encoder runs on every (augmented) training batch of every
     epoch, same head, optimiser, schedule and epochs; then the test split once. Time and mAUC."""
-    from fasttrain.data import build_loader
-    from fasttrain.metrics import mean_auc
     bs = s.batch_size
     loader = build_loader(cfg.data, train_split, train=True, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans,
                           device=dev, dtype=torch.float32, seed=s.seed, batch_size=bs, drop_last=True)
@@ -366,8 +361,6 @@ def compare_reference(model, cfg, names, s: ProbeSettings, dev, train_split: str
 
 
 def main(argv: list[str]) -> int:
-    import argparse
-    from fasttrain.commands import _run
     p = argparse.ArgumentParser(prog="fasttrain probe", description=(
         "Linear probe (BatchNorm + Linear, 90 epochs, as MAE's) of a frozen encoder on features "
         "extracted once and cached; per-label AUC and mAUC with bootstrap CIs. Dotted config overrides "
@@ -395,26 +388,24 @@ def main(argv: list[str]) -> int:
     if bad:
         p.error(f"unrecognised arguments: {' '.join(bad)} (config overrides look like --section.key=value)")
 
-    def go():
-        from fasttrain.eval.evaluate import format_table
-        s = ProbeSettings(epochs=args.epochs, batch_size=args.batch_size, blr=args.blr, seed=args.seed)
-        res = run_probe(args.ckpt, args.data, train_split=args.train_split, test_split=args.test_split, pool=args.pool,
-                        random_init=args.random_init, config=args.config, overrides=rest or None, out=args.out,
-                        cache_dir=args.cache, settings=s, n_boot=args.bootstrap, device=args.device, compare=args.compare)
-        if args.json:
-            print(json.dumps(res, default=str))
-            return
-        tag = "SYNTHETIC phantoms: " if res["synthetic"] else ""
-        src = "random init" if res["random_init"] else res["checkpoint"]
-        print(format_table(res, f"{tag}linear probe ({args.pool} pool) of {src} on {res['dataset']} {args.test_split}, "
-                                f"{res['n_images']} images, 95% CI from {args.bootstrap} bootstrap resamples"))
-        print(f"features: {res['cache']['dir']} (train {'cached' if res['cache']['train_hit'] else 'extracted'}, "
-              f"test {'cached' if res['cache']['test_hit'] else 'extracted'}); "
-              f"time: features {res['time_s']['features']:.1f} s, head {res['time_s']['head']:.1f} s")
-        if "compare" in res:
-            c = res["compare"]
-            print(f"compare ({c['epochs']} epochs): encoder every epoch {c['reference_s']:.1f} s, mAUC "
-                  f"{c['reference_mauc']:.4f}; cached features {c['cached_s']:.1f} s, mAUC {c['cached_mauc']:.4f}; "
-                  f"{c['speedup']:.1f}x less time")
-        print(f"results: {res['paths']['results']}")
-    return _run("probe", go)
+    s = ProbeSettings(epochs=args.epochs, batch_size=args.batch_size, blr=args.blr, seed=args.seed)
+    res = run_probe(args.ckpt, args.data, train_split=args.train_split, test_split=args.test_split, pool=args.pool,
+                    random_init=args.random_init, config=args.config, overrides=rest or None, out=args.out,
+                    cache_dir=args.cache, settings=s, n_boot=args.bootstrap, device=args.device, compare=args.compare)
+    if args.json:
+        print(json.dumps(res, default=str))
+        return 0
+    tag = "SYNTHETIC phantoms: " if res["synthetic"] else ""
+    src = "random init" if res["random_init"] else res["checkpoint"]
+    print(format_table(res, f"{tag}linear probe ({args.pool} pool) of {src} on {res['dataset']} {args.test_split}, "
+                            f"{res['n_images']} images, 95% CI from {args.bootstrap} bootstrap resamples"))
+    print(f"features: {res['cache']['dir']} (train {'cached' if res['cache']['train_hit'] else 'extracted'}, "
+          f"test {'cached' if res['cache']['test_hit'] else 'extracted'}); "
+          f"time: features {res['time_s']['features']:.1f} s, head {res['time_s']['head']:.1f} s")
+    if "compare" in res:
+        c = res["compare"]
+        print(f"compare ({c['epochs']} epochs): encoder every epoch {c['reference_s']:.1f} s, mAUC "
+              f"{c['reference_mauc']:.4f}; cached features {c['cached_s']:.1f} s, mAUC {c['cached_mauc']:.4f}; "
+              f"{c['speedup']:.1f}x less time")
+    print(f"results: {res['paths']['results']}")
+    return 0

@@ -19,7 +19,7 @@ import numpy as np
 from sklearn.metrics import roc_curve
 
 from fasttrain.labelmap import canonical
-from fasttrain.eval.evaluate import bootstrap_auc
+from fasttrain.metrics import bootstrap_auc
 
 NO_FINDING = "No Finding"  # the canonical name (fasttrain.labelmap) of the label that says 'none'
 

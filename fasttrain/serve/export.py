@@ -12,31 +12,34 @@ onnx  A fine-tuned classifier: input `image` float32 [batch, in_chans, img_size,
       writing: onnx.checker, then ONNX Runtime (when installed: `pip install fasttrain[onnx]`)
       against PyTorch's fp32 logits at two batch sizes; max abs diff must be < 1e-4.
 
-Every file is written to a temporary name and renamed only after its check passed.
+Every file is written (atomically: fasttrain.io.write_atomic) only after its check passed.
 """
 from __future__ import annotations
 
+import argparse
 import json
-import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional
 
+import timm
 import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_bytes
 
+from fasttrain.config import config_from_dict
+from fasttrain.data.gpu_augment import eval_resize_size, norm_stats
+from fasttrain.io import write_atomic
+from fasttrain.models.checkpoints import CheckpointError, export_timm, load_into, timm_name_for
 from fasttrain.provenance import provenance
-from fasttrain.serve.predict import PredictError
+from fasttrain.serve.predict import PredictError, load_for_inference
+from fasttrain.train.builders import build_student, input_norms
+from fasttrain.train.checkpoint import load_checkpoint
 
 ONNX_TOL = 1e-4  # fp32: ORT and PyTorch differ by kernel order only (~1e-6 seen on ViT-T)
 FORMATS = ("timm", "onnx")
-
-
-def _tmp_beside(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
 
 
 def _probe_inputs(model, batches=(1, 3), seed: int = 0) -> list[torch.Tensor]:
@@ -54,10 +57,6 @@ def default_out(ckpt: str | Path, fmt: str) -> Path:
 # ----------------------------------------------------------------------------- timm
 
 def export_timm_checkpoint(ckpt: str | Path, out: Path) -> dict:
-    from fasttrain.config import config_from_dict
-    from fasttrain.models.checkpoints import export_timm, load_into
-    from fasttrain.train.builders import build_student, input_norms
-    from fasttrain.train.checkpoint import load_checkpoint
     ck = load_checkpoint(ckpt)
     if out.suffix != ".safetensors":
         raise PredictError(f"--out {out}: a timm export is a .safetensors file")
@@ -69,7 +68,6 @@ def export_timm_checkpoint(ckpt: str | Path, out: Path) -> dict:
         return {"format": "timm", "out": str(out), "what": "pre-trained encoder (num_classes=0)"}
     if ck.get("kind") != "finetune":
         raise PredictError(f"{ckpt}: not a fasttrain pretrain or finetune checkpoint (kind={ck.get('kind')!r})")
-    from fasttrain.serve.predict import load_for_inference
     model, cfg, names, size = load_for_inference(ckpt, ck=ck)
     return export_timm_classifier(model, out, names)
 
@@ -80,28 +78,21 @@ def timm_classifier_kwargs(model) -> dict:
 
 def export_timm_classifier(model, out: Path, label_names: list[str]) -> dict:
     """Our ViTClassifier -> timm VisionTransformer(global_pool='avg') state dict, checked in timm."""
-    import timm
-    from safetensors.torch import save_file
 
-    from fasttrain.models.checkpoints import timm_name_for
     state = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in model.state_dict().items()}
     kwargs = timm_classifier_kwargs(model)
     name = timm_name_for(model)
     meta = {"format": "pt", "timm_model": name or "", "timm_kwargs": json.dumps(kwargs),
             "label_names": json.dumps(label_names), "exported_by": "fasttrain",
             "provenance": json.dumps(provenance("cpu"), default=str)}
-    tmp = _tmp_beside(out)
-    try:
-        save_file(state, str(tmp), metadata=meta)
-        from safetensors.torch import load_file
-        ref = timm.create_model(name, pretrained=False, **kwargs) if name else timm.models.VisionTransformer(**kwargs)
-        ref.load_state_dict(load_file(str(tmp)), strict=True)  # every key, every shape
-        diff = _max_diff(model, ref)
-        if diff > ONNX_TOL:
-            raise RuntimeError(f"timm model loaded from {out} differs from ours by {diff:.3g} (> {ONNX_TOL})")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    data = safetensors_bytes(state, metadata=meta)
+    ref = timm.create_model(name, pretrained=False, **kwargs) if name else timm.models.VisionTransformer(**kwargs)
+    ref.load_state_dict(safetensors_load(data), strict=True)  # every key, every shape
+    diff = _max_diff(model, ref)
+    if diff > ONNX_TOL:
+        raise RuntimeError(f"timm model loaded from {out} differs from ours by {diff:.3g} (> {ONNX_TOL})")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, data)
     return {"format": "timm", "out": str(out), "what": f"classifier ({len(label_names)} labels)",
             "timm_model": name, "timm_kwargs": kwargs, "max_abs_diff": diff}
 
@@ -138,7 +129,6 @@ EXPORTERS = ("dynamo", "torchscript")
 
 
 def export_onnx(ckpt: str | Path, out: Path, opset: int = 18, check: bool = True, exporter: str = "dynamo") -> dict:
-    from fasttrain.serve.predict import load_for_inference
     if out.suffix != ".onnx":
         raise PredictError(f"--out {out}: an ONNX export is a .onnx file")
     if exporter not in EXPORTERS:
@@ -153,8 +143,8 @@ def export_onnx(ckpt: str | Path, out: Path, opset: int = 18, check: bool = True
     probes = _probe_inputs(model)
     with torch.no_grad():
         want = [net(x).numpy() for x in probes]  # PyTorch fp32 logits, the reference
-    tmp = _tmp_beside(out)
-    try:
+    with tempfile.TemporaryDirectory(prefix="fasttrain-onnx-") as work:
+        tmp = Path(work) / out.name  # the exporters write a file; `out` gets the checked bytes
         if exporter == "dynamo":
             # torch.export + onnxscript: torch's maintained exporter (~20 s even for a 2-block test
             # model on a loaded 2-core CPU); the batch axis is declared dynamic, not traced
@@ -164,14 +154,12 @@ def export_onnx(ckpt: str | Path, out: Path, opset: int = 18, check: bool = True
             prog.save(str(tmp))
         else:
             # the TorchScript tracer: deprecated by torch but ~1 s, and needs no onnxscript
-            import warnings
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning, torch.jit.TracerWarning))
                 torch.onnx.export(net, (probes[0],), str(tmp), dynamo=False, input_names=["image"],
                                   output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
                                   opset_version=opset)
         proto = onnx.load(str(tmp))
-        from fasttrain.data.gpu_augment import eval_resize_size, norm_stats
         mean, std = norm_stats(cfg.data.norm, cfg.model.in_chans)
         meta = {"label_names": json.dumps(names), "exported_by": "fasttrain", "checkpoint": str(ckpt),
                 "input": (f"float32 [batch, {cfg.model.in_chans}, {cfg.model.img_size}, {cfg.model.img_size}]: "
@@ -182,15 +170,15 @@ def export_onnx(ckpt: str | Path, out: Path, opset: int = 18, check: bool = True
                 "provenance": json.dumps(provenance("cpu"), default=str)}
         for k, v in meta.items():
             onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, k: v})
-        onnx.save(proto, str(tmp))
-        onnx.checker.check_model(str(tmp), full_check=True)
+        data = proto.SerializeToString()
+        onnx.checker.check_model(proto, full_check=True)
         result = {"format": "onnx", "out": str(out), "opset": opset, "exporter": exporter, "labels": names,
                   "checked_with": None,
                   "max_abs_diff": None}
         why = onnx_runtime_available() if check else "check skipped (--no-check)"
         if why is None:
             import onnxruntime as ort
-            sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+            sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
             diff = 0.0
             for x, w in zip(probes, want):
                 got = sess.run(["logits"], {"image": x.numpy()})[0]
@@ -205,9 +193,8 @@ def export_onnx(ckpt: str | Path, out: Path, opset: int = 18, check: bool = True
                           batch_sizes=[int(x.shape[0]) for x in probes])
         else:
             result["not_checked"] = why
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, data)
     return result
 
 
@@ -222,7 +209,6 @@ def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
     p = argparse.ArgumentParser(prog="fasttrain export", description=(
         "timm: a pre-trained encoder or a fine-tuned classifier as a timm safetensors state dict; "
         "onnx: a fine-tuned classifier (dynamic batch), checked with ONNX Runtime against PyTorch."))
@@ -233,7 +219,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exporter", choices=EXPORTERS, default="dynamo",
                    help="onnx: dynamo (torch.export + onnxscript, default) or torchscript (the older tracer, faster)")
     args = p.parse_args(argv)
-    from fasttrain.models.checkpoints import CheckpointError
     try:
         res = export_checkpoint(args.ckpt, args.format, args.out, check=not args.no_check, exporter=args.exporter)
     except (PredictError, CheckpointError, FileNotFoundError, ValueError) as e:

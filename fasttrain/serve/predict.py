@@ -20,20 +20,34 @@ PRED.csv.json beside the CSV records the checkpoint, the transform and the prove
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import functools
 import io
+import multiprocessing as mp
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from fasttrain.converters.decode import DICOM_SUFFIXES, RASTER_SUFFIXES
+from fasttrain.converters.common import ConvertError, decode_chunk, default_workers, read_csv, worker_init
+from fasttrain.converters.decode import DICOM_SUFFIXES, RASTER_SUFFIXES, decode_file
+from fasttrain.data.gpu_augment import BatchAugment
 from fasttrain.data.mixture import MixtureError, part_manifests
+from fasttrain.io import write_atomic, write_json_atomic
+from fasttrain.models.checkpoints import CheckpointError
+from fasttrain.provenance import provenance
+from fasttrain.train.checkpoint import load_checkpoint
+from fasttrain.train.dist import resolve_device
+from fasttrain.train.engine import autocast, cfg_amp_dtype
+from fasttrain.train.finetune import load_classifier
 
 
 class PredictError(ValueError):
@@ -46,8 +60,6 @@ def load_for_inference(ckpt: str | Path, size: Optional[int] = None, ck: Optiona
     """-> (model in eval mode, cfg, label names, packed image size S); `ck` if the caller already
     loaded the checkpoint. A checkpoint without a classifier head (a pre-training checkpoint, a timm
     export) is refused here, before any work."""
-    from fasttrain.train.checkpoint import load_checkpoint
-    from fasttrain.train.finetune import load_classifier
     ck = load_checkpoint(ckpt) if ck is None else ck
     if ck.get("kind") != "finetune":
         raise PredictError(f"{ckpt}: no classifier head (a {ck.get('kind')!r} checkpoint); predict and ONNX export "
@@ -113,7 +125,6 @@ def list_images(folder: str | Path) -> list[tuple[str, str]]:
 def read_list(csv_path: str | Path, path_col: str = "path") -> list[tuple[str, str]]:
     """A CSV with a `path_col` column (relative to the CSV's folder, or absolute) -> [(id, path)].
     Files that do not exist stay in the list: their row says so."""
-    from fasttrain.converters.common import ConvertError, read_csv
     csv_path = Path(csv_path)
     try:
         _, rows = read_csv(csv_path, [path_col])
@@ -137,8 +148,6 @@ def decoded(paths: Sequence[str], size: int, workers: int, chunk: int = 16, resi
     """(position, uint8 [size, size] | None, error | None) in input order, decoded by the
     converters' own worker function (same decoder, same error text, the packed data's `resize`
     fitting) in spawned processes."""
-    from fasttrain.converters.common import decode_chunk
-    from fasttrain.converters.decode import decode_file
     fit = functools.partial(decode_file, resize=resize)
     tasks = [(fit, size, list(zip(range(s, min(s + chunk, len(paths))), paths[s:s + chunk])))
              for s in range(0, len(paths), chunk)]
@@ -146,11 +155,7 @@ def decoded(paths: Sequence[str], size: int, workers: int, chunk: int = 16, resi
         for t in tasks:
             yield from decode_chunk(t)
         return
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
 
-    from fasttrain.converters.common import worker_init
     # spawn, not fork: this process has run torch (libgomp's thread pool does not survive a fork);
     # ProcessPoolExecutor raises on a dead worker instead of waiting for it forever.
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=worker_init) as pool:
@@ -177,8 +182,6 @@ class Predictor:
     """The checkpoint's eval transform and model on one device: uint8 [B, S, S] -> probabilities [B, C]."""
 
     def __init__(self, model, cfg, size: int, device: torch.device):
-        from fasttrain.data.gpu_augment import BatchAugment
-        from fasttrain.train.engine import cfg_amp_dtype
         self.model = model.to(device).eval()
         self.device = device
         self.amp = cfg_amp_dtype(cfg, device)  # what `evaluate` runs under, so the scores match it
@@ -193,11 +196,8 @@ class Predictor:
         if self.device.type == "cuda":
             x = x.pin_memory()
         x = self.augment(x.to(self.device, non_blocking=True))  # [B, C, h, w] normalised
-        if self.amp is not None:
-            with torch.autocast(self.device.type, dtype=self.amp):
-                logits = self.model(x)  # [B, num_classes]
-        else:
-            logits = self.model(x)
+        with autocast(self.device, self.amp):
+            logits = self.model(x)  # [B, num_classes]
         return torch.sigmoid(logits.float()).cpu().double().numpy()  # [B, C]
 
 
@@ -206,16 +206,12 @@ def predict_files(ckpt: str | Path, items: list[tuple[str, str]], out: str | Pat
                   progress: bool = True) -> dict:
     """Probabilities for every (id, path) in `items`, written to the CSV `out` (atomically):
     columns `id, path, <label>..., error`, one row per item in input order."""
-    from tqdm import tqdm
 
-    from fasttrain.converters.common import default_workers
-    from fasttrain.train.dist import resolve_device
     if batch_size < 1:
         raise PredictError(f"--batch-size must be >= 1, got {batch_size}")
     out = Path(out)
     if not out.parent.is_dir():
         raise PredictError(f"--out {out}: folder {out.parent} does not exist")
-    from fasttrain.train.checkpoint import load_checkpoint
     ck = load_checkpoint(ckpt)
     model, cfg, names, size = load_for_inference(ckpt, size, ck=ck)
     resize = packed_resize(ck, cfg)
@@ -258,35 +254,26 @@ def predict_files(ckpt: str | Path, items: list[tuple[str, str]], out: str | Pat
 
 def _write_provenance(out: Path, ckpt, cfg, size: int, resize: str, n: int, n_bad: int, dev, seconds: float) -> None:
     """PRED.csv.json beside the CSV: which model, which transform, which code produced it."""
-    import json
-
-    from fasttrain.provenance import provenance
-    from fasttrain.train.engine import cfg_amp_dtype
     info = {"checkpoint": str(Path(ckpt).absolute()), "images": n, "unreadable": n_bad, "seconds": round(seconds, 2),
             "decode": f"converters.decode.decode_file -> uint8 {size}x{size}, resize={resize}",
             "eval_transform": {"img_size": cfg.model.img_size, "in_chans": cfg.model.in_chans,
                                "eval_resize": cfg.data.eval_resize, "norm": cfg.data.norm,
                                "autocast": str(cfg_amp_dtype(cfg, dev))},
             "provenance": provenance(str(dev))}
-    tmp = out.with_name(f".{out.name}.json.tmp")
-    tmp.write_text(json.dumps(info, indent=2, default=str) + "\n")
-    os.replace(tmp, out.with_name(out.name + ".json"))
+    write_json_atomic(out.with_name(out.name + ".json"), info)
 
 
 def _write_csv(out: Path, items, names, probs, errors) -> None:
-    """Temp file + rename: a reader never sees half a CSV."""
+    """Written atomically: a reader never sees half a CSV."""
     text = io.StringIO()
     w = csv.writer(text, lineterminator="\n")
     w.writerow(["id", "path", *names, "error"])
     for (ident, path), p, e in zip(items, probs, errors):
         w.writerow([ident, path, *([""] * len(names) if e else [f"{v:.6f}" for v in p]), e or ""])
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text.getvalue())
-    os.replace(tmp, out)
+    write_atomic(out, text.getvalue())
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
     p = argparse.ArgumentParser(prog="fasttrain predict", description=(
         "Probabilities per label for image files (PNG / JPEG / DICOM), decoded as the converter does, "
         "through the checkpoint's eval transform; one CSV row per image, unreadable ones with the reason."))
@@ -303,7 +290,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None, help="decode processes (default: all cores)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    from fasttrain.models.checkpoints import CheckpointError
     try:
         items = list_images(args.images) if args.images else read_list(args.list, args.path_col)
         res = predict_files(args.ckpt, items, args.out, batch_size=args.batch_size, device=args.device,

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from fasttrain.io import write_atomic, write_json_atomic
+from fasttrain.io import write_atomic, write_atomic_with, write_json_atomic
 from fasttrain.provenance import provenance
 
 log = logging.getLogger("fasttrain.train")
@@ -48,7 +48,7 @@ class RunLog:
         self._metrics = open(self.dir / "metrics.jsonl", "a" if resume else "w")
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # heavy: only when run.tensorboard
                 self._tb = SummaryWriter(str(self.dir / "tb"))
             except ImportError as e:  # tensorboard is a dependency, but never fail a run over logs
                 log.warning("TensorBoard disabled: %s", e)
@@ -117,14 +117,12 @@ def read_metrics(run: str | Path) -> list[dict]:
 
 
 def save_figure(fig, path) -> Path:
-    """A matplotlib figure written atomically as PNG (temp file, rename: a killed run leaves no
-    half image) and closed."""
+    """A matplotlib figure written atomically (PNG unless the suffix names another format: a
+    killed run leaves no half image) and closed."""
     import matplotlib.pyplot as plt  # optional, heavy: only to close the figure
     path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
     try:
-        fig.savefig(tmp, dpi=110)
+        write_atomic_with(path, lambda f: fig.savefig(f, dpi=110, format=path.suffix[1:] or "png"))
     finally:
         plt.close(fig)
-    tmp.replace(path)
     return path

@@ -82,7 +82,7 @@ def trained(tmp_path_factory):
 def test_predict_equals_evaluate_on_packed_test_split(trained, tmp_path, capsys):
     from fasttrain.format.packed import open_packed, read_manifest
     from fasttrain.eval.evaluate import bootstrap_auc
-    from fasttrain.train.finetune import evaluate_checkpoint
+    from fasttrain.eval.evaluate import evaluate_checkpoint
     from fasttrain.serve.predict import main
     packed, ckpt, _, src = trained
     res = evaluate_checkpoint(ckpt, packed, "test", tmp_path / "eval", n_boot=50)

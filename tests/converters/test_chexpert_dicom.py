@@ -16,7 +16,6 @@ from fasttrain.converters.decode import decode_raster
 from fasttrain.data import open_packed
 from fasttrain.format.packed import read_manifest
 
-from fixtures_datasets import (CHEXPERT_COLUMNS, block_mean, chexpert_path, write_chexpert, write_dicom)
 
 N = math.nan
 
@@ -38,7 +37,7 @@ EXPECTED_TRAIN = {  # frontal rows of CHEXPERT_TRAIN, per policy
 
 
 @pytest.mark.parametrize("policy", ["paper", "ones", "zeros", "ignore"])
-def test_chexpert_policies(tmp_path, policy):
+def test_chexpert_policies(tmp_path, policy, write_chexpert, chexpert_path):
     write_chexpert(tmp_path)
     out = cx(tmp_path, tmp_path / "out", uncertain=policy)  # src = the parent of CheXpert-v1.0-small
     ps = open_packed(out, "train")
@@ -54,12 +53,12 @@ def test_chexpert_policies(tmp_path, policy):
         assert m["splits"]["train"]["ignored_labels"] == 5
 
 
-def test_chexpert_all_labels_all_views_and_pixels(tmp_path):
+def test_chexpert_all_labels_all_views_and_pixels(tmp_path, write_chexpert, block_mean, chexpert_columns):
     w = write_chexpert(tmp_path, h=48, w=32)
     # src = the release folder itself; all 14 labels; lateral views kept
     out = cx(tmp_path / "CheXpert-v1.0-small", tmp_path / "out", labels="all", views="all", formats=("raw", "dali"))
     ps = open_packed(out, "train")
-    assert ps.label_names == CHEXPERT_COLUMNS[5:] and len(ps) == 5
+    assert ps.label_names == chexpert_columns[5:] and len(ps) == 5
     row0 = dict(zip(ps.label_names, ps.labels[0]))
     # paper policy beyond the competition labels: U-Zeros except Atelectasis / Edema
     assert row0["Atelectasis"] == 1 and row0["Cardiomegaly"] == 0 and row0["Edema"] == 1
@@ -80,7 +79,7 @@ def test_chexpert_all_labels_all_views_and_pixels(tmp_path):
         assert np.abs(dali - ps.image(i)).mean() < 2.0
 
 
-def test_chexpert_full_release_prefix(tmp_path):
+def test_chexpert_full_release_prefix(tmp_path, write_chexpert):
     write_chexpert(tmp_path, release="CheXpert-v1.0")
     out = cx(tmp_path, tmp_path / "out")
     assert open_packed(out, "train").ids[0].startswith("CheXpert-v1.0/train/patient00001/")
@@ -99,7 +98,7 @@ def test_map_labels_rejects_bad_values():
     ("missing_column", r"valid.csv: missing column\(s\) \['Edema'\]"),
     ("no_csv", r"no train.csv / valid.csv"),
 ])
-def test_chexpert_bad_input(tmp_path, case, match):
+def test_chexpert_bad_input(tmp_path, case, match, write_chexpert, chexpert_path, chexpert_columns):
     w = write_chexpert(tmp_path)
     base = tmp_path / "CheXpert-v1.0-small"
     if case == "missing_image":
@@ -107,7 +106,7 @@ def test_chexpert_bad_input(tmp_path, case, match):
     elif case == "bad_value":
         text = (base / "valid.csv").read_text().splitlines()
         cells = text[2].split(",")
-        cells[CHEXPERT_COLUMNS.index("Cardiomegaly")] = "yes"
+        cells[chexpert_columns.index("Cardiomegaly")] = "yes"
         text[2] = ",".join(cells)
         (base / "valid.csv").write_text("\n".join(text) + "\n")
     elif case == "missing_column":
@@ -130,7 +129,7 @@ def dc(src, out, **kw):
 
 
 @pytest.mark.parametrize("id_column", ["dicom_id", "path"])
-def test_dicom_pixels_labels_splits(tmp_path, id_column):
+def test_dicom_pixels_labels_splits(tmp_path, id_column, write_dicom, block_mean):
     w = write_dicom(tmp_path / "mimic", id_column=id_column)
     out = dc(tmp_path / "mimic", tmp_path / "out", formats=("raw", "ffcv"))
     m = json.loads((out / "manifest.json").read_text())
@@ -151,7 +150,7 @@ def test_dicom_pixels_labels_splits(tmp_path, id_column):
     assert np.abs(m1 - (255 - block_mean(w.pixels[test.ids[0]], 16))).max() > 50
 
 
-def test_dicom_bad_input(tmp_path):
+def test_dicom_bad_input(tmp_path, write_dicom):
     import pydicom
     w = write_dicom(tmp_path / "mimic")
     # a compressed syntax without an installed decoder: the error names the file and the plugin
@@ -228,8 +227,7 @@ def test_dicom_voi_lut_sequence_and_sigmoid_window():
     np.testing.assert_allclose(pixels_to_unit(ds), 1 / (1 + np.exp(-4 * (stored - 2000.0) / 1000)), atol=1e-6)
 
 
-def test_mimic_published_csvs(tmp_path):
-    from fixtures_datasets import open_mimic_splits, write_mimic
+def test_mimic_published_csvs(tmp_path, write_mimic, open_mimic_splits, block_mean):
     w = write_mimic(tmp_path / "mimic")
     root = tmp_path / "mimic"
     out = convert_dicom(root, root / "mimic-cxr-2.0.0-chexpert.csv", tmp_path / "out", size=16, workers=0,
@@ -255,10 +253,9 @@ def test_mimic_published_csvs(tmp_path):
         convert_dicom(root, csvp, tmp_path / "out3", size=16, workers=0, progress=False)
 
 
-def test_mimic_gzipped_csvs_as_physionet_publishes_them(tmp_path):
+def test_mimic_gzipped_csvs_as_physionet_publishes_them(tmp_path, write_mimic):
     import gzip
     import shutil
-    from fixtures_datasets import write_mimic
     root = tmp_path / "mimic"
     write_mimic(root)
     out = convert_dicom(root, root / "mimic-cxr-2.0.0-chexpert.csv", tmp_path / "plain", size=16, workers=0,
@@ -280,7 +277,7 @@ def test_mimic_gzipped_csvs_as_physionet_publishes_them(tmp_path):
         np.testing.assert_array_equal(a.images, b.images)
 
 
-def test_dicom_jpeg2000_decodes_or_names_the_plugin(tmp_path, monkeypatch):
+def test_dicom_jpeg2000_decodes_or_names_the_plugin(tmp_path, monkeypatch, write_dicom, block_mean):
     """MIMIC-CXR's large files are JPEG 2000 (1.2.840.10008.1.2.4.90): decoded through whichever
     pydicom plugin is installed (here Pillow's openjpeg); with none, the error names the row, the
     file, the syntax and the pip line."""

@@ -17,7 +17,6 @@ from fasttrain.config import build_config
 from fasttrain.metrics import bootstrap_ece_matrix
 from fasttrain.eval.calibration import apply_temperature, calibration_report, fit_temperature
 from fasttrain.eval.subgroups import SubgroupError, subgroup_report, youden_thresholds
-from fixtures_runs import packed_phantoms, tiny_yaml
 
 NAMES = ["a", "b", "c"]
 
@@ -139,16 +138,14 @@ def test_by_a_missing_column_lists_the_ones_there():
         subgroup_report(y, s, NAMES, {}, ["sex"], where="X")
 
 
-FT = tiny_yaml("vit", model={"num_classes": 14}, data={"val_split": "val"}, optim={"epochs": 1})
-
-
 @pytest.fixture(scope="module")
-def finetuned(tmp_path_factory):
+def finetuned(tmp_path_factory, packed_phantoms, tiny_yaml):
     from fasttrain.train.checkpoint import save_atomic
     from fasttrain.train.finetune import run_finetune
     root = tmp_path_factory.mktemp("subgroups")
     packed = packed_phantoms(root, 120, seed=3)
-    (root / "ft.yaml").write_text(FT)
+    (root / "ft.yaml").write_text(tiny_yaml("vit", model={"num_classes": 14}, data={"val_split": "val"},
+                                            optim={"epochs": 1}))
     cfg = build_config(root / "ft.yaml", [f"--data.path={packed}", f"--run.out={root / 'ft'}"])
     summary = run_finetune(cfg)
     # one epoch leaves the head near its init; spread the scores so that calibration has work to do

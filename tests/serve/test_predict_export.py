@@ -14,15 +14,12 @@ import pytest
 import torch
 
 from fasttrain.config import build_config
-from fixtures_datasets import _dicom, gray_pattern
-from fixtures_runs import tiny_yaml
 
 SIDE, SIZE = 40, 32
 LABELS = ["Effusion", "Mass", "Nodule"]
-TINY = tiny_yaml("vit", data={"val_split": None})
 
 
-def _write_sources(root: Path, n: int = 24) -> Path:
+def _write_sources(root: Path, gray_pattern, write_dicom_file, n: int = 24) -> Path:
     """n images in four file kinds + labels.csv (path, one 0/1 column per label, patient)."""
     import cv2
     from PIL import Image
@@ -43,7 +40,7 @@ def _write_sources(root: Path, n: int = 24) -> Path:
         elif kind == 2:
             Image.fromarray(g, "L").save(path, quality=95)
         else:
-            _dicom(path, g.astype(np.uint16) * 16, bits_stored=12, photometric="MONOCHROME2")
+            write_dicom_file(path, g.astype(np.uint16) * 16, bits_stored=12, photometric="MONOCHROME2")
         rows.append([rel, *[str(int(v)) for v in y], f"p{k // 2}"])
     with open(root / "labels.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -53,7 +50,7 @@ def _write_sources(root: Path, n: int = 24) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, tiny_yaml, gray_pattern, write_dicom_file):
     """(packed dataset, fine-tuned best/last checkpoint, pretrain checkpoint, source folder)."""
     from fasttrain.converters.images import convert_images
     from fasttrain.train.builders import build_student
@@ -61,10 +58,10 @@ def trained(tmp_path_factory):
     from fasttrain.train.finetune import run_finetune
     root = tmp_path_factory.mktemp("byod")
     src = root / "src"
-    labels_csv = _write_sources(src)
+    labels_csv = _write_sources(src, gray_pattern, write_dicom_file)
     packed = convert_images(src, labels_csv, root / "packed", path_col="path", label_cols=LABELS,
                             patient_col="patient", test_fraction=0.5, size=SIZE, workers=1, progress=False)
-    (root / "tiny.yaml").write_text(TINY)
+    (root / "tiny.yaml").write_text(tiny_yaml("vit", data={"val_split": None}))
     cfg = build_config(root / "tiny.yaml", [f"--data.path={packed}", f"--run.out={root / 'ft'}"])
     summary = run_finetune(cfg)
     # one epoch leaves the head near its 2e-5 init (scores ~0.5 +- 1e-3); spread the scores so that

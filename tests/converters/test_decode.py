@@ -1,4 +1,4 @@
-"""The fast decode paths against their plain references (issue 14): JPEG at the smallest DCT scale
+"""The fast decode paths against their plain references: JPEG at the smallest DCT scale
 vs full decode + resize on real-size images, 8/16-bit grey PNG through imagecodecs vs PIL, the
 DICOM per-value LUT vs per-pixel arithmetic, the reduced DICOM paths (uncompressed box means, JPEG
 2000 at reduced resolution) vs mapping every pixel; truncated files still fail; MIMIC-CXR-JPG end

@@ -190,7 +190,7 @@ def test_device_tap_path_equals_host_path(c, dtype):
         torch.testing.assert_close(b.float(), a.float(), rtol=0, atol=1e-5 if dtype == torch.float32 else 2e-2)
 
 
-# ----------------------------------------------------------------------------- issue 11: uint8 path
+# ----------------------------------------------------------------------------- uint8 path
 
 def _to_grey_levels(out, norm, c):
     return (_unnormalise(out.float(), norm, c) * 255).round()  # [n, c, h, w] grey levels

@@ -2,7 +2,7 @@
 
 Each op runs on the same images with the same magnitude and sign as timm's (`NAME_TO_OP[name]` fed
 `LEVEL_TO_ARG[name]`, timm's sign drawn from our negate flag), with the hparams create_transform
-sets. Tolerances (issue #11): pixel ops within 1 grey level everywhere; geometric ops within 1 grey
+sets. Tolerances: pixel ops within 1 grey level everywhere; geometric ops within 1 grey
 level mean absolute difference away from a 2-pixel border (float32 vs Pillow's double coordinates
 can move a tap across a pixel edge).
 """

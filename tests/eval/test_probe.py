@@ -1,4 +1,4 @@
-"""Issue #12: `fasttrain probe` (cached features, MAE's head) against sklearn; the cache; bad input."""
+"""`fasttrain probe` (cached features, MAE's head) against sklearn; the cache; bad input."""
 from __future__ import annotations
 
 import json

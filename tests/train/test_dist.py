@@ -1,4 +1,4 @@
-"""Runs that survive a cluster (issue #13): --resume auto, pre-emption signals, elastic restarts
+"""Runs that survive a cluster: --resume auto, pre-emption signals, elastic restarts
 under torchrun, two "nodes" on 127.0.0.1, checkpoint safety (ENOSPC, checksums, kept step
 checkpoints), a packed file that vanishes or shrinks under a running job, the SLURM scripts, and
 a resume on another number of ranks (spawned gloo ranks running the real trainer).
@@ -327,7 +327,7 @@ def _worker_pid(agent: int, rank: int, timeout: float = 60) -> int:
 
 @pytest.mark.slow
 def test_sigkill_one_rank_under_max_restarts_resumes_bit_identical(cfg_yaml, packed, reference_2proc, tmp_path):
-    """The hang of issue #13: after SIGKILL of rank 1, torchrun restarts the group; the new workers
+    """No hang after SIGKILL of rank 1: torchrun restarts the group; the new workers
     must rendezvous cleanly (per-restart store prefix) and resume from last.pt (--resume auto)."""
     out = tmp_path / "run"
     proc = subprocess.Popen(_torchrun("--standalone", "--nproc_per_node=2", "--max-restarts=2",

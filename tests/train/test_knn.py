@@ -1,4 +1,4 @@
-"""Issue #12: the kNN monitor -- a hand-computed fixture, and its records in a pre-training run."""
+"""The kNN monitor -- a hand-computed fixture, and its records in a pre-training run."""
 from __future__ import annotations
 
 import json

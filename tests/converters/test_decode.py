@@ -1,4 +1,4 @@
-"""The fast decode paths against their plain references (issue 14): JPEG at the smallest DCT scale
+"""The fast decode paths against their plain references: JPEG at the smallest DCT scale
 vs full decode + resize on real-size images, 8/16-bit grey PNG through imagecodecs vs PIL, the
 DICOM per-value LUT vs per-pixel arithmetic, the reduced DICOM paths (uncompressed box means, JPEG
 2000 at reduced resolution) vs mapping every pixel; truncated files still fail; MIMIC-CXR-JPG end
@@ -15,8 +15,6 @@ from PIL import Image
 from fasttrain.converters import decode as D
 from fasttrain.converters.common import ConvertError
 from fasttrain.data import open_packed
-
-from fixtures_datasets import block_mean, open_mimic_splits, write_mimic
 
 
 def radiograph_like(h: int, w: int, seed: int, noise: float = 3.0) -> np.ndarray:
@@ -133,11 +131,10 @@ def _png_with_sbit(path, img16: np.ndarray, bits: int) -> None:
 @pytest.mark.parametrize("photometric,window,rescale", [
     ("MONOCHROME2", None, None), ("MONOCHROME1", (2048, 3000), None), ("MONOCHROME2", (1800, 2500), (0.5, -100)),
 ])
-def test_dicom_lut_path_bit_identical(tmp_path, photometric, window, rescale):
+def test_dicom_lut_path_bit_identical(tmp_path, photometric, window, rescale, write_dicom_file):
     """The per-value LUT gives the per-pixel result exactly (windowed, min..max, rescaled) on a
     real-size 12-bit frame; a signed frame too."""
     import pydicom
-    from fixtures_datasets import _dicom
     g = radiograph_like(1500, 1250, seed=4).astype(np.float32)
     stored = np.clip(g * 16 + np.random.default_rng(1).normal(0, 8, g.shape), 0, 4095).astype(np.uint16)
     kw = {}
@@ -146,7 +143,7 @@ def test_dicom_lut_path_bit_identical(tmp_path, photometric, window, rescale):
     if rescale:
         kw.update(slope=rescale[0], intercept=rescale[1])
     path = tmp_path / "x.dcm"
-    _dicom(path, stored, bits_stored=12, photometric=photometric, **kw)
+    write_dicom_file(path, stored, bits_stored=12, photometric=photometric, **kw)
     ds = pydicom.dcmread(path)
     arr = ds.pixel_array
     fast = D.pixels_to_unit_lut(ds, arr)
@@ -173,18 +170,17 @@ def _mimic_like_stored(seed: int, noise: float = 8.0) -> np.ndarray:
     # mean |diff| with the clamp, 0.62 without; 1.6 vs 7.2 at noise 700)
     ("MONOCHROME2", (2048, 2200), None, None, 120),
 ])
-def test_dicom_reduced_path_within_bound(tmp_path, photometric, window, rescale, function, noise):
+def test_dicom_reduced_path_within_bound(tmp_path, photometric, window, rescale, function, noise, write_dicom_file):
     """Uncompressed real-size DICOM: clamp + 4x4 integer means before the mapping stays within
     0.5 grey level mean |diff| (the manifest's bound) of mapping every pixel first, max 3."""
     import pydicom
-    from fixtures_datasets import _dicom
     kw = dict(voi_function=function)
     if window:
         kw.update(center=window[0], width=window[1])
     if rescale:
         kw.update(slope=rescale[0], intercept=rescale[1])
     path = tmp_path / "x.dcm"
-    _dicom(path, _mimic_like_stored(5, noise), bits_stored=12, photometric=photometric, **kw)
+    write_dicom_file(path, _mimic_like_stored(5, noise), bits_stored=12, photometric=photometric, **kw)
     ds = pydicom.dcmread(path)
     arr = ds.pixel_array
     assert D.dicom_reduction(*arr.shape, 256) == 4
@@ -197,13 +193,12 @@ def test_dicom_reduced_path_within_bound(tmp_path, photometric, window, rescale,
     assert "0.5 grey level" in D.DICOM_REDUCED_NOTE
 
 
-def test_dicom_reduced_path_signed_values(tmp_path):
+def test_dicom_reduced_path_signed_values(tmp_path, write_dicom_file):
     """Signed stored values (PixelRepresentation 1) take the reduced path too (cv2's int16 area
     reduction, the table indexed from the minimum), within the same bound."""
     import pydicom
-    from fixtures_datasets import _dicom
     path = tmp_path / "s.dcm"
-    _dicom(path, _mimic_like_stored(3), bits_stored=12, photometric="MONOCHROME2", center=0, width=3000)
+    write_dicom_file(path, _mimic_like_stored(3), bits_stored=12, photometric="MONOCHROME2", center=0, width=3000)
     ds = pydicom.dcmread(path)
     arr = ds.pixel_array.astype(np.int16) - 2048
     ds.PixelRepresentation = 1
@@ -212,18 +207,17 @@ def test_dicom_reduced_path_signed_values(tmp_path):
     assert fast is not None and np.abs(fast.astype(int) - exact).mean() <= 0.5
 
 
-def test_dicom_reduced_path_declines_what_it_would_change(tmp_path):
+def test_dicom_reduced_path_declines_what_it_would_change(tmp_path, write_dicom_file):
     """SIGMOID windows (not piecewise linear), windows so narrow that a stored value is > 1/8 grey
     level, and images under 4x the output size map every pixel first: decode_dicom is then the
     plain path bit for bit."""
     import pydicom
-    from fixtures_datasets import _dicom
     stored = _mimic_like_stored(6)[:1536, :1280]
     for name, kw, size in [("sigmoid", dict(center=2048, width=3000, voi_function="SIGMOID"), 256),
                            ("narrow", dict(center=2048, width=200), 256),
                            ("small", dict(center=2048, width=3000), 400)]:
         path = tmp_path / f"{name}.dcm"
-        _dicom(path, stored, bits_stored=12, photometric="MONOCHROME2", **kw)
+        write_dicom_file(path, stored, bits_stored=12, photometric="MONOCHROME2", **kw)
         ds = pydicom.dcmread(path)
         assert D.decode_dicom_reduced(ds, ds.pixel_array.copy(), size) is None, name
         np.testing.assert_array_equal(D.decode_dicom(str(path), size),
@@ -287,7 +281,7 @@ def test_dicom_jpeg2000_reduced_resolution_within_bound(tmp_path, monkeypatch):
         D.decode_dicom(str(path), 256)
 
 
-def test_mimic_jpg_end_to_end(tmp_path):
+def test_mimic_jpg_end_to_end(tmp_path, write_mimic, open_mimic_splits, block_mean):
     """MIMIC-CXR-JPG as published (.jpg tree, gzipped CSVs): same joins, views and splits as MIMIC
     DICOM; the negbio labeler by --labels-csv; the CLI sub-command; a missing file is named."""
     from fasttrain.converters.cli import main

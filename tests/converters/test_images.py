@@ -15,7 +15,6 @@ from fasttrain.converters.common import ConvertError
 from fasttrain.converters.decode import decode_file
 from fasttrain.converters.images import convert_images
 from fasttrain.format.packed import open_packed, read_manifest
-from fixtures_datasets import _dicom, block_mean, gray_pattern
 
 SIDE, SIZE = 32, 16
 PADCHEST_COLUMNS = ["ImageID", "ImageDir", "StudyDate_DICOM", "StudyID", "PatientID", "PatientBirth",
@@ -32,7 +31,7 @@ PADCHEST_ROWS = [
 VINDR_LABELS = ["Aortic enlargement", "Cardiomegaly", "Pleural effusion", "Nodule/Mass", "No finding"]
 
 
-def write_padchest(root: Path) -> dict:
+def write_padchest(gray_pattern, root: Path) -> dict:
     """16-bit PNGs under <ImageDir>/<ImageID> + the labels CSV (PadChest's published columns)."""
     import cv2
     rng = np.random.default_rng(0)
@@ -51,7 +50,7 @@ def write_padchest(root: Path) -> dict:
     return ref
 
 
-def write_vindr(root: Path) -> dict:
+def write_vindr(gray_pattern, write_dicom_file, root: Path) -> dict:
     """train/<image_id>.dicom (3 readers' rows each) and test/<image_id>.dicom (one consensus row)."""
     rng = np.random.default_rng(1)
     ref = {}
@@ -61,7 +60,7 @@ def write_vindr(root: Path) -> dict:
         split = "train" if k < 4 else "test"
         iid = f"{k:03d}ab{k * 7919:08x}"
         g = gray_pattern(rng, SIDE, SIDE, k)
-        _dicom(root / split / f"{iid}.dicom", g, bits_stored=8, photometric="MONOCHROME2")
+        write_dicom_file(root / split / f"{iid}.dicom", g, bits_stored=8, photometric="MONOCHROME2")
         ref[iid] = g
         y = np.zeros(len(VINDR_LABELS), np.float32)
         y[k % 4] = 1
@@ -85,9 +84,9 @@ def write_vindr(root: Path) -> dict:
     return {"ref": ref, "truth": truth}
 
 
-def test_padchest_layout_16bit_png_list_labels_patient_disjoint(tmp_path):
+def test_padchest_layout_16bit_png_list_labels_patient_disjoint(tmp_path, gray_pattern, block_mean):
     src = tmp_path / "padchest"
-    ref = write_padchest(src)
+    ref = write_padchest(gray_pattern, src)
     csv_path = src / "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv"
     names = ["cardiomegaly", "pleural effusion", "pneumonia"]
     out = convert_images(src, csv_path, tmp_path / "packed", path_col="ImageID", multi_col="Labels",
@@ -113,9 +112,9 @@ def test_padchest_layout_16bit_png_list_labels_patient_disjoint(tmp_path):
     assert seen == set(ref) and not (train_patients & test_patients)  # patient-disjoint
 
 
-def test_padchest_names_discovered_and_unlisted_values(tmp_path):
+def test_padchest_names_discovered_and_unlisted_values(tmp_path, gray_pattern):
     src = tmp_path / "padchest"
-    write_padchest(src)
+    write_padchest(gray_pattern, src)
     csv_path = src / "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv"
     out = convert_images(src, csv_path, tmp_path / "a", path_col="ImageID", multi_col="Labels",
                          none_values=["normal"], size=SIZE, workers=1, progress=False)
@@ -134,9 +133,9 @@ def test_padchest_names_discovered_and_unlisted_values(tmp_path):
 
 
 @pytest.mark.parametrize("merge", ["majority", "any"])
-def test_vindr_layout_dicom_reader_rows_and_split_csvs(tmp_path, merge):
+def test_vindr_layout_dicom_reader_rows_and_split_csvs(tmp_path, merge, gray_pattern, write_dicom_file, block_mean):
     src = tmp_path / "vindr"
-    fx = write_vindr(src)
+    fx = write_vindr(gray_pattern, write_dicom_file, src)
     out = convert_images(src, [f"train={src}/annotations/image_labels_train.csv",
                                f"test={src}/annotations/image_labels_test.csv"], tmp_path / "packed",
                          path_col="image_id", path_suffix=".dicom", label_cols=VINDR_LABELS, merge_rows=merge,
@@ -161,7 +160,8 @@ def test_vindr_layout_dicom_reader_rows_and_split_csvs(tmp_path, merge):
                        progress=False)
 
 
-def _nih_like(src: Path, rows: list[list[str]], header=("file", "Finding Labels", "split", "patient")) -> Path:
+def _nih_like(gray_pattern, src: Path, rows: list[list[str]],
+              header=("file", "Finding Labels", "split", "patient")) -> Path:
     from PIL import Image
     rng = np.random.default_rng(2)
     (src / "img").mkdir(parents=True)
@@ -174,10 +174,11 @@ def _nih_like(src: Path, rows: list[list[str]], header=("file", "Finding Labels"
     return src / "labels.csv"
 
 
-def test_multi_col_with_sep_and_split_col(tmp_path):
+def test_multi_col_with_sep_and_split_col(tmp_path, gray_pattern):
     src = tmp_path / "s"
-    p = _nih_like(src, [["img/0.png", "Mass|Effusion", "train", "a"], ["img/1.png", "No Finding", "Training", "b"],
-                        ["img/2.png", "Effusion", "validation", "c"], ["img/3.png", "Mass", "TEST", "d"]])
+    p = _nih_like(gray_pattern, src, [["img/0.png", "Mass|Effusion", "train", "a"],
+                                      ["img/1.png", "No Finding", "Training", "b"],
+                                      ["img/2.png", "Effusion", "validation", "c"], ["img/3.png", "Mass", "TEST", "d"]])
     out = convert_images(src, p, tmp_path / "o", path_col="file", multi_col="Finding Labels", split_col="split",
                          size=SIZE, workers=1, progress=False)
     m = read_manifest(out)
@@ -186,10 +187,10 @@ def test_multi_col_with_sep_and_split_col(tmp_path):
     assert open_packed(out, "train", "raw").labels.tolist() == [[1, 1], [0, 0]]
 
 
-def test_boolean_and_uncertain_columns(tmp_path):
+def test_boolean_and_uncertain_columns(tmp_path, gray_pattern):
     src = tmp_path / "s"
-    p = _nih_like(src, [["img/0.png", "TRUE", "-1", ""], ["img/1.png", "false", "1.0", "0"],
-                        ["img/2.png", "True", "", "1"], ["img/3.png", "no", "0", "-1"]],
+    p = _nih_like(gray_pattern, src, [["img/0.png", "TRUE", "-1", ""], ["img/1.png", "false", "1.0", "0"],
+                                      ["img/2.png", "True", "", "1"], ["img/3.png", "no", "0", "-1"]],
                   header=("path", "Effusion", "Edema", "Mass"))
     out = convert_images(src, p, tmp_path / "o", path_col="path", label_cols=["Effusion", "Edema", "Mass"],
                          uncertain=["-1"], uncertain_as="ignore", blank="zeros", size=SIZE, workers=1, progress=False)
@@ -197,11 +198,12 @@ def test_boolean_and_uncertain_columns(tmp_path):
     np.testing.assert_array_equal(y, np.array([[1, np.nan, 0], [0, 1, 0], [1, 0, 1], [0, 0, np.nan]], np.float32))
 
 
-def test_bad_input_errors_before_any_decoding(tmp_path, monkeypatch):
+def test_bad_input_errors_before_any_decoding(tmp_path, monkeypatch, gray_pattern):
     import fasttrain.converters.images as images_mod
     src = tmp_path / "s"
-    p = _nih_like(src, [["img/0.png", "1", "0", "a"], ["img/1.png", "maybe", "0", "b"],
-                        ["img/9.png", "0", "1", "c"], ["img/8.png", "0", "1", "d"], ["img/3.png", "0", "1", "e"]],
+    p = _nih_like(gray_pattern, src, [["img/0.png", "1", "0", "a"], ["img/1.png", "maybe", "0", "b"],
+                                      ["img/9.png", "0", "1", "c"], ["img/8.png", "0", "1", "d"],
+                                      ["img/3.png", "0", "1", "e"]],
                   header=("file", "Mass", "Edema", "patient"))
 
     def no_decode(*a, **k):
@@ -229,10 +231,10 @@ def test_bad_input_errors_before_any_decoding(tmp_path, monkeypatch):
     assert not (tmp_path / "o").exists()
 
 
-def test_skip_lists_missing_files_in_manifest_and_cli(tmp_path):
+def test_skip_lists_missing_files_in_manifest_and_cli(tmp_path, gray_pattern):
     from fasttrain.converters.cli import main
     src = tmp_path / "s"
-    p = _nih_like(src, [["img/0.png", "1", "a"], ["img/1.png", "0", "b"], ["img/7.png", "1", "c"]],
+    p = _nih_like(gray_pattern, src, [["img/0.png", "1", "a"], ["img/1.png", "0", "b"], ["img/7.png", "1", "c"]],
                   header=("file", "Mass", "patient"))
     rc = main(["images", "--src", str(src), "--labels-csv", str(p), "--out", str(tmp_path / "o"), "--path-col", "file",
                "--label-cols", "Mass", "--size", str(SIZE), "--workers", "1", "--on-error", "skip", "--no-progress"])
@@ -245,11 +247,10 @@ def test_skip_lists_missing_files_in_manifest_and_cli(tmp_path):
     assert rc == 1
 
 
-def test_same_pixels_and_labels_as_the_nih_converter(tmp_path):
+def test_same_pixels_and_labels_as_the_nih_converter(tmp_path, write_nih):
     """One shared path: NIH's published layout packed by `convert images` (name lookup into
     images_NNN/images/, the multi-valued Finding Labels) equals `convert nih`, byte for byte."""
     from fasttrain.converters.nih import NIH_LABELS, convert_nih
-    from fixtures_datasets import write_nih
     src = tmp_path / "nih"
     write_nih(src)  # 8-bit grey, one RGBA, one 16-bit PNG, nested folders
     a = convert_nih(src, tmp_path / "a", size=SIZE, workers=1, progress=False)

@@ -19,7 +19,6 @@ from fasttrain.converters.nih import convert_nih
 from fasttrain.converters.synthetic import FEMALE_SIGN_CONTRAST, draw_phantom
 from fasttrain.data.mixture import open_mixture
 from fasttrain.format.packed import open_packed
-from fixtures_datasets import MIMIC_IMAGES, gray_pattern, write_chexpert, write_mimic, write_nih
 
 OPTS = dict(size=16, workers=0, progress=False)
 
@@ -36,7 +35,7 @@ def test_parsers_cover_the_sources_spellings():
     assert parse_view(" pa ") == "PA" and parse_view("AP supine") == "AP_SUPINE" and parse_view("") is None
 
 
-def test_nih_metadata_follows_the_split_order(tmp_path):
+def test_nih_metadata_follows_the_split_order(tmp_path, write_nih):
     src = write_nih(tmp_path / "src")
     out = convert_nih(src.root, tmp_path / "packed", **OPTS)
     with open(src.root / "Data_Entry_2017_v2020.csv", newline="") as f:
@@ -57,7 +56,7 @@ def test_nih_metadata_follows_the_split_order(tmp_path):
         open_packed(out, "train").count
 
 
-def test_chexpert_metadata_and_view_lists(tmp_path):
+def test_chexpert_metadata_and_view_lists(tmp_path, write_chexpert):
     src = write_chexpert(tmp_path / "src")
     out = convert_chexpert(src.root, tmp_path / "all", views="all", **OPTS)
     base = src.root / "CheXpert-v1.0-small"
@@ -81,12 +80,12 @@ def test_chexpert_metadata_and_view_lists(tmp_path):
         convert_chexpert(src.root, tmp_path / "bad", views=",", **OPTS)
 
 
-def test_mimic_view_and_demographics_csv(tmp_path):
+def test_mimic_view_and_demographics_csv(tmp_path, write_mimic, mimic_images):
     src = write_mimic(tmp_path / "src", jpg=True)
     demo = tmp_path / "patients.csv"
     demo.write_text("subject_id,gender,anchor_age,anchor_year\n10000032,F,52,2180\n10000764,M,,2132\n")
     out = convert_mimic_jpg(src.root, tmp_path / "packed", views="all", demographics_csv=demo, **OPTS)
-    views = {d: v for d, _, _, v, _ in MIMIC_IMAGES}
+    views = {d: v for d, _, _, v, _ in mimic_images}
     ps = open_packed(out, "train")
     m = ps.metadata
     assert m["view"].tolist() == [views[i] for i in ps.ids]
@@ -101,7 +100,7 @@ def test_mimic_view_and_demographics_csv(tmp_path):
     assert set(open_packed(pa, "train").metadata["view"]) == {"PA"}
 
 
-def test_images_meta_cols(tmp_path):
+def test_images_meta_cols(tmp_path, gray_pattern):
     src = tmp_path / "s"
     (src / "img").mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -128,7 +127,7 @@ def test_images_meta_cols(tmp_path):
                        meta_cols={"sex": "Gender"}, **OPTS)
 
 
-def test_old_packs_without_metadata_still_open(tmp_path):
+def test_old_packs_without_metadata_still_open(tmp_path, write_nih):
     src = write_nih(tmp_path / "src")
     out = convert_nih(src.root, tmp_path / "packed", **OPTS)
     mpath = out / "manifest.json"
@@ -141,7 +140,7 @@ def test_old_packs_without_metadata_still_open(tmp_path):
     assert open_mixture([str(out)], "train", None).metadata == {}
 
 
-def test_mixture_metadata_concatenates_parts_and_fills_missing(tmp_path):
+def test_mixture_metadata_concatenates_parts_and_fills_missing(tmp_path, write_nih):
     src = write_nih(tmp_path / "src")
     a = convert_nih(src.root, tmp_path / "a", **OPTS)
     b = convert_nih(src.root, tmp_path / "b", **OPTS)
@@ -166,7 +165,7 @@ def test_synthetic_subgroup_effect_scales_the_signs():
     assert np.array_equal(draw_phantom(5, idx, 64).image, draw_phantom(5, idx, 64, 1.0).image)
 
 
-def test_cli_flags_reach_the_converters(tmp_path, capsys):
+def test_cli_flags_reach_the_converters(tmp_path, capsys, write_nih, gray_pattern):
     src = write_nih(tmp_path / "src")
     assert main(["nih", "--src", str(src.root), "--out", str(tmp_path / "pa"), "--size", "16", "--workers", "0",
                  "--no-progress", "--views", "PA"]) == 0

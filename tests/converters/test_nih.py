@@ -16,7 +16,6 @@ from fasttrain.converters.common import ConvertError
 from fasttrain.converters.nih import NIH_LABELS, convert_nih
 from fasttrain.data import open_packed
 
-from fixtures_datasets import (RGBA_NAME, SIXTEEN_BIT_NAME, block_mean, write_nih, write_xiao_splits)
 
 SIZE = 24  # fixtures are 48 px: INTER_AREA by 2 is exactly the 2x2 block mean
 JPEG_MEAN_TOL = 2.0  # DALI shards (q95) vs raw: mean |diff| in grey levels (the documented tolerance)
@@ -29,7 +28,7 @@ def convert(src, out, **kw):
     return convert_nih(src, out, size=kw.pop("size", SIZE), **kw)
 
 
-def check_against_reference(out: Path, written, splits=("train", "test")):
+def check_against_reference(out: Path, written, block_mean, splits=("train", "test")):
     """raw == block-mean reference (+-1 for rounding), ffcv == raw exactly, dali ~ raw (JPEG)."""
     for split in splits:
         raw = open_packed(out, split, "raw")
@@ -56,10 +55,10 @@ def check_against_reference(out: Path, written, splits=("train", "test")):
 
 
 @pytest.mark.parametrize("csv_version,layout", [("v2020", "nested"), ("2017", "flat")])
-def test_nih_roundtrip_raw(tmp_path, csv_version, layout):
+def test_nih_roundtrip_raw(tmp_path, csv_version, layout, write_nih, block_mean):
     w = write_nih(tmp_path / "src", csv_version=csv_version, layout=layout)
     out = convert(tmp_path / "src", tmp_path / "out")
-    check_against_reference(out, w)
+    check_against_reference(out, w, block_mean)
     m = json.loads((out / "manifest.json").read_text())
     csv_name = "Data_Entry_2017_v2020.csv" if csv_version == "v2020" else "Data_Entry_2017.csv"
     assert set(m["source_sha256"]) == {csv_name, "train_val_list.txt", "test_list.txt"}
@@ -69,12 +68,13 @@ def test_nih_roundtrip_raw(tmp_path, csv_version, layout):
     assert m["fasttrain_version"] and m["dataset"] == "nih-chestxray14"
 
 
-def test_nih_all_formats_through_pool(tmp_path):
+def test_nih_all_formats_through_pool(tmp_path, nih_odd_pngs, write_nih, block_mean):
     """raw + ffcv + dali in one pass with 2 decode processes; RGBA and 16-bit PNGs included."""
     w = write_nih(tmp_path / "src")
     out = convert(tmp_path / "src", tmp_path / "out", formats=("raw", "ffcv", "dali"), workers=2, shard_size=3)
-    check_against_reference(out, w)
-    assert RGBA_NAME in w.ids["train"] and SIXTEEN_BIT_NAME in w.ids["test"]
+    check_against_reference(out, w, block_mean)
+    rgba, sixteen_bit = nih_odd_pngs
+    assert rgba in w.ids["train"] and sixteen_bit in w.ids["test"]
     m = json.loads((out / "manifest.json").read_text())
     assert m["formats"] == ["raw", "ffcv", "dali"]
     assert m["format_details"]["ffcv"]["image_field"] == "ndarray"
@@ -102,7 +102,7 @@ def test_nih_all_formats_through_pool(tmp_path):
     assert list(r.metadata["f2"]) == [0, 1, 2]
 
 
-def test_ffcv_only_drops_raw_staging(tmp_path):
+def test_ffcv_only_drops_raw_staging(tmp_path, write_nih):
     write_nih(tmp_path / "src")
     out = convert(tmp_path / "src", tmp_path / "out", formats=("ffcv",))
     m = json.loads((out / "manifest.json").read_text())
@@ -112,7 +112,7 @@ def test_ffcv_only_drops_raw_staging(tmp_path):
         open_packed(out, "train", "raw")
 
 
-def test_ffcv_import_keeps_torch_threads(tmp_path):
+def test_ffcv_import_keeps_torch_threads(tmp_path, write_nih):
     """FFCV's compiler module sets torch's threads to 1 on import; converting then training in the
     same process must keep every core (a fresh process: the import side effect happens once)."""
     write_nih(tmp_path / "src")
@@ -128,7 +128,7 @@ def test_ffcv_import_keeps_torch_threads(tmp_path):
     assert res.stdout.split()[-1] == "2"
 
 
-def test_xiao_split_files(tmp_path):
+def test_xiao_split_files(tmp_path, write_nih, write_xiao_splits):
     w = write_nih(tmp_path / "src")
     parts = write_xiao_splits(tmp_path / "xiao", w)
     out = convert(tmp_path / "src", tmp_path / "out", split_dir=tmp_path / "xiao")
@@ -142,7 +142,7 @@ def test_xiao_split_files(tmp_path):
         convert(tmp_path / "src", tmp_path / "out2", split_dir=tmp_path / "xiao")
 
 
-def test_val_fraction_is_patient_disjoint(tmp_path):
+def test_val_fraction_is_patient_disjoint(tmp_path, write_nih):
     write_nih(tmp_path / "src")
     out = convert(tmp_path / "src", tmp_path / "out", val_fraction=0.3, seed=3)
     train, val = open_packed(out, "train"), open_packed(out, "val")
@@ -174,7 +174,7 @@ def _edit(path: Path, old: str, new: str) -> None:
     ("list_not_in_csv", r"test_list.txt line 4: 00000099_000.png is not in Data_Entry_2017_v2020.csv"),
     ("empty_split", r"split 'test' is empty"),
 ])
-def test_bad_input_names_file_and_row(tmp_path, case, match):
+def test_bad_input_names_file_and_row(tmp_path, case, match, write_nih):
     src = tmp_path / "src"
     w = write_nih(src)
     if case == "missing_file":
@@ -203,7 +203,7 @@ def test_bad_input_names_file_and_row(tmp_path, case, match):
     assert not (tmp_path / ".out.incomplete").exists()
 
 
-def test_skip_records_items_in_manifest(tmp_path):
+def test_skip_records_items_in_manifest(tmp_path, write_nih):
     src = tmp_path / "src"
     w = write_nih(src)
     w.files["00000002_000.png"].write_bytes(b"\x89PNG not really")
@@ -221,14 +221,14 @@ def test_skip_records_items_in_manifest(tmp_path):
     assert open_packed(out, "train", "dali").ids == keep
 
 
-def test_existing_output_is_an_error(tmp_path):
+def test_existing_output_is_an_error(tmp_path, write_nih):
     write_nih(tmp_path / "src")
     (tmp_path / "out").mkdir()
     with pytest.raises(ConvertError, match="output folder already exists"):
         convert(tmp_path / "src", tmp_path / "out")
 
 
-def test_bad_options(tmp_path):
+def test_bad_options(tmp_path, write_nih):
     write_nih(tmp_path / "src")
     with pytest.raises(ConvertError, match="unknown format"):
         convert(tmp_path / "src", tmp_path / "out", formats=("tfrecord",))
@@ -240,7 +240,7 @@ def test_bad_options(tmp_path):
 
 # ----------------------------------------------------------------------------- atomicity
 
-def test_interrupt_leaves_no_manifest_and_rerun_is_clean(tmp_path, monkeypatch):
+def test_interrupt_leaves_no_manifest_and_rerun_is_clean(tmp_path, monkeypatch, write_nih, block_mean):
     """An exception mid-way (Ctrl-C) removes the partial folder; a SIGKILL leaves only the hidden
     `.incomplete` sibling (no manifest anywhere), which the next run removes."""
     src = tmp_path / "src"
@@ -282,12 +282,12 @@ def test_interrupt_leaves_no_manifest_and_rerun_is_clean(tmp_path, monkeypatch):
         open_packed(partial.parent / "out")
     out = convert(src, tmp_path / "out")
     assert not partial.exists()
-    check_against_reference(out, w)
+    check_against_reference(out, w, block_mean)
 
 
 # ----------------------------------------------------------------------------- CLI
 
-def test_cli_convert_nih(tmp_path, capsys):
+def test_cli_convert_nih(tmp_path, capsys, write_nih):
     from fasttrain.cli import main
     write_nih(tmp_path / "src")
     rc = main(["convert", "nih", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--size", "16",
@@ -310,7 +310,7 @@ def _die_on_one(path, size):
     return decode_raster(path, size)
 
 
-def test_dead_worker_is_an_error_not_a_hang(tmp_path, monkeypatch):
+def test_dead_worker_is_an_error_not_a_hang(tmp_path, monkeypatch, write_nih):
     import fasttrain.converters.nih as nih
     write_nih(tmp_path / "src")
     monkeypatch.setattr(nih, "decode_raster", _die_on_one)
@@ -319,7 +319,7 @@ def test_dead_worker_is_an_error_not_a_hang(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.incomplete").exists()
 
 
-def test_sigterm_through_cli_removes_partial_output(tmp_path):
+def test_sigterm_through_cli_removes_partial_output(tmp_path, write_nih):
     """SIGTERM (a scheduler's kill) mid-conversion: exit code 130, no output, no leftovers."""
     src = tmp_path / "src"
     write_nih(src)
@@ -344,7 +344,7 @@ def test_sigterm_through_cli_removes_partial_output(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
-def test_nih_files_as_edited_on_windows(tmp_path):
+def test_nih_files_as_edited_on_windows(tmp_path, write_nih, block_mean):
     """Lists with a BOM and CRLF, no final newline; a CSV with a BOM and CRLF; labels with doubled
     or non-breaking spaces: same result as the clean files."""
     w = write_nih(tmp_path / "src")
@@ -358,7 +358,7 @@ def test_nih_files_as_edited_on_windows(tmp_path):
     csvp.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
     assert "No\u00a0Finding" in text and " Cardiomegaly |  Emphysema" in text
     out = convert(src, tmp_path / "out")
-    check_against_reference(out, w)
+    check_against_reference(out, w, block_mean)
 
 
 def test_unreadable_csv_names_the_file(tmp_path):
@@ -372,7 +372,7 @@ def test_unreadable_csv_names_the_file(tmp_path):
         read_csv(tmp_path / "x.csv.gz", [])
 
 
-def test_concurrent_conversion_to_the_same_out_is_refused(tmp_path):
+def test_concurrent_conversion_to_the_same_out_is_refused(tmp_path, write_nih, block_mean):
     """A second run must not delete the first one's temporary folder (and let the first rename a
     mix of both): it stops, naming the lock; the first finishes intact."""
     from fasttrain.converters.common import AtomicDir
@@ -386,11 +386,11 @@ def test_concurrent_conversion_to_the_same_out_is_refused(tmp_path):
     with pytest.raises(ConvertError, match="output folder already exists"):
         convert(tmp_path / "src", tmp_path / "out")
     out = convert(tmp_path / "src", tmp_path / "out2")
-    check_against_reference(out, w)
+    check_against_reference(out, w, block_mean)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out2", "src"]  # no lock or temp left
 
 
-def test_sixteen_bit_png_honours_sbit(tmp_path):
+def test_sixteen_bit_png_honours_sbit(tmp_path, block_mean):
     """A 12-bit radiograph saved as a 16-bit PNG with sBIT=12 maps 0..4095 to 0..255 (not to a
     nearly black 0..16); without sBIT the full 16-bit range is used."""
     from PIL import Image, PngImagePlugin

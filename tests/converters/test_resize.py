@@ -27,7 +27,6 @@ from fasttrain.train.checkpoint import save_atomic
 from fasttrain.serve.predict import Predictor, predict_files
 from fasttrain.workflows.reproduce import parser
 from fasttrain.workflows.reproduce_plan import packed_resize_note
-from fixtures_runs import tiny_yaml
 
 H, W, SIZE = 78, 64, 32  # a portrait frame (CheXpert-small is ~390 x 320)
 
@@ -116,7 +115,7 @@ def test_manifest_records_the_mode_and_the_packed_pixels_follow_it(portrait):
     assert read_manifest(squash)["resize"] == "squash"  # `convert images` keeps squash by default
 
 
-def test_predict_fits_new_files_as_the_manifest_says(portrait, tmp_path):
+def test_predict_fits_new_files_as_the_manifest_says(portrait, tmp_path, tiny_yaml):
     """A classifier fine-tuned on crop-packed data: predict crops new files the same way, so its
     scores on the source files equal the model's on the packed images."""
     src, packed, _ = portrait

@@ -1,4 +1,4 @@
-"""Issue #11 end to end: data.randaug / data.interpolation through every loader, and the reference
+"""Fine-tuning augmentation end to end: data.randaug / data.interpolation through every loader, and the reference
 loader running timm's own create_transform with the same settings (tiny SYNTHETIC phantom packs)."""
 from __future__ import annotations
 

@@ -190,7 +190,7 @@ def test_device_tap_path_equals_host_path(c, dtype):
         torch.testing.assert_close(b.float(), a.float(), rtol=0, atol=1e-5 if dtype == torch.float32 else 2e-2)
 
 
-# ----------------------------------------------------------------------------- issue 11: uint8 path
+# ----------------------------------------------------------------------------- uint8 path
 
 def _to_grey_levels(out, norm, c):
     return (_unnormalise(out.float(), norm, c) * 255).round()  # [n, c, h, w] grey levels
@@ -234,12 +234,11 @@ def test_eval_ignores_crop_interpolation_and_randaug():
 
 
 @pytest.mark.parametrize("c,norm", [(1, "imagenet"), (3, "imagenet"), (1, "nih")])
-def test_finetune_pipeline_equals_timm_ops(c, norm):
+def test_finetune_pipeline_equals_timm_ops(c, norm, timm_op):
     """crop + flip + RandAugment + normalise on a batch = Pillow's bicubic resized crop, flip and
     timm's own ops with the plan's draws and create_transform's hparams, image by image (within 1
     grey level mean absolute difference away from a 2-px border: the crop's <= 1 level rounding
     differences can move an equalize bucket or a warp tap)."""
-    from fixtures_timm import timm_op
     h, w, size, n = 48, 52, 40, 16
     imgs = _images(n, h, w, seed=c)
     aug = BatchAugment((h, w), size, c, train=True, norm=norm, scale=(0.08, 1.0), interpolation="bicubic",

@@ -19,7 +19,6 @@ from fasttrain.data import build_loader, open_packed
 from fasttrain.data.gpu_augment import norm_stats
 from fasttrain.data.base import LoaderError, Prefetcher
 from fasttrain.data.reference import export_png
-from fixtures_runs import gloo_positions
 
 KINDS = ("raw", "ffcv", "dali", "reference")
 # numba (under FFCV) raises in a weakref finalizer when a compiled closure is collected: harmless, not ours
@@ -213,7 +212,7 @@ def test_evaluation_reads_every_image_once_on_any_world_size(coded, kind):
 
 # ----------------------------------------------------------------------------- DDP, real processes
 
-def test_ddp_two_gloo_processes_disjoint_and_cover(coded, tmp_path):
+def test_ddp_two_gloo_processes_disjoint_and_cover(coded, tmp_path, gloo_positions):
     r = gloo_positions({k: _cfg(coded["path"], k) for k in ("raw", "ffcv")}, tmp_path)
     n = open_packed(coded["path"], "train").count
     for key in r[0]:

@@ -19,7 +19,6 @@ from fasttrain.config import DataConfig, build_config
 from fasttrain.data import build_loader, open_packed
 from fasttrain.data.base import LoaderError
 from fasttrain.data.mixture import MixtureSampler, PartSpec, parse_parts, shares
-from fixtures_runs import gloo_positions
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Exception ignored in. <finalize object:pytest.PytestUnraisableExceptionWarning")
@@ -216,7 +215,7 @@ def test_resume_mid_epoch_dali_drawing_its_own_crops(parts):
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_disjoint_and_covering(parts, tmp_path):
+def test_two_gloo_ranks_disjoint_and_covering(parts, tmp_path, gloo_positions):
     path = f"{parts['nih']},{parts['cx']}"
     # raw only: ffcv and dali read the same sampler's shard (checked below, and by test_resume...)
     r = gloo_positions({"raw": _cfg(path, "raw")}, tmp_path, need_labels=False)

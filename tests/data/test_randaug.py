@@ -2,7 +2,7 @@
 
 Each op runs on the same images with the same magnitude and sign as timm's (`NAME_TO_OP[name]` fed
 `LEVEL_TO_ARG[name]`, timm's sign drawn from our negate flag), with the hparams create_transform
-sets. Tolerances (issue #11): pixel ops within 1 grey level everywhere; geometric ops within 1 grey
+sets. Tolerances: pixel ops within 1 grey level everywhere; geometric ops within 1 grey
 level mean absolute difference away from a 2-pixel border (float32 vs Pillow's double coordinates
 can move a tap across a pixel edge).
 """
@@ -17,7 +17,6 @@ from PIL import Image
 from timm.data import auto_augment as taa
 
 from fasttrain.data import randaug as ra
-from fixtures_timm import timm_op
 
 PIXEL_OPS = [n for n in ra.OP_NAMES if n not in ra.GEOMETRIC]
 GEO_OPS = list(ra.GEOMETRIC)
@@ -38,10 +37,6 @@ def _images(n, h, w, c=1, seed=0):
     return np.stack(out)  # [n, h, w, c]
 
 
-def _timm_op(name, img: Image.Image, magnitude: float, negate: bool, hparams: dict) -> np.ndarray:
-    return np.asarray(timm_op(name, img, magnitude, negate, hparams))
-
-
 def _ours(name, imgs, mags, negs, c, fill, interp):
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()  # [n, c, h, w]
     mean = (fill,) if c == 1 else (fill, fill - 8, fill - 20)
@@ -51,16 +46,16 @@ def _ours(name, imgs, mags, negs, c, fill, interp):
     return out.permute(0, 2, 3, 1).numpy(), mean
 
 
-def _compare(name, imgs, mags, negs, c, interp, fill=124):
+def _compare(timm_op, name, imgs, mags, negs, c, interp, fill=124):
     got, mean = _ours(name, imgs, mags, negs, c, fill, interp)
     hp = dict(translate_const=int(0.45 * imgs.shape[1]), img_mean=tuple(mean) * (3 if c == 1 else 1),
               interpolation=Image.Resampling.BICUBIC if interp == "bicubic" else Image.Resampling.BILINEAR)
     for b in range(len(imgs)):
         pil = Image.fromarray(imgs[b, ..., 0]).convert("RGB") if c == 1 else Image.fromarray(imgs[b])
-        ref = _timm_op(name, pil, float(mags[b]), bool(negs[b]), hp).astype(np.int16)
+        ref = np.asarray(timm_op(name, pil, float(mags[b]), bool(negs[b]), hp)).astype(np.int16)
         ref = ref[..., :1] if c == 1 else ref  # gray-native: the RGB copy's (equal) channels
         if c == 1 and ref.ndim == 3:
-            assert (np.asarray(_timm_op(name, pil, float(mags[b]), bool(negs[b]), hp)).std(-1) == 0).all()
+            assert (np.asarray(timm_op(name, pil, float(mags[b]), bool(negs[b]), hp)).std(-1) == 0).all()
         diff = np.abs(got[b].astype(np.int16) - ref.reshape(got[b].shape))
         if name in ra.GEOMETRIC:
             inner = diff[2:-2, 2:-2]
@@ -71,29 +66,29 @@ def _compare(name, imgs, mags, negs, c, interp, fill=124):
 
 @pytest.mark.parametrize("c", [1, 3])
 @pytest.mark.parametrize("name", PIXEL_OPS)
-def test_pixel_op_equals_timm(name, c):
+def test_pixel_op_equals_timm(name, c, timm_op):
     n = 8
     imgs = _images(n, 33, 41, c, seed=len(name))  # odd sizes
     mags = np.array([0.0, 1.3, 3.0, 5.0, 6.0, 7.7, 9.2, 10.0])
     negs = np.array([False, True] * 4)
-    _compare(name, imgs, mags, negs, c, "bicubic")
+    _compare(timm_op, name, imgs, mags, negs, c, "bicubic")
 
 
 @pytest.mark.parametrize("interp", ["bicubic", "bilinear"])
 @pytest.mark.parametrize("c", [1, 3])
 @pytest.mark.parametrize("name", GEO_OPS)
-def test_geometric_op_equals_timm(name, c, interp):
+def test_geometric_op_equals_timm(name, c, interp, timm_op):
     n = 6
     imgs = _images(n, 37, 30, c, seed=7)
     mags = np.array([0.0, 2.5, 6.0, 6.4, 8.0, 10.0])
     negs = np.array([False, True, False, True, True, False])
-    _compare(name, imgs, mags, negs, c, interp)
+    _compare(timm_op, name, imgs, mags, negs, c, interp)
 
 
-def test_ops_at_224_and_batch_of_one():
+def test_ops_at_224_and_batch_of_one(timm_op):
     imgs = _images(1, 224, 224, 1, seed=3)
     for name in ("Rotate", "ShearX", "TranslateYRel", "Equalize", "SharpnessIncreasing", "ContrastIncreasing"):
-        _compare(name, imgs, np.array([6.3]), np.array([True]), 1, "bicubic")
+        _compare(timm_op, name, imgs, np.array([6.3]), np.array([True]), 1, "bicubic")
 
 
 def test_gray_native_equals_rgb_copy_with_gray_fill():

@@ -13,11 +13,10 @@ from fasttrain.data.base import LoaderError
 from fasttrain.format.packed import open_packed
 from fasttrain.data.sampler import EpochSampler
 from fasttrain.data.subset import fraction_subset
-from fixtures_runs import packed_phantoms
 
 
 @pytest.fixture(scope="module")
-def packed(tmp_path_factory):
+def packed(tmp_path_factory, packed_phantoms):
     return packed_phantoms(tmp_path_factory.mktemp("subset"), 300, seed=2, size=16)
 
 

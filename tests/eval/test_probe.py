@@ -1,4 +1,4 @@
-"""Issue #12: `fasttrain probe` (cached features, MAE's head) against sklearn; the cache; bad input."""
+"""`fasttrain probe` (cached features, MAE's head) against sklearn; the cache; bad input."""
 from __future__ import annotations
 
 import json
@@ -10,22 +10,19 @@ import pytest
 import torch
 
 from fasttrain.eval.probe import ProbeError, ProbeSettings, head_scores, run_probe, train_head
-from fixtures_runs import packed_phantoms, tiny_yaml
-
-TINY_MAE = tiny_yaml(optim={"epochs": 1, "warmup_epochs": 0}, run={"ckpt_every": 100})
 
 
 @pytest.fixture(scope="module")
-def packed(tmp_path_factory) -> Path:
+def packed(tmp_path_factory, packed_phantoms) -> Path:
     return packed_phantoms(tmp_path_factory.mktemp("phantoms"), 60)
 
 
 @pytest.fixture(scope="module")
-def student(tmp_path_factory, packed) -> Path:
+def student(tmp_path_factory, packed, tiny_yaml) -> Path:
     from fasttrain.config import build_config
     from fasttrain.train.pretrain import run_pretrain
     root = tmp_path_factory.mktemp("pre")
-    (root / "tiny.yaml").write_text(TINY_MAE)
+    (root / "tiny.yaml").write_text(tiny_yaml(optim={"epochs": 1, "warmup_epochs": 0}, run={"ckpt_every": 100}))
     cfg = build_config(root / "tiny.yaml", [f"--data.path={packed}", f"--run.out={root / 'run'}"])
     return Path(run_pretrain(cfg)["last"])
 

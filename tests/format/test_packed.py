@@ -10,11 +10,9 @@ from fasttrain.converters.nih import convert_nih
 from fasttrain.data import open_packed
 from fasttrain.format.packed import PackedError
 
-from fixtures_datasets import write_nih
-
 
 @pytest.fixture(scope="module")
-def packed(tmp_path_factory):
+def packed(tmp_path_factory, write_nih):
     tmp = tmp_path_factory.mktemp("packed")
     write_nih(tmp / "src")
     return convert_nih(tmp / "src", tmp / "out", formats=("raw", "dali"), size=16, workers=0, progress=False)

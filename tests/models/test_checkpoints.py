@@ -20,42 +20,8 @@ from fasttrain.train.builders import build_pretrain_model, init_classifier
 from fasttrain.train.checkpoint import save_atomic
 
 
-def xiao_layout(D, depth, Dd, ddepth, L=196, p=16, c=3):
-    """Key -> shape of Xiao et al.'s / MAE's pre-training checkpoints, written from the format."""
-    s = {"cls_token": (1, 1, D), "pos_embed": (1, 1 + L, D), "patch_embed.proj.weight": (D, c, p, p),
-         "patch_embed.proj.bias": (D,), "norm.weight": (D,), "norm.bias": (D,),
-         "mask_token": (1, 1, Dd), "decoder_pos_embed": (1, 1 + L, Dd), "decoder_embed.weight": (Dd, D),
-         "decoder_embed.bias": (Dd,), "decoder_norm.weight": (Dd,), "decoder_norm.bias": (Dd,),
-         "decoder_pred.weight": (p * p * c, Dd), "decoder_pred.bias": (p * p * c,)}
-    for prefix, d, n in (("blocks", D, depth), ("decoder_blocks", Dd, ddepth)):
-        for i in range(n):
-            b = f"{prefix}.{i}."
-            s.update({b + "norm1.weight": (d,), b + "norm1.bias": (d,), b + "attn.qkv.weight": (3 * d, d),
-                      b + "attn.qkv.bias": (3 * d,), b + "attn.proj.weight": (d, d), b + "attn.proj.bias": (d,),
-                      b + "norm2.weight": (d,), b + "norm2.bias": (d,), b + "mlp.fc1.weight": (4 * d, d),
-                      b + "mlp.fc1.bias": (4 * d,), b + "mlp.fc2.weight": (d, 4 * d), b + "mlp.fc2.bias": (d,)})
-    return s
-
-
-def synth_state(layout, seed, grid=14):
-    g = torch.Generator().manual_seed(seed)
-    sd = {k: torch.randn(*shape, generator=g) * 0.02 for k, shape in layout.items()}
-    sd["pos_embed"] = sincos_pos_embed_2d(layout["pos_embed"][-1], grid)  # fixed sin-cos, as MAE saves it
-    sd["decoder_pos_embed"] = sincos_pos_embed_2d(layout["decoder_pos_embed"][-1], grid)
-    return sd
-
-
-def save_mae_style(path, sd, model_name, prefix=""):
-    """What MAE's misc.save_model writes: weights plus optimizer, epoch, scaler and the argparse args."""
-    torch.save({"model": {prefix + k: v for k, v in sd.items()},
-                "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.95), "params": [0]}]},
-                "epoch": 99, "scaler": {"scale": 65536.0, "growth_tracker": 3},
-                "args": argparse.Namespace(model=model_name, mask_ratio=0.75, norm_pix_loss=True)}, path)
-    return path
-
-
 @pytest.fixture(scope="module")
-def xiao_s(tmp_path_factory):
+def xiao_s(tmp_path_factory, xiao_layout, synth_state, save_mae_style):
     sd = synth_state(xiao_layout(384, 12, 512, 2), seed=1)
     path = save_mae_style(tmp_path_factory.mktemp("ck") / "vit-s_CXR_0.3M_mae.pth", sd, "mae_vit_small_patch16",
                           prefix="module.")
@@ -63,7 +29,7 @@ def xiao_s(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def xiao_b(tmp_path_factory):
+def xiao_b(tmp_path_factory, xiao_layout, synth_state, save_mae_style):
     sd = synth_state(xiao_layout(768, 12, 512, 8), seed=2)
     path = save_mae_style(tmp_path_factory.mktemp("ck") / "vit-b_CXR_0.5M_mae.pth", sd, "mae_vit_base_patch16")
     return path, sd

@@ -1,4 +1,4 @@
-"""Runs that survive a cluster (issue #13): --resume auto, pre-emption signals, elastic restarts
+"""Runs that survive a cluster: --resume auto, pre-emption signals, elastic restarts
 under torchrun, two "nodes" on 127.0.0.1, checkpoint safety (ENOSPC, checksums, kept step
 checkpoints), a packed file that vanishes or shrinks under a running job, the SLURM scripts, and
 a resume on another number of ranks (spawned gloo ranks running the real trainer).
@@ -27,29 +27,27 @@ from fasttrain.config import build_config
 from fasttrain.train import checkpoint as ckpt_io
 from fasttrain.train.checkpoint import CheckpointCorrupt, CheckpointWriteError, load_checkpoint
 from fasttrain.train.runlog import read_metrics
-from fixtures_runs import free_port, packed_phantoms, tiny_yaml
 
 PY = sys.executable
 REPO = Path(__file__).resolve().parents[2]
-TINY = tiny_yaml(data={"batch_size": 4, "val_split": None},
-                 run={"log_every": 1, "ckpt_every": 4, "deterministic": True, "dist_timeout_s": 60})
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
-def cfg_yaml(tmp_path_factory) -> Path:
+def cfg_yaml(tmp_path_factory, tiny_yaml) -> Path:
     p = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
-    p.write_text(TINY)
+    p.write_text(tiny_yaml(data={"batch_size": 4, "val_split": None},
+                           run={"log_every": 1, "ckpt_every": 4, "deterministic": True, "dist_timeout_s": 60}))
     return p
 
 
-def _make_packed(root: Path, n: int = 64) -> Path:
+def _make_packed(packed_phantoms, root: Path, n: int = 64) -> Path:
     return packed_phantoms(root, n, val_fraction=0.0)
 
 
 @pytest.fixture(scope="module")
-def packed(tmp_path_factory) -> Path:
-    return _make_packed(tmp_path_factory.mktemp("phantoms"))
+def packed(tmp_path_factory, packed_phantoms) -> Path:
+    return _make_packed(packed_phantoms, tmp_path_factory.mktemp("phantoms"))
 
 
 def _weights(run: Path) -> dict:
@@ -208,8 +206,8 @@ def test_corrupt_last_pt_names_it_and_offers_or_uses_the_previous_kept(cfg_yaml,
         assert torch.equal(_weights(out)[k], v), k
 
 
-def test_packed_file_that_disappears_names_it_and_keeps_last_checkpoint(cfg_yaml, tmp_path):
-    packed = _make_packed(tmp_path / "data", n=48)
+def test_packed_file_that_disappears_names_it_and_keeps_last_checkpoint(cfg_yaml, tmp_path, packed_phantoms):
+    packed = _make_packed(packed_phantoms, tmp_path / "data", n=48)
     out = tmp_path / "run"
     tr = _trainer(cfg_yaml, packed, out, "--run.ckpt_every=2", "--data.prefetch=1")
     raw = Path(tr.loader.packed.parts[0]._raw_path)
@@ -229,7 +227,7 @@ def test_packed_file_that_disappears_names_it_and_keeps_last_checkpoint(cfg_yaml
 
 
 @pytest.mark.slow
-def test_packed_file_truncated_under_a_running_job_is_a_clear_error(cfg_yaml, tmp_path):
+def test_packed_file_truncated_under_a_running_job_is_a_clear_error(cfg_yaml, tmp_path, packed_phantoms):
     """In a subprocess: were the check missing, the gather would touch a page past the new end
     and SIGBUS would kill the process without a word (returncode -7). With it: exit 2 and an
     error naming the file; the last checkpoint verifies.
@@ -237,7 +235,7 @@ def test_packed_file_truncated_under_a_running_job_is_a_clear_error(cfg_yaml, tm
     Up to three runs: a truncation that lands between the check and the gather it guards (a
     window of microseconds the check cannot close; seen once in ~20 full suites) still SIGBUSes.
     Without the check every run does, so the test still fails then."""
-    packed = _make_packed(tmp_path / "data", n=48)
+    packed = _make_packed(packed_phantoms, tmp_path / "data", n=48)
     raw = packed / "raw" / "train.u8"
     whole = raw.read_bytes()
     for attempt in range(3):
@@ -329,7 +327,7 @@ def _worker_pid(agent: int, rank: int, timeout: float = 60) -> int:
 
 @pytest.mark.slow
 def test_sigkill_one_rank_under_max_restarts_resumes_bit_identical(cfg_yaml, packed, reference_2proc, tmp_path):
-    """The hang of issue #13: after SIGKILL of rank 1, torchrun restarts the group; the new workers
+    """No hang after SIGKILL of rank 1: torchrun restarts the group; the new workers
     must rendezvous cleanly (per-restart store prefix) and resume from last.pt (--resume auto)."""
     out = tmp_path / "run"
     proc = subprocess.Popen(_torchrun("--standalone", "--nproc_per_node=2", "--max-restarts=2",
@@ -352,7 +350,7 @@ def test_sigkill_one_rank_under_max_restarts_resumes_bit_identical(cfg_yaml, pac
 
 
 @pytest.mark.slow
-def test_two_nodes_on_localhost_equal_one_node_two_processes(cfg_yaml, packed, reference_2proc, tmp_path):
+def test_two_nodes_on_localhost_equal_one_node_two_processes(cfg_yaml, packed, reference_2proc, tmp_path, free_port):
     """Two torchrun launches as two nodes (c10d rendezvous on 127.0.0.1) end where one node x 2
     processes ends."""
     out = tmp_path / "run"
@@ -413,8 +411,9 @@ class MiniSlurm:
     """A one-node SLURM (munged + slurmctld + slurmd) in a temp folder, from Debian's slurm-wlm
     packages; `start()` returns None or the reason it could not start (the test then skips)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, free_port):
         self.root = root
+        self.free_port = free_port
         self.procs: list[subprocess.Popen] = []
         self.host = socket.gethostname()
         self.conf = root / "slurm.conf"
@@ -445,8 +444,8 @@ class MiniSlurm:
         self.conf.write_text(f"""
 ClusterName=fasttrain-test
 SlurmctldHost={self.host}
-SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
+SlurmctldPort={self.free_port()}
+SlurmdPort={self.free_port()}
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={sock},cred_expire=10
@@ -497,14 +496,14 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
 
 @pytest.fixture
-def mini_slurm(tmp_path):
+def mini_slurm(tmp_path, free_port):
     missing = [b for b in ("munged", "slurmctld", "slurmd", "sbatch", "sinfo", "scontrol") if not shutil.which(b)]
     if missing:
         pytest.skip(f"SLURM is not installed here (no {', '.join(missing)}); "
                     "Debian: apt-get install -y slurm-wlm munge")
     if os.geteuid() != 0:
         pytest.skip("the SLURM daemons need root (slurmd starts jobs as their user)")
-    cluster = MiniSlurm(tmp_path / "slurm")
+    cluster = MiniSlurm(tmp_path / "slurm", free_port)
     try:
         why = cluster.start()
         if why is not None:
@@ -616,13 +615,13 @@ def _layout_rank(rank: int, world: int, port: int, cfg_yaml: str, overrides: lis
     os._exit(0)
 
 
-def _run_ranks(world: int, cfg_yaml: Path, overrides: list, outdir: Path, signal_at=None) -> list[dict]:
-    """`world` real gloo ranks (spawned: see fixtures_runs.gloo_positions) -> each rank's record."""
+def _run_ranks(world: int, port: int, cfg_yaml: Path, overrides: list, outdir: Path, signal_at=None) -> list[dict]:
+    """`world` real gloo ranks (spawned: see the gloo_positions fixture) -> each rank's record."""
     import json
 
     import torch.multiprocessing as mp
     outdir.mkdir(parents=True, exist_ok=True)
-    mp.start_processes(_layout_rank, args=(world, free_port(), str(cfg_yaml), overrides, signal_at, str(outdir)),
+    mp.start_processes(_layout_rank, args=(world, port, str(cfg_yaml), overrides, signal_at, str(outdir)),
                        nprocs=world, join=True, start_method="spawn")
     return [json.loads((outdir / f"rank{k}.json").read_text()) for k in range(world)]
 
@@ -636,7 +635,7 @@ def _by_step(records: list[dict]) -> dict[int, list[int]]:
     return {k: sorted(v) for k, v in out.items()}
 
 
-def test_preempted_on_two_ranks_resumes_exactly_on_one_and_on_four(cfg_yaml, packed, tmp_path):
+def test_preempted_on_two_ranks_resumes_exactly_on_one_and_on_four(cfg_yaml, packed, tmp_path, free_port):
     """2 ranks x 4 images x accum 2 (global batch 16), SIGUSR1 mid-epoch 1 of 3, then resumed with
     the same command on 1 rank (accum 4) and on 4 ranks (accum 1): each optimiser step reads the
     same 16 images as in the uninterrupted 2-rank run, so every image of the interrupted epoch is
@@ -644,11 +643,11 @@ def test_preempted_on_two_ranks_resumes_exactly_on_one_and_on_four(cfg_yaml, pac
     args = lambda out: [f"--data.path={packed}", f"--run.out={out}", "--optim.epochs=3",  # noqa: E731
                         "--optim.accum_steps=2", "--optim.warmup_epochs=1", "--run.ckpt_every=0", "--run.log_every=2",
                         "--run.dist_timeout_s=300"]  # 4 ranks importing torch on 2 busy cores: a slow rendezvous
-    full = _run_ranks(2, cfg_yaml, args(tmp_path / "full"), tmp_path / "rec-full")
+    full = _run_ranks(2, free_port(), cfg_yaml, args(tmp_path / "full"), tmp_path / "rec-full")
     ref = _by_step(full)
     per_epoch = len(ref) // 3  # the train split's images // 16
     assert per_epoch >= 3 and sorted(ref) == list(range(3 * per_epoch)) and all(len(v) == 16 for v in ref.values())
-    cut = _run_ranks(2, cfg_yaml, args(tmp_path / "cut"), tmp_path / "rec-cut", signal_at=per_epoch)
+    cut = _run_ranks(2, free_port(), cfg_yaml, args(tmp_path / "cut"), tmp_path / "rec-cut", signal_at=per_epoch)
     assert all(r["code"] == 75 for r in cut)
     stopped = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
     at = per_epoch + 1  # the signal arrived in the first step of epoch 1; the ranks stopped after it
@@ -657,7 +656,7 @@ def test_preempted_on_two_ranks_resumes_exactly_on_one_and_on_four(cfg_yaml, pac
                                  "epoch_samples": 16, "samples": 16 * at}
     shutil.copytree(tmp_path / "cut", tmp_path / "cut4")
     for world, accum, out in ((1, 4, "cut"), (4, 1, "cut4")):
-        resumed = _run_ranks(world, cfg_yaml, args(tmp_path / out), tmp_path / f"rec-{out}-resumed")
+        resumed = _run_ranks(world, free_port(), cfg_yaml, args(tmp_path / out), tmp_path / f"rec-{out}-resumed")
         assert all(r["accum"] == accum and r["batch"] == 4 and r["code"] == 0 for r in resumed)
         assert resumed[0]["steps"] == full[0]["steps"] == 3 * per_epoch
         assert resumed[0]["lr"] == pytest.approx(full[0]["lr"], rel=1e-9, abs=0)

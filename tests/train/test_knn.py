@@ -1,4 +1,4 @@
-"""Issue #12: the kNN monitor -- a hand-computed fixture, and its records in a pre-training run."""
+"""The kNN monitor -- a hand-computed fixture, and its records in a pre-training run."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from fasttrain.train.knn import knn_scores
-from fixtures_runs import packed_phantoms, tiny_yaml
 
 
 def test_knn_scores_known_answer():
@@ -34,7 +33,7 @@ def test_knn_scores_known_answer():
 
 
 @pytest.mark.slow
-def test_pretrain_logs_knn_monitor(tmp_path):
+def test_pretrain_logs_knn_monitor(tmp_path, packed_phantoms, tiny_yaml):
     from fasttrain.config import build_config
     from fasttrain.train.pretrain import run_pretrain
     packed = packed_phantoms(tmp_path, 40, val_fraction=0.25)

@@ -21,22 +21,20 @@ from fasttrain.config import ConfigError, build_config
 from fasttrain.train.checkpoint import load_checkpoint, save_atomic
 from fasttrain.eval.evaluate import bootstrap_auc
 from fasttrain.train.optim import Schedule, lr_at
-from fixtures_runs import packed_phantoms, tiny_yaml
 
 PY = sys.executable
-TINY_MAE = tiny_yaml(run={"ckpt_every": 2})
 
 
 @pytest.fixture(scope="module")
-def packed(tmp_path_factory) -> Path:
+def packed(tmp_path_factory, packed_phantoms) -> Path:
     """A tiny packed phantom dataset (train/val/test) through the real converters."""
     return packed_phantoms(tmp_path_factory.mktemp("phantoms"), 80)
 
 
 @pytest.fixture(scope="module")
-def tiny_yaml(tmp_path_factory) -> Path:
+def cfg_yaml(tmp_path_factory, tiny_yaml) -> Path:
     p = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
-    p.write_text(TINY_MAE)
+    p.write_text(tiny_yaml(run={"ckpt_every": 2}))
     return p
 
 
@@ -96,15 +94,15 @@ def test_unreadable_checkpoint_error_names_file(tmp_path):
 
 # ----------------------------------------------------------------------------- runs
 
-def _pretrain(tiny_yaml, packed, out, *extra, resume=False):
+def _pretrain(cfg_yaml, packed, out, *extra, resume=False):
     from fasttrain.train.pretrain import run_pretrain
-    cfg = build_config(tiny_yaml, [f"--data.path={packed}", f"--run.out={out}", *extra])
+    cfg = build_config(cfg_yaml, [f"--data.path={packed}", f"--run.out={out}", *extra])
     return run_pretrain(cfg, resume=resume)
 
 
-def test_pretrain_run_dir_contents(tiny_yaml, packed, tmp_path):
+def test_pretrain_run_dir_contents(cfg_yaml, packed, tmp_path):
     out = tmp_path / "run"
-    s = _pretrain(tiny_yaml, packed, out, "--run.tensorboard=true")
+    s = _pretrain(cfg_yaml, packed, out, "--run.tensorboard=true")
     for f in ("config.yaml", "provenance.json", "metrics.jsonl", "summary.json", "checkpoints/last.pt"):
         assert (out / f).is_file(), f
     assert list((out / "tb").iterdir()), "no TensorBoard events"
@@ -120,14 +118,14 @@ def test_pretrain_run_dir_contents(tiny_yaml, packed, tmp_path):
     assert build_config(out / "config.yaml").to_dict() == ck["config"]
 
 
-def test_nan_loss_stops_naming_step_and_last_checkpoint(tiny_yaml, packed, tmp_path):
+def test_nan_loss_stops_naming_step_and_last_checkpoint(cfg_yaml, packed, tmp_path):
     """A loader that starts yielding NaN images at batch 5: the run stops at that step and names
     the last checkpoint written before it (step 4, ckpt_every=2)."""
     from fasttrain.data import build_loader
     from fasttrain.train import loop
     from fasttrain.train.builders import build_pretrain_model
     from fasttrain.train.optim import param_groups_weight_decay
-    cfg = build_config(tiny_yaml, [f"--data.path={packed}", f"--run.out={tmp_path / 'run'}", "--run.log_every=3"])
+    cfg = build_config(cfg_yaml, [f"--data.path={packed}", f"--run.out={tmp_path / 'run'}", "--run.log_every=3"])
     info = loop.setup(cfg)
     real = build_loader(cfg.data, "train", True, img_size=32, in_chans=1)
 
@@ -155,33 +153,33 @@ def test_nan_loss_stops_naming_step_and_last_checkpoint(tiny_yaml, packed, tmp_p
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
 
 
-def test_missing_and_wrong_teacher_fail_before_training(tiny_yaml, packed, tmp_path):
+def test_missing_and_wrong_teacher_fail_before_training(cfg_yaml, packed, tmp_path):
     from fasttrain.models.checkpoints import CheckpointError
     with pytest.raises(FileNotFoundError, match="teacher checkpoint not found: .*nope.pt"):
-        _pretrain(tiny_yaml, packed, tmp_path / "a", f"--distill.teacher_ckpt={tmp_path / 'nope.pt'}")
+        _pretrain(cfg_yaml, packed, tmp_path / "a", f"--distill.teacher_ckpt={tmp_path / 'nope.pt'}")
     # a Xiao-layout file of a different width than the named teacher: strict load lists the keys
     from fasttrain.models import create_model
     other = create_model("mae_vit_small_patch16", img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2,
                          decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
     torch.save({"model": other.state_dict()}, tmp_path / "teacher.pth")
     with pytest.raises(CheckpointError, match="blocks.0.attn.qkv.weight"):
-        _pretrain(tiny_yaml, packed, tmp_path / "b", f"--distill.teacher_ckpt={tmp_path / 'teacher.pth'}",
+        _pretrain(cfg_yaml, packed, tmp_path / "b", f"--distill.teacher_ckpt={tmp_path / 'teacher.pth'}",
                   "--distill.teacher=mae_vit_small_patch16", "--distill.teacher_embed_dim=64",
                   "--distill.teacher_depth=2", "--distill.teacher_num_heads=2",
                   "--distill.student_blocks=[1]", "--distill.teacher_blocks=[1]")
     with pytest.raises(ConfigError, match="distill.teacher"):
-        _pretrain(tiny_yaml, packed, tmp_path / "c", f"--distill.teacher_ckpt={tmp_path / 'teacher.pth'}")
+        _pretrain(cfg_yaml, packed, tmp_path / "c", f"--distill.teacher_ckpt={tmp_path / 'teacher.pth'}")
     assert not (tmp_path / "b" / "checkpoints").exists() and not (tmp_path / "c").exists()
 
 
-def test_label_count_mismatch_fails_before_training(tiny_yaml, packed, tmp_path):
+def test_label_count_mismatch_fails_before_training(cfg_yaml, packed, tmp_path):
     from fasttrain.train.finetune import run_finetune
-    cfg = build_config(tiny_yaml, [f"--data.path={packed}", f"--run.out={tmp_path / 'ft'}",
+    cfg = build_config(cfg_yaml, [f"--data.path={packed}", f"--run.out={tmp_path / 'ft'}",
                                    "--model.name=vit_tiny_patch16", "--model.num_classes=5"])
     with pytest.raises(ConfigError, match="14 labels but model.num_classes = 5"):
         run_finetune(cfg)
     assert not (tmp_path / "ft").exists()
-    cfg = build_config(tiny_yaml, [f"--data.path={packed}", f"--run.out={tmp_path / 'ft'}",
+    cfg = build_config(cfg_yaml, [f"--data.path={packed}", f"--run.out={tmp_path / 'ft'}",
                                    "--model.name=vit_tiny_patch16", "--model.num_classes=14",
                                    "--data.val_split=valid"])
     with pytest.raises(ConfigError, match="split 'valid' is not in"):
@@ -193,12 +191,12 @@ def _final_weights(run: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_equals_uninterrupted(tiny_yaml, packed, tmp_path):
+def test_sigkill_then_resume_equals_uninterrupted(cfg_yaml, packed, tmp_path):
     """Distillation run (teacher from a first run), run.deterministic=true, checkpoint every
     2 steps: SIGKILL mid-run, --resume, and the final weights equal the uninterrupted run's."""
     teacher = tmp_path / "teacher"
-    _pretrain(tiny_yaml, packed, teacher, "--optim.epochs=1")
-    args = [PY, "-m", "fasttrain.cli", "pretrain", "--config", str(tiny_yaml),
+    _pretrain(cfg_yaml, packed, teacher, "--optim.epochs=1")
+    args = [PY, "-m", "fasttrain.cli", "pretrain", "--config", str(cfg_yaml),
             "--teacher", str(teacher / "checkpoints" / "last.pt"), f"--data.path={packed}",
             "--distill.student_blocks=[1]", "--distill.teacher_blocks=[1]", "--run.deterministic=true",
             "--optim.epochs=8", "--run.log_every=1"]
@@ -273,7 +271,7 @@ def test_bootstrap_ci_narrows_with_more_images():
     assert ci_width(2000) < ci_width(100) / 2
 
 
-def test_out_of_memory_message_names_batch_and_what_to_lower(tiny_yaml, packed, tmp_path, monkeypatch):
+def test_out_of_memory_message_names_batch_and_what_to_lower(cfg_yaml, packed, tmp_path, monkeypatch):
     from fasttrain.data import build_loader
     from fasttrain.train import loop
     from fasttrain.train.builders import build_pretrain_model
@@ -283,7 +281,7 @@ def test_out_of_memory_message_names_batch_and_what_to_lower(tiny_yaml, packed, 
     def oom(self, *a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     monkeypatch.setattr(TrainStep, "__call__", oom)
-    cfg = build_config(tiny_yaml, [f"--data.path={packed}", f"--run.out={tmp_path / 'run'}"])
+    cfg = build_config(cfg_yaml, [f"--data.path={packed}", f"--run.out={tmp_path / 'run'}"])
     info = loop.setup(cfg)
     model = build_pretrain_model(cfg)
     loader = build_loader(cfg.data, "train", True, img_size=32, in_chans=1)
@@ -293,14 +291,14 @@ def test_out_of_memory_message_names_batch_and_what_to_lower(tiny_yaml, packed, 
 
 
 @pytest.mark.slow
-def test_torchrun_two_process_gloo_pretrain_and_finetune(tiny_yaml, packed, tmp_path):
+def test_torchrun_two_process_gloo_pretrain_and_finetune(cfg_yaml, packed, tmp_path):
     """The real launcher: 2 gloo ranks through torchrun, distillation pre-training then
     fine-tuning with validation gathered across ranks; rank 0 alone writes the run."""
     teacher = tmp_path / "teacher"
-    _pretrain(tiny_yaml, packed, teacher, "--optim.epochs=1")
+    _pretrain(cfg_yaml, packed, teacher, "--optim.epochs=1")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fasttrain.cli"]
-    r = subprocess.run(run + ["pretrain", "--config", str(tiny_yaml), "--out", str(tmp_path / "ddp"),
+    r = subprocess.run(run + ["pretrain", "--config", str(cfg_yaml), "--out", str(tmp_path / "ddp"),
                               "--teacher", str(teacher / "checkpoints" / "last.pt"), f"--data.path={packed}",
                               "--distill.student_blocks=[1]", "--distill.teacher_blocks=[1]",
                               "--data.batch_size=4", "--run.log_every=1"],
@@ -311,7 +309,7 @@ def test_torchrun_two_process_gloo_pretrain_and_finetune(tiny_yaml, packed, tmp_
     assert steps == sorted(set(steps)) and len(steps) > 2  # one writer, each step once
     ck = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.pt")
     assert len(ck["rng"]) == 2  # every rank's RNG state is saved for resume
-    r = subprocess.run(run + ["finetune", "--config", str(tiny_yaml), "--out", str(tmp_path / "ft"),
+    r = subprocess.run(run + ["finetune", "--config", str(cfg_yaml), "--out", str(tmp_path / "ft"),
                               "--init", str(tmp_path / "ddp" / "checkpoints" / "last.pt"), f"--data.path={packed}",
                               "--model.name=vit_tiny_patch16", "--model.num_classes=14", "--data.batch_size=4",
                               "--optim.epochs=1"],
@@ -322,17 +320,17 @@ def test_torchrun_two_process_gloo_pretrain_and_finetune(tiny_yaml, packed, tmp_
     assert len(val) == 1 and (tmp_path / "ft" / "checkpoints" / "best.pt").is_file()
 
 
-def test_finetune_init_from_ours_and_from_exported_safetensors(tiny_yaml, packed, tmp_path):
+def test_finetune_init_from_ours_and_from_exported_safetensors(cfg_yaml, packed, tmp_path):
     """--init takes our pre-training checkpoint or the exported timm .safetensors; both give the
     same encoder weights; a fine-tuned checkpoint is refused."""
     from fasttrain.models.checkpoints import CheckpointError, export_timm
     from fasttrain.train.builders import build_classifier, build_student, init_classifier
     from fasttrain.train.checkpoint import save_atomic
-    cfg = build_config(tiny_yaml)
+    cfg = build_config(cfg_yaml)
     student = build_student(cfg)
     save_atomic({"kind": "pretrain", "model": student.state_dict(), "config": cfg.to_dict()}, tmp_path / "last.pt")
     export_timm(student, tmp_path / "student.safetensors", in_chans=None)
-    ft = build_config(tiny_yaml, ["--model.name=vit_tiny_patch16", "--model.num_classes=14"])
+    ft = build_config(cfg_yaml, ["--model.name=vit_tiny_patch16", "--model.num_classes=14"])
     a, b = build_classifier(ft), build_classifier(ft)
     init_classifier(a, str(tmp_path / "last.pt"), "imagenet")
     init_classifier(b, str(tmp_path / "student.safetensors"), "imagenet")
@@ -375,16 +373,14 @@ def _drop_path_rank(rank: int, world: int, port: int, yaml_path: str, overrides:
         cleanup(info)
 
 
-def test_drop_path_masks_differ_between_ranks(packed, tmp_path):
+def test_drop_path_masks_differ_between_ranks(packed, tmp_path, free_port, tiny_yaml):
     """2 gloo ranks build the fine-tuning Trainer from one seed: the same weights on both (DDP), but
     each rank draws its own drop-path mask (a mask shared by every rank correlates the
     regularisation across the global batch)."""
     import torch.multiprocessing as mp
 
-    from fixtures_runs import free_port
-    from fixtures_runs import tiny_yaml as make_yaml
     yaml_path = tmp_path / "vit.yaml"
-    yaml_path.write_text(make_yaml("vit", model={"drop_path": 0.5, "num_classes": 14}))
+    yaml_path.write_text(tiny_yaml("vit", model={"drop_path": 0.5, "num_classes": 14}))
     mp.start_processes(_drop_path_rank, args=(2, free_port(), str(yaml_path), [f"--data.path={packed}",
                        f"--run.out={tmp_path / 'run'}"], str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     r0, r1 = (json.loads((tmp_path / f"rank{k}.json").read_text()) for k in range(2))
@@ -392,14 +388,14 @@ def test_drop_path_masks_differ_between_ranks(packed, tmp_path):
     assert 0 < sum(r0["mask"]) < 256 and r0["mask"] != r1["mask"]
 
 
-def test_validation_counts_each_image_once(tiny_yaml, packed):
+def test_validation_counts_each_image_once(cfg_yaml, packed):
     """val mAUC over a loader that repeats an image (as FFCV's distributed order padded) is refused:
     the scores would count that image twice."""
     from fasttrain.data import build_loader
     from fasttrain.train.builders import build_classifier
     from fasttrain.train.dist import DistInfo
     from fasttrain.train.finetune import val_metrics
-    cfg = build_config(tiny_yaml, [f"--data.path={packed}", "--model.name=vit_tiny_patch16",
+    cfg = build_config(cfg_yaml, [f"--data.path={packed}", "--model.name=vit_tiny_patch16",
                                    "--model.num_classes=14"])
     ld = build_loader(cfg.data, "val", False, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans)
     model = build_classifier(cfg)
@@ -468,14 +464,14 @@ runpy.run_module("fasttrain.cli", run_name="__main__")
 
 
 @pytest.mark.parametrize("rounds", [1, pytest.param(6, marks=pytest.mark.slow)])
-def test_torchrun_runs_exit_zero_every_time_under_load(tiny_yaml, packed, tmp_path, rounds):
+def test_torchrun_runs_exit_zero_every_time_under_load(cfg_yaml, packed, tmp_path, rounds):
     """2-rank distilling pre-training with the kNN monitor every epoch, then 2-rank fine-tuning,
     `rounds` times in a row beside two busy loops: every finished run exits 0 (a job script or
     SLURM counts anything else as a failure), and when the interpreter's teardown begins each rank
     has one thread left (no gloo run loop, tcp loop or prefetch thread that the teardown could kill
     inside C++)."""
     teacher = tmp_path / "teacher"
-    _pretrain(tiny_yaml, packed, teacher, "--optim.epochs=1")
+    _pretrain(cfg_yaml, packed, teacher, "--optim.epochs=1")
     cli = tmp_path / "cli_at_exit.py"
     cli.write_text(AT_EXIT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
@@ -484,7 +480,7 @@ def test_torchrun_runs_exit_zero_every_time_under_load(tiny_yaml, packed, tmp_pa
     try:
         for i in range(rounds):
             out = tmp_path / f"round{i}"
-            pre = subprocess.run(run + ["pretrain", "--config", str(tiny_yaml), "--out", str(out / "pre"),
+            pre = subprocess.run(run + ["pretrain", "--config", str(cfg_yaml), "--out", str(out / "pre"),
                                         "--teacher", str(teacher / "checkpoints" / "last.pt"), f"--data.path={packed}",
                                         "--distill.student_blocks=[1]", "--distill.teacher_blocks=[1]",
                                         "--data.batch_size=4", "--optim.epochs=1", "--eval.knn_every=1",
@@ -492,7 +488,7 @@ def test_torchrun_runs_exit_zero_every_time_under_load(tiny_yaml, packed, tmp_pa
                                  env=env, capture_output=True, text=True, timeout=300)
             assert pre.returncode == 0, f"round {i}: pretrain exit {pre.returncode}\n{pre.stderr[-3000:]}"
             assert "knn_mauc" in pre.stderr
-            ft = subprocess.run(run + ["finetune", "--config", str(tiny_yaml), "--out", str(out / "ft"),
+            ft = subprocess.run(run + ["finetune", "--config", str(cfg_yaml), "--out", str(out / "ft"),
                                        "--init", str(out / "pre" / "checkpoints" / "last.pt"), f"--data.path={packed}",
                                        "--model.name=vit_tiny_patch16", "--model.num_classes=14",
                                        "--data.batch_size=4", "--optim.epochs=1"],

@@ -10,9 +10,11 @@ import pytest
 
 from fasttrain.metrics import bootstrap_auc_matrix_reference
 from fasttrain.workflows import ablate as ab
-from fixtures_runs import packed_phantoms, tiny_yaml
 
-TINY = tiny_yaml(data={"batch_size": 16}, optim={"epochs": 1, "warmup_epochs": 0}, run={"ckpt_every": 100})
+
+@pytest.fixture(scope="module")
+def tiny(tiny_yaml) -> str:
+    return tiny_yaml(data={"batch_size": 16}, optim={"epochs": 1, "warmup_epochs": 0}, run={"ckpt_every": 100})
 
 
 def test_paired_difference_on_hand_made_results():
@@ -39,8 +41,8 @@ def test_paired_difference_on_hand_made_results():
     assert same["mean_diff"] == 0 and same["ci95"] == [0.0, 0.0]
 
 
-def test_bad_grids_fail_before_any_run(tmp_path):
-    (tmp_path / "t.yaml").write_text(TINY)
+def test_bad_grids_fail_before_any_run(tmp_path, tiny):
+    (tmp_path / "t.yaml").write_text(tiny)
     with pytest.raises(ab.AblationError, match="empty grid"):
         ab.parse_grid([])
     with pytest.raises(ab.AblationError, match="no values"):
@@ -56,9 +58,10 @@ def test_bad_grids_fail_before_any_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_ablate_end_to_end_reuses_finished_and_resumes_interrupted(tmp_path, monkeypatch, caplog):
+def test_ablate_end_to_end_reuses_finished_and_resumes_interrupted(tmp_path, monkeypatch, caplog, packed_phantoms,
+                                                                   tiny):
     packed = packed_phantoms(tmp_path, 60)
-    (tmp_path / "t.yaml").write_text(TINY)
+    (tmp_path / "t.yaml").write_text(tiny)
     from fasttrain.eval.probe import ProbeSettings
 
     def make():
@@ -114,7 +117,7 @@ def test_seed_mean_ci_matches_a_plain_resampling_loop():
     assert ci == pytest.approx([np.percentile(draws, 2.5), np.percentile(draws, 97.5)], abs=1e-9)
 
 
-def test_label_fraction_grid_gives_a_curve_with_cis(tmp_path):
+def test_label_fraction_grid_gives_a_curve_with_cis(tmp_path, packed_phantoms, tiny_yaml):
     packed = packed_phantoms(tmp_path, 150, seed=6)
     ft = tmp_path / "ft.yaml"
     ft.write_text(tiny_yaml("vit", model={"num_classes": 14}, data={"val_split": None}, optim={"epochs": 1}))

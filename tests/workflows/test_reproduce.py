@@ -12,8 +12,6 @@ import pytest
 from fasttrain.cli import main
 from fasttrain.workflows import reproduce as rp
 from fasttrain.workflows import reproduce_estimate, reproduce_plan
-from fixtures_datasets import CHEXPERT_COLUMNS, NIH_HEADER
-from test_checkpoints import save_mae_style, synth_state, xiao_layout
 
 IMG, PATCH = 32, 8  # tiny models: 32-px crops of 40-px packed phantoms, 8-px patches (16 tokens)
 
@@ -25,7 +23,7 @@ def chexpert_phantoms(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
+def inputs(tmp_path_factory, save_mae_style, synth_state, xiao_layout):
     from fasttrain.converters.synthetic import generate_phantoms
     tmp = tmp_path_factory.mktemp("repro")
     nih = generate_phantoms(tmp / "nih_src", 160, seed=3, size=48, progress=False)
@@ -202,7 +200,7 @@ def test_bad_input_exits_2_with_one_line(inputs, tmp_path, capsys):
     assert "--teacher-b is required for experiments 3" in capsys.readouterr().err
 
 
-def test_release_checks_name_the_file_that_is_wrong(tmp_path):
+def test_release_checks_name_the_file_that_is_wrong(tmp_path, nih_header, chexpert_columns):
     """The converters' release checks (files, columns, split lists) reach the plan as --nih /
     --chexpert / --nih-split-dir errors naming the file."""
     nih = tmp_path / "nih"
@@ -211,7 +209,7 @@ def test_release_checks_name_the_file_that_is_wrong(tmp_path):
     with pytest.raises(reproduce_plan.ReproduceError, match=r"--nih .*Data_Entry_2017.csv: not NIH's Data_Entry "
                                                            r"CSV: columns \['Patient ID'\] are missing"):
         reproduce_plan.inspect_nih(nih)
-    (nih / "Data_Entry_2017.csv").write_text(NIH_HEADER + "\n" + "a.png,No Finding,0,1,50,M,PA,1,1,1,1\n" * 5)
+    (nih / "Data_Entry_2017.csv").write_text(nih_header + "\n" + "a.png,No Finding,0,1,50,M,PA,1,1,1,1\n" * 5)
     (nih / "train_val_list.txt").write_text("a.png\n" * 4)
     with pytest.raises(reproduce_plan.ReproduceError, match=r"--nih .*test_list.txt is missing"):
         reproduce_plan.inspect_nih(nih)
@@ -224,20 +222,20 @@ def test_release_checks_name_the_file_that_is_wrong(tmp_path):
         reproduce_plan.inspect_nih(nih, tmp_path / "xiao")
     chex = tmp_path / "chex" / "CheXpert-v1.0-small"
     chex.mkdir(parents=True)
-    (chex / "train.csv").write_text(",".join(CHEXPERT_COLUMNS) + "\n")
+    (chex / "train.csv").write_text(",".join(chexpert_columns) + "\n")
     (chex / "valid.csv").write_text("Path,Sex\n")
     with pytest.raises(reproduce_plan.ReproduceError, match=r"--chexpert .*valid.csv: not CheXpert v1.0's "
                                                            r"valid.csv: columns .*'Frontal/Lateral'"):
         reproduce_plan.inspect_chexpert(tmp_path / "chex")
 
 
-def _fake_release(root: Path) -> tuple[Path, Path]:
+def _fake_release(root: Path, nih_header: str, chexpert_columns: list[str]) -> tuple[Path, Path]:
     """CSV-only folders with the real releases' row counts: what the plan reads (no images)."""
     nih = root / "NIH"
     (nih / "images_001" / "images").mkdir(parents=True)
     names = [f"{i // 10:08d}_{i % 10:03d}.png" for i in range(112_120)]
     with open(nih / "Data_Entry_2017_v2020.csv", "w") as f:
-        f.write(NIH_HEADER + "\n")
+        f.write(nih_header + "\n")
         f.writelines(f"{n},No Finding,0,{i // 10},50,M,PA,1024,1024,0.14,0.14\n" for i, n in enumerate(names))
     (nih / "train_val_list.txt").write_text("\n".join(names[:86_524]) + "\n")
     (nih / "test_list.txt").write_text("\n".join(names[86_524:]) + "\n")
@@ -245,17 +243,18 @@ def _fake_release(root: Path) -> tuple[Path, Path]:
     chex.mkdir()
     for name, n, frontal in (("train.csv", 223_414, 191_027), ("valid.csv", 234, 202)):
         with open(chex / name, "w") as f:
-            f.write(",".join(CHEXPERT_COLUMNS) + "\n")
+            f.write(",".join(chexpert_columns) + "\n")
             f.writelines(f"CheXpert-v1.0-small/x/p{i}.jpg,Male,50,{'Frontal' if i < frontal else 'Lateral'},AP"
                          + ",0.0" * 14 + "\n" for i in range(n))
     return nih, chex
 
 
 @pytest.mark.slow  # writes full-size ViT-S/B checkpoints (0.6 GB) and builds the real models
-def test_dry_run_plan_at_the_real_sizes(inputs, tmp_path, capsys, monkeypatch):
+def test_dry_run_plan_at_the_real_sizes(inputs, tmp_path, capsys, monkeypatch, nih_header, chexpert_columns,
+                                        save_mae_style, synth_state, xiao_layout):
     """The paper's configs at full size, 8 GPUs: images and steps from the releases' counts, the
     GPU-hours from FLOPs at the assumed MFU (no step measured), torchrun named; nothing written."""
-    nih, chex = _fake_release(tmp_path)
+    nih, chex = _fake_release(tmp_path, nih_header, chexpert_columns)
     monkeypatch.setattr(reproduce_plan, "disk_free", lambda path: 10 ** 12)
     out = tmp_path / "out"
     # the real architectures: fake ViT-S/B teachers in Xiao's full layout (what --teacher-s/-b load)

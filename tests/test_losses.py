@@ -1,14 +1,11 @@
-"""Losses against their equations computed independently (numpy, float64), and the AUC metric."""
+"""Losses against their equations computed independently (numpy, float64)."""
 import math
-import warnings
 
 import numpy as np
 import pytest
 import torch
 
 from fasttrain.losses import feature_align_l1, masked_mse
-from fasttrain.metrics import mean_auc, mean_of_defined, per_label_auc
-
 
 # ----------------------------------------------------------------------------- eq. (1)
 
@@ -108,65 +105,3 @@ def test_feature_align_l1_grad_only_to_student():
 def test_feature_align_l1_shape_error():
     with pytest.raises(ValueError, match="project the student"):
         feature_align_l1(torch.zeros(1, 2, 3), torch.zeros(1, 2, 4))
-
-
-# ----------------------------------------------------------------------------- AUC
-
-LABELS = ["A", "B", "C"]
-
-
-def test_mean_auc_hand_computed():
-    # A: positives {0.35, 0.8}, negatives {0.1, 0.4}: pairs won 0.35>0.1, 0.8>0.1, 0.8>0.4 -> 3/4
-    # B: positives {0.5, 0.9}, negatives {0.5, 0.2}: tie counts 1/2 -> (0.5 + 1 + 1 + 1)/4 = 0.875
-    # C: positives {0.2, 0.3}, negatives {0.6, 0.7}: no pair won -> 0
-    y = np.array([[0, 1, 0], [0, 0, 1], [1, 1, 1], [1, 0, 0]], dtype=np.float32)
-    s = np.array([[0.1, 0.5, 0.6], [0.4, 0.2, 0.2], [0.35, 0.9, 0.3], [0.8, 0.5, 0.7]], dtype=np.float32)
-    aucs = per_label_auc(y, s, LABELS)
-    assert aucs == pytest.approx({"A": 0.75, "B": 0.875, "C": 0.0})
-    assert mean_auc(y, s, LABELS) == pytest.approx((0.75 + 0.875 + 0.0) / 3)
-    # torch tensors are accepted too
-    assert mean_auc(torch.from_numpy(y), torch.from_numpy(s), LABELS) == pytest.approx((0.75 + 0.875 + 0.0) / 3)
-
-
-def test_nan_targets_are_dropped_per_label():
-    y = np.array([[0, 1], [np.nan, 0], [1, 1], [1, np.nan], [0, 0]], dtype=np.float64)
-    s = np.array([[0.2, 0.9], [0.99, 0.1], [0.7, 0.3], [0.1, 0.0], [0.3, 0.5]])
-    aucs = per_label_auc(y, s, ["A", "B"])
-    # A without row 1: positives {0.7, 0.1}, negatives {0.2, 0.3}: won 0.7>0.2, 0.7>0.3 -> 2/4
-    # B without row 3: positives {0.9, 0.3}, negatives {0.1, 0.5}: won 0.9>0.1, 0.9>0.5, 0.3>0.1 -> 3/4
-    assert aucs == pytest.approx({"A": 0.5, "B": 0.75})
-
-
-def test_undefined_label_is_none_warned_and_left_out_of_mean():
-    y = np.array([[0, 1, 0], [1, 1, 0], [0, 1, 1], [1, 1, 0]], dtype=np.float32)
-    s = np.array([[0.1, 0.3, 0.2], [0.9, 0.2, 0.1], [0.2, 0.8, 0.9], [0.8, 0.1, 0.3]], dtype=np.float32)
-    with pytest.warns(RuntimeWarning, match="B"):
-        aucs = per_label_auc(y, s, LABELS)
-    assert aucs["B"] is None  # only positives: undefined, not 0
-    assert aucs["A"] == pytest.approx(1.0) and aucs["C"] == pytest.approx(1.0)
-    with pytest.warns(RuntimeWarning):
-        m = mean_auc(y, s, LABELS)
-    assert m == pytest.approx(1.0)  # (1 + 1) / 2, not (1 + 0 + 1) / 3
-    # a label whose only remaining targets after dropping NaN are one class is undefined too
-    y2 = y.copy()
-    y2[:, 0] = [np.nan, 1, np.nan, 1]
-    with pytest.warns(RuntimeWarning, match="A"):
-        assert per_label_auc(y2, s, LABELS)["A"] is None
-
-
-def test_all_undefined_mean_is_none():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        assert mean_auc(np.ones((3, 2)), np.random.rand(3, 2), ["A", "B"]) is None
-    assert mean_of_defined({"A": None}) is None
-
-
-def test_auc_input_errors():
-    with pytest.raises(ValueError, match="same shape"):
-        per_label_auc(np.zeros((3, 2)), np.zeros((3, 3)), ["A", "B"])
-    with pytest.raises(ValueError, match="label names"):
-        per_label_auc(np.zeros((3, 2)), np.zeros((3, 2)), ["A"])
-    with pytest.raises(ValueError, match="'A'"):
-        per_label_auc(np.array([[0.0], [2.0]]), np.zeros((2, 1)), ["A"])
-    with pytest.raises(ValueError, match="non-finite"):
-        per_label_auc(np.array([[0.0], [1.0]]), np.array([[0.0], [np.nan]]), ["A"])

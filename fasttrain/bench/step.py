@@ -34,7 +34,7 @@ from fasttrain.config import build_config
 from fasttrain.converters.nih import convert_nih
 from fasttrain.converters.synthetic import generate_phantoms
 from fasttrain.data import build_loader
-from fasttrain.models import create_model
+from fasttrain.models import create_model, student_of
 from fasttrain.models.distill import build_etmae
 from fasttrain.provenance import device_name
 from fasttrain.train.engine import make_step
@@ -86,7 +86,7 @@ def build_bench_step(mode: str, args, device: torch.device, teacher: str | None)
 
 
 def step_flops(model, args) -> int:
-    student = getattr(model, "student", model)
+    student = student_of(model)
     teacher = getattr(model, "teacher", None)
     proj = getattr(model, "proj", None)
     return etmae_step_flops(student, teacher, args.mask_ratio, args.kd_block, proj).per_image

@@ -11,7 +11,7 @@ Each file goes through exactly what a training image went through:
   eval     data.gpu_augment.BatchAugment(train=False): the checkpoint's Resize(eval_resize) +
            CenterCrop(img_size) + normalisation, the transform `fasttrain evaluate` applies
   model    the checkpoint's classifier under its autocast dtype, sigmoid -> [B, C]
-so on a packed split `predict` gives the scores `evaluate` gives (tests/serve/test_predict_export.py).
+so on a packed split `predict` gives the scores `evaluate` gives (tests/serve/test_predict.py).
 
 Decoding runs in spawned worker processes (libgomp is not fork-safe once torch has run) with a
 bounded window of chunks in flight, overlapping the model's batches. A file that cannot be read

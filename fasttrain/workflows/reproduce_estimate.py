@@ -14,6 +14,7 @@ import torch
 
 from fasttrain.bench.flops import encoder_flops, etmae_step_flops, known_peak, measured_matmul_peak
 from fasttrain.converters.decode import decode_file
+from fasttrain.models import student_of
 from fasttrain.train.builders import build_classifier
 from fasttrain.train.engine import make_step
 from fasttrain.train.optim import build_optimizer, param_groups_weight_decay
@@ -36,7 +37,7 @@ def measure_images_per_s(stage: Stage, model, steps: int, batch: int) -> float:
     cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, compile=False))
     dev = _device()
     model = model.to(dev).train()
-    trainable = getattr(model, "student", model)
+    trainable = student_of(model)
     opt = build_optimizer(param_groups_weight_decay(trainable, 0.05), 1e-4, cfg.optim, reference=False, device=dev)
     step = make_step(cfg, model, opt, kind=stage.kind, device=dev)
     m = cfg.model
@@ -60,7 +61,7 @@ def measure_images_per_s(stage: Stage, model, steps: int, batch: int) -> float:
 def stage_flops(stage: Stage, model) -> float:
     """Analytic training FLOPs per image (fasttrain.bench.flops): the ETMAE step, or 3x the classifier forward."""
     if stage.kind == "pretrain":
-        student, teacher = getattr(model, "student", model), getattr(model, "teacher", None)
+        student, teacher = student_of(model), getattr(model, "teacher", None)
         d = stage.config.distill
         return etmae_step_flops(student, teacher, stage.config.model.mask_ratio, d.teacher_blocks[-1],
                                 getattr(model, "proj", None)).per_image

@@ -1,5 +1,5 @@
 """What every loader is built on: the errors, the background prefetcher, `BaseLoader` (the
-interface the trainer sees) and `SampledLoader` (order from our EpochSampler).
+interface the trainer sees; every loader reads in the order of our EpochSampler).
 
 The bottom layer of fasttrain.data: the format loaders (raw_loader, ffcv_loader, dali_loader,
 reference) import it, and loaders.py (the registry, `build_loader`) imports them; nothing here
@@ -176,6 +176,9 @@ class BaseLoader:
         if min(self.image_size) < self.img_size:
             raise LoaderError(f"{packed.root}: packed images are {self.image_size[0]}x{self.image_size[1]} px, "
                               f"smaller than img_size {self.img_size}; convert again with a larger --size")
+        # every loader kind reads in our order: one global permutation over every part per epoch
+        # (mixture.MixtureSampler), sharded over ranks
+        self.sampler = self.make_sampler(packed)
 
     def make_augment(self) -> BatchAugment:
         """The batched augmentation every packed loader shares (crop, flip, RandAugment, normalise),
@@ -196,13 +199,16 @@ class BaseLoader:
         if start_step < 0 or start_step > len(self):
             raise ValueError(f"start_step {start_step} is outside epoch's {len(self)} batches")
         self.epoch, self.start_step = int(epoch), int(start_step)
+        self.sampler.set_epoch(epoch, start_step)
 
     @property
     def num_samples(self) -> int:
-        raise NotImplementedError
+        """Images an epoch of self.sampler yields on this rank (the dropped tail left out)."""
+        s = self.sampler
+        return s.shard_size - (s.shard_size % self.batch_size if self.drop_last else 0)
 
     def __len__(self) -> int:
-        raise NotImplementedError
+        return len(self.sampler)
 
     def describe(self) -> str:
         return self.name
@@ -211,11 +217,6 @@ class BaseLoader:
         """Our order over `packed`: one global order over every part (mixture.MixtureSampler); every
         loader kind reads by it."""
         return packed.make_sampler(self.batch_size, **self.spec.sampler_args())
-
-    def sampled_num_samples(self) -> int:
-        """Images an epoch of self.sampler yields on this rank (the dropped tail left out)."""
-        s = self.sampler
-        return s.shard_size - (s.shard_size % self.batch_size if self.drop_last else 0)
 
     def data_parts(self) -> list[dict]:
         """What this loader reads, for the run's provenance: per part path, split, count, manifest
@@ -226,23 +227,3 @@ class BaseLoader:
             for part in parts:
                 part["subset"] = subset
         return parts
-
-
-class SampledLoader(BaseLoader):
-    """A loader whose order comes from our EpochSampler (raw, reference): FFCV and DALI order
-    their own reads."""
-
-    def __init__(self, packed, spec: LoaderSpec):
-        super().__init__(packed, spec)
-        self.sampler = self.make_sampler(packed)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    @property
-    def num_samples(self) -> int:
-        return self.sampled_num_samples()
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        super().set_epoch(epoch, start_step)
-        self.sampler.set_epoch(epoch, start_step)

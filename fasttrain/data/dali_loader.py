@@ -81,7 +81,6 @@ class DALILoader(BaseLoader):
         if self.gpu and self.device.type != "cuda":
             raise LoaderError("the DALI GPU pipeline needs a CUDA device")
         self.name = "dali-gpu" if self.gpu else "dali-cpu"
-        self.sampler = self.make_sampler(self.packed)  # our order, through external_source
         self._tables = [_jpeg_table(p) for p in self.packed.parts]
         self._labels = np.ascontiguousarray(self.packed.labels, dtype=np.float32)  # [N, L]
         # crop/flip/resize inside DALI on the GPU (then only `normalise` in torch); on the CPU
@@ -92,16 +91,6 @@ class DALILoader(BaseLoader):
         self.augment = self.make_augment()
         self._pipe = self._iter = None
 
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    @property
-    def num_samples(self) -> int:
-        return self.sampled_num_samples()
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        super().set_epoch(epoch, start_step)
-        self.sampler.set_epoch(epoch, start_step)
 
     def _source_start(self) -> int:
         """The batch the source starts at: start_step, unless DALI draws the crops (its random

@@ -46,7 +46,6 @@ class FFCVLoader(BaseLoader):
     def __init__(self, packed, spec: LoaderSpec):
         super().__init__(packed, spec)
         f = self._ffcv = _import_ffcv()
-        self.sampler = self.make_sampler(self.packed)
         self.loaders = []  # one per part
         for p in self.packed.parts:
             with keep_torch_threads():  # Loader.__init__ sets torch's threads to num_workers
@@ -70,16 +69,6 @@ class FFCVLoader(BaseLoader):
                     os_cache=bool(self.cfg.os_cache), distributed=False, seed=self.seed,
                     pipelines=pipelines, drop_last=False, batches_ahead=max(1, int(self.cfg.prefetch)))
 
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        super().set_epoch(epoch, start_step)
-        self.sampler.set_epoch(epoch, start_step)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    @property
-    def num_samples(self) -> int:
-        return self.sampled_num_samples()
 
     def _part_iterator(self, k: int, order: np.ndarray):
         f, L = self._ffcv, self.loaders[k]

@@ -17,7 +17,7 @@ from collections import deque
 import numpy as np
 import torch
 
-from .base import LoaderError, LoaderSpec, Prefetcher, SampledLoader
+from .base import BaseLoader, LoaderError, LoaderSpec, Prefetcher
 
 ADVICE = {"random": mmap.MADV_RANDOM, "sequential": mmap.MADV_SEQUENTIAL, "normal": mmap.MADV_NORMAL}
 
@@ -32,7 +32,7 @@ def map_advised(path, shape: tuple[int, ...], advice: str) -> np.ndarray:
     m.madvise(ADVICE[advice])
     return np.frombuffer(m, dtype=np.uint8).reshape(shape)
 
-class RawLoader(SampledLoader):
+class RawLoader(BaseLoader):
     """uint8 memmap -> pinned uint8 batches (background thread) -> batched device augmentation."""
     name = "raw"
 

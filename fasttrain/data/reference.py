@@ -32,7 +32,7 @@ from PIL import Image
 
 from fasttrain.io import write_atomic_with
 
-from .base import LoaderError, LoaderSpec, SampledLoader
+from .base import BaseLoader, LoaderError, LoaderSpec
 from .gpu_augment import eval_resize_size, norm_stats
 from .randaug import parse_policy
 from .sampler import EpochSampler, mix_seed
@@ -139,7 +139,7 @@ class _EpochBatches:
         return len(self.sampler) - self.sampler.start_step
 
 
-class ReferenceLoader(SampledLoader):
+class ReferenceLoader(BaseLoader):
     name = "reference"
 
     def __init__(self, packed, spec: LoaderSpec):

@@ -48,23 +48,24 @@ def _train_parser(prog: str, init: bool) -> argparse.ArgumentParser:
     return p
 
 
-def pretrain_main(argv: list[str]) -> int:
-    args, over = _split_overrides(_train_parser("pretrain", init=False), argv)
+def _train_command(prog: str, argv: list[str], run, keys: tuple[str, ...]) -> int:
+    """Parse, build the config (flags over YAML over defaults), run the stage, print its summary."""
+    init = prog == "finetune"
+    args, over = _split_overrides(_train_parser(prog, init=init), argv)
     cfg = build_config(args.config, over)
     cfg.run.out = args.out
-    if args.teacher:
+    if init and args.init:
+        cfg.model.init = args.init
+    if not init and args.teacher:
         cfg.distill.teacher_ckpt = args.teacher
-    summary = run_pretrain(cfg, resume=args.resume)
-    _print_main({k: summary[k] for k in ("steps", "images_per_s", "last", "final")})
+    summary = run(cfg, resume=args.resume)
+    _print_main({k: summary[k] for k in keys})
     return 0
+
+
+def pretrain_main(argv: list[str]) -> int:
+    return _train_command("pretrain", argv, run_pretrain, ("steps", "images_per_s", "last", "final"))
 
 
 def finetune_main(argv: list[str]) -> int:
-    args, over = _split_overrides(_train_parser("finetune", init=True), argv)
-    cfg = build_config(args.config, over)
-    cfg.run.out = args.out
-    if args.init:
-        cfg.model.init = args.init
-    summary = run_finetune(cfg, resume=args.resume)
-    _print_main({k: summary[k] for k in ("steps", "images_per_s", "last", "best", "best_val_mauc")})
-    return 0
+    return _train_command("finetune", argv, run_finetune, ("steps", "images_per_s", "last", "best", "best_val_mauc"))

@@ -138,19 +138,11 @@ def test_read_formats_and_prefixes(tmp_path):
 
 # ----------------------------------------------------------------------------- conversions
 
-def tiny(name="mae_vit_tiny_patch16", **kw):
-    args = dict(img_size=32, patch_size=8, depth=2, in_chans=1)
-    if name.startswith("mae_"):
-        args["decoder_depth"] = 1
-    args.update(kw)
-    return create_model(name, **args)
-
-
 @pytest.mark.parametrize("c_from,c_to", [(3, 1), (1, 3)])
-def test_in_chans_conversion(c_from, c_to, caplog):
+def test_in_chans_conversion(c_from, c_to, caplog, tiny_model):
     torch.manual_seed(0)
-    src = tiny(in_chans=c_from).eval()
-    dst = tiny(in_chans=c_to).eval()
+    src = tiny_model(in_chans=c_from).eval()
+    dst = tiny_model(in_chans=c_to).eval()
     with caplog.at_level(logging.WARNING):
         rep = load_into(dst, src.state_dict(), what="rgb-or-gray")
     assert f"{c_from} -> {c_to} input channels" in caplog.text and rep.ok
@@ -169,9 +161,9 @@ def test_in_chans_conversion(c_from, c_to, caplog):
     torch.testing.assert_close(p_dst.mean(-1), p_src.mean(-1), atol=1e-5, rtol=1e-5)
 
 
-def test_pos_embed_sincos_recomputed_for_new_grid():
-    src = tiny(img_size=32)
-    dst = tiny(img_size=64)  # 4x4 -> 8x8 grid
+def test_pos_embed_sincos_recomputed_for_new_grid(tiny_model):
+    src = tiny_model(img_size=32)
+    dst = tiny_model(img_size=64)  # 4x4 -> 8x8 grid
     rep = load_into(dst, src.state_dict())
     assert rep.ok and any("sin-cos table recomputed" in n for n in rep.notes)
     assert torch.equal(dst.pos_embed, sincos_pos_embed_2d(192, 8))
@@ -179,12 +171,12 @@ def test_pos_embed_sincos_recomputed_for_new_grid():
     assert torch.equal(dst.blocks[1].mlp.fc1.weight, src.blocks[1].mlp.fc1.weight)
 
 
-def test_learned_pos_embed_resampled_bicubic():
+def test_learned_pos_embed_resampled_bicubic(tiny_model):
     torch.manual_seed(1)
-    src = tiny("vit_tiny_patch16", img_size=32, num_classes=3)
+    src = tiny_model("vit_tiny_patch16", img_size=32, num_classes=3)
     with torch.no_grad():
         src.pos_embed.normal_()  # learned (not a sin-cos table)
-    dst = tiny("vit_tiny_patch16", img_size=64, num_classes=3)
+    dst = tiny_model("vit_tiny_patch16", img_size=64, num_classes=3)
     rep = load_into(dst, src.state_dict())
     assert rep.ok and any("resampled bicubic 4x4 -> 8x8" in n for n in rep.notes)
     grid = src.pos_embed[:, 1:].reshape(1, 4, 4, 192).permute(0, 3, 1, 2)
@@ -195,13 +187,13 @@ def test_learned_pos_embed_resampled_bicubic():
 
 # ----------------------------------------------------------------------------- our checkpoints, classifier
 
-def test_student_read_from_our_etmae_checkpoint(tmp_path):
+def test_student_read_from_our_etmae_checkpoint(tmp_path, tiny_model):
     torch.manual_seed(2)
-    e = ETMAE(tiny(), tiny("mae_vit_small_patch16", embed_dim=96, num_heads=4), [1], [1])
+    e = ETMAE(tiny_model(), tiny_model("mae_vit_small_patch16", embed_dim=96, num_heads=4), [1], [1])
     path = tmp_path / "last.pt"
     torch.save({"model": {"module." + k: v for k, v in e.state_dict().items()}, "step": 10}, path)
     # the whole ETMAE back, strictly
-    e2 = ETMAE(tiny(), tiny("mae_vit_small_patch16", embed_dim=96, num_heads=4), [1], [1])
+    e2 = ETMAE(tiny_model(), tiny_model("mae_vit_small_patch16", embed_dim=96, num_heads=4), [1], [1])
     assert load_into(e2, path).ok
     assert torch.equal(e2.proj[0].weight, e.proj[0].weight)
     # the student as an MAE, as a teacher, and as a classifier's encoder
@@ -209,7 +201,7 @@ def test_student_read_from_our_etmae_checkpoint(tmp_path):
     assert_loaded(m, e.student.state_dict())
     t = load_teacher("mae_vit_tiny_patch16", path, img_size=32, in_chans=1, patch_size=8, depth=2, decoder_depth=1)
     assert torch.equal(t.blocks[1].attn.qkv.weight, e.student.blocks[1].attn.qkv.weight)
-    c = tiny("vit_tiny_patch16", num_classes=5)
+    c = tiny_model("vit_tiny_patch16", num_classes=5)
     rep = c.load_pretrained(path)
     assert "norm.weight" in rep.ignored and "decoder_pred.weight" in rep.ignored
     assert sorted(rep.left_at_init) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
@@ -275,24 +267,24 @@ def test_export_timm_round_trip(tmp_path, in_chans):
         torch.testing.assert_close(tm.forward_features(x), student.forward_features(x), atol=1e-5, rtol=1e-4)
 
 
-def test_pos_embed_without_cls_slot_gets_a_zero_slot():
+def test_pos_embed_without_cls_slot_gets_a_zero_slot(tiny_model):
     torch.manual_seed(5)
-    src = tiny("vit_tiny_patch16", num_classes=3)
+    src = tiny_model("vit_tiny_patch16", num_classes=3)
     sd = src.state_dict()
     table = torch.randn(1, 16, 192)
     sd["pos_embed"] = table  # timm no_embed_class layout: positions for the patches only
-    dst = tiny("vit_tiny_patch16", num_classes=3)
+    dst = tiny_model("vit_tiny_patch16", num_classes=3)
     rep = load_into(dst, sd)
     assert rep.ok and any("zero cls slot" in n for n in rep.notes)
     assert torch.equal(dst.pos_embed[:, 1:], table) and torch.all(dst.pos_embed[:, 0] == 0)
 
 
-def test_export_errors(tmp_path):
-    m = tiny()
+def test_export_errors(tmp_path, tiny_model):
+    m = tiny_model()
     with pytest.raises(ValueError, match="safetensors"):
         export_timm(m, tmp_path / "student.pt")
     with pytest.raises(ValueError, match="final norm"):
-        export_timm(tiny("vit_tiny_patch16", num_classes=2), tmp_path / "cls.safetensors")
+        export_timm(tiny_model("vit_tiny_patch16", num_classes=2), tmp_path / "cls.safetensors")
     # a non-timm size still exports, with the timm kwargs to rebuild it in the metadata
     path = export_timm(torch.compile(m), tmp_path / "odd.safetensors", in_chans=None)
     with safe_open(str(path), "pt") as f:
@@ -405,16 +397,16 @@ def test_rgb_teacher_folded_to_grey_is_exact_on_imagenet_normalised_input(tmp_pa
 
 
 @pytest.mark.parametrize("c_from,c_to", [(3, 1), (1, 3)])
-def test_classifier_init_across_channels_is_exact_on_normalised_input(tmp_path, c_from, c_to):
+def test_classifier_init_across_channels_is_exact_on_normalised_input(tmp_path, c_from, c_to, tiny_model):
     """`finetune --init` / `probe` of an encoder with other input channels: the classifier's
     features on its own normalised input equal the source's on the same grey image."""
     torch.manual_seed(1)
-    src = tiny(in_chans=c_from).eval()
+    src = tiny_model(in_chans=c_from).eval()
     with torch.no_grad():
         src.patch_embed.proj.bias.normal_(0, 0.5)
     path = tmp_path / "student.pth"
     torch.save({"model": src.state_dict()}, path)
-    dst = tiny("vit_tiny_patch16", in_chans=c_to, num_classes=3).eval()
+    dst = tiny_model("vit_tiny_patch16", in_chans=c_to, num_classes=3).eval()
     init_classifier(dst, str(path), "imagenet")
     x3, x1 = grey_inputs()
     x_src, x_dst = (x3, x1) if c_from == 3 else (x1, x3)
@@ -422,18 +414,18 @@ def test_classifier_init_across_channels_is_exact_on_normalised_input(tmp_path, 
         torch.testing.assert_close(dst.forward_tokens(x_dst), src.forward_tokens(x_src), atol=1e-4, rtol=1e-4)
 
 
-def test_classifier_init_folds_with_the_source_runs_own_norm(tmp_path):
+def test_classifier_init_folds_with_the_source_runs_own_norm(tmp_path, tiny_model):
     """A fasttrain pre-training checkpoint of 3 channels fed ImageNet stats, fine-tuned as a
     1-channel classifier under data.norm=nih: the fold uses the source run's norm for its
     channels and ours for the classifier's, so the features on the same grey image agree."""
     torch.manual_seed(2)
-    src = tiny(in_chans=3).eval()
+    src = tiny_model(in_chans=3).eval()
     with torch.no_grad():
         src.patch_embed.proj.bias.normal_(0, 0.5)
     path = tmp_path / "last.pt"
     save_atomic({"kind": "pretrain", "model": src.state_dict(),
                  "config": {"model": {"in_chans": 3}, "data": {"norm": "imagenet"}}}, path)
-    dst = tiny("vit_tiny_patch16", in_chans=1, num_classes=3).eval()
+    dst = tiny_model("vit_tiny_patch16", in_chans=1, num_classes=3).eval()
     init_classifier(dst, str(path), "nih")
     x3, _ = grey_inputs()
     (m1,), (s1,) = norm_stats("nih", 1)

@@ -601,25 +601,21 @@ def test_cuda_kernels_match_reference_paper_shapes(D, dtype, gen):
     vis = torch.randn(N, K_, D, generator=gen).to(dev, dtype).requires_grad_(True)
     s = torch.randn(N, K_ + 1, D, generator=gen).to(dev, dtype).requires_grad_(True)
     t = torch.randn(N, K_ + 1, D, generator=gen).to(dev, dtype)
-    with K.use_backend("auto"), K.poison_outputs():
-        out = masked_gather(x, ids_keep, pos)
-        assert "MaskedGatherFn" in type(out.grad_fn).__name__
-        g = torch.randn_like(out)
-        got = (out, *torch.autograd.grad(out, (x, pos), g))
-    ref = masked_gather_reference(x, ids_keep, pos)
-    exp = (ref, *torch.autograd.grad(ref, (x, pos), g))
-    for name, a, b in zip(("out", "grad x", "grad pos"), got, exp):
-        _close(a, b, dtype, f"masked_gather {name}", gen)
+    def against_reference(fn, ref, args, wrt, fn_class, names):
+        with K.use_backend("auto"), K.poison_outputs():
+            out = fn(*args)
+            assert fn_class in type(out.grad_fn).__name__
+            g = torch.randn_like(out)
+            got = (out, *torch.autograd.grad(out, wrt, g))
+        r = ref(*args)
+        exp = (r, *torch.autograd.grad(r, wrt, g))
+        for name, a, b in zip(names, got, exp):
+            _close(a, b, dtype, f"{fn.__name__} {name}", gen)
 
-    with K.use_backend("auto"), K.poison_outputs():
-        out = unshuffle_with_mask_token(vis, tok, ids_restore)
-        assert "UnshuffleWithMaskTokenFn" in type(out.grad_fn).__name__
-        g = torch.randn_like(out)
-        got = (out, *torch.autograd.grad(out, (vis, tok), g))
-    ref = unshuffle_with_mask_token_reference(vis, tok, ids_restore)
-    exp = (ref, *torch.autograd.grad(ref, (vis, tok), g))
-    for name, a, b in zip(("out", "grad x_vis", "grad mask_token"), got, exp):
-        _close(a, b, dtype, f"unshuffle {name}", gen)
+    against_reference(masked_gather, masked_gather_reference, (x, ids_keep, pos), (x, pos), "MaskedGatherFn",
+                      ("out", "grad x", "grad pos"))
+    against_reference(unshuffle_with_mask_token, unshuffle_with_mask_token_reference, (vis, tok, ids_restore),
+                      (vis, tok), "UnshuffleWithMaskTokenFn", ("out", "grad x_vis", "grad mask_token"))
 
     with K.use_backend("auto"), K.poison_outputs():
         loss = l1_align(s, t)

@@ -31,7 +31,6 @@ COMMANDS = {
 }
 
 
-
 class ExitCode(NamedTuple):
     """How the CLI reports an exception of class `module.name`: `code` (None: the exception's own
     `exit_code`) and the stderr line, formatted with `cmd` and `msg`."""

@@ -20,20 +20,7 @@ from fasttrain.train import dist
 from fasttrain.train.checkpoint import CheckpointWriteError
 from fasttrain.train.engine import CompileError
 from fasttrain.train.loop import OutOfMemory, Preempted, TrainingDiverged
-
-
-@pytest.fixture
-def stage_failed(monkeypatch) -> type:
-    """fasttrain.workflows.stages.StageFailed (a module of that name for the test where it does not
-    exist: the table names the class by module and name only)."""
-    try:
-        from fasttrain.workflows.stages import StageFailed
-        return StageFailed
-    except ImportError:
-        mod = types.ModuleType("fasttrain.workflows.stages")
-        mod.StageFailed = type("StageFailed", (RuntimeError,), {})
-        monkeypatch.setitem(sys.modules, mod.__name__, mod)
-        return mod.StageFailed
+from fasttrain.workflows.stages import StageFailed
 
 
 @pytest.fixture
@@ -89,8 +76,8 @@ def test_preempted_exits_with_its_own_code(raising, capsys, code):
     assert err == f"fasttrain fake: {exc}\n" and "pre-empted at step 12 by SIGTERM" in err
 
 
-def test_a_failed_stage_exits_1_without_error_prefix(raising, stage_failed, capsys):
-    exc = stage_failed("stage pretrain_teacher failed (exit 2); re-run the same command")
+def test_a_failed_stage_exits_1_without_error_prefix(raising, capsys):
+    exc = StageFailed("pretrain_teacher", 2, "fasttrain reproduce")
     raising(exc)
     assert cli.main(["fake"]) == 1
     assert capsys.readouterr().err == f"fasttrain fake: {exc}\n"
@@ -99,7 +86,7 @@ def test_a_failed_stage_exits_1_without_error_prefix(raising, stage_failed, caps
 @pytest.mark.parametrize("exc", [RuntimeError("a decode worker died; out of memory? retry with fewer --workers"),
                                  KeyError("label"), RuntimeError("stage x failed")],
                          ids=["oom-text-not-oom", "KeyError", "stage-text-not-StageFailed"])
-def test_other_exceptions_keep_their_traceback(raising, stage_failed, capsys, exc):
+def test_other_exceptions_keep_their_traceback(raising, capsys, exc):
     released = raising(exc)
     with pytest.raises(type(exc)) as info:
         cli.main(["fake"])

@@ -14,7 +14,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from fasttrain.config import build_config, load_yaml
 from fasttrain.converters.chexpert import chexpert_release_facts, chexpert_release_root
@@ -106,19 +106,28 @@ def _packed_source(name: str, path: Path) -> Source:
     return Source(name, path, True, sum(splits.values()), splits, synthetic, note="packed earlier, reused")
 
 
+def _release_or_packed(name: str, path: Path, read_facts: Callable[[Path], dict], other: str,
+                       looks_like_other: Callable[[Path], bool]) -> Source | dict:
+    """--NAME PATH: a packed folder (its Source) or a raw release (its converter's facts); a bad one
+    is a ReproduceError naming the flag, with a hint when it looks like the other dataset."""
+    if not path.is_dir():
+        raise ReproduceError(f"--{name} {path}: folder not found")
+    if (path / "manifest.json").is_file():
+        return _packed_source(name, path)
+    try:
+        return read_facts(path)
+    except ConvertError as e:
+        hint = f" (it looks like {other})" if looks_like_other(path) else ""
+        raise ReproduceError(f"--{name} {e}{hint}") from None
+
+
 def inspect_nih(path: Path, split_dir: Optional[Path] = None) -> Source:
     """An NIH ChestX-ray14 release folder (or a packed one): its image counts, or a clear error."""
     path = Path(path)
-    if not path.is_dir():
-        raise ReproduceError(f"--nih {path}: folder not found")
-    if (path / "manifest.json").is_file():
-        return _packed_source("nih", path)
-    try:
-        facts = nih_release_facts(path)
-    except ConvertError as e:
-        hint = (" (it looks like CheXpert: pass it as --chexpert)"
-                if find_csv(path) is None and chexpert_release_root(path) is not None else "")
-        raise ReproduceError(f"--nih {e}{hint}") from None
+    facts = _release_or_packed("nih", path, nih_release_facts, "CheXpert: pass it as --chexpert",
+                               lambda p: find_csv(p) is None and chexpert_release_root(p) is not None)
+    if isinstance(facts, Source):
+        return facts
     if split_dir is not None:
         try:
             splits = xiao_split_counts(Path(split_dir))
@@ -135,16 +144,10 @@ def inspect_nih(path: Path, split_dir: Optional[Path] = None) -> Source:
 def inspect_chexpert(path: Path) -> Source:
     """A CheXpert v1.0 release folder (the folder or its CheXpert-v1.0-small parent), or a packed one."""
     path = Path(path)
-    if not path.is_dir():
-        raise ReproduceError(f"--chexpert {path}: folder not found")
-    if (path / "manifest.json").is_file():
-        return _packed_source("chexpert", path)
-    try:
-        facts = chexpert_release_facts(path)
-    except ConvertError as e:
-        hint = (" (it looks like NIH ChestX-ray14: pass it as --nih)"
-                if chexpert_release_root(path) is None and find_csv(path) else "")
-        raise ReproduceError(f"--chexpert {e}{hint}") from None
+    facts = _release_or_packed("chexpert", path, chexpert_release_facts, "NIH ChestX-ray14: pass it as --nih",
+                               lambda p: chexpert_release_root(p) is None and find_csv(p) is not None)
+    if isinstance(facts, Source):
+        return facts
     train, test = facts["train_frontal"], facts["valid_frontal"]
     val = round(train * VAL_FRACTION["chexpert"])
     rows = facts["train_rows"]

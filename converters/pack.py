@@ -153,7 +153,7 @@ def pack(*, dataset: str, source: Path, out: Path, splits: dict[str, list[Item]]
             }
             columns = metadata_columns(kept, meta_names)  # one value per kept image, in the split's order
             if columns:
-                write_json_atomic(tmp / paths["metadata"], columns)
+                write_json_atomic(tmp / paths["metadata"], columns, default=None)
                 split_meta[name]["metadata"] = paths["metadata"]
                 split_meta[name]["metadata_missing"] = {c: sum(v is None for v in vals) for c, vals in columns.items()}
         details["raw"] = raw_writer.details(split_meta, size)

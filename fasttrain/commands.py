@@ -11,8 +11,6 @@ import json
 import os
 
 from fasttrain.config import build_config, parse_overrides
-from fasttrain.train.finetune import run_finetune
-from fasttrain.train.pretrain import run_pretrain
 
 
 def _print_main(obj: dict) -> None:
@@ -64,8 +62,10 @@ def _train_command(prog: str, argv: list[str], run, keys: tuple[str, ...]) -> in
 
 
 def pretrain_main(argv: list[str]) -> int:
+    from fasttrain.train.pretrain import run_pretrain  # heavy (torch, timm): parse and fail on flags first
     return _train_command("pretrain", argv, run_pretrain, ("steps", "images_per_s", "last", "final"))
 
 
 def finetune_main(argv: list[str]) -> int:
+    from fasttrain.train.finetune import run_finetune  # heavy (torch, timm): parse and fail on flags first
     return _train_command("finetune", argv, run_finetune, ("steps", "images_per_s", "last", "best", "best_val_mauc"))

@@ -40,6 +40,9 @@ def write_atomic_with(path: str | Path, write: Callable[[IO], Any], mode: str = 
     return path
 
 
-def write_json_atomic(path: str | Path, obj: Any, indent: int | None = 2) -> Path:
-    """`obj` as JSON (non-JSON values through str(), a final newline), written atomically."""
-    return write_atomic(path, json.dumps(obj, indent=indent, default=str) + "\n")
+def write_json_atomic(path: str | Path, obj: Any, indent: int | None = 2,
+                      default: Callable[[Any], Any] | None = str) -> Path:
+    """`obj` as JSON with a final newline, written atomically. Values JSON cannot hold go through
+    `default` (str: a run's records keep paths and dtypes readable); default=None makes them a
+    TypeError (a manifest must hold only what its readers parse)."""
+    return write_atomic(path, json.dumps(obj, indent=indent, default=default) + "\n")

@@ -35,3 +35,12 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
     with pytest.raises(TypeError):  # not JSON-able even through str()? sets are: str() of a key fails
         write_json_atomic(p, {(1, 2): "tuple keys are not JSON"})
     assert json.loads(p.read_text()) == {"old": True}
+
+
+def test_json_without_a_default_refuses_values_json_cannot_hold(tmp_path):
+    """Manifests are written with default=None: a value their readers cannot parse is an error,
+    not a string."""
+    p = tmp_path / "manifest.json"
+    with pytest.raises(TypeError):
+        write_json_atomic(p, {"path": tmp_path}, default=None)
+    assert not p.exists() and list(tmp_path.iterdir()) == []

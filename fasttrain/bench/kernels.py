@@ -12,7 +12,7 @@ bandwidth (read + write of a large tensor), the practical ceiling for these memo
 
 CUDA: medians of triton.testing.do_bench. CPU: Triton is skipped (the interpreter checks
 correctness, it is not a speed path) and eager vs compiled are timed with interleaved
-time.perf_counter windows (fasttrain.bench.budgeted_windows). Kernel default on CUDA:
+time.perf_counter windows (fasttrain.bench.timing.budgeted_windows). Kernel default on CUDA:
 kernels.DEFAULT_BACKEND (see its comment).
 
 Run time: the plan is printed first and a line per op and pass as it goes (stderr). On CUDA the

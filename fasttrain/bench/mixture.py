@@ -6,7 +6,7 @@
     python -m fasttrain.bench.mixture cold --data BIG [BIG2]    # root: cold page cache feed rates
 
 For each loader kind, the mixture A+B and the single dataset C are timed in interleaved windows
-(fasttrain.bench.budgeted_windows: machine noise hits both alike); the figure is the median
+(fasttrain.bench.timing.budgeted_windows: machine noise hits both alike); the figure is the median
 images/s of each and their ratio (mixture / single). `feed` is the host side alone (uint8 batches
 for the device), `whole` adds the batched augmentation (on the CPU here). `--make` writes two
 SYNTHETIC phantom sources (NIH and CheXpert layouts, n each, packed by their real converters) and
@@ -252,4 +252,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fasttrain import cli  # the exception table; cli imports the benchmarks lazily
+    sys.exit(cli.run_command("bench mixture", main, sys.argv[1:]))

@@ -49,7 +49,7 @@ def incomplete_path(out) -> Path:
 
 def write_manifest(root, manifest: dict) -> Path:
     """Write root/manifest.json atomically; call it last (its presence marks the folder complete)."""
-    return write_json_atomic(Path(root) / MANIFEST_NAME, manifest)
+    return write_json_atomic(Path(root) / MANIFEST_NAME, manifest, default=None)
 
 
 def read_manifest(path) -> dict:

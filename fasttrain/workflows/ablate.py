@@ -201,8 +201,18 @@ class Ablation:
 
     @staticmethod
     def stage_runner(d: Path) -> StageRunner:
-        """The stage records of one arm x seed: d/stages/STAGE.json once a stage finished."""
-        return StageRunner(d / "stages", say=lambda line: log.info("ablate: %s/%s: %s", d.parent.name, d.name, line))
+        """The stage records of one arm x seed: d/stages/STAGE.json once a stage finished. An
+        ablation folder written with one d/stages.json for all stages ({stage: {"done": true, ...}})
+        has its finished stages carried over once, so a re-run reuses them."""
+        runner = StageRunner(d / "stages", say=lambda line: log.info("ablate: %s/%s: %s", d.parent.name, d.name, line))
+        old = _read_json(d / "stages.json")
+        if old is not None:
+            runner.folder.mkdir(parents=True, exist_ok=True)
+            for stage, rec in old.items():
+                if isinstance(rec, dict) and rec.get("done") and not runner.is_done(stage):
+                    write_json_atomic(runner.done_path(stage), {k: v for k, v in rec.items() if k != "done"})
+            (d / "stages.json").replace(d / "stages.json.carried-over")
+        return runner
 
     def records(self, arm: dict, seed: int) -> dict:
         """stage -> its record, for the stages of this arm x seed that finished."""

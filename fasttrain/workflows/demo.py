@@ -205,4 +205,5 @@ def _loss_note(summary: dict) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fasttrain import cli  # the exception table; cli imports this module lazily
+    sys.exit(cli.main(["demo", *sys.argv[1:]]))

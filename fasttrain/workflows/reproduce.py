@@ -163,4 +163,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fasttrain import cli  # the exception table; cli imports this module lazily
+    sys.exit(cli.main(["reproduce", *sys.argv[1:]]))

@@ -12,6 +12,7 @@ from fasttrain.io import write_atomic, write_json_atomic
 from fasttrain.train.runlog import read_metrics, save_figure
 from fasttrain.workflows.reproduce_plan import DATASETS, PAPER, Plan, format_duration
 
+
 def _fmt_auc(res: Optional[dict]) -> str:
     if not res or res.get("mauc") is None:
         return "-"

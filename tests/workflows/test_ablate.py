@@ -136,3 +136,17 @@ def test_label_fraction_grid_gives_a_curve_with_cis(tmp_path, packed_phantoms, t
     prov = json.loads((tmp_path / "abl" / "label_fraction=0.6" / "seed0" / "finetune" / "provenance.json").read_text())
     sub = prov["data"][0]["subset"]
     assert sub["label_fraction"] == 0.6 and len(sub["ids"]) == sub["count"] < sub["of"]
+
+
+def test_records_of_an_older_ablation_folder_are_carried_over(tmp_path):
+    """A folder that recorded every stage in seed<k>/stages.json keeps its finished stages (the
+    unfinished one runs again); the old file is kept beside, renamed."""
+    d = tmp_path / "arm" / "seed0"
+    d.mkdir(parents=True)
+    (d / "stages.json").write_text(json.dumps({"pretrain": {"done": True, "wall_s": 3.0, "last": "x.pt"},
+                                               "probe": {"done": False}}))
+    runner = ab.Ablation.stage_runner(d)
+    assert runner.record("pretrain") == {"wall_s": 3.0, "last": "x.pt"}
+    assert not runner.is_done("probe")
+    assert not (d / "stages.json").exists() and (d / "stages.json.carried-over").is_file()
+    assert ab.Ablation.stage_runner(d).record("pretrain") == {"wall_s": 3.0, "last": "x.pt"}  # idempotent

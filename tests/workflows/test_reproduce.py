@@ -5,6 +5,8 @@ before any work; the dry-run plan at the real datasets' sizes."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -300,3 +302,12 @@ def test_overrides_reach_the_stages_their_glob_names():
     for bad in ("--model=2", "--finetune_*:depth=2", "--model.depth"):
         with pytest.raises(reproduce_plan.ReproduceError, match="section.key=value"):
             reproduce_plan.parse_user_overrides([bad])
+
+
+def test_the_module_entry_point_reports_through_the_cli_table(tmp_path):
+    """`python -m fasttrain.workflows.reproduce` with a bad input: one line and exit 2, no traceback."""
+    r = subprocess.run([sys.executable, "-m", "fasttrain.workflows.reproduce", "--nih", str(tmp_path / "none"),
+                        "--chexpert", str(tmp_path / "none"), "--out", str(tmp_path / "out"), "--dry-run"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "fasttrain reproduce: error: --nih" in r.stderr and "folder not found" in r.stderr

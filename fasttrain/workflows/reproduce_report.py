@@ -57,7 +57,7 @@ def write_table(plan: Plan) -> dict:
         r = plan.runner.record(st.name)
         if r is not None:
             stages.append({**{k: r.get(k) for k in ("stage", "wall_s", "images_per_s", "steps", "resumed", "gpus")},
-                           "gpu_hours": r["wall_s"] * r["gpus"] / 3600})
+                           "gpu_hours": r.get("gpu_hours", r["wall_s"] * r["gpus"] / 3600)})
     figures = make_figures(plan)
     doc = {"synthetic": synthetic, "rows": rows, "stages": stages,
            "transfer": [{k: v for k, v in t.items() if k != "result"} for t in transfer],

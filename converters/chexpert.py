@@ -15,6 +15,7 @@ paper's code). Uncertainty policies (Irvin et al. 2019 names):
 """
 from __future__ import annotations
 
+import csv
 import math
 from pathlib import Path
 from typing import Optional, Sequence
@@ -185,3 +186,44 @@ def convert_chexpert(src, out, formats: Sequence[str] = ("raw",), size: int = 25
     return pack(dataset="chexpert" + ("-synthetic" if synthetic else ""), source=src, out=Path(out), splits=splits,
                 label_names=list(names), decode=decode_raster, opts=opts, problems=problems, source_files=sources,
                 extra=extra, synthetic=synthetic)
+
+
+# ----------------------------------------------------------------------------- release checks
+
+def chexpert_release_root(src: Path) -> Optional[Path]:
+    """The folder holding both train.csv and valid.csv (`src` or its CheXpert-v1.0[-small] child),
+    or None when `src` is no CheXpert release."""
+    src = Path(src)
+    for root in (src, *(src / n for n in RELEASE_PREFIXES)):
+        if (root / "train.csv").is_file() and (root / "valid.csv").is_file():
+            return root
+    return None
+
+
+def _frontal_rows(csv_path: Path) -> tuple[int, int]:
+    """(rows, frontal rows) of a CheXpert CSV; ConvertError when its columns are not CheXpert's."""
+    with open(csv_path, newline="", errors="replace") as f:
+        rows = csv.DictReader(f)
+        missing = [c for c in ["Path", "Frontal/Lateral", *COMPETITION] if c not in (rows.fieldnames or [])]
+        if missing:
+            raise ConvertError(f"{csv_path}: not CheXpert v1.0's {csv_path.name}: columns {missing} are missing")
+        n = frontal = 0
+        for r in rows:
+            n += 1
+            frontal += (r.get("Frontal/Lateral") or "").strip().lower() == "frontal"
+        return n, frontal
+
+
+def chexpert_release_facts(src: Path) -> dict:
+    """What a CheXpert v1.0 release folder holds, checked before converting it.
+
+    Returns {"root": the folder of the CSVs, "train_rows": rows of train.csv, "train_frontal":
+    its frontal rows, "valid_frontal": valid.csv's frontal rows}; raises ConvertError naming the
+    missing or wrong file."""
+    root = chexpert_release_root(src)
+    if root is None:
+        raise ConvertError(f"{src}: not the CheXpert v1.0 release: no train.csv and valid.csv here or in "
+                           f"CheXpert-v1.0-small/ or CheXpert-v1.0/")
+    train_rows, train_frontal = _frontal_rows(root / "train.csv")
+    _, valid_frontal = _frontal_rows(root / "valid.csv")
+    return {"root": root, "train_rows": train_rows, "train_frontal": train_frontal, "valid_frontal": valid_frontal}

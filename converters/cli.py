@@ -3,10 +3,20 @@ in nih.py / chexpert.py / dicom.py (DICOM and MIMIC-CXR-JPG) / images.py / synth
 from __future__ import annotations
 
 import argparse
+import json
+import signal
 import sys
+import threading
 
-from .common import FORMATS, ConvertError
+from fasttrain.format.manifest import FORMATS
+
+from .chexpert import convert_chexpert
+from .common import ConvertError
 from .decode import RESIZE_MODES
+from .dicom import convert_dicom, convert_mimic_jpg
+from .images import MERGE, NEGATIVE, POSITIVE, convert_images
+from .nih import convert_nih
+from .synthetic import generate_phantoms
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -120,7 +130,6 @@ def _meta_cols(text) -> dict[str, str]:
 
 def _images_parser(sub) -> None:
     """`fasttrain convert images`: any image folder + labels CSV (converters/images.py)."""
-    from .images import MERGE, NEGATIVE, POSITIVE
     p = sub.add_parser("images", help="any folder of PNG / JPEG / DICOM files + a labels CSV "
                                       "(PadChest, VinDr-CXR, ...)")
     _common(p)
@@ -168,8 +177,6 @@ def _terminate(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    import signal
-    import threading
     args = parser().parse_args(argv)
     progress = not args.no_progress
     old = None
@@ -188,8 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args, progress: bool) -> int:
     try:
         if args.source == "synthetic":
-            from .synthetic import generate_phantoms
-            from .synthetic_hard import drawer
+            from .synthetic_hard import drawer  # scipy: imported for synthetic sources only
             out = generate_phantoms(args.out, args.n, seed=args.seed, size=args.size, layout=args.layout,
                                     test_fraction=args.test_fraction, workers=args.workers, progress=progress,
                                     draw=drawer(args.difficulty))
@@ -202,19 +208,15 @@ def _run(args, progress: bool) -> int:
                       shard_size=args.shard_size, progress=progress,
                       **({"resize": args.resize} if args.resize else {}))  # else the converter's default
         if args.source == "nih":
-            from .nih import convert_nih
             out = convert_nih(args.src, args.out, split_dir=args.split_dir, views=args.views, **common)
         elif args.source == "chexpert":
-            from .chexpert import convert_chexpert
             out = convert_chexpert(args.src, args.out, uncertain=args.uncertain, labels=args.labels,
                                    views=args.views, **common)
         elif args.source == "mimic-jpg":
-            from .dicom import convert_mimic_jpg
             out = convert_mimic_jpg(args.src, args.out, labels_csv=args.labels_csv, uncertain=args.uncertain,
                                     labels=args.labels, views=args.views, metadata_csv=args.metadata_csv,
                                     split_csv=args.split_csv, demographics_csv=args.demographics_csv, **common)
         elif args.source == "images":
-            from .images import convert_images
             out = convert_images(args.src, args.labels_csv, args.out, path_col=args.path_col,
                                  label_cols=args.label_cols, multi_col=args.multi_col, sep=args.sep,
                                  none_values=args.none_values, unlisted=args.unlisted, positive=args.positive,
@@ -224,7 +226,6 @@ def _run(args, progress: bool) -> int:
                                  meta_cols=_meta_cols(args.meta_cols),
                                  test_fraction=args.test_fraction, dataset=args.dataset, **common)
         else:
-            from .dicom import convert_dicom
             out = convert_dicom(args.src, args.labels_csv, args.out, uncertain=args.uncertain, labels=args.labels,
                                 views=args.views, metadata_csv=args.metadata_csv, split_csv=args.split_csv,
                                 demographics_csv=args.demographics_csv, **common)
@@ -236,7 +237,6 @@ def _run(args, progress: bool) -> int:
 
 
 def _summary(out) -> None:
-    import json
     m = json.loads((out / "manifest.json").read_text())
     conv = m["conversion"]
     tag = " (SYNTHETIC)" if m.get("synthetic") else ""

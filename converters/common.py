@@ -1,17 +1,17 @@
 """The converters' bottom layer: items, errors, the bad-input collector, CSV reading, patient
-splits, the bounded process pool, atomic output and the pack options.
+splits, decoding through the process pool, atomic output and the pack options.
 
-Imports run one way: common <- decode (pixels) <- writers (raw, ffcv_writer, dali_writer) <- pack
-(`begin`, `pack`: the pipeline that drives the writers) <- the source converters (nih, chexpert,
-dicom, ...) <- cli. Nothing here imports a module above it.
+Imports run one way: fasttrain.pool, fasttrain.format (the packed format and its writers) and
+decode (pixels) <- common <- pack (`begin`, `pack`: the pipeline that drives the writers) <- the
+source converters (nih, chexpert, dicom, ...) <- cli. Nothing here imports a module above it.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import gzip
 import hashlib
-import json
-import multiprocessing as mp
 import os
 import shutil
 import sys
@@ -21,16 +21,26 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from .decode import RESIZE_MODES
+from fasttrain.format.manifest import FORMATS, METADATA_COLUMNS, WriteError, incomplete_path
+# default_workers and worker_init are also this module's interface (predict and the benchmarks
+# import the converters' pool settings from here)
+from fasttrain.pool import WorkerDied, bounded_imap, default_workers, worker_init  # noqa: F401
 
-FORMATS = ("raw", "ffcv", "dali")
-MANIFEST_VERSION = 1
-# Reading order of the formats when `open_packed(format=None)`: raw reads at memcpy speed.
-FORMAT_PREFERENCE = ("raw", "ffcv", "dali")
+from .decode import RESIZE_MODES
 
 
 class ConvertError(ValueError):
-    """Bad source input or arguments; the message names the file / row and what is wrong."""
+    """Bad source input or arguments, or a writer or worker that failed; the message names the
+    file / row and what is wrong. Every converter raises it for whatever stops a conversion."""
+
+
+@contextlib.contextmanager
+def convert_errors():
+    """Inside: the format writers' WriteError and the pool's WorkerDied leave as a ConvertError."""
+    try:
+        yield
+    except (WriteError, WorkerDied) as e:
+        raise ConvertError(str(e)) from e
 
 
 @dataclass
@@ -73,9 +83,6 @@ class Problems:
 
 # ----------------------------------------------------------------------------- metadata
 
-# The metadata columns a packed split can carry (splits/<split>.metadata.json): the patient (every
-# converter knows it: it makes splits patient-disjoint), sex, age in years, acquisition view.
-METADATA_COLUMNS = ("patient", "sex", "age", "view")
 SEX_NAMES = {"m": "M", "male": "M", "f": "F", "female": "F"}
 
 
@@ -228,7 +235,7 @@ SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "va
 DecodeFn = Callable[[str, int], np.ndarray]
 
 
-def _decode_chunk(args) -> list:
+def decode_chunk(args) -> list:
     """Worker: decode a chunk of (position, path); return [(position, image | None, error | None)]."""
     decode, size, chunk = args
     out = []
@@ -248,65 +255,6 @@ def _decode_chunk(args) -> list:
     return out
 
 
-def _worker_init() -> None:
-    import cv2
-    cv2.setNumThreads(1)  # one image per process: threads inside cv2 only oversubscribe
-
-
-def bounded_imap(fn: Callable, tasks: Iterable, workers: int, window: Optional[int] = None,
-                 initializer: Optional[Callable] = _worker_init) -> Iterator:
-    """Ordered `map(fn, tasks)` over a process pool with at most `window` tasks in flight.
-
-    `Pool.imap` / `Executor.map` queue every result the workers produce even when the consumer
-    is slower; the window bounds memory whatever the dataset size. workers <= 1 runs in this process (tests,
-    tiny sets: no fork cost). fork, not spawn: workers start in milliseconds and inherit the
-    memmaps; they only run numpy / PIL / cv2 / simplejpeg, no threads of the parent.
-    """
-    if workers <= 1:
-        for t in tasks:
-            yield fn(t)
-        return
-    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    window = window or 4 * workers
-    # cv2's thread pool is not fork-safe: once this process ran a large cv2 op (a converter with
-    # workers=0, a test), a forked worker's first parallel cv2 call waits forever on threads that
-    # did not fork (measured: a hang, reproduced in tests/test_decode_fast.py). One cv2 thread here
-    # while the pool lives tears that pool down before forking; the setting is restored after.
-    import cv2
-    cv2_threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    try:
-        yield from _fork_pool(fn, tasks, workers, window, ctx, initializer)
-    finally:
-        cv2.setNumThreads(cv2_threads)
-
-
-def _fork_pool(fn: Callable, tasks: Iterable, workers: int, window: int, ctx, initializer) -> Iterator:
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-    # ProcessPoolExecutor, not multiprocessing.Pool: when a worker dies (OOM killer, segfault in a
-    # decoder) Pool waits forever for the lost task; the executor raises BrokenProcessPool.
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=initializer) as pool:
-        pending = []
-        it = iter(tasks)
-        for t in it:
-            pending.append(pool.submit(fn, t))
-            if len(pending) >= window:
-                break
-        try:
-            while pending:
-                res = pending.pop(0).result()
-                nxt = next(it, None)
-                if nxt is not None:
-                    pending.append(pool.submit(fn, nxt))
-                yield res
-        except BrokenProcessPool as e:
-            raise ConvertError(f"a worker process died ({e}); out of memory? retry with fewer --workers") from e
-        finally:
-            for f in pending:
-                f.cancel()
-
-
 def decode_stream(paths: Sequence[str], decode: DecodeFn, size: int, workers: int,
                   chunk: Optional[int] = None) -> Iterator[tuple[int, Optional[np.ndarray], Optional[str]]]:
     """Yield (position, uint8 [size, size] | None, error | None) in input order.
@@ -319,23 +267,8 @@ def decode_stream(paths: Sequence[str], decode: DecodeFn, size: int, workers: in
         chunk = max(1, min(32, len(paths) // (8 * max(1, workers))))
     tasks = ((decode, size, list(zip(range(s, min(s + chunk, len(paths))), paths[s:s + chunk])))
              for s in range(0, len(paths), chunk))
-    for res in bounded_imap(_decode_chunk, tasks, workers):
+    for res in bounded_imap(decode_chunk, tasks, workers):
         yield from res
-
-
-def default_workers(workers: Optional[int]) -> int:
-    if workers is not None:
-        return max(0, int(workers))
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True,
-                smoothing=0.1, file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- atomic output
@@ -352,10 +285,9 @@ class AtomicDir:
         self.out = Path(out).absolute()
         if self.out.exists():
             raise ConvertError(f"{self.out}: output folder already exists; remove it or choose another --out")
-        self.tmp = self.out.parent / f".{self.out.name}.incomplete"
+        self.tmp = incomplete_path(self.out)
 
     def __enter__(self) -> Path:
-        import fcntl
         self.out.parent.mkdir(parents=True, exist_ok=True)
         # Two conversions to the same --out would otherwise share (and delete) one temporary
         # folder, and the first to finish would rename a mix of both: a lock held for the whole
@@ -390,16 +322,6 @@ class AtomicDir:
     def _unlock(self) -> None:
         self.lock_path.unlink(missing_ok=True)
         self.lock.close()  # closing releases the flock
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- pack

@@ -5,10 +5,13 @@ grey conversion, bit depth, resize and quantisation are decided here.
 """
 from __future__ import annotations
 
+import io
+import struct
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from PIL import Image, features
 
 
 # How a frame is fitted to the square [size, size]: crop = shorter side to size, centre square
@@ -75,9 +78,6 @@ def decode_raster_pil(path: str, size: int, data: Optional[bytes] = None, resize
     carry the same grey in R, G and B). 16-bit images map 0..65535 to 0..255, or 0..2^b-1 when the
     PNG's sBIT chunk declares b significant bits (12-bit radiographs).
     """
-    import io
-
-    from PIL import Image
     data = Path(path).read_bytes() if data is None else data  # the file's bytes (decode_raster read them)
     with Image.open(io.BytesIO(data)) as im:
         im.load()
@@ -178,7 +178,6 @@ def _sbit_from_bytes(data: bytes) -> Optional[int]:
     (length u32 BE, type, data, crc)."""
     if not data.startswith(PNG_SIGNATURE):
         return None
-    import struct
     pos = 8
     while pos + 8 <= len(data):
         n, kind = struct.unpack(">I4s", data[pos:pos + 8])
@@ -480,12 +479,10 @@ def _j2k_reduced(path: str, ds, size: int) -> tuple[Optional[np.ndarray], int]:
     k = dicom_reduction(int(ds.Rows), int(ds.Columns), size)
     if k == 1:
         return None, 1
-    from PIL import Image, features
     from pydicom.pixels import get_decoder
     if not features.check_codec("jpg_2000") or not get_decoder(tsuid).is_available:
         return None, 1
     from pydicom.encaps import generate_frames
-    import io
     try:
         frame = next(generate_frames(ds.PixelData, number_of_frames=1))
     except Exception:

@@ -9,6 +9,7 @@ train_val), or, with `split_dir`, Xiao et al.'s `train_official.txt` / `val_offi
 """
 from __future__ import annotations
 
+import csv
 import re
 from pathlib import Path
 from typing import Optional, Sequence
@@ -219,3 +220,46 @@ def convert_nih(src, out, formats: Sequence[str] = ("raw",), size: int = 256, va
     return pack(dataset="nih-chestxray14" + ("-synthetic" if synthetic else ""), source=src, out=Path(out),
                 splits=splits, label_names=NIH_LABELS, decode=decode_raster, opts=opts, problems=problems,
                 source_files=sources, extra={"nih": info}, synthetic=synthetic)
+
+
+# ----------------------------------------------------------------------------- release checks
+
+def _count_lines(path: Path) -> int:
+    """Non-blank lines of a text file (a CSV's header included)."""
+    with open(path, errors="replace") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def nih_release_facts(src: Path) -> dict:
+    """What an NIH ChestX-ray14 release folder holds, checked before converting it: the labels CSV
+    and its rows (= images), the images/ folder, the official lists and their lengths.
+
+    Returns {"csv": Path, "images": rows of the CSV, "train_val": lines of train_val_list.txt,
+    "test": lines of test_list.txt}; raises ConvertError naming the missing or wrong file."""
+    src = Path(src)
+    csv_path = find_csv(src)
+    if csv_path is None:
+        raise ConvertError(f"{src}: not the NIH ChestX-ray14 release: no {' or '.join(CSV_NAMES)}")
+    with open(csv_path, newline="", errors="replace") as f:
+        header = next(csv.reader(f), [])
+    missing = [c for c in REQUIRED_COLUMNS if c not in [h.strip() for h in header]]
+    if missing:
+        raise ConvertError(f"{csv_path}: not NIH's Data_Entry CSV: columns {missing} are missing")
+    if not (src / "images").is_dir() and not any(src.glob("images_*/images")):
+        raise ConvertError(f"{src}: no images/ or images_NNN/images/ folder (the NIH archive layout)")
+    lists = {s: src / n for s, n in LIST_NAMES.items()}
+    for p in lists.values():
+        if not p.is_file():
+            raise ConvertError(f"{src}: {p.name} is missing (NIH's official patient-wise split)")
+    return {"csv": csv_path, "images": _count_lines(csv_path) - 1, "train_val": _count_lines(lists["train"]),
+            "test": _count_lines(lists["test"])}
+
+
+def xiao_split_counts(split_dir: Path) -> dict[str, int]:
+    """Images per split of Xiao et al.'s split files (train/val/test_official.txt) in `split_dir`;
+    raises ConvertError naming a missing file."""
+    paths = {s: Path(split_dir) / n for s, n in XIAO_NAMES.items()}
+    for p in paths.values():
+        if not p.is_file():
+            raise ConvertError(f"{split_dir}: {p.name} is missing (Xiao et al.'s split files)")
+    return {s: _count_lines(p) for s, p in paths.items()}

@@ -16,10 +16,17 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from fasttrain import __version__
+from fasttrain.format import dali as dali_writer
+from fasttrain.format import ffcv as ffcv_writer
+from fasttrain.format import raw as raw_writer
+from fasttrain.format.manifest import FORMAT_PREFERENCE, MANIFEST_VERSION, split_paths, write_manifest
+from fasttrain.io import write_json_atomic
+from fasttrain.pool import default_workers, progress
+
 from . import decode as decode_mod
-from . import raw as raw_writer
-from .common import (FORMAT_PREFERENCE, MANIFEST_VERSION, AtomicDir, ConvertError, DecodeFn, Item, PackOptions,
-                     Problems, default_workers, metadata_columns, metadata_names, sha256_file, write_json_atomic)
+from .common import (AtomicDir, ConvertError, DecodeFn, Item, PackOptions, Problems, convert_errors, decode_stream,
+                     metadata_columns, metadata_names, sha256_file)
 
 
 def begin(src, **options) -> tuple[Path, PackOptions, Problems]:
@@ -49,12 +56,47 @@ def check_unique_ids(splits: dict[str, list[Item]], problems: Problems) -> dict[
     return out
 
 
+def write_raw_splits(root: Path, splits: dict[str, list[Item]], decode: DecodeFn, size: int, workers: int,
+                     show_progress: bool, problems: Problems) -> dict[str, tuple[list[Item], int]]:
+    """Decode every split into root/raw/<split>.u8 through ONE process pool; return, per split,
+    (items kept, number skipped). A bad item goes to `problems` (which raises under --on-error fail).
+
+    One pool for all splits, not one per split: each pool start costs its fork and the tail of a
+    split where workers wait for the last chunk (a 2-split bench pack paid both twice).
+    """
+    order = [it for items in splits.values() for it in items]  # position -> item, the splits end to end
+
+    def bad(pos: int, err: str) -> None:
+        it = order[pos]
+        problems.report(it.id, it.path, f"{it.where}: {it.path}: {err}")
+
+    bar = progress(len(order), "decode " + "+".join(splits), show_progress)
+    decoded = decode_stream([it.path for it in order], decode, size, workers)
+
+    def counted():
+        for d in decoded:
+            yield d
+            bar.update(1)
+
+    try:
+        kept = raw_writer.write_splits(root, {name: len(items) for name, items in splits.items()}, size,
+                                       counted(), bad)
+    finally:
+        decoded.close()  # an error stops the pool now, not when the generator is collected
+        bar.close()
+    return {name: ([items[i] for i in kept[name]], len(items) - len(kept[name])) for name, items in splits.items()}
+
+
+def write_raw_split(root: Path, split: str, items: list[Item], decode: DecodeFn, size: int, workers: int,
+                    show_progress: bool, problems: Problems) -> tuple[list[Item], int]:
+    """write_raw_splits for one split: (items kept, number skipped)."""
+    return write_raw_splits(root, {split: items}, decode, size, workers, show_progress, problems)[split]
+
+
 def pack(*, dataset: str, source: Path, out: Path, splits: dict[str, list[Item]], label_names: list[str],
          decode: DecodeFn, opts: PackOptions, problems: Problems, source_files: Sequence[Path],
          extra: Optional[dict] = None, synthetic: bool = False) -> Path:
     """Decode, resize and write every split in every requested format, then the manifest."""
-    from fasttrain import __version__
-
     opts.check()
     splits = check_unique_ids(splits, problems)
     for name, items in splits.items():
@@ -62,12 +104,11 @@ def pack(*, dataset: str, source: Path, out: Path, splits: dict[str, list[Item]]
             raise ConvertError(f"split '{name}' is empty ({dataset} source {source})")
     # fail fast: a missing writer library is found before decoding, not after
     t_setup = time.perf_counter()
-    if "ffcv" in opts.formats:
-        from . import ffcv_writer
-        ffcv_writer.require()
-    if "dali" in opts.formats:
-        from . import dali_writer
-        dali_writer.require()
+    with convert_errors():
+        if "ffcv" in opts.formats:
+            ffcv_writer.require()
+        if "dali" in opts.formats:
+            dali_writer.require()
     workers = default_workers(opts.workers)
     size = int(opts.size)
     if workers > 1:
@@ -75,7 +116,7 @@ def pack(*, dataset: str, source: Path, out: Path, splits: dict[str, list[Item]]
     t_all = time.perf_counter()
     setup_s = t_all - t_setup  # importing the writers (FFCV pulls in torch + numba: seconds)
     rates = {}
-    with AtomicDir(out) as tmp:
+    with convert_errors(), AtomicDir(out) as tmp:  # the writers' and the pool's errors as ConvertError
         (tmp / "splits").mkdir()
         split_meta = {}
         details: dict[str, dict] = {}
@@ -85,46 +126,48 @@ def pack(*, dataset: str, source: Path, out: Path, splits: dict[str, list[Item]]
         meta_names = metadata_names(it for items in splits.values() for it in items)
         # the decoders fit by squashing unless told otherwise (decode.RESIZE_MODES)
         fit = decode if opts.resize == "squash" else functools.partial(decode, resize=opts.resize)
-        written = raw_writer.write_splits(tmp, splits, fit, size, workers, opts.progress, problems)
+        written = write_raw_splits(tmp, splits, fit, size, workers, opts.progress, problems)
         rates["decode_images_per_s"] = round(sum(map(len, splits.values())) / max(time.perf_counter() - t0, 1e-9), 1)
         for name, items in splits.items():
             kept, skipped = written[name]
             if not kept:
                 raise ConvertError(f"split '{name}' is empty after skipping {skipped} bad item(s)")
             labels = np.stack([it.labels for it in kept]).astype(np.float32)  # [N, C], row i = raw image i
-            np.save(tmp / "splits" / f"{name}.labels.npy", labels)
-            (tmp / "splits" / f"{name}.ids.txt").write_text("".join(it.id + "\n" for it in kept))
+            paths = split_paths(name)
+            np.save(tmp / paths["labels"], labels)
+            (tmp / paths["ids"]).write_text("".join(it.id + "\n" for it in kept))
             # each id's source file relative to `source`: the PIL reference loader reads these
             src_abs = os.path.abspath(source)
-            (tmp / "splits" / f"{name}.files.txt").write_text(
+            (tmp / paths["files"]).write_text(
                 "".join(os.path.relpath(os.path.abspath(it.path), src_abs) + "\n" for it in kept))
             with np.errstate(invalid="ignore"):
                 prevalence = {ln: (None if np.all(np.isnan(labels[:, j])) else round(float(np.nanmean(labels[:, j])), 6))
                               for j, ln in enumerate(label_names)}
             split_meta[name] = {
                 "count": len(kept),
-                "ids": f"splits/{name}.ids.txt",
-                "labels": f"splits/{name}.labels.npy",
-                "files": f"splits/{name}.files.txt",
+                "ids": paths["ids"],
+                "labels": paths["labels"],
+                "files": paths["files"],
                 "prevalence": prevalence,
                 "ignored_labels": int(np.isnan(labels).sum()),
             }
             columns = metadata_columns(kept, meta_names)  # one value per kept image, in the split's order
             if columns:
-                write_json_atomic(tmp / "splits" / f"{name}.metadata.json", columns)
-                split_meta[name]["metadata"] = f"splits/{name}.metadata.json"
+                write_json_atomic(tmp / paths["metadata"], columns, default=None)
+                split_meta[name]["metadata"] = paths["metadata"]
                 split_meta[name]["metadata_missing"] = {c: sum(v is None for v in vals) for c, vals in columns.items()}
         details["raw"] = raw_writer.details(split_meta, size)
         if "ffcv" in opts.formats:
-            from . import ffcv_writer
             t0 = time.perf_counter()
-            details["ffcv"] = ffcv_writer.write(tmp, split_meta, size, len(label_names), opts)
+            details["ffcv"] = ffcv_writer.write(tmp, split_meta, size, len(label_names), workers=opts.ffcv_workers,
+                                                show_progress=opts.progress)
             rates["ffcv_images_per_s"] = round(sum(m["count"] for m in split_meta.values())
                                                / max(time.perf_counter() - t0, 1e-9), 1)
         if "dali" in opts.formats:
-            from . import dali_writer
             t0 = time.perf_counter()
-            details["dali"] = dali_writer.write(tmp, split_meta, size, len(label_names), opts, workers)
+            details["dali"] = dali_writer.write(tmp, split_meta, size, jpeg_quality=opts.jpeg_quality,
+                                                shard_size=opts.shard_size, workers=workers,
+                                                show_progress=opts.progress)
             rates["dali_images_per_s"] = round(sum(m["count"] for m in split_meta.values())
                                                / max(time.perf_counter() - t0, 1e-9), 1)
         if "raw" not in opts.formats:
@@ -175,5 +218,5 @@ def pack(*, dataset: str, source: Path, out: Path, splits: dict[str, list[Item]]
         }
         manifest.update({k: v for k, v in (extra or {}).items() if k != "preprocessing"})
         # the manifest is the last file written: a folder with a manifest is complete
-        write_json_atomic(tmp / "manifest.json", manifest)
+        write_manifest(tmp, manifest)
     return Path(out).absolute()

@@ -36,8 +36,11 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from fasttrain.pool import bounded_imap
+from fasttrain.pool import progress as progress_bar
+
 from .chexpert import CHEXPERT_ALL, RELEASE_PREFIXES
-from .common import ConvertError, bounded_imap
+from .common import AtomicDir, ConvertError, convert_errors
 from .nih import NIH_LABELS, NO_FINDING
 
 # Prevalence per finding: NIH's ranking (Infiltration, Effusion, Atelectasis most common), floored
@@ -385,7 +388,6 @@ def _draw_all(seed: int, size: int, root: Path, rels: list[str], workers: Option
     """Draw phantom i (of a patient of sex sexes[i]) into root/rels[i] for every i with `draw` (a
     module-level function, so that worker processes can take it), in chunks over `workers`
     processes: labels [n, 14]."""
-    from .common import progress as bar_of
     n, chunk = len(rels), 64
     effect = has_subgroup_effect(draw)
     contrasts = [sign_contrast(x) if effect else 1.0 for x in sexes]
@@ -393,10 +395,11 @@ def _draw_all(seed: int, size: int, root: Path, rels: list[str], workers: Option
               contrasts[s:s + chunk], draw)
              for s in range(0, n, chunk))
     labels = []
-    bar = bar_of(n, "phantoms (SYNTHETIC)", progress)
-    for lab in bounded_imap(_draw_and_write, tasks, workers if workers is not None else os.cpu_count() or 1):
-        labels.append(lab)
-        bar.update(len(lab))
+    bar = progress_bar(n, "phantoms (SYNTHETIC)", progress)
+    with convert_errors():  # a dead worker
+        for lab in bounded_imap(_draw_and_write, tasks, workers if workers is not None else os.cpu_count() or 1):
+            labels.append(lab)
+            bar.update(len(lab))
     bar.close()
     return np.concatenate(labels)  # [n, 14]
 
@@ -424,7 +427,6 @@ def generate_phantoms(out_dir, n: int, seed: int = 0, size: int = 256, test_frac
                                         workers=workers, progress=progress, draw=draw)
     if layout != "nih":
         raise ConvertError(f"--layout must be one of {list(LAYOUTS)}, got {layout!r}")
-    from .common import AtomicDir
     _check_args(n, size, test_fraction)
     plan = _plan(n, seed, size, test_fraction)
     t0 = time.perf_counter()
@@ -527,7 +529,6 @@ def generate_chexpert_layout(out_dir, n: int, seed: int = 0, size: int = 256, te
     """Write `n` SYNTHETIC phantoms as `out_dir/CheXpert-v1.0-small/` (train.csv, valid.csv, train/,
     valid/, README.txt); the valid patients (`test_fraction` of them) go to valid.csv.
     Returns `out_dir` (what `fasttrain convert chexpert --src` takes)."""
-    from .common import AtomicDir
     _check_args(n, size, test_fraction)
     rows, valid_patients = _chexpert_plan(n, seed, test_fraction)
     rels = []

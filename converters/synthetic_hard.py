@@ -8,7 +8,7 @@ drawn so that representations can be told apart:
   cardiothoracic width ratio > 0.5 under patient sizes that make absolute heart widths overlap
   between the classes; effusion as a meniscus at a lung base; fibrosis as a fine reticular net;
   each adds little to the image's intensity histogram, whose statistics then carry no label
-  (tests/test_converters_synthetic_hard.py);
+  (tests/converters/test_synthetic_hard.py);
 * strong nuisance variation drawn independently of the labels: exposure gain and offset, a
   gamma contrast curve, an exposure gradient, patient size, position and rotation, blur, noise,
   and support devices (endotracheal and nasogastric tubes, a central line, ECG leads and wires);

@@ -16,6 +16,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from fasttrain.io import write_atomic
+
 
 class ConfigError(ValueError):
     """A config key that does not exist, or a value of the wrong type."""
@@ -85,7 +87,7 @@ class DataConfig:
     os_cache: bool = True  # ffcv: read through the OS page cache (dataset fits in RAM at 256 px)
     prefetch: int = 2  # batches prefetched by the raw loader's background thread
     reference_images: Optional[str] = None  # reference loader: folder of <id>.png packed images; None = source files
-    # Fine-tuning augmentation (issue #11): Xiao et al. fine-tune through timm's create_transform.
+    # Fine-tuning augmentation: Xiao et al. fine-tune through timm's create_transform.
     # training crop filter: bicubic, as MAE's and Xiao et al.'s pre-training RandomResizedCrop(interpolation=3)
     # and Xiao's fine-tuning create_transform(interpolation='bicubic'); bilinear only where a config says why.
     # Evaluation resizes bilinear whatever this says (MAE's and Xiao's eval Resize(256) is bicubic).
@@ -117,11 +119,11 @@ class OptimConfig:
 
 @dataclass
 class EngineConfig:
-    mode: str = "fused"  # fused (compiled, bf16, truncated teacher) | reference (seed semantics)
+    mode: str = "fused"  # fused (compiled, bf16, truncated teacher) | reference (the baseline's semantics)
     compile: bool = True  # torch.compile the step (costs 90-180 s cold on 2 CPU cores for ViT-T+ViT-B)
     amp: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16, else fp32: emulated bf16 is ~20x slower) | bf16 | fp16 | fp32 autocast dtype (fused mode)
     channels_last: bool = True  # NHWC input: faster conv patch embedding on GPUs and on oneDNN
-    teacher_mode: str = "auto"  # auto (fused: truncated at the aligned block; reference: full, as the seed) | truncated | full
+    teacher_mode: str = "auto"  # auto (fused: truncated at the aligned block; reference: full, as the baseline) | truncated | full
     kernels: str = "auto"  # fasttrain.kernels backend: auto (Triton on CUDA) | torch | triton
 
 
@@ -152,7 +154,7 @@ class RunConfig:
 
 @dataclass
 class EvalConfig:
-    # kNN monitor in pre-training (fasttrain/train/knn.py, issue #12): a val mAUC while pre-training runs
+    # kNN monitor in pre-training (fasttrain/train/knn.py): a val mAUC while pre-training runs
     knn_every: int = 5  # epochs between kNN evaluations (0 = off); est. ~1.2% of an NIH-sized run, 3.7% measured at the demo's scale
     knn_k: int = 20  # neighbours that vote (DINO's k-NN eval uses 20)
     knn_temperature: float = 0.07  # vote weight exp(cos / T) (DINO, InstDisc)
@@ -176,10 +178,7 @@ class Config:
 
     def save(self, path: str | Path) -> None:
         """Write the resolved config as YAML (atomically)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        tmp.replace(path)
+        write_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 # ----------------------------------------------------------------------------- type checking
@@ -230,7 +229,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
+def apply_updates(obj: Any, updates: dict, prefix: str = "") -> None:
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for k, v in updates.items():
@@ -242,12 +241,12 @@ def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
         if dataclasses.is_dataclass(current):
             if not isinstance(v, dict):
                 raise ConfigError(f"config key '{key}': expected a mapping of sub-keys, got {v!r}")
-            _apply(current, v, prefix=f"{key}.")
+            apply_updates(current, v, prefix=f"{key}.")
         else:
             setattr(obj, k, _check_value(key, v, hints[k]))
 
 
-def _parse_scalar(text: str) -> Any:
+def parse_scalar(text: str) -> Any:
     """Parse a CLI override value with YAML rules (1e-4 -> float, true -> bool, [1,2] -> list)."""
     value = yaml.safe_load(text) if text != "" else ""
     # YAML 1.1 reads '1e-4' as a string; accept it as a float.
@@ -275,7 +274,7 @@ def parse_overrides(args: list[str]) -> dict:
             d = d.setdefault(p, {})
             if not isinstance(d, dict):
                 raise ConfigError(f"override '{a}' conflicts with an earlier override of '{p}'")
-        d[parts[-1]] = _parse_scalar(text)
+        d[parts[-1]] = parse_scalar(text)
     return nested
 
 
@@ -310,17 +309,17 @@ def build_config(yaml_path: str | Path | None = None, overrides: list[str] | dic
     cfg = Config()
     if yaml_path is not None:
         try:
-            _apply(cfg, load_yaml(yaml_path))
+            apply_updates(cfg, load_yaml(yaml_path))
         except ConfigError as e:
             raise ConfigError(f"{yaml_path}: {e}") from None
     if overrides:
-        _apply(cfg, overrides if isinstance(overrides, dict) else parse_overrides(list(overrides)))
+        apply_updates(cfg, overrides if isinstance(overrides, dict) else parse_overrides(list(overrides)))
     return cfg
 
 
 def config_from_dict(d: dict) -> Config:
     cfg = Config()
-    _apply(cfg, d)
+    apply_updates(cfg, d)
     return cfg
 
 

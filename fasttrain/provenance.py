@@ -34,7 +34,7 @@ def versions() -> dict[str, str]:
 
 
 def device_name(device: str | None = None) -> str:
-    import torch
+    import torch  # only when called: `fasttrain bench convert` imports this module before its forked pools
     if (device is None or str(device).startswith("cuda")) and torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return platform.processor() or platform.machine()
@@ -43,7 +43,7 @@ def device_name(device: str | None = None) -> str:
 def provenance(device: str | None = None, data: list | None = None) -> dict:
     """Everything needed to tell which code, libraries and hardware produced a number; `data`: the
     packed datasets read (every part of a mixture: path, split, count, manifest hash, weight)."""
-    import torch
+    import torch  # only when called (see device_name)
     out = {
         "git_sha": git_sha(),
         "versions": versions(),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch._subclasses.fake_tensor import is_fake  # compile traces ops with data-less tensors
 
 try:  # Triton is optional: without it every op runs its torch reference.
     import triton  # noqa: F401
@@ -153,7 +154,6 @@ def launch(kernel, grid, *args, **meta) -> None:
     """Launch a Triton kernel from a launcher. The launchers double as the custom ops' fake
     (shape-only) implementations that torch.compile traces with data-less tensors: then only the
     output allocation matters and the kernel is skipped."""
-    from torch._subclasses.fake_tensor import is_fake
     if any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
         return
     kernel[grid](*args, **meta)
@@ -180,7 +180,6 @@ def can_check_values(t: torch.Tensor) -> bool:
     data (meta, or fake ones while torch.compile traces) have no values to check."""
     if t.device.type != "cpu" or torch.compiler.is_compiling():
         return False
-    from torch._subclasses.fake_tensor import is_fake  # compile traces ops with data-less tensors
     return not is_fake(t)
 
 

@@ -37,19 +37,25 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _l1_align_fwd_kernel(s_ptr, t_ptr, part_ptr, R, T, D, ss_n, ss_t, st_n, st_t, eps,
-                             BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        """part[pid] = sum over BLOCK_R token rows and D of |s/max(|s|,eps) - t/max(|t|,eps)|.
-        One row is whole in a tile (BLOCK_D >= D), so each norm is one in-register reduction.
-        Token row r = n*T + t is addressed through the strides of s and t (slices need no copy)."""
+    def _load_token_rows(s_ptr, t_ptr, R, T, D, ss_n, ss_t, st_n, st_t,
+                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        """This program's BLOCK_R token rows of s and t, in fp32 whatever the input dtype: (rows r
+        [BR], lanes d [BD], mask [BR, BD], s [BR, BD], t [BR, BD]); padding lanes read 0. Token
+        row r = n*T + t is addressed through the strides of s and t (slices need no copy)."""
         r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # [BR]
         d = tl.arange(0, BLOCK_D)  # [BD]
         m = (r < R)[:, None] & (d < D)[None, :]  # [BR, BD]
         n, tk = r // T, r % T
         s = tl.load(s_ptr + (n * ss_n + tk * ss_t)[:, None] + d[None, :], mask=m, other=0.0)
         t = tl.load(t_ptr + (n * st_n + tk * st_t)[:, None] + d[None, :], mask=m, other=0.0)
-        s = s.to(tl.float32)  # fp32 accumulation whatever the input dtype
-        t = t.to(tl.float32)
+        return r, d, m, s.to(tl.float32), t.to(tl.float32)
+
+    @triton.jit
+    def _l1_align_fwd_kernel(s_ptr, t_ptr, part_ptr, R, T, D, ss_n, ss_t, st_n, st_t, eps,
+                             BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        """part[pid] = sum over BLOCK_R token rows and D of |s/max(|s|,eps) - t/max(|t|,eps)|.
+        One row is whole in a tile (BLOCK_D >= D), so each norm is one in-register reduction."""
+        r, d, m, s, t = _load_token_rows(s_ptr, t_ptr, R, T, D, ss_n, ss_t, st_n, st_t, BLOCK_R, BLOCK_D)
         ns = tl.maximum(tl.sqrt(tl.sum(s * s, axis=1)), eps)  # [BR]
         nt = tl.maximum(tl.sqrt(tl.sum(t * t, axis=1)), eps)  # [BR]
         diff = tl.abs(s / ns[:, None] - t / nt[:, None])  # [BR, BD]; padding lanes give 0
@@ -61,14 +67,7 @@ if HAS_TRITON:
         """grad_s of mean|u - v|, u = s/max(|s|,eps), v = t/max(|t|,eps):
         g = sign(u - v) * gout / numel;  grad_s = (g - u (u.g)) / |s|  where |s| >= eps
         (the normalisation's Jacobian (I - u u^T)/|s|), and g / eps where the clamp is active."""
-        r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # [BR]
-        d = tl.arange(0, BLOCK_D)  # [BD]
-        m = (r < R)[:, None] & (d < D)[None, :]  # [BR, BD]
-        n, tk = r // T, r % T
-        s = tl.load(s_ptr + (n * ss_n + tk * ss_t)[:, None] + d[None, :], mask=m, other=0.0)
-        t = tl.load(t_ptr + (n * st_n + tk * st_t)[:, None] + d[None, :], mask=m, other=0.0)
-        s = s.to(tl.float32)
-        t = t.to(tl.float32)
+        r, d, m, s, t = _load_token_rows(s_ptr, t_ptr, R, T, D, ss_n, ss_t, st_n, st_t, BLOCK_R, BLOCK_D)
         ns_raw = tl.sqrt(tl.sum(s * s, axis=1))  # [BR]
         ns = tl.maximum(ns_raw, eps)
         nt = tl.maximum(tl.sqrt(tl.sum(t * t, axis=1)), eps)

@@ -57,7 +57,7 @@ def export(d: Path) -> None:
     from fasttrain.config import build_config
     from fasttrain.train.builders import build_classifier
     from fasttrain.train.checkpoint import save_atomic
-    from fasttrain.train.export import export_checkpoint
+    from fasttrain.serve.export import export_checkpoint
     d.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     cfg = build_config("configs/finetune_nih.yaml", ["--data.path=/nonexistent"])

@@ -77,7 +77,7 @@ if [ "$SMOKE" = 1 ]; then
 fi
 bench step 150 "${PAPER[@]}"
 DATA=$(mktemp -d)/packed
-timeout 120 "$PY" -c "import sys; from pathlib import Path; from fasttrain.train.bench import make_synthetic_packed; print(make_synthetic_packed(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])))" "$(dirname "$DATA")" $N_IMAGES $PACK_SIZE > "$OUT/packed.txt" 2> "$OUT/convert.log" \
+timeout 120 "$PY" -c "import sys; from pathlib import Path; from fasttrain.bench.step import make_synthetic_packed; print(make_synthetic_packed(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])))" "$(dirname "$DATA")" $N_IMAGES $PACK_SIZE > "$OUT/packed.txt" 2> "$OUT/convert.log" \
   && DATA=$(tail -1 "$OUT/packed.txt") || { echo "synthetic conversion failed:"; tail -5 "$OUT/convert.log"; DATA=; }
 if [ -n "$DATA" ]; then
   bench e2e 120 "${PAPER[@]}" --data "$DATA"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Gather-only: RawLoader._take for the mixture vs the single set, same batches, interleaved windows.
 
-Needs the packs of `python -m fasttrain.data.mixture_bench --make /tmp/issue10-bench --n 1500 --size 256`
+Needs the packs of `python -m fasttrain.bench.mixture --make /tmp/issue10-bench --n 1500 --size 256`
 (docs/benchmarks.md, "Mixture vs one packed set"); no threads, so a loaded machine disturbs it less."""
 import statistics
 import time

@@ -7,20 +7,17 @@ import json
 import pytest
 
 from fasttrain.cli import main
-from fixtures_runs import packed_phantoms, tiny_yaml
-
-TINY = tiny_yaml(distill={"student_blocks": [1], "teacher_blocks": [1]},
-                 optim={"epochs": 1, "warmup_epochs": 0.5})
-TINY_FT = tiny_yaml("vit", model={"num_classes": 14}, data={"val_split": "val"},
-                    optim={"epochs": 2, "betas": [0.9, 0.999], "layer_decay": 0.75, "warmup_epochs": 0.5})
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, packed_phantoms, tiny_yaml):
     root = tmp_path_factory.mktemp("cli")
     packed = packed_phantoms(root, 80, seed=1)
-    (root / "pre.yaml").write_text(TINY)
-    (root / "ft.yaml").write_text(TINY_FT)
+    (root / "pre.yaml").write_text(tiny_yaml(distill={"student_blocks": [1], "teacher_blocks": [1]},
+                                             optim={"epochs": 1, "warmup_epochs": 0.5}))
+    (root / "ft.yaml").write_text(tiny_yaml("vit", model={"num_classes": 14}, data={"val_split": "val"},
+                                            optim={"epochs": 2, "betas": [0.9, 0.999], "layer_decay": 0.75,
+                                                   "warmup_epochs": 0.5}))
     return root, packed
 
 

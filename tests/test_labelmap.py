@@ -54,17 +54,16 @@ def test_user_map_and_bad_input():
 
 
 @pytest.mark.slow
-def test_evaluate_nih_model_on_chexpert_layout(tmp_path, capsys):
+def test_evaluate_nih_model_on_chexpert_layout(tmp_path, capsys, packed_phantoms, tiny_yaml):
     import torch
 
     from fasttrain.cli import main
     from fasttrain.config import build_config
     from fasttrain.converters.chexpert import convert_chexpert
     from fasttrain.converters.synthetic import generate_phantoms
-    from fasttrain.data.packed import open_packed
+    from fasttrain.format.packed import open_packed
     from fasttrain.train.checkpoint import save_atomic
     from fasttrain.train.finetune import run_finetune
-    from fixtures_runs import packed_phantoms, tiny_yaml
     nih = packed_phantoms(tmp_path / "nih", 60, seed=4)
     (tmp_path / "ft.yaml").write_text(tiny_yaml("vit", model={"num_classes": 14}, data={"val_split": None}))
     cfg = build_config(tmp_path / "ft.yaml", [f"--data.path={nih}", f"--run.out={tmp_path / 'ft'}"])

@@ -5,14 +5,14 @@ packed split into device batches. Nothing here reads a source dataset.
 """
 
 
-def open_packed(*args, **kwargs):
-    from .packed import open_packed as _open_packed
-    return _open_packed(*args, **kwargs)
+from fasttrain.format.packed import open_packed
 
 
 def build_loader(*args, **kwargs):
-    from .loaders import build_loader as _build_loader
-    return _build_loader(*args, **kwargs)
+    """fasttrain.data.loaders.build_loader, imported on first use: it imports torch, which reading
+    a packed split (open_packed, the mixture helpers) does not need."""
+    from .loaders import build_loader as build
+    return build(*args, **kwargs)
 
 
 __all__ = ["open_packed", "build_loader"]

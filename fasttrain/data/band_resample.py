@@ -24,49 +24,62 @@ import torch
 
 
 @numba.njit(nogil=True, cache=True)
+def _horizontal_pass(x, b, x0, wx, y0, ky):  # pragma: no cover - compiled
+    """Sample b's horizontal pass over the rows its vertical taps read, [r0, r0 + n): returns
+    (r0, tt float32 [w, n]), transposed so that both passes run as multiply-adds over contiguous
+    rows (vectorised): the sample is transposed first (a column of the image is then a row)."""
+    kx, w = wx.shape[1], wx.shape[2]
+    h, width = y0.shape[1], x.shape[2]
+    r0 = y0[b, 0]  # rows the vertical taps read: [r0, r1)
+    r1 = y0[b, 0] + ky
+    for i in range(h):
+        r0 = min(r0, y0[b, i])
+        r1 = max(r1, y0[b, i] + ky)
+    n = r1 - r0
+    xt = np.empty((width, n), np.float32)  # [W, rows] the sample's rows, transposed
+    for r in range(n):
+        for c in range(width):
+            xt[c, r] = x[b, r0 + r, c]
+    tt = np.zeros((w, n), np.float32)  # [w, rows] horizontal pass, transposed
+    for j in range(w):
+        for k in range(kx):
+            wk = wx[b, k, j]
+            if wk != 0.0:
+                src = xt[x0[b, j] + k]
+                dst = tt[j]
+                for r in range(n):
+                    dst[r] += src[r] * wk
+    return r0, tt
+
+
+@numba.njit(nogil=True, cache=True)
+def _vertical_row(t, b, i, y0, wy, r0, acc):  # pragma: no cover - compiled
+    """Output row i of sample b: acc [w] = sum over the vertical taps of t's rows (t [rows, w])."""
+    acc[:] = 0.0
+    for k in range(wy.shape[2]):
+        wk = wy[b, i, k]
+        if wk != 0.0:
+            row = t[y0[b, i] + k - r0]
+            for j in range(acc.shape[0]):
+                acc[j] += row[j] * wk
+
+
+@numba.njit(nogil=True, cache=True)
 def _resample_slice(x, x0, wx, y0, wy, out, lo, hi):  # pragma: no cover - compiled
     """Samples [lo, hi): x uint8 [B, H, W]; x0 int64 [B, w] first horizontal tap, wx float32
     [B, Kx, w] (tap-major); y0 int64 [B, h], wy float32 [B, h, Ky]; out uint8 [B, h, w].
-    Both passes run as multiply-adds over contiguous rows (vectorised): the horizontal one on the
-    transposed sample (a column of the image is then a row), the vertical one on the rounded
-    intermediate image transposed back."""
-    kx, w = wx.shape[1], wx.shape[2]
-    h, ky = wy.shape[1], wy.shape[2]
-    width = x.shape[2]
+    Pillow's rounding: the intermediate image and the output are rounded to uint8."""
+    w, h, ky = wx.shape[2], wy.shape[1], wy.shape[2]
     acc = np.empty(w, np.float32)
     for b in range(lo, hi):
-        r0 = y0[b, 0]  # rows the vertical taps read: [r0, r1)
-        r1 = y0[b, 0] + ky
-        for i in range(h):
-            r0 = min(r0, y0[b, i])
-            r1 = max(r1, y0[b, i] + ky)
-        n = r1 - r0
-        xt = np.empty((width, n), np.float32)  # [W, rows] the sample's rows, transposed
-        for r in range(n):
-            for c in range(width):
-                xt[c, r] = x[b, r0 + r, c]
-        tt = np.zeros((w, n), np.float32)  # [w, rows] horizontal pass, transposed
-        for j in range(w):
-            for k in range(kx):
-                wk = wx[b, k, j]
-                if wk != 0.0:
-                    src = xt[x0[b, j] + k]
-                    dst = tt[j]
-                    for r in range(n):
-                        dst[r] += src[r] * wk
+        r0, tt = _horizontal_pass(x, b, x0, wx, y0, ky)
+        n = tt.shape[1]
         t = np.empty((n, w), np.float32)  # [rows, w] Pillow's intermediate uint8 image, as floats
         for j in range(w):
             for r in range(n):
                 t[r, j] = min(max(math.floor(tt[j, r] + np.float32(0.5)), 0.0), 255.0)
         for i in range(h):
-            for j in range(w):
-                acc[j] = 0.0
-            for k in range(ky):
-                wk = wy[b, i, k]
-                if wk != 0.0:
-                    row = t[y0[b, i] + k - r0]
-                    for j in range(w):
-                        acc[j] += row[j] * wk
+            _vertical_row(t, b, i, y0, wy, r0, acc)
             for j in range(w):
                 out[b, i, j] = np.uint8(min(max(math.floor(acc[j] + np.float32(0.5)), 0.0), 255.0))
 
@@ -75,40 +88,14 @@ def _resample_slice(x, x0, wx, y0, wy, out, lo, hi):  # pragma: no cover - compi
 def _resample_slice_float(x, x0, wx, y0, wy, gains, biases, out, lo, hi):  # pragma: no cover - compiled
     """The float twin of _resample_slice (no rounding between or after the passes), normalised:
     out float32 [B, h, w, C] channels-last = (vertical(horizontal(x)) * gains[c] + biases[c])."""
-    kx, w = wx.shape[1], wx.shape[2]
-    h, ky = wy.shape[1], wy.shape[2]
-    width, nc = x.shape[2], gains.shape[0]
+    w, h, ky = wx.shape[2], wy.shape[1], wy.shape[2]
+    nc = gains.shape[0]
     acc = np.empty(w, np.float32)
     for b in range(lo, hi):
-        r0 = y0[b, 0]
-        r1 = y0[b, 0] + ky
-        for i in range(h):
-            r0 = min(r0, y0[b, i])
-            r1 = max(r1, y0[b, i] + ky)
-        n = r1 - r0
-        xt = np.empty((width, n), np.float32)
-        for r in range(n):
-            for c in range(width):
-                xt[c, r] = x[b, r0 + r, c]
-        tt = np.zeros((w, n), np.float32)
-        for j in range(w):
-            for k in range(kx):
-                wk = wx[b, k, j]
-                if wk != 0.0:
-                    src = xt[x0[b, j] + k]
-                    dst = tt[j]
-                    for r in range(n):
-                        dst[r] += src[r] * wk
+        r0, tt = _horizontal_pass(x, b, x0, wx, y0, ky)
         t = np.ascontiguousarray(tt.T)  # [rows, w]
         for i in range(h):
-            for j in range(w):
-                acc[j] = 0.0
-            for k in range(ky):
-                wk = wy[b, i, k]
-                if wk != 0.0:
-                    row = t[y0[b, i] + k - r0]
-                    for j in range(w):
-                        acc[j] += row[j] * wk
+            _vertical_row(t, b, i, y0, wy, r0, acc)
             for j in range(w):
                 for c in range(nc):
                     out[b, i, j, c] = acc[j] * gains[c] + biases[c]

@@ -1,5 +1,5 @@
 """What every loader is built on: the errors, the background prefetcher, `BaseLoader` (the
-interface the trainer sees) and `SampledLoader` (order from our EpochSampler).
+interface the trainer sees; every loader reads in the order of our EpochSampler).
 
 The bottom layer of fasttrain.data: the format loaders (raw_loader, ffcv_loader, dali_loader,
 reference) import it, and loaders.py (the registry, `build_loader`) imports them; nothing here
@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from typing import Iterator
+from dataclasses import dataclass, fields
+from typing import Any, Iterator
 
 import torch
 
@@ -121,31 +122,53 @@ class Prefetcher:
 
 # ----------------------------------------------------------------------------- common base
 
+@dataclass(frozen=True)
+class LoaderSpec:
+    """How a loader reads its split: build_loader decides it once, every loader is built from it
+    (and has each field as an attribute of the same name)."""
+    train: bool  # shuffled order + random augmentation; False: every image once, in order
+    img_size: int  # the model's input side
+    in_chans: int
+    batch_size: int  # per rank
+    rank: int
+    world_size: int
+    device: torch.device  # with its index (device_with_index)
+    dtype: torch.dtype  # of the augmented images
+    seed: int  # order and augmentation are functions of (seed, epoch)
+    drop_last: bool
+    cfg: Any  # the data config (fasttrain.config.DataConfig)
+
+    def sampler_args(self) -> dict:
+        """EpochSampler's keywords for this rank (block_shuffle from the data config)."""
+        return dict(shuffle=self.train, seed=self.seed, rank=self.rank, world_size=self.world_size,
+                    drop_last=self.drop_last, block=int(getattr(self.cfg, "block_shuffle", 0) or 0))
+
+
+def device_with_index(device) -> torch.device:
+    """`device` as a torch.device; "cuda" gets the current index now: the raw loader's prefetch
+    thread makes device tensors, and a new thread's current device is cuda:0 whatever
+    torch.cuda.set_device said in this one."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class BaseLoader:
     """What the trainer sees: len, set_epoch, iteration, label_names, num_samples.
 
     num_samples: images this rank yields per epoch; dataset_size: images in the split.
+    `packed` is a PackedMixture (fasttrain.data.mixture; one dataset is a mixture of one part).
     """
     name = "base"
 
-    def __init__(self, packed, *, train: bool, img_size: int, in_chans: int, batch_size: int,
-                 rank: int, world_size: int, device, dtype, seed: int, drop_last: bool, cfg):
+    def __init__(self, packed, spec: LoaderSpec):
         self.packed = packed
-        self.train = bool(train)
-        self.img_size, self.in_chans = int(img_size), int(in_chans)
-        self.batch_size = int(batch_size)
-        self.rank, self.world_size = int(rank), int(world_size)
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:
-            # pin the index now: the raw loader's prefetch thread makes device tensors, and a new
-            # thread's current device is cuda:0 whatever torch.cuda.set_device said in this one
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        self.dtype = dtype
-        self.seed = int(seed)
-        self.drop_last = bool(drop_last)
-        self.cfg = cfg
+        self.spec = spec
+        for f in fields(spec):  # self.train, self.batch_size, self.device, ...
+            setattr(self, f.name, getattr(spec, f.name))
         self.label_names: list[str] = list(packed.label_names)
-        subset = getattr(packed, "subset", None)  # data.views / label_fraction: the images this loader reads
+        subset = packed.subset  # data.views / label_fraction: the images this loader reads
         self.dataset_size: int = len(packed) if subset is None else len(subset)
         self.image_size: tuple[int, int] = tuple(packed.image_size)
         self.epoch, self.start_step = 0, 0
@@ -153,6 +176,9 @@ class BaseLoader:
         if min(self.image_size) < self.img_size:
             raise LoaderError(f"{packed.root}: packed images are {self.image_size[0]}x{self.image_size[1]} px, "
                               f"smaller than img_size {self.img_size}; convert again with a larger --size")
+        # every loader kind reads in our order: one global permutation over every part per epoch
+        # (mixture.MixtureSampler), sharded over ranks
+        self.sampler = self.make_sampler(packed)
 
     def make_augment(self) -> BatchAugment:
         """The batched augmentation every packed loader shares (crop, flip, RandAugment, normalise),
@@ -173,65 +199,31 @@ class BaseLoader:
         if start_step < 0 or start_step > len(self):
             raise ValueError(f"start_step {start_step} is outside epoch's {len(self)} batches")
         self.epoch, self.start_step = int(epoch), int(start_step)
+        self.sampler.set_epoch(epoch, start_step)
 
     @property
     def num_samples(self) -> int:
-        raise NotImplementedError
+        """Images an epoch of self.sampler yields on this rank (the dropped tail left out)."""
+        s = self.sampler
+        return s.shard_size - (s.shard_size % self.batch_size if self.drop_last else 0)
 
     def __len__(self) -> int:
-        raise NotImplementedError
+        return len(self.sampler)
 
     def describe(self) -> str:
         return self.name
 
     def make_sampler(self, packed) -> EpochSampler:
-        """Our order over `packed`: one global order over every part of a mixture (mixture.py), else
-        an EpochSampler; raw and reference read by it, FFCV and DALI mixtures too."""
-        kw = dict(shuffle=self.train, seed=self.seed, rank=self.rank, world_size=self.world_size,
-                  drop_last=self.drop_last, block=int(getattr(self.cfg, "block_shuffle", 0) or 0))
-        if hasattr(packed, "make_sampler"):
-            return packed.make_sampler(self.batch_size, **kw)
-        subset = getattr(packed, "subset", None)  # data.views / data.label_fraction (fasttrain.data.subset)
-        return EpochSampler(len(packed) if subset is None else len(subset), self.batch_size, subset=subset, **kw)
-
-    def sampled_num_samples(self) -> int:
-        """Images an epoch of self.sampler yields on this rank (the dropped tail left out)."""
-        s = self.sampler
-        return s.shard_size - (s.shard_size % self.batch_size if self.drop_last else 0)
+        """Our order over `packed`: one global order over every part (mixture.MixtureSampler); every
+        loader kind reads by it."""
+        return packed.make_sampler(self.batch_size, **self.spec.sampler_args())
 
     def data_parts(self) -> list[dict]:
         """What this loader reads, for the run's provenance: per part path, split, count, manifest
         hash, weight (one part for a single packed dataset)."""
-        subset = getattr(self.packed, "subset_info", None)  # what data.views / label_fraction kept
-        if hasattr(self.packed, "provenance"):
-            parts = self.packed.provenance()
-        else:
-            from .mixture import manifest_sha256
-            p = self.packed
-            parts = [dict(path=str(p.root.absolute()), split=p.split, count=len(p),
-                          manifest_sha256=manifest_sha256(p.root), dataset=p.manifest.get("dataset"), weight=None,
-                          synthetic=p.synthetic)]
+        subset = self.packed.subset_info  # what data.views / label_fraction kept
+        parts = self.packed.provenance()
         if subset is not None:
             for part in parts:
                 part["subset"] = subset
         return parts
-
-
-class SampledLoader(BaseLoader):
-    """A loader whose order comes from our EpochSampler (raw, reference): FFCV and DALI order
-    their own reads."""
-
-    def __init__(self, packed, **kw):
-        super().__init__(packed, **kw)
-        self.sampler = self.make_sampler(packed)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    @property
-    def num_samples(self) -> int:
-        return self.sampled_num_samples()
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        super().set_epoch(epoch, start_step)
-        self.sampler.set_epoch(epoch, start_step)

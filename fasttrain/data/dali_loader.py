@@ -6,7 +6,7 @@ then the shared normalise (and gray -> C expansion) in torch.
 CPU (no CUDA): `device_id=None` pipeline that decodes on the CPU threads, then the same batched
 BatchAugment as the raw and FFCV loaders (one op per batch, not DALI's per-sample CPU operators).
 
-Order: ours, as the raw loader's. One dataset reads as a mixture of one part (mixture.as_mixture):
+Order: ours, as the raw loader's. One dataset reads as a mixture of one part (mixture.open_mixture):
 the JPEG bytes go through `fn.external_source` in the order of our EpochSampler / MixtureSampler
 (one permutation per (seed, epoch), page-aware blocks only with data.block_shuffle, DDP shards of
 it, evaluation reading every image once), as slices of the memory-mapped webdataset shards
@@ -21,12 +21,16 @@ batches then run and are dropped; batch start_step onwards is identical to the u
 from __future__ import annotations
 
 import gc
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from .base import INSTALL_HINT, BaseLoader, LoaderError
-from .mixture import as_mixture
+from fasttrain.format.dali import read_index
+
+from .base import INSTALL_HINT, BaseLoader, LoaderError, LoaderSpec
+from .gpu_augment import eval_resize_size
+from .raw_loader import map_advised
 from .sampler import batch_rng, mix_seed
 
 
@@ -53,8 +57,6 @@ class _JpegTable:
 
 
 def _jpeg_table(p) -> _JpegTable:
-    from fasttrain.converters.dali_writer import read_index
-    from pathlib import Path
     shard, offset, size = [], [], []
     for k, idx in enumerate(p.index_files):
         for comps in read_index(Path(idx)):
@@ -64,7 +66,6 @@ def _jpeg_table(p) -> _JpegTable:
             size.append(n)
     if len(shard) != len(p):
         raise LoaderError(f"{p.root}: DALI index files list {len(shard)} samples, the manifest says {len(p)}")
-    from .raw_loader import map_advised
     # random slices: MADV_RANDOM, so a cold page fault reads its pages, not a readahead window
     maps = [map_advised(f, (-1,), "random") for f in p.shards]
     return _JpegTable(np.array(shard), np.array(offset, np.int64), np.array(size, np.int64), maps)
@@ -73,14 +74,13 @@ def _jpeg_table(p) -> _JpegTable:
 class DALILoader(BaseLoader):
     name = "dali"
 
-    def __init__(self, packed, *, gpu: bool | None = None, **kw):
-        super().__init__(as_mixture(packed), **kw)
+    def __init__(self, packed, spec: LoaderSpec, gpu: bool | None = None):
+        super().__init__(packed, spec)
         self._dali = _import_dali()
         self.gpu = (self.device.type == "cuda") if gpu is None else bool(gpu)
         if self.gpu and self.device.type != "cuda":
             raise LoaderError("the DALI GPU pipeline needs a CUDA device")
         self.name = "dali-gpu" if self.gpu else "dali-cpu"
-        self.sampler = self.make_sampler(self.packed)  # our order, through external_source
         self._tables = [_jpeg_table(p) for p in self.packed.parts]
         self._labels = np.ascontiguousarray(self.packed.labels, dtype=np.float32)  # [N, L]
         # crop/flip/resize inside DALI on the GPU (then only `normalise` in torch); on the CPU
@@ -91,16 +91,6 @@ class DALILoader(BaseLoader):
         self.augment = self.make_augment()
         self._pipe = self._iter = None
 
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    @property
-    def num_samples(self) -> int:
-        return self.sampled_num_samples()
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        super().set_epoch(epoch, start_step)
-        self.sampler.set_epoch(epoch, start_step)
 
     def _source_start(self) -> int:
         """The batch the source starts at: start_step, unless DALI draws the crops (its random
@@ -126,7 +116,6 @@ class DALILoader(BaseLoader):
         (same arguments) and define the GPU graph without a GPU."""
         fn, _, types, _, _ = self._dali
         cfg, s = self.cfg, self.img_size
-        from .gpu_augment import eval_resize_size
         # our global order (see the module docstring)
         jpg, lbl, idx = fn.external_source(source=self._source, num_outputs=3, batch=True,
                                            dtype=[types.UINT8, types.FLOAT, types.INT64], cycle="raise")

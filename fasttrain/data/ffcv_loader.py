@@ -2,7 +2,7 @@
 the OS cache or FFCV's own cache), then the shared batched device augmentation.
 
 Order: ours, not FFCV's traversal orders. One dataset reads as a mixture of one part
-(mixture.as_mixture), so every FFCV read follows the raw loader's EpochSampler / MixtureSampler:
+(mixture.open_mixture), so every FFCV read follows the raw loader's EpochSampler / MixtureSampler:
 one permutation per (seed, epoch) (page-aware blocks only with data.block_shuffle), DDP shards of
 it without torch.distributed and without padding (evaluation scores every image once), and
 mid-epoch resume that never reads the skipped batches. FFCV's own orders differ: QUASI_RANDOM (its
@@ -16,10 +16,12 @@ copy), so every batch is the one the raw loader yields (its images grouped by pa
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from .base import INSTALL_HINT, BaseLoader, LoaderError
-from .ffcv_threads import keep_torch_threads
-from .mixture import as_mixture
+from fasttrain.format.ffcv import keep_torch_threads
+
+from .base import INSTALL_HINT, BaseLoader, LoaderError, LoaderSpec
+from .sampler import batch_rng
 
 
 def _import_ffcv():
@@ -41,10 +43,9 @@ def _import_ffcv():
 class FFCVLoader(BaseLoader):
     name = "ffcv"
 
-    def __init__(self, packed, **kw):
-        super().__init__(as_mixture(packed), **kw)
+    def __init__(self, packed, spec: LoaderSpec):
+        super().__init__(packed, spec)
         f = self._ffcv = _import_ffcv()
-        self.sampler = self.make_sampler(self.packed)
         self.loaders = []  # one per part
         for p in self.packed.parts:
             with keep_torch_threads():  # Loader.__init__ sets torch's threads to num_workers
@@ -68,16 +69,6 @@ class FFCVLoader(BaseLoader):
                     os_cache=bool(self.cfg.os_cache), distributed=False, seed=self.seed,
                     pipelines=pipelines, drop_last=False, batches_ahead=max(1, int(self.cfg.prefetch)))
 
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        super().set_epoch(epoch, start_step)
-        self.sampler.set_epoch(epoch, start_step)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    @property
-    def num_samples(self) -> int:
-        return self.sampled_num_samples()
 
     def _part_iterator(self, k: int, order: np.ndarray):
         f, L = self._ffcv, self.loaders[k]
@@ -90,7 +81,6 @@ class FFCVLoader(BaseLoader):
 
     def _epoch_iterator(self):
         """Batches start_step.. of this rank's shard of the global order: (images, labels, global index)."""
-        import torch
         b, s = self.batch_size, self.sampler
         sel = s.shard()[self.start_step * b: len(s) * b]  # global positions, reading order
         part, local = self.packed.locate(sel)
@@ -151,7 +141,6 @@ class FFCVLoader(BaseLoader):
             step += 1
 
     def _rng(self, step: int) -> np.random.Generator:
-        from .sampler import batch_rng
         return batch_rng(self.seed, self.epoch, self.rank, step)
 
     def describe(self) -> str:

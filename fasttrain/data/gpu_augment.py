@@ -18,7 +18,7 @@ matmuls, which the CPU pays in full), and the matmuls stay its plain twin.
 The weights are PIL's bilinear filter (Pillow `ImagingResample`: triangle kernel whose support
 widens by the downscale factor, i.e. antialiased when shrinking), so the result equals
 torchvision's PIL path `resized_crop(img, top, left, h, w, size, BILINEAR)` up to PIL's 8-bit
-rounding (PIL rounds to uint8 after each pass: <= 1 grey level apart; see tests/test_augment.py).
+rounding (PIL rounds to uint8 after each pass: <= 1 grey level apart; see tests/data/test_gpu_augment.py).
 
 Why not roi_align / grid_sample: they are bilinear *point* samplers (no antialias when the crop
 is larger than the output), and measured slower on CPU (~2.4x the PIL reference vs ~4.3x here).

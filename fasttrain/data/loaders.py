@@ -9,7 +9,7 @@ Loaders (data.loader, or `auto`: raw > ffcv > dali among the formats written, el
   ffcv       FFCV's compiled Loader over the .beton -> uint8 batches -> BatchAugment
   dali       DALI pipeline over the webdataset shards (GPU decode + augment on CUDA; CPU decode +
              BatchAugment otherwise)
-  reference  PIL + torch DataLoader + torchvision transforms per sample (the seed's path): the
+  reference  PIL + torch DataLoader + torchvision transforms per sample (the baseline's path): the
              benchmark's baseline and the oracle for the augmentation semantics
 
 Every loader also offers `feed()`: the host side alone, yielding the uint8 batches that would go
@@ -21,9 +21,15 @@ from typing import Optional
 
 import torch
 
+from fasttrain.format.packed import PackedError
+
 # the registry sits above the format loaders (imports run base -> *_loader -> loaders)
-from .base import LOADERS, LoaderError
+from .base import LOADERS, LoaderError, LoaderSpec, device_with_index
+from .dali_loader import DALILoader
+from .ffcv_loader import FFCVLoader
+from .mixture import MixtureError, open_mixture, part_manifests, part_splits, shared_formats
 from .raw_loader import RawLoader
+from .reference import ReferenceLoader
 from .subset import select as select_subset
 
 
@@ -49,9 +55,6 @@ def build_loader(data_cfg, split: str, train: bool, *, img_size: int, in_chans: 
     data_cfg.batch_size (per rank). need_labels=False (pre-training, benchmarks) lets a mixture's
     parts carry different label names.
     """
-    from .mixture import MixtureError, open_mixture, part_manifests, part_splits, shared_formats
-    from .packed import PackedError
-
     if not data_cfg.path:
         raise LoaderError("data.path is not set: point it at a packed dataset (written by `fasttrain convert`)")
     try:
@@ -74,10 +77,10 @@ def build_loader(data_cfg, split: str, train: bool, *, img_size: int, in_chans: 
                           f"convert again with `fasttrain convert ... --format {kind}`")
     if not 0 <= rank < world_size:
         raise LoaderError(f"rank {rank} is outside world_size {world_size}")
-    kw = dict(train=train, img_size=img_size, in_chans=in_chans,
-              batch_size=int(batch_size or data_cfg.batch_size), rank=rank, world_size=world_size,
-              device=device, dtype=dtype, seed=seed, drop_last=train if drop_last is None else drop_last,
-              cfg=data_cfg)
+    spec = LoaderSpec(train=bool(train), img_size=int(img_size), in_chans=int(in_chans),
+                      batch_size=int(batch_size or data_cfg.batch_size), rank=int(rank), world_size=int(world_size),
+                      device=device_with_index(device), dtype=dtype, seed=int(seed),
+                      drop_last=bool(train if drop_last is None else drop_last), cfg=data_cfg)
     try:
         packed = open_mixture(data_cfg.path, split, None if kind == "reference" else kind,
                               train_split=data_cfg.train_split, weights=data_cfg.weights,
@@ -86,14 +89,11 @@ def build_loader(data_cfg, split: str, train: bool, *, img_size: int, in_chans: 
         subset = select_subset(packed, data_cfg, split, train, seed, need_labels)
         packed.subset = subset
         if kind == "raw":
-            return RawLoader(packed, **kw)
+            return RawLoader(packed, spec)
         if kind == "ffcv":
-            from .ffcv_loader import FFCVLoader
-            return FFCVLoader(packed, **kw)
+            return FFCVLoader(packed, spec)
         if kind == "dali":
-            from .dali_loader import DALILoader
-            return DALILoader(packed, **kw)
-        from .reference import ReferenceLoader
-        return ReferenceLoader(packed, **kw)
+            return DALILoader(packed, spec)
+        return ReferenceLoader(packed, spec)
     except (PackedError, MixtureError) as e:
         raise LoaderError(str(e)) from None

@@ -20,7 +20,7 @@ over that space, so DDP sharding, batching and mid-epoch resume are EpochSampler
   the order is still a function of (seed, epoch) alone. The S draws are then shuffled together.
   Evaluation loaders (no shuffle) ignore weights: every image of every part once, in order.
 
-Imports: packed <- mixture <- base (the sampler choice) <- loaders; nothing here imports a loader.
+Imports: format (manifest, packed) <- mixture <- base (the sampler choice) <- loaders; nothing here imports a loader.
 """
 from __future__ import annotations
 
@@ -34,7 +34,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .packed import PackedError, PackedSplit, open_packed, read_manifest
+from fasttrain.format.manifest import FORMAT_PREFERENCE, PackedError, read_manifest
+from fasttrain.format.packed import PackedSplit, open_packed
+
 from .sampler import EpochSampler, mix_seed
 
 log = logging.getLogger(__name__)
@@ -114,7 +116,7 @@ def manifest_sha256(root) -> str:
 
 
 class PackedMixture:
-    """Several PackedSplits in one index space; looks like a PackedSplit to the loaders."""
+    """PackedSplits in one index space, what every loader reads (one dataset is a mixture of one part)."""
 
     def __init__(self, parts: list[PackedSplit], weights: Optional[list[float]], samples_per_epoch: Optional[int],
                  need_labels: bool):
@@ -149,10 +151,15 @@ class PackedMixture:
         self.synthetic = any(p.synthetic for p in parts)
         self.samples_per_epoch = self._epoch_size(samples_per_epoch)
         self.epoch_size_given = samples_per_epoch is not None  # else an epoch is every image (of the subset) once
+        # data.views / data.label_fraction (fasttrain.data.subset): the positions read, what chose them
+        self.subset: Optional[np.ndarray] = None
+        self.subset_info: Optional[dict] = None
         self.root = Path(parts[0].root)  # for messages that name "the" dataset; describe() names all
         self.split = "+".join(p.split for p in parts)
-        self.manifest = {"dataset": " + ".join(str(p.manifest.get("dataset")) for p in parts),
-                         "synthetic": self.synthetic, "formats": [self.format]}
+        # one part: its own manifest (source, dataset, ...); several: what they share
+        self.manifest = parts[0].manifest if len(parts) == 1 else {
+            "dataset": " + ".join(str(p.manifest.get("dataset")) for p in parts),
+            "synthetic": self.synthetic, "formats": [self.format]}
 
     @property
     def metadata(self) -> dict[str, np.ndarray]:
@@ -201,7 +208,7 @@ class PackedMixture:
 
     def make_sampler(self, batch_size: int, *, shuffle: bool, seed: int, rank: int, world_size: int,
                      drop_last: bool, block: int = 0) -> "MixtureSampler":
-        subset = getattr(self, "subset", None)
+        subset = self.subset
         n = self.count if subset is None else len(subset)
         weighted = self.weights is not None and shuffle
         draws = self.samples_per_epoch if weighted and self.epoch_size_given else n
@@ -279,41 +286,25 @@ class MixtureSampler(EpochSampler):
 
 
 def open_mixture(path, split: str, fmt: Optional[str], *, train_split: str = "train", weights=None,
-                 samples_per_epoch: Optional[int] = None, need_labels: bool = True):
-    """Open `split` of every part of data.path in format `fmt` (None: the best every part has).
-
-    One part without weights -> its PackedSplit (the single-dataset path, unchanged); otherwise a
-    PackedMixture. Every problem is a MixtureError naming the part."""
+                 samples_per_epoch: Optional[int] = None, need_labels: bool = True) -> PackedMixture:
+    """Open `split` of every part of data.path in format `fmt` (None: the best every part has) as
+    a PackedMixture; one packed dataset is a mixture of one part. A problem with one of several
+    parts is a MixtureError naming the part; a single dataset's own errors (PackedError) pass as they are."""
     specs = parse_parts(path)
     w = check_weights(weights, len(specs))
     splits = part_splits(specs, split, train_split)
-    if len(specs) == 1 and w is None:
-        if samples_per_epoch is not None:
-            raise MixtureError("data.samples_per_epoch needs data.weights (without weights an epoch is every "
-                               "image once)")
-        return open_packed(specs[0].path, splits[0], fmt)
-    if fmt is None:
+    many = len(specs) > 1
+    if fmt is None and many:  # one dataset: open_packed picks its best format
         fmt = common_format(specs)
     parts = []
     for k, (spec, s) in enumerate(zip(specs, splits)):
         try:
             parts.append(open_packed(spec.path, s, fmt))
         except (PackedError, OSError) as e:
+            if not many:
+                raise
             raise MixtureError(f"mixture part {k} ({spec.path}:{s}): {e}") from None
     return PackedMixture(parts, w, samples_per_epoch, need_labels)
-
-
-def as_mixture(packed) -> PackedMixture:
-    """A PackedSplit as a mixture of one part (a mixture as is): the FFCV and DALI loaders read
-    every dataset through our sampler's global order, so one dataset gets the raw loader's order."""
-    if isinstance(packed, PackedMixture):
-        return packed
-    one = PackedMixture([packed], None, None, need_labels=True)
-    # data.views / data.label_fraction chose positions of the one part: the same positions of the mixture
-    for attr in ("subset", "subset_info"):
-        if getattr(packed, attr, None) is not None:
-            setattr(one, attr, getattr(packed, attr))
-    return one
 
 
 def part_manifests(path) -> list[tuple[PartSpec, dict]]:
@@ -345,7 +336,6 @@ def missing_split(path, split: str, train_split: str = "train") -> list[str]:
 
 def shared_formats(mans) -> list[str]:
     """The packed formats every part (part_manifests) has, best first (raw > ffcv > dali)."""
-    from fasttrain.converters.common import FORMAT_PREFERENCE
     have = [set(m.get("formats", [])) for _, m in mans]
     return [f for f in FORMAT_PREFERENCE if all(f in h for h in have)]
 

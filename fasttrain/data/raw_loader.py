@@ -17,7 +17,7 @@ from collections import deque
 import numpy as np
 import torch
 
-from .base import LoaderError, Prefetcher, SampledLoader
+from .base import BaseLoader, LoaderError, LoaderSpec, Prefetcher
 
 ADVICE = {"random": mmap.MADV_RANDOM, "sequential": mmap.MADV_SEQUENTIAL, "normal": mmap.MADV_NORMAL}
 
@@ -32,12 +32,12 @@ def map_advised(path, shape: tuple[int, ...], advice: str) -> np.ndarray:
     m.madvise(ADVICE[advice])
     return np.frombuffer(m, dtype=np.uint8).reshape(shape)
 
-class RawLoader(SampledLoader):
+class RawLoader(BaseLoader):
     """uint8 memmap -> pinned uint8 batches (background thread) -> batched device augmentation."""
     name = "raw"
 
-    def __init__(self, packed, **kw):
-        super().__init__(packed, **kw)
+    def __init__(self, packed, spec: LoaderSpec):
+        super().__init__(packed, spec)
         # one mapping per part (a single packed dataset is a mixture of one): [N_k, H, W] uint8
         advice = self.cfg.raw_advice
         if advice == "auto":  # page-aware blocks and in-order eval read runs: keep (doubled) readahead
@@ -46,8 +46,8 @@ class RawLoader(SampledLoader):
             raise LoaderError(f"data.raw_advice must be auto or one of {', '.join(ADVICE)}, got {advice!r}")
         self.advice = advice
         self.parts = [p.images if len(p) == 0 else map_advised(p.images.filename, p.images.shape, advice)
-                      for p in getattr(packed, "parts", [packed])]
-        self.offsets = getattr(packed, "offsets", np.array([0, len(packed)], np.int64))  # [P + 1]
+                      for p in packed.parts]
+        self.offsets = packed.offsets  # [P + 1]
         self.images = self.parts[0] if len(self.parts) == 1 else None  # [N, H, W] (one part)
         self.labels = np.ascontiguousarray(packed.labels, dtype=np.float32)  # [N, L]
         self.augment = self.make_augment()
@@ -143,6 +143,6 @@ class RawLoader(SampledLoader):
             yield images, y.to(self.device, non_blocking=True)
 
     def describe(self) -> str:
-        if hasattr(self.packed, "parts"):
+        if len(self.packed.parts) > 1:
             return f"raw memmaps (madvise {self.advice}) of a mixture: {self.packed.describe()}"
         return f"raw memmap {self.packed.root}/raw/{self.packed.split}.u8 (madvise {self.advice})"

@@ -1,4 +1,4 @@
-"""The reference loader: the seed's per-sample path, kept as the benchmark baseline and as the
+"""The reference loader: the per-sample path of the baseline code, kept as the benchmark baseline and as the
 oracle for the augmentation semantics.
 
 Per sample, in torch DataLoader workers: PIL `Image.open`, `.convert('RGB')`, then torchvision
@@ -14,7 +14,7 @@ Images come from one of two places, and `describe()` says which:
   - a folder of PNGs of the packed images (`data.reference_images`, written by `export_png`): the
     same pixels the packed loaders read, so outputs are comparable image for image;
   - the source files of the packed ids (manifest "source" + `splits/<split>.files.txt`; see
-    resolve_source_files): the seed's exact inputs (e.g. 1024-px NIH PNGs).
+    resolve_source_files): the baseline's exact inputs (e.g. 1024-px NIH PNGs).
 Workers are persistent (forked at the first epoch): the epoch travels with each index.
 Determinism: each sample's augmentation draws come from torch's RNG seeded with
 (seed, epoch, rank, position in the split), so they do not depend on the worker count or on where
@@ -30,8 +30,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fasttrain.io import write_atomic_with
+
+from .base import BaseLoader, LoaderError, LoaderSpec
 from .gpu_augment import eval_resize_size, norm_stats
-from .base import LoaderError, SampledLoader
+from .randaug import parse_policy
 from .sampler import EpochSampler, mix_seed
 
 
@@ -46,17 +49,15 @@ def export_png(packed, out_dir) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for i, sid in enumerate(packed.ids):
-        dst = out / png_name(sid)
-        tmp = dst.with_name("." + dst.name + ".tmp")
-        Image.fromarray(packed.image(i)).save(tmp, format="PNG", compress_level=1)
-        os.replace(tmp, dst)
+        img = Image.fromarray(packed.image(i))
+        write_atomic_with(out / png_name(sid), lambda f: img.save(f, format="PNG", compress_level=1))
     return out
 
 
 def resolve_source_files(packed) -> list[str]:
     """Each id's source image file: `splits/<split>.files.txt` (paths relative to the manifest's
     source folder, written by the converters), else `<source>/<id>`, else a file-name lookup under
-    the source folder (packs written before files.txt existed)."""
+    the source folder (packs without files.txt)."""
     src = Path(packed.manifest.get("source") or "")
     meta = packed.manifest["splits"][packed.split]
     hint = "set data.reference_images to a PNG folder (fasttrain.data.reference.export_png writes one)"
@@ -106,7 +107,7 @@ class ReferenceDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]):
         epoch, i = key
         with Image.open(self.files[i]) as im:
-            img = im.convert("RGB")  # the seed's path: gray replicated to 3 channels
+            img = im.convert("RGB")  # the baseline's path: gray replicated to 3 channels
         # per-sample draws from (seed, epoch, rank, i); fork_rng leaves the caller's RNG alone.
         # timm's transforms draw from Python's `random` and numpy's global RNG: seeded (and restored) too
         s = mix_seed(self.seed, epoch, self.rank, i, 0x4EF)
@@ -138,12 +139,12 @@ class _EpochBatches:
         return len(self.sampler) - self.sampler.start_step
 
 
-class ReferenceLoader(SampledLoader):
+class ReferenceLoader(BaseLoader):
     name = "reference"
 
-    def __init__(self, packed, **kw):
-        super().__init__(packed, **kw)
-        import torchvision.transforms as T
+    def __init__(self, packed, spec: LoaderSpec):
+        super().__init__(packed, spec)
+        import torchvision.transforms as T  # heavy: only the reference loader needs torchvision
         cfg = self.cfg
         if cfg.reference_images:
             folder = Path(cfg.reference_images)
@@ -154,9 +155,9 @@ class ReferenceLoader(SampledLoader):
                                   f"e.g. {missing[0]} (write them with fasttrain.data.reference.export_png)")
             self.source = f"PNG folder of the packed images {folder}"
         else:
-            parts = getattr(packed, "parts", [packed])  # a mixture: each part's files, in the global index order
-            self.files = [f for p in parts for f in resolve_source_files(p)]
-            self.source = "source files under " + ", ".join(str(p.manifest.get("source")) for p in parts)
+            # each part's files, in the global index order
+            self.files = [f for p in packed.parts for f in resolve_source_files(p)]
+            self.source = "source files under " + ", ".join(str(p.manifest.get("source")) for p in packed.parts)
         self.labels = np.array(packed.labels, dtype=np.float32)  # [N, L] writable copy
         mean, std = norm_stats(cfg.norm, self.in_chans)
         mean3, std3 = (mean * 3, std * 3) if self.in_chans == 1 else (mean, std)
@@ -180,9 +181,8 @@ class ReferenceLoader(SampledLoader):
 
     def _timm_transform(self, cfg, mean3, std3):
         """timm's training transform with our settings (Xiao et al.'s create_transform call)."""
-        from timm.data import create_transform
+        from timm.data import create_transform  # heavy: only fine-tuning's reference path needs timm
         if cfg.randaug is not None:
-            from .randaug import parse_policy
             try:
                 parse_policy(cfg.randaug)  # the same errors as the packed loaders (timm would assert)
             except ValueError as e:

@@ -28,18 +28,11 @@ def parse_views(views) -> Optional[tuple[str, ...]]:
     return out
 
 
-def parts_of(packed) -> tuple[list, np.ndarray]:
-    """(parts, offsets [P + 1]) of a PackedMixture, or the one PackedSplit as a part."""
-    if hasattr(packed, "parts"):
-        return packed.parts, np.asarray(packed.offsets)
-    return [packed], np.array([0, len(packed)], np.int64)
-
-
 def view_mask(packed, views: tuple[str, ...]) -> np.ndarray:
-    """bool [N]: the image's packed view is one of `views`; a part without view metadata is an error."""
-    parts, _ = parts_of(packed)
+    """bool [N] over a PackedMixture: the image's packed view is one of `views`; a part without view
+    metadata is an error."""
     masks = []
-    for p in parts:
+    for p in packed.parts:
         meta = p.metadata
         if "view" not in meta:
             raise LoaderError(f"data.views={list(views)}: {p.root} (split '{p.split}') has no 'view' metadata "
@@ -50,8 +43,9 @@ def view_mask(packed, views: tuple[str, ...]) -> np.ndarray:
 
 
 def patient_keys(packed) -> np.ndarray:
-    """The patient of every image, prefixed by its part in a mixture (parts share no patient)."""
-    parts, _ = parts_of(packed)
+    """The patient of every image of a PackedMixture, prefixed by its part when there are several
+    (parts share no patient)."""
+    parts = packed.parts
     keys = []
     for k, p in enumerate(parts):
         meta = p.metadata

@@ -11,16 +11,16 @@ from typing import Callable
 import torch.nn as nn
 
 from fasttrain.models.classifier import ViTClassifier, param_groups_layer_decay
-from fasttrain.models.distill import ETMAE, DistillOutput, build_etmae
+from fasttrain.models.distill import ETMAE, DistillOutput, build_etmae, student_of
 from fasttrain.models.mae import EncoderOutput, MaskedAutoencoderViT, Masking
 
 # Encoder shapes (timm's vit_{tiny,small,base}_patch16_224 / DeiT).
 _ENCODERS = {
     "tiny": dict(embed_dim=192, depth=12, num_heads=3),
-    "small": dict(embed_dim=384, depth=12, num_heads=6),  # 6 heads: Xiao et al.'s ViT-S (the seed loaded it into 12)
+    "small": dict(embed_dim=384, depth=12, num_heads=6),  # 6 heads: Xiao et al.'s ViT-S (not 12)
     "base": dict(embed_dim=768, depth=12, num_heads=12),
 }
-# MAE decoders: 512-d x 2 for the seed's student and Xiao's ViT-S, MAE's 512-d x 8 for ViT-B.
+# MAE decoders: 512-d x 2 for the baseline's student and Xiao's ViT-S, MAE's 512-d x 8 for ViT-B.
 _DECODERS = {
     "tiny": dict(decoder_embed_dim=512, decoder_depth=2, decoder_num_heads=16),
     "small": dict(decoder_embed_dim=512, decoder_depth=2, decoder_num_heads=16),

@@ -9,8 +9,8 @@ Formats read:
 Key prefixes added by DDP (`module.`) and torch.compile (`_orig_mod.`) are stripped.
 
 Loading is strict by default: every missing, unexpected and shape-mismatched key is listed in a
-CheckpointError naming the file (`strict=False` in torch hides wrong architectures -- the seed
-loaded a 6-head teacher into a 12-head model without a word). The only conversions are explicit
+CheckpointError naming the file (`strict=False` in torch hides wrong architectures, e.g.
+a 6-head teacher loaded into a 12-head model without a word). The only conversions are explicit
 and logged: position-embedding grids (sin-cos recomputed, learned tables resampled bicubic) and
 input channels (3 -> 1 sums the patch-embedding weights, 1 -> 3 repeats them / 3).
 """
@@ -22,15 +22,20 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
+import timm
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+from timm.layers import resample_abs_pos_embed
 
+from fasttrain.io import write_atomic
+from fasttrain.models.distill import student_of
 from fasttrain.models.vit import ViTEncoder, is_encoder_key, sincos_pos_embed_2d
 
 log = logging.getLogger(__name__)
@@ -51,7 +56,7 @@ class CheckpointError(RuntimeError):
 
 # ----------------------------------------------------------------------------- reading
 
-def _safe_globals() -> list:
+def safe_globals() -> list:
     """Non-tensor objects MAE-style checkpoints carry next to the weights (MAE's save_model
     pickles the argparse Namespace and numpy scalars); allowed for weights_only loading."""
     g: list = [argparse.Namespace]
@@ -116,13 +121,12 @@ def _load_file(path: Path, allow_pickle: bool) -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
         try:
             return load_file(str(path), device="cpu")
         except Exception as e:
             raise CheckpointError(f"{path}: unreadable safetensors file: {e}") from e
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
+        with torch.serialization.safe_globals(safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's message opens with generic advice; the line that matters is the unpickler's own
@@ -171,7 +175,6 @@ def _grid(n_tokens: int, key: str, what: str) -> int:
 def convert_pos_embed(value: torch.Tensor, target: torch.Tensor, key: str, what: str) -> tuple[torch.Tensor, str]:
     """[1, 1+L_old, D] -> [1, 1+L_new, D]. A sin-cos table is recomputed for the new grid (it is a
     function of the grid); a learned one is resampled bicubic (timm's resample_abs_pos_embed, as MAE's fine-tuning does)."""
-    from timm.layers import resample_abs_pos_embed
 
     d = value.shape[-1]
     notes = []
@@ -451,7 +454,7 @@ def load_teacher(name: str, path: Any, img_size: int = 224, in_chans: int = 3, a
     ViT-B checkpoint for a ViT-S teacher fails here, before any training. `input_norm`: see
     load_into (an RGB checkpoint loaded as a 1-channel teacher).
     """
-    from fasttrain.models import create_model
+    from fasttrain.models import create_model  # cycle: fasttrain.models imports the classifier, which imports this module
 
     model = create_model(name, img_size=img_size, in_chans=in_chans, **overrides)
     state, meta = read_checkpoint(path, allow_pickle)
@@ -500,7 +503,7 @@ def load_encoder(model: ViTEncoder, source: Any, what: str | None = None, allow_
 
 def load_mae(name: str, path: Any, allow_pickle: bool = False, **overrides) -> nn.Module:
     """A whole MAE (encoder + decoder) from a checkpoint, strictly (resume, visualisation)."""
-    from fasttrain.models import create_model
+    from fasttrain.models import create_model  # cycle: fasttrain.models imports the classifier, which imports this module
 
     model = create_model(name, **overrides)
     model.load_report = load_into(model, path, strict=True, allow_pickle=allow_pickle)
@@ -514,7 +517,6 @@ _TIMM_SIZES = {(192, 12, 3): "tiny", (384, 12, 6): "small", (768, 12, 12): "base
 
 def timm_name_for(enc: ViTEncoder) -> str | None:
     """The timm model name with this encoder's shapes (e.g. vit_tiny_patch16_224), if one exists."""
-    import timm
 
     size = _TIMM_SIZES.get((enc.embed_dim, enc.depth, enc.num_heads))
     if size is None or enc.mlp_ratio != 4.0:
@@ -543,13 +545,12 @@ def export_timm(model: nn.Module, path: str | os.PathLike, in_chans: int | None 
     """
     for attr in ("module", "_orig_mod"):  # DDP / torch.compile wrappers
         model = getattr(model, attr, model)
-    enc = getattr(model, "student", model)
+    enc = student_of(model)
     enc = getattr(enc, "_orig_mod", enc)
     if Path(path).suffix != ".safetensors":
         raise ValueError(f"export_timm writes safetensors: name the file *.safetensors, got {path}")
     if not isinstance(enc, ViTEncoder) or not hasattr(enc, "norm"):
         raise ValueError(f"export_timm needs an MAE / ETMAE / ViT encoder with a final norm, got {type(model).__name__}")
-    from safetensors.torch import save_file
 
     state = {k: v.detach().to("cpu", torch.float32).contiguous().clone()
              for k, v in enc.state_dict().items() if is_encoder_key(k)}
@@ -566,13 +567,6 @@ def export_timm(model: nn.Module, path: str | os.PathLike, in_chans: int | None 
             "timm_kwargs": json.dumps({"num_classes": 0, **cfg}), "exported_by": "fasttrain"}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, safetensors_bytes(state, metadata=meta))
     log.info("exported %d encoder tensors to %s (timm: %s)", len(state), path, name or f"VisionTransformer(**{cfg})")
     return path

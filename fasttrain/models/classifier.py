@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 
+from fasttrain.models.checkpoints import load_encoder
 from fasttrain.models.vit import LayerNorm6, ViTEncoder, init_vit_weights_
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,6 @@ class ViTClassifier(ViTEncoder):
         grid and in_chans are converted, exactly under `input_norm`: see load_into). Returns the
         LoadReport.
         """
-        from fasttrain.models.checkpoints import load_encoder
         return load_encoder(self, source, what=what, input_norm=input_norm)
 
 

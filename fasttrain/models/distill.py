@@ -120,11 +120,11 @@ class ETMAE(nn.Module):
     @torch.no_grad()
     def teacher_features_full(self, imgs: torch.Tensor, masking: Masking,
                               blocks: Sequence[int] | None = None) -> dict[int, torch.Tensor]:
-        """The seed's teacher: full encoder and decoder on the visible tokens, features read at
+        """The baseline's teacher: full encoder and decoder on the visible tokens, features read at
         the aligned blocks. Same features as teacher_features, more compute (reference mode)."""
         blocks = self.teacher_blocks if blocks is None else list(blocks)
         enc = self.teacher.forward_encoder(self._teacher_input(imgs), masking=masking, return_blocks=blocks)
-        self.teacher.forward_decoder(enc.latent, enc.ids_restore)  # computed and discarded, as the seed did
+        self.teacher.forward_decoder(enc.latent, enc.ids_restore)  # computed and discarded, as the baseline does
         return enc.feats
 
     # -- forward -----------------------------------------------------------------------------
@@ -192,6 +192,12 @@ def _forgive_missing_teacher(module: ETMAE, incompatible_keys) -> None:
     missing[:] = [k for k in missing if not (k.startswith("teacher.") or ".teacher." in k)]
 
 
+def student_of(model: nn.Module) -> nn.Module:
+    """The model that learns and is saved as the run's encoder: an ETMAE's student, any other
+    model itself. DDP / torch.compile wrappers are the caller's to unwrap (engine.unwrap)."""
+    return model.student if isinstance(model, ETMAE) else model
+
+
 def build_etmae(student_name: str = "mae_vit_tiny_patch16", teacher_name: str | None = "mae_vit_base_patch16",
                 teacher_ckpt: str | None = None, student_blocks: Sequence[int] = (8,),
                 teacher_blocks: Sequence[int] = (8,), alpha: float = 1.0, proj: str = "linear",
@@ -199,6 +205,7 @@ def build_etmae(student_name: str = "mae_vit_tiny_patch16", teacher_name: str | 
     """Student from the registry (+ overrides); teacher from the registry at the student's
     img_size/in_chans/patch_size, loaded strictly from `teacher_ckpt` when given (a wrong-size
     checkpoint fails here, before any training)."""
+    # cycles: fasttrain.models imports this module, and models.checkpoints imports student_of from it
     from fasttrain.models import create_model
     from fasttrain.models.checkpoints import load_teacher
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 from fasttrain.config import ConfigError
 from fasttrain.data.gpu_augment import norm_stats
 from fasttrain.models import ETMAE, create_model
-from fasttrain.models.checkpoints import CheckpointError, load_into, load_teacher, read_checkpoint
+from fasttrain.models.checkpoints import CheckpointError, load_into, load_teacher, read_checkpoint, safe_globals
 
 log = logging.getLogger("fasttrain.train")
 
@@ -62,8 +62,7 @@ def peek_checkpoint(path: Path):
     if path.suffix == ".safetensors":
         return None
     try:
-        from fasttrain.models.checkpoints import _safe_globals
-        with torch.serialization.safe_globals(_safe_globals()):
+        with torch.serialization.safe_globals(safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
         return None

@@ -21,12 +21,14 @@ import hashlib
 import os
 import random
 import re
-import tempfile
+import shutil
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
+
+from fasttrain.io import write_atomic_with
 
 
 STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
@@ -117,29 +119,29 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def save_atomic(obj: dict, path: str | Path, *, also: Optional[str | Path] = None, checksum: bool = True) -> Path:
-    """torch.save to a temp file in the same folder, fsync, then rename over `path`: a reader (or
-    a resume after SIGKILL, or a second signal during the save) sees the old complete file or the
-    new complete file, never half. `also`: a second name for the same bytes (a hard link made
-    before the rename; a copy where the filesystem has no hard links). A failed write (ENOSPC,
-    quota, I/O error) removes the temp file, leaves `path` as it was and raises
-    CheckpointWriteError naming the file."""
+    """torch.save through fasttrain.io.write_atomic_with (temp file in the same folder, fsync,
+    rename over `path`), then fsync of the folder so that the rename survives a machine crash: a
+    reader (or a resume after SIGKILL, or a second signal during the save) sees the old complete
+    file or the new complete file, never half. `also`: a second name for the same bytes (a hard
+    link to the fsynced temp file, made before the rename; a copy where the filesystem has no hard
+    links). A failed write (ENOSPC, quota, I/O error) removes the temp file, leaves `path` as it
+    was and raises CheckpointWriteError naming the file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if checksum:
         obj = with_checksum(obj)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+
+    def write(f) -> None:
+        torch.save(obj, f)
+        if also is not None:
             f.flush()
             os.fsync(f.fileno())
-        if also is not None:
-            _link_or_copy(tmp, Path(also))
-        os.replace(tmp, path)
+            _link_or_copy(f.name, Path(also))  # f.name: the temp file, complete and on disk
+
+    try:
+        write_atomic_with(path, write)
         _fsync_dir(path.parent)
-    except Exception as raised:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    except Exception as raised:  # write_atomic_with removed the temp file
         e = _os_error_in_chain(raised)
         if e is None:
             raise
@@ -148,10 +150,6 @@ def save_atomic(obj: dict, path: str | Path, *, also: Optional[str | Path] = Non
         old = " the previous one is intact" if path.is_file() else " there is no previous one"
         raise CheckpointWriteError(f"could not write checkpoint {path} ({why});{old}. "
                                    "Free space (or lower run.keep_checkpoints) and resume with --resume auto") from e
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 
@@ -176,8 +174,7 @@ def _link_or_copy(src: str | Path, dst: Path) -> None:
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
             raise
-        import shutil  # a filesystem without hard links: a copy (fsynced) instead
-        try:
+        try:  # a filesystem without hard links: a copy (fsynced) instead
             shutil.copyfile(src, tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())

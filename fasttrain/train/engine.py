@@ -9,7 +9,7 @@ Modes (`engine.mode`):
   copy of the frozen teacher truncated at its aligned block and run under inference mode,
   the decoder's last block and pixel head on the removed patches only (exact), channels-last
   input, fused AdamW (built by optim.build_optimizer).
-- `reference`: the seed's semantics, the benchmark's baseline and the tests' oracle: eager, the
+- `reference`: the baseline's semantics, the benchmark's baseline and the tests' oracle: eager, the
   teacher's full encoder + decoder on the visible tokens, plain for-loop AdamW, fp32 on CPU and
   fp16 autocast + GradScaler on CUDA.
 
@@ -26,6 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fasttrain.data import gpu_augment
+from fasttrain.models.distill import student_of
+
 log = logging.getLogger("fasttrain.train")
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -39,14 +42,13 @@ def amp_dtype_for(amp: str, device) -> Optional[torch.dtype]:
     if amp not in AMP_CHOICES:
         raise ValueError(f"config key 'engine.amp': expected one of {AMP_CHOICES}, got '{amp}'")
     if amp == "auto":
-        from fasttrain.data.gpu_augment import cpu_has_native_bf16
-        return torch.bfloat16 if torch.device(device).type != "cpu" or cpu_has_native_bf16() else None
+        return torch.bfloat16 if torch.device(device).type != "cpu" or gpu_augment.cpu_has_native_bf16() else None
     return AMP_DTYPES[amp]
 
 
 def step_amp_dtype(mode: str, amp: str, device) -> Optional[torch.dtype]:
     """The autocast dtype the training step of engine.mode runs under (None = fp32): reference is
-    the seed's (fp16 on CUDA, fp32 on CPU), fused follows engine.amp. Validation, the kNN monitor,
+    the baseline's (fp16 on CUDA, fp32 on CPU), fused follows engine.amp. Validation, the kNN monitor,
     evaluate and predict run under the same, so their scores are the trained model's."""
     if mode == "reference":
         return torch.float16 if torch.device(device).type == "cuda" else None
@@ -56,6 +58,14 @@ def step_amp_dtype(mode: str, amp: str, device) -> Optional[torch.dtype]:
 def cfg_amp_dtype(cfg, device) -> Optional[torch.dtype]:
     """step_amp_dtype of a run's Config."""
     return step_amp_dtype(cfg.engine.mode, cfg.engine.amp, device)
+
+
+def autocast(device, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
+    """torch.autocast on `device` (a torch.device or its name) in `dtype`; with dtype None (fp32)
+    a context that changes nothing, so an enclosing autocast region stays as it is."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 MODES = ("fused", "reference")
@@ -148,10 +158,10 @@ class TrainStep:
         self.last_lr = 0.0
         self.amp_dtype = step_amp_dtype(mode, amp, self.device)
         if mode == "reference":
-            # The seed: fp32 on CPU, fp16 autocast + loss scaling on CUDA; eager; full teacher.
+            # The baseline: fp32 on CPU, fp16 autocast + loss scaling on CUDA; eager; full teacher.
             self.channels_last, self.compiled = False, False
             self.teacher_mode = "full" if teacher_mode == "auto" else teacher_mode
-            self.decoder = "full"  # the seed's decoder: every token through every layer
+            self.decoder = "full"  # the baseline's decoder: every token through every layer
         else:
             self.channels_last, self.compiled = channels_last, compile
             self.teacher_mode = "truncated" if teacher_mode == "auto" else teacher_mode
@@ -179,23 +189,18 @@ class TrainStep:
     def _net(self) -> nn.Module:
         return self.ddp if self.ddp is not None else self.model
 
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
     def _forward_pretrain(self, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
+        with autocast(self.device, self.amp_dtype):
             return pretrain_terms(self._net(), images, noise, self.teacher_mode, self.decoder)  # [3]
 
     def _forward_finetune(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
+        with autocast(self.device, self.amp_dtype):
             return finetune_terms(self._net(), images, labels)  # [1]
 
     def mask_noise(self, batch: int) -> torch.Tensor:
         """[B, L] uniform noise for this micro-step, reproducible from (seed, rank, micro_step)."""
         m = unwrap(self.model)
-        L = (m.student if hasattr(m, "student") else m).num_patches
+        L = student_of(m).num_patches
         self._gen.manual_seed((self.seed * 1_000_003 + self.rank) * 1_000_003 + self.micro_step)
         return torch.rand(batch, L, generator=self._gen, device=self.device)  # [B, L]
 

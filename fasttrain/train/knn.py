@@ -17,6 +17,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fasttrain.metrics import mean_of_defined, per_label_auc
+from fasttrain.models.distill import student_of
+from fasttrain.train.engine import autocast
+from fasttrain.train.finetune import gather_predictions
+
 log = logging.getLogger("fasttrain.train")
 
 
@@ -51,7 +56,7 @@ def encoder_features(student, loader, device, amp_dtype=None, limit: int | None 
     feats, labels, n = [], [], 0
     for images, y in loader:
         images = images.to(device, non_blocking=True)
-        with torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             x = student.forward_features(images)  # [B, 1+L, D]
         feats.append(x[:, 1:].mean(dim=1).float().cpu())  # [B, D]
         labels.append(y.float().cpu())
@@ -82,10 +87,8 @@ class KnnMonitor:
     def __call__(self, model) -> dict:
         if not self.due():
             return {}
-        from fasttrain.metrics import mean_of_defined, per_label_auc
-        from fasttrain.train.finetune import gather_predictions
         t0 = time.perf_counter()
-        student = model.student if hasattr(model, "student") else model
+        student = student_of(model)
         student.eval()
         dev = self.info.device
         # each rank reads its shard of the train split: 1/world of the bank each, so that the

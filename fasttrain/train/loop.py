@@ -41,8 +41,12 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from tqdm import tqdm
 
+from fasttrain import kernels
+from fasttrain.config import ConfigError
 from fasttrain.data.sampler import mix_seed
 from fasttrain.train import checkpoint as ckpt_io
 from fasttrain.train.dist import (DistInfo, all_reduce_mean, any_rank, broadcast_object, init_distributed,
@@ -58,6 +62,11 @@ LOSS_NAMES = {"pretrain": ("loss", "loss_mae", "loss_dist"), "finetune": ("loss"
 
 class TrainingDiverged(RuntimeError):
     """A NaN/Inf loss: names the step and the last good checkpoint."""
+
+
+class OutOfMemory(RuntimeError):
+    """The step ran out of device (or host) memory: names the step, the per-device batch and how
+    to fit (the CLI prints it as one line and exits 2)."""
 
 
 class Preempted(Exception):
@@ -76,7 +85,6 @@ def resume_mode(cfg, resume=None):
     if isinstance(mode, str):
         mode = {"auto": "auto", "true": True, "false": False, "never": False}.get(mode.lower(), mode)
     if mode not in (False, True, "auto"):
-        from fasttrain.config import ConfigError
         raise ConfigError(f"config key 'run.resume': expected true, false or auto, got {mode!r}")
     return mode
 
@@ -89,10 +97,8 @@ def parse_signals(names: list[str]) -> list[signal.Signals]:
         try:
             sig = signal.Signals(int(key)) if key.isdigit() else signal.Signals[key if key.startswith("SIG") else "SIG" + key]
         except (KeyError, ValueError):
-            from fasttrain.config import ConfigError
             raise ConfigError(f"config key 'run.preempt_signals': unknown signal {n!r} (e.g. SIGTERM, SIGUSR1)") from None
         if sig in (signal.SIGKILL, signal.SIGSTOP):
-            from fasttrain.config import ConfigError
             raise ConfigError(f"config key 'run.preempt_signals': {sig.name} cannot be caught")
         out.append(sig)
     return out
@@ -100,7 +106,6 @@ def parse_signals(names: list[str]) -> list[signal.Signals]:
 
 def require_run_and_data(cfg) -> None:
     """Both trainers need a run directory and a packed dataset: say which is missing, before any work."""
-    from fasttrain.config import ConfigError
     if cfg.run.out is None:
         raise ConfigError("no run directory: pass --out RUN")
     if cfg.data.path is None:
@@ -253,7 +258,6 @@ def setup(cfg) -> DistInfo:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
-    from fasttrain import kernels
     kernels.set_backend(cfg.engine.kernels)
     seed_everything(cfg.run.seed, info.rank)
     return info
@@ -346,7 +350,6 @@ class Trainer:
     def state(self) -> dict:
         rngs = [ckpt_io.capture_rng()]
         if self.info.enabled:
-            import torch.distributed as dist
             rngs = [None] * self.info.world_size
             dist.all_gather_object(rngs, ckpt_io.capture_rng())
         return {"kind": self.kind, "model": unwrap(self.model).state_dict(),
@@ -460,7 +463,6 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
 
     def fit(self) -> dict:
-        from tqdm import tqdm
         cfg = self.cfg
         total_micro = self.total_steps * self.accum
         show = self.info.is_main and cfg.run.progress
@@ -542,7 +544,7 @@ class Trainer:
                 terms = self.step(images, labels) if self.kind == "finetune" else self.step(images)
             except Exception as e:
                 if _is_oom(e):
-                    raise RuntimeError(oom_message(e, batch, self.step.opt_step)) from e
+                    raise OutOfMemory(oom_message(e, batch, self.step.opt_step)) from e
                 raise
             self._buf.append(terms)
             self.epoch_step += 1

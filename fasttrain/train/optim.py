@@ -1,7 +1,7 @@
 """Optimiser and learning-rate schedule.
 
 AdamW three ways: fused (one kernel for the whole update; works on CPU and CUDA in torch >= 2.4),
-apex's FusedAdam when the user has apex (optional), and the plain for-loop AdamW the seed used
+apex's FusedAdam when the user has apex (optional), and the plain for-loop AdamW of the baseline
 (the reference mode). The lr follows MAE: absolute lr = blr * effective batch / 256, linear
 warm-up then half-cycle cosine, updated every optimiser step (not every epoch).
 """
@@ -42,7 +42,7 @@ def build_optimizer(groups: Iterable[dict], lr: float, optim_cfg, *, reference: 
                     device: torch.device | str = "cpu") -> torch.optim.Optimizer:
     """AdamW over `groups` (each may carry "lr_scale", kept for the schedule).
 
-    reference=True: the seed's plain for-loop AdamW (foreach=False, fused=False): the baseline.
+    reference=True: the baseline's plain for-loop AdamW (foreach=False, fused=False): the baseline.
     Otherwise fused AdamW when optim.fused (apex FusedAdam if installed and on CUDA), foreach
     otherwise; a failure to build the fused one falls back to foreach with a log line."""
     groups = [dict(g) for g in groups]

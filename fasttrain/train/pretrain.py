@@ -9,9 +9,14 @@ import logging
 import torch
 
 from fasttrain.config import ConfigError
+from fasttrain.data import build_loader
+from fasttrain.data.mixture import missing_split
+from fasttrain.models.distill import student_of
 from fasttrain.train import loop
 from fasttrain.train.builders import build_pretrain_model
-from fasttrain.train.dist import cleanup
+from fasttrain.train.dist import all_reduce_mean, cleanup
+from fasttrain.train.engine import autocast, cfg_amp_dtype, pretrain_terms
+from fasttrain.train.knn import KnnMonitor
 from fasttrain.train.optim import param_groups_weight_decay
 
 log = logging.getLogger("fasttrain.train")
@@ -25,7 +30,6 @@ def check_config(cfg) -> None:
 
 def _has_split(path, split: str, train_split: str = "train") -> bool:
     """Every part of data.path (one packed dataset or a mixture) has `split`."""
-    from fasttrain.data.mixture import missing_split
     return not missing_split(path, split, train_split)
 
 
@@ -33,10 +37,8 @@ def _has_split(path, split: str, train_split: str = "train") -> bool:
 def val_losses(model, loader, info, cfg) -> dict:
     """L, L_MAE and L_dist on the validation split (eval transform, masks from a fixed seed, so
     epochs are comparable), averaged over batches and ranks: the val curves of `fasttrain plot`."""
-    from fasttrain.train.dist import all_reduce_mean
-    from fasttrain.train.engine import cfg_amp_dtype, pretrain_terms
     model.eval()
-    student = model.student if hasattr(model, "student") else model
+    student = student_of(model)
     gen = torch.Generator(device=info.device).manual_seed(cfg.run.seed + 0x5EED)
     amp = cfg_amp_dtype(cfg, info.device)
     mode = "full" if cfg.engine.mode == "reference" else "truncated"
@@ -44,7 +46,7 @@ def val_losses(model, loader, info, cfg) -> dict:
     for images, _ in loader:
         images = images.to(info.device, non_blocking=True)
         noise = torch.rand(images.shape[0], student.num_patches, generator=gen, device=info.device)
-        with torch.autocast(info.device.type, dtype=amp, enabled=amp is not None):
+        with autocast(info.device, amp):
             total += pretrain_terms(model, images, noise, mode)
         n += 1
     mean = all_reduce_mean(total / max(n, 1), info).tolist()
@@ -56,9 +58,6 @@ def knn_monitor(cfg, info, val_loader):
     val split; None when off."""
     if cfg.eval.knn_every <= 0:
         return None
-    from fasttrain.data import build_loader
-    from fasttrain.train.engine import cfg_amp_dtype
-    from fasttrain.train.knn import KnnMonitor
     bank = build_loader(cfg.data, cfg.data.train_split, train=False, img_size=cfg.model.img_size,
                         in_chans=cfg.model.in_chans, rank=info.rank, world_size=info.world_size,
                         device=info.device, dtype=torch.float32, seed=cfg.run.seed, need_labels=False)
@@ -74,7 +73,6 @@ def knn_monitor(cfg, info, val_loader):
 def build_trainer(cfg, info, resume=None):
     """What `run_pretrain` trains with, on an initialised `info`: (Trainer, train loader, kNN
     monitor or None). Input errors (teacher checkpoint, data) surface here, before any step."""
-    from fasttrain.data import build_loader
     point = loop.plan_resume(cfg, info, resume)  # may set the per-rank batch: before any loader
     model = build_pretrain_model(cfg)  # teacher checkpoint errors surface here, before data or steps
     loader = build_loader(cfg.data, cfg.data.train_split, train=True, img_size=cfg.model.img_size,
@@ -82,7 +80,7 @@ def build_trainer(cfg, info, resume=None):
                           device=info.device, dtype=torch.float32, seed=cfg.run.seed,
                           need_labels=False)  # MAE ignores labels: mixture parts may name them differently
     model.to(info.device)
-    trainable = model.student if hasattr(model, "student") else model
+    trainable = student_of(model)
     groups = param_groups_weight_decay(trainable, cfg.optim.weight_decay)
     if hasattr(model, "proj"):  # the projection heads train with the student (decay on matrices only)
         groups += param_groups_weight_decay(model.proj, cfg.optim.weight_decay)

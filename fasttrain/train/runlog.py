@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
+from fasttrain.io import write_atomic, write_atomic_with, write_json_atomic
 from fasttrain.provenance import provenance
 
 log = logging.getLogger("fasttrain.train")
@@ -44,11 +44,11 @@ class RunLog:
         self.ckpt_dir.mkdir(exist_ok=True)
         if cfg is not None:
             cfg.save(self.dir / "config.yaml")
-        _write_json_atomic(self.dir / "provenance.json", provenance(device, data=data))
+        write_json_atomic(self.dir / "provenance.json", provenance(device, data=data))
         self._metrics = open(self.dir / "metrics.jsonl", "a" if resume else "w")
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # heavy: only when run.tensorboard
                 self._tb = SummaryWriter(str(self.dir / "tb"))
             except ImportError as e:  # tensorboard is a dependency, but never fail a run over logs
                 log.warning("TensorBoard disabled: %s", e)
@@ -78,14 +78,14 @@ class RunLog:
         path = self.dir / "metrics.jsonl"
         keep = [r for r in read_metrics(self.dir) if r.get("step", 0) <= step and not
                 (r.get("step") == step and r.get("phase") == "val")]
-        _write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
         self._metrics = open(path, "a")
 
     def write_json(self, name: str, obj) -> Path | None:
         if not self.enabled:
             return None
         path = self.dir / name
-        _write_json_atomic(path, obj)
+        write_json_atomic(path, obj)
         return path
 
     def close(self) -> None:
@@ -96,14 +96,6 @@ class RunLog:
             self._tb.close()
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    _write_text_atomic(path, json.dumps(obj, indent=2, default=str))
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def read_metrics(run: str | Path) -> list[dict]:
@@ -125,14 +117,12 @@ def read_metrics(run: str | Path) -> list[dict]:
 
 
 def save_figure(fig, path) -> Path:
-    """A matplotlib figure written atomically as PNG (temp file, rename: a killed run leaves no
-    half image) and closed."""
+    """A matplotlib figure written atomically (PNG unless the suffix names another format: a
+    killed run leaves no half image) and closed."""
     import matplotlib.pyplot as plt  # optional, heavy: only to close the figure
     path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
     try:
-        fig.savefig(tmp, dpi=110)
+        write_atomic_with(path, lambda f: fig.savefig(f, dpi=110, format=path.suffix[1:] or "png"))
     finally:
         plt.close(fig)
-    tmp.replace(path)
     return path

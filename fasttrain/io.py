@@ -3,8 +3,8 @@
 A reader (a resumed run, a job polling `summary.json`, a user opening a table) sees either the
 old file or the whole new one, never a half-written file: write a sibling temp file, flush it to
 disk, rename it over the target (rename is atomic on one POSIX file system). The temp name carries
-the process id, so two processes writing the same path never share a temp file; the fsync makes
-the rename durable across a machine crash, not only a killed process.
+the process id, so two processes writing the same path never share a temp file; the fsyncs of the
+file and then of its folder make the rename durable across a machine crash, not only a killed process.
 """
 from __future__ import annotations
 
@@ -37,7 +37,22 @@ def write_atomic_with(path: str | Path, write: Callable[[IO], Any], mode: str = 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
     return path
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk; a file system that cannot is left as is."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_json_atomic(path: str | Path, obj: Any, indent: int | None = 2,

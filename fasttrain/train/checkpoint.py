@@ -105,22 +105,9 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_atomic(obj: dict, path: str | Path, *, also: Optional[str | Path] = None, checksum: bool = True) -> Path:
     """torch.save through fasttrain.io.write_atomic_with (temp file in the same folder, fsync,
-    rename over `path`), then fsync of the folder so that the rename survives a machine crash: a
+    rename over `path`, fsync of the folder) so that the rename survives a machine crash: a
     reader (or a resume after SIGKILL, or a second signal during the save) sees the old complete
     file or the new complete file, never half. `also`: a second name for the same bytes (a hard
     link to the fsynced temp file, made before the rename; a copy where the filesystem has no hard
@@ -139,8 +126,7 @@ def save_atomic(obj: dict, path: str | Path, *, also: Optional[str | Path] = Non
             _link_or_copy(f.name, Path(also))  # f.name: the temp file, complete and on disk
 
     try:
-        write_atomic_with(path, write)
-        _fsync_dir(path.parent)
+        write_atomic_with(path, write)  # fsyncs the file, renames, fsyncs the folder
     except Exception as raised:  # write_atomic_with removed the temp file
         e = _os_error_in_chain(raised)
         if e is None:

@@ -46,10 +46,16 @@ def _train_parser(prog: str, init: bool) -> argparse.ArgumentParser:
     return p
 
 
-def _train_command(prog: str, argv: list[str], run, keys: tuple[str, ...]) -> int:
-    """Parse, build the config (flags over YAML over defaults), run the stage, print its summary."""
+def _train_command(prog: str, argv: list[str], keys: tuple[str, ...]) -> int:
+    """Parse, build the config (flags over YAML over defaults), run the stage, print its summary.
+    The trainer (torch, timm: seconds) is imported after the flags parsed, so --help and a wrong flag
+    answer at once."""
     init = prog == "finetune"
     args, over = _split_overrides(_train_parser(prog, init=init), argv)
+    if init:
+        from fasttrain.train.finetune import run_finetune as run
+    else:
+        from fasttrain.train.pretrain import run_pretrain as run
     cfg = build_config(args.config, over)
     cfg.run.out = args.out
     if init and args.init:
@@ -62,10 +68,8 @@ def _train_command(prog: str, argv: list[str], run, keys: tuple[str, ...]) -> in
 
 
 def pretrain_main(argv: list[str]) -> int:
-    from fasttrain.train.pretrain import run_pretrain  # heavy (torch, timm): parse and fail on flags first
-    return _train_command("pretrain", argv, run_pretrain, ("steps", "images_per_s", "last", "final"))
+    return _train_command("pretrain", argv, ("steps", "images_per_s", "last", "final"))
 
 
 def finetune_main(argv: list[str]) -> int:
-    from fasttrain.train.finetune import run_finetune  # heavy (torch, timm): parse and fail on flags first
-    return _train_command("finetune", argv, run_finetune, ("steps", "images_per_s", "last", "best", "best_val_mauc"))
+    return _train_command("finetune", argv, ("steps", "images_per_s", "last", "best", "best_val_mauc"))

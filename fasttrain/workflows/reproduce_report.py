@@ -57,11 +57,11 @@ def write_table(plan: Plan) -> dict:
         r = plan.runner.record(st.name)
         if r is not None:
             stages.append({**{k: r.get(k) for k in ("stage", "wall_s", "images_per_s", "steps", "resumed", "gpus")},
-                           "gpu_hours": r.get("gpu_hours", r["wall_s"] * r["gpus"] / 3600)})
+                           "gpu_hours": r["wall_s"] * r["gpus"] / 3600})  # every attempt counted
     figures = make_figures(plan)
     doc = {"synthetic": synthetic, "rows": rows, "stages": stages,
            "transfer": [{k: v for k, v in t.items() if k != "result"} for t in transfer],
-           "gpu_hours_total": sum(s["gpu_hours"] or 0 for s in stages),
+           "gpu_hours_total": sum(s["gpu_hours"] for s in stages),
            "figures": [str(p.relative_to(out)) for p in figures], "notes": list(dict.fromkeys(plan.notes)),
            "per_label": {f"{r}/{d}": {n: e for n, e in res["labels"].items()} for (r, d), res in results.items() if res},
            "paper": PAPER}

@@ -86,8 +86,6 @@ class StageRunner:
         wall = time.perf_counter() - t0
         rec = {"stage": name, **facts, "wall_s": wall + sum(attempts), "attempts_wall_s": attempts + [wall],
                "resumed": resumed, "finished": time.time()}
-        if "gpus" in facts:  # what the stage cost, every attempt counted (Table 2's GPU-hours)
-            rec["gpu_hours"] = rec["wall_s"] * facts["gpus"] / 3600
         write_json_atomic(self.done_path(name), rec)
         self.running_path(name).unlink(missing_ok=True)
         return rec

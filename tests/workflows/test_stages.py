@@ -72,9 +72,3 @@ def test_a_failed_command_raises_stage_failed_and_leaves_no_done_marker(tmp_path
     assert runner.run("bad", lambda: run_fasttrain("bad", ["--version"], "fasttrain ablate")) is not None
     assert runner.is_done("bad")
 
-
-def test_a_stage_on_gpus_records_its_gpu_hours_over_every_attempt(tmp_path):
-    runner = StageRunner(tmp_path / "stages", say=lambda line: None)
-    rec = runner.run("pretrain", lambda: {"gpus": 8})
-    assert rec["gpu_hours"] == pytest.approx(rec["wall_s"] * 8 / 3600)
-    assert "gpu_hours" not in runner.run("convert", lambda: {"images_per_s": 1.0})  # CPUs only: no GPU-hours

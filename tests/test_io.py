@@ -32,7 +32,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
         write_atomic_with(p, boom)
     assert json.loads(p.read_text()) == {"old": True}
     assert [f.name for f in tmp_path.iterdir()] == ["keep.json"]
-    with pytest.raises(TypeError):  # not JSON-able even through str()? sets are: str() of a key fails
+    with pytest.raises(TypeError):  # tuple keys: json refuses them even with default=str
         write_json_atomic(p, {(1, 2): "tuple keys are not JSON"})
     assert json.loads(p.read_text()) == {"old": True}
 

@@ -91,7 +91,6 @@ class DALILoader(BaseLoader):
         self.augment = self.make_augment()
         self._pipe = self._iter = None
 
-
     def _source_start(self) -> int:
         """The batch the source starts at: start_step, unless DALI draws the crops (its random
         stream starts at batch 0 of the epoch's seed: the skipped batches run and are dropped)."""

@@ -69,7 +69,6 @@ class FFCVLoader(BaseLoader):
                     os_cache=bool(self.cfg.os_cache), distributed=False, seed=self.seed,
                     pipelines=pipelines, drop_last=False, batches_ahead=max(1, int(self.cfg.prefetch)))
 
-
     def _part_iterator(self, k: int, order: np.ndarray):
         f, L = self._ffcv, self.loaders[k]
         with keep_torch_threads():

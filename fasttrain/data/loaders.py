@@ -86,7 +86,7 @@ def build_loader(data_cfg, split: str, train: bool, *, img_size: int, in_chans: 
                               train_split=data_cfg.train_split, weights=data_cfg.weights,
                               samples_per_epoch=data_cfg.samples_per_epoch, need_labels=need_labels)
         # data.views / data.label_fraction: the positions the sampler draws from (None: all)
-        subset = select_subset(packed, data_cfg, split, train, seed, need_labels)
+        subset = select_subset(packed, data_cfg, split, seed, need_labels)
         packed.subset = subset
         if kind == "raw":
             return RawLoader(packed, spec)

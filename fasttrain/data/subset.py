@@ -85,7 +85,7 @@ def fraction_subset(patients: np.ndarray, labels: np.ndarray, label_names: list[
     return subset
 
 
-def select(packed, data_cfg, split: str, train: bool, seed: int, need_labels: bool = True) -> Optional[np.ndarray]:
+def select(packed, data_cfg, split: str, seed: int, need_labels: bool = True) -> Optional[np.ndarray]:
     """The positions a loader of `split` reads (None: all), from data.views and, for every labelled
     read of the training split (fine-tuning's batches, the probe's features, whether augmented or
     not; never MAE pre-training, which reads no label), data.label_fraction; records what it chose

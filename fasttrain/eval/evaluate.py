@@ -35,7 +35,7 @@ from fasttrain.train.engine import cfg_amp_dtype
 from fasttrain.train.finetune import check_split, load_classifier, predict_scores
 from fasttrain.train.runlog import save_figure
 
-__all__ = ["evaluate_checkpoint", "bootstrap_auc", "format_table", "plot_roc", "main"]
+__all__ = ["evaluate_checkpoint", "format_table", "plot_roc", "main"]
 
 
 def plot_roc(y_true: np.ndarray, y_score: np.ndarray, label_names: list[str], path: str | Path,

@@ -96,8 +96,6 @@ class RunLog:
             self._tb.close()
 
 
-
-
 def read_metrics(run: str | Path) -> list[dict]:
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():

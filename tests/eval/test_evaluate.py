@@ -12,7 +12,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from fasttrain.config import build_config
-from fasttrain.eval.evaluate import bootstrap_auc
+from fasttrain.metrics import bootstrap_auc
 from fasttrain.metrics import bootstrap_auc_matrix_reference
 
 

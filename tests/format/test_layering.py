@@ -1,6 +1,7 @@
 """Imports run one way: fasttrain.format (the packed format) sits below the converters that write
 it and the loaders that read it, and those two never import each other; fasttrain.pool sits below
-all three. Checked on the source (ast), so a lazy import inside a function counts too."""
+all three; the training core (fasttrain.train) imports no evaluation, serving, workflow or
+benchmark module. Checked on the source (ast), so a lazy import inside a function counts too."""
 import ast
 from pathlib import Path
 
@@ -9,12 +10,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 # folder -> the package its modules import as (converters/ installs as fasttrain.converters)
 PACKAGES = {"fasttrain/format": "fasttrain.format", "fasttrain/data": "fasttrain.data",
-            "converters": "fasttrain.converters"}
+            "converters": "fasttrain.converters", "fasttrain/train": "fasttrain.train"}
 FORBIDDEN = {
     "fasttrain.format": ("fasttrain.converters", "fasttrain.data"),
     "fasttrain.data": ("fasttrain.converters",),
     "fasttrain.converters": ("fasttrain.data",),
     "fasttrain.pool": ("fasttrain.format", "fasttrain.converters", "fasttrain.data"),
+    # the training core: what a run measures (eval), serves and orchestrates sits above it
+    "fasttrain.train": ("fasttrain.eval", "fasttrain.serve", "fasttrain.workflows", "fasttrain.bench"),
 }
 
 

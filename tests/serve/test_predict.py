@@ -13,7 +13,7 @@ import torch
 
 def test_predict_equals_evaluate_on_packed_test_split(trained, tmp_path, capsys, trained_labels):
     from fasttrain.format.packed import open_packed, read_manifest
-    from fasttrain.eval.evaluate import bootstrap_auc
+    from fasttrain.metrics import bootstrap_auc
     from fasttrain.eval.evaluate import evaluate_checkpoint
     from fasttrain.serve.predict import main
     packed, ckpt, _, src = trained

@@ -19,7 +19,7 @@ import torch
 
 from fasttrain.config import ConfigError, build_config
 from fasttrain.train.checkpoint import load_checkpoint, save_atomic
-from fasttrain.eval.evaluate import bootstrap_auc
+from fasttrain.metrics import bootstrap_auc
 from fasttrain.train.optim import Schedule, lr_at
 
 PY = sys.executable

@@ -36,7 +36,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from fasttrain.pool import bounded_imap
+from fasttrain.pool import bounded_imap, default_workers
 from fasttrain.pool import progress as progress_bar
 
 from .chexpert import CHEXPERT_ALL, RELEASE_PREFIXES
@@ -396,11 +396,13 @@ def _draw_all(seed: int, size: int, root: Path, rels: list[str], workers: Option
              for s in range(0, n, chunk))
     labels = []
     bar = progress_bar(n, "phantoms (SYNTHETIC)", progress)
-    with convert_errors():  # a dead worker
-        for lab in bounded_imap(_draw_and_write, tasks, workers if workers is not None else os.cpu_count() or 1):
-            labels.append(lab)
-            bar.update(len(lab))
-    bar.close()
+    try:
+        with convert_errors():  # a dead worker
+            for lab in bounded_imap(_draw_and_write, tasks, default_workers(workers)):
+                labels.append(lab)
+                bar.update(len(lab))
+    finally:
+        bar.close()
     return np.concatenate(labels)  # [n, 14]
 
 

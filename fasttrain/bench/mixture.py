@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fasttrain.bench.step import importable
-from fasttrain.bench.timing import add_run_length_args, budget_text, budgeted_windows, fill_presets, median, print_plan
+from fasttrain.bench.timing import (add_run_length_args, budget_text, budgeted_windows, fill_presets, median,
+                                    print_plan, writable_formats)
 from fasttrain.config import DataConfig
 from fasttrain.converters.chexpert import convert_chexpert
 from fasttrain.converters.common import AtomicDir
@@ -47,7 +47,7 @@ FULL = dict(batch_size=256, batches=6, windows=5, budget=0.0)
 
 
 def make_packs(root: Path, n: int, size: int, workers: int) -> tuple[list[str], str]:
-    formats = tuple(["raw"] + [f for f, m in (("ffcv", "ffcv"), ("dali", "nvidia.dali")) if importable(m)])
+    formats = writable_formats()
     kw = dict(formats=formats, size=size, progress=False, workers=workers)
     # a CheXpert source of n images holds ~14% lateral views (dropped by the converter) and a valid
     # split: write more so its train split is about n frontal images

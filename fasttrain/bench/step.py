@@ -18,7 +18,6 @@ peak for known GPUs, else a measured bf16 matmul rate, named in the output).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import tempfile
 from pathlib import Path
@@ -29,7 +28,7 @@ from fasttrain.bench.flops import etmae_step_flops, known_peak, measured_matmul_
 from fasttrain.bench.kernels import main as kernels_main
 from fasttrain.bench.loader import main as loader_main
 from fasttrain.bench.timing import (add_run_length_args, budget_text, budgeted_windows, fill_presets, median,
-                                    print_plan, print_records, record)
+                                    print_plan, print_records, record, writable_formats)
 from fasttrain.config import build_config
 from fasttrain.converters.nih import convert_nih
 from fasttrain.converters.synthetic import generate_phantoms
@@ -259,19 +258,12 @@ def e2e_main(argv: list[str]) -> int:
     return 0
 
 
-def importable(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:  # parent package missing
-        return False
-
-
 def make_synthetic_packed(root: Path, n: int, size: int) -> Path:
     """Phantoms -> NIH converter into every format this machine can write (SYNTHETIC data)."""
 
     src, out = root / "phantoms_src", root / "phantoms_packed"
     generate_phantoms(src, n, seed=0, size=size, progress=False)
-    formats = ["raw"] + [fmt for fmt, mod in (("ffcv", "ffcv"), ("dali", "nvidia.dali")) if importable(mod)]
+    formats = list(writable_formats())
     convert_nih(src, out, formats=tuple(formats), size=size, progress=False)
     return out
 

@@ -3,6 +3,7 @@ line, the --budget/--full flags and their presets, and JSON records with provena
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import statistics
@@ -116,3 +117,16 @@ def fill_presets(args: argparse.Namespace, quick: dict, full: dict) -> None:
     for key, value in (full if args.full else quick).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+
+
+def writable_formats() -> tuple[str, ...]:
+    """The packed formats this install can write: raw always, FFCV and DALI where importable (a
+    benchmark packs what it can and names what it skipped)."""
+    return ("raw",) + tuple(fmt for fmt, mod in (("ffcv", "ffcv"), ("dali", "nvidia.dali")) if _importable(mod))
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # parent package missing
+        return False

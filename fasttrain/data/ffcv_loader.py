@@ -10,8 +10,10 @@ single-process default) is a page-aware shuffle, not a permutation, and its dist
 torch's DistributedSampler, which repeats samples to pad the last round.
 Each part has one FFCV Loader in SEQUENTIAL order; its EpochIterator reads, in the global order, the
 images of that part in this rank's shard (FFCV's Loader.__iter__ has no skip; we replicate its
-four lines); batch t is then assembled from the parts in the counts the global batch t holds (one
-copy), so every batch is the one the raw loader yields (its images grouped by part inside the batch).
+four lines); batch t is then assembled from the parts in the counts the global batch t holds
+(`assemble`: FFCV's own batch when one reader batch holds it, else one copy of each image into a
+reused buffer), so every batch is the one the raw loader yields (its images grouped by part inside
+the batch). On the CPU the readers' batch buffers are kept from epoch to epoch (`BufferPool`).
 """
 from __future__ import annotations
 
@@ -31,13 +33,95 @@ def _import_ffcv():
             from ffcv.loader import Loader, OrderOption
             from ffcv.loader.epoch_iterator import EpochIterator
             from ffcv.pipeline.compiler import Compiler
-            from ffcv.transforms import Squeeze, ToDevice, ToTensor
+            from ffcv.transforms import ToDevice, ToTensor
     except ImportError as e:
         raise LoaderError(f"the ffcv loader needs FFCV, which failed to import ({e}); install it with "
                           f"{INSTALL_HINT['ffcv']}") from e
     return dict(IntDecoder=IntDecoder, NDArrayDecoder=NDArrayDecoder, Loader=Loader, OrderOption=OrderOption,
-                EpochIterator=EpochIterator, Compiler=Compiler, Squeeze=Squeeze, ToDevice=ToDevice,
+                EpochIterator=EpochIterator, Compiler=Compiler, ToDevice=ToDevice,
                 ToTensor=ToTensor)
+
+
+class BufferPool:
+    """The batch buffers of one part's FFCV Loader, kept from epoch to epoch (CPU).
+
+    Each FFCV EpochIterator asks its Loader's graph for fresh buffers (batches_ahead + 2 slots, each
+    a whole batch). Fresh pages fault on their first write, one fault per 4 KiB (4,096 for a batch
+    of 256 images at 256 px), which costs more than reading the images; when an epoch holds a few
+    batches every slot is fresh. The pool is the graph's allocate_memory: it hands a finished
+    epoch's buffers to the next one. The buffers of an epoch whose reader thread still runs (an
+    epoch left early: its thread ends after the batch in hand) are not handed out until it ended.
+    """
+
+    def __init__(self, graph):
+        self._allocate = graph.allocate_memory
+        self._free: list = []  # [(batch_size, slots), buffers]
+        self._lent: list = []  # [thread, (batch_size, slots), buffers]
+        self._last = None
+        self.allocated = 0  # fresh allocations so far
+        graph.allocate_memory = self  # what EpochIterator.__init__ calls
+
+    def __call__(self, batch_size: int, slots: int):
+        self._lent, ended = [e for e in self._lent if e[0].is_alive()], [e for e in self._lent if not e[0].is_alive()]
+        self._free += [e[1:] for e in ended]
+        key = (batch_size, slots)
+        for n, (k, buffers) in enumerate(self._free):
+            if k == key:
+                del self._free[n]
+                self._last = (key, buffers)
+                return buffers
+        self.allocated += 1
+        self._last = (key, self._allocate(batch_size, slots))
+        return self._last[1]
+
+    def lend(self, thread) -> None:
+        """The buffers handed out last now belong to `thread` (an EpochIterator) until it ends."""
+        if self._last is not None:
+            self._lent.append([thread, *self._last])
+            self._last = None
+
+
+def assemble(part_of: np.ndarray, part_batches: list, offsets: np.ndarray, batch_size: int, ring: list):
+    """Our batches from the parts' reader batches: yields (images [b, H, W], global positions int64 [b]).
+
+    part_of [n]: the part of each image in reading order; part_batches[k]: an iterator of part k's
+    batches (images [m, H, W], positions in part k [m]) in that order, each valid only until the
+    next one is drawn from the same iterator (FFCV reuses its buffers); offsets [P + 1]: the parts'
+    first global positions. Batch t holds the images of part_of[t b:(t + 1) b], grouped by part.
+    A batch served by one reader batch is a view of it (no copy); any other is copied piece by piece
+    into ring[t % len(ring)] (a list of buffers [batch_size, H, W] or None, made on first use and
+    kept by the caller across epochs), each piece before its reader advances. So every batch is
+    valid until the next is drawn."""
+    n_parts = len(part_batches)
+    current: list = [None] * n_parts  # part k's reader batch: (images, positions in the part)
+    used = [0] * n_parts  # images of it already placed
+    for n_out, t in enumerate(range(0, len(part_of), batch_size)):
+        counts = np.bincount(part_of[t:t + batch_size], minlength=n_parts)
+        b = int(counts.sum())
+        ks = np.flatnonzero(counts)
+        k = int(ks[0])
+        if current[k] is None or used[k] == len(current[k][0]):
+            current[k], used[k] = next(part_batches[k]), 0
+        if len(ks) == 1 and len(current[k][0]) - used[k] >= b:  # one reader batch holds it all
+            x, i = current[k]
+            used[k] += b
+            yield x[used[k] - b:used[k]], i.reshape(-1)[used[k] - b:used[k]] + offsets[k]
+            continue
+        slot, like = n_out % len(ring), current[k][0]
+        if ring[slot] is None or ring[slot].shape != (batch_size, *like.shape[1:]) or ring[slot].device != like.device:
+            ring[slot] = torch.empty((batch_size, *like.shape[1:]), dtype=like.dtype, device=like.device)
+        out, gi, a = ring[slot][:b], np.empty(b, np.int64), 0
+        for k in map(int, ks):
+            c = int(counts[k])
+            while c:
+                if current[k] is None or used[k] == len(current[k][0]):
+                    current[k], used[k] = next(part_batches[k]), 0
+                x, i = current[k]
+                m = min(c, len(x) - used[k])
+                out[a:a + m].copy_(x[used[k]:used[k] + m])  # before part k's reader moves on
+                gi[a:a + m] = i.reshape(-1)[used[k]:used[k] + m] + offsets[k]
+                a, c, used[k] = a + m, c - m, used[k] + m
+        yield out, gi
 
 
 class FFCVLoader(BaseLoader):
@@ -51,19 +135,30 @@ class FFCVLoader(BaseLoader):
             with keep_torch_threads():  # Loader.__init__ sets torch's threads to num_workers
                 # SEQUENTIAL and no drop: the order we pass to each EpochIterator is the one read
                 self.loaders.append(f["Loader"](p.beton, order=f["OrderOption"].SEQUENTIAL, **self._loader_args()))
+        # CPU only: on CUDA a new epoch's reader would overwrite device buffers the last epoch's
+        # queued steps may still read, and torch's caching allocators already reuse those pages
+        self.pools = [BufferPool(L.graph) for L in self.loaders] if self.device.type == "cpu" else []
+        self._ring: list = [None, None]  # the assembled batches' buffers (mixtures), see assemble()
         self.augment = self.make_augment()
+
+    @property
+    def buffers_allocated(self) -> int:
+        """Fresh FFCV buffer sets allocated so far, over every part (CPU)."""
+        return sum(p.allocated for p in self.pools)
 
     def _loader_args(self) -> dict:
         """FFCV Loader arguments (a fresh pipeline per Loader: FFCV's operations keep state); no
-        distributed, no drop: our sampler shards and drops."""
+        distributed, no drop: our sampler shards and drops. Labels are not decoded (they come from
+        the mixture's table); on the CPU every field stays numpy, so each batch is one compiled
+        stage with no per-batch Python operations."""
         f = self._ffcv
-        image_ops = [f["NDArrayDecoder"](), f["ToTensor"]()]
+        image_ops = [f["NDArrayDecoder"]()]  # [B, H, W] uint8
         if self.device.type == "cuda":
-            image_ops.append(f["ToDevice"](self.device, non_blocking=True))
+            image_ops += [f["ToTensor"](), f["ToDevice"](self.device, non_blocking=True)]
         pipelines = {
-            "image": image_ops,  # [B, H, W] uint8
-            "label": [f["NDArrayDecoder"](), f["ToTensor"]()],  # [B, L] float32
-            "index": [f["IntDecoder"](), f["ToTensor"](), f["Squeeze"]()],  # [B] int64 position in split
+            "image": image_ops,
+            "label": None,
+            "index": [f["IntDecoder"]()],  # [B, 1] int64 position in the split
         }
         return dict(batch_size=self.batch_size, num_workers=max(1, int(self.cfg.num_workers)),
                     os_cache=bool(self.cfg.os_cache), distributed=False, seed=self.seed,
@@ -76,47 +171,36 @@ class FFCVLoader(BaseLoader):
         if L.code is None:
             L.generate_code()
         with keep_torch_threads():
-            return f["EpochIterator"](L, order)
+            it = f["EpochIterator"](L, order)
+        if self.pools:
+            self.pools[k].lend(it)
+        return it
 
     def _epoch_iterator(self):
         """Batches start_step.. of this rank's shard of the global order: (images, labels, global index)."""
         b, s = self.batch_size, self.sampler
         sel = s.shard()[self.start_step * b: len(s) * b]  # global positions, reading order
         part, local = self.packed.locate(sel)
-        n_parts = len(self.loaders)
-        its = [self._part_iterator(k, local[part == k]) if (part == k).any() else None for k in range(n_parts)]
-        pending: list = [None] * n_parts  # (x, y, i) not yet used, per part
+        its = [self._part_iterator(k, local[part == k]) if (part == k).any() else None
+               for k in range(len(self.loaders))]
         labels = self.packed.labels  # [N, L] float32, the parts' labels in the global index space
-
-        def take(k: int, c: int):
-            out = []
-            while c > 0:
-                if pending[k] is None or len(pending[k][0]) == 0:
-                    pending[k] = next(its[k])
-                x, y, i = pending[k]
-                i = i.reshape(-1)  # FFCV's Squeeze makes a batch of one 0-dim
-                m = min(c, len(x))
-                out.append((x[:m], None, i[:m] + int(self.packed.offsets[k])))
-                # the rest waits for the next batch: copy it out of FFCV's recycled buffers
-                pending[k] = (x[m:].clone(), None, i[m:].clone()) if m < len(x) else None
-                c -= m
-            return out
-
+        batches = [None if it is None else ((torch.as_tensor(x), i) for x, i in it) for it in its]
+        finished = False
         try:
-            for t in range(0, len(sel), b):
-                counts = np.bincount(part[t:t + b], minlength=n_parts)
-                pieces = [piece for k in range(n_parts) if counts[k] for piece in take(k, int(counts[k]))]
-                gi = torch.cat([p[2] for p in pieces])  # [b] global positions
-                # one piece (one dataset, or a batch from one part): FFCV's batch as is, no copy
-                x = pieces[0][0] if len(pieces) == 1 else torch.cat([p[0] for p in pieces])
+            for x, gi in assemble(part, batches, self.packed.offsets, b, self._ring):  # x: [b, H, W] uint8
                 # labels from the mixture's table (parts may carry different label names: then [b, 0])
-                yield x, torch.from_numpy(labels[gi.numpy()]), gi
+                yield x, torch.from_numpy(labels[gi]), torch.from_numpy(gi)
+            finished = True
         finally:  # an epoch left early: stop every part's reader thread
             for it in its:
                 if it is not None:
                     it.close()
+                    if finished:  # its last batch is taken: the thread is ending, its buffers free
+                        it.join(timeout=1.0)
 
     def feed(self):
+        """uint8 batches [b, H, W] and labels [b, L]; a batch's images stay valid until the next
+        batch is taken (they are FFCV's reused buffers, or the assembly ring's)."""
         for x, y, _ in self._epoch_iterator():
             yield x, y
 
@@ -124,19 +208,16 @@ class FFCVLoader(BaseLoader):
         step = self.start_step
         for x, y, _ in self._epoch_iterator():
             images = self.augment(x, rng=self._rng(step))  # [b, C, h, w]
-            # FFCV reuses its (pinned) output buffers batches_ahead + 2 batches later, and its
-            # worker thread overwrites them on the host without waiting for the device. A
-            # non-blocking copy straight from that buffer would read it whenever the stream gets
-            # there (the trainer queues steps ahead), possibly after the overwrite: copy the tiny
-            # [B, L] labels out on the host first (pageable: the device copy stages it at once).
-            yield images, y.clone().to(self.device, non_blocking=True)
+            # y is gathered from the label table per batch (its own memory, pageable: the device
+            # copy stages it at once), so nothing FFCV overwrites later is read by a queued copy
+            yield images, y.to(self.device, non_blocking=True)
             step += 1
 
     def iter_with_index(self):
         """(images, labels, positions in the split): for tests and label-alignment checks."""
         step = self.start_step
         for x, y, i in self._epoch_iterator():
-            yield self.augment(x, rng=self._rng(step)), y.clone(), i.clone()
+            yield self.augment(x, rng=self._rng(step)), y, i
             step += 1
 
     def _rng(self, step: int) -> np.random.Generator:

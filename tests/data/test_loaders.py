@@ -16,8 +16,8 @@ from PIL import Image
 
 from fasttrain.config import DataConfig
 from fasttrain.data import build_loader, open_packed
-from fasttrain.data.gpu_augment import norm_stats
 from fasttrain.data.base import LoaderError, Prefetcher
+from fasttrain.data.gpu_augment import norm_stats
 from fasttrain.data.reference import export_png
 
 KINDS = ("raw", "ffcv", "dali", "reference")
@@ -317,6 +317,35 @@ def test_raw_loader_reuses_batch_buffers_on_cpu(phantoms):
     # the batches in flight (queue, producer, consumer, the one held back) plus, per feed epoch,
     # its last batch, which the consumer may still hold when the epoch ends
     assert batches >= 24 and ld.buffers_allocated <= DataConfig().prefetch + 4 + 6 < 2 * batches
+
+
+def test_ffcv_loader_keeps_its_batch_buffers_across_epochs(phantoms, monkeypatch):
+    """FFCV allocates a fresh set of batch buffers for every epoch (a page fault per 4 KiB, every
+    slot fresh when an epoch holds a few batches); on the CPU the loader hands a finished epoch's
+    buffers to the next: one set over six epochs (two: an epoch left early keeps its own until its
+    reader thread ends), and every batch still holds the sampler's images in the sampler's order."""
+    from ffcv.pipeline.graph import Graph
+    calls = []
+    real = Graph.allocate_memory
+    monkeypatch.setattr(Graph, "allocate_memory", lambda self, *a: calls.append(a) or real(self, *a))
+    ld = build_loader(DataConfig(path=phantoms["path"], loader="ffcv", batch_size=4, num_workers=1), "train", True,
+                      img_size=48, in_chans=1)
+    images = open_packed(phantoms["path"], "train").images
+    batches = 0
+    for epoch in range(6):
+        ld.set_epoch(epoch)
+        want = [idx for _, idx in ld.sampler.batches()]
+        for k, (x, _) in enumerate(ld.feed()):
+            assert np.array_equal(x.numpy(), images[want[k]])
+            batches += 1
+    assert batches >= 24 and len(calls) == 1 and ld.buffers_allocated == 1
+    ld.set_epoch(6)
+    it = ld.feed()
+    next(it)
+    it.close()  # left early: its reader may still be writing, so the next epoch gets fresh buffers
+    ld.set_epoch(7)
+    assert sum(x.shape[0] for x, _ in ld.feed()) == ld.num_samples
+    assert len(calls) <= 2
 
 
 def test_raw_loader_index_out_of_range_is_a_clear_error(phantoms):

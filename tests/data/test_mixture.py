@@ -104,6 +104,75 @@ def test_every_image_of_every_part_once_per_epoch(parts, kind):
     assert sum(any(j < n_nih for j in b) and any(j >= n_nih for j in b) for b in pos) >= len(pos) // 2  # mixed
 
 
+class _ReusingReader:
+    """A part reader that reuses one buffer the way FFCV's slots are reused, at the earliest moment
+    FFCV may: drawing the next batch scribbles over the one before."""
+
+    def __init__(self, images: torch.Tensor, batch_size: int):
+        self.images, self.b, self.at = images, batch_size, 0
+        self.buf = torch.empty((batch_size, *images.shape[1:]), dtype=images.dtype)
+
+    def __next__(self):
+        if self.at >= len(self.images):
+            raise StopIteration
+        self.buf.fill_(255)  # whatever the last batch still pointed at is gone
+        m = min(self.b, len(self.images) - self.at)
+        self.buf[:m] = self.images[self.at:self.at + m]
+        pos = np.arange(self.at, self.at + m, dtype=np.int64).reshape(-1, 1)  # [m, 1] as FFCV's IntDecoder
+        self.at += m
+        return self.buf[:m], pos
+
+
+@pytest.mark.parametrize("sizes,batch_size,reader_batch", [((13, 29, 7), 8, 8), ((40, 1), 6, 4), ((5,), 4, 4),
+                                                           ((9, 9), 5, 16)])
+def test_assembly_into_reused_buffers_equals_concatenation(sizes, batch_size, reader_batch):
+    """`assemble` (the FFCV mixture's batches: one copy of each image into a ring of reused buffers,
+    each piece copied before its reader moves on) yields what concatenating the parts' next
+    images for every batch yields, while the readers overwrite their buffers as FFCV does."""
+    from fasttrain.data.ffcv_loader import assemble
+    rng = np.random.default_rng(sum(sizes) + batch_size)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    parts = [torch.from_numpy(rng.integers(0, 255, (n, 3, 2), dtype=np.uint8)) for n in sizes]
+    order = rng.permutation(int(offsets[-1]))  # global positions in reading order
+    part_of = np.searchsorted(offsets, order, side="right") - 1
+    readers = [_ReusingReader(p, reader_batch) for p in parts]
+    ring = [None, None]
+    want_next = [0] * len(sizes)  # the old concatenation: each part's next images, parts in order
+    seen, buffers = 0, set()
+    for t, (x, gi) in enumerate(assemble(part_of, readers, offsets, batch_size, ring)):
+        counts = np.bincount(part_of[t * batch_size:(t + 1) * batch_size], minlength=len(sizes))
+        want_x, want_i = [], []
+        for k, c in enumerate(counts):
+            want_x.append(parts[k][want_next[k]:want_next[k] + c])
+            want_i.append(np.arange(want_next[k], want_next[k] + c) + offsets[k])
+            want_next[k] += c
+        assert torch.equal(x, torch.cat(want_x)) and np.array_equal(gi, np.concatenate(want_i))
+        seen += len(gi)
+        buffers |= {id(r) for r in ring if r is not None}
+    assert seen == offsets[-1] and len(buffers) <= len(ring)
+    if len(sizes) == 1 and batch_size == reader_batch:  # one dataset: the reader's batches, no copy
+        assert all(r is None for r in ring)
+
+
+def test_ffcv_mixture_keeps_its_buffers_across_epochs(parts, monkeypatch):
+    """An FFCV mixture reuses each part's reader buffers and its assembly buffers from epoch to
+    epoch on the CPU, and its batches hold the raw loader's images epoch after epoch."""
+    from ffcv.pipeline.graph import Graph
+    calls = []
+    real = Graph.allocate_memory
+    monkeypatch.setattr(Graph, "allocate_memory", lambda self, *a: calls.append(a) or real(self, *a))
+    path = [parts["nih"], parts["cx"]]
+    ld = {k: build_loader(_cfg(path, k), "train", True, img_size=24, in_chans=1, seed=4, need_labels=False)
+          for k in ("raw", "ffcv")}
+    for epoch in range(4):
+        got = {}
+        for k, loader in ld.items():
+            loader.set_epoch(epoch)
+            got[k] = [sorted(hashlib.sha1(im.numpy().tobytes()).hexdigest() for im in x) for x, _ in loader.feed()]
+        assert got["ffcv"] == got["raw"] and len(got["raw"]) > 3
+    assert len(calls) == 2 and ld["ffcv"].buffers_allocated == 2  # one set per part
+
+
 def test_reference_reads_a_mixture_in_the_raw_order(parts):
     """The reference loader's positions follow the same global order as the raw loader's."""
     path = [parts["nih"], parts["nih2"]]

@@ -17,6 +17,9 @@ the batch). On the CPU the readers' batch buffers are kept from epoch to epoch (
 """
 from __future__ import annotations
 
+import threading
+from collections import defaultdict
+
 import numpy as np
 import torch
 
@@ -124,6 +127,84 @@ def assemble(part_of: np.ndarray, part_batches: list, offsets: np.ndarray, batch
         yield out, gi
 
 
+class BatchBuffers:
+    """uint8 batch buffers [batch_size, H, W] by global batch number, for one mixture epoch: the
+    part readers' image decoders write their pieces of batch t straight into get(t) (from their
+    threads), the consumer hands it out and releases it when the next batch is taken. Released
+    buffers are reused (kept across epochs by the loader), so their pages fault once."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = tuple(shape)
+        self._lock = threading.Lock()  # the readers' threads and the consumer
+        self._live: dict[int, torch.Tensor] = {}
+        self._free: list[torch.Tensor] = []
+        self.allocated = 0
+
+    def get(self, t: int) -> torch.Tensor:
+        with self._lock:
+            buf = self._live.get(t)
+            if buf is None:
+                if self._free:
+                    buf = self._free.pop()
+                else:
+                    buf = torch.empty(self.shape, dtype=torch.uint8)
+                    self.allocated += 1
+                self._live[t] = buf
+            return buf
+
+    def release(self, t: int) -> None:
+        with self._lock:
+            buf = self._live.pop(t, None)
+            if buf is not None:
+                self._free.append(buf)
+
+    def release_all(self) -> None:
+        """Every buffer free again (only once no reader of the epoch still runs)."""
+        with self._lock:
+            self._free += self._live.values()
+            self._live.clear()
+
+
+class PieceDestinations:
+    """What a part reader's image decoder writes its j-th batch into: plan[j] = (t, a, c), the
+    rows a..a+c-1 of global batch t's buffer. FFCV asks for buffer[slot][:count] once per batch, in
+    order, from the reader's thread."""
+
+    def __init__(self, buffers: BatchBuffers, plan: list):
+        self._buffers, self._plan = buffers, iter(plan)
+
+    def __getitem__(self, slot: int) -> np.ndarray:
+        t, a, c = next(self._plan)
+        return self._buffers.get(t).numpy()[a:a + c]  # [c, H, W] uint8, C-contiguous as FFCV's slots
+
+
+def piece_reader_class(EpochIterator):
+    """FFCV's EpochIterator reading given pieces (index arrays of up to the batch size each) rather
+    than chunks of the batch size, its image field decoded into PieceDestinations. Made on first
+    use: FFCV is an optional import."""
+
+    class PieceReader(EpochIterator):
+        def __init__(self, loader, pieces: list, image_shape: tuple, destinations: PieceDestinations):
+            self._pieces, self._image_shape, self._dest = pieces, tuple(image_shape), destinations
+            super().__init__(loader, np.concatenate(pieces))
+
+        def start(self):
+            # EpochIterator.__init__ ends by starting its thread: swap our pieces and destinations in
+            # first (the OS-cache memory manager ignores the batch schedule it was given)
+            ops = {n: v for n, v in self.memory_allocations["operation"].items()}
+            image = [n for n, v in ops.items() if isinstance(v, np.ndarray) and v.dtype == np.uint8
+                     and v.shape[2:] == self._image_shape]
+            if len(image) != 1:
+                raise LoaderError(f"ffcv: expected one uint8 image buffer of {self._image_shape} in the reader's "
+                                  f"pipeline, found {len(image)}")
+            ops[image[0]] = self._dest
+            self.memory_allocations = defaultdict(dict, {**self.memory_allocations, "operation": ops})
+            self.iter_ixes = iter(self._pieces)
+            super().start()
+
+    return PieceReader
+
+
 class FFCVLoader(BaseLoader):
     name = "ffcv"
 
@@ -139,12 +220,21 @@ class FFCVLoader(BaseLoader):
         # queued steps may still read, and torch's caching allocators already reuse those pages
         self.pools = [BufferPool(L.graph) for L in self.loaders] if self.device.type == "cpu" else []
         self._ring: list = [None, None]  # the assembled batches' buffers (mixtures), see assemble()
+        # a mixture on the CPU through the OS cache: the parts' readers decode into our batches
+        self.direct = len(self.loaders) > 1 and self.device.type == "cpu" and bool(self.cfg.os_cache)
+        self._piece_reader = piece_reader_class(f["EpochIterator"]) if self.direct else None
+        self._buffer_sets: list = []  # [BatchBuffers, the readers that may still write into them]
         self.augment = self.make_augment()
 
     @property
     def buffers_allocated(self) -> int:
         """Fresh FFCV buffer sets allocated so far, over every part (CPU)."""
         return sum(p.allocated for p in self.pools)
+
+    @property
+    def batch_buffers_allocated(self) -> int:
+        """Fresh batch buffers the parts' readers decoded into so far (a mixture on the CPU)."""
+        return sum(bs.allocated for bs, _ in self._buffer_sets)
 
     def _loader_args(self) -> dict:
         """FFCV Loader arguments (a fresh pipeline per Loader: FFCV's operations keep state); no
@@ -164,14 +254,19 @@ class FFCVLoader(BaseLoader):
                     os_cache=bool(self.cfg.os_cache), distributed=False, seed=self.seed,
                     pipelines=pipelines, drop_last=False, batches_ahead=max(1, int(self.cfg.prefetch)))
 
-    def _part_iterator(self, k: int, order: np.ndarray):
+    def _part_iterator(self, k: int, order, destinations=None):
+        """Part k's FFCV reader over `order` (an index array, read in batches of the batch size), or
+        with `destinations` over the pieces `order` lists, decoded into them."""
         f, L = self._ffcv, self.loaders[k]
         with keep_torch_threads():
             f["Compiler"].set_num_threads(L.num_workers)
         if L.code is None:
             L.generate_code()
         with keep_torch_threads():
-            it = f["EpochIterator"](L, order)
+            if destinations is None:
+                it = f["EpochIterator"](L, order)
+            else:
+                it = self._piece_reader(L, order, self.image_size, destinations)
         if self.pools:
             self.pools[k].lend(it)
         return it
@@ -181,6 +276,9 @@ class FFCVLoader(BaseLoader):
         b, s = self.batch_size, self.sampler
         sel = s.shard()[self.start_step * b: len(s) * b]  # global positions, reading order
         part, local = self.packed.locate(sel)
+        if self.direct:
+            yield from self._direct_epoch(part, local)
+            return
         its = [self._part_iterator(k, local[part == k]) if (part == k).any() else None
                for k in range(len(self.loaders))]
         labels = self.packed.labels  # [N, L] float32, the parts' labels in the global index space
@@ -191,12 +289,64 @@ class FFCVLoader(BaseLoader):
                 # labels from the mixture's table (parts may carry different label names: then [b, 0])
                 yield x, torch.from_numpy(labels[gi]), torch.from_numpy(gi)
             finished = True
-        finally:  # an epoch left early: stop every part's reader thread
-            for it in its:
-                if it is not None:
-                    it.close()
-                    if finished:  # its last batch is taken: the thread is ending, its buffers free
-                        it.join(timeout=1.0)
+        finally:
+            self._stop(its, finished)
+
+    @staticmethod
+    def _stop(readers: list, finished: bool) -> None:
+        """Stop the parts' reader threads. After a whole epoch (every batch taken) they are ending:
+        wait a moment, so their buffers are free for the next epoch; not after an epoch left early
+        (they end after the batch in hand)."""
+        for it in readers:
+            if it is not None:
+                it.close()
+                if finished:
+                    it.join(timeout=1.0)
+
+    def _direct_epoch(self, part: np.ndarray, local: np.ndarray):
+        """A mixture's epoch with no assembly copy: part k's reader reads, for each batch t holding
+        part k's images, exactly those (a piece) and decodes them into rows a..a+c-1 of batch t's
+        buffer, where a is the count of images of parts < k in batch t (grouped by part, as
+        `assemble` groups them). Batch t is complete once every part in it has delivered its piece."""
+        b, n_parts = self.batch_size, len(self.loaders)
+        n_batches = -(-len(part) // b)
+        counts = np.bincount(np.arange(len(part)) // b * n_parts + part, minlength=n_batches * n_parts)
+        counts = counts.reshape(n_batches, n_parts)  # [T, P] images of part k in batch t
+        start = np.cumsum(counts, axis=1) - counts  # [T, P] row of part k's first image in batch t
+        buffers = self._free_batch_buffers()
+        readers: list = [None] * n_parts
+        finished = False
+        try:
+            for k in range(n_parts):
+                rows = np.flatnonzero(counts[:, k])
+                if len(rows) == 0:
+                    continue
+                pieces = np.split(local[part == k], np.cumsum(counts[rows, k])[:-1])
+                plan = [(int(t), int(start[t, k]), int(counts[t, k])) for t in rows]
+                readers[k] = self._part_iterator(k, pieces, PieceDestinations(buffers[0], plan))
+                buffers[1].append(readers[k])
+            labels = self.packed.labels  # [N, L] float32
+            for t in range(n_batches):
+                gi = np.empty(int(counts[t].sum()), np.int64)  # [b] global positions
+                for k in np.flatnonzero(counts[t]):
+                    _, i = next(readers[k])  # its piece of batch t is decoded into our buffer now
+                    a = start[t, k]
+                    gi[a:a + counts[t, k]] = i.reshape(-1) + self.packed.offsets[k]
+                yield buffers[0].get(t)[:len(gi)], torch.from_numpy(labels[gi]), torch.from_numpy(gi)
+                buffers[0].release(t)  # the consumer took the next batch
+            finished = True
+        finally:
+            self._stop(readers, finished)
+
+    def _free_batch_buffers(self) -> list:
+        """A BatchBuffers set no reader writes into any more (every buffer free), or a new one."""
+        for entry in self._buffer_sets:
+            if not any(r.is_alive() for r in entry[1]):
+                entry[0].release_all()
+                entry[1] = []
+                return entry
+        self._buffer_sets.append([BatchBuffers((self.batch_size, *self.image_size)), []])
+        return self._buffer_sets[-1]
 
     def feed(self):
         """uint8 batches [b, H, W] and labels [b, L]; a batch's images stay valid until the next

@@ -155,8 +155,9 @@ def test_assembly_into_reused_buffers_equals_concatenation(sizes, batch_size, re
 
 
 def test_ffcv_mixture_keeps_its_buffers_across_epochs(parts, monkeypatch):
-    """An FFCV mixture reuses each part's reader buffers and its assembly buffers from epoch to
-    epoch on the CPU, and its batches hold the raw loader's images epoch after epoch."""
+    """An FFCV mixture on the CPU decodes each part's pieces straight into its batches: each part's
+    reader buffers are allocated once and the batch buffers a handful of times over four epochs,
+    and its batches hold the raw loader's images epoch after epoch."""
     from ffcv.pipeline.graph import Graph
     calls = []
     real = Graph.allocate_memory
@@ -164,13 +165,44 @@ def test_ffcv_mixture_keeps_its_buffers_across_epochs(parts, monkeypatch):
     path = [parts["nih"], parts["cx"]]
     ld = {k: build_loader(_cfg(path, k), "train", True, img_size=24, in_chans=1, seed=4, need_labels=False)
           for k in ("raw", "ffcv")}
+    assert ld["ffcv"].direct
+    batches = 0
     for epoch in range(4):
         got = {}
         for k, loader in ld.items():
             loader.set_epoch(epoch)
             got[k] = [sorted(hashlib.sha1(im.numpy().tobytes()).hexdigest() for im in x) for x, _ in loader.feed()]
         assert got["ffcv"] == got["raw"] and len(got["raw"]) > 3
+        batches += len(got["raw"])
     assert len(calls) == 2 and ld["ffcv"].buffers_allocated == 2  # one set per part
+    # the readers run at most prefetch + 2 pieces ahead of the batch taken
+    assert ld["ffcv"].batch_buffers_allocated <= 2 * (DataConfig().prefetch + 2) + 1 < batches
+
+
+def test_ffcv_mixture_decoded_in_place_equals_the_assembly(parts):
+    """The two FFCV mixture paths give the same batches, image for image and position for position:
+    pieces decoded into the batch buffers (CPU, OS cache) and the copy of whole reader batches'
+    pieces (`assemble`, taken with data.os_cache=false); also after an epoch left early and from
+    a mid-epoch start."""
+    path = [parts["nih"], parts["cx"], parts["nih2"]]
+    ld = {cache: build_loader(_cfg(path, "ffcv", os_cache=cache), "train", True, img_size=24, in_chans=1, seed=6,
+                              need_labels=False) for cache in (True, False)}
+    assert ld[True].direct and not ld[False].direct
+    images = np.concatenate([open_packed(p, "train").images for p in path])  # [N, H, W] global positions
+    for epoch, start in ((0, 0), (1, 0), (2, 3)):
+        early = ld[True].feed()
+        next(early)
+        early.close()  # its readers may still be writing: the next epoch must not share their buffers
+        got = {}
+        for cache, loader in ld.items():
+            loader.set_epoch(epoch, start)
+            held = [x.clone() for x, _ in loader.feed()]  # as it is when taken (valid until the next)
+            loader.set_epoch(epoch, start)
+            got[cache] = (held, [i for _, _, i in loader.iter_with_index()])
+        assert len(got[True][0]) == len(ld[True]) - start
+        for xa, ia, xb, ib in zip(*got[True], *got[False]):
+            assert torch.equal(xa, xb) and torch.equal(ia, ib)
+            assert np.array_equal(xa.numpy(), images[ia.numpy()])
 
 
 def test_reference_reads_a_mixture_in_the_raw_order(parts):

@@ -10,10 +10,13 @@ single-process default) is a page-aware shuffle, not a permutation, and its dist
 torch's DistributedSampler, which repeats samples to pad the last round.
 Each part has one FFCV Loader in SEQUENTIAL order; its EpochIterator reads, in the global order, the
 images of that part in this rank's shard (FFCV's Loader.__iter__ has no skip; we replicate its
-four lines); batch t is then assembled from the parts in the counts the global batch t holds
-(`assemble`: FFCV's own batch when one reader batch holds it, else one copy of each image into a
-reused buffer), so every batch is the one the raw loader yields (its images grouped by part inside
-the batch). On the CPU the readers' batch buffers are kept from epoch to epoch (`BufferPool`).
+four lines). Every batch is the one the raw loader yields, its images grouped by part:
+- one dataset: FFCV's own batches, no copy;
+- a mixture on the CPU through the OS cache: each part's reader reads exactly its piece of each
+  batch and decodes it into that batch's rows (`PieceReader`, `BatchBuffers`): no copy either;
+- otherwise (CUDA, data.os_cache=false): `assemble` copies each piece once into a reused buffer.
+On the CPU the readers' buffers are kept from epoch to epoch (`BufferPool`): fresh ones cost a page
+fault per 4 KiB, more than reading the images.
 """
 from __future__ import annotations
 
@@ -57,7 +60,7 @@ class BufferPool:
     """
 
     def __init__(self, graph):
-        self._allocate = graph.allocate_memory
+        self.allocate = graph.allocate_memory  # FFCV's own (fresh buffers)
         self._free: list = []  # [(batch_size, slots), buffers]
         self._lent: list = []  # [thread, (batch_size, slots), buffers]
         self._last = None
@@ -65,8 +68,9 @@ class BufferPool:
         graph.allocate_memory = self  # what EpochIterator.__init__ calls
 
     def __call__(self, batch_size: int, slots: int):
-        self._lent, ended = [e for e in self._lent if e[0].is_alive()], [e for e in self._lent if not e[0].is_alive()]
-        self._free += [e[1:] for e in ended]
+        alive = [e[0].is_alive() for e in self._lent]  # once per thread: it may end meanwhile
+        self._free += [e[1:] for e, a in zip(self._lent, alive) if not a]
+        self._lent = [e for e, a in zip(self._lent, alive) if a]
         key = (batch_size, slots)
         for n, (k, buffers) in enumerate(self._free):
             if k == key:
@@ -74,7 +78,7 @@ class BufferPool:
                 self._last = (key, buffers)
                 return buffers
         self.allocated += 1
-        self._last = (key, self._allocate(batch_size, slots))
+        self._last = (key, self.allocate(batch_size, slots))
         return self._last[1]
 
     def lend(self, thread) -> None:

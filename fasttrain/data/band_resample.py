@@ -1,5 +1,8 @@
-"""Banded crop + resize of uint8 batches on the CPU, as Pillow resamples: a compiled twin of
-`BatchAugment.resample_u8`'s two dense batched matmuls.
+"""Compiled CPU twins of the fine-tuning transform's pixel loops: the banded crop + resize
+(`BatchAugment.resample_u8`'s two dense batched matmuls), RandAugment's affine warps
+(`randaug.warp_affine` / `warp_rows`) and the normalisation table (`BatchAugment.normalise_u8`).
+Each computes what its torch twin computes (the path CUDA runs, and the tests' reference), with
+only the work one output pixel needs instead of whole-tensor passes.
 
 Pillow's resampling filter touches K consecutive input pixels per output pixel (bicubic: 4-6,
 bilinear: 2-3, widened by the downscale factor), so each pass is K multiply-adds per output pixel:
@@ -12,6 +15,12 @@ Compiled with numba (a dependency of fasttrain; FFCV's pipelines are numba too),
 and run on a few threads over slices of the batch: no numba threading layer is involved, so it is
 safe from any thread (the loaders' prefetch threads included). The dense matmuls stay the path on
 CUDA and the plain twin the tests compare against.
+
+The warps: Rotate's 4 x 4 taps per pixel read a padded float copy of the sample (no edge clamps,
+no per-tap gathers through index tensors), the row / column moves 4 taps along each line with
+its one set of weights; both give their twin's bytes (same float32 operations in the same order;
+the row warp's fused multiply-adds are what torch's addcmul runs on AVX2 / AVX-512). The table:
+one copy per output value from the 256-entry table, straight into the output's dtype.
 """
 from __future__ import annotations
 
@@ -21,6 +30,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numba
 import numpy as np
 import torch
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 
 @numba.njit(nogil=True, cache=True)
@@ -151,12 +164,266 @@ def _run(x: torch.Tensor, band_y: tuple, band_x: tuple, threads: int | None, nor
         out = np.empty((b, y0.shape[1], x0.shape[1], len(norm[0])), np.float32)
         args = (xn, x0, wxt, y0, wy, norm[0], norm[1], out)
         kernel = _resample_slice_float
+    _over_slices(kernel, args, b, threads)
+    return torch.from_numpy(out)
+
+
+# ----------------------------------------------------------------------------- RandAugment's warps
+
+@intrinsic
+def _fma32(typingctx, a, b, c):
+    """a * b + c in float32 with one rounding (LLVM's fma): what torch's vectorised addcmul computes
+    on AVX2 / AVX-512 CPUs, so the row warps equal their twin bit for bit."""
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, f32, f32]), "llvm.fma.f32")
+        return builder.call(fn, args)
+    return sig, codegen
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _pillow_taps(d, bicubic, out):  # pragma: no cover - compiled
+    """Pillow Geometry.c tap weights at offsets -1, 0, 1, 2 for the float32 fraction d, in the
+    float32 operations and order of randaug._cubic_weights (a = -1) or bilinear (0, 1 - d, d, 0)."""
+    one, two, zero = np.float32(1.0), np.float32(2.0), np.float32(0.0)
+    if bicubic:
+        d2 = d * d
+        d3 = d2 * d
+        out[0] = (-d + two * d2) - d3
+        out[1] = (one - two * d2) + d3
+        out[2] = (d + d2) - d3
+        out[3] = -d2 + d3
+    else:
+        out[0] = zero
+        out[1] = one - d
+        out[2] = d
+        out[3] = zero
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _to_u8(v):  # pragma: no cover - compiled
+    """Clip to [0, 255] and truncate toward zero, as Pillow's (UINT8) cast after its filters."""
+    return np.uint8(int(min(max(v, np.float32(0.0)), np.float32(255.0))))
+
+
+@numba.njit(nogil=True, cache=True)
+def _padded(x, b, ch, columns, pad):  # pragma: no cover - compiled
+    """pad float32 [lines, length + 4] = x[b, ch] (columns: transposed) with its edge pixels
+    repeated twice at both ends of every line: Pillow's edge clamp for taps at most 2 px out,
+    as far as any tap of a pixel whose input point lies inside the image reaches."""
+    lines, length = pad.shape[0], pad.shape[1] - 4
+    for r in range(lines):
+        for q in range(length):
+            pad[r, q + 2] = x[b, ch, q, r] if columns else x[b, ch, r, q]
+        pad[r, 0] = pad[r, 1] = pad[r, 2]
+        pad[r, length + 2] = pad[r, length + 3] = pad[r, length + 1]
+
+
+@numba.njit(nogil=True, cache=True)
+def _warp_affine_slice(x, coeffs, fill, bicubic, out, lo, hi):  # pragma: no cover - compiled
+    """Samples [lo, hi) of randaug.warp_affine: x uint8 [n, C, H, W], coeffs float64 [n, 6]
+    (Pillow's affine data: output pixel centre -> input point), fill uint8 [Cf], bicubic bool [n],
+    out uint8 [n, Cf, H, W] (C = 1: the gray result on every channel inside the image).
+    Per pixel: the input point in float64, the fraction in float32, 4 x 4 (bicubic) or the 2 x 2
+    taps whose bilinear weights are not 0, each tap row summed, then the rows weighted: the
+    twin's float32 products and sums in the twin's order (its other taps add exact zeros)."""
+    c, h, w = x.shape[1], x.shape[2], x.shape[3]
+    nf = out.shape[1]
+    wx = np.empty(4, np.float32)
+    wy = np.empty(4, np.float32)
+    rows = np.empty((h + 4, w + 4), np.float32)  # [H+4, W+4] padded: the padded rows, below
+    for b in range(lo, hi):
+        ca, cb, cc, cd, ce, cf = coeffs[b, 0], coeffs[b, 1], coeffs[b, 2], coeffs[b, 3], coeffs[b, 4], coeffs[b, 5]
+        cub = bicubic[b]
+        t0, t1 = (0, 4) if cub else (1, 3)  # taps at offsets -1..2, or the bilinear 0..1
+        for ch in range(c):
+            _padded(x, b, ch, False, rows[2:h + 2])
+            rows[0] = rows[1] = rows[2]
+            rows[h + 2] = rows[h + 3] = rows[h + 1]
+            for i in range(h):
+                ys = i + 0.5
+                for j in range(w):
+                    xs = j + 0.5
+                    xin = ca * xs + cb * ys + cc
+                    yin = cd * xs + ce * ys + cf
+                    if not (xin >= 0.0 and xin < w and yin >= 0.0 and yin < h):
+                        if ch == 0:
+                            for k in range(nf):
+                                out[b, k, i, j] = fill[k]
+                        continue
+                    xin -= 0.5
+                    yin -= 0.5
+                    fx, fy = math.floor(xin), math.floor(yin)
+                    _pillow_taps(np.float32(xin - fx), cub, wx)
+                    _pillow_taps(np.float32(yin - fy), cub, wy)
+                    x0, y0 = int(fx) + 1, int(fy) + 1  # padded index of the tap at offset -1
+                    acc = np.float32(0.0)
+                    for ti in range(t0, t1):
+                        src = rows[y0 + ti]
+                        row = np.float32(0.0)
+                        for tj in range(t0, t1):
+                            row += wx[tj] * src[x0 + tj]
+                        acc += wy[ti] * row
+                    v = _to_u8(acc)
+                    if c == nf:
+                        out[b, ch, i, j] = v
+                    else:
+                        for k in range(nf):
+                            out[b, k, i, j] = v
+
+
+@numba.njit(nogil=True, cache=True)
+def _warp_rows_slice(x, shift, fill, bicubic, columns, out, lo, hi):  # pragma: no cover - compiled
+    """Samples [lo, hi) of randaug.warp_rows: pixels move along rows by shift [n, H] (columns:
+    along columns by shift [n, W], the twin on the transposed image), x uint8 [n, C, H, W], out
+    uint8 [n, Cf, H, W]. One fraction per line, so 4 taps along it with per-line weights, as
+    fused multiply-adds in the twin's order (its addcmul; bilinear's outer weights add zeros);
+    the inside pixels of a line are one run, the taps there read contiguous memory."""
+    c, h, w = x.shape[1], x.shape[2], x.shape[3]
+    nf = out.shape[1]
+    lines = shift.shape[1]
+    length = h if columns else w  # the axis pixels move along
+    ws = np.empty(4, np.float32)
+    pad = np.empty((lines, length + 4), np.float32)
+    line = np.empty(length, np.uint8)
+    zero = np.float32(0.0)
+    for b in range(lo, hi):
+        for ch in range(c):
+            _padded(x, b, ch, columns, pad)
+            for r in range(lines):
+                s = shift[b, r]
+                fl = math.floor(s)
+                _pillow_taps(np.float32(s - fl), bicubic[b], ws)
+                w0, w1, w2, w3 = ws[0], ws[1], ws[2], ws[3]
+                base = int(fl) + 1  # padded index of the tap at offset -1, less the pixel's
+                p0 = 0  # the inside run [p0, p1): input point (p + 0.5) + shift in [0, length)
+                while p0 < length and not ((p0 + 0.5) + s >= 0.0):
+                    p0 += 1
+                p1 = p0
+                while p1 < length and (p1 + 0.5) + s < length:
+                    p1 += 1
+                src = pad[r]
+                for p in range(p0, p1):
+                    q = p + base
+                    acc = _fma32(src[q], w0, zero)
+                    acc = _fma32(src[q + 1], w1, acc)
+                    acc = _fma32(src[q + 2], w2, acc)
+                    acc = _fma32(src[q + 3], w3, acc)
+                    line[p] = _to_u8(acc)
+                for k in range(nf):
+                    if c == nf and k != ch:
+                        continue
+                    fk = fill[k]
+                    if columns:
+                        for p in range(length):
+                            out[b, k, p, r] = line[p] if p0 <= p < p1 else fk
+                    else:
+                        o = out[b, k, r]
+                        o[:p0] = fk
+                        o[p0:p1] = line[p0:p1]
+                        o[p1:] = fk
+
+
+def _check_warp(x: torch.Tensor, fill: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if x.device.type != "cpu" or x.dtype != torch.uint8 or x.dim() != 4:
+        raise ValueError(f"the compiled warps take a CPU uint8 [n, C, H, W] batch, got {x.dtype} "
+                         f"{tuple(x.shape)} on {x.device}")
+    f = _np(fill, np.uint8).reshape(-1)  # [Cf]
+    if x.shape[1] not in (1, len(f)):
+        raise ValueError(f"fill of {len(f)} channels for a {x.shape[1]}-channel batch")
+    out = np.empty((x.shape[0], len(f)) + tuple(x.shape[2:]), np.uint8)  # [n, Cf, H, W]
+    return np.ascontiguousarray(x.numpy()), f, out
+
+
+def warp_affine_u8(x: torch.Tensor, coeffs, fill, bicubic, threads: int | None = None) -> torch.Tensor:
+    """randaug.warp_affine compiled for the CPU, equal to it bit for bit: x uint8 [n, C, H, W],
+    coeffs [n, 6] float64, fill [Cf] uint8, bicubic [n] bool -> uint8 [n, Cf, H, W]."""
+    xn, f, out = _check_warp(x, fill)
+    cf, bic = _np(coeffs, np.float64), _np(bicubic, np.bool_)
+    if cf.shape != (x.shape[0], 6) or bic.shape != (x.shape[0],):
+        raise ValueError(f"affine coefficients {cf.shape} / filters {bic.shape} for a batch of {x.shape[0]}")
+    _over_slices(_warp_affine_slice, (xn, cf, f, bic, out), x.shape[0], threads)
+    return torch.from_numpy(out)
+
+
+def warp_rows_u8(x: torch.Tensor, shift, fill, bicubic, columns: bool = False,
+                 threads: int | None = None) -> torch.Tensor:
+    """randaug.warp_rows compiled for the CPU, equal to it bit for bit: x uint8 [n, C, H, W],
+    shift [n, H] float64 (columns=True: [n, W], pixels move along columns, what the twin does on
+    the transposed image), fill [Cf] uint8, bicubic [n] bool -> uint8 [n, Cf, H, W]."""
+    xn, f, out = _check_warp(x, fill)
+    sh, bic = _np(shift, np.float64), _np(bicubic, np.bool_)
+    if sh.shape != (x.shape[0], x.shape[3 if columns else 2]) or bic.shape != (x.shape[0],):
+        raise ValueError(f"shifts {sh.shape} / filters {bic.shape} for a batch of shape {tuple(x.shape)} "
+                         f"({'columns' if columns else 'rows'})")
+    _over_slices(_warp_rows_slice, (xn, sh, f, bic, bool(columns), out), x.shape[0], threads)
+    return torch.from_numpy(out)
+
+
+# ----------------------------------------------------------------------------- the normalisation table
+
+@numba.njit(nogil=True, cache=True)
+def _table_slice(gray, colour, col, lut, out, lo, hi):  # pragma: no cover - compiled
+    """Samples [lo, hi): out [B, h, w, C] = lut[pixel, c], from gray [B, h, w] (every channel) or,
+    where colour[b], from col [B, C, h, w] channel by channel. lut [256, C] holds the output
+    dtype's bits (int16 for bf16 / fp16, int32 for fp32): a copy, no arithmetic."""
+    nc, h, w = lut.shape[1], gray.shape[1], gray.shape[2]
+    for b in range(lo, hi):
+        if colour[b]:
+            for i in range(h):
+                for j in range(w):
+                    for c in range(nc):
+                        out[b, i, j, c] = lut[col[b, c, i, j], c]
+        else:
+            for i in range(h):
+                for j in range(w):
+                    v = gray[b, i, j]
+                    for c in range(nc):
+                        out[b, i, j, c] = lut[v, c]
+
+
+_BITS = {2: torch.int16, 4: torch.int32}  # element size -> the integer type that holds its bits
+
+
+def normalise_table(gray: torch.Tensor, lut: torch.Tensor, colour=None, col: torch.Tensor | None = None,
+                    threads: int | None = None) -> torch.Tensor:
+    """uint8 gray [B, h, w] (and, where colour [B] bool, col [B, C, h, w] uint8) -> lut's dtype
+    [B, h, w, C] channels-last, out[b, i, j, c] = lut[pixel, c]: the compiled twin of
+    BatchAugment.normalise_u8 / normalise_mixed on the CPU (lut [256, C], any 2- or 4-byte dtype)."""
+    if gray.device.type != "cpu" or gray.dtype != torch.uint8 or gray.dim() != 3:
+        raise ValueError(f"normalise_table takes a CPU uint8 [B, h, w] batch, got {gray.dtype} "
+                         f"{tuple(gray.shape)} on {gray.device}")
+    if lut.dim() != 2 or lut.shape[0] != 256 or lut.element_size() not in _BITS:
+        raise ValueError(f"normalise_table needs a [256, C] table of a 2- or 4-byte dtype, got {lut.dtype} "
+                         f"{tuple(lut.shape)}")
+    b, h, w = gray.shape
+    nc = lut.shape[1]
+    bits = _BITS[lut.element_size()]
+    lut_n = np.ascontiguousarray(lut.cpu().view(bits).numpy())  # [256, C]
+    if colour is None:
+        mask, col_n = np.zeros(b, np.bool_), np.zeros((1, nc, 1, 1), np.uint8)
+    else:
+        mask = _np(colour, np.bool_)
+        if col is None or tuple(col.shape) != (b, nc, h, w) or col.dtype != torch.uint8 or mask.shape != (b,):
+            raise ValueError(f"colour samples need col uint8 [{b}, {nc}, {h}, {w}] and a mask [{b}], got "
+                             f"{None if col is None else (col.dtype, tuple(col.shape))} and {mask.shape}")
+        col_n = np.ascontiguousarray(col.numpy())
+    out = torch.empty((b, h, w, nc), dtype=lut.dtype)
+    _over_slices(_table_slice, (np.ascontiguousarray(gray.numpy()), mask, col_n, lut_n,
+                                out.view(bits).numpy()), b, threads)
+    return out
+
+
+def _over_slices(kernel, args: tuple, b: int, threads: int | None) -> None:
+    """kernel(*args, lo, hi) over `threads` slices of the batch's b samples (default: torch's
+    intra-op thread count), in the pool's threads: the kernels release the GIL."""
     n = max(1, min(b, threads or torch.get_num_threads()))
-    cuts = np.linspace(0, b, n + 1).astype(int)
     if n == 1:
         kernel(*args, 0, b)
-    else:
-        jobs = [_pool(n).submit(kernel, *args, int(lo), int(hi)) for lo, hi in zip(cuts[:-1], cuts[1:])]
-        for j in jobs:
-            j.result()
-    return torch.from_numpy(out)
+        return
+    cuts = np.linspace(0, b, n + 1).astype(int)
+    jobs = [_pool(n).submit(kernel, *args, int(lo), int(hi)) for lo, hi in zip(cuts[:-1], cuts[1:])]
+    for j in jobs:
+        j.result()

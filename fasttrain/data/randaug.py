@@ -40,6 +40,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .band_resample import warp_affine_u8, warp_rows_u8
+
 LEVEL_DENOM = 10.0  # timm's _LEVEL_DENOM: magnitude M maps to level M / 10
 # timm's _HPARAMS_DEFAULT (create_transform overrides both: 0.45 x img_size and the mean in grey levels)
 HPARAMS_DEFAULT = dict(translate_const=250, img_mean=(128, 128, 128))
@@ -242,7 +244,8 @@ def warp_affine(x: torch.Tensor, coeffs: torch.Tensor, fill: torch.Tensor, bicub
     what the 3-channel copy of the gray image gives); bicubic [n] bool (else bilinear). Taps are edge-clamped (Pillow's XCLIP/YCLIP), bilinear has 2x2 taps, bicubic
     4x4; the result is clipped and truncated to uint8 as Pillow's filters do.
     One 4x4 gather pass for both filters (bilinear = the middle 2x2 with the outer weights 0), so a
-    batch with mixed filters is still one set of tensor ops.
+    batch with mixed filters is still one set of tensor ops. The CUDA path and the plain twin of
+    band_resample.warp_affine_u8, which the CPU runs.
     """
     n, c, h, w = x.shape
     dev = x.device
@@ -286,7 +289,8 @@ def warp_rows(x: torch.Tensor, shift: torch.Tensor, fill: torch.Tensor, bicubic:
     x uint8 [n, C, H, W]; shift [n, H] float64. Each row's fraction is constant, so the 2-D 4x4
     (or 2x2) taps collapse to 4 taps along the row with per-row weights: 4 gathers instead of 16
     and no per-pixel weights (the vertical taps of Pillow's filter all land on the row itself with
-    weight 1). ShearY / TranslateY run through this on the transposed image.
+    weight 1). ShearY / TranslateY run through this on the transposed image. The CUDA path and
+    the plain twin of band_resample.warp_rows_u8, which the CPU runs.
     """
     n, c, h, w = x.shape
     dev = x.device
@@ -404,9 +408,13 @@ def _run_op(name: str, x: torch.Tensor, magnitude: np.ndarray, negate: np.ndarra
         fill = _fill(hparams, fill_channels or x.shape[1]).to(x.device, non_blocking=True)
         bic = torch.from_numpy(np.ascontiguousarray(bicubic)).to(x.device, non_blocking=True)
         if name == "Rotate":
-            coeffs = torch.from_numpy(affine_coeffs(name, arg, x.shape[2], x.shape[3]))
-            return warp_affine(x, coeffs.to(x.device, non_blocking=True), fill, bic)
+            coeffs = affine_coeffs(name, arg, x.shape[2], x.shape[3])
+            if x.device.type == "cpu":  # compiled, per pixel only its taps (see band_resample)
+                return warp_affine_u8(x, coeffs, fill, bicubic)
+            return warp_affine(x, torch.from_numpy(coeffs).to(x.device, non_blocking=True), fill, bic)
         shift, transposed = row_shifts(name, arg, x.shape[2], x.shape[3])
+        if x.device.type == "cpu":
+            return warp_rows_u8(x, shift, fill, bicubic, columns=transposed)
         shift = torch.from_numpy(shift).to(x.device, non_blocking=True)
         if transposed:  # columns: the same row warp on the transposed image
             return warp_rows(x.transpose(2, 3), shift, fill, bic).transpose(2, 3).contiguous()

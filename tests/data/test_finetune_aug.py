@@ -184,3 +184,24 @@ def test_pretraining_crop_is_bicubic_in_every_loader(pack):
     assert rrc.interpolation == T.InterpolationMode.BICUBIC and tuple(rrc.scale) == (0.2, 1.0)
     raw = build_loader(DataConfig(loader="raw", **plain), "train", True, img_size=48, in_chans=1)
     assert raw.augment.interpolation == "bicubic" and raw.augment.randaug is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_compiled_normalise_table_equals_normalise_u8_and_mixed(dtype):
+    """The CPU's normalisation (BatchAugment.normalise_table: a compiled copy from the same table)
+    gives normalise_u8's values and channels-last layout for a gray batch, and normalise_mixed's
+    for gray samples beside colour ones (RandAugment.apply_gray's result), bit for bit."""
+    from fasttrain.data.gpu_augment import BatchAugment
+    rng = np.random.default_rng(1)
+    u = torch.from_numpy(rng.integers(0, 256, (6, 1, 9, 7), dtype=np.uint8))
+    col = torch.from_numpy(rng.integers(0, 256, (6, 3, 9, 7), dtype=np.uint8))
+    colour = np.array([True, False, False, True, False, True])
+    for c, norm in ((3, "imagenet"), (1, "imagenet"), (3, "nih")):
+        aug = BatchAugment((16, 16), 9, c, train=True, interpolation="bicubic", norm=norm, dtype=dtype)
+        got, want = aug.normalise_table(u), aug.normalise_u8(u)  # [6, c, 9, 7]
+        assert got.dtype == dtype and got.stride() == want.stride() and torch.equal(got, want)
+        if c == 3:
+            got, want = aug.normalise_table(u, colour, col), aug.normalise_mixed(u, colour, col)
+            assert got.stride() == want.stride() and torch.equal(got, want)
+    with pytest.raises(ValueError, match=r"col uint8 \[6, 3, 9, 7\]"):
+        aug.normalise_table(u, colour, col[:, :1])

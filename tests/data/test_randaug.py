@@ -238,3 +238,60 @@ def test_gray_apply_with_colour_fill_equals_three_channel_apply(policy):
     assert 0 < turned < 4 * 32
     with pytest.raises(ValueError, match="gray batch"):
         aug.apply_gray(x.expand(32, 3, 33, 31), plan, 3)
+
+
+# ----------------------------------------------------------------------------- compiled CPU warps
+
+@pytest.mark.parametrize("c,fill", [(1, (90,)), (1, (124, 116, 104)), (3, (124, 116, 104))])
+@pytest.mark.parametrize("h,w", [(1, 1), (1, 7), (13, 2), (37, 30), (64, 61)])
+def test_compiled_warps_equal_torch_twins(c, fill, h, w):
+    """On the CPU the geometric ops run compiled (band_resample.warp_affine_u8 / warp_rows_u8);
+    the torch warps (what CUDA runs) are their plain twins: the same bytes, for both filters in
+    one batch, angles and shifts past the image's edge, a gray image with a colour fill, and row
+    and column moves. Bit for bit where torch's addcmul is a fused multiply-add (AVX2 / AVX-512
+    kernels, as the compiled row warp computes it); within 1 grey level on a CPU without them."""
+    from fasttrain.data import band_resample as br
+    rng = np.random.default_rng(h * 100 + w + c)
+    n = 6
+    x = torch.from_numpy(_images(n, h, w, c, seed=h + w)).permute(0, 3, 1, 2).contiguous()  # [n, c, h, w]
+    f = torch.tensor(fill, dtype=torch.uint8)
+    bic = np.array([True, False] * (n // 2))
+    tol = 0 if torch.backends.cpu.get_cpu_capability() != "DEFAULT" else 1
+    ang = rng.uniform(-45, 45, n)
+    coeffs = ra.affine_coeffs("Rotate", ang, h, w)
+    want = ra.warp_affine(x, torch.from_numpy(coeffs), f, torch.from_numpy(bic))
+    got = br.warp_affine_u8(x, coeffs, f, bic, threads=2)
+    assert got.shape == (n, len(fill), h, w) and torch.equal(got, want)
+    for name, scale in (("ShearX", 0.4), ("ShearY", 0.4), ("TranslateXRel", 0.7), ("TranslateYRel", 1.2)):
+        sh, columns = ra.row_shifts(name, rng.normal(0, scale, n), h, w)
+        if columns:
+            want = ra.warp_rows(x.transpose(2, 3), torch.from_numpy(sh), f, torch.from_numpy(bic)).transpose(2, 3)
+        else:
+            want = ra.warp_rows(x, torch.from_numpy(sh), f, torch.from_numpy(bic))
+        got = br.warp_rows_u8(x, sh, f, bic, columns=columns, threads=2)
+        assert got.shape == want.shape
+        assert (got.to(torch.int16) - want.to(torch.int16)).abs().max() <= tol, name
+
+
+def test_cpu_geometric_ops_run_the_compiled_warps(monkeypatch):
+    x = torch.from_numpy(_images(4, 20, 18, 3)).permute(0, 3, 1, 2).contiguous()
+    args = (torch.full((4,), 6.0), torch.tensor([True, False] * 2))
+    want = {name: ra.apply_op(name, x, *args, interpolation="bicubic") for name in GEO_OPS}
+    for fn in ("warp_affine", "warp_rows"):
+        monkeypatch.setattr(ra, fn, lambda *a, **k: pytest.fail("the CPU ran a torch warp"))
+    for name in GEO_OPS:
+        assert torch.equal(ra.apply_op(name, x, *args, interpolation="bicubic"), want[name]), name
+
+
+def test_compiled_warps_bad_input_is_a_clear_error():
+    from fasttrain.data import band_resample as br
+    x = torch.zeros(2, 1, 8, 8, dtype=torch.uint8)
+    f = torch.tensor([128], dtype=torch.uint8)
+    with pytest.raises(ValueError, match="CPU uint8"):
+        br.warp_affine_u8(x.float(), np.zeros((2, 6)), f, np.zeros(2, bool))
+    with pytest.raises(ValueError, match="fill of 2 channels for a 3-channel batch"):
+        br.warp_rows_u8(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), np.zeros((2, 8)), f.repeat(2), np.zeros(2, bool))
+    with pytest.raises(ValueError, match="affine coefficients"):
+        br.warp_affine_u8(x, np.zeros((3, 6)), f, np.zeros(2, bool))
+    with pytest.raises(ValueError, match=r"shifts \(2, 7\)"):
+        br.warp_rows_u8(x, np.zeros((2, 7)), f, np.zeros(2, bool), columns=True)

@@ -366,22 +366,30 @@ def warp_rows_u8(x: torch.Tensor, shift, fill, bicubic, columns: bool = False,
 
 @numba.njit(nogil=True, cache=True)
 def _table_slice(gray, colour, col, lut, out, lo, hi):  # pragma: no cover - compiled
-    """Samples [lo, hi): out [B, h, w, C] = lut[pixel, c], from gray [B, h, w] (every channel) or,
-    where colour[b], from col [B, C, h, w] channel by channel. lut [256, C] holds the output
-    dtype's bits (int16 for bf16 / fp16, int32 for fp32): a copy, no arithmetic."""
-    nc, h, w = lut.shape[1], gray.shape[1], gray.shape[2]
+    """Samples [lo, hi): out [B, h*w, C] = lut[pixel, c], from gray [B, h*w] (every channel) or,
+    where colour[b], from col [B, C, h*w] channel by channel. lut [256, C] holds the output
+    dtype's bits (int16 for bf16 / fp16, int32 for fp32): a copy, no arithmetic. Flat pixel
+    loops, the one-channel table as a vector: the loops compile to plain loads and stores."""
+    nc, hw = lut.shape[1], gray.shape[1]
+    lut0 = np.ascontiguousarray(lut[:, 0])
     for b in range(lo, hi):
+        o = out[b]  # [h*w, C]
         if colour[b]:
-            for i in range(h):
-                for j in range(w):
-                    for c in range(nc):
-                        out[b, i, j, c] = lut[col[b, c, i, j], c]
+            for c in range(nc):
+                src = col[b, c]
+                for k in range(hw):
+                    o[k, c] = lut[src[k], c]
+        elif nc == 1:
+            src = gray[b]
+            o1 = o[:, 0]
+            for k in range(hw):
+                o1[k] = lut0[src[k]]
         else:
-            for i in range(h):
-                for j in range(w):
-                    v = gray[b, i, j]
-                    for c in range(nc):
-                        out[b, i, j, c] = lut[v, c]
+            src = gray[b]
+            for k in range(hw):
+                v = src[k]
+                for c in range(nc):
+                    o[k, c] = lut[v, c]
 
 
 _BITS = {2: torch.int16, 4: torch.int32}  # element size -> the integer type that holds its bits
@@ -411,8 +419,9 @@ def normalise_table(gray: torch.Tensor, lut: torch.Tensor, colour=None, col: tor
                              f"{None if col is None else (col.dtype, tuple(col.shape))} and {mask.shape}")
         col_n = np.ascontiguousarray(col.numpy())
     out = torch.empty((b, h, w, nc), dtype=lut.dtype)
-    _over_slices(_table_slice, (np.ascontiguousarray(gray.numpy()), mask, col_n, lut_n,
-                                out.view(bits).numpy()), b, threads)
+    _over_slices(_table_slice, (np.ascontiguousarray(gray.numpy()).reshape(b, h * w), mask,
+                                col_n.reshape(col_n.shape[0], nc, -1), lut_n,
+                                out.view(bits).numpy().reshape(b, h * w, nc)), b, threads)
     return out
 
 

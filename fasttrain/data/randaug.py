@@ -423,6 +423,23 @@ def _run_op(name: str, x: torch.Tensor, magnitude: np.ndarray, negate: np.ndarra
     return _PIXEL_FNS[name](x, a)
 
 
+def take_rows(t: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
+    """t[idx] along dim 0, a copy; idx host int64 [n]. On the CPU numpy's fancy indexing, which
+    copies whole samples: torch's index_select / index_copy_ took 5x / 25x longer on uint8 batches
+    (0.08 / 0.36 ms against 0.016 / 0.014 ms for 8 samples of 224 x 224)."""
+    if t.device.type == "cpu":
+        return torch.from_numpy(t.numpy()[idx])
+    return t.index_select(0, torch.from_numpy(idx).to(t.device, non_blocking=True))
+
+
+def put_rows(t: torch.Tensor, idx: np.ndarray, rows: torch.Tensor) -> None:
+    """t[idx] = rows along dim 0, in place (see take_rows)."""
+    if t.device.type == "cpu":
+        t.numpy()[idx] = rows.numpy()
+    else:
+        t.index_copy_(0, torch.from_numpy(idx).to(t.device, non_blocking=True), rows)
+
+
 def _check_images(images: torch.Tensor) -> None:
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
         got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
@@ -569,11 +586,9 @@ class RandAugment:
                 idx = np.flatnonzero(plan.applied[layer] & (plan.op[layer] == k))  # host: no device sync
                 if idx.size == 0:
                     continue
-                it = torch.from_numpy(idx).to(x.device, non_blocking=True)
-                sub = out.index_select(0, it)  # [n, C, H, W]
-                res = _run_op(name, sub, plan.magnitude[layer, idx], plan.negate[layer, idx],
+                res = _run_op(name, take_rows(out, idx), plan.magnitude[layer, idx], plan.negate[layer, idx],
                               plan.bicubic[layer, idx], self.hparams)
-                out.index_copy_(0, it, res)
+                put_rows(out, idx, res)
         return out
 
     def apply_gray(self, x: torch.Tensor, plan: RandAugPlan, channels: int) -> tuple[torch.Tensor, np.ndarray,
@@ -603,21 +618,19 @@ class RandAugment:
                 drew = plan.applied[layer] & (plan.op[layer] == k)
                 idx = np.flatnonzero(drew & colour)  # already colour: all channels
                 if idx.size:
-                    it = torch.from_numpy(idx).to(x.device, non_blocking=True)
-                    res = _run_op(name, col.index_select(0, it), mag[idx], neg[idx], bic[idx], self.hparams)
-                    col.index_copy_(0, it, res)
+                    put_rows(col, idx, _run_op(name, take_rows(col, idx), mag[idx], neg[idx], bic[idx],
+                                               self.hparams))
                 idx = np.flatnonzero(drew & ~colour)  # still gray: one channel
                 if idx.size == 0:
                     continue
-                it = torch.from_numpy(idx).to(x.device, non_blocking=True)
                 turns = name in GEOMETRIC and not gray_fill  # [n, channels, H, W]: the sample turns colour
-                res = _run_op(name, gray.index_select(0, it), mag[idx], neg[idx], bic[idx], self.hparams,
+                res = _run_op(name, take_rows(gray, idx), mag[idx], neg[idx], bic[idx], self.hparams,
                               fill_channels=channels if turns else 1 if gray_fill else None)
                 if turns:
-                    col.index_copy_(0, it, res)
+                    put_rows(col, idx, res)
                     colour[idx] = True
                 else:
-                    gray.index_copy_(0, it, res)
+                    put_rows(gray, idx, res)
         return gray, colour, col
 
     def __call__(self, x: torch.Tensor, rng: np.random.Generator | None = None) -> torch.Tensor:

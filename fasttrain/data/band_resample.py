@@ -222,22 +222,83 @@ def _padded(x, b, ch, columns, pad):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True)
+def _pillow_taps_row(d, bicubic, out):  # pragma: no cover - compiled
+    """_pillow_taps for a row of fractions d [w] float32 -> out [4, w], one branch-free loop."""
+    one, two = np.float32(1.0), np.float32(2.0)
+    if bicubic:
+        for j in range(d.shape[0]):
+            dj = d[j]
+            d2 = dj * dj
+            d3 = d2 * dj
+            out[0, j] = (-dj + two * d2) - d3
+            out[1, j] = (one - two * d2) + d3
+            out[2, j] = (dj + d2) - d3
+            out[3, j] = -d2 + d3
+    else:
+        for j in range(d.shape[0]):
+            out[0, j] = np.float32(0.0)
+            out[1, j] = one - d[j]
+            out[2, j] = d[j]
+            out[3, j] = np.float32(0.0)
+
+
+@numba.njit(nogil=True, cache=True)
+def _taps_4x4(flat, first, wp, wx, wy, vals):  # pragma: no cover - compiled
+    """vals[j] = sum over tap rows ti of wy[ti, j] x (sum over tj of wx[tj, j] x the padded
+    image at first[j] + ti * wp + tj), in float32, rows and taps in order (fixed trip counts:
+    unrolled, the loop over j vectorised with gathers)."""
+    for j in range(vals.shape[0]):
+        f0 = first[j]
+        acc = np.float32(0.0)
+        for ti in range(4):
+            r = f0 + ti * wp
+            row = np.float32(0.0)
+            for tj in range(4):
+                row += wx[tj, j] * flat[r + tj]
+            acc += wy[ti, j] * row
+        vals[j] = acc
+
+
+@numba.njit(nogil=True, cache=True)
+def _taps_2x2(flat, first, wp, wx, wy, vals):  # pragma: no cover - compiled
+    """_taps_4x4 over the taps at offsets 0 and 1 only (bilinear: the others weigh 0)."""
+    for j in range(vals.shape[0]):
+        f0 = first[j]
+        acc = np.float32(0.0)
+        for ti in range(1, 3):
+            r = f0 + ti * wp
+            row = np.float32(0.0)
+            for tj in range(1, 3):
+                row += wx[tj, j] * flat[r + tj]
+            acc += wy[ti, j] * row
+        vals[j] = acc
+
+
+@numba.njit(nogil=True, cache=True)
 def _warp_affine_slice(x, coeffs, fill, bicubic, out, lo, hi):  # pragma: no cover - compiled
     """Samples [lo, hi) of randaug.warp_affine: x uint8 [n, C, H, W], coeffs float64 [n, 6]
     (Pillow's affine data: output pixel centre -> input point), fill uint8 [Cf], bicubic bool [n],
     out uint8 [n, Cf, H, W] (C = 1: the gray result on every channel inside the image).
     Per pixel: the input point in float64, the fraction in float32, 4 x 4 (bicubic) or the 2 x 2
     taps whose bilinear weights are not 0, each tap row summed, then the rows weighted: the
-    twin's float32 products and sums in the twin's order (its other taps add exact zeros)."""
+    twin's float32 products and sums in the twin's order (its other taps add exact zeros).
+    An output row at a time, in branch-free loops over its pixels (coordinates, weights, taps:
+    the compiler vectorises them), pixels outside the image filled at the end."""
     c, h, w = x.shape[1], x.shape[2], x.shape[3]
     nf = out.shape[1]
-    wx = np.empty(4, np.float32)
-    wy = np.empty(4, np.float32)
-    rows = np.empty((h + 4, w + 4), np.float32)  # [H+4, W+4] padded: the padded rows, below
+    wp = w + 4
+    rows = np.empty((h + 4, wp), np.float32)  # [H+4, W+4] the channel, padded
+    flat = rows.reshape(-1)
+    inside = np.empty(w, np.bool_)
+    first = np.empty(w, np.int64)  # flat padded index of each pixel's tap at offsets (-1, -1)
+    dx = np.empty(w, np.float32)
+    dy = np.empty(w, np.float32)
+    wx = np.empty((4, w), np.float32)
+    wy = np.empty((4, w), np.float32)
+    vals = np.empty(w, np.float32)
     for b in range(lo, hi):
         ca, cb, cc, cd, ce, cf = coeffs[b, 0], coeffs[b, 1], coeffs[b, 2], coeffs[b, 3], coeffs[b, 4], coeffs[b, 5]
         cub = bicubic[b]
-        t0, t1 = (0, 4) if cub else (1, 3)  # taps at offsets -1..2, or the bilinear 0..1
         for ch in range(c):
             _padded(x, b, ch, False, rows[2:h + 2])
             rows[0] = rows[1] = rows[2]
@@ -248,30 +309,26 @@ def _warp_affine_slice(x, coeffs, fill, bicubic, out, lo, hi):  # pragma: no cov
                     xs = j + 0.5
                     xin = ca * xs + cb * ys + cc
                     yin = cd * xs + ce * ys + cf
-                    if not (xin >= 0.0 and xin < w and yin >= 0.0 and yin < h):
-                        if ch == 0:
-                            for k in range(nf):
-                                out[b, k, i, j] = fill[k]
+                    ins = (xin >= 0.0) & (xin < w) & (yin >= 0.0) & (yin < h)
+                    inside[j] = ins
+                    fx = math.floor(xin - 0.5)
+                    fy = math.floor(yin - 0.5)
+                    dx[j] = np.float32((xin - 0.5) - fx)
+                    dy[j] = np.float32((yin - 0.5) - fy)
+                    first[j] = (int(fy) + 1) * wp + int(fx) + 1 if ins else 0
+                _pillow_taps_row(dx, cub, wx)
+                _pillow_taps_row(dy, cub, wy)
+                if cub:
+                    _taps_4x4(flat, first, wp, wx, wy, vals)
+                else:
+                    _taps_2x2(flat, first, wp, wx, wy, vals)
+                for k in range(nf):
+                    if c == nf and k != ch:
                         continue
-                    xin -= 0.5
-                    yin -= 0.5
-                    fx, fy = math.floor(xin), math.floor(yin)
-                    _pillow_taps(np.float32(xin - fx), cub, wx)
-                    _pillow_taps(np.float32(yin - fy), cub, wy)
-                    x0, y0 = int(fx) + 1, int(fy) + 1  # padded index of the tap at offset -1
-                    acc = np.float32(0.0)
-                    for ti in range(t0, t1):
-                        src = rows[y0 + ti]
-                        row = np.float32(0.0)
-                        for tj in range(t0, t1):
-                            row += wx[tj] * src[x0 + tj]
-                        acc += wy[ti] * row
-                    v = _to_u8(acc)
-                    if c == nf:
-                        out[b, ch, i, j] = v
-                    else:
-                        for k in range(nf):
-                            out[b, k, i, j] = v
+                    fk = fill[k]
+                    o = out[b, k, i]
+                    for j in range(w):
+                        o[j] = _to_u8(vals[j]) if inside[j] else fk
 
 
 @numba.njit(nogil=True, cache=True)
@@ -298,10 +355,16 @@ def _warp_rows_slice(x, shift, fill, bicubic, columns, out, lo, hi):  # pragma: 
                 _pillow_taps(np.float32(s - fl), bicubic[b], ws)
                 w0, w1, w2, w3 = ws[0], ws[1], ws[2], ws[3]
                 base = int(fl) + 1  # padded index of the tap at offset -1, less the pixel's
-                p0 = 0  # the inside run [p0, p1): input point (p + 0.5) + shift in [0, length)
+                # the inside run [p0, p1): input point (p + 0.5) + s in [0, length), monotone in p:
+                # the closed-form ends, then moved to where the twin's float64 test flips
+                p0 = min(max(math.ceil(-s - 0.5), 0), length)
+                while p0 > 0 and (p0 - 0.5) + s >= 0.0:
+                    p0 -= 1
                 while p0 < length and not ((p0 + 0.5) + s >= 0.0):
                     p0 += 1
-                p1 = p0
+                p1 = min(max(math.ceil(length - s - 0.5), p0), length)
+                while p1 > p0 and not ((p1 - 0.5) + s < length):
+                    p1 -= 1
                 while p1 < length and (p1 + 0.5) + s < length:
                     p1 += 1
                 src = pad[r]
@@ -320,10 +383,8 @@ def _warp_rows_slice(x, shift, fill, bicubic, columns, out, lo, hi):  # pragma: 
                         for p in range(length):
                             out[b, k, p, r] = line[p] if p0 <= p < p1 else fk
                     else:
-                        o = out[b, k, r]
-                        o[:p0] = fk
-                        o[p0:p1] = line[p0:p1]
-                        o[p1:] = fk
+                        for p in range(length):
+                            out[b, k, r, p] = line[p] if p0 <= p < p1 else fk
 
 
 def _check_warp(x: torch.Tensor, fill: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

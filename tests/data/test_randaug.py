@@ -295,3 +295,48 @@ def test_compiled_warps_bad_input_is_a_clear_error():
         br.warp_affine_u8(x, np.zeros((3, 6)), f, np.zeros(2, bool))
     with pytest.raises(ValueError, match=r"shifts \(2, 7\)"):
         br.warp_rows_u8(x, np.zeros((2, 7)), f, np.zeros(2, bool), columns=True)
+
+
+def _plain(monkeypatch, fn):
+    """fn() with the torch ops on the CPU too (the plain twins), then compiled again."""
+    with monkeypatch.context() as m:
+        m.setattr(ra, "COMPILED_ON_CPU", False)
+        return fn()
+
+
+@pytest.mark.parametrize("c", [1, 3])
+@pytest.mark.parametrize("h,w", [(1, 1), (2, 9), (3, 3), (33, 41)])
+def test_compiled_pixel_ops_equal_torch_twins(c, h, w, monkeypatch):
+    """Every op on the CPU (tables, histograms, Sharpness and the warps compiled) against the same
+    op with the torch ops: the same bytes, magnitudes 0-10 with both signs, tiny and odd sizes,
+    flat and saturated areas (the table ops' edges)."""
+    if torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        pytest.skip("torch's CPU kernels without AVX2 do not fuse addcmul: the row warps differ by 1 level")
+    x = torch.from_numpy(_images(8, h, w, c, seed=h * w)).permute(0, 3, 1, 2).contiguous()
+    mags = torch.tensor([0.0, 1.3, 3.0, 5.0, 6.0, 7.7, 9.2, 10.0])
+    negs = torch.tensor([False, True] * 4)
+    mean = (118, 118, 118) if c == 1 else (124, 116, 104)
+    for name in ra.OP_NAMES:
+        def run():
+            return ra.apply_op(name, x, mags, negs, img_mean=mean, translate_const=int(0.45 * h),
+                               rng=np.random.default_rng(0))
+        got, want = run(), _plain(monkeypatch, run)
+        assert torch.equal(got, want), name
+
+
+@pytest.mark.parametrize("policy", ["rand-m6-mstd0.5-inc1", "rand-m9-n3-p1-mstd0.5"])
+def test_compiled_randaugment_equals_torch_twin(policy, monkeypatch):
+    """The whole policy on the CPU, compiled vs torch ops, gray and the gray-with-colour-fill path."""
+    if torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        pytest.skip("torch's CPU kernels without AVX2 do not fuse addcmul: the row warps differ by 1 level")
+    aug = ra.RandAugment(policy, img_mean=(124, 116, 104), translate_const=14, interpolation="random")
+    gray_aug = ra.RandAugment(policy, img_mean=(114, 114, 114), translate_const=14, interpolation="random")
+    x = torch.from_numpy(_images(40, 35, 32, c=1, seed=5)).permute(0, 3, 1, 2).contiguous()
+    for seed in range(3):
+        plan = aug.sample(40, np.random.default_rng(seed))
+        got = gray_aug.apply(x, plan)
+        assert torch.equal(got, _plain(monkeypatch, lambda: gray_aug.apply(x, plan))), seed
+        got = aug.apply_gray(x, plan, 3)
+        want = _plain(monkeypatch, lambda: aug.apply_gray(x, plan, 3))
+        assert np.array_equal(got[1], want[1]) and torch.equal(got[0], want[0]), seed
+        assert torch.equal(got[2][got[1]], want[2][want[1]]), seed

@@ -77,6 +77,13 @@ def _vertical_row(t, b, i, y0, wy, r0, acc):  # pragma: no cover - compiled
                 acc[j] += row[j] * wk
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _round_clip(v):  # pragma: no cover - compiled
+    """Pillow's rounding to uint8, as a float32: floor(v + 0.5) clipped to [0, 255], all in
+    float32 (exact: the results are small integers), so the loops over a row vectorise."""
+    return min(max(np.floor(v + np.float32(0.5)), np.float32(0.0)), np.float32(255.0))
+
+
 @numba.njit(nogil=True, cache=True)
 def _resample_slice(x, x0, wx, y0, wy, out, lo, hi):  # pragma: no cover - compiled
     """Samples [lo, hi): x uint8 [B, H, W]; x0 int64 [B, w] first horizontal tap, wx float32
@@ -90,11 +97,12 @@ def _resample_slice(x, x0, wx, y0, wy, out, lo, hi):  # pragma: no cover - compi
         t = np.empty((n, w), np.float32)  # [rows, w] Pillow's intermediate uint8 image, as floats
         for j in range(w):
             for r in range(n):
-                t[r, j] = min(max(math.floor(tt[j, r] + np.float32(0.5)), 0.0), 255.0)
+                t[r, j] = _round_clip(tt[j, r])
         for i in range(h):
             _vertical_row(t, b, i, y0, wy, r0, acc)
+            o = out[b, i]
             for j in range(w):
-                out[b, i, j] = np.uint8(min(max(math.floor(acc[j] + np.float32(0.5)), 0.0), 255.0))
+                o[j] = np.uint8(np.int32(_round_clip(acc[j])))
 
 
 @numba.njit(nogil=True, cache=True)
@@ -205,7 +213,7 @@ def _pillow_taps(d, bicubic, out):  # pragma: no cover - compiled
 @numba.njit(nogil=True, cache=True, inline="always")
 def _to_u8(v):  # pragma: no cover - compiled
     """Clip to [0, 255] and truncate toward zero, as Pillow's (UINT8) cast after its filters."""
-    return np.uint8(int(min(max(v, np.float32(0.0)), np.float32(255.0))))
+    return np.uint8(np.int32(min(max(v, np.float32(0.0)), np.float32(255.0))))
 
 
 @numba.njit(nogil=True, cache=True)

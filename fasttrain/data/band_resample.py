@@ -438,9 +438,11 @@ def _table_slice(gray, colour, col, lut, out, lo, hi):  # pragma: no cover - com
     """Samples [lo, hi): out [B, h*w, C] = lut[pixel, c], from gray [B, h*w] (every channel) or,
     where colour[b], from col [B, C, h*w] channel by channel. lut [256, C] holds the output
     dtype's bits (int16 for bf16 / fp16, int32 for fp32): a copy, no arithmetic. Flat pixel
-    loops, the one-channel table as a vector: the loops compile to plain loads and stores."""
+    loops, one table vector per channel for 1 and 3 channels: plain loads and stores."""
     nc, hw = lut.shape[1], gray.shape[1]
     lut0 = np.ascontiguousarray(lut[:, 0])
+    lut1 = np.ascontiguousarray(lut[:, min(1, nc - 1)])
+    lut2 = np.ascontiguousarray(lut[:, min(2, nc - 1)])
     for b in range(lo, hi):
         o = out[b]  # [h*w, C]
         if colour[b]:
@@ -453,6 +455,13 @@ def _table_slice(gray, colour, col, lut, out, lo, hi):  # pragma: no cover - com
             o1 = o[:, 0]
             for k in range(hw):
                 o1[k] = lut0[src[k]]
+        elif nc == 3:
+            src = gray[b]
+            for k in range(hw):
+                v = src[k]
+                o[k, 0] = lut0[v]
+                o[k, 1] = lut1[v]
+                o[k, 2] = lut2[v]
         else:
             src = gray[b]
             for k in range(hw):

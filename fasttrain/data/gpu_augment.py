@@ -542,11 +542,11 @@ class BatchAugment:
                 if plan.randaug is None:
                     raise ValueError("RandAugment needs the batch's plan (BatchAugment.plan)")
                 if self.ra_chans > 1:  # a colour fill: gray until a sample's first geometric op
-                    gray, colour, col = self.randaug.apply_gray(u, plan.randaug, self.ra_chans)
+                    gray, colour, col = self.randaug.apply_gray(u, plan.randaug, self.ra_chans, inplace=True)
                     if self.device.type == "cpu":
                         return self.normalise_table(gray, colour, col)
                     return self.normalise_mixed(gray, colour, col)
-                u = self.randaug.apply(u, plan.randaug)  # [B, 1, h, w] uint8
+                u = self.randaug.apply(u, plan.randaug, inplace=True)  # [B, 1, h, w] uint8, u's own memory
             if self.device.type == "cpu":  # one compiled pass through the table (see normalise_table)
                 return self.normalise_table(u)
             return self.normalise_u8(u)

@@ -409,10 +409,10 @@ OP_NAMES = tuple(_PIXEL_FNS) + GEOMETRIC
 # ops whose output pixel is a function of its own value and per-sample constants alone: on the CPU
 # each sample's 256-entry table is the op itself run on the 256 levels (same arithmetic, so the
 # same bytes), then applied by one compiled lookup instead of several whole-image tensor passes
-# (Invert and Posterize stay one vectorised uint8 tensor op: 0.03 ms for 8 samples of 224 px, against
-# 0.14 ms for a table lookup)
-TABLE_OPS = ("Solarize", "SolarizeIncreasing", "SolarizeAdd", "Brightness", "BrightnessIncreasing", "Contrast",
-             "ContrastIncreasing")
+# (Invert stays one vectorised uint8 tensor op: 0.03 ms for 8 samples of 224 px, against 0.14 ms for a
+# table lookup; Posterize's broadcast bitwise and took ~1 ms)
+TABLE_OPS = ("Posterize", "PosterizeIncreasing", "PosterizeOriginal", "Solarize", "SolarizeIncreasing", "SolarizeAdd",
+             "Brightness", "BrightnessIncreasing", "Contrast", "ContrastIncreasing")
 
 
 def level_table(name: str, x: torch.Tensor, arg: torch.Tensor | None) -> torch.Tensor:
@@ -616,12 +616,13 @@ class RandAugment:
         bicubic = _bicubic_draw(self.interpolation, L * n, rng).reshape(L, n)
         return RandAugPlan(op, applied, mag, negate, bicubic)
 
-    def apply(self, x: torch.Tensor, plan: RandAugPlan) -> torch.Tensor:
-        """uint8 [B, C, H, W] -> uint8 [B, C, H, W] (a new tensor; x is not modified)."""
+    def apply(self, x: torch.Tensor, plan: RandAugPlan, inplace: bool = False) -> torch.Tensor:
+        """uint8 [B, C, H, W] -> uint8 [B, C, H, W]: a new tensor, or x itself with inplace=True (for
+        a caller whose x is its own temporary: no copy of the batch)."""
         _check_images(x)
         if len(plan) != x.shape[0]:
             raise ValueError(f"RandAugment plan for {len(plan)} samples, batch of {x.shape[0]}")
-        out = x.clone()
+        out = x if inplace else x.clone()
         for layer in range(plan.op.shape[0]):
             for k, name in enumerate(self.ops):
                 idx = np.flatnonzero(plan.applied[layer] & (plan.op[layer] == k))  # host: no device sync
@@ -632,8 +633,8 @@ class RandAugment:
                 put_rows(out, idx, res)
         return out
 
-    def apply_gray(self, x: torch.Tensor, plan: RandAugPlan, channels: int) -> tuple[torch.Tensor, np.ndarray,
-                                                                                       torch.Tensor]:
+    def apply_gray(self, x: torch.Tensor, plan: RandAugPlan, channels: int,
+                   inplace: bool = False) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
         """What `apply(x.expand(B, channels, H, W), plan)` gives, for a gray uint8 batch x [B, 1, H, W]
         whose `channels`-channel fill colour need not be gray (timm's ImageNet mean), on 1 channel
         wherever that is exact. A sample's channels stay equal, so every op may run on its one
@@ -642,7 +643,8 @@ class RandAugment:
         sample's later ops run on its `channels` channels.
 
         Returns (gray [B, 1, H, W] uint8, colour [B] bool host mask, col [B, channels, H, W] uint8):
-        sample b's result is col[b] where colour[b], else gray[b] on every channel."""
+        sample b's result is col[b] where colour[b], else gray[b] on every channel; gray is x itself
+        with inplace=True (see apply)."""
         _check_images(x)
         if x.shape[1] != 1:
             raise ValueError(f"apply_gray takes a gray batch [B, 1, H, W], got {tuple(x.shape)}")
@@ -650,7 +652,7 @@ class RandAugment:
             raise ValueError(f"RandAugment plan for {len(plan)} samples, batch of {x.shape[0]}")
         gray_fill = len(set(_fill(self.hparams, channels).tolist())) == 1
         b, _, h, w = x.shape
-        gray = x.clone()
+        gray = x if inplace else x.clone()
         colour = np.zeros(b, bool)
         col = torch.empty((b, channels, h, w), dtype=torch.uint8, device=x.device)
         for layer in range(plan.op.shape[0]):

@@ -145,7 +145,7 @@ def test_finetune_config_trains_with_xiao_augmentation(pack, tmp_path):
     calls = []
     from fasttrain.data import randaug as ra
     orig = ra.RandAugment.apply
-    ra.RandAugment.apply = lambda self, x, plan: (calls.append(len(plan)), orig(self, x, plan))[1]
+    ra.RandAugment.apply = lambda self, x, plan, **kw: (calls.append(len(plan)), orig(self, x, plan, **kw))[1]
     try:
         run_finetune(cfg)
     finally:

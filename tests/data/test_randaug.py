@@ -340,3 +340,21 @@ def test_compiled_randaugment_equals_torch_twin(policy, monkeypatch):
         want = _plain(monkeypatch, lambda: aug.apply_gray(x, plan, 3))
         assert np.array_equal(got[1], want[1]) and torch.equal(got[0], want[0]), seed
         assert torch.equal(got[2][got[1]], want[2][want[1]]), seed
+
+
+def test_inplace_apply_writes_into_the_batch():
+    """BatchAugment hands RandAugment its own crop output: inplace=True skips the batch copy and
+    gives the same bytes; without it the input is left as it was."""
+    aug = ra.RandAugment("rand-m9-n3-p1-mstd0.5", img_mean=(124, 116, 104), translate_const=10, interpolation="random")
+    x = torch.from_numpy(_images(12, 23, 21, c=1, seed=3)).permute(0, 3, 1, 2).contiguous()
+    plan = aug.sample(12, np.random.default_rng(0))
+    keep = x.clone()
+    gray_aug = ra.RandAugment("rand-m9-n3-p1-mstd0.5", img_mean=(110,) * 3, translate_const=10)
+    want = gray_aug.apply(x, plan)
+    assert torch.equal(x, keep)
+    y = x.clone()
+    assert gray_aug.apply(y, plan, inplace=True) is y and torch.equal(y, want)
+    want = aug.apply_gray(x, plan, 3)
+    assert torch.equal(x, keep)
+    got = aug.apply_gray(y.copy_(x), plan, 3, inplace=True)
+    assert got[0] is y and torch.equal(got[0], want[0]) and np.array_equal(got[1], want[1])

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .band_resample import normalise_table, resample_band_float, resample_band_u8
+from .band_resample import OutputBuffers, normalise_table, resample_band_float, resample_band_u8
 from .randaug import RandAugment, RandAugPlan
 
 # The paper normalises with ImageNet statistics; Xiao et al. use NIH statistics (one value for
@@ -338,6 +338,7 @@ class BatchAugment:
         self._a255 = torch.tensor([g / 255 for g in self.gains], dtype=self.cdtype, device=self.device)  # [C]
         self._b = torch.tensor(self.biases, dtype=self.cdtype, device=self.device)  # [C]
         self._lut: torch.Tensor | None = None  # normalise_u8's table, made on first use
+        self._outputs = OutputBuffers()  # normalise_table's output batches, reused once free
         self._bufs: dict[tuple, torch.Tensor] = {}
         self._prev: dict[tuple, torch.Tensor] = {}  # taps written last batch, per buffer
         self.eval_resize = eval_resize_size((self.H, self.W), self.img_size, eval_resize)
@@ -511,8 +512,9 @@ class BatchAugment:
         and col [B, C, h, w]), equal bit for bit: each output value is copied from normalise_u8's
         table by a compiled loop over the batch (band_resample.normalise_table), instead of an
         int32 index copy of the batch and a gather, and the colour samples go straight to their
-        rows instead of being written twice. Returns [B, C, h, w] channels-last in `dtype`."""
-        out = normalise_table(gray[:, 0], self._norm_lut(), colour, col)  # [B, h, w, C]
+        rows instead of being written twice; into an output buffer no earlier batch's tensor still
+        uses (band_resample.OutputBuffers). Returns [B, C, h, w] channels-last in `dtype`."""
+        out = normalise_table(gray[:, 0], self._norm_lut(), colour, col, buffers=self._outputs)  # [B, h, w, C]
         return out.permute(0, 3, 1, 2)  # [B, C, h, w], channels-last strides
 
     def normalise(self, y: torch.Tensor) -> torch.Tensor:

@@ -205,3 +205,27 @@ def test_compiled_normalise_table_equals_normalise_u8_and_mixed(dtype):
             assert got.stride() == want.stride() and torch.equal(got, want)
     with pytest.raises(ValueError, match=r"col uint8 \[6, 3, 9, 7\]"):
         aug.normalise_table(u, colour, col[:, :1])
+
+
+def test_output_buffers_reuse_only_what_no_tensor_uses():
+    """normalise_table's output buffers (band_resample.OutputBuffers) are overwritten only once
+    no tensor or view over them lives: a batch the caller keeps (or a view of it) keeps its values."""
+    from fasttrain.data.band_resample import OutputBuffers, normalise_table
+    rng = np.random.default_rng(2)
+    lut = torch.randn(256, 3).to(torch.bfloat16)
+    grays = [torch.from_numpy(rng.integers(0, 256, (4, 6, 5), dtype=np.uint8)) for _ in range(6)]
+    pool = OutputBuffers(keep=3)
+    first = normalise_table(grays[0], lut, buffers=pool)
+    ptr = first.data_ptr()
+    view = first.permute(0, 3, 1, 2)[1:]  # what BatchAugment hands out: a view
+    del first
+    second = normalise_table(grays[1], lut, buffers=pool)
+    assert second.data_ptr() != ptr and torch.equal(view, lut[grays[0].long()].permute(0, 3, 1, 2)[1:])
+    del view
+    third = normalise_table(grays[2], lut, buffers=pool)
+    assert third.data_ptr() == ptr  # free again: reused, no new pages
+    assert torch.equal(second, lut[grays[1].long()]) and torch.equal(third, lut[grays[2].long()])
+    kept = [second, third] + [normalise_table(g, lut, buffers=pool) for g in grays[3:]]
+    assert len({t.data_ptr() for t in kept}) == 5  # all alive: all distinct
+    for t, g in zip(kept, grays[1:]):
+        assert torch.equal(t, lut[g.long()])

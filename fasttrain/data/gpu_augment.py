@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .band_resample import resample_band_float, resample_band_u8
+from .band_resample import OutputBuffers, normalise_table, resample_band_float, resample_band_u8
 from .randaug import RandAugment, RandAugPlan
 
 # The paper normalises with ImageNet statistics; Xiao et al. use NIH statistics (one value for
@@ -338,6 +338,7 @@ class BatchAugment:
         self._a255 = torch.tensor([g / 255 for g in self.gains], dtype=self.cdtype, device=self.device)  # [C]
         self._b = torch.tensor(self.biases, dtype=self.cdtype, device=self.device)  # [C]
         self._lut: torch.Tensor | None = None  # normalise_u8's table, made on first use
+        self._outputs = OutputBuffers()  # normalise_table's output batches, reused once free
         self._bufs: dict[tuple, torch.Tensor] = {}
         self._prev: dict[tuple, torch.Tensor] = {}  # taps written last batch, per buffer
         self.eval_resize = eval_resize_size((self.H, self.W), self.img_size, eval_resize)
@@ -505,6 +506,17 @@ class BatchAugment:
             out.index_copy_(0, it, self.normalise_u8(col.index_select(0, it)))
         return out
 
+    def normalise_table(self, gray: torch.Tensor, colour: np.ndarray | None = None,
+                        col: torch.Tensor | None = None) -> torch.Tensor:
+        """The CPU's twin of normalise_u8 (gray [B, 1, h, w]) and normalise_mixed (with colour [B]
+        and col [B, C, h, w]), equal bit for bit: each output value is copied from normalise_u8's
+        table by a compiled loop over the batch (band_resample.normalise_table), instead of an
+        int32 index copy of the batch and a gather, and the colour samples go straight to their
+        rows instead of being written twice; into an output buffer no earlier batch's tensor still
+        uses (band_resample.OutputBuffers). Returns [B, C, h, w] channels-last in `dtype`."""
+        out = normalise_table(gray[:, 0], self._norm_lut(), colour, col, buffers=self._outputs)  # [B, h, w, C]
+        return out.permute(0, 3, 1, 2)  # [B, C, h, w], channels-last strides
+
     def normalise(self, y: torch.Tensor) -> torch.Tensor:
         """[B, h, w] in [0, 1] -> [B, C, h, w] channels-last in `dtype` (for batches that arrive
         already cropped: DALI's GPU pipeline)."""
@@ -532,9 +544,13 @@ class BatchAugment:
                 if plan.randaug is None:
                     raise ValueError("RandAugment needs the batch's plan (BatchAugment.plan)")
                 if self.ra_chans > 1:  # a colour fill: gray until a sample's first geometric op
-                    gray, colour, col = self.randaug.apply_gray(u, plan.randaug, self.ra_chans)
+                    gray, colour, col = self.randaug.apply_gray(u, plan.randaug, self.ra_chans, inplace=True)
+                    if self.device.type == "cpu":
+                        return self.normalise_table(gray, colour, col)
                     return self.normalise_mixed(gray, colour, col)
-                u = self.randaug.apply(u, plan.randaug)  # [B, 1, h, w] uint8
+                u = self.randaug.apply(u, plan.randaug, inplace=True)  # [B, 1, h, w] uint8, u's own memory
+            if self.device.type == "cpu":  # one compiled pass through the table (see normalise_table)
+                return self.normalise_table(u)
             return self.normalise_u8(u)
         if self.train and self.device.type == "cpu":  # K taps per pixel, normalised, compiled
             out = resample_band_float(x, plan.ry, plan.rxt, [g / 255 for g in self.gains], self.biases)

@@ -145,7 +145,7 @@ def test_finetune_config_trains_with_xiao_augmentation(pack, tmp_path):
     calls = []
     from fasttrain.data import randaug as ra
     orig = ra.RandAugment.apply
-    ra.RandAugment.apply = lambda self, x, plan: (calls.append(len(plan)), orig(self, x, plan))[1]
+    ra.RandAugment.apply = lambda self, x, plan, **kw: (calls.append(len(plan)), orig(self, x, plan, **kw))[1]
     try:
         run_finetune(cfg)
     finally:
@@ -184,3 +184,48 @@ def test_pretraining_crop_is_bicubic_in_every_loader(pack):
     assert rrc.interpolation == T.InterpolationMode.BICUBIC and tuple(rrc.scale) == (0.2, 1.0)
     raw = build_loader(DataConfig(loader="raw", **plain), "train", True, img_size=48, in_chans=1)
     assert raw.augment.interpolation == "bicubic" and raw.augment.randaug is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_compiled_normalise_table_equals_normalise_u8_and_mixed(dtype):
+    """The CPU's normalisation (BatchAugment.normalise_table: a compiled copy from the same table)
+    gives normalise_u8's values and channels-last layout for a gray batch, and normalise_mixed's
+    for gray samples beside colour ones (RandAugment.apply_gray's result), bit for bit."""
+    from fasttrain.data.gpu_augment import BatchAugment
+    rng = np.random.default_rng(1)
+    u = torch.from_numpy(rng.integers(0, 256, (6, 1, 9, 7), dtype=np.uint8))
+    col = torch.from_numpy(rng.integers(0, 256, (6, 3, 9, 7), dtype=np.uint8))
+    colour = np.array([True, False, False, True, False, True])
+    for c, norm in ((3, "imagenet"), (1, "imagenet"), (3, "nih")):
+        aug = BatchAugment((16, 16), 9, c, train=True, interpolation="bicubic", norm=norm, dtype=dtype)
+        got, want = aug.normalise_table(u), aug.normalise_u8(u)  # [6, c, 9, 7]
+        assert got.dtype == dtype and got.stride() == want.stride() and torch.equal(got, want)
+        if c == 3:
+            got, want = aug.normalise_table(u, colour, col), aug.normalise_mixed(u, colour, col)
+            assert got.stride() == want.stride() and torch.equal(got, want)
+    with pytest.raises(ValueError, match=r"col uint8 \[6, 3, 9, 7\]"):
+        aug.normalise_table(u, colour, col[:, :1])
+
+
+def test_output_buffers_reuse_only_what_no_tensor_uses():
+    """normalise_table's output buffers (band_resample.OutputBuffers) are overwritten only once
+    no tensor or view over them lives: a batch the caller keeps (or a view of it) keeps its values."""
+    from fasttrain.data.band_resample import OutputBuffers, normalise_table
+    rng = np.random.default_rng(2)
+    lut = torch.randn(256, 3).to(torch.bfloat16)
+    grays = [torch.from_numpy(rng.integers(0, 256, (4, 6, 5), dtype=np.uint8)) for _ in range(6)]
+    pool = OutputBuffers(keep=3)
+    first = normalise_table(grays[0], lut, buffers=pool)
+    ptr = first.data_ptr()
+    view = first.permute(0, 3, 1, 2)[1:]  # what BatchAugment hands out: a view
+    del first
+    second = normalise_table(grays[1], lut, buffers=pool)
+    assert second.data_ptr() != ptr and torch.equal(view, lut[grays[0].long()].permute(0, 3, 1, 2)[1:])
+    del view
+    third = normalise_table(grays[2], lut, buffers=pool)
+    assert third.data_ptr() == ptr  # free again: reused, no new pages
+    assert torch.equal(second, lut[grays[1].long()]) and torch.equal(third, lut[grays[2].long()])
+    kept = [second, third] + [normalise_table(g, lut, buffers=pool) for g in grays[3:]]
+    assert len({t.data_ptr() for t in kept}) == 5  # all alive: all distinct
+    for t, g in zip(kept, grays[1:]):
+        assert torch.equal(t, lut[g.long()])

@@ -238,3 +238,123 @@ def test_gray_apply_with_colour_fill_equals_three_channel_apply(policy):
     assert 0 < turned < 4 * 32
     with pytest.raises(ValueError, match="gray batch"):
         aug.apply_gray(x.expand(32, 3, 33, 31), plan, 3)
+
+
+# ----------------------------------------------------------------------------- compiled CPU warps
+
+@pytest.mark.parametrize("c,fill", [(1, (90,)), (1, (124, 116, 104)), (3, (124, 116, 104))])
+@pytest.mark.parametrize("h,w", [(1, 1), (1, 7), (13, 2), (37, 30), (64, 61)])
+def test_compiled_warps_equal_torch_twins(c, fill, h, w):
+    """On the CPU the geometric ops run compiled (band_resample.warp_affine_u8 / warp_rows_u8);
+    the torch warps (what CUDA runs) are their plain twins: the same bytes, for both filters in
+    one batch, angles and shifts past the image's edge, a gray image with a colour fill, and row
+    and column moves. Bit for bit where torch's addcmul is a fused multiply-add (AVX2 / AVX-512
+    kernels, as the compiled row warp computes it); within 1 grey level on a CPU without them."""
+    from fasttrain.data import band_resample as br
+    rng = np.random.default_rng(h * 100 + w + c)
+    n = 6
+    x = torch.from_numpy(_images(n, h, w, c, seed=h + w)).permute(0, 3, 1, 2).contiguous()  # [n, c, h, w]
+    f = torch.tensor(fill, dtype=torch.uint8)
+    bic = np.array([True, False] * (n // 2))
+    tol = 0 if torch.backends.cpu.get_cpu_capability() != "DEFAULT" else 1
+    ang = rng.uniform(-45, 45, n)
+    coeffs = ra.affine_coeffs("Rotate", ang, h, w)
+    want = ra.warp_affine(x, torch.from_numpy(coeffs), f, torch.from_numpy(bic))
+    got = br.warp_affine_u8(x, coeffs, f, bic, threads=2)
+    assert got.shape == (n, len(fill), h, w) and torch.equal(got, want)
+    for name, scale in (("ShearX", 0.4), ("ShearY", 0.4), ("TranslateXRel", 0.7), ("TranslateYRel", 1.2)):
+        sh, columns = ra.row_shifts(name, rng.normal(0, scale, n), h, w)
+        if columns:
+            want = ra.warp_rows(x.transpose(2, 3), torch.from_numpy(sh), f, torch.from_numpy(bic)).transpose(2, 3)
+        else:
+            want = ra.warp_rows(x, torch.from_numpy(sh), f, torch.from_numpy(bic))
+        got = br.warp_rows_u8(x, sh, f, bic, columns=columns, threads=2)
+        assert got.shape == want.shape
+        assert (got.to(torch.int16) - want.to(torch.int16)).abs().max() <= tol, name
+
+
+def test_cpu_geometric_ops_run_the_compiled_warps(monkeypatch):
+    x = torch.from_numpy(_images(4, 20, 18, 3)).permute(0, 3, 1, 2).contiguous()
+    args = (torch.full((4,), 6.0), torch.tensor([True, False] * 2))
+    want = {name: ra.apply_op(name, x, *args, interpolation="bicubic") for name in GEO_OPS}
+    for fn in ("warp_affine", "warp_rows"):
+        monkeypatch.setattr(ra, fn, lambda *a, **k: pytest.fail("the CPU ran a torch warp"))
+    for name in GEO_OPS:
+        assert torch.equal(ra.apply_op(name, x, *args, interpolation="bicubic"), want[name]), name
+
+
+def test_compiled_warps_bad_input_is_a_clear_error():
+    from fasttrain.data import band_resample as br
+    x = torch.zeros(2, 1, 8, 8, dtype=torch.uint8)
+    f = torch.tensor([128], dtype=torch.uint8)
+    with pytest.raises(ValueError, match="CPU uint8"):
+        br.warp_affine_u8(x.float(), np.zeros((2, 6)), f, np.zeros(2, bool))
+    with pytest.raises(ValueError, match="fill of 2 channels for a 3-channel batch"):
+        br.warp_rows_u8(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), np.zeros((2, 8)), f.repeat(2), np.zeros(2, bool))
+    with pytest.raises(ValueError, match="affine coefficients"):
+        br.warp_affine_u8(x, np.zeros((3, 6)), f, np.zeros(2, bool))
+    with pytest.raises(ValueError, match=r"shifts \(2, 7\)"):
+        br.warp_rows_u8(x, np.zeros((2, 7)), f, np.zeros(2, bool), columns=True)
+
+
+def _plain(monkeypatch, fn):
+    """fn() with the torch ops on the CPU too (the plain twins), then compiled again."""
+    with monkeypatch.context() as m:
+        m.setattr(ra, "COMPILED_ON_CPU", False)
+        return fn()
+
+
+@pytest.mark.parametrize("c", [1, 3])
+@pytest.mark.parametrize("h,w", [(1, 1), (2, 9), (3, 3), (33, 41)])
+def test_compiled_pixel_ops_equal_torch_twins(c, h, w, monkeypatch):
+    """Every op on the CPU (tables, histograms, Sharpness and the warps compiled) against the same
+    op with the torch ops: the same bytes, magnitudes 0-10 with both signs, tiny and odd sizes,
+    flat and saturated areas (the table ops' edges)."""
+    if torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        pytest.skip("torch's CPU kernels without AVX2 do not fuse addcmul: the row warps differ by 1 level")
+    x = torch.from_numpy(_images(8, h, w, c, seed=h * w)).permute(0, 3, 1, 2).contiguous()
+    mags = torch.tensor([0.0, 1.3, 3.0, 5.0, 6.0, 7.7, 9.2, 10.0])
+    negs = torch.tensor([False, True] * 4)
+    mean = (118, 118, 118) if c == 1 else (124, 116, 104)
+    for name in ra.OP_NAMES:
+        def run():
+            return ra.apply_op(name, x, mags, negs, img_mean=mean, translate_const=int(0.45 * h),
+                               rng=np.random.default_rng(0))
+        got, want = run(), _plain(monkeypatch, run)
+        assert torch.equal(got, want), name
+
+
+@pytest.mark.parametrize("policy", ["rand-m6-mstd0.5-inc1", "rand-m9-n3-p1-mstd0.5"])
+def test_compiled_randaugment_equals_torch_twin(policy, monkeypatch):
+    """The whole policy on the CPU, compiled vs torch ops, gray and the gray-with-colour-fill path."""
+    if torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        pytest.skip("torch's CPU kernels without AVX2 do not fuse addcmul: the row warps differ by 1 level")
+    aug = ra.RandAugment(policy, img_mean=(124, 116, 104), translate_const=14, interpolation="random")
+    gray_aug = ra.RandAugment(policy, img_mean=(114, 114, 114), translate_const=14, interpolation="random")
+    x = torch.from_numpy(_images(40, 35, 32, c=1, seed=5)).permute(0, 3, 1, 2).contiguous()
+    for seed in range(3):
+        plan = aug.sample(40, np.random.default_rng(seed))
+        got = gray_aug.apply(x, plan)
+        assert torch.equal(got, _plain(monkeypatch, lambda: gray_aug.apply(x, plan))), seed
+        got = aug.apply_gray(x, plan, 3)
+        want = _plain(monkeypatch, lambda: aug.apply_gray(x, plan, 3))
+        assert np.array_equal(got[1], want[1]) and torch.equal(got[0], want[0]), seed
+        assert torch.equal(got[2][got[1]], want[2][want[1]]), seed
+
+
+def test_inplace_apply_writes_into_the_batch():
+    """BatchAugment hands RandAugment its own crop output: inplace=True skips the batch copy and
+    gives the same bytes; without it the input is left as it was."""
+    aug = ra.RandAugment("rand-m9-n3-p1-mstd0.5", img_mean=(124, 116, 104), translate_const=10, interpolation="random")
+    x = torch.from_numpy(_images(12, 23, 21, c=1, seed=3)).permute(0, 3, 1, 2).contiguous()
+    plan = aug.sample(12, np.random.default_rng(0))
+    keep = x.clone()
+    gray_aug = ra.RandAugment("rand-m9-n3-p1-mstd0.5", img_mean=(110,) * 3, translate_const=10)
+    want = gray_aug.apply(x, plan)
+    assert torch.equal(x, keep)
+    y = x.clone()
+    assert gray_aug.apply(y, plan, inplace=True) is y and torch.equal(y, want)
+    want = aug.apply_gray(x, plan, 3)
+    assert torch.equal(x, keep)
+    got = aug.apply_gray(y.copy_(x), plan, 3, inplace=True)
+    assert got[0] is y and torch.equal(got[0], want[0]) and np.array_equal(got[1], want[1])

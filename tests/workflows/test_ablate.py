@@ -57,6 +57,39 @@ def test_bad_grids_fail_before_any_run(tmp_path, tiny):
         "teacher_ckpt=teach,blr=0.001"
 
 
+def test_arms_named_one_by_one(tmp_path, tiny, packed_phantoms, capsys):
+    """--arm sets a few keys per arm (arms that are no product of values: MAE only vs a teacher at
+    two alphas); each arm gets its own folder, and every pair its paired difference."""
+    assert ab.parse_arms(["distill.teacher_ckpt=null", "distill.teacher_ckpt=/r/T/checkpoints/last.pt distill.alpha=2"]) \
+        == [{"distill.teacher_ckpt": None}, {"distill.teacher_ckpt": "/r/T/checkpoints/last.pt", "distill.alpha": 2}]
+    with pytest.raises(ab.AblationError, match="one value per key"):
+        ab.parse_arms(["distill.alpha=1,2"])
+    with pytest.raises(ab.AblationError, match="given twice"):
+        ab.parse_arms(["optim.blr=1 optim.blr=2"])
+    with pytest.raises(ab.AblationError, match="empty --arm"):
+        ab.parse_arms(["  "])
+    (tmp_path / "t.yaml").write_text(tiny)
+    with pytest.raises(ab.AblationError, match="not both"):
+        ab.Ablation(tmp_path / "o", str(tmp_path / "t.yaml"), ab.parse_grid(["optim.blr=1,2"]), 1, ["pretrain"],
+                    arms=[{"optim.blr": 1}])
+    with pytest.raises(ab.AblationError, match="unknown config key 'optim.nope'"):
+        ab.Ablation(tmp_path / "o", str(tmp_path / "t.yaml"), [], 1, ["pretrain"], arms=[{"optim.nope": 1}])
+    packed = packed_phantoms(tmp_path, 60)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert ab.main(["--config", str(tmp_path / "t.yaml"), "--out", str(tmp_path / "abl"), "--seeds", "1",
+                        "--stages", "pretrain,probe", "--probe-epochs", "2", "--bootstrap", "20",
+                        "--arm", "optim.blr=1e-3", "--arm", "optim.blr=1e-2 optim.weight_decay=0.0",
+                        f"--data.path={packed}"]) == 0
+    rep = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+    assert list(rep["arms"]) == ["blr=0.001", "blr=0.01,weight_decay=0.0"]
+    assert rep["keys"] == ["optim.blr", "optim.weight_decay"]
+    assert [(p["a"], p["b"]) for p in rep["pairs"]] == [("blr=0.001", "blr=0.01,weight_decay=0.0")]
+    cfg = (tmp_path / "abl" / "blr=0.01,weight_decay=0.0" / "seed0" / "pretrain" / "config.yaml").read_text()
+    assert "  blr: 0.01\n" in cfg and "  weight_decay: 0.0\n" in cfg
+    assert "ablation over optim.blr, optim.weight_decay" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_ablate_end_to_end_reuses_finished_and_resumes_interrupted(tmp_path, monkeypatch, caplog, packed_phantoms,
                                                                    tiny):

@@ -10,7 +10,7 @@
 #              MAE only; distilled from the strong teacher at distill.alpha 0.5 / 1 / 2 / 10; from the
 #              weak teacher at alpha 1 / 10; and the strong-teacher alpha-1 arm with engine.mode=reference
 #              (the engine ablation). Pre-training and fine-tuning: configs/demo/{student,finetune}.yaml.
-#              Needs calibrate first (the two teachers).
+#              Needs calibrate first (the two teachers). JOBS=2 runs the arms in two processes.
 # Usage: DIFFICULTY=easy|hard scripts/ablate_phantoms.sh OUT [MODE]
 #   OUT/packed and OUT/teacher are made first if missing; DIFFICULTY picks the phantom family
 #   (`fasttrain convert synthetic --difficulty`, default easy: the recorded tables of the easy family).
@@ -51,13 +51,18 @@ case "$MODE" in
   study)
     S="distill.teacher_ckpt=$OUT/teacher_strong/checkpoints/last.pt"
     W="distill.teacher_ckpt=$OUT/teacher_weak/checkpoints/last.pt"
-    $PY -m fasttrain.cli ablate --config configs/demo/student.yaml --finetune-config configs/demo/finetune.yaml \
-      --seeds 3 --out "$OUT/study" --data.path="$OUT/packed" --run.progress=false --run.tensorboard=false \
-      --arm "distill.teacher_ckpt=null" \
-      --arm "$S distill.alpha=0.5" --arm "$S distill.alpha=1.0" --arm "$S distill.alpha=2.0" \
-      --arm "$S distill.alpha=10.0" \
-      --arm "$W distill.alpha=1.0" --arm "$W distill.alpha=10.0" \
-      --arm "$S distill.alpha=1.0 engine.mode=reference"
+    common=(--config configs/demo/student.yaml --finetune-config configs/demo/finetune.yaml --seeds 3
+            --out "$OUT/study" --data.path="$OUT/packed" --run.progress=false --run.tensorboard=false)
+    A=(--arm "distill.teacher_ckpt=null" --arm "$S distill.alpha=0.5" --arm "$S distill.alpha=1.0"
+       --arm "$S distill.alpha=2.0")
+    B=(--arm "$S distill.alpha=10.0" --arm "$W distill.alpha=1.0" --arm "$W distill.alpha=10.0"
+       --arm "$S distill.alpha=1.0 engine.mode=reference")
+    if [ "${JOBS:-1}" = 2 ]; then  # two processes on disjoint arm folders (one core each), then the report
+      $PY -m fasttrain.cli ablate "${common[@]}" "${A[@]}" > "$OUT/study_A.log" 2>&1 &
+      $PY -m fasttrain.cli ablate "${common[@]}" "${B[@]}" > "$OUT/study_B.log" 2>&1 &
+      wait
+    fi
+    $PY -m fasttrain.cli ablate "${common[@]}" "${A[@]}" "${B[@]}"
     exit 0 ;;
 esac
 if [ ! -f "$OUT/teacher/summary.json" ]; then

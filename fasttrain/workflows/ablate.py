@@ -181,8 +181,11 @@ def _read_json(path: Path) -> Optional[dict]:
 class Ablation:
     def __init__(self, out: str | Path, base: str, grid: list[tuple[str, list]], seeds: int, stages: list[str],
                  finetune_config: Optional[str] = None, overrides: Optional[list[str]] = None,
-                 probe_settings=None, n_boot: int = 1000, arms: Optional[list[dict]] = None):
-        """`grid` (a product of values) or `arms` (named one by one), not both."""
+                 probe_settings=None, n_boot: int = 1000, arms: Optional[list[dict]] = None,
+                 pretrained_from: Optional[str | Path] = None):
+        """`grid` (a product of values) or `arms` (named one by one), not both. `pretrained_from`:
+        another ablation folder with the same arms and seeds whose finished pretrain stages this one
+        takes (fine-tuning variants of the same encoders: label fractions, recipes)."""
         self.out = Path(out)
         if bool(grid) == bool(arms):
             raise AblationError("give either --grid (a product of values) or --arm (arms one by one), not both"
@@ -192,6 +195,7 @@ class Ablation:
         self.common = parse_overrides(list(overrides or []))
         self.probe_settings, self.n_boot = probe_settings, n_boot
         self.arms = arms or arms_of(grid)
+        self.pretrained_from = Path(pretrained_from) if pretrained_from is not None else None
         self._check()
 
     @property
@@ -213,6 +217,15 @@ class Ablation:
             raise AblationError("stage evaluate needs stage finetune in --stages")
         if "probe" in self.stages and "pretrain" not in self.stages:
             raise AblationError("stage probe needs stage pretrain in --stages (it probes the pre-trained encoder)")
+        if self.pretrained_from is not None:
+            if "pretrain" not in self.stages:
+                raise AblationError("--pretrained-from takes the pretrain stage from another ablation: "
+                                    "keep pretrain in --stages")
+            missing = [str(self.source_dir(a, s)) for a in self.arms for s in range(self.seeds)
+                       if self.stage_runner(self.source_dir(a, s)).record("pretrain") is None]
+            if missing:
+                raise AblationError(f"--pretrained-from {self.pretrained_from}: no finished pretrain stage in "
+                                    + ", ".join(missing))
         names = [arm_name(a) for a in self.arms]
         if len(set(names)) != len(names):
             raise AblationError(f"two arms share a folder name: {names}")
@@ -227,6 +240,14 @@ class Ablation:
 
     def run_dir(self, arm: dict, seed: int) -> Path:
         return self.out / arm_name(arm) / f"seed{seed}"
+
+    def source_dir(self, arm: dict, seed: int) -> Path:
+        """The arm x seed folder of --pretrained-from."""
+        return self.pretrained_from / arm_name(arm) / f"seed{seed}"
+
+    def encoder(self, d: Path) -> str:
+        """The pre-trained checkpoint of the arm x seed folder d (its own, or --pretrained-from's)."""
+        return self.stage_runner(d).record("pretrain")["last"]
 
     @staticmethod
     def stage_runner(d: Path) -> StageRunner:
@@ -281,6 +302,10 @@ class Ablation:
         return run_finetune(cfg, resume="auto")
 
     def _pretrain(self, d: Path, over: dict, seed: int) -> dict:
+        if self.pretrained_from is not None:
+            src = self.pretrained_from / d.relative_to(self.out)
+            rec = self.stage_runner(src).record("pretrain")
+            return {"images_per_s": rec.get("images_per_s"), "last": rec["last"], "pretrained_from": str(src)}
         s = self._train("pretrain", self.base, d / "pretrain", over)
         return {"images_per_s": s.get("images_per_s"), "last": s["last"]}
 
@@ -288,16 +313,15 @@ class Ablation:
         cfg = build_config(self.base, over)
         s = self.probe_settings or ProbeSettings()
         s = type(s)(**{**s.__dict__, "seed": seed})
-        res = run_probe(str(d / "pretrain" / "checkpoints" / "last.pt"), cfg.data.path, train_split=cfg.data.train_split,
+        res = run_probe(self.encoder(d), cfg.data.path, train_split=cfg.data.train_split,
                         test_split=cfg.data.test_split, out=d / "pretrain" / "probe", settings=s, n_boot=self.n_boot)
         n = res["n_train"] + res["n_images"]
         return {"probe_mauc": res["mauc"], "images_per_s": n / max(res["time_s"]["features"], 1e-9),
                 "time_s": res["time_s"]}
 
     def _finetune(self, d: Path, over: dict, seed: int) -> dict:
-        init = d / "pretrain" / "checkpoints" / "last.pt"
         if "pretrain" in self.stages:
-            over = _merge(over, {"model": {"init": str(init)}})
+            over = _merge(over, {"model": {"init": self.encoder(d)}})
         s = self._train("finetune", self.ft_base, d / "finetune", over)
         return {"images_per_s": s.get("images_per_s"),
                 "finetune_val_mauc": s.get("best_val_mauc"), "best": s.get("best") or s.get("last")}
@@ -497,6 +521,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--stages", default="pretrain,probe,finetune,evaluate")
     p.add_argument("--probe-epochs", type=int, default=90)
     p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--pretrained-from", metavar="ABL",
+                   help="take each arm x seed's finished pretrain stage from this ablation folder (same arms, "
+                        "seeds) instead of pre-training again: fine-tuning variants of the same encoders")
     args, rest = p.parse_known_args(argv)
     bad = [a for a in rest if not (a.startswith("--") and "." in a.split("=", 1)[0] and "=" in a)]
     if bad:
@@ -504,7 +531,7 @@ def main(argv: list[str]) -> int:
     abl = Ablation(args.out, args.config, parse_grid(args.grid) if args.grid else [], args.seeds,
                    args.stages.split(","), finetune_config=args.finetune_config, overrides=rest,
                    probe_settings=ProbeSettings(epochs=args.probe_epochs), n_boot=args.bootstrap,
-                   arms=parse_arms(args.arm))
+                   arms=parse_arms(args.arm), pretrained_from=args.pretrained_from)
     abl.run_all()
     print((Path(args.out) / "ablation.md").read_text())
     print(f"{Path(args.out) / 'ablation.json'}")

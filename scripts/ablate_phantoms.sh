@@ -3,10 +3,18 @@
 #   distill    student MAE-only vs distilled from the small phantom teacher, equal steps
 #   engine     engine.mode fused vs reference (distilled student), same seeds
 #   both       distill, then engine (the default)
-#   calibrate  the hard family's figures: random-init, MAE-only student, weak and strong teacher
-#              probes at the demo's scale (64 px, 8-px patches; configs/demo/*.yaml)
-#   study      on the hard family, 3 seeds: MAE-only vs distilled from the strong vs the weak
-#              teacher, then distill.alpha 0.5 / 1 / 2 / 10 with the strong teacher (needs calibrate first)
+#   calibrate  the hard family's figures: random-init (teacher and student architectures), MAE-only
+#              student, weak and strong teacher probes at the demo's scale (64 px, 8-px patches;
+#              configs/demo/*.yaml)
+#   study      on the hard family, 3 seeds, one `fasttrain ablate` (paired CIs between every two arms):
+#              MAE only; distilled from the strong teacher at distill.alpha 0.5 / 1 / 2 / 10; from the
+#              weak teacher at alpha 1 / 10; and the strong-teacher alpha-1 arm with engine.mode=reference
+#              (the engine ablation). Pre-training and fine-tuning: configs/demo/{student,finetune}.yaml.
+#              Also two probes of where distillation acts, strong teacher at alpha 10: an MLP projection
+#              head, and the last blocks aligned (student 3, teacher 5) instead of 3/4 depth.
+#              Needs calibrate first (the two teachers). JOBS=2 runs the arms in two processes.
+#   labels10   the study's MAE-only and strong-teacher students fine-tuned on 10% of the labels (whole
+#              patients; 100 epochs), pre-training reused (`ablate --pretrained-from`). Needs study first.
 # Usage: DIFFICULTY=easy|hard scripts/ablate_phantoms.sh OUT [MODE]
 #   OUT/packed and OUT/teacher are made first if missing; DIFFICULTY picks the phantom family
 #   (`fasttrain convert synthetic --difficulty`, default easy: the recorded tables of the easy family).
@@ -35,6 +43,7 @@ teacher() {  # teacher NAME EPOCHS: the demo teacher architecture pre-trained (M
 case "$MODE" in
   calibrate)
     probe random_init --random-init --config configs/demo/teacher.yaml
+    probe random_init_student --random-init --config configs/demo/student.yaml
     [ -f "$OUT/student_mae/summary.json" ] || $PY -m fasttrain.cli pretrain --config configs/demo/student.yaml \
       --out "$OUT/student_mae" --data.path="$OUT/packed" --run.progress=false
     probe student_mae --ckpt "$OUT/student_mae/checkpoints/last.pt"
@@ -44,12 +53,29 @@ case "$MODE" in
     probe teacher_strong --ckpt "$OUT/teacher_strong/checkpoints/last.pt"
     exit 0 ;;
   study)
-    S="$OUT/teacher_strong/checkpoints/last.pt" W="$OUT/teacher_weak/checkpoints/last.pt"
+    S="distill.teacher_ckpt=$OUT/teacher_strong/checkpoints/last.pt"
+    W="distill.teacher_ckpt=$OUT/teacher_weak/checkpoints/last.pt"
+    common=(--config configs/demo/student.yaml --finetune-config configs/demo/finetune.yaml --seeds 3
+            --out "$OUT/study" --data.path="$OUT/packed" --run.progress=false --run.tensorboard=false)
+    A=(--arm "distill.teacher_ckpt=null" --arm "$S distill.alpha=0.5" --arm "$S distill.alpha=1.0"
+       --arm "$S distill.alpha=2.0" --arm "$S distill.alpha=10.0 distill.proj=mlp")
+    B=(--arm "$S distill.alpha=10.0" --arm "$W distill.alpha=1.0" --arm "$W distill.alpha=10.0"
+       --arm "$S distill.alpha=1.0 engine.mode=reference"
+       --arm "$S distill.alpha=10.0 distill.student_blocks=[3] distill.teacher_blocks=[5]")
+    if [ "${JOBS:-1}" = 2 ]; then  # two processes on disjoint arm folders (one core each), then the report
+      $PY -m fasttrain.cli ablate "${common[@]}" "${A[@]}" > "$OUT/study_A.log" 2>&1 &
+      $PY -m fasttrain.cli ablate "${common[@]}" "${B[@]}" > "$OUT/study_B.log" 2>&1 &
+      wait
+    fi
+    $PY -m fasttrain.cli ablate "${common[@]}" "${A[@]}" "${B[@]}"
+    exit 0 ;;
+  labels10)  # the study's encoders (MAE only; strong teacher alpha 1, 2, 10) fine-tuned on 10% of the labels
+    S="distill.teacher_ckpt=$OUT/teacher_strong/checkpoints/last.pt"
     $PY -m fasttrain.cli ablate --config configs/demo/student.yaml --finetune-config configs/demo/finetune.yaml \
-      --grid "distill.teacher_ckpt=null,$S,$W" --seeds 3 --out "$OUT/study_teacher" --data.path="$OUT/packed"
-    $PY -m fasttrain.cli ablate --config configs/demo/student.yaml --finetune-config configs/demo/finetune.yaml \
-      --grid "distill.alpha=0.5,1.0,2.0,10.0" --seeds 3 --out "$OUT/study_alpha" --data.path="$OUT/packed" \
-      --distill.teacher_ckpt="$S"
+      --seeds 3 --out "$OUT/study_lf10" --pretrained-from "$OUT/study" --stages pretrain,finetune,evaluate \
+      --data.path="$OUT/packed" --data.label_fraction=0.1 --optim.epochs=100 --run.progress=false \
+      --run.tensorboard=false --arm "distill.teacher_ckpt=null" --arm "$S distill.alpha=1.0" \
+      --arm "$S distill.alpha=2.0" --arm "$S distill.alpha=10.0"
     exit 0 ;;
 esac
 if [ ! -f "$OUT/teacher/summary.json" ]; then

@@ -80,6 +80,26 @@ def parse_grid(items: list[str]) -> list[tuple[str, list]]:
     return grid
 
 
+def parse_arms(items: list[str]) -> list[dict]:
+    """['distill.teacher_ckpt=null', 'distill.teacher_ckpt=T distill.alpha=2'] -> one dict per arm:
+    arms named one by one, for studies that are not a product of values (MAE only vs a teacher
+    at several alphas). Assignments inside an arm are separated by spaces."""
+    arms = []
+    for item in items:
+        arm: dict = {}
+        for word in item.split():
+            key, values = parse_grid([word])[0]
+            if len(values) != 1:
+                raise AblationError(f"--arm {item!r}: {key} has {len(values)} values; an arm sets one value per key")
+            if key in arm:
+                raise AblationError(f"--arm {item!r}: {key} given twice")
+            arm[key] = values[0]
+        if not arm:
+            raise AblationError("an empty --arm: give KEY=VALUE assignments separated by spaces")
+        arms.append(arm)
+    return arms
+
+
 def arm_name(assign: dict) -> str:
     """{'distill.teacher_ckpt': None} -> 'teacher_ckpt=none' (a folder name; paths by their run)."""
     parts = []
@@ -161,14 +181,27 @@ def _read_json(path: Path) -> Optional[dict]:
 class Ablation:
     def __init__(self, out: str | Path, base: str, grid: list[tuple[str, list]], seeds: int, stages: list[str],
                  finetune_config: Optional[str] = None, overrides: Optional[list[str]] = None,
-                 probe_settings=None, n_boot: int = 1000):
+                 probe_settings=None, n_boot: int = 1000, arms: Optional[list[dict]] = None,
+                 pretrained_from: Optional[str | Path] = None):
+        """`grid` (a product of values) or `arms` (named one by one), not both. `pretrained_from`:
+        another ablation folder with the same arms and seeds whose finished pretrain stages this one
+        takes (fine-tuning variants of the same encoders: label fractions, recipes)."""
         self.out = Path(out)
+        if bool(grid) == bool(arms):
+            raise AblationError("give either --grid (a product of values) or --arm (arms one by one), not both"
+                                if grid else "an empty grid: give at least one --grid KEY=V1,V2 or --arm KEY=V")
         self.grid, self.seeds, self.stages = grid, seeds, stages
         self.base, self.ft_base = base, finetune_config
         self.common = parse_overrides(list(overrides or []))
         self.probe_settings, self.n_boot = probe_settings, n_boot
-        self.arms = arms_of(grid)
+        self.arms = arms or arms_of(grid)
+        self.pretrained_from = Path(pretrained_from) if pretrained_from is not None else None
         self._check()
+
+    @property
+    def keys(self) -> list[str]:
+        """The keys the arms set, in first-seen order."""
+        return list(dict.fromkeys(k for arm in self.arms for k in arm))
 
     def _check(self) -> None:
         """Every stage name, grid key and config resolves before any run (errors name the key)."""
@@ -184,6 +217,15 @@ class Ablation:
             raise AblationError("stage evaluate needs stage finetune in --stages")
         if "probe" in self.stages and "pretrain" not in self.stages:
             raise AblationError("stage probe needs stage pretrain in --stages (it probes the pre-trained encoder)")
+        if self.pretrained_from is not None:
+            if "pretrain" not in self.stages:
+                raise AblationError("--pretrained-from takes the pretrain stage from another ablation: "
+                                    "keep pretrain in --stages")
+            missing = [str(self.source_dir(a, s)) for a in self.arms for s in range(self.seeds)
+                       if self.stage_runner(self.source_dir(a, s)).record("pretrain") is None]
+            if missing:
+                raise AblationError(f"--pretrained-from {self.pretrained_from}: no finished pretrain stage in "
+                                    + ", ".join(missing))
         names = [arm_name(a) for a in self.arms]
         if len(set(names)) != len(names):
             raise AblationError(f"two arms share a folder name: {names}")
@@ -198,6 +240,14 @@ class Ablation:
 
     def run_dir(self, arm: dict, seed: int) -> Path:
         return self.out / arm_name(arm) / f"seed{seed}"
+
+    def source_dir(self, arm: dict, seed: int) -> Path:
+        """The arm x seed folder of --pretrained-from."""
+        return self.pretrained_from / arm_name(arm) / f"seed{seed}"
+
+    def encoder(self, d: Path) -> str:
+        """The pre-trained checkpoint of the arm x seed folder d (its own, or --pretrained-from's)."""
+        return self.stage_runner(d).record("pretrain")["last"]
 
     @staticmethod
     def stage_runner(d: Path) -> StageRunner:
@@ -221,7 +271,8 @@ class Ablation:
 
     def run_all(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.out / "plan.json", {"grid": self.grid, "seeds": self.seeds, "stages": self.stages,
+        write_json_atomic(self.out / "plan.json", {"grid": self.grid, "arms": self.arms, "seeds": self.seeds,
+                                                   "stages": self.stages,
                                                    "config": self.base, "finetune_config": self.ft_base,
                                                    "overrides": self.common})
         for seed in range(self.seeds):  # seed-major: an interrupted grid has every arm at the same seeds
@@ -251,6 +302,10 @@ class Ablation:
         return run_finetune(cfg, resume="auto")
 
     def _pretrain(self, d: Path, over: dict, seed: int) -> dict:
+        if self.pretrained_from is not None:
+            src = self.pretrained_from / d.relative_to(self.out)
+            rec = self.stage_runner(src).record("pretrain")
+            return {"images_per_s": rec.get("images_per_s"), "last": rec["last"], "pretrained_from": str(src)}
         s = self._train("pretrain", self.base, d / "pretrain", over)
         return {"images_per_s": s.get("images_per_s"), "last": s["last"]}
 
@@ -258,16 +313,15 @@ class Ablation:
         cfg = build_config(self.base, over)
         s = self.probe_settings or ProbeSettings()
         s = type(s)(**{**s.__dict__, "seed": seed})
-        res = run_probe(str(d / "pretrain" / "checkpoints" / "last.pt"), cfg.data.path, train_split=cfg.data.train_split,
+        res = run_probe(self.encoder(d), cfg.data.path, train_split=cfg.data.train_split,
                         test_split=cfg.data.test_split, out=d / "pretrain" / "probe", settings=s, n_boot=self.n_boot)
         n = res["n_train"] + res["n_images"]
         return {"probe_mauc": res["mauc"], "images_per_s": n / max(res["time_s"]["features"], 1e-9),
                 "time_s": res["time_s"]}
 
     def _finetune(self, d: Path, over: dict, seed: int) -> dict:
-        init = d / "pretrain" / "checkpoints" / "last.pt"
         if "pretrain" in self.stages:
-            over = _merge(over, {"model": {"init": str(init)}})
+            over = _merge(over, {"model": {"init": self.encoder(d)}})
         s = self._train("finetune", self.ft_base, d / "finetune", over)
         return {"images_per_s": s.get("images_per_s"),
                 "finetune_val_mauc": s.get("best_val_mauc"), "best": s.get("best") or s.get("last")}
@@ -313,7 +367,8 @@ class Ablation:
                 res = paired_difference(labels, [np.load(f) for f in fa], [np.load(f) for f in fb],
                                         n_boot=self.n_boot, seed=0)
                 pairs.append({"metric": m, "a": names[a], "b": names[b], **res})
-        report = {"grid": self.grid, "seeds": self.seeds, "stages": self.stages, "arms": arms_out, "pairs": pairs,
+        report = {"grid": self.grid, "keys": self.keys, "seeds": self.seeds, "stages": self.stages,
+                  "arms": arms_out, "pairs": pairs,
                   "synthetic": self._synthetic()}
         curve = self.curve(labels)
         if curve is not None:
@@ -419,7 +474,7 @@ def _fmt(v, digits=4) -> str:
 
 def format_markdown(r: dict) -> str:
     tag = "SYNTHETIC phantoms: " if r.get("synthetic") else ""
-    lines = [f"# {tag}ablation over {', '.join(k for k, _ in r['grid'])} ({r['seeds']} seeds, stages "
+    lines = [f"# {tag}ablation over {', '.join(r.get('keys') or [k for k, _ in r['grid']])} ({r['seeds']} seeds, stages "
              f"{','.join(r['stages'])})", ""]
     metric_names = sorted({m for a in r["arms"].values() for m in a["metrics"]}, key=list(METRICS).index)
     lines += ["| arm | " + " | ".join(f"{m} mean ± std" for m in metric_names) + " | per-seed values | complete |",
@@ -459,18 +514,24 @@ def main(argv: list[str]) -> int:
     p.add_argument("--config", required=True, help="pre-training YAML of every arm")
     p.add_argument("--finetune-config", help="fine-tuning YAML (stages finetune/evaluate)")
     p.add_argument("--grid", action="append", default=[], help="KEY=V1,V2 (repeat for a product grid; null = None)")
+    p.add_argument("--arm", action="append", default=[],
+                   help="one arm as 'KEY=V KEY2=V2' (repeat for each arm; instead of --grid)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--out", required=True)
     p.add_argument("--stages", default="pretrain,probe,finetune,evaluate")
     p.add_argument("--probe-epochs", type=int, default=90)
     p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--pretrained-from", metavar="ABL",
+                   help="take each arm x seed's finished pretrain stage from this ablation folder (same arms, "
+                        "seeds) instead of pre-training again: fine-tuning variants of the same encoders")
     args, rest = p.parse_known_args(argv)
     bad = [a for a in rest if not (a.startswith("--") and "." in a.split("=", 1)[0] and "=" in a)]
     if bad:
         p.error(f"unrecognised arguments: {' '.join(bad)} (config overrides look like --section.key=value)")
-    abl = Ablation(args.out, args.config, parse_grid(args.grid), args.seeds, args.stages.split(","),
-                   finetune_config=args.finetune_config, overrides=rest,
-                   probe_settings=ProbeSettings(epochs=args.probe_epochs), n_boot=args.bootstrap)
+    abl = Ablation(args.out, args.config, parse_grid(args.grid) if args.grid else [], args.seeds,
+                   args.stages.split(","), finetune_config=args.finetune_config, overrides=rest,
+                   probe_settings=ProbeSettings(epochs=args.probe_epochs), n_boot=args.bootstrap,
+                   arms=parse_arms(args.arm), pretrained_from=args.pretrained_from)
     abl.run_all()
     print((Path(args.out) / "ablation.md").read_text())
     print(f"{Path(args.out) / 'ablation.json'}")

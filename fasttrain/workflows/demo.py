@@ -1,12 +1,16 @@
 """`fasttrain demo` (`make demo`): the whole pipeline on SYNTHETIC phantoms, in minutes on 2 CPU cores.
 
 Stages, each through the same code a real run uses (only the sizes in configs/demo/*.yaml shrink):
-  1. generate phantoms in the NIH and in the CheXpert source layouts (fasttrain.converters.synthetic)
+  1. generate phantoms in the NIH and in the CheXpert source layouts (fasttrain.converters.synthetic;
+     the hard family by default: signs that need shape and context, see synthetic_hard.py)
   2. convert each to raw + ffcv at 64 px by its real converter     (converters.nih, converters.chexpert)
   3. pre-train a small MAE teacher on the NIH + CheXpert mixture   (fasttrain pretrain, data.path=A,B)
   4. distil a smaller student from it (ETMAE), on the same mixture (fasttrain pretrain --teacher)
-  5. fine-tune the student on the 14 labels          (fasttrain finetune, best.pt by val mAUC)
-  6. evaluate on the test split, with bootstrap CIs  (fasttrain evaluate) and plot (fasttrain plot)
+  5. pre-train the same student without the teacher (MAE only), equal steps: the control
+  6. fine-tune the distilled student on the 14 labels (fasttrain finetune, best.pt by val mAUC)
+  7. evaluate on the test split, with bootstrap CIs  (fasttrain evaluate), plot (fasttrain plot), and
+     linear-probe the frozen encoders side by side: random init, MAE only, distilled, the teacher
+     (fasttrain probe)
 The images are synthetic and every number printed says so.
 """
 from __future__ import annotations
@@ -22,7 +26,8 @@ import torch
 from fasttrain.config import build_config
 from fasttrain.converters.chexpert import convert_chexpert
 from fasttrain.converters.nih import convert_nih
-from fasttrain.converters.synthetic import SUBGROUP_EFFECT, generate_phantoms
+from fasttrain.converters.synthetic import generate_phantoms, subgroup_effect_text
+from fasttrain.converters.synthetic_hard import DIFFICULTIES, drawer
 from fasttrain.data import open_packed
 from fasttrain.eval.calibration import format_calibration
 from fasttrain.eval.evaluate import evaluate_checkpoint, format_table
@@ -61,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="phantoms in the CheXpert layout, the mixture's second part (default n / 3)")
     p.add_argument("--src-size", type=int, default=128, help="phantom size in the source layout (px)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--difficulty", choices=DIFFICULTIES, default="hard",
+                   help="phantom family (default hard: a random encoder's probe stays near chance, so the "
+                        "probes can tell pre-training and distillation apart; easy: large contrasty signs and "
+                        "a deliberate subgroup effect)")
     p.add_argument("--epochs", type=int, default=None, help="override every stage's epochs (tests)")
     p.add_argument("--max-steps", type=int, default=None, help="stop every stage after N steps (tests)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the test CIs")
@@ -93,17 +102,18 @@ def run_demo(args) -> int:
         print(f"\n=== {text} ===", flush=True)
 
     n_cx = args.n_chexpert if args.n_chexpert is not None else max(args.n // 3, 20)
-    banner(f"1/6 generating SYNTHETIC phantoms ({args.src_size} px): {args.n} in the NIH source layout, "
-           f"{n_cx} in the CheXpert source layout")
+    draw = drawer(args.difficulty)
+    banner(f"1/7 generating SYNTHETIC {args.difficulty} phantoms ({args.src_size} px): {args.n} in the NIH "
+           f"source layout, {n_cx} in the CheXpert source layout")
     t = time.perf_counter()
     src = generate_phantoms(out / "phantoms_src", args.n, seed=args.seed, size=args.src_size,
-                            workers=None, progress=not args.quiet)
+                            workers=None, progress=not args.quiet, draw=draw)
     # another seed: the CheXpert-layout part holds other images, as a second source would
     src_cx = generate_phantoms(out / "phantoms_chexpert_src", n_cx, seed=args.seed + 1, size=args.src_size,
-                               workers=None, progress=not args.quiet, layout="chexpert")
+                               workers=None, progress=not args.quiet, layout="chexpert", draw=draw)
     rows.append(("generate phantoms", f"{(args.n + n_cx) / (time.perf_counter() - t):,.0f}", f"{src}, {src_cx}"))
 
-    banner("2/6 converting with the NIH and the CheXpert converters -> raw + ffcv, 64 px")
+    banner("2/7 converting with the NIH and the CheXpert converters -> raw + ffcv, 64 px")
     t = time.perf_counter()
     packed = convert_nih(src, out / "packed", formats=("raw", "ffcv"), size=64, val_fraction=0.1,
                          seed=args.seed, progress=not args.quiet)
@@ -121,20 +131,26 @@ def run_demo(args) -> int:
     rows.append(("convert (raw+ffcv)", f"{(args.n + n_cx) / (time.perf_counter() - t):,.0f}",
                  f"{packed}, {packed_cx}"))
 
-    banner("3/6 pre-training the MAE teacher on the NIH + CheXpert mixture")
+    banner("3/7 pre-training the MAE teacher on the NIH + CheXpert mixture")
     cfg = build_config(cfgs / "teacher.yaml", mixture + [f"--run.out={out / 'teacher'}",
                                                          f"--run.seed={args.seed}"] + over)
     teacher = run_pretrain(cfg)
     rows.append(("pretrain teacher (MAE)", _ips(teacher), _loss_note(teacher)))
 
-    banner("4/6 distilling the student from the teacher (ETMAE) on the mixture")
+    banner("4/7 distilling the student from the teacher (ETMAE) on the mixture")
     cfg = build_config(cfgs / "student.yaml", mixture + [f"--run.out={out / 'student'}",
                                                f"--distill.teacher_ckpt={teacher['last']}",
                                                f"--run.seed={args.seed}"] + over)
     student = run_pretrain(cfg)
     rows.append(("distil student (ETMAE)", _ips(student), _loss_note(student)))
 
-    banner("5/6 fine-tuning the student on the 14 labels")
+    banner("5/7 pre-training the same student without the teacher (MAE only, same steps): the control")
+    cfg = build_config(cfgs / "student.yaml", mixture + [f"--run.out={out / 'student_mae'}",
+                                                         f"--run.seed={args.seed}"] + over)
+    student_mae = run_pretrain(cfg)
+    rows.append(("student MAE only", _ips(student_mae), _loss_note(student_mae)))
+
+    banner("6/7 fine-tuning the distilled student on the 14 labels")
     cfg = build_config(cfgs / "finetune.yaml", [f"--data.path={packed}", f"--run.out={out / 'finetune'}",
                                                 f"--model.init={student['last']}", f"--run.seed={args.seed}"] + over)
     ft = run_finetune(cfg)
@@ -142,16 +158,15 @@ def run_demo(args) -> int:
     val = f"best val mAUC {ft['best_val_mauc']:.3f}" if ft["best_val_mauc"] is not None else "no val mAUC"
     rows.append(("fine-tune student", _ips(ft), val))
 
-    banner("6/6 evaluating the fine-tuned student on the test split")
-    # subgroups by the phantoms' sex / age / view (the generator draws women's signs fainter on
+    banner("7/7 evaluating the fine-tuned student on the test split; linear probes of the frozen encoders")
+    # subgroups by the phantoms' sex / age / view (the easy family draws women's signs fainter on
     # purpose: converters/synthetic.py SUBGROUP_EFFECT), calibration with a temperature fitted on val
     res = evaluate_checkpoint(best, packed, "test", out / "finetune" / "eval", n_boot=args.bootstrap, seed=args.seed,
                               by=["sex", "age", "view"], calibrate=True)
     rows.append(("evaluate (test)", f"{res['images_per_s']:,.0f}", f"{res['n_images']} images"))
-    probe = run_probe(student["last"], packed, out=out / "student" / "probe", n_boot=args.bootstrap,
-                      settings=ProbeSettings(seed=args.seed))
-    rows.append(("linear probe (student)", "-", f"test mAUC {probe['mauc'] or float('nan'):.3f}"))
-    plots = plot_runs([out / "teacher", out / "student", out / "finetune"], out / "plots")
+    probes = _probes(out, packed, cfgs, args, {"teacher": teacher, "student": student, "student_mae": student_mae})
+    rows.append(("linear probes (4 encoders)", "-", f"{probes['seconds']:.0f} s"))
+    plots = plot_runs([out / "teacher", out / "student", out / "student_mae", out / "finetune"], out / "plots")
 
     wall = time.perf_counter() - t_all
     print("\n" + "=" * 78)
@@ -165,23 +180,57 @@ def run_demo(args) -> int:
     print()
     print(format_table(res, f"student (ViT {cfg.model.embed_dim}-d x {cfg.model.depth}) on the SYNTHETIC test split, "
                             f"{res['n_images']} images, 95% bootstrap CI ({args.bootstrap} resamples)"))
-    print(f"student's linear probe (frozen encoder): test mAUC {probe['mauc'] or float('nan'):.3f} "
-          f"{_ci(probe)}; fine-tuned: test mAUC {res['mauc'] or float('nan'):.3f} {_ci(res)}")
+    print()
+    print(format_probes(probes["rows"], res, args.bootstrap))
     print()
     print(format_calibration(res["calibration"]))
     print()
-    print(f"subgroups of the SYNTHETIC test split (deliberate effect: {SUBGROUP_EFFECT}; underdiagnosis: a "
-          f"positive study with every label below its Youden threshold on val)")
+    print(f"subgroups of the SYNTHETIC test split (deliberate effect: {subgroup_effect_text(draw)}; underdiagnosis: "
+          f"a positive study with every label below its Youden threshold on val)")
     print(format_subgroups(res["subgroups"]))
     print()
     print(f"checkpoints: teacher {teacher['last']}\n             student {student['last']}\n"
-          f"             classifier {best}")
+          f"             student (MAE only) {student_mae['last']}\n             classifier {best}")
     print(f"results:     {res['paths']['results']}\nROC curves:  {res['paths']['roc']}\n"
           f"reliability: {res['paths']['reliability']}")
     print("plots:       " + "\n             ".join(str(pth) for pth in plots))
     print(f"wall time:   {wall / 60:.1f} min (CPU time of the main process {(time.process_time() - cpu_all) / 60:.1f} min; "
           f"{torch.get_num_threads()} torch threads)")
     return 0
+
+
+# (label, which encoder) of the probe table, in the order printed
+PROBED = (("random init (student architecture)", None), ("student, MAE only", "student_mae"),
+          ("student, distilled (ETMAE)", "student"), ("teacher (MAE)", "teacher"))
+
+
+def _probes(out: Path, packed: Path, cfgs: Path, args, runs: dict) -> dict:
+    """Linear probes (`fasttrain probe` defaults, seed args.seed) of the frozen encoders, on the NIH
+    part's train -> test split: {"rows": [(label, result)], "seconds": wall}."""
+    t = time.perf_counter()
+    rows = []
+    for label, run in PROBED:
+        settings = ProbeSettings(seed=args.seed)
+        if run is None:
+            r = run_probe(None, packed, random_init=True, config=str(cfgs / "student.yaml"),
+                          out=out / "probe_random_init", n_boot=args.bootstrap, settings=settings)
+        else:
+            r = run_probe(runs[run]["last"], packed, out=out / run / "probe", n_boot=args.bootstrap, settings=settings)
+        rows.append((label, r))
+    return {"rows": rows, "seconds": time.perf_counter() - t}
+
+
+def format_probes(rows: list[tuple[str, dict]], finetuned: dict, n_boot: int) -> str:
+    """The probe table, then the fine-tuned student's test mAUC beside them."""
+    w = max(len(label) for label, _ in rows + [("student, distilled, fine-tuned", None)])
+    lines = [f"linear probes of the frozen encoders and the fine-tuned student, SYNTHETIC test split "
+             f"({n_boot} bootstrap resamples; one seed: differences inside the CIs are noise)",
+             f"{'encoder'.ljust(w)}  test mAUC           95% CI"]
+    for label, r in rows:
+        lines.append(f"{label.ljust(w)}  {r['mauc'] or float('nan'):9.3f}   {_ci(r):>16}  (linear probe)")
+    lines.append(f"{'student, distilled, fine-tuned'.ljust(w)}  {finetuned['mauc'] or float('nan'):9.3f}   "
+                 f"{_ci(finetuned):>16}  (whole encoder + head)")
+    return "\n".join(lines)
 
 
 def _ci(res: dict) -> str:

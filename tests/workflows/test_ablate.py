@@ -57,6 +57,77 @@ def test_bad_grids_fail_before_any_run(tmp_path, tiny):
         "teacher_ckpt=teach,blr=0.001"
 
 
+def test_arms_named_one_by_one(tmp_path, tiny, packed_phantoms, capsys):
+    """--arm sets a few keys per arm (arms that are no product of values: MAE only vs a teacher at
+    two alphas); each arm gets its own folder, and every pair its paired difference."""
+    assert ab.parse_arms(["distill.teacher_ckpt=null", "distill.teacher_ckpt=/r/T/checkpoints/last.pt distill.alpha=2"]) \
+        == [{"distill.teacher_ckpt": None}, {"distill.teacher_ckpt": "/r/T/checkpoints/last.pt", "distill.alpha": 2}]
+    with pytest.raises(ab.AblationError, match="one value per key"):
+        ab.parse_arms(["distill.alpha=1,2"])
+    with pytest.raises(ab.AblationError, match="given twice"):
+        ab.parse_arms(["optim.blr=1 optim.blr=2"])
+    with pytest.raises(ab.AblationError, match="empty --arm"):
+        ab.parse_arms(["  "])
+    (tmp_path / "t.yaml").write_text(tiny)
+    with pytest.raises(ab.AblationError, match="not both"):
+        ab.Ablation(tmp_path / "o", str(tmp_path / "t.yaml"), ab.parse_grid(["optim.blr=1,2"]), 1, ["pretrain"],
+                    arms=[{"optim.blr": 1}])
+    with pytest.raises(ab.AblationError, match="unknown config key 'optim.nope'"):
+        ab.Ablation(tmp_path / "o", str(tmp_path / "t.yaml"), [], 1, ["pretrain"], arms=[{"optim.nope": 1}])
+    packed = packed_phantoms(tmp_path, 60)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert ab.main(["--config", str(tmp_path / "t.yaml"), "--out", str(tmp_path / "abl"), "--seeds", "1",
+                        "--stages", "pretrain,probe", "--probe-epochs", "2", "--bootstrap", "20",
+                        "--arm", "optim.blr=1e-3", "--arm", "optim.blr=1e-2 optim.weight_decay=0.0",
+                        f"--data.path={packed}"]) == 0
+    rep = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+    assert list(rep["arms"]) == ["blr=0.001", "blr=0.01,weight_decay=0.0"]
+    assert rep["keys"] == ["optim.blr", "optim.weight_decay"]
+    assert [(p["a"], p["b"]) for p in rep["pairs"]] == [("blr=0.001", "blr=0.01,weight_decay=0.0")]
+    cfg = (tmp_path / "abl" / "blr=0.01,weight_decay=0.0" / "seed0" / "pretrain" / "config.yaml").read_text()
+    assert "  blr: 0.01\n" in cfg and "  weight_decay: 0.0\n" in cfg
+    assert "ablation over optim.blr, optim.weight_decay" in capsys.readouterr().out
+
+
+def test_finetuning_variants_take_the_pretrained_encoders_of_another_ablation(tmp_path, tiny, tiny_yaml,
+                                                                             packed_phantoms, monkeypatch):
+    """--pretrained-from: the pretrain stage of each arm x seed is the other ablation's, never run
+    again; fine-tuning starts from that checkpoint; a missing one is an error before any run."""
+    packed = packed_phantoms(tmp_path, 60)
+    (tmp_path / "t.yaml").write_text(tiny)
+    ft = tmp_path / "ft.yaml"
+    ft.write_text(tiny_yaml("vit", model={"num_classes": 14}, data={"val_split": None}, optim={"epochs": 1}))
+    arms = [{"optim.blr": 1e-3}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = ab.Ablation(tmp_path / "a", str(tmp_path / "t.yaml"), [], 1, ["pretrain"], arms=arms,
+                            overrides=[f"--data.path={packed}"], n_boot=20).run_all()
+    assert first["arms"]["blr=0.001"]["complete"]
+    ckpt = json.loads(
+        (tmp_path / "a" / "blr=0.001" / "seed0" / "stages" / "pretrain.json").read_text())["last"]
+
+    def no_pretraining(cfg, resume=False):
+        raise AssertionError("pre-trained again")
+    monkeypatch.setattr(ab, "run_pretrain", no_pretraining)
+    with pytest.raises(ab.AblationError, match=r"no finished pretrain stage in .*seed1"):
+        ab.Ablation(tmp_path / "b", str(tmp_path / "t.yaml"), [], 2, ["pretrain", "finetune", "evaluate"],
+                    finetune_config=str(ft), arms=arms, pretrained_from=tmp_path / "a")
+    with pytest.raises(ab.AblationError, match="keep pretrain in --stages"):
+        ab.Ablation(tmp_path / "b", str(tmp_path / "t.yaml"), [], 1, ["finetune", "evaluate"],
+                    finetune_config=str(ft), arms=arms, pretrained_from=tmp_path / "a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep = ab.Ablation(tmp_path / "b", str(tmp_path / "t.yaml"), [], 1, ["pretrain", "finetune", "evaluate"],
+                          finetune_config=str(ft), arms=arms, overrides=[f"--data.path={packed}"], n_boot=20, pretrained_from=tmp_path / "a").run_all()
+    assert rep["arms"]["blr=0.001"]["complete"] and rep["arms"]["blr=0.001"]["metrics"]["test_mauc"]["n"] == 1
+    run = tmp_path / "b" / "blr=0.001" / "seed0"
+    assert f"  init: {ckpt}\n" in (run / "finetune" / "config.yaml").read_text()
+    assert json.loads((run / "stages" / "pretrain.json").read_text())["pretrained_from"] == \
+        str(tmp_path / "a" / "blr=0.001" / "seed0")
+    assert not (run / "pretrain").exists()
+
+
 @pytest.mark.slow
 def test_ablate_end_to_end_reuses_finished_and_resumes_interrupted(tmp_path, monkeypatch, caplog, packed_phantoms,
                                                                    tiny):

@@ -17,17 +17,23 @@ def test_demo_smoke(tmp_path, capsys):
                  "--bootstrap", "20", "--quiet"]) == 0
     text = capsys.readouterr().out
     assert "SYNTHETIC" in text and "mAUC" in text
-    assert re.search(r"linear probe \(frozen encoder\): test mAUC [\d.]+ .*; fine-tuned: test mAUC [\d.]+", text)
+    # the probes side by side with the fine-tuned student: random init, MAE only, distilled, teacher
+    for label in ("random init (student architecture)", "student, MAE only", "student, distilled (ETMAE)",
+                  "teacher (MAE)"):
+        assert re.search(rf"^{re.escape(label)}\s+[\d.]+\s+\[[\d.]+, [\d.]+\]\s+\(linear probe\)", text, re.M), label
+    assert re.search(r"^student, distilled, fine-tuned\s+[\d.]+\s+\[[\d.]+, [\d.]+\]\s+\(whole encoder", text, re.M)
     for stage in ("generate phantoms", "convert (raw+ffcv)", "pretrain teacher (MAE)", "distil student (ETMAE)",
-                  "fine-tune student", "evaluate (test)"):
+                  "student MAE only", "fine-tune student", "evaluate (test)"):
         assert re.search(rf"^{re.escape(stage)}\s+[\d,]+\s", text, re.M), stage
     for rel in ("teacher/checkpoints/last.pt", "student/checkpoints/last.pt", "finetune/checkpoints/last.pt",
                 "finetune/eval/results_test.json", "finetune/eval/roc_test.png", "plots/losses.png",
                 "plots/auc_bars.png", "packed/ffcv", "packed/raw", "plots/recon_teacher.png",
-                "plots/recon_student.png", "student/probe/probe_test.json"):
+                "plots/recon_student.png", "student/probe/probe_test.json", "student_mae/probe/probe_test.json",
+                "teacher/probe/probe_test.json", "probe_random_init/probe_test.json",
+                "phantoms_src/README.txt"):
         assert (out / rel).exists(), rel
     # pre-training read the two-source mixture, each part packed by its own converter
-    for stage in ("teacher", "student"):
+    for stage in ("teacher", "student", "student_mae"):
         parts = json.loads((out / stage / "provenance.json").read_text())["data"]
         assert [p["dataset"] for p in parts] == ["nih-chestxray14-synthetic", "chexpert-synthetic"], stage
         assert [p["weight"] for p in parts] == [3.0, 1.0]
@@ -40,6 +46,12 @@ def test_demo_smoke(tmp_path, capsys):
     assert (out / "finetune" / "eval" / "reliability_test.png").exists()
     student = [json.loads(x) for x in (out / "student" / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("loss_dist", 0) > 0 for r in student)  # the student really was distilled
+    control = [json.loads(x) for x in (out / "student_mae" / "metrics.jsonl").read_text().splitlines()]
+    assert not any(r.get("loss_dist", 0) > 0 for r in control)  # and the control was not
+    assert max(r.get("step", 0) for r in control) == max(r.get("step", 0) for r in student)  # equal steps
+    # the hard family by default: its signs, and no deliberate subgroup effect
+    assert "meniscus" in (out / "phantoms_src" / "README.txt").read_text()
+    assert "deliberate effect: none" in text
     # a second demo into the same folder starts clean; a foreign folder is never deleted
     (tmp_path / "mine").mkdir()
     with pytest.raises(FileExistsError, match="not a demo folder"):

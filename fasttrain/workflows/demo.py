@@ -131,23 +131,21 @@ def run_demo(args) -> int:
     rows.append(("convert (raw+ffcv)", f"{(args.n + n_cx) / (time.perf_counter() - t):,.0f}",
                  f"{packed}, {packed_cx}"))
 
+    def pretrain(yaml: str, run: str, *extra: str) -> dict:
+        """One pre-training stage on the mixture: configs/demo/<yaml>, run folder out/<run>."""
+        cfg = build_config(cfgs / yaml, mixture + [f"--run.out={out / run}", f"--run.seed={args.seed}", *extra] + over)
+        return run_pretrain(cfg)
+
     banner("3/7 pre-training the MAE teacher on the NIH + CheXpert mixture")
-    cfg = build_config(cfgs / "teacher.yaml", mixture + [f"--run.out={out / 'teacher'}",
-                                                         f"--run.seed={args.seed}"] + over)
-    teacher = run_pretrain(cfg)
+    teacher = pretrain("teacher.yaml", "teacher")
     rows.append(("pretrain teacher (MAE)", _ips(teacher), _loss_note(teacher)))
 
     banner("4/7 distilling the student from the teacher (ETMAE) on the mixture")
-    cfg = build_config(cfgs / "student.yaml", mixture + [f"--run.out={out / 'student'}",
-                                               f"--distill.teacher_ckpt={teacher['last']}",
-                                               f"--run.seed={args.seed}"] + over)
-    student = run_pretrain(cfg)
+    student = pretrain("student.yaml", "student", f"--distill.teacher_ckpt={teacher['last']}")
     rows.append(("distil student (ETMAE)", _ips(student), _loss_note(student)))
 
     banner("5/7 pre-training the same student without the teacher (MAE only, same steps): the control")
-    cfg = build_config(cfgs / "student.yaml", mixture + [f"--run.out={out / 'student_mae'}",
-                                                         f"--run.seed={args.seed}"] + over)
-    student_mae = run_pretrain(cfg)
+    student_mae = pretrain("student.yaml", "student_mae")
     rows.append(("student MAE only", _ips(student_mae), _loss_note(student_mae)))
 
     banner("6/7 fine-tuning the distilled student on the 14 labels")

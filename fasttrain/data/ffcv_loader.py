@@ -20,7 +20,10 @@ fault per 4 KiB, more than reading the images.
 """
 from __future__ import annotations
 
+import queue
 import threading
+import time
+import weakref
 from collections import defaultdict
 
 import numpy as np
@@ -48,6 +51,17 @@ def _import_ffcv():
                 ToTensor=ToTensor)
 
 
+class Epoch:
+    """Held by an epoch's generator while the epoch is open (its consumer may still read its
+    batches): buffers lent to the epoch are not handed to another until it is gone."""
+    __slots__ = ("__weakref__",)
+
+
+def in_use(readers: list, epoch: weakref.ref) -> bool:
+    """Buffers lent to an epoch are in use while the epoch is open or any of its readers runs."""
+    return epoch() is not None or any(r.is_alive() for r in readers)
+
+
 class BufferPool:
     """The batch buffers of one part's FFCV Loader, kept from epoch to epoch (CPU).
 
@@ -55,22 +69,22 @@ class BufferPool:
     a whole batch). Fresh pages fault on their first write, one fault per 4 KiB (4,096 for a batch
     of 256 images at 256 px), which costs more than reading the images; when an epoch holds a few
     batches every slot is fresh. The pool is the graph's allocate_memory: it hands a finished
-    epoch's buffers to the next one. The buffers of an epoch whose reader thread still runs (an
-    epoch left early: its thread ends after the batch in hand) are not handed out until it ended.
+    epoch's buffers to the next one. The buffers of an epoch that is still open (two epochs of one
+    loader read at once) or whose reader thread still runs are not handed out (`in_use`).
     """
 
     def __init__(self, graph):
         self.allocate = graph.allocate_memory  # FFCV's own (fresh buffers)
         self._free: list = []  # [(batch_size, slots), buffers]
-        self._lent: list = []  # [thread, (batch_size, slots), buffers]
+        self._lent: list = []  # [thread, weakref to its Epoch, (batch_size, slots), buffers]
         self._last = None
         self.allocated = 0  # fresh allocations so far
         graph.allocate_memory = self  # what EpochIterator.__init__ calls
 
     def __call__(self, batch_size: int, slots: int):
-        alive = [e[0].is_alive() for e in self._lent]  # once per thread: it may end meanwhile
-        self._free += [e[1:] for e, a in zip(self._lent, alive) if not a]
-        self._lent = [e for e, a in zip(self._lent, alive) if a]
+        busy = [in_use([e[0]], e[1]) for e in self._lent]  # once per entry: a thread may end meanwhile
+        self._free += [e[2:] for e, b in zip(self._lent, busy) if not b]
+        self._lent = [e for e, b in zip(self._lent, busy) if b]
         key = (batch_size, slots)
         for n, (k, buffers) in enumerate(self._free):
             if k == key:
@@ -81,10 +95,11 @@ class BufferPool:
         self._last = (key, self.allocate(batch_size, slots))
         return self._last[1]
 
-    def lend(self, thread) -> None:
-        """The buffers handed out last now belong to `thread` (an EpochIterator) until it ends."""
+    def lend(self, thread, epoch: Epoch) -> None:
+        """The buffers handed out last now belong to `thread` (an EpochIterator) of `epoch` until
+        both are gone."""
         if self._last is not None:
-            self._lent.append([thread, *self._last])
+            self._lent.append([thread, weakref.ref(epoch), *self._last])
             self._last = None
 
 
@@ -223,11 +238,11 @@ class FFCVLoader(BaseLoader):
         # CPU only: on CUDA a new epoch's reader would overwrite device buffers the last epoch's
         # queued steps may still read, and torch's caching allocators already reuse those pages
         self.pools = [BufferPool(L.graph) for L in self.loaders] if self.device.type == "cpu" else []
-        self._ring: list = [None, None]  # the assembled batches' buffers (mixtures), see assemble()
+        self._rings: list = []  # [ring, its Epoch]: the assembled batches' buffers, see assemble()
         # a mixture on the CPU through the OS cache: the parts' readers decode into our batches
         self.direct = len(self.loaders) > 1 and self.device.type == "cpu" and bool(self.cfg.os_cache)
         self._piece_reader = piece_reader_class(f["EpochIterator"]) if self.direct else None
-        self._buffer_sets: list = []  # [BatchBuffers, the readers that may still write into them]
+        self._buffer_sets: list = []  # [BatchBuffers, the readers that may write into them, their Epoch]
         self.augment = self.make_augment()
 
     @property
@@ -238,7 +253,7 @@ class FFCVLoader(BaseLoader):
     @property
     def batch_buffers_allocated(self) -> int:
         """Fresh batch buffers the parts' readers decoded into so far (a mixture on the CPU)."""
-        return sum(bs.allocated for bs, _ in self._buffer_sets)
+        return sum(entry[0].allocated for entry in self._buffer_sets)
 
     def _loader_args(self) -> dict:
         """FFCV Loader arguments (a fresh pipeline per Loader: FFCV's operations keep state); no
@@ -258,7 +273,7 @@ class FFCVLoader(BaseLoader):
                     os_cache=bool(self.cfg.os_cache), distributed=False, seed=self.seed,
                     pipelines=pipelines, drop_last=False, batches_ahead=max(1, int(self.cfg.prefetch)))
 
-    def _part_iterator(self, k: int, order, destinations=None):
+    def _part_iterator(self, k: int, epoch: Epoch, order, destinations=None):
         """Part k's FFCV reader over `order` (an index array, read in batches of the batch size), or
         with `destinations` over the pieces `order` lists, decoded into them."""
         f, L = self._ffcv, self.loaders[k]
@@ -272,7 +287,7 @@ class FFCVLoader(BaseLoader):
             else:
                 it = self._piece_reader(L, order, self.image_size, destinations)
         if self.pools:
-            self.pools[k].lend(it)
+            self.pools[k].lend(it, epoch)
         return it
 
     def _epoch_iterator(self):
@@ -280,34 +295,53 @@ class FFCVLoader(BaseLoader):
         b, s = self.batch_size, self.sampler
         sel = s.shard()[self.start_step * b: len(s) * b]  # global positions, reading order
         part, local = self.packed.locate(sel)
+        epoch = Epoch()  # held while this generator is open
         if self.direct:
-            yield from self._direct_epoch(part, local)
+            yield from self._direct_epoch(part, local, epoch)
             return
-        its = [self._part_iterator(k, local[part == k]) if (part == k).any() else None
+        its = [self._part_iterator(k, epoch, local[part == k]) if (part == k).any() else None
                for k in range(len(self.loaders))]
         labels = self.packed.labels  # [N, L] float32, the parts' labels in the global index space
         batches = [None if it is None else ((torch.as_tensor(x), i) for x, i in it) for it in its]
         finished = False
         try:
-            for x, gi in assemble(part, batches, self.packed.offsets, b, self._ring):  # x: [b, H, W] uint8
+            ring = self._ring(epoch)
+            for x, gi in assemble(part, batches, self.packed.offsets, b, ring):  # x: [b, H, W] uint8
                 # labels from the mixture's table (parts may carry different label names: then [b, 0])
                 yield x, torch.from_numpy(labels[gi]), torch.from_numpy(gi)
             finished = True
         finally:
             self._stop(its, finished)
 
+    def _ring(self, epoch: Epoch) -> list:
+        """The assembly buffers of `epoch`: those of an epoch that is gone, or new ones (two epochs
+        read at once must not share them)."""
+        for entry in self._rings:
+            if entry[1]() is None:
+                entry[1] = weakref.ref(epoch)
+                return entry[0]
+        self._rings.append([[None, None], weakref.ref(epoch)])
+        return self._rings[-1][0]
+
     @staticmethod
     def _stop(readers: list, finished: bool) -> None:
-        """Stop the parts' reader threads. After a whole epoch (every batch taken) they are ending:
-        wait a moment, so their buffers are free for the next epoch; not after an epoch left early
-        (they end after the batch in hand)."""
+        """Stop the parts' reader threads and wait a moment for them (1 s after a whole epoch, 0.2 s
+        after one left early), so their buffers are free for the next epoch. A reader whose queue is
+        full waits to put its end marker: its queue is emptied (the epoch is over) so it can end."""
         for it in readers:
-            if it is not None:
-                it.close()
-                if finished:
-                    it.join(timeout=1.0)
+            if it is None:
+                continue
+            it.close()
+            deadline = time.monotonic() + (1.0 if finished else 0.2)
+            while it.is_alive() and time.monotonic() < deadline:
+                try:
+                    while True:
+                        it.output_queue.get_nowait()
+                except queue.Empty:
+                    pass
+                it.join(timeout=0.01)
 
-    def _direct_epoch(self, part: np.ndarray, local: np.ndarray):
+    def _direct_epoch(self, part: np.ndarray, local: np.ndarray, epoch: Epoch):
         """A mixture's epoch with no assembly copy: part k's reader reads, for each batch t holding
         part k's images, exactly those (a piece) and decodes them into rows a..a+c-1 of batch t's
         buffer, where a is the count of images of parts < k in batch t (grouped by part, as
@@ -317,7 +351,7 @@ class FFCVLoader(BaseLoader):
         counts = np.bincount(np.arange(len(part)) // b * n_parts + part, minlength=n_batches * n_parts)
         counts = counts.reshape(n_batches, n_parts)  # [T, P] images of part k in batch t
         start = np.cumsum(counts, axis=1) - counts  # [T, P] row of part k's first image in batch t
-        buffers = self._free_batch_buffers()
+        buffers = self._free_batch_buffers(epoch)
         readers: list = [None] * n_parts
         finished = False
         try:
@@ -327,14 +361,18 @@ class FFCVLoader(BaseLoader):
                     continue
                 pieces = np.split(local[part == k], np.cumsum(counts[rows, k])[:-1])
                 plan = [(int(t), int(start[t, k]), int(counts[t, k])) for t in rows]
-                readers[k] = self._part_iterator(k, pieces, PieceDestinations(buffers[0], plan))
+                readers[k] = self._part_iterator(k, epoch, pieces, PieceDestinations(buffers[0], plan))
                 buffers[1].append(readers[k])
             labels = self.packed.labels  # [N, L] float32
             for t in range(n_batches):
                 gi = np.empty(int(counts[t].sum()), np.int64)  # [b] global positions
                 for k in np.flatnonzero(counts[t]):
-                    _, i = next(readers[k])  # its piece of batch t is decoded into our buffer now
+                    x, i = next(readers[k])  # its piece of batch t is decoded into our buffer now
                     a = start[t, k]
+                    if np.asarray(x).ctypes.data != buffers[0].get(t)[a].data_ptr():
+                        # PieceReader relies on how FFCV hands out its buffers: fail loudly, never misplace rows
+                        raise LoaderError(f"ffcv: part {k}'s reader decoded batch {t} outside its rows of our "
+                                          "batch (an FFCV this loader does not know); set data.os_cache=false")
                     gi[a:a + counts[t, k]] = i.reshape(-1) + self.packed.offsets[k]
                 yield buffers[0].get(t)[:len(gi)], torch.from_numpy(labels[gi]), torch.from_numpy(gi)
                 buffers[0].release(t)  # the consumer took the next batch
@@ -342,14 +380,15 @@ class FFCVLoader(BaseLoader):
         finally:
             self._stop(readers, finished)
 
-    def _free_batch_buffers(self) -> list:
-        """A BatchBuffers set no reader writes into any more (every buffer free), or a new one."""
+    def _free_batch_buffers(self, epoch: Epoch) -> list:
+        """[BatchBuffers, its readers, its epoch] for `epoch`: a set no reader writes into and no
+        open epoch reads any more (every buffer free again), or a new one."""
         for entry in self._buffer_sets:
-            if not any(r.is_alive() for r in entry[1]):
+            if not in_use(entry[1], entry[2]):
                 entry[0].release_all()
-                entry[1] = []
+                entry[1:] = [[], weakref.ref(epoch)]
                 return entry
-        self._buffer_sets.append([BatchBuffers((self.batch_size, *self.image_size)), []])
+        self._buffer_sets.append([BatchBuffers((self.batch_size, *self.image_size)), [], weakref.ref(epoch)])
         return self._buffer_sets[-1]
 
     def feed(self):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -177,6 +178,53 @@ def test_ffcv_mixture_keeps_its_buffers_across_epochs(parts, monkeypatch):
     assert len(calls) == 2 and ld["ffcv"].buffers_allocated == 2  # one set per part
     # the readers run at most prefetch + 2 pieces ahead of the batch taken
     assert ld["ffcv"].batch_buffers_allocated <= 2 * (DataConfig().prefetch + 2) + 1 < batches
+
+
+def _batch_hashes(x) -> list:
+    return sorted(hashlib.sha1(im.numpy().tobytes()).hexdigest() for im in x)
+
+
+@pytest.mark.parametrize("mixture", [False, True], ids=["one-set", "mixture"])
+def test_two_open_ffcv_epochs_keep_their_own_batches(parts, mixture):
+    """Two epochs of one FFCV loader read at once: the first's readers have queued every batch and
+    ended when the second starts, and the first's later batches are still its own (its buffers
+    are not handed to the second while it is open)."""
+    path = [parts["nih"], parts["cx"]] if mixture else parts["nih"]
+    raw = build_loader(_cfg(path, "raw"), "train", True, img_size=24, in_chans=1, seed=4, need_labels=False)
+    ld = build_loader(_cfg(path, "ffcv", prefetch=16), "train", True, img_size=24, in_chans=1, seed=4,
+                      need_labels=False)
+    assert ld.direct == mixture
+    want = {}
+    for epoch in (0, 1):
+        raw.set_epoch(epoch)
+        want[epoch] = [_batch_hashes(x) for x, _ in raw.feed()]
+    ld.set_epoch(0)
+    first = ld.feed()
+    got0 = [_batch_hashes(next(first)[0])]
+    time.sleep(1.0)  # the short epoch fits the readers' queues: they read it all and end
+    ld.set_epoch(1)
+    second = ld.feed()
+    got1 = [_batch_hashes(next(second)[0])]
+    got0 += [_batch_hashes(x) for x, _ in first]
+    got1 += [_batch_hashes(x) for x, _ in second]
+    assert got0 == want[0] and got1 == want[1] and len(got0) > 3
+
+
+def test_an_ffcv_epoch_left_with_a_full_queue_frees_its_reader(parts):
+    """An epoch closed with exactly `prefetch` batches untaken leaves its reader waiting to put its
+    end marker on a full queue; the loader empties the queue, so the reader ends and its buffers
+    serve the next epoch instead of a fresh set every epoch."""
+    ld = build_loader(_cfg(parts["nih"], "ffcv", prefetch=2), "train", True, img_size=24, in_chans=1, seed=4,
+                      need_labels=False)
+    n = len(ld)
+    assert n > 3
+    for epoch in range(6):
+        ld.set_epoch(epoch)
+        it = ld.feed()
+        for _ in range(n - 2):
+            next(it)
+        it.close()
+    assert ld.buffers_allocated <= 3  # one set when every reader ends in time (six when none does)
 
 
 def test_ffcv_mixture_decoded_in_place_equals_the_assembly(parts):

@@ -138,7 +138,7 @@ def test_assembly_into_reused_buffers_equals_concatenation(sizes, batch_size, re
     part_of = np.searchsorted(offsets, order, side="right") - 1
     readers = [_ReusingReader(p, reader_batch) for p in parts]
     ring = [None, None]
-    want_next = [0] * len(sizes)  # the old concatenation: each part's next images, parts in order
+    want_next = [0] * len(sizes)  # a plain concatenation: each part's next images, parts in order
     seen, buffers = 0, set()
     for t, (x, gi) in enumerate(assemble(part_of, readers, offsets, batch_size, ring)):
         counts = np.bincount(part_of[t * batch_size:(t + 1) * batch_size], minlength=len(sizes))
@@ -247,7 +247,8 @@ def test_ffcv_mixture_decoded_in_place_equals_the_assembly(parts):
             held = [x.clone() for x, _ in loader.feed()]  # as it is when taken (valid until the next)
             loader.set_epoch(epoch, start)
             got[cache] = (held, [i for _, _, i in loader.iter_with_index()])
-        assert len(got[True][0]) == len(ld[True]) - start
+        n = len(ld[True]) - start
+        assert [len(v) for v in (*got[True], *got[False])] == [n] * 4
         for xa, ia, xb, ib in zip(*got[True], *got[False]):
             assert torch.equal(xa, xb) and torch.equal(ia, ib)
             assert np.array_equal(xa.numpy(), images[ia.numpy()])

@@ -53,6 +53,9 @@ from fasttrain.data.reference import export_png
 from fasttrain.format.packed import PackedError, open_packed
 from fasttrain.provenance import provenance
 
+# fewer timed batches than this per epoch and the loaders' read-ahead (made while the untimed first
+# batches were taken) inflates the window's rate: the row says so
+MIN_TIMED_PER_EPOCH = 3
 COLUMNS = ["loader", "images_per_s", "ratio_vs_reference", "feed_images_per_s", "feed_ratio_vs_reference",
            "epoch_startup_s", "device", "note"]
 # (batch size, windows, seconds per window, budget s) of the default run and of --full; budget 0: none
@@ -289,7 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, ld in loaders.items():
         ips = median(rates[name])
         fps = ips if name == "reference" else median(rates[f"{name}/feed"])
-        note = "; ".join(f"{k}: {stopped[k]}" for k in (name, f"{name}/feed") if k in stopped) or None
+        notes_of = [f"{k}: {stopped[k]}" for k in (name, f"{name}/feed") if k in stopped]
+        timed = len(ld) - skip  # timed batches per epoch: each window opens a fresh epoch
+        if timed < MIN_TIMED_PER_EPOCH:
+            notes_of.append(f"{timed} timed batch(es) an epoch: the rate counts batches made ahead during the "
+                            f"{skip} untimed ones (a bigger split or a smaller --batch-size)")
+        note = "; ".join(notes_of) or None
         startup = median(cycles[name].startups[1:] or cycles[name].startups)  # drop the first (cold) epoch
         ips, fps = _finite(ips), _finite(fps)
         jpeg_threads = workers if name.startswith("dali") else None

@@ -222,7 +222,7 @@ class Ablation:
                 raise AblationError("--pretrained-from takes the pretrain stage from another ablation: "
                                     "keep pretrain in --stages")
             missing = [str(self.source_dir(a, s)) for a in self.arms for s in range(self.seeds)
-                       if self.stage_runner(self.source_dir(a, s)).record("pretrain") is None]
+                       if self.source_record(self.source_dir(a, s), "pretrain") is None]
             if missing:
                 raise AblationError(f"--pretrained-from {self.pretrained_from}: no finished pretrain stage in "
                                     + ", ".join(missing))
@@ -244,6 +244,17 @@ class Ablation:
     def source_dir(self, arm: dict, seed: int) -> Path:
         """The arm x seed folder of --pretrained-from."""
         return self.pretrained_from / arm_name(arm) / f"seed{seed}"
+
+    @staticmethod
+    def source_record(d: Path, stage: str) -> Optional[dict]:
+        """A finished stage's record in another ablation's arm x seed folder d, read without writing
+        there: d/stages/STAGE.json, or the entry of an older folder's single d/stages.json (whose
+        carry-over, stage_runner's, is left to that ablation's own re-run)."""
+        rec = StageRunner(d / "stages").record(stage)
+        if rec is not None:
+            return rec
+        old = (_read_json(d / "stages.json") or {}).get(stage)
+        return {k: v for k, v in old.items() if k != "done"} if isinstance(old, dict) and old.get("done") else None
 
     def encoder(self, d: Path) -> str:
         """The pre-trained checkpoint of the arm x seed folder d (its own, or --pretrained-from's)."""
@@ -304,7 +315,7 @@ class Ablation:
     def _pretrain(self, d: Path, over: dict, seed: int) -> dict:
         if self.pretrained_from is not None:
             src = self.pretrained_from / d.relative_to(self.out)
-            rec = self.stage_runner(src).record("pretrain")
+            rec = self.source_record(src, "pretrain")
             return {"images_per_s": rec.get("images_per_s"), "last": rec["last"], "pretrained_from": str(src)}
         s = self._train("pretrain", self.base, d / "pretrain", over)
         return {"images_per_s": s.get("images_per_s"), "last": s["last"]}

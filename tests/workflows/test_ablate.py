@@ -104,8 +104,13 @@ def test_finetuning_variants_take_the_pretrained_encoders_of_another_ablation(tm
         first = ab.Ablation(tmp_path / "a", str(tmp_path / "t.yaml"), [], 1, ["pretrain"], arms=arms,
                             overrides=[f"--data.path={packed}"], n_boot=20).run_all()
     assert first["arms"]["blr=0.001"]["complete"]
-    ckpt = json.loads(
-        (tmp_path / "a" / "blr=0.001" / "seed0" / "stages" / "pretrain.json").read_text())["last"]
+    src = tmp_path / "a" / "blr=0.001" / "seed0"
+    ckpt = json.loads((src / "stages" / "pretrain.json").read_text())["last"]
+    # the source in an older ablation's layout (one stages.json): read, never rewritten from here
+    old = {st: {**json.loads((src / "stages" / f"{st}.json").read_text()), "done": True} for st in ["pretrain"]}
+    shutil.rmtree(src / "stages")
+    (src / "stages.json").write_text(json.dumps(old))
+    before = sorted((p.relative_to(tmp_path / "a"), p.stat().st_mtime_ns) for p in (tmp_path / "a").rglob("*"))
 
     def no_pretraining(cfg, resume=False):
         raise AssertionError("pre-trained again")
@@ -126,6 +131,7 @@ def test_finetuning_variants_take_the_pretrained_encoders_of_another_ablation(tm
     assert json.loads((run / "stages" / "pretrain.json").read_text())["pretrained_from"] == \
         str(tmp_path / "a" / "blr=0.001" / "seed0")
     assert not (run / "pretrain").exists()
+    assert sorted((p.relative_to(tmp_path / "a"), p.stat().st_mtime_ns) for p in (tmp_path / "a").rglob("*")) == before
 
 
 @pytest.mark.slow

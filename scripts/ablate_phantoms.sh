@@ -5,7 +5,9 @@
 #   both       distill, then engine (the default)
 #   calibrate  the hard family's figures: random-init (teacher and student architectures), MAE-only
 #              student, weak and strong teacher probes at the demo's scale (64 px, 8-px patches;
-#              configs/demo/*.yaml)
+#              configs/demo/*.yaml). Random init, MAE-only student and strong teacher at CAL_SEEDS
+#              seeds (default 3; seed 0's are the study's), then their means and the lifts
+#              (OUT/calibrate.txt): one random encoder's probe moves with its init by ~0.02
 #   study      on the hard family, 3 seeds, one `fasttrain ablate` (paired CIs between every two arms):
 #              MAE only; distilled from the strong teacher at distill.alpha 0.5 / 1 / 2 / 10; from the
 #              weak teacher at alpha 1 / 10; and the strong-teacher alpha-1 arm with engine.mode=reference
@@ -25,6 +27,7 @@ PY=${PY:-.venv/bin/python}
 DIFFICULTY=${DIFFICULTY:-easy}
 STRONG_EPOCHS=${STRONG_EPOCHS:-30}  # the strong teacher: configs/demo/teacher.yaml (128-d x 6) this long
 WEAK_EPOCHS=${WEAK_EPOCHS:-2}  # the weak teacher: the same architecture, barely trained
+CAL_SEEDS=${CAL_SEEDS:-3}  # calibrate: seeds of the random encoders, the MAE-only student and the strong teacher
 export OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1
 if [ ! -f "$OUT/packed/manifest.json" ]; then
   $PY -m fasttrain.cli convert synthetic --difficulty "$DIFFICULTY" --out "$OUT/src" --n 2000 --seed 0 --size 128 \
@@ -36,21 +39,27 @@ probe() {  # probe NAME ARGS...: linear probe (fasttrain probe defaults); table 
   $PY -m fasttrain.cli probe --data "$OUT/packed" --out "$OUT/probe_$1" --bootstrap 1000 "${@:2}" \
     | tee "$OUT/probe_$1.txt"
 }
-teacher() {  # teacher NAME EPOCHS: the demo teacher architecture pre-trained (MAE) for EPOCHS
-  [ -f "$OUT/$1/summary.json" ] || $PY -m fasttrain.cli pretrain --config configs/demo/teacher.yaml --out "$OUT/$1" \
-    --data.path="$OUT/packed" --optim.epochs="$2" --run.progress=false
+pretrain() {  # pretrain NAME CONFIG SEED ARGS...: MAE pre-training (no distillation), once
+  [ -f "$OUT/$1/summary.json" ] || $PY -m fasttrain.cli pretrain --config "$2" --out "$OUT/$1" \
+    --data.path="$OUT/packed" --run.seed="$3" --run.progress=false "${@:4}"
+}
+teacher() {  # teacher NAME EPOCHS [SEED]: the demo teacher architecture pre-trained (MAE) for EPOCHS
+  pretrain "$1" configs/demo/teacher.yaml "${3:-0}" --optim.epochs="$2"
 }
 case "$MODE" in
   calibrate)
-    probe random_init --random-init --config configs/demo/teacher.yaml
-    probe random_init_student --random-init --config configs/demo/student.yaml
-    [ -f "$OUT/student_mae/summary.json" ] || $PY -m fasttrain.cli pretrain --config configs/demo/student.yaml \
-      --out "$OUT/student_mae" --data.path="$OUT/packed" --run.progress=false
-    probe student_mae --ckpt "$OUT/student_mae/checkpoints/last.pt"
     teacher teacher_weak "$WEAK_EPOCHS"
     probe teacher_weak --ckpt "$OUT/teacher_weak/checkpoints/last.pt"
-    teacher teacher_strong "$STRONG_EPOCHS"
-    probe teacher_strong --ckpt "$OUT/teacher_strong/checkpoints/last.pt"
+    for s in $(seq 0 $((CAL_SEEDS - 1))); do
+      x=$([ "$s" = 0 ] || echo "_s$s")  # seed 0 keeps the names the study reads
+      probe "random_init$x" --random-init --config configs/demo/teacher.yaml --seed "$s"
+      probe "random_init_student$x" --random-init --config configs/demo/student.yaml --seed "$s"
+      pretrain "student_mae$x" configs/demo/student.yaml "$s"
+      probe "student_mae$x" --ckpt "$OUT/student_mae$x/checkpoints/last.pt" --seed "$s"
+      teacher "teacher_strong$x" "$STRONG_EPOCHS" "$s"
+      probe "teacher_strong$x" --ckpt "$OUT/teacher_strong$x/checkpoints/last.pt" --seed "$s"
+    done
+    $PY scripts/calibrate_summary.py "$OUT" | tee "$OUT/calibrate.txt"
     exit 0 ;;
   study)
     S="distill.teacher_ckpt=$OUT/teacher_strong/checkpoints/last.pt"

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-ENCODERS = {  # folder name -> what it is
-    "random_init": "random init, teacher architecture (128-d x 6)",
-    "random_init_student": "random init, student architecture (64-d x 4)",
-    "student_mae": "student, MAE only (8 epochs)",
-    "teacher_weak": "weak teacher (same architecture, 2 epochs)",
-    "teacher_strong": "strong teacher (128-d x 6, 30 epochs)",
+ENCODERS = {  # folder name -> what it is (configs/demo/*.yaml; the epochs are the script's settings)
+    "random_init": "random init, teacher architecture",
+    "random_init_student": "random init, student architecture",
+    "student_mae": "student, MAE only",
+    "teacher_weak": "weak teacher (WEAK_EPOCHS)",
+    "teacher_strong": "strong teacher (STRONG_EPOCHS)",
 }
 
 
@@ -56,13 +56,21 @@ def main(argv: list[str]) -> int:
                ("MAE lift, teacher over its random init >= 0.10", "teacher_strong", "random_init", 0.10, "min"),
                ("MAE lift, student over its random init", "student_mae", "random_init_student", None, None),
                ("teacher over the MAE-only student >= 0.05", "teacher_strong", "student_mae", 0.05, "min")]
-    print("figures on the means:")
+    print("figures on the means (a difference: over the seeds both encoders have):")
     for text, a, b, bound, kind in figures:
-        if a not in mean or (b is not None and b not in mean):
+        if a not in got or (b is not None and b not in got):
             continue
-        v = mean[a] - (mean[b] if b else 0.0)
+        if b is None:
+            v, note = mean[a], ""
+        else:
+            seeds = sorted(set(got[a]) & set(got[b]))
+            if not seeds:
+                print(f"  {text:<52} no seed in common", file=sys.stderr)
+                continue
+            v = float(np.mean([got[a][s] for s in seeds]) - np.mean([got[b][s] for s in seeds]))
+            note = f"  (seeds {', '.join(map(str, seeds))})"
         verdict = "" if bound is None else ("  met" if (v <= bound if kind == "max" else v >= bound) else "  NOT met")
-        print(f"  {text:<52} {v:+.3f}{verdict}" if b else f"  {text:<52} {v:.3f}{verdict}")
+        print(f"  {text:<52} {v:+.3f}{verdict}{note}" if b else f"  {text:<52} {v:.3f}{verdict}")
     return 0
 
 

@@ -34,9 +34,22 @@ def test_means_over_seeds_and_the_figures(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "0.583  (0: 0.560, 1: 0.580, 2: 0.610)" in out  # the random encoder's mean and seeds
     lines = {ln.split("  ")[1].strip(): ln for ln in out.splitlines() if ln.startswith("  ") and ">=" in ln}
-    assert lines["MAE lift, teacher over its random init >= 0.10"].endswith("+0.063  NOT met")
-    assert lines["teacher over the MAE-only student >= 0.05"].endswith("+0.067  met")
+    assert lines["MAE lift, teacher over its random init >= 0.10"].endswith("+0.063  NOT met  (seeds 0, 1, 2)")
+    assert lines["teacher over the MAE-only student >= 0.05"].endswith("+0.067  met  (seeds 0, 1, 2)")
     assert "0.583  met" in out  # random-init probe <= 0.62
+
+
+def test_a_difference_uses_the_seeds_both_encoders_have(tmp_path, capsys):
+    """A teacher left at one seed against three random encoders: the lift pairs seed 0 with seed 0,
+    not the teacher's one value with the random encoders' mean."""
+    cs = _load()
+    for seed, v in enumerate([0.56, 0.60, 0.64]):
+        _probe(tmp_path, "random_init" + (f"_s{seed}" if seed else ""), v)
+    _probe(tmp_path, "teacher_strong", 0.67)
+    assert cs.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "0.600  met" in out  # the random encoders' own mean, over all their seeds
+    assert "+0.110  met  (seeds 0)" in out  # 0.67 - 0.56, not 0.67 - 0.60
 
 
 def test_no_calibration_run_is_an_error(tmp_path, capsys):

@@ -396,15 +396,20 @@ def _warp_rows_slice(x, shift, fill, bicubic, columns, out, lo, hi):  # pragma: 
                             out[b, k, r, p] = line[p] if p0 <= p < p1 else fk
 
 
-def _check_warp(x: torch.Tensor, fill: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _u8_batch(x: torch.Tensor, what: str) -> np.ndarray:
+    """The uint8 [n, C, H, W] CPU batch every compiled RandAugment op takes, as a C-contiguous array."""
     if x.device.type != "cpu" or x.dtype != torch.uint8 or x.dim() != 4:
-        raise ValueError(f"the compiled warps take a CPU uint8 [n, C, H, W] batch, got {x.dtype} "
-                         f"{tuple(x.shape)} on {x.device}")
+        raise ValueError(f"{what} takes a CPU uint8 [n, C, H, W] batch, got {x.dtype} {tuple(x.shape)} on {x.device}")
+    return np.ascontiguousarray(x.numpy())
+
+
+def _check_warp(x: torch.Tensor, fill: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    xn = _u8_batch(x, "a compiled warp")
     f = _np(fill, np.uint8).reshape(-1)  # [Cf]
     if x.shape[1] not in (1, len(f)):
         raise ValueError(f"fill of {len(f)} channels for a {x.shape[1]}-channel batch")
     out = np.empty((x.shape[0], len(f)) + tuple(x.shape[2:]), np.uint8)  # [n, Cf, H, W]
-    return np.ascontiguousarray(x.numpy()), f, out
+    return xn, f, out
 
 
 def warp_affine_u8(x: torch.Tensor, coeffs, fill, bicubic, threads: int | None = None) -> torch.Tensor:
@@ -611,12 +616,6 @@ def _sharpness_slice(x, factor, out, lo, hi):  # pragma: no cover - compiled
                     d = deg[j]
                     t = f * (np.float32(src[j]) - d)
                     o[j] = _to_u8(d + t)
-
-
-def _u8_batch(x: torch.Tensor, what: str) -> np.ndarray:
-    if x.device.type != "cpu" or x.dtype != torch.uint8 or x.dim() != 4:
-        raise ValueError(f"{what} takes a CPU uint8 [n, C, H, W] batch, got {x.dtype} {tuple(x.shape)} on {x.device}")
-    return np.ascontiguousarray(x.numpy())
 
 
 def apply_lut_u8(x: torch.Tensor, lut: torch.Tensor, threads: int | None = None) -> torch.Tensor:
